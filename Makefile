@@ -1,0 +1,43 @@
+# Setup and test entry points. `make test` is the README's test command and what CI runs.
+#
+# Variables:
+#   PYTHON           interpreter used to create the virtual environment (default: python3)
+#   VENV             virtual environment directory (default: .venv)
+#   TORCH_VERSION    torch release installed first (default: 2.13.0, the CPU wheel on the project's machines)
+#   TORCH_INDEX_URL  wheel index for torch; set it to a CUDA index for GPU machines, for example
+#                    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 make install
+#   PYTEST_ARGS      extra arguments for pytest (for example: PYTEST_ARGS="-k tokenizer")
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH_PIN := $(VENV)/torch-constraint.txt
+
+.PHONY: install test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	echo "torch==$(TORCH_VERSION)" > $(TORCH_PIN)
+	$(PY) -m pip install --quiet -c $(TORCH_PIN) -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/model_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
