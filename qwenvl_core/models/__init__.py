@@ -1,0 +1,1 @@
+"""Model families of qwenvl_core (one sub-package per architecture)."""

@@ -1,0 +1,193 @@
+"""QWen (Qwen-7B) language-model pieces: RMSNorm, rotary (+ dynamic NTK, logn), attention, MLP, block.
+
+Names follow the official ``modeling_qwen.py`` so state-dict keys match: ``ln_1``/``ln_2`` RMSNorm, ``attn.c_attn``
+(fused QKV, always with bias), ``attn.c_proj``, ``mlp.w1``/``mlp.w2``/``mlp.c_proj`` (w2 is the SiLU gate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from qwenvl_core.models.qwen_vl.config import QWenVLConfig
+
+KVPair = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight only; normalises in float32 and casts back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> [..., dim]."""
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., dim]
+        return normed.type_as(x) * self.weight
+
+
+def ntk_alpha_for(total_len: int, seq_length: int) -> float:
+    """Official dynamic-NTK alpha: 2**ceil(log2(len/seq_length)+1) - 1, at least 1 (exactly 1 up to seq_length)."""
+    if total_len <= seq_length:
+        return 1.0
+    context_value = math.log(total_len / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1.0)
+
+
+class QWenRotary(nn.Module):
+    """GPT-NeoX rotary frequencies; ``inv_freq`` is a non-persistent float32 buffer (never in the state dict)."""
+
+    def __init__(self, dim: int, base: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.base = float(base)
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(
+        self, ntk_alpha: float = 1.0, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """inv_freq [dim/2] = 1 / base'**(arange(0, dim, 2)/dim), base' = base * alpha**(dim/(dim-2))."""
+        base = self.base * ntk_alpha ** (self.dim / (self.dim - 2))
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim  # [dim/2]
+        return 1.0 / (base**exponents)
+
+    def reset_inv_freq(self, device: torch.device | str) -> None:
+        """Rebuild the buffer on ``device`` (needed after building the model on the meta device)."""
+        self.inv_freq = self.compute_inv_freq(device=device)
+
+    def forward(
+        self, position_ids: torch.Tensor, ntk_alpha: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> (cos, sin) each [B, 1, T, dim], float32."""
+        inv_freq = self.inv_freq
+        if ntk_alpha != 1.0 or inv_freq.dtype != torch.float32 or inv_freq.is_meta:
+            inv_freq = self.compute_inv_freq(ntk_alpha, device=position_ids.device)
+        freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # [B, T, dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, dim]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; rotary on the first cos.shape[-1] dims (float32), rest passed through."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    out = (x_rot * cos + rotate_half(x_rot) * sin).type_as(x)  # [B, H, T, rot]
+    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+
+def logn_scale(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Per-token query scale [B, 1, T, 1]: log(pos+1)/log(seq_length) beyond seq_length, else exactly 1."""
+    pos1 = (position_ids + 1).double()  # [B, T]
+    scale = torch.where(pos1 > seq_length, torch.log(pos1) / math.log(seq_length), torch.ones_like(pos1))
+    return scale.float()[:, None, :, None]
+
+
+class QWenAttention(nn.Module):
+    """Causal multi-head attention with fused c_attn, rotary and an optional (key, value) cache."""
+
+    def __init__(self, config: QWenVLConfig) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        projection = self.heads * self.head_dim
+        self.c_attn = nn.Linear(config.hidden_size, 3 * projection, bias=True)
+        self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
+        self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        self.dropout = float(config.attn_dropout_prob)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*hd] -> [B, H, T, hd]."""
+        return x.view(x.size(0), x.size(1), self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
+        query_scale: torch.Tensor | None = None,
+        layer_past: KVPair | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVPair | None]:
+        """hidden [B, T, hidden] -> ([B, T, hidden], present (k, v) [B, H, T_past+T, hd] or None)."""
+        q, k, v = (self._split(t) for t in self.c_attn(hidden_states).chunk(3, dim=-1))  # each [B, H, T, hd]
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, H, T, hd]
+        if query_scale is not None:
+            q = (q * query_scale).type_as(k)  # [B, H, T, hd]
+        if layer_past is not None:
+            k = torch.cat([layer_past[0], k], dim=2)  # [B, H, Tk, hd]
+            v = torch.cat([layer_past[1], v], dim=2)  # [B, H, Tk, hd]
+        present = (k, v) if use_cache else None
+        is_causal = attn_mask is None and layer_past is None and q.size(2) > 1
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scale,
+        )  # [B, H, T, hd]
+        out = out.transpose(1, 2).reshape(hidden_states.size(0), hidden_states.size(1), -1)  # [B, T, H*hd]
+        return self.c_proj(out), present
+
+
+class QWenMLP(nn.Module):
+    """SwiGLU MLP: c_proj(w1(x) * silu(w2(x))), each branch intermediate_size // 2 wide."""
+
+    def __init__(self, config: QWenVLConfig) -> None:
+        super().__init__()
+        ff_dim = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, ff_dim, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, ff_dim, bias=not config.no_bias)
+        self.c_proj = nn.Linear(ff_dim, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]."""
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    """Pre-norm decoder block; checkpointed by transformers when gradient checkpointing is on."""
+
+    def __init__(self, config: QWenVLConfig) -> None:
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config)
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
+        query_scale: torch.Tensor | None = None,
+        layer_past: KVPair | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVPair | None]:
+        """hidden [B, T, hidden] -> (hidden [B, T, hidden], present or None)."""
+        attn_out, present = self.attn(
+            self.ln_1(hidden_states),
+            rotary,
+            attn_mask=attn_mask,
+            query_scale=query_scale,
+            layer_past=layer_past,
+            use_cache=use_cache,
+        )
+        hidden_states = hidden_states + attn_out  # [B, T, hidden]
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))  # [B, T, hidden]
+        return hidden_states, present

@@ -1,0 +1,111 @@
+"""Named Qwen-VL presets: full-size (qwen-vl, qwen-vl-chat), qwen-vl-small (benchmarks), qwen-vl-tiny (CPU tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenvl_core.errors import PresetError
+from qwenvl_core.models.qwen_vl.config import QWenVLConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named config: a one-line description and the QWenVLConfig keyword arguments."""
+
+    description: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+_FULL_LM: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "kv_channels": 128,
+    "intermediate_size": 22016,
+    "seq_length": 2048,
+    "max_position_embeddings": 8192,
+}
+_FULL_VISUAL: dict[str, Any] = {
+    "heads": 16,
+    "image_size": 448,
+    "image_start_id": 151857,
+    "layers": 48,
+    "mlp_ratio": 4.9231,
+    "output_dim": 4096,
+    "patch_size": 14,
+    "width": 1664,
+    "n_queries": 256,
+    "pos_grid_size": 16,
+}
+
+PRESETS: dict[str, Preset] = {
+    "qwen-vl-chat": Preset(
+        "Qwen-VL-Chat, full size (9.6B: ViT-bigG 1.9B + adapter + Qwen-7B), bf16",
+        {**_FULL_LM, "bf16": True, "visual": dict(_FULL_VISUAL)},
+    ),
+    "qwen-vl": Preset(
+        "Qwen-VL base (pre-trained), full size, same shapes as qwen-vl-chat",
+        {**_FULL_LM, "visual": dict(_FULL_VISUAL)},
+    ),
+    "qwen-vl-small": Preset(
+        "small random model (tens of millions of params) for benchmarks: hidden 512, 8 layers, 224 px",
+        {
+            "vocab_size": 1280,
+            "hidden_size": 512,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "kv_channels": 64,
+            "intermediate_size": 2816,
+            "seq_length": 2048,
+            "max_position_embeddings": 8192,
+            "visual": {
+                "heads": 4,
+                "image_size": 224,
+                "image_start_id": 1238,
+                "layers": 4,
+                "mlp_ratio": 4.0,
+                "output_dim": 512,
+                "patch_size": 14,
+                "width": 256,
+                "n_queries": 64,
+                "pos_grid_size": 8,
+            },
+        },
+    ),
+    "qwen-vl-tiny": Preset(
+        "tiny random model for CPU tests: hidden 64, 2 layers, 112 px images, 16 queries",
+        {
+            "vocab_size": 1280,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "kv_channels": 16,
+            "intermediate_size": 256,
+            "seq_length": 2048,
+            "max_position_embeddings": 8192,
+            "visual": {
+                "heads": 4,
+                "image_size": 112,
+                "image_start_id": 1238,
+                "layers": 2,
+                "mlp_ratio": 2.0,
+                "output_dim": 64,
+                "patch_size": 14,
+                "width": 32,
+                "n_queries": 16,
+                "pos_grid_size": 4,
+            },
+        },
+    ),
+}
+
+
+def build_config(name: str) -> QWenVLConfig:
+    """Return a fresh QWenVLConfig for preset ``name``; PresetError lists the known names."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise PresetError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    fields = {key: dict(value) if isinstance(value, dict) else value for key, value in preset.fields.items()}
+    return QWenVLConfig(**fields)
