@@ -1,0 +1,204 @@
+"""Image loading with size limits, and the official Qwen-VL v1 pixel preprocessing.
+
+This module owns turning an ``ImageSource`` (filesystem path, ``data:image/...;base64,`` URL, raw bytes or a
+PIL image) into a fully decoded RGB PIL image, refusing oversized, corrupt, truncated or non-image input with
+an ``ImageError`` that names the source and the reason; and ``preprocess_image``: bicubic resize to S x S
+(no aspect ratio, no crop), [0, 1] floats, OpenAI CLIP normalisation, exactly as the official ``visual.py``.
+Nothing is downloaded: URLs other than data URLs are not image sources.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from qwenvl_core.conversation import ImageSource
+from qwenvl_core.errors import ImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*?);base64,(?P<data>.*)$", re.S
+)
+# Errors Pillow raises for broken files while decoding.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits checked before an image is decoded."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image (file, data URL payload or bytes) accepted, in bytes."""
+    max_pixels: int = 50_000_000
+    """Largest width x height accepted (read from the header, before decoding)."""
+
+
+DEFAULT_IMAGE_LIMITS = ImageLimits()
+
+
+def load_image(
+    source: ImageSource, *, base_dir: str | Path | None = None, limits: ImageLimits = DEFAULT_IMAGE_LIMITS
+) -> Image.Image:
+    """Load ``source`` as a fully decoded RGB image, enforcing ``limits``.
+
+    Relative paths are resolved against ``base_dir`` (default: the working directory).
+    """
+    if isinstance(source, Image.Image):
+        return _from_pil(source, limits)
+    if isinstance(source, bytes | bytearray):
+        return _decode(bytes(source), f"bytes ({len(source)} bytes)", limits)
+    if isinstance(source, str) and source.startswith("data:"):
+        return _decode(*_read_data_url(source, limits), limits)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ImageError(f"image {source[:80]}: remote URLs are not fetched; pass a file, bytes or data URL")
+    if isinstance(source, str | Path):
+        path = _resolve(source, base_dir)
+        return _decode(_read_file(path, limits), str(path), limits)
+    raise ImageError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _resolve(source: str | Path, base_dir: str | Path | None) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return path
+
+
+def _read_file(path: Path, limits: ImageLimits) -> bytes:
+    if not path.exists():
+        raise ImageError(f"image {path}: not found")
+    if not path.is_file():
+        raise ImageError(f"image {path}: not a regular file")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageError(f"image {path}: too many bytes ({size} > limit {limits.max_bytes})")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"image {path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _read_data_url(url: str, limits: ImageLimits) -> tuple[bytes, str]:
+    """Decode a ``data:image/...;base64,`` URL; returns (payload, label)."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise ImageError(
+            f"image data URL ({url[:40]!r}...): not a base64 data URL (data:image/...;base64,...)"
+        )
+    mime = (match["mime"] or "").lower()
+    label = f"data URL ({mime or 'no media type'}, {len(url)} chars)"
+    if mime and not mime.startswith("image/"):
+        raise ImageError(f"image {label}: not an image (media type {mime})")
+    payload = re.sub(r"\s+", "", match["data"])
+    if len(payload) * 3 // 4 > limits.max_bytes:
+        raise ImageError(
+            f"image {label}: too many bytes (about {len(payload) * 3 // 4} > limit {limits.max_bytes})"
+        )
+    try:
+        return base64.b64decode(payload, validate=True), label
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"image {label}: invalid base64 payload") from exc
+
+
+def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
+    """Check size from the header, then decode fully and convert to RGB."""
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image {label}: too many bytes ({len(data)} > limit {limits.max_bytes})")
+    if not data:
+        raise ImageError(f"image {label}: empty, not an image")
+    with warnings.catch_warnings():
+        # Our own max_pixels check replaces Pillow's warning; its hard limit still raises.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = _open(data, label)
+        _check_pixels(image.width, image.height, label, limits)
+        _load(image, label)
+    return to_rgb(image, label)
+
+
+def _open(data: bytes, label: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {label}: too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"image {label}: not an image or unsupported format") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"image {label}: truncated or corrupt header ({exc})") from exc
+
+
+def _check_pixels(width: int, height: int, label: str, limits: ImageLimits) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"image {label}: empty image ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image {label}: too many pixels ({width}x{height} = {width * height} > limit {limits.max_pixels})"
+        )
+
+
+def _load(image: Image.Image, label: str) -> None:
+    """Decode all pixel data; truncated files fail (``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False)."""
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {label}: too many pixels ({exc})") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"image {label}: truncated or corrupt ({exc})") from exc
+
+
+def _from_pil(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    label = f"PIL image ({image.mode} {image.width}x{image.height})"
+    _check_pixels(image.width, image.height, label, limits)
+    _load(image, label)
+    return to_rgb(image, label)
+
+
+def to_rgb(image: Image.Image, label: str = "image") -> Image.Image:
+    """A new RGB image from any Pillow mode (alpha dropped as in the official ``convert("RGB")``).
+
+    16-bit and 32-bit integer grey images are scaled to 8 bits instead of being clipped; float images are
+    clipped to [0, 255].
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit_grey(image)
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"image {label}: unsupported colour mode {image.mode}") from exc
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """Scale integer grey images to 8 bits (16-bit range, or the image's own range above it)."""
+    arr = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        top = 255.0
+    elif image.mode.startswith("I;16"):
+        top = 65535.0
+    else:  # "I": 32-bit ints holding 8-bit, 16-bit or wider data
+        peak = float(arr.max(initial=0.0))
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    scaled = np.clip(arr, 0.0, top) * (255.0 / top)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # uint8 2-D -> mode "L"
+
+
+def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
+    """Official v1 preprocessing: bicubic resize to (S, S), [0, 1], CLIP normalise. Returns ``[3, S, S]``."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    resized = image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # (S, S, 3)
+    pixels = pixels.permute(2, 0, 1)  # (3, S, S)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
