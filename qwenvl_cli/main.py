@@ -1,0 +1,36 @@
+"""Entry point of the ``qwenvl`` console command: mounts each command group.
+
+Every command reports user mistakes (``QwenVLError``) as one readable line on stderr and exits with status 1;
+no tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from qwenvl_cli import model
+
+app = typer.Typer(
+    name="qwenvl",
+    help="Fine-tune and serve Qwen-VL: models, data, jobs and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(model.app, name="model")
+
+
+def main() -> None:
+    """Run the CLI; user errors become one line and exit code 1."""
+    from qwenvl_core.errors import QwenVLError
+
+    try:
+        app()
+    except QwenVLError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Autoregressive generation with a KV cache, for any model that follows the forward contract.
+
+The contract (``docs/architecture.md``): ``model(input_ids, attention_mask, position_ids, past_key_values,
+pixel_values, use_cache=True, **model_kwargs)`` returns an object with ``logits`` ``[B, T, V]`` and the new
+KV cache in ``cache`` (the transformers 5 name of ``past_key_values`` on model outputs). Prompts of different lengths are batched with **left padding**, so every row's next token
+is read from the last column and positions are ``cumsum(attention_mask) - 1`` (padding does not shift them).
+
+Each row may carry its own ``SamplingParams`` (greedy or sampling with temperature / top-k / top-p and its own
+seed), stop token ids and stop strings: serving batches requests from different users together. Extra
+``model_kwargs`` are passed to every forward (for example peft's ``adapter_names`` for mixed-adapter batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from qwenvl_core.errors import QwenVLError
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row is decoded. ``temperature == 0`` or ``do_sample=False`` means greedy."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise QwenVLError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise QwenVLError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise QwenVLError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise QwenVLError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop_strings):
+            raise QwenVLError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class GenerationOutput:
+    """One row's result. ``token_ids`` excludes the stop token; ``text`` is cut before a stop string."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: FinishReason
+
+
+@dataclass
+class _RowState:
+    params: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``input_ids`` and ``attention_mask``, both ``[B, T_max]``."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise QwenVLError("every prompt must have at least one token")
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering of one row's logits ``[V]``."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth_value = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_value, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already cover top_p (the first token is always kept).
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _next_tokens(logits: torch.Tensor, rows: list[_RowState]) -> list[int]:
+    """Pick each row's next token from ``logits`` ``[B, V]``."""
+    greedy = logits.argmax(dim=-1).tolist()
+    chosen: list[int] = []
+    for row_idx, state in enumerate(rows):
+        params = state.params
+        if state.done or params.greedy:
+            chosen.append(greedy[row_idx])
+            continue
+        filtered = filter_logits(logits[row_idx], params.temperature, params.top_k, params.top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        chosen.append(int(torch.multinomial(probs, 1, generator=state.generator).item()))
+    return chosen
+
+
+def _advance(state: _RowState, token: int, decode: Callable[[list[int]], str] | None) -> None:
+    """Record ``token`` for a row and decide whether the row is finished."""
+    params = state.params
+    if token in params.stop_token_ids:
+        state.finish_reason = "stop"
+        return
+    state.tokens.append(token)
+    if decode is not None:
+        state.text = decode(state.tokens)
+        cut = _stop_string_cut(state.text, params.stop_strings)
+        if cut is not None:
+            state.text = state.text[:cut]
+            state.finish_reason = "stop"
+            return
+    if len(state.tokens) >= params.max_new_tokens:
+        state.finish_reason = "length"
+
+
+def _stop_string_cut(text: str, stop_strings: tuple[str, ...]) -> int | None:
+    """The index where the earliest stop string starts in ``text``, or None."""
+    hits = [index for s in stop_strings if (index := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def _make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[_RowState]:
+    per_row = [params] * batch if isinstance(params, SamplingParams) else list(params)
+    if len(per_row) != batch:
+        raise QwenVLError(f"got {len(per_row)} SamplingParams for {batch} prompts")
+    rows = []
+    for p in per_row:
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator()
+            if p.seed is None:
+                generator.seed()  # a fresh non-deterministic seed, without touching the global RNG
+            else:
+                generator.manual_seed(p.seed)
+        rows.append(_RowState(params=p, generator=generator))
+    return rows
+
+
+@torch.inference_mode()
+def generate(
+    model: Callable[..., Any],
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    pixel_values: torch.Tensor | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    use_cache: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> list[GenerationOutput]:
+    """Generate a continuation for each prompt (token ids), batched with left padding.
+
+    ``pixel_values`` holds the images of all prompts in order of appearance. ``decode`` turns token ids into
+    text; it is needed for stop strings and fills ``GenerationOutput.text``. ``use_cache=False`` recomputes
+    the whole sequence at every step (a slow reference used by tests).
+    """
+    rows = _make_rows(params, len(prompts))
+    if any(p.params.stop_strings for p in rows) and decode is None:
+        raise QwenVLError("stop strings need a decode function")
+    device = _model_device(model)
+    input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+    extra = dict(model_kwargs or {})
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+
+    step_ids, past = input_ids, None
+    for _ in range(max(r.params.max_new_tokens for r in rows)):
+        if use_cache:
+            logits, past = _forward_cached(model, step_ids, attention_mask, past, pixel_values, extra)
+        else:
+            logits = _forward_full(model, input_ids, attention_mask, pixel_values, extra)
+        for state, token in zip(rows, _next_tokens(logits, rows), strict=True):
+            if not state.done:
+                _advance(state, token, decode)
+        if all(r.done for r in rows):
+            break
+        next_ids = torch.tensor(
+            [[r.tokens[-1] if r.tokens and not r.done else pad_token_id] for r in rows], device=device
+        )
+        input_ids = torch.cat([input_ids, next_ids], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
+        step_ids = next_ids
+    return [_finish(r, decode) for r in rows]
+
+
+def _finish(state: _RowState, decode: Callable[[list[int]], str] | None) -> GenerationOutput:
+    if state.text is None and decode is not None:
+        state.text = decode(state.tokens)
+    return GenerationOutput(
+        token_ids=state.tokens, text=state.text, finish_reason=state.finish_reason or "length"
+    )
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _forward_cached(
+    model: Callable[..., Any],
+    step_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past: Any,
+    pixel_values: torch.Tensor | None,
+    extra: dict[str, Any],
+) -> tuple[torch.Tensor, Any]:
+    """One cached step: the prefill (``past is None``) or one new token per row."""
+    position_ids = _positions(attention_mask)[:, -step_ids.shape[1] :]
+    out = model(
+        input_ids=step_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past,
+        pixel_values=pixel_values if past is None else None,
+        use_cache=True,
+        **extra,
+    )
+    return out.logits[:, -1, :], out.cache
+
+
+def _forward_full(
+    model: Callable[..., Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    extra: dict[str, Any],
+) -> torch.Tensor:
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_positions(attention_mask),
+        pixel_values=pixel_values,
+        use_cache=False,
+        **extra,
+    )
+    return out.logits[:, -1, :]
+
+
+def _model_device(model: Callable[..., Any]) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")

@@ -1,0 +1,88 @@
+"""The Qwen-VL v1 model family: the ``ModelFamily`` implementation the registry hands out for ``qwen-vl``.
+
+It only wires together the modules of this package; it holds no model logic of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenvl_core.models.registry import FamilyName
+
+# Official LoRA targets of finetune.py: LM attention (fused QKV, output) and both MLP input projections.
+QWEN_VL_LORA_TARGETS: tuple[str, ...] = ("c_attn", "attn.c_proj", "w1", "w2")
+
+_VISION_PREFIX = "transformer.visual."
+_ADAPTER_PREFIXES = (
+    "transformer.visual.attn_pool.",
+    "transformer.visual.ln_post.",
+    "transformer.visual.proj",
+)
+
+
+class QwenVLFamily:
+    """Qwen-VL / Qwen-VL-Chat (v1): our own implementation, loading the official checkpoints."""
+
+    name = FamilyName.QWEN_VL
+    default_lora_targets = QWEN_VL_LORA_TARGETS
+
+    def preset_names(self) -> list[str]:
+        from qwenvl_core.models.qwen_vl.presets import PRESETS
+
+        return list(PRESETS)
+
+    def build_config(self, preset: str) -> Any:
+        from qwenvl_core.models.qwen_vl.presets import build_config
+
+        return build_config(preset)
+
+    def load_config(self, model_dir: str | Path) -> Any:
+        from qwenvl_core.models.qwen_vl.weights import read_config
+
+        return read_config(model_dir)
+
+    def build_model(self, config: Any) -> torch.nn.Module:
+        from qwenvl_core.models.qwen_vl.modeling import QWenLMHeadModel
+
+        return QWenLMHeadModel(config)
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == "qwen" and isinstance(config.get("visual"), dict)
+
+    def load_model(
+        self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.nn.Module:
+        from qwenvl_core.models.qwen_vl.weights import load_model
+
+        return load_model(model_dir, dtype=dtype, device=device)
+
+    def save_model(self, model: torch.nn.Module, out_dir: str | Path) -> None:
+        from qwenvl_core.models.qwen_vl.weights import save_model
+
+        save_model(model, out_dir)
+
+    def load_processor(self, model_dir: str | Path) -> Any:
+        from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+
+        return QwenVLProcessor.from_dir(model_dir)
+
+    def stop_token_ids(self, processor: Any) -> list[int]:
+        tok = processor.tokenizer
+        return [tok.im_end_id, tok.im_start_id, tok.eod_id]
+
+    def component_of(self, param_name: str) -> str:
+        if param_name.startswith(_ADAPTER_PREFIXES):
+            return "adapter"
+        if param_name.startswith(_VISION_PREFIX):
+            return "vision"
+        return "language"
+
+    def materialize(
+        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> Path:
+        from qwenvl_core.models.qwen_vl.materialize import write_random_model
+
+        return write_random_model(out_dir, preset=preset, seed=seed, dtype=dtype)
