@@ -242,6 +242,33 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         """Replace the output projection."""
         self.lm_head = value
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: PastKV | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Inputs of one decoding step from the whole sequence so far (peft requires this hook).
+
+        Our own decoding loop is ``qwenvl_core.generation.generate``; this keeps the same rules: after the
+        prefill only the last token is fed, and images are read only by the prefill.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        if past_key_values:
+            input_ids, position_ids, pixel_values = input_ids[:, -1:], position_ids[:, -1:], None
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "pixel_values": pixel_values,
+            "use_cache": True,
+        }
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
