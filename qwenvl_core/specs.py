@@ -1,0 +1,215 @@
+"""Torch-free contracts shared by every layer: what a fine-tuning job is, and what it reports.
+
+``FineTuneJobSpec`` is the one description of a job. The REST API builds it from a request, the scheduler
+stores it, the Ray workflow runs it, and ``qwenvl finetune`` builds it from flags or a YAML file. Each field is
+documented once, here; defaults are the official Qwen-VL fine-tuning recipe (finetune.py and its scripts):
+LoRA r 64 / alpha 16 / dropout 0.05 on ``c_attn``, ``attn.c_proj``, ``w1``, ``w2``; AdamW lr 1e-5,
+betas (0.9, 0.95), weight decay 0.1; cosine schedule with 1% warm-up; max length 2048.
+
+``JobEvent`` is what a running job reports (progress, metrics, checkpoints, its final state). Events are
+written through an event sink (see ``qwenvl_core.training.hooks``) and read by the service.
+
+This module imports only pydantic, so the API process can use it without torch.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Spec(BaseModel):
+    """Strict base: unknown fields are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetPreset(StrEnum):
+    """Named LoRA target sets (module-name suffixes of the LM; the vision tower is never matched)."""
+
+    OFFICIAL = "official"  # c_attn, attn.c_proj, w1, w2: finetune.py's list
+    ATTENTION = "attention"  # c_attn, attn.c_proj
+    ALL_LINEAR = "all-linear"  # official + mlp.c_proj (the MLP down projection)
+
+
+class LoraSpec(_Spec):
+    r: int = Field(64, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: TargetPreset | list[str] = Field(
+        TargetPreset.OFFICIAL, description="A named preset or an explicit list of module-name suffixes."
+    )
+    train_adapter: bool = Field(
+        False, description="Also train the vision-language adapter (attn_pool, ln_post, proj) fully."
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained fully and saved with the adapter, e.g. ['wte', 'lm_head'] for base "
+        "(non-chat) models that must learn the ChatML special tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraSpec:
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("lora.targets: give a preset name or at least one module name")
+        return self
+
+
+class Quantization(StrEnum):
+    NONE = "none"
+    NF4 = "4bit"  # Q-LoRA: the LM in 4-bit NF4 (bitsandbytes, double quantisation); vision kept unquantised
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class LossMask(StrEnum):
+    OFFICIAL = "official"  # exactly finetune.py: assistant content + every <|im_start|>, <|im_end|>, "\n"
+    ASSISTANT_ONLY = "assistant_only"  # only assistant content + <|im_end|>
+
+
+class Hyperparameters(_Spec):
+    n_epochs: int = Field(1, ge=1, le=100, description="Passes over the training file.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(1, ge=1, le=1024, description="Samples per optimizer step per worker (micro batch x accumulation).")
+    micro_batch_size: int = Field(1, ge=1, le=1024, description="Samples per forward pass per worker.")
+    learning_rate: float = Field(1e-5, gt=0, le=1.0, description="Peak learning rate (official 1e-5).")
+    learning_rate_multiplier: float = Field(1.0, gt=0, le=1000.0, description="OpenAI-style multiplier on learning_rate.")
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    warmup_ratio: float = Field(0.01, ge=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(2048, ge=32, le=32768, description="Longest sample in tokens (images count 258 each at full size).")
+    length_policy: Literal["reject", "truncate"] = Field("reject", description="What to do with longer samples.")
+    loss_mask: LossMask = LossMask.OFFICIAL
+    packing: bool = Field(False, description="Pack several samples per row (they never attend to each other).")
+    group_by_length: bool = Field(True, description="Batch samples of similar length to reduce padding.")
+    precision: Precision = Precision.FP32
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> Hyperparameters:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.learning_rate * self.learning_rate_multiplier
+
+
+class EarlyStopping(_Spec):
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest validation-loss decrease that counts.")
+
+
+class EvalSpec(_Spec):
+    every_n_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (always at the end).")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many validation samples.")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="Generation budget for task metrics.")
+    task_metrics: bool = Field(True, description="Exact match / grounding IoU>=0.5 on short answers.")
+    compare_base: bool = Field(True, description="At the end, also evaluate the base model on the same data.")
+    early_stopping: EarlyStopping | None = None
+
+
+class Strategy(StrEnum):
+    DDP = "ddp"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+
+
+class ComputeSpec(_Spec):
+    num_workers: int = Field(1, ge=1, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=16.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    strategy: Strategy = Strategy.DDP
+    max_failures: int = Field(2, ge=0, le=100, description="Worker-group restarts Ray Train may make.")
+
+
+class CheckpointSpec(_Spec):
+    every_n_steps: int = Field(50, ge=1)
+    keep: int | None = Field(3, ge=1, description="Checkpoints kept (None keeps all).")
+
+
+class TrackingSpec(_Spec):
+    tracking_uri: str | None = Field(None, description="MLflow tracking server; None disables tracking.")
+    experiment: str = Field("default", description="MLflow experiment (one per tenant in the service).")
+    registered_model: str | None = Field(None, description="Model Registry name for the adapter.")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJobSpec(_Spec):
+    """Everything needed to run one fine-tune, independent of how it was requested."""
+
+    job_id: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    tenant_id: str = Field("local", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    base_model: str = Field(..., description="Local directory (or storage URI) of the base model.")
+    train_file: str = Field(..., description="Training data: a .jsonl/.json file or a .zip/.tar.gz bundle.")
+    validation_file: str | None = None
+    output_uri: str = Field(..., description="Where the run lives: checkpoints/, adapter/, events/ (path or s3://).")
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Quantization = Quantization.NONE
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> FineTuneJobSpec:
+        if self.quantization is Quantization.NF4 and self.compute.strategy is Strategy.ZERO3:
+            raise ValueError("quantization '4bit' (Q-LoRA) cannot be combined with strategy 'zero3'")
+        if self.lora.modules_to_save and self.compute.strategy is Strategy.ZERO3:
+            raise ValueError("lora.modules_to_save cannot be combined with strategy 'zero3'")
+        return self
+
+
+class JobState(StrEnum):
+    """OpenAI's job statuses."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Progress(_Spec):
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    samples_per_second: float | None = None
+    eta_seconds: float | None = None
+    trained_tokens: int = 0
+
+
+class JobEvent(_Spec):
+    """One thing a job reports. ``seq`` orders events of a job; readers ingest each seq once."""
+
+    seq: int = Field(..., ge=0)
+    created_at: float = Field(..., description="Unix time in seconds.")
+    level: Literal["info", "warn", "error"] = "info"
+    type: Literal["message", "metrics", "checkpoint", "state"] = "message"
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
