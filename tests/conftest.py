@@ -13,3 +13,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwenvl_core.models.qwen_vl.materialize import write_random_model
 
     return write_random_model(tmp_path_factory.mktemp("models") / "qwen-vl-tiny", preset="qwen-vl-tiny", seed=0)
+
+
+pytest_plugins = ["tests.fixtures.s3"]

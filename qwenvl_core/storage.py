@@ -1,0 +1,235 @@
+"""Object storage on local disk or S3: one small interface used by training runs and by the service.
+
+A *store* holds bytes under string keys (``a/b/c.json``). ``open_store(uri)`` returns the store and the key
+prefix for a local path or an ``s3://bucket/prefix`` URI. S3 goes through boto3; an S3-compatible endpoint
+(MinIO, moto) comes from ``AWS_ENDPOINT_URL`` as boto3 reads it. Local writes are atomic (temporary file +
+rename); an S3 PUT is all or nothing. Streams are copied in chunks, never read whole into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from qwenvl_core.errors import QwenVLError
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+class StorageError(QwenVLError):
+    """A storage URI is malformed or an object cannot be read or written."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+class ObjectStore(Protocol):
+    """Bytes under keys. Keys use ``/``; a missing key reads as ``None`` / ``False``, never an exception."""
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes | None: ...
+    def exists(self, key: str) -> bool: ...
+    def list_keys(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def put_stream(self, key: str, stream: IO[bytes]) -> StoredObject: ...
+    def open_read(self, key: str) -> IO[bytes]: ...
+    def size(self, key: str) -> int | None: ...
+
+
+def _hashing_copy(src: IO[bytes], dst: IO[bytes]) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK_BYTES):
+        digest.update(chunk)
+        dst.write(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class LocalStore:
+    """Objects as files under ``root``; keys may not escape it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"storage key {key!r} escapes the store root")
+        return path
+
+    def _atomic_target(self, key: str) -> tuple[Path, IO[bytes], str]:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        return target, os.fdopen(fd, "wb"), tmp
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target, out, tmp = self._atomic_target(key)
+        with out:
+            out.write(data)
+        os.replace(tmp, target)
+
+    def put_stream(self, key: str, stream: IO[bytes]) -> StoredObject:
+        target, out, tmp = self._atomic_target(key)
+        try:
+            with out:
+                size, sha = _hashing_copy(stream, out)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return StoredObject(key=key, size=size, sha256=sha)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.is_file() else None
+
+    def open_read(self, key: str) -> IO[bytes]:
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageError(f"object {key!r} does not exist")
+        return path.open("rb")
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(k for k in keys if not Path(k).name.startswith("."))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+class S3Store:
+    """Objects in one S3 bucket (boto3; endpoint and credentials from the usual AWS environment)."""
+
+    def __init__(self, bucket: str, client: Any | None = None) -> None:
+        import boto3
+
+        self.bucket = bucket
+        self.client = client or boto3.client("s3")
+
+    def _missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in {"404", "NoSuchKey", "NotFound"}
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def put_stream(self, key: str, stream: IO[bytes]) -> StoredObject:
+        # Spool through a temporary file so the checksum is known before the object becomes visible.
+        with tempfile.TemporaryFile() as spool:
+            size, sha = _hashing_copy(stream, spool)
+            spool.seek(0)
+            self.client.upload_fileobj(spool, self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
+        return StoredObject(key=key, size=size, sha256=sha)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if self._missing(exc):
+                return None
+            raise
+
+    def open_read(self, key: str) -> IO[bytes]:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except Exception as exc:
+            if self._missing(exc):
+                raise StorageError(f"object s3://{self.bucket}/{key} does not exist") from None
+            raise
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except Exception as exc:
+            if self._missing(exc):
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys: list[str] = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        keys = self.list_keys(key.rstrip("/") + "/") + [key]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def open_store(uri: str) -> tuple[ObjectStore, str]:
+    """The store and key prefix of a local path or an ``s3://bucket/prefix`` URI."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise StorageError(f"storage URI {uri!r} has no bucket")
+        return S3Store(bucket), prefix.strip("/")
+    if "://" in uri:
+        raise StorageError(f"storage URI {uri!r}: only local paths and s3:// are supported")
+    return LocalStore(uri), ""
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with ``/``, skipping empty ones."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def upload_dir(store: ObjectStore, local_dir: str | Path, prefix: str) -> list[StoredObject]:
+    """Copy every file under ``local_dir`` to ``prefix/<relative path>``."""
+    stored = []
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            with path.open("rb") as src:
+                stored.append(store.put_stream(join_key(prefix, path.relative_to(local_dir).as_posix()), src))
+    return stored
+
+
+def download_dir(store: ObjectStore, prefix: str, local_dir: str | Path) -> list[Path]:
+    """Copy every object under ``prefix/`` into ``local_dir`` (keys checked to stay inside it)."""
+    root = Path(local_dir).absolute()
+    written = []
+    for key in store.list_keys(prefix.rstrip("/") + "/" if prefix else ""):
+        target = (root / key[len(prefix) :].lstrip("/")).resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise StorageError(f"object key {key!r} would be written outside {root}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with store.open_read(key) as src, target.open("wb") as out:
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
+        written.append(target)
+    return written
+
+
+def iter_chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    """Read a stream in ``CHUNK_BYTES`` chunks (for streaming HTTP responses)."""
+    while chunk := stream.read(CHUNK_BYTES):
+        yield chunk
