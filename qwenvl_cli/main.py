@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from qwenvl_cli import model
+from qwenvl_cli import data, model
 
 app = typer.Typer(
     name="qwenvl",
@@ -19,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(model.app, name="model")
+app.add_typer(data.app, name="data")
 
 
 def main() -> None:

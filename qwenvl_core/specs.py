@@ -72,6 +72,11 @@ class LossMask(StrEnum):
     ASSISTANT_ONLY = "assistant_only"  # only assistant content + <|im_end|>
 
 
+class LengthPolicy(StrEnum):
+    REJECT = "reject"  # a sample longer than max_length is an error
+    TRUNCATE = "truncate"  # keep the longest prefix of whole turns that fits (never cuts an image span)
+
+
 class Hyperparameters(_Spec):
     n_epochs: int = Field(1, ge=1, le=100, description="Passes over the training file.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -87,7 +92,7 @@ class Hyperparameters(_Spec):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(2048, ge=32, le=32768, description="Longest sample in tokens (images count 258 each at full size).")
-    length_policy: Literal["reject", "truncate"] = Field("reject", description="What to do with longer samples.")
+    length_policy: LengthPolicy = Field(LengthPolicy.REJECT, description="What to do with longer samples.")
     loss_mask: LossMask = LossMask.OFFICIAL
     packing: bool = Field(False, description="Pack several samples per row (they never attend to each other).")
     group_by_length: bool = Field(True, description="Batch samples of similar length to reduce padding.")
@@ -137,6 +142,9 @@ class ComputeSpec(_Spec):
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
     strategy: Strategy = Strategy.DDP
     max_failures: int = Field(2, ge=0, le=100, description="Worker-group restarts Ray Train may make.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes (SPREAD puts them on different nodes)."
+    )
 
 
 class CheckpointSpec(_Spec):
