@@ -17,37 +17,16 @@ class Preset:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-_FULL_LM: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "kv_channels": 128,
-    "intermediate_size": 22016,
-    "seq_length": 2048,
-    "max_position_embeddings": 8192,
-}
-_FULL_VISUAL: dict[str, Any] = {
-    "heads": 16,
-    "image_size": 448,
-    "image_start_id": 151857,
-    "layers": 48,
-    "mlp_ratio": 4.9231,
-    "output_dim": 4096,
-    "patch_size": 14,
-    "width": 1664,
-    "n_queries": 256,
-    "pos_grid_size": 16,
-}
+# The full-size presets are QWenVLConfig's defaults, which are the official config.json values.
 
 PRESETS: dict[str, Preset] = {
     "qwen-vl-chat": Preset(
         "Qwen-VL-Chat, full size (9.6B: ViT-bigG 1.9B + adapter + Qwen-7B), bf16",
-        {**_FULL_LM, "bf16": True, "visual": dict(_FULL_VISUAL)},
+        {"bf16": True},
     ),
     "qwen-vl": Preset(
         "Qwen-VL base (pre-trained), full size, same shapes as qwen-vl-chat",
-        {**_FULL_LM, "visual": dict(_FULL_VISUAL)},
+        {},
     ),
     "qwen-vl-small": Preset(
         "small random model (tens of millions of params) for benchmarks: hidden 512, 8 layers, 224 px",
