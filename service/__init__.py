@@ -1,4 +1,5 @@
-"""service: the REST control plane (files, fine-tuning jobs, models, chat completions, tenants, storage).
+"""service: the REST control plane (files, fine-tuning jobs, models, tenants, metadata DB, storage, scheduler).
 
-Not built yet: see issue 5. It will never import torch; it talks to ``workflows`` job contracts.
+It never imports torch: data validation runs in a child process (``validation_worker``), training on Ray.
+Entry points: ``service.main.create_app(settings)`` and ``python -m service``.
 """

@@ -1,0 +1,77 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the context, a DB session per request, the caller's tenant.
+
+A request's session commits when the handler returns and rolls back when it raises. ``TenantDep`` accepts
+only tenant keys; ``AdminDep`` only the admin key from settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service import auth
+from service import repository as repo
+from service.context import ServiceContext
+from service.errors import Unauthorized
+from service.models import Tenant
+from service.settings import Settings
+from service.storage import TenantStorage
+
+_bearer = HTTPBearer(auto_error=False, description="A tenant API key (sk-qv-...) or, for /v1/admin, the admin key.")
+
+
+def get_context(request: Request) -> ServiceContext:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ServiceContext, Depends(get_context)]
+
+
+def get_settings(ctx: Ctx) -> Settings:
+    return ctx.settings
+
+
+def get_storage(ctx: Ctx) -> TenantStorage:
+    return ctx.storage
+
+
+def get_session(ctx: Ctx) -> Iterator[Session]:
+    with ctx.sessions() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[TenantStorage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_session)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    return credentials.credentials
+
+
+def current_tenant(credentials: Credentials, session: SessionDep) -> Tenant:
+    tenant_id = auth.tenant_for_key(session, _token(credentials))
+    return repo.get_tenant(session, tenant_id=tenant_id)
+
+
+def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
+    admin = settings.admin_key.get_secret_value() if settings.admin_key else None
+    if not auth.is_admin_key(_token(credentials), admin):
+        raise Unauthorized("this endpoint needs the admin key", code="invalid_admin_key")
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+AdminDep = Annotated[None, Depends(require_admin)]

@@ -1,0 +1,141 @@
+"""The FastAPI application factory: ``create_app(settings)`` wires database, storage, validator, scheduler and
+routes. Nothing happens at import time; ``python -m service`` (``__main__``) serves it with uvicorn.
+
+Request bodies are capped by ``_BodyLimit`` (uploads at ``max_upload_bytes`` plus multipart overhead, everything
+else at ``max_request_bytes``), counting bytes as they stream, so a lying or absent Content-Length cannot pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.context import AdapterHook, ServiceContext
+from service.db import make_engine, migrate, session_factory
+from service.errors import PayloadTooLarge, envelope, install_error_handlers
+from service.launcher import Launcher, RayJobsLauncher
+from service.local_bootstrap import bootstrap_local
+from service.routes import admin, files, health, jobs, models
+from service.scheduler import Scheduler
+from service.schemas import ErrorEnvelope
+from service.settings import Mode, Settings
+from service.storage import TenantStorage
+from service.validation import Validator
+
+log = logging.getLogger(__name__)
+_MULTIPART_OVERHEAD = 64 * 1024
+ASGIApp = Callable[..., Any]
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: 413 once a request body exceeds its limit (checked on the declared length and
+    while streaming)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    def _limit(self, path: str) -> int:
+        if path.rstrip("/") == "/v1/files":
+            return self.settings.max_upload_bytes + _MULTIPART_OVERHEAD
+        return self.settings.max_request_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit(scope["path"])
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _reject(send, scope, limit)
+            return
+        seen, exceeded, started = 0, False, False
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen, exceeded
+            message: dict[str, Any] = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                exceeded = True
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if not exceeded:  # the app's answer to a cut-off body (a parse error) is replaced by the 413
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except PayloadTooLarge:
+            pass
+        if exceeded and not started:
+            await _reject(send, scope, limit)
+
+
+async def _reject(send: Callable[..., Any], scope: dict[str, Any], limit: int) -> None:
+    what = "upload" if scope["path"].rstrip("/") == "/v1/files" else "request body"
+    response = envelope(413, f"{what} exceeds the limit of {limit} bytes", "invalid_request_error", None,
+                        "payload_too_large")
+    await response(scope, None, send)
+
+
+def _lifespan(ctx: ServiceContext) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if ctx.settings.scheduler_enabled:
+            ctx.scheduler.start()
+        try:
+            yield
+        finally:
+            if ctx.settings.scheduler_enabled:
+                ctx.scheduler.stop()
+            ctx.validator.shutdown()
+
+    return lifespan
+
+
+def build_context(settings: Settings, launcher: Launcher | None = None) -> ServiceContext:
+    """Database (migrated), storage, validator and scheduler for ``settings``."""
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    if settings.mode is Mode.LOCAL:
+        settings = bootstrap_local(settings, sessions)
+    storage = TenantStorage(settings.resolved_storage_uri)
+    validator = Validator(sessions, storage, settings.validation_timeout_s)
+    if launcher is None and settings.ray_address:
+        launcher = RayJobsLauncher(settings.ray_address, settings.job_entrypoint, settings.job_entrypoint_num_cpus,
+                                   settings.job_env, settings.job_pythonpath)
+    hooks: list[AdapterHook] = []
+    ctx = ServiceContext(settings=settings, engine=engine, sessions=sessions, storage=storage, validator=validator,
+                         scheduler=None, adapter_hooks=hooks)  # type: ignore[arg-type]
+    ctx.scheduler = Scheduler(settings, sessions, storage, validator, launcher, ctx.notify_adapter_ready)
+    return ctx
+
+
+def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,
+               on_adapter_ready: AdapterHook | None = None) -> FastAPI:
+    """The API. ``on_adapter_ready`` (or ``register_adapter_hook`` later) is how serving learns of new adapters."""
+    ctx = build_context(settings or Settings(), launcher)
+    if on_adapter_ready is not None:
+        ctx.adapter_hooks.append(on_adapter_ready)
+    app = FastAPI(title="Qwen-VL platform API", version="1", lifespan=_lifespan(ctx),
+                  description="OpenAI-compatible files, fine-tuning jobs and models, multi-tenant.",
+                  responses={400: {"model": ErrorEnvelope}, 401: {"model": ErrorEnvelope},
+                             404: {"model": ErrorEnvelope}})
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for module in (files, jobs, models, admin, health):
+        app.include_router(module.router)
+    app.add_middleware(_BodyLimit, settings=ctx.settings)  # type: ignore[arg-type]
+    return app
+
+
+def register_adapter_hook(app: FastAPI, hook: AdapterHook) -> None:
+    """Tell ``hook`` about every adapter that becomes ready from now on (the serving layer's entry point)."""
+    app.state.ctx.adapter_hooks.append(hook)

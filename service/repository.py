@@ -1,0 +1,273 @@
+"""The only module that touches the metadata database: keyword-only functions over a ``Session``.
+
+Lookups of tenant-owned rows always filter by ``tenant_id`` and raise ``NotFound`` otherwise, so another
+tenant's ids answer exactly like ids that do not exist. Callers own transactions (``session.begin()``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, NotFound
+from service.models import ApiKey, File, Job, JobEvent, Lease, Model, Tenant
+
+ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ----- tenants and keys ---------------------------------------------------------------------------------------
+def create_tenant(s: Session, *, name: str, max_active_jobs: int, max_stored_bytes: int) -> Tenant:
+    if s.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise Conflict(f"a tenant named {name!r} already exists", param="name", code="tenant_exists")
+    tenant = Tenant(id=new_id("tenant"), name=name, created_at=now(), max_active_jobs=max_active_jobs,
+                    max_stored_bytes=max_stored_bytes)
+    s.add(tenant)
+    s.flush()
+    return tenant
+
+
+def get_tenant(s: Session, *, tenant_id: str) -> Tenant:
+    tenant = s.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"no tenant with id {tenant_id!r}", param="tenant_id")
+    return tenant
+
+
+def find_tenant_by_name(s: Session, *, name: str) -> Tenant | None:
+    return s.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def list_tenants(s: Session) -> Sequence[Tenant]:
+    return s.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id)).all()
+
+
+def add_key(s: Session, *, key_id: str, tenant_id: str, key_hash: str, name: str = "") -> ApiKey:
+    key = ApiKey(id=key_id, tenant_id=tenant_id, key_hash=key_hash, name=name, created_at=now())
+    s.add(key)
+    s.flush()
+    return key
+
+
+def get_key(s: Session, *, key_id: str) -> ApiKey | None:
+    return s.get(ApiKey, key_id)
+
+
+def revoke_key(s: Session, *, key_id: str) -> ApiKey:
+    key = s.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no API key with id {key_id!r}", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = now()
+    return key
+
+
+def list_keys(s: Session, *, tenant_id: str) -> Sequence[ApiKey]:
+    return s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)).all()
+
+
+# ----- files --------------------------------------------------------------------------------------------------
+def add_file(s: Session, *, file_id: str, tenant_id: str, filename: str, purpose: str, size: int, sha256: str,
+             storage_key: str, status: str = "uploaded") -> File:
+    row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size, sha256=sha256,
+               storage_key=storage_key, status=status, created_at=now())
+    s.add(row)
+    s.flush()
+    return row
+
+
+def get_file(s: Session, *, tenant_id: str, file_id: str, param: str = "file_id") -> File:
+    row = s.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    if row is None:
+        raise NotFound(f"no file with id {file_id!r}", param=param, code="file_not_found")
+    return row
+
+
+def _after(query: Select[Any], id_column: Any, pk_column: Any, tenant_column: Any, tenant_id: str,
+           after: str) -> Select[Any]:
+    """Rows older than the row ``after`` (lists are newest first, OpenAI's cursor semantics)."""
+    cursor = select(pk_column).where(id_column == after, tenant_column == tenant_id).scalar_subquery()
+    return query.where(pk_column < cursor)
+
+
+def list_files(s: Session, *, tenant_id: str, purpose: str | None, limit: int, after: str | None
+               ) -> tuple[Sequence[File], bool]:
+    query = select(File).where(File.tenant_id == tenant_id)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after is not None:
+        get_file(s, tenant_id=tenant_id, file_id=after, param="after")
+        query = _after(query, File.id, File.pk, File.tenant_id, tenant_id, after)
+    rows = s.scalars(query.order_by(File.pk.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(s: Session, *, tenant_id: str, file_id: str) -> File:
+    row = get_file(s, tenant_id=tenant_id, file_id=file_id)
+    s.delete(row)
+    return row
+
+
+def stored_bytes(s: Session, *, tenant_id: str) -> int:
+    return int(s.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id)) or 0)
+
+
+def files_to_validate(s: Session, *, limit: int = 10) -> Sequence[File]:
+    return s.scalars(select(File).where(File.status == "uploaded").order_by(File.pk).limit(limit)).all()
+
+
+def set_file_validation(s: Session, *, file_id: str, status: str, report: dict[str, Any]) -> None:
+    s.execute(update(File).where(File.id == file_id).values(status=status, validation=report))
+
+
+def file_by_id(s: Session, *, file_id: str) -> File | None:
+    return s.scalar(select(File).where(File.id == file_id))
+
+
+# ----- jobs ---------------------------------------------------------------------------------------------------
+def add_job(s: Session, **fields: Any) -> Job:
+    job = Job(created_at=now(), status="validating_files", attempt=0, last_event_seq=-1, result_files=[], **fields)
+    s.add(job)
+    s.flush()
+    return job
+
+
+def get_job(s: Session, *, tenant_id: str, job_id: str, param: str = "fine_tuning_job_id") -> Job:
+    job = s.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound(f"no fine-tuning job with id {job_id!r}", param=param, code="job_not_found")
+    return job
+
+
+def job_by_id(s: Session, *, job_id: str) -> Job | None:
+    return s.scalar(select(Job).where(Job.id == job_id))
+
+
+def list_jobs(s: Session, *, tenant_id: str, limit: int, after: str | None, metadata: dict[str, str] | None = None
+              ) -> tuple[Sequence[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if after is not None:
+        get_job(s, tenant_id=tenant_id, job_id=after, param="after")
+        query = _after(query, Job.id, Job.pk, Job.tenant_id, tenant_id, after)
+    if not metadata:
+        rows = s.scalars(query.order_by(Job.pk.desc()).limit(limit + 1)).all()
+        return rows[:limit], len(rows) > limit
+    matching = [j for j in s.scalars(query.order_by(Job.pk.desc())).all()
+                if all((j.meta or {}).get(k) == v for k, v in metadata.items())]
+    return matching[:limit], len(matching) > limit
+
+
+def count_active_jobs(s: Session, *, tenant_id: str) -> int:
+    return int(s.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES))) or 0)
+
+
+def jobs_in_states(s: Session, *, states: Sequence[str]) -> Sequence[Job]:
+    return s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.pk)).all()
+
+
+def running_per_tenant(s: Session) -> dict[str, int]:
+    rows = s.execute(select(Job.tenant_id, func.count()).where(Job.status == "running").group_by(Job.tenant_id))
+    return {tenant: int(n) for tenant, n in rows}
+
+
+# ----- events -------------------------------------------------------------------------------------------------
+def add_events(s: Session, *, job_id: str, events: Sequence[dict[str, Any]]) -> int:
+    """Insert events (dicts with seq, created_at, level, type, message, data) not yet stored; returns how many."""
+    if not events:
+        return 0
+    seqs = [e["seq"] for e in events]
+    known = set(s.scalars(select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.seq.in_(seqs))))
+    fresh = [dict(e, job_id=job_id) for e in events if e["seq"] not in known]
+    if fresh:
+        s.execute(insert(JobEvent), fresh)
+    return len(fresh)
+
+
+def next_service_seq(s: Session, *, job_id: str) -> int:
+    """Sequence numbers of events the service writes itself are negative, so they never collide with the run's."""
+    lowest = s.scalar(select(func.min(JobEvent.seq)).where(JobEvent.job_id == job_id))
+    return min(-1, (lowest or 0) - 1)
+
+
+def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types: Sequence[str] | None = None
+                ) -> tuple[Sequence[JobEvent], bool]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if types:
+        query = query.where(JobEvent.type.in_(types))
+    if after is not None:
+        pk = _event_pk(after)
+        if pk is None or s.scalar(select(JobEvent.pk).where(JobEvent.pk == pk, JobEvent.job_id == job_id)) is None:
+            raise NotFound(f"no event with id {after!r} in this job", param="after")
+        query = query.where(JobEvent.pk < pk)
+    rows = s.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def _event_pk(event_id: str) -> int | None:
+    tail = event_id.removeprefix("ftevent-")
+    return int(tail) if tail.isdigit() else None
+
+
+# ----- models -------------------------------------------------------------------------------------------------
+def add_model(s: Session, *, model_id: str, tenant_id: str, base_model: str, job_id: str, adapter_uri: str) -> Model:
+    existing = s.get(Model, model_id)
+    if existing is not None:
+        return existing
+    row = Model(id=model_id, tenant_id=tenant_id, base_model=base_model, job_id=job_id, adapter_uri=adapter_uri,
+                created_at=now(), deleted=False)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def list_models(s: Session, *, tenant_id: str) -> Sequence[Model]:
+    return s.scalars(select(Model).where(Model.tenant_id == tenant_id, Model.deleted.is_(False))
+                     .order_by(Model.created_at, Model.id)).all()
+
+
+def get_model(s: Session, *, tenant_id: str, model_id: str, param: str = "model") -> Model:
+    row = s.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id, Model.deleted.is_(False)))
+    if row is None:
+        raise NotFound(f"the model {model_id!r} does not exist", param=param, code="model_not_found")
+    return row
+
+
+# ----- scheduler lease ----------------------------------------------------------------------------------------
+def acquire_lease(s: Session, *, name: str, holder: str, ttl_s: float) -> bool:
+    """Take or extend the lease ``name`` for ``holder``; True when ``holder`` holds it afterwards."""
+    t = time.time()
+    result = s.execute(update(Lease).where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at < t))
+                       .values(holder=holder, expires_at=t + ttl_s))
+    if result.rowcount:  # type: ignore[attr-defined]
+        return True
+    if s.get(Lease, name) is not None:
+        return False
+    try:
+        with s.begin_nested():
+            s.add(Lease(name=name, holder=holder, expires_at=t + ttl_s))
+        return True
+    except IntegrityError:
+        return False
+
+
+def release_lease(s: Session, *, name: str, holder: str) -> None:
+    s.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+
+
+def lease_holder(s: Session, *, name: str) -> str | None:
+    lease = s.get(Lease, name)
+    return lease.holder if lease is not None and lease.expires_at >= time.time() else None

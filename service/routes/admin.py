@@ -1,0 +1,64 @@
+"""``/v1/admin``: tenants and their API keys (admin key only). Keys are shown once; only hashes are stored."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service import auth
+from service import repository as repo
+from service.deps import AdminDep, SessionDep, SettingsDep
+from service.schemas import (
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    TenantCreate,
+    TenantCreated,
+    TenantList,
+    key_public,
+    tenant_public,
+)
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+def issue_key(session: SessionDep, tenant_id: str, name: str) -> KeyCreated:
+    new = auth.generate_key()
+    row = repo.add_key(session, key_id=new.key_id, tenant_id=tenant_id, key_hash=new.key_hash, name=name)
+    return KeyCreated(**key_public(row).model_dump(), key=new.plaintext)
+
+
+@router.post("/tenants", operation_id="admin-tenants-create", status_code=201)
+def create_tenant(body: TenantCreate, _admin: AdminDep, session: SessionDep, settings: SettingsDep) -> TenantCreated:
+    """Create a tenant and its first API key."""
+    tenant = repo.create_tenant(
+        session, name=body.name,
+        max_active_jobs=body.max_active_jobs if body.max_active_jobs is not None else settings.default_max_active_jobs,
+        max_stored_bytes=body.max_stored_bytes if body.max_stored_bytes is not None
+        else settings.default_max_stored_bytes)
+    return TenantCreated(tenant=tenant_public(tenant), key=issue_key(session, tenant.id, "first key"))
+
+
+@router.get("/tenants", operation_id="admin-tenants-list")
+def list_tenants(_admin: AdminDep, session: SessionDep) -> TenantList:
+    return TenantList(data=[tenant_public(t) for t in repo.list_tenants(session)])
+
+
+@router.post("/tenants/{tenant_id}/keys", operation_id="admin-keys-create", status_code=201)
+def create_key(tenant_id: str, body: KeyCreate, _admin: AdminDep, session: SessionDep) -> KeyCreated:
+    """Issue a key; with ``revoke_existing`` this is a rotation (the tenant's other keys are revoked)."""
+    repo.get_tenant(session, tenant_id=tenant_id)
+    if body.revoke_existing:
+        for old in repo.list_keys(session, tenant_id=tenant_id):
+            repo.revoke_key(session, key_id=old.id)
+    return issue_key(session, tenant_id, body.name)
+
+
+@router.get("/tenants/{tenant_id}/keys", operation_id="admin-keys-list")
+def list_keys(tenant_id: str, _admin: AdminDep, session: SessionDep) -> list[KeyPublic]:
+    repo.get_tenant(session, tenant_id=tenant_id)
+    return [key_public(k) for k in repo.list_keys(session, tenant_id=tenant_id)]
+
+
+@router.delete("/keys/{key_id}", operation_id="admin-keys-revoke")
+def revoke_key(key_id: str, _admin: AdminDep, session: SessionDep) -> KeyPublic:
+    return key_public(repo.revoke_key(session, key_id=key_id))

@@ -1,0 +1,59 @@
+"""``/v1/models``: base models plus the tenant's adapters; get, delete an adapter, download it as a PEFT archive."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, BackgroundTasks
+from fastapi.responses import FileResponse
+
+from service import repository as repo
+from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from service.errors import PermissionDenied
+from service.schemas import Deleted, ModelList, ModelPublic, model_public
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+_BASE_CREATED = 1_700_000_000
+
+
+def _base(model_id: str) -> ModelPublic:
+    return ModelPublic(id=model_id, created=_BASE_CREATED, owned_by="system", kind="base")
+
+
+@router.get("", operation_id="models-list")
+def list_models(tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> ModelList:
+    adapters = [model_public(m, tenant.name) for m in repo.list_models(session, tenant_id=tenant.id)]
+    return ModelList(data=[_base(m) for m in settings.base_models] + adapters)
+
+
+@router.get("/{model_id:path}/content", operation_id="models-download",
+            responses={200: {"content": {"application/gzip": {}}}})
+def download_model(model_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep,
+                   background: BackgroundTasks) -> FileResponse:
+    """The adapter as ``.tar.gz`` of a PEFT directory (adapter_config.json, adapter_model.safetensors, ...)."""
+    row = repo.get_model(session, tenant_id=tenant.id, model_id=model_id)
+    fd, tmp = tempfile.mkstemp(prefix="qwenvl-adapter-", suffix=".tar.gz")
+    os.close(fd)
+    storage.write_tar_gz(row.adapter_uri, Path(tmp), "adapter")
+    background.add_task(os.unlink, tmp)
+    filename = f"{row.job_id}-adapter.tar.gz"
+    return FileResponse(tmp, media_type="application/gzip", filename=filename)
+
+
+@router.get("/{model_id:path}", operation_id="models-retrieve")
+def get_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> ModelPublic:
+    if model_id in settings.base_models:
+        return _base(model_id)
+    return model_public(repo.get_model(session, tenant_id=tenant.id, model_id=model_id), tenant.name)
+
+
+@router.delete("/{model_id:path}", operation_id="models-delete")
+def delete_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
+    """Delete an adapter (its run directory stays for the job's record); base models cannot be deleted."""
+    if model_id in settings.base_models:
+        raise PermissionDenied(f"{model_id!r} is a base model and cannot be deleted", param="model")
+    row = repo.get_model(session, tenant_id=tenant.id, model_id=model_id)
+    row.deleted = True
+    return Deleted(id=model_id, object="model")

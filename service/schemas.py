@@ -1,0 +1,344 @@
+"""Request and response schemas, one family per resource, shaped like OpenAI's fine-tuning API.
+
+Table models never leave the API: routes convert rows with the ``*_public`` helpers at the bottom.
+Extensions beyond OpenAI (LoRA, quantization, compute, evaluation, max_steps, estimates, validation reports,
+progress) are additional optional fields, so unchanged OpenAI clients work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qwenvl_core.specs import CheckpointSpec, ComputeSpec, EvalSpec, LoraSpec, Quantization
+from service.models import ApiKey, File, Job, JobEvent, Model, Tenant
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----- errors -------------------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+# ----- files --------------------------------------------------------------------------------------------------
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = Field(description="uploaded (validating), processed (valid) or error (see validation).")
+    status_details: str | None = None
+    expires_at: int | None = None
+    sha256: str
+    validation: dict[str, Any] | None = Field(None, description="The validation report, with line numbers.")
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FilePublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# ----- fine-tuning jobs ---------------------------------------------------------------------------------------
+class Hyperparameters(_Strict):
+    n_epochs: int | Auto = Field("auto", description="1-50; auto = 1.")
+    batch_size: int | Auto = Field("auto", description="1-1024 samples per step per worker; auto = 1.")
+    learning_rate_multiplier: float | Auto = Field("auto", description="(0, 1000]; auto = 1.")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 50:
+            raise ValueError(f"n_epochs must be between 1 and 50, got {v}")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError(f"batch_size must be between 1 and 1024, got {v}")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lrm(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not 0 < v <= 1000:
+            raise ValueError(f"learning_rate_multiplier must be in (0, 1000], got {v}")
+        return v
+
+
+class Supervised(_Strict):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(_Strict):
+    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is offered.")
+    supervised: Supervised = Field(default_factory=Supervised)
+
+
+class JobCreate(_Strict):
+    model: str = Field(min_length=1, max_length=256, description="A base model id or an ft: model of yours.")
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
+    seed: int | None = Field(None, ge=0, le=2147483647)
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI; use method.")
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=5, description="Accepted and stored.")
+    # extensions
+    lora: LoraSpec | None = Field(None, description="LoRA rank/alpha/dropout/targets (extension).")
+    quantization: Quantization | None = Field(None, description="'4bit' for Q-LoRA (extension).")
+    compute: ComputeSpec | None = Field(None, description="Workers, GPUs, strategy ddp|zero2|zero3 (extension).")
+    evaluation: EvalSpec | None = Field(None, description="Evaluation and early stopping (extension).")
+    checkpoint: CheckpointSpec | None = Field(None, description="Checkpoint cadence (extension).")
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="Stop after this many steps (extension).")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if len(v) > 16:
+                raise ValueError(f"at most 16 metadata pairs, got {len(v)}")
+            for key, value in v.items():
+                if len(key) > 64 or len(value) > 512:
+                    raise ValueError(f"metadata key {key[:64]!r}: keys <= 64 chars, values <= 512 chars")
+        return v
+
+    def effective_hyperparameters(self) -> Hyperparameters:
+        if self.method is not None:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    error: JobError | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    seed: int
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    estimated_finish: int | None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    suffix: str | None = None
+    started_at: int | None = None
+    progress: dict[str, Any] | None = Field(None, description="step, total_steps, epoch, loss, ... (extension).")
+    cancel_requested: bool = False
+    extensions: dict[str, Any] = Field(default_factory=dict, description="lora, quantization, compute, ...")
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class EventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventPublic]
+    has_more: bool
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointPublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class EstimateRequest(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    n_epochs: int = Field(1, ge=1, le=50)
+    tokens_per_second: float | None = Field(None, gt=0, description="Throughput to assume (default: settings).")
+
+
+class EstimatePublic(BaseModel):
+    object: Literal["fine_tuning.estimate"] = "fine_tuning.estimate"
+    model: str
+    training_file: str
+    samples: int
+    images: int
+    total_tokens: int
+    supervised_tokens: int | None
+    epochs: int
+    estimated_train_tokens: int
+    tokens_per_second: float | None
+    estimated_seconds: float | None
+
+
+# ----- models -------------------------------------------------------------------------------------------------
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: Literal["base", "adapter"] = "base"
+    base_model: str | None = None
+    fine_tuning_job_id: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]
+
+
+# ----- admin --------------------------------------------------------------------------------------------------
+class TenantCreate(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$", description="Lower-case slug, used in model names.")
+    max_active_jobs: int | None = Field(None, ge=0, le=10_000)
+    max_stored_bytes: int | None = Field(None, ge=0, le=2**62)
+
+
+class TenantPublic(BaseModel):
+    id: str
+    object: Literal["tenant"] = "tenant"
+    name: str
+    created_at: int
+    max_active_jobs: int
+    max_stored_bytes: int
+
+
+class KeyCreate(_Strict):
+    name: str = Field("", max_length=128)
+    revoke_existing: bool = Field(False, description="Rotate: revoke the tenant's other keys.")
+
+
+class KeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    tenant_id: str
+    name: str
+    created_at: int
+    revoked_at: int | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="The secret key; shown once, only its hash is stored.")
+
+
+class TenantCreated(BaseModel):
+    tenant: TenantPublic
+    key: KeyCreated
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TenantPublic]
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    scheduler_leader: str | None = None
+
+
+# ----- conversions --------------------------------------------------------------------------------------------
+def file_public(row: File) -> FilePublic:
+    return FilePublic(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
+                      purpose=row.purpose, status=row.status, sha256=row.sha256, validation=row.validation)
+
+
+def job_public(row: Job) -> JobPublic:
+    req = row.request
+    return JobPublic(
+        id=row.id, created_at=row.created_at, finished_at=row.finished_at, model=row.model,
+        fine_tuned_model=row.fine_tuned_model, organization_id=row.tenant_id, status=row.status,
+        error=JobError(**row.error) if row.error else None, hyperparameters=req["hyperparameters"],
+        method={"type": "supervised", "supervised": {"hyperparameters": req["hyperparameters"]}},
+        seed=row.seed, training_file=row.training_file, validation_file=row.validation_file,
+        result_files=row.result_files or [], trained_tokens=row.trained_tokens,
+        estimated_finish=row.estimated_finish, integrations=req.get("integrations"), metadata=row.meta,
+        suffix=row.suffix, started_at=row.started_at, progress=row.progress,
+        cancel_requested=row.cancel_requested_at is not None, extensions=req.get("extensions", {}))
+
+
+def event_public(row: JobEvent) -> EventPublic:
+    return EventPublic(id=f"ftevent-{row.pk}", created_at=row.created_at, level=row.level, message=row.message,
+                       type="metrics" if row.type == "metrics" else "message", data=dict(row.data or {}, kind=row.type))
+
+
+def checkpoint_public(row: JobEvent, fine_tuned_base: str) -> CheckpointPublic:
+    step = int((row.data or {}).get("step", 0))
+    return CheckpointPublic(id=f"ftckpt-{row.pk}", created_at=row.created_at,
+                            fine_tuned_model_checkpoint=f"{fine_tuned_base}:ckpt-step-{step}",
+                            fine_tuning_job_id=row.job_id, step_number=step,
+                            metrics=dict((row.data or {}).get("metrics", {}), step=step))
+
+
+def model_public(row: Model, owner: str) -> ModelPublic:
+    return ModelPublic(id=row.id, created=row.created_at, owned_by=owner, kind="adapter", base_model=row.base_model,
+                       fine_tuning_job_id=row.job_id)
+
+
+def tenant_public(row: Tenant) -> TenantPublic:
+    return TenantPublic(id=row.id, name=row.name, created_at=row.created_at, max_active_jobs=row.max_active_jobs,
+                        max_stored_bytes=row.max_stored_bytes)
+
+
+def key_public(row: ApiKey) -> KeyPublic:
+    return KeyPublic(id=row.id, tenant_id=row.tenant_id, name=row.name, created_at=row.created_at,
+                     revoked_at=row.revoked_at)

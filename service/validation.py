@@ -1,0 +1,98 @@
+"""File validation right after upload, off the event loop and out of the API process.
+
+``Validator`` owns a small thread pool; each task runs ``service.validation_worker`` in a child process (the
+data library needs torch; the API must not import it), then stores the report on the file row: status
+``processed`` when the report has no errors, ``error`` otherwise. ``run_worker`` is also used synchronously by
+the estimate endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository as repo
+from service.errors import InvalidRequest, Unavailable
+from service.storage import TenantStorage
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, model_dir: str | None = None,
+               epochs: int | None = None, tokens_per_second: float | None = None) -> dict[str, Any]:
+    """The worker's JSON output for one stored object; ``Unavailable`` when the worker itself fails."""
+    cmd = [sys.executable, "-m", "service.validation_worker", "--store", storage.root_uri, "--key", key,
+           "--name", name]
+    if model_dir:
+        cmd += ["--model", model_dir]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    if tokens_per_second:
+        cmd += ["--tokens-per-second", str(tokens_per_second)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"validating {name} took longer than {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        if "DataError" in proc.stderr or "QwenVLError" in proc.stderr:
+            raise InvalidRequest(f"{name}: {tail[0]}")
+        log.error("validation worker failed for %s: %s", key, proc.stderr[-2000:])
+        raise Unavailable(f"the validation worker failed for {name}: {tail[0]}")
+    return json.loads(proc.stdout)
+
+
+class Validator:
+    """Validates uploaded files in the background (one at a time by default: the machine is small)."""
+
+    def __init__(self, sessions: sessionmaker[Session], storage: TenantStorage, timeout_s: float,
+                 workers: int = 1) -> None:
+        self.sessions, self.storage, self.timeout_s = sessions, storage, timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwenvl-validate")
+        self._inflight: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, file_id: str) -> None:
+        """Validate ``file_id`` soon, unless it is already being validated in this process."""
+        with self._lock:
+            if file_id in self._inflight:
+                return
+            self._inflight[file_id] = self._pool.submit(self._validate, file_id)
+
+    def in_flight(self, file_id: str) -> bool:
+        with self._lock:
+            return file_id in self._inflight
+
+    def _validate(self, file_id: str) -> None:
+        try:
+            with self.sessions() as s:
+                row = repo.file_by_id(s, file_id=file_id)
+                if row is None or row.status != "uploaded":
+                    return
+                key, name = row.storage_key, row.filename
+            status, report = self._report(key, name)
+            with self.sessions() as s, s.begin():
+                repo.set_file_validation(s, file_id=file_id, status=status, report=report)
+        except Exception:
+            log.exception("validation of %s failed", file_id)
+        finally:
+            with self._lock:
+                self._inflight.pop(file_id, None)
+
+    def _report(self, key: str, name: str) -> tuple[str, dict[str, Any]]:
+        try:
+            report = run_worker(self.storage, key, name, self.timeout_s)["report"]
+        except (Unavailable, InvalidRequest) as exc:
+            report = {"ok": False, "error_count": 1, "errors": [{"code": "validation_failed", "message": exc.message,
+                                                                 "file": name, "line": None, "text": exc.message}]}
+        return ("processed" if report.get("ok") else "error"), report
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,61 @@
+"""Out-of-process file validation: ``python -m service.validation_worker --store URI --key KEY --name NAME``.
+
+The data library (``qwenvl_core.data``) imports torch, and the API process must not, so validation runs in a
+child process: it copies the object to a temporary file named like the upload (the suffix decides bundle
+handling), validates it with ``validate_file`` (streaming, line-numbered issues) and prints one JSON document:
+``{"report": {...}}``, plus ``"estimate"`` when ``--model`` (a base model directory, for the tokenizer) and
+``--epochs`` are given. Exit status 0 whenever a report was produced, even for invalid data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="service.validation_worker")
+    p.add_argument("--store", required=True, help="storage root URI (local path or s3://bucket/prefix)")
+    p.add_argument("--key", required=True, help="object key of the uploaded file")
+    p.add_argument("--name", required=True, help="file name of the upload (decides .jsonl / .zip / .tar.gz)")
+    p.add_argument("--model", default=None, help="base model directory (tokenizer) for token counts")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for the training-token estimate")
+    p.add_argument("--tokens-per-second", type=float, default=None)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from qwenvl_core.data.stats import estimate_training
+    from qwenvl_core.data.validate import validate_file
+    from qwenvl_core.storage import open_store
+
+    store, _ = open_store(args.store)
+    processor = None
+    if args.model:
+        from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+
+        processor = QwenVLProcessor.from_dir(args.model)
+    with tempfile.TemporaryDirectory(prefix="qwenvl-validate-") as tmp:
+        local = Path(tmp) / args.name
+        with store.open_read(args.key) as src, local.open("wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+        report = validate_file(local, processor)
+    out_doc: dict[str, Any] = {"report": report.to_dict()}
+    if args.epochs and report.ok and report.stats.total_tokens is not None:
+        out_doc["estimate"] = estimate_training(report.stats, args.epochs, args.tokens_per_second).to_dict()
+    return out_doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = run(_parse(argv))
+    sys.stdout.write(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

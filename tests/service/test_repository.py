@@ -1,0 +1,113 @@
+"""Repository and migrations on both databases: SQLite (WAL) and a real PostgreSQL the fixture starts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository as repo
+from service.db import make_engine, migrate, session_factory
+from service.errors import Conflict, NotFound
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = (f"sqlite:///{tmp_path / 'db.sqlite'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_database"))
+    engine = make_engine(url)
+    migrate(engine)
+    migrate(engine)  # idempotent: a second replica starting finds the schema current
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _tenant(s: Session, name: str) -> str:
+    return repo.create_tenant(s, name=name, max_active_jobs=2, max_stored_bytes=1000).id
+
+
+def test_schema_is_complete_and_sqlite_uses_wal(sessions: sessionmaker[Session]) -> None:
+    engine = sessions.kw["bind"]
+    tables = set(inspect(engine).get_table_names())
+    assert {"tenants", "api_keys", "files", "jobs", "job_events", "models", "leases", "alembic_version"} <= tables
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_tenants_keys_and_revocation(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s, s.begin():
+        tid = _tenant(s, "acme")
+        repo.add_key(s, key_id="key-000000000001", tenant_id=tid, key_hash="h" * 64)
+        with pytest.raises(Conflict, match="already exists"):
+            with s.begin_nested():
+                _tenant(s, "acme")
+    with sessions() as s, s.begin():
+        assert repo.revoke_key(s, key_id="key-000000000001").revoked_at is not None
+        with pytest.raises(NotFound):
+            repo.revoke_key(s, key_id="key-missing")
+        assert repo.get_key(s, key_id="key-000000000001").revoked_at is not None
+
+
+def test_files_are_tenant_scoped_paginated_and_counted(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s, s.begin():
+        a, b = _tenant(s, "a-co"), _tenant(s, "b-co")
+        ids = [repo.add_file(s, file_id=f"file-{i}", tenant_id=a, filename="x.jsonl", purpose="fine-tune", size=10 * i,
+                             sha256="0", storage_key=f"k{i}").id for i in range(5)]
+    with sessions() as s:
+        page, more = repo.list_files(s, tenant_id=a, purpose=None, limit=2, after=None)
+        assert [f.id for f in page] == [ids[4], ids[3]] and more
+        page, more = repo.list_files(s, tenant_id=a, purpose=None, limit=10, after=ids[3])
+        assert [f.id for f in page] == [ids[2], ids[1], ids[0]] and not more
+        assert repo.stored_bytes(s, tenant_id=a) == 100 and repo.stored_bytes(s, tenant_id=b) == 0
+        with pytest.raises(NotFound):
+            repo.get_file(s, tenant_id=b, file_id=ids[0])
+        with pytest.raises(NotFound):
+            repo.list_files(s, tenant_id=b, purpose=None, limit=2, after=ids[0])
+
+
+def test_jobs_events_idempotent_and_ordered(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s, s.begin():
+        t = _tenant(s, "jobs-co")
+        job = repo.add_job(s, id="ftjob-1", tenant_id=t, model="m", training_file="file-x", validation_file=None,
+                           suffix=None, seed=1, meta={"team": "vision"}, request={"hyperparameters": {}},
+                           output_uri="/tmp/x")
+        events = [{"seq": i, "created_at": 1, "level": "info", "type": "metrics", "message": f"step {i}",
+                   "data": {"step": i}} for i in range(3)]
+        assert repo.add_events(s, job_id=job.id, events=events) == 3
+        assert repo.add_events(s, job_id=job.id, events=events + [dict(events[0], seq=3)]) == 1
+        assert repo.next_service_seq(s, job_id=job.id) == -1
+    with sessions() as s:
+        rows, more = repo.list_events(s, job_id="ftjob-1", limit=3, after=None)
+        assert [r.seq for r in rows] == [3, 2, 1] and more
+        rest, more = repo.list_events(s, job_id="ftjob-1", limit=3, after=f"ftevent-{rows[-1].pk}")
+        assert [r.seq for r in rest] == [0] and not more
+        assert repo.count_active_jobs(s, tenant_id=t) == 1
+        assert [j.id for j in repo.list_jobs(s, tenant_id=t, limit=5, after=None, metadata={"team": "vision"})[0]] == [
+            "ftjob-1"]
+        assert repo.list_jobs(s, tenant_id=t, limit=5, after=None, metadata={"team": "nlp"})[0] == []
+
+
+def test_lease_has_one_holder_until_it_expires(sessions: sessionmaker[Session]) -> None:
+    winners: list[str] = []
+
+    def contend(holder: str) -> None:
+        with sessions() as s, s.begin():
+            if repo.acquire_lease(s, name="scheduler", holder=holder, ttl_s=60):
+                winners.append(holder)
+
+    threads = [threading.Thread(target=contend, args=(f"h{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    with sessions() as s, s.begin():
+        assert repo.acquire_lease(s, name="scheduler", holder=winners[0], ttl_s=-1)  # renew, then expire at once
+    with sessions() as s, s.begin():
+        assert repo.acquire_lease(s, name="scheduler", holder="newcomer", ttl_s=60)
+        assert repo.lease_holder(s, name="scheduler") == "newcomer"
