@@ -8,6 +8,10 @@ is read from the last column and positions are ``cumsum(attention_mask) - 1`` (p
 Each row may carry its own ``SamplingParams`` (greedy or sampling with temperature / top-k / top-p and its own
 seed), stop token ids and stop strings: serving batches requests from different users together. Extra
 ``model_kwargs`` are passed to every forward (for example peft's ``adapter_names`` for mixed-adapter batches).
+
+The per-row pieces (``make_rows``, ``next_tokens``, ``advance_row``, ``finish_row``, ``positions_from_mask``) are
+public so that the serving engine (``qwenvl_core.serving.engine``), which decodes step by step with requests
+joining and leaving the batch, uses exactly the same sampling and stop numerics as ``generate``.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ class GenerationOutput:
 
 
 @dataclass
-class _RowState:
+class RowState:
+    """One row's decoding state: its params, its RNG, the tokens and text so far, why it finished."""
+
     params: SamplingParams
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
@@ -104,7 +110,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def _next_tokens(logits: torch.Tensor, rows: list[_RowState]) -> list[int]:
+def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     """Pick each row's next token from ``logits`` ``[B, V]``."""
     greedy = logits.argmax(dim=-1).tolist()
     chosen: list[int] = []
@@ -119,7 +125,7 @@ def _next_tokens(logits: torch.Tensor, rows: list[_RowState]) -> list[int]:
     return chosen
 
 
-def _advance(state: _RowState, token: int, decode: Callable[[list[int]], str] | None) -> None:
+def advance_row(state: RowState, token: int, decode: Callable[[list[int]], str] | None) -> None:
     """Record ``token`` for a row and decide whether the row is finished."""
     params = state.params
     if token in params.stop_token_ids:
@@ -128,7 +134,7 @@ def _advance(state: _RowState, token: int, decode: Callable[[list[int]], str] | 
     state.tokens.append(token)
     if decode is not None:
         state.text = decode(state.tokens)
-        cut = _stop_string_cut(state.text, params.stop_strings)
+        cut = stop_string_cut(state.text, params.stop_strings)
         if cut is not None:
             state.text = state.text[:cut]
             state.finish_reason = "stop"
@@ -137,13 +143,14 @@ def _advance(state: _RowState, token: int, decode: Callable[[list[int]], str] | 
         state.finish_reason = "length"
 
 
-def _stop_string_cut(text: str, stop_strings: tuple[str, ...]) -> int | None:
+def stop_string_cut(text: str, stop_strings: tuple[str, ...]) -> int | None:
     """The index where the earliest stop string starts in ``text``, or None."""
     hits = [index for s in stop_strings if (index := text.find(s)) >= 0]
     return min(hits) if hits else None
 
 
-def _make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[_RowState]:
+def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[RowState]:
+    """Fresh row states (sampling rows get their own seeded generator)."""
     per_row = [params] * batch if isinstance(params, SamplingParams) else list(params)
     if len(per_row) != batch:
         raise QwenVLError(f"got {len(per_row)} SamplingParams for {batch} prompts")
@@ -156,7 +163,7 @@ def _make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) ->
                 generator.seed()  # a fresh non-deterministic seed, without touching the global RNG
             else:
                 generator.manual_seed(p.seed)
-        rows.append(_RowState(params=p, generator=generator))
+        rows.append(RowState(params=p, generator=generator))
     return rows
 
 
@@ -178,7 +185,7 @@ def generate(
     text; it is needed for stop strings and fills ``GenerationOutput.text``. ``use_cache=False`` recomputes
     the whole sequence at every step (a slow reference used by tests).
     """
-    rows = _make_rows(params, len(prompts))
+    rows = make_rows(params, len(prompts))
     if any(p.params.stop_strings for p in rows) and decode is None:
         raise QwenVLError("stop strings need a decode function")
     device = _model_device(model)
@@ -193,9 +200,9 @@ def generate(
             logits, past = _forward_cached(model, step_ids, attention_mask, past, pixel_values, extra)
         else:
             logits = _forward_full(model, input_ids, attention_mask, pixel_values, extra)
-        for state, token in zip(rows, _next_tokens(logits, rows), strict=True):
+        for state, token in zip(rows, next_tokens(logits, rows), strict=True):
             if not state.done:
-                _advance(state, token, decode)
+                advance_row(state, token, decode)
         if all(r.done for r in rows):
             break
         next_ids = torch.tensor(
@@ -204,10 +211,11 @@ def generate(
         input_ids = torch.cat([input_ids, next_ids], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
         step_ids = next_ids
-    return [_finish(r, decode) for r in rows]
+    return [finish_row(r, decode) for r in rows]
 
 
-def _finish(state: _RowState, decode: Callable[[list[int]], str] | None) -> GenerationOutput:
+def finish_row(state: RowState, decode: Callable[[list[int]], str] | None) -> GenerationOutput:
+    """The row's ``GenerationOutput``."""
     if state.text is None and decode is not None:
         state.text = decode(state.tokens)
     return GenerationOutput(
@@ -215,7 +223,8 @@ def _finish(state: _RowState, decode: Callable[[list[int]], str] | None) -> Gene
     )
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``cumsum(mask) - 1`` (left padding does not shift positions)."""
     return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
@@ -228,7 +237,7 @@ def _forward_cached(
     extra: dict[str, Any],
 ) -> tuple[torch.Tensor, Any]:
     """One cached step: the prefill (``past is None``) or one new token per row."""
-    position_ids = _positions(attention_mask)[:, -step_ids.shape[1] :]
+    position_ids = positions_from_mask(attention_mask)[:, -step_ids.shape[1] :]
     out = model(
         input_ids=step_ids,
         attention_mask=attention_mask,
@@ -251,7 +260,7 @@ def _forward_full(
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=_positions(attention_mask),
+        position_ids=positions_from_mask(attention_mask),
         pixel_values=pixel_values,
         use_cache=False,
         **extra,

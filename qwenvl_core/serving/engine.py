@@ -1,0 +1,518 @@
+"""The serving engine: continuous batching of chat requests for one base model and many LoRA adapters.
+
+This module owns the request lifecycle inside one replica:
+1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path: images are
+   decoded and preprocessed, the prompt is encoded, and the adapter is fetched from the ``AdapterCache``
+   (loading it on a miss). The request then holds its ``LoraWeights``: it finishes on the weights it started
+   with even if the adapter is evicted or deleted meanwhile.
+2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
+   their adapters) and merged into the running batch, whose KV cache is padded on the left to a common length;
+   every step decodes one token for every running row, with each row's adapter applied in the same forward
+   (``lora_batch.GroupedLora``), each row's sampling parameters, stop ids and stop strings (the per-row pieces
+   of ``qwenvl_core.generation``). Finished or abandoned rows leave the batch at once.
+3. Tokens stream back to each request's asyncio queue as text deltas (text that could still become a stop
+   string, or an incomplete UTF-8 character, is held back); the last event carries usage and the grounding
+   boxes parsed from the output, in pixels of each input image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qwenvl_core.conversation import ImagePart, Message
+from qwenvl_core.errors import QwenVLError
+from qwenvl_core.generation import (
+    FinishReason,
+    RowState,
+    SamplingParams,
+    advance_row,
+    left_pad,
+    make_rows,
+    next_tokens,
+    positions_from_mask,
+)
+from qwenvl_core.models.qwen_vl.grounding import PixelObject
+from qwenvl_core.models.qwen_vl.images import load_image
+from qwenvl_core.models.registry import ModelFamily, detect_family
+from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
+from qwenvl_core.serving.lora_batch import (
+    AdapterError,
+    GroupedLora,
+    LoraPlan,
+    LoraWeights,
+    build_plan,
+    load_lora_weights,
+)
+from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
+
+PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching, cache and limit settings of one engine (one replica)."""
+
+    max_batch_size: int = 16
+    max_adapters: int = 8
+    max_adapter_bytes: int | None = None
+    max_lora_rank: int = 64
+    max_total_tokens: int = 2048
+    preprocess_threads: int = 2
+    adapter_cache_dir: str | None = None
+
+
+@dataclass
+class EngineRequest:
+    """One chat request as the engine sees it (already authorised and resolved by the caller)."""
+
+    messages: list[Message]
+    params: SamplingParams = SamplingParams(max_new_tokens=256)
+    adapter_id: str | None = None
+    adapter_locator: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class ImageBoxes:
+    """Grounding boxes of the output in pixel coordinates of input image ``image_index``."""
+
+    image_index: int
+    width: int
+    height: int
+    objects: list[PixelObject]
+
+
+@dataclass
+class EngineEvent:
+    """A streamed piece of output; the last one has ``finish_reason``, usage and grounding set."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    grounding: list[ImageBoxes] = field(default_factory=list)
+
+
+@dataclass
+class EngineResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    grounding: list[ImageBoxes]
+
+
+@dataclass
+class _Sequence:
+    request: EngineRequest
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_sizes: list[tuple[int, int]]
+    adapter: LoraWeights | None
+    state: RowState
+    arrived: float
+    emit: Callable[[EngineEvent | BaseException], None] = lambda _item: None
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    generated: int = 0
+    last_token_at: float | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Batch:
+    seqs: list[_Sequence]
+    past: PastKV
+    mask: torch.Tensor  # [B, T_past]
+    plan: LoraPlan | None
+
+
+@dataclass
+class EngineStats:
+    forwards: int = 0
+    prefills: int = 0
+    max_rows: int = 0
+    max_adapters_in_forward: int = 0
+
+
+def safe_text_end(text: str, stop_strings: Sequence[str]) -> int:
+    """How much of ``text`` may be sent: not a trailing partial character, not a possible stop-string start."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stop_strings:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return end
+
+
+class ServingEngine:
+    """Continuous batching over one base model with per-row LoRA adapters (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        family: ModelFamily,
+        config: EngineConfig = EngineConfig(),
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        self.model, self.processor, self.family, self.config = model.eval(), processor, family, config
+        self.metrics = metrics
+        self.lora = GroupedLora(model)
+        cache_dir = config.adapter_cache_dir or tempfile.mkdtemp(prefix="qwenvl-adapters-")
+        self.cache = AdapterCache(
+            lambda local, adapter_id: load_lora_weights(local, adapter_id, model, max_rank=config.max_lora_rank),
+            AdapterFetcher(cache_dir),
+            max_adapters=config.max_adapters,
+            max_bytes=config.max_adapter_bytes,
+            itemsize=next(model.parameters()).element_size(),
+            observer=metrics,
+        )
+        self.stats = EngineStats()
+        tok = processor.tokenizer
+        self._pad_id = tok.eod_id
+        self._stop_ids = tuple(family.stop_token_ids(processor))
+        self._text_ids = set(range(tok.ref_start_id, tok.quad_end_id + 1))
+        self._n_ranks = tok.n_ranks
+        self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
+        self._waiting: deque[_Sequence] = deque()
+        self._batch: _Batch | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        config: EngineConfig = EngineConfig(),
+        metrics: ServingMetrics | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ServingEngine:
+        """Load the base model and processor of a local model directory."""
+        family = detect_family(model_dir)
+        return cls(family.load_model(model_dir, dtype=dtype), family.load_processor(model_dir), family, config, metrics)
+
+    # ----- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="qwenvl-engine", daemon=True)
+                self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the model thread (requests in flight get an error) and the preprocessing pool."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.lora.remove_hooks()
+
+    def evict_adapter(self, adapter_id: str) -> bool:
+        """Drop an adapter from the cache (requests in flight keep their weights)."""
+        return self.cache.evict(adapter_id, forget_files=True)
+
+    # ----- requests -------------------------------------------------------------------------------------------
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Generate for ``request``, yielding text deltas; errors in preparing it raise before the first event."""
+        self.start()
+        arrived = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            seq = await loop.run_in_executor(self._pool, self._prepare, request, arrived)
+        except Exception:
+            self._count(request.adapter_id, "error")
+            raise
+        queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
+        seq.emit = _threadsafe_put(loop, queue)
+        with self._cond:
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.state.done:
+                seq.cancelled = True
+                self._count(request.adapter_id, "cancelled")
+
+    async def generate(self, request: EngineRequest) -> EngineResult:
+        """Run ``request`` to completion."""
+        text, ids, last = [], [], None
+        async for event in self.stream(request):
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            last = event
+        assert last is not None and last.finish_reason is not None
+        return EngineResult("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                            last.grounding)
+
+    def _prepare(self, request: EngineRequest, arrived: float) -> _Sequence:
+        messages, sizes = self._load_images(request.messages)
+        encoded = self.processor.encode_chat(messages, add_generation_prompt=True)
+        params = request.params
+        total = len(encoded.input_ids) + params.max_new_tokens
+        if total > self.config.max_total_tokens:
+            raise QwenVLError(
+                f"prompt ({len(encoded.input_ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                f"limit of {self.config.max_total_tokens} tokens"
+            )
+        params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}))
+        return _Sequence(request, encoded.input_ids, encoded.pixel_values, sizes, self._adapter(request),
+                         make_rows(params, 1)[0], arrived)
+
+    def _load_images(self, messages: Sequence[Message]) -> tuple[list[Message], list[tuple[int, int]]]:
+        """Decode every image once (sizes are needed for grounding); the processor then only resizes."""
+        sizes: list[tuple[int, int]] = []
+        loaded = []
+        for message in messages:
+            parts = []
+            for part in message.parts:
+                if isinstance(part, ImagePart):
+                    image = load_image(part.source, limits=self.processor.image_limits)
+                    sizes.append(image.size)
+                    part = ImagePart(image)
+                parts.append(part)
+            loaded.append(dataclasses.replace(message, parts=parts))
+        return loaded, sizes
+
+    def _adapter(self, request: EngineRequest) -> LoraWeights | None:
+        if request.adapter_id is None:
+            return None
+        if request.adapter_locator is None:
+            raise AdapterError(f"adapter {request.adapter_id}: no locator given")
+        return self.cache.get(request.adapter_id, request.adapter_locator)
+
+    def _count(self, adapter_id: str | None, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.requests.labels(adapter_label(adapter_id), outcome).inc()
+
+    # ----- the model thread -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while (new := self._take_new()) is not None:
+            self._step(new)
+            del new  # hold no request (nor its adapter weights) while waiting for work
+        self._fail_all(QwenVLError("the serving engine stopped"))
+
+    def _take_new(self) -> list[_Sequence] | None:
+        """Wait for work; the waiting requests that fit in the batch (None when stopping)."""
+        with self._cond:
+            while not self._stopping and not self._waiting and self._batch is None:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            room = self.config.max_batch_size - (len(self._batch.seqs) if self._batch else 0)
+            new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            return [s for s in new if not s.cancelled]
+
+    def _step(self, new: list[_Sequence]) -> None:
+        try:
+            if new:
+                self._prefill(new)
+        except Exception as exc:  # a bad batch must not stop the engine: its requests get the error
+            for seq in new:
+                seq.emit(exc)
+        try:
+            if self._batch is not None:
+                self._decode()
+        except Exception as exc:
+            batch, self._batch = self._batch, None
+            for seq in batch.seqs if batch else []:
+                seq.emit(exc)
+        if self.metrics:
+            self.metrics.running.set(len(self._batch.seqs) if self._batch else 0)
+            self.metrics.waiting.set(len(self._waiting))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            seqs = list(self._waiting) + (self._batch.seqs if self._batch else [])
+            self._waiting.clear()
+            self._batch = None
+        for seq in seqs:
+            seq.emit(exc)
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        ids, mask = left_pad([s.prompt_ids for s in seqs], self._pad_id)
+        pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        plan = self._plan(seqs)
+        logits, past = self._forward(ids, mask, positions_from_mask(mask), None,
+                                     torch.cat(pixels) if pixels else None, plan)
+        self.stats.prefills += 1
+        self._after_step(seqs, logits)
+        self._batch = _merge(self._batch, _Batch(seqs, past, mask, plan))
+        self._compact()
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        step_ids = torch.tensor([[s.state.tokens[-1]] for s in batch.seqs], dtype=torch.long)
+        mask = torch.cat([batch.mask.cpu(), torch.ones_like(step_ids)], dim=1)
+        positions = mask.sum(dim=1, keepdim=True) - 1
+        logits, batch.past = self._forward(step_ids, mask, positions, batch.past, None, batch.plan)
+        batch.mask = mask
+        self._after_step(batch.seqs, logits)
+        self._compact()
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past: PastKV | None,
+        pixels: torch.Tensor | None,
+        plan: LoraPlan | None,
+    ) -> tuple[torch.Tensor, PastKV]:
+        self.stats.forwards += 1
+        self.stats.max_rows = max(self.stats.max_rows, ids.shape[0])
+        self.stats.max_adapters_in_forward = max(self.stats.max_adapters_in_forward,
+                                                 len(plan.adapters) if plan else 0)
+        device = next(self.model.parameters()).device
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        with self.lora.activate(plan):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                             pixel_values=None if pixels is None else pixels.to(device), use_cache=True)
+        return out.logits[:, -1, :], out.cache
+
+    def _plan(self, seqs: Sequence[_Sequence]) -> LoraPlan | None:
+        if all(s.adapter is None for s in seqs):
+            return None
+        return build_plan([s.adapter for s in seqs])
+
+    def _compact(self) -> None:
+        """Drop finished and abandoned rows from the running batch (and KV columns nobody needs)."""
+        batch = self._batch
+        if batch is None:
+            return
+        keep = [i for i, s in enumerate(batch.seqs) if not s.state.done and not s.cancelled]
+        if len(keep) == len(batch.seqs):
+            return
+        if not keep:
+            self._batch = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = batch.mask.cpu()[index]
+        first = int(mask.any(dim=0).nonzero()[0])
+        past = tuple((k[index.to(k.device), :, first:], v[index.to(v.device), :, first:]) for k, v in batch.past)
+        seqs = [batch.seqs[i] for i in keep]
+        self._batch = _Batch(seqs, past, mask[:, first:], self._plan(seqs))
+
+    # ----- emitting tokens ------------------------------------------------------------------------------------
+    def decode_text(self, ids: Sequence[int]) -> str:
+        """Generated ids as text: ordinary tokens plus grounding markup (``<ref>``, ``<box>``, ``<quad>``)."""
+        kept = [i for i in ids if 0 <= i < self._n_ranks or i in self._text_ids]
+        return self.processor.tokenizer.decode(kept)
+
+    def _after_step(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> None:
+        chosen = next_tokens(logits, [s.state for s in seqs])
+        now = time.perf_counter()
+        for seq, token in zip(seqs, chosen, strict=True):
+            if seq.cancelled:
+                continue
+            advance_row(seq.state, token, self.decode_text)
+            seq.generated += 1
+            self._emit_progress(seq, now)
+
+    def _emit_progress(self, seq: _Sequence, now: float) -> None:
+        state, label = seq.state, adapter_label(seq.request.adapter_id)
+        text = state.text or ""
+        end = len(text) if state.done else safe_text_end(text, state.params.stop_strings)
+        new_ids = state.tokens[seq.sent_tokens :]
+        if self.metrics:
+            if seq.last_token_at is None:
+                self.metrics.ttft.labels(label).observe(now - seq.arrived)
+            else:
+                self.metrics.itl.labels(label).observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        if not state.done and end <= seq.sent_chars:
+            return
+        event = EngineEvent(text=text[seq.sent_chars : end], token_ids=new_ids)
+        seq.sent_chars, seq.sent_tokens = max(end, seq.sent_chars), len(state.tokens)
+        if state.done:
+            event.finish_reason = state.finish_reason
+            event.prompt_tokens, event.completion_tokens = len(seq.prompt_ids), seq.generated
+            event.grounding = ground_boxes(self.processor, text, seq.image_sizes)
+            if self.metrics:
+                self.metrics.e2e.labels(label).observe(now - seq.arrived)
+                self.metrics.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
+                self.metrics.generated_tokens.labels(label).inc(seq.generated)
+                self.metrics.requests.labels(label, "ok").inc()
+        seq.emit(event)
+
+
+def ground_boxes(processor: Any, text: str, sizes: Sequence[tuple[int, int]]) -> list[ImageBoxes]:
+    """The ``<box>`` markup of ``text`` in pixels of each input image of size ``(width, height)``."""
+    if "<box>" not in text:
+        return []
+    result = []
+    for index, (width, height) in enumerate(sizes):
+        objects = processor.parse_boxes(text, (width, height))
+        if objects:
+            result.append(ImageBoxes(index, width, height, objects))
+    return result
+
+
+def _merge(running: _Batch | None, new: _Batch) -> _Batch:
+    """One batch from two: KV caches and masks padded on the left to a common length, rows concatenated."""
+    if running is None:
+        return new
+    width = max(running.mask.shape[1], new.mask.shape[1])
+    a_past, a_mask = _pad_left(running.past, running.mask, width)
+    b_past, b_mask = _pad_left(new.past, new.mask, width)
+    past = tuple((torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a_past, b_past, strict=True))
+    seqs = running.seqs + new.seqs
+    plan = None if all(s.adapter is None for s in seqs) else build_plan([s.adapter for s in seqs])
+    return _Batch(seqs, past, torch.cat([a_mask, b_mask]), plan)
+
+
+def _pad_left(past: PastKV, mask: torch.Tensor, width: int) -> tuple[PastKV, torch.Tensor]:
+    pad = width - mask.shape[1]
+    if pad == 0:
+        return past, mask
+    padded = tuple((F.pad(k, (0, 0, pad, 0)), F.pad(v, (0, 0, pad, 0))) for k, v in past)
+    return padded, F.pad(mask, (pad, 0))
+
+
+def _threadsafe_put(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EngineEvent | BaseException]
+) -> Callable[[EngineEvent | BaseException], None]:
+    def put(item: EngineEvent | BaseException) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
+
+    return put

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the serving engine, labelled per adapter, on a registry the caller passes in.
+
+This module owns the metric names and labels. Every metric carries ``adapter`` (the adapter id, or
+``__base__`` for the base model); the registry is never the global one, so each engine (and each test) has its
+own. ``ServingMetrics`` also implements the adapter cache's ``CacheObserver``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BASE_LABEL = "__base__"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def adapter_label(adapter_id: str | None) -> str:
+    return adapter_id or BASE_LABEL
+
+
+class ServingMetrics:
+    """Per-adapter request, latency, token and adapter-cache metrics."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str = "qwenvl_serving") -> None:
+        self.registry = registry
+        label = ["adapter"]
+        ns = {"namespace": namespace, "registry": registry}
+        self.requests = Counter("requests", "Requests finished, by outcome", [*label, "outcome"], **ns)
+        self.ttft = Histogram("time_to_first_token_seconds", "Request arrival to first token", label,
+                              buckets=_LATENCY_BUCKETS, **ns)
+        self.itl = Histogram("inter_token_latency_seconds", "Time between consecutive tokens", label,
+                             buckets=_ITL_BUCKETS, **ns)
+        self.e2e = Histogram("request_latency_seconds", "Request arrival to last token", label,
+                             buckets=_LATENCY_BUCKETS, **ns)
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed", label, **ns)
+        self.generated_tokens = Counter("generated_tokens", "Tokens generated", label, **ns)
+        self.cache_hits = Counter("adapter_cache_hits", "Adapter cache hits", label, **ns)
+        self.cache_misses = Counter("adapter_cache_misses", "Adapter cache misses", label, **ns)
+        self.adapter_load = Histogram("adapter_load_seconds", "Adapter fetch + load latency", label,
+                                      buckets=_LATENCY_BUCKETS, **ns)
+        self.evictions = Counter("adapter_evictions", "Adapters evicted from the cache", label, **ns)
+        self.running = Gauge("running_requests", "Requests in the running batch", **ns)
+        self.waiting = Gauge("waiting_requests", "Requests waiting for the batch", **ns)
+
+    # CacheObserver
+    def cache_hit(self, adapter_id: str) -> None:
+        self.cache_hits.labels(adapter_id).inc()
+
+    def cache_miss(self, adapter_id: str) -> None:
+        self.cache_misses.labels(adapter_id).inc()
+
+    def adapter_loaded(self, adapter_id: str, seconds: float) -> None:
+        self.adapter_load.labels(adapter_id).observe(seconds)
+
+    def adapter_evicted(self, adapter_id: str) -> None:
+        self.evictions.labels(adapter_id).inc()
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format (for a ``/metrics`` endpoint)."""
+        return generate_latest(self.registry)

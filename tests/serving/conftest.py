@@ -1,0 +1,56 @@
+"""Fixtures for serving tests: tiny LoRA adapters that really change the outputs, and a running engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl_core.models.registry import get_family
+
+
+def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
+    """A random (non-zero B) LoRA adapter on the official targets, saved as a PEFT directory."""
+    from peft import LoraConfig, get_peft_model
+
+    family = get_family("qwen-vl")
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=list(family.default_lora_targets), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(family.load_model(model_dir), config)
+    with torch.no_grad():  # stronger than peft's random init, so different adapters pick different tokens
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(8.0)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Ten adapters (seeds 1..10), adapter 9 with rank 4 (mixed ranks in one batch)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(tiny_model_dir, root / f"a{i}", seed=i + 1, rank=4 if i == 9 else 8) for i in range(10)]
+
+
+@pytest.fixture
+def engine_factory(tiny_model_dir: Path) -> Iterator[object]:
+    """Build engines on the tiny model; all are closed after the test."""
+    from prometheus_client import CollectorRegistry
+
+    from qwenvl_core.serving.engine import EngineConfig, ServingEngine
+    from qwenvl_core.serving.metrics import ServingMetrics
+
+    engines: list[ServingEngine] = []
+
+    def build(**overrides: object) -> ServingEngine:
+        metrics = ServingMetrics(CollectorRegistry())
+        engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(**overrides), metrics=metrics)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.close()

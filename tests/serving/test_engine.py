@@ -1,0 +1,207 @@
+"""The batching engine on the tiny model: mixed-adapter batches equal each adapter alone (against peft),
+continuous batching, cache rotation and byte budget, eviction frees memory, deletion, in-flight requests,
+stop strings, seeds and streaming deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
+from qwenvl_core.generation import SamplingParams, generate
+from qwenvl_core.models.registry import get_family
+from qwenvl_core.serving.engine import EngineRequest, ServingEngine, ground_boxes, safe_text_end
+from qwenvl_core.serving.lora_batch import AdapterError
+
+TOKENS = 10
+
+
+def _messages(i: int, image: bool = False) -> list[Message]:
+    parts: list = [TextPart(f"say something about item {i}")]
+    if image:
+        parts.insert(0, ImagePart(Image.new("RGB", (40, 30), (10 * i, 200, 30))))
+    return [Message(role="user", parts=parts)]
+
+
+def _request(i: int, adapter: Path | None, tokens: int = TOKENS, image: bool = False) -> EngineRequest:
+    return EngineRequest(_messages(i, image), SamplingParams(max_new_tokens=tokens),
+                         adapter_id=adapter.name if adapter else None,
+                         adapter_locator=str(adapter) if adapter else None)
+
+
+def _peft_alone(model_dir: Path, adapter: Path | None, request: EngineRequest) -> list[int]:
+    """Reference: peft's own LoRA on a fresh base model, this request alone, greedy."""
+    from peft import PeftModel
+
+    family = get_family("qwen-vl")
+    processor = family.load_processor(model_dir)
+    model = family.load_model(model_dir).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    enc = processor.encode_chat(request.messages)
+    params = SamplingParams(max_new_tokens=request.params.max_new_tokens,
+                            stop_token_ids=tuple(family.stop_token_ids(processor)))
+    return generate(model, [enc.input_ids], pad_token_id=processor.tokenizer.eod_id, params=params,
+                    pixel_values=enc.pixel_values)[0].token_ids
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_model_dir, adapter_dirs):
+    engine: ServingEngine = engine_factory()
+    choice = [adapter_dirs[0], adapter_dirs[1], None, adapter_dirs[9], adapter_dirs[0], adapter_dirs[2]]
+    requests = [_request(i, a, image=i % 2 == 0) for i, a in enumerate(choice)]
+
+    async def run() -> list:
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+    results = asyncio.run(run())
+    assert engine.stats.max_adapters_in_forward >= 3  # they really shared forwards
+    expected = [_peft_alone(tiny_model_dir, a, r) for a, r in zip(choice, requests, strict=True)]
+    assert [r.token_ids for r in results] == expected
+    assert len({tuple(e) for e in expected}) >= 5  # adapters change the output, so the check has teeth
+    for result in results:
+        assert result.completion_tokens == len(result.token_ids) + (result.finish_reason == "stop")
+        assert result.prompt_tokens > 0
+
+
+def test_requests_joining_a_running_batch_get_the_same_tokens(engine_factory, adapter_dirs):
+    engine: ServingEngine = engine_factory()
+    long_req = _request(0, adapter_dirs[3], tokens=30)
+    late = [_request(i, adapter_dirs[i], tokens=6, image=True) for i in (4, 5)]
+
+    async def alone() -> list:
+        return [await engine.generate(r) for r in [long_req, *late]]
+
+    async def staggered() -> list:
+        first = asyncio.ensure_future(engine.generate(long_req))
+        while engine.stats.forwards < 3:
+            await asyncio.sleep(0.001)
+        rest = await asyncio.gather(*(engine.generate(r) for r in late))
+        return [await first, *rest]
+
+    reference = asyncio.run(alone())
+    forwards_before = engine.stats.forwards
+    joined = asyncio.run(staggered())
+    assert [r.token_ids for r in joined] == [r.token_ids for r in reference]
+    assert engine.stats.forwards - forwards_before < 30 + 2 * 6  # late requests decoded inside the batch
+
+
+def test_more_adapters_than_slots_rotate_and_count_evictions(engine_factory, adapter_dirs):
+    engine: ServingEngine = engine_factory(max_adapters=3)
+
+    async def sweep() -> list[list[int]]:
+        return [(await engine.generate(_request(1, a, tokens=4))).token_ids for a in adapter_dirs]
+
+    first = asyncio.run(sweep())
+    second = asyncio.run(sweep())
+    assert first == second
+    assert engine.cache.stats.loads == 20 and engine.cache.stats.evictions == 17
+    assert engine.cache.ids() == [a.name for a in adapter_dirs[-3:]]
+    text = engine.metrics.exposition().decode()
+    assert 'qwenvl_serving_adapter_evictions_total{adapter="a0"} 2.0' in text
+    assert 'qwenvl_serving_adapter_cache_misses_total{adapter="a9"} 2.0' in text
+
+
+def test_byte_budget_bounds_the_cache(engine_factory, adapter_dirs):
+    probe: ServingEngine = engine_factory()
+    asyncio.run(probe.generate(_request(0, adapter_dirs[0], tokens=1)))
+    one = probe.cache.nbytes
+    assert one == probe.cache.get("a0", str(adapter_dirs[0])).nbytes  # header size == loaded size
+    engine: ServingEngine = engine_factory(max_adapters=8, max_adapter_bytes=int(2.5 * one))
+
+    async def sweep() -> None:
+        for a in adapter_dirs[:5]:
+            await engine.generate(_request(0, a, tokens=1))
+
+    asyncio.run(sweep())
+    assert engine.cache.ids() == ["a3", "a4"] and engine.cache.nbytes <= 2.5 * one
+
+
+def test_eviction_frees_the_adapter_and_concurrent_misses_load_once(engine_factory, adapter_dirs):
+    engine: ServingEngine = engine_factory()
+
+    async def burst() -> list:
+        return await asyncio.gather(*(engine.generate(_request(i, adapter_dirs[6], tokens=2)) for i in range(6)))
+
+    asyncio.run(burst())
+    assert engine.cache.stats.loads == 1 and engine.cache.stats.hits == 5
+    weights = engine.cache.get("a6", str(adapter_dirs[6]))
+    ref = weakref.ref(next(iter(weights.modules.values()))[0])
+    del weights
+    assert engine.evict_adapter("a6")
+    gc.collect()
+    assert ref() is None
+
+
+def test_deleted_adapter_in_flight_finishes_on_its_weights(engine_factory, adapter_dirs, tmp_path):
+    engine: ServingEngine = engine_factory()
+    adapter = Path(shutil.copytree(adapter_dirs[7], tmp_path / "doomed"))
+    request = _request(3, adapter, tokens=24)
+    reference = asyncio.run(engine.generate(request)).token_ids
+    engine.evict_adapter("doomed")
+
+    async def delete_midway() -> list[int]:
+        ids: list[int] = []
+        async for event in engine.stream(request):
+            ids.extend(event.token_ids)
+            if len(ids) >= 2 and adapter.exists():
+                engine.evict_adapter("doomed")
+                shutil.rmtree(adapter)
+        return ids
+
+    assert asyncio.run(delete_midway()) == reference
+    assert not adapter.exists() and "doomed" not in engine.cache
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        asyncio.run(engine.generate(request))
+
+
+def test_stop_strings_seeds_and_stream_deltas(engine_factory, adapter_dirs):
+    engine: ServingEngine = engine_factory()
+    free = asyncio.run(engine.generate(_request(2, adapter_dirs[0], tokens=16)))
+    stop = free.text[5:8]
+    assert len(stop) == 3
+    request = _request(2, adapter_dirs[0], tokens=16)
+    request.params = SamplingParams(max_new_tokens=16, stop_strings=(stop,))
+
+    async def collect(req: EngineRequest) -> list:
+        return [e async for e in engine.stream(req)]
+
+    events = asyncio.run(collect(request))
+    streamed = "".join(e.text for e in events)
+    assert events[-1].finish_reason == "stop" and stop not in streamed
+    assert streamed == free.text[: free.text.index(stop)]
+    sampled = [EngineRequest(_messages(1), SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.5,
+                                                          top_k=50, top_p=0.95, seed=s)) for s in (7, 7, 8)]
+    outs = [asyncio.run(engine.generate(r)).token_ids for r in sampled]
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_bad_input_fails_the_request_not_the_engine(engine_factory, adapter_dirs):
+    engine: ServingEngine = engine_factory(max_total_tokens=64)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        asyncio.run(engine.generate(_request(0, None, tokens=60)))
+    bad_image = EngineRequest([Message("user", [ImagePart(b"not an image"), TextPart("x")])],
+                              SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="image"):
+        asyncio.run(engine.generate(bad_image))
+    assert asyncio.run(engine.generate(EngineRequest([text_message("user", "hi")], SamplingParams(max_new_tokens=2))))
+    assert engine.alive
+
+
+def test_safe_text_end_and_grounding_in_pixels(tiny_model_dir):
+    assert safe_text_end("hello wor", ["world"]) == 6
+    assert safe_text_end("abc\ufffd", []) == 3
+    assert safe_text_end("abc", ["xyz"]) == 3
+    processor = get_family("qwen-vl").load_processor(tiny_model_dir)
+    text = "<ref>the cat</ref><box>(100,200),(500,600)</box>"
+    boxes = ground_boxes(processor, text, [(1000, 500), (200, 100)])
+    assert [(b.image_index, b.objects[0].ref) for b in boxes] == [(0, "the cat"), (1, "the cat")]
+    torch.testing.assert_close(torch.tensor(boxes[0].objects[0].box), torch.tensor([100.0, 100.0, 500.0, 300.0]),
+                               atol=1.0, rtol=0)
+    assert ground_boxes(processor, "no boxes", [(10, 10)]) == []

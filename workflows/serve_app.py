@@ -1,0 +1,226 @@
+"""The Ray Serve application: an HTTP ingress (the control-plane FastAPI app, or a chat-only app) and one model
+deployment per base model, with Ray Serve model multiplexing over LoRA adapters.
+
+This module owns
+- ``ModelDeploymentConfig`` and ``model_deployment``: a deployment whose replicas each hold the base weights once
+  (a ``ServingEngine``) and up to ``max_adapters_per_replica`` adapters. The adapter loader is
+  ``@serve.multiplexed``, so Serve routes a request for an adapter to a replica that already holds it (or is
+  loading it) and evicts least-recently-used adapters (our ``AdapterCache`` uses the same bound and also
+  evicts when Serve unloads); adapters are fetched on first use from local disk or S3: nothing is
+  preloaded, so an adapter written after the application started is served without a restart.
+  ``check_health`` (Serve's liveness probe) fails when the engine thread died; ``ready`` is the readiness call.
+- ``ServeBackend``: the ``ChatBackend`` the ingress uses; it forwards each request to the base model's deployment
+  with ``DeploymentHandle.options(multiplexed_model_id=<adapter id>)`` and streams the engine events back.
+- ``build_app``: the application from an ASGI-app builder (called on the ingress replica with the backend, so
+  nothing unpicklable such as database engines crosses processes) and the model configs;
+  ``RunsRootResolver``: an ``AdapterResolver`` over the service's storage layout, for running without the
+  control-plane database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from qwenvl_core.serving.chat import AdapterLocator, ChatBackend
+from qwenvl_core.serving.engine import EngineConfig, EngineEvent, EngineRequest
+from qwenvl_core.storage import join_key, open_store
+
+APP_NAME = "qwenvl"
+
+
+@dataclass(frozen=True)
+class ModelDeploymentConfig:
+    """One base model's deployment: where its weights are, replicas, adapters per replica, engine limits."""
+
+    base_model: str
+    model_dir: str
+    max_adapters_per_replica: int = 8
+    num_replicas: int = 1
+    autoscaling_config: dict[str, Any] | None = None  # Serve's (min/max_replicas, target_ongoing_requests...)
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 64
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dtype: str | None = None  # "bfloat16" to serve (Q-)LoRA adapters on a bf16 base
+
+    @property
+    def deployment_name(self) -> str:
+        return f"model-{self.base_model}"
+
+
+class _ServedAdapter:
+    """What Serve's multiplexing cache holds per adapter; Serve calls ``__del__`` when it evicts it."""
+
+    def __init__(self, engine: Any, adapter_id: str) -> None:
+        self._engine, self.adapter_id, self._released = engine, adapter_id, False
+
+    def __del__(self) -> None:
+        if not self._released:
+            self._released = True
+            self._engine.evict_adapter(self.adapter_id)
+
+
+class ModelServerBase:
+    """The body of a model replica; ``model_deployment`` adds the ``@serve.multiplexed`` loader."""
+
+    def __init__(self, config: ModelDeploymentConfig) -> None:
+        import torch
+
+        from qwenvl_core.serving.engine import ServingEngine
+
+        engine_config = EngineConfig(**{**asdict(config.engine), "max_adapters": config.max_adapters_per_replica})
+        dtype = getattr(torch, config.dtype) if config.dtype else None
+        self.config = config
+        self.engine = ServingEngine.from_model_dir(config.model_dir, engine_config, dtype=dtype,
+                                                   metrics=_replica_metrics())
+        self.engine.start()
+        self._locators: dict[str, str] = {}
+
+    async def _load(self, adapter_id: str) -> _ServedAdapter:
+        locator = self._locators[adapter_id]
+        await asyncio.to_thread(self.engine.cache.get, adapter_id, locator)
+        return _ServedAdapter(self.engine, adapter_id)
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        if request.adapter_id is not None:
+            if request.adapter_locator is None:
+                raise ValueError(f"adapter {request.adapter_id}: no locator")
+            self._locators[request.adapter_id] = request.adapter_locator
+            await self.get_adapter(serve.get_multiplexed_model_id() or request.adapter_id)  # type: ignore[attr-defined]
+        async for event in self.engine.stream(request):
+            yield event
+
+    async def evict(self, adapter_id: str) -> bool:
+        return self.engine.evict_adapter(adapter_id)
+
+    async def ready(self) -> bool:
+        return self.engine.alive
+
+    async def replica_stats(self) -> dict[str, Any]:
+        stats = self.engine.cache.stats
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "cached": self.engine.cache.ids(),
+                "loads": stats.loads, "hits": stats.hits, "evictions": stats.evictions,
+                "max_adapters_in_forward": self.engine.stats.max_adapters_in_forward}
+
+    async def metrics(self) -> bytes:
+        """This replica's Prometheus metrics (text format)."""
+        return self.engine.metrics.exposition() if self.engine.metrics else b""
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine thread is not running")
+
+
+def _replica_metrics() -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from qwenvl_core.serving.metrics import ServingMetrics
+
+    return ServingMetrics(CollectorRegistry())
+
+
+def model_deployment(config: ModelDeploymentConfig) -> Any:
+    """A Serve deployment for one base model (the multiplexing bound is fixed per deployment)."""
+
+    class ModelServer(ModelServerBase):
+        @serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)
+        async def get_adapter(self, adapter_id: str) -> _ServedAdapter:
+            return await self._load(adapter_id)
+
+    options: dict[str, Any] = {
+        "name": config.deployment_name,
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "health_check_period_s": 5,
+    }
+    if config.autoscaling_config:
+        options["autoscaling_config"] = config.autoscaling_config
+    else:
+        options["num_replicas"] = config.num_replicas
+    return serve.deployment(**options)(ModelServer)
+
+
+class ServeBackend:
+    """``ChatBackend`` over the model deployments of a Serve application (handles are looked up lazily)."""
+
+    def __init__(self, deployments: dict[str, str], app_name: str = APP_NAME) -> None:
+        self.deployments, self.app_name = deployments, app_name
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    def _handle(self, base_model: str) -> DeploymentHandle:
+        if base_model not in self._handles:
+            self._handles[base_model] = serve.get_deployment_handle(self.deployments[base_model], self.app_name)
+        return self._handles[base_model]
+
+    def base_models(self) -> list[str]:
+        return list(self.deployments)
+
+    async def stream(self, base_model: str, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        handle = self._handle(base_model).options(stream=True, multiplexed_model_id=request.adapter_id or "")
+        try:
+            async for event in handle.stream.remote(request):
+                yield event
+        except Exception as exc:
+            cause = getattr(exc, "cause", None)  # RayTaskError: re-raise the replica's own exception
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+
+    async def evict(self, base_model: str, adapter_id: str) -> None:
+        """Evict on the replica Serve routes this adapter to (the one holding it)."""
+        await self._handle(base_model).options(multiplexed_model_id=adapter_id).evict.remote(adapter_id)
+
+    async def ready(self) -> bool:
+        results = await asyncio.gather(*(self._handle(b).ready.remote() for b in self.deployments))
+        return all(results)
+
+
+AppBuilder = Callable[[ChatBackend], FastAPI]
+
+
+def build_app(models: list[ModelDeploymentConfig], app_builder: AppBuilder, *, app_name: str = APP_NAME,
+              ingress_cpus: float = 0.25, ingress_replicas: int = 1) -> Any:
+    """The Serve application: ``app_builder(backend)`` runs on each ingress replica; one deployment per model.
+
+    Run it with ``serve.run(build_app(...), name=app_name, route_prefix="/")`` (``app_name`` must match).
+    """
+    backend = ServeBackend({m.base_model: m.deployment_name for m in models}, app_name)
+
+    @serve.deployment(name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": ingress_cpus})
+    @serve.ingress(lambda: app_builder(backend))
+    class Ingress:
+        def __init__(self, *model_servers: DeploymentHandle) -> None:
+            self.model_servers = model_servers  # bound so the deployments belong to this application
+
+    return Ingress.bind(*(model_deployment(m).bind(m) for m in models))
+
+
+class RunsRootResolver:
+    """Adapters in the service's storage layout, ``{root}/tenants/{tenant}/runs/{job_id}/adapter``.
+
+    Model ids are ``ft:{base}:{tenant}:{suffix}:{job_id}``; a tenant resolves only ids naming itself, and only
+    while the adapter exists (deleting the directory makes it unservable at once).
+    """
+
+    def __init__(self, root_uri: str) -> None:
+        self.root_uri = root_uri.rstrip("/")
+
+    def __call__(self, model_id: str, tenant_id: str) -> AdapterLocator | None:
+        parts = model_id.split(":")
+        if len(parts) != 5 or parts[0] != "ft" or parts[2] != tenant_id or not all(parts):
+            return None
+        base, job_id = parts[1], parts[4]
+        if "/" in job_id or job_id in (".", ".."):
+            return None
+        uri = f"{self.root_uri}/tenants/{tenant_id}/runs/{job_id}/adapter"
+        store, prefix = open_store(uri)
+        if not store.exists(join_key(prefix, "adapter_config.json")):
+            return None
+        return AdapterLocator(adapter_id=model_id, base_model=base, uri=uri)
