@@ -39,6 +39,18 @@ class AdapterReady:
 AdapterHook = Callable[[AdapterReady], None]
 
 
+@dataclass(frozen=True)
+class AdapterDeleted:
+    """Told to the serving layer when a tenant deleted an adapter (after the deletion is committed)."""
+
+    model_id: str
+    tenant_id: str
+    base_model: str
+
+
+AdapterDeletedHook = Callable[[AdapterDeleted], None]
+
+
 @dataclass
 class ServiceContext:
     settings: Settings
@@ -48,6 +60,7 @@ class ServiceContext:
     validator: Validator
     scheduler: Scheduler
     adapter_hooks: list[AdapterHook] = field(default_factory=list)
+    deleted_hooks: list[AdapterDeletedHook] = field(default_factory=list)
 
     def notify_adapter_ready(self, event: AdapterReady) -> None:
         """Call every registered hook; a failing hook is logged and does not fail the job."""
@@ -56,3 +69,11 @@ class ServiceContext:
                 hook(event)
             except Exception:
                 log.exception("on_adapter_ready hook %r failed for %s", hook, event.model_id)
+
+    def notify_adapter_deleted(self, event: AdapterDeleted) -> None:
+        """Call every deletion hook (serving evicts the adapter); failures are logged, the deletion stands."""
+        for hook in list(self.deleted_hooks):
+            try:
+                hook(event)
+            except Exception:
+                log.exception("adapter-deleted hook %r failed for %s", hook, event.model_id)

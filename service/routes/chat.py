@@ -37,6 +37,7 @@ from qwenvl_core.serving.chat import (
 )
 from qwenvl_core.serving.engine import EngineRequest
 from qwenvl_core.serving.lora_batch import AdapterError
+from service.context import AdapterDeleted
 from service.errors import ApiError, InvalidRequest, NotFound, PermissionDenied, Unavailable
 
 FILE_ID_PREFIX = "file-"
@@ -152,6 +153,17 @@ def mount_chat(app: FastAPI, backend: ChatBackend) -> None:
     app.include_router(create_chat_router(backend, adapter_resolver=service_adapter_resolver(ctx),
                                           tenant_dependency=current_tenant,
                                           image_resolver=service_image_resolver(ctx)))
+    ctx.deleted_hooks.append(eviction_hook(backend))
+
+
+def eviction_hook(backend: ChatBackend) -> Callable[[AdapterDeleted], None]:
+    """A deletion hook that evicts the adapter from the serving replicas (called from a request's worker thread)."""
+    import anyio.from_thread
+
+    def evict(event: AdapterDeleted) -> None:
+        anyio.from_thread.run(backend.evict, event.base_model, event.model_id)
+
+    return evict
 
 
 def standalone_app(backend: ChatBackend, *, adapter_resolver: AdapterResolver, api_keys: dict[str, str],

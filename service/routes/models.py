@@ -10,7 +10,8 @@ from fastapi import APIRouter, BackgroundTasks
 from fastapi.responses import FileResponse
 
 from service import repository as repo
-from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from service.context import AdapterDeleted
+from service.deps import Ctx, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.errors import PermissionDenied
 from service.schemas import Deleted, ModelList, ModelPublic, model_public
 
@@ -50,10 +51,14 @@ def get_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: S
 
 
 @router.delete("/{model_id:path}", operation_id="models-delete")
-def delete_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
+def delete_model(
+    model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep, ctx: Ctx
+) -> Deleted:
     """Delete an adapter (its run directory stays for the job's record); base models cannot be deleted."""
     if model_id in settings.base_models:
         raise PermissionDenied(f"{model_id!r} is a base model and cannot be deleted", param="model")
     row = repo.get_model(session, tenant_id=tenant.id, model_id=model_id)
     row.deleted = True
+    session.commit()  # unservable first (the chat route reads this flag), then evicted from the replicas
+    ctx.notify_adapter_deleted(AdapterDeleted(model_id=model_id, tenant_id=tenant.id, base_model=row.base_model))
     return Deleted(id=model_id, object="model")
