@@ -143,7 +143,8 @@ class S3Store:
         with tempfile.TemporaryFile() as spool:
             size, sha = _hashing_copy(stream, spool)
             spool.seek(0)
-            self.client.upload_fileobj(spool, self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
+            self.client.upload_fileobj(spool, self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}},
+                                       Config=_transfer_config())
         return StoredObject(key=key, size=size, sha256=sha)
 
     def get_bytes(self, key: str) -> bytes | None:
@@ -185,6 +186,13 @@ class S3Store:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def _transfer_config() -> Any:
+    """Multipart uploads with bounded memory: at most 4 parts of 8 MiB in flight (boto3 defaults to 10)."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_chunksize=CHUNK_BYTES, max_concurrency=4)
 
 
 def open_store(uri: str) -> tuple[ObjectStore, str]:
