@@ -280,9 +280,20 @@ class KeyCreated(KeyPublic):
     key: str = Field(description="The secret key; shown once, only its hash is stored.")
 
 
+class TenantMlflow(BaseModel):
+    """The tenant's read-only MLflow tracking UI login (only when the service provisions MLflow users)."""
+
+    tracking_uri: str
+    username: str
+    password: str = Field(description="Shown once; the service does not store it.")
+    experiment_id: str
+    experiment_name: str
+
+
 class TenantCreated(BaseModel):
     tenant: TenantPublic
     key: KeyCreated
+    mlflow: TenantMlflow | None = Field(None, description="MLflow login, when QWENVL_MLFLOW_TRACKING_URI is set.")
 
 
 class TenantList(BaseModel):

@@ -56,6 +56,27 @@ class Settings(BaseSettings):
     validation_timeout_s: float = Field(3600.0, gt=0, description="Longest a file validation may run.")
     estimate_tokens_per_second: float | None = Field(
         None, gt=0, description="Measured training throughput used by /v1/fine_tuning/estimate for time.")
+    serve_replicas: int = Field(1, ge=1, description="Ray Serve: replicas per base model (the minimum when "
+                                "autoscaling); used by workflows.app.")
+    serve_max_replicas: int | None = Field(None, ge=1, description="Ray Serve: autoscale each base model's "
+                                           "replicas up to this many; None: a fixed serve_replicas.")
+    serve_target_ongoing_requests: float = Field(8.0, gt=0, description="Ray Serve autoscaling target: "
+                                                 "ongoing requests per replica.")
+    serve_max_adapters_per_replica: int = Field(8, ge=1, description="LoRA adapters one model replica keeps "
+                                                "loaded (LRU; Serve multiplexing bound).")
+    serve_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per model replica.")
+    serve_num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (1 on GPU worker groups).")
+    serve_ingress_replicas: int = Field(1, ge=1, description="Replicas of the API ingress deployment.")
+    serve_dtype: str | None = Field(None, description="Serving dtype of the base weights (e.g. bfloat16); None: "
+                                    "the model's own.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow server running the basic-auth app (http://mlflow:5000). With the admin "
+        "credentials set, each new tenant gets an MLflow user that can read only its own experiment; None: "
+        "nothing is created in MLflow.")
+    mlflow_admin_username: str | None = Field(None, description="MLflow admin user that creates tenant users "
+                                              "and experiments.")
+    mlflow_admin_password: SecretStr | None = Field(None, description="Password of mlflow_admin_username.")
+    mlflow_timeout_s: float = Field(10.0, gt=0, description="Timeout of one request to the MLflow server.")
 
     @model_validator(mode="after")
     def _production_needs_admin_key(self) -> Settings:
@@ -65,6 +86,20 @@ class Settings(BaseSettings):
                 raise ValueError("QWENVL_ADMIN_KEY: production mode needs a real admin key (>= 24 chars, "
                                  "not a placeholder)")
         return self
+
+    @model_validator(mode="after")
+    def _serving_and_mlflow_consistent(self) -> Settings:
+        if self.serve_max_replicas is not None and self.serve_max_replicas < self.serve_replicas:
+            raise ValueError("QWENVL_SERVE_MAX_REPLICAS must be >= QWENVL_SERVE_REPLICAS")
+        if self.mlflow_tracking_uri and not (self.mlflow_admin_username and self.mlflow_admin_password):
+            raise ValueError("QWENVL_MLFLOW_TRACKING_URI is set: QWENVL_MLFLOW_ADMIN_USERNAME and "
+                             "QWENVL_MLFLOW_ADMIN_PASSWORD are required too")
+        return self
+
+    @property
+    def mlflow_tenants_enabled(self) -> bool:
+        """True when tenant creation also creates the tenant's MLflow user and experiment."""
+        return self.mlflow_tracking_uri is not None
 
     @property
     def resolved_database_url(self) -> str:

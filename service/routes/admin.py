@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter
 
 from service import auth
 from service import repository as repo
 from service.deps import AdminDep, SessionDep, SettingsDep
+from service.mlflow_tenants import provision_tenant
 from service.schemas import (
     KeyCreate,
     KeyCreated,
@@ -14,6 +17,7 @@ from service.schemas import (
     TenantCreate,
     TenantCreated,
     TenantList,
+    TenantMlflow,
     key_public,
     tenant_public,
 )
@@ -29,13 +33,17 @@ def issue_key(session: SessionDep, tenant_id: str, name: str) -> KeyCreated:
 
 @router.post("/tenants", operation_id="admin-tenants-create", status_code=201)
 def create_tenant(body: TenantCreate, _admin: AdminDep, session: SessionDep, settings: SettingsDep) -> TenantCreated:
-    """Create a tenant and its first API key."""
+    """Create a tenant and its first API key (and, when configured, its read-only MLflow user and experiment;
+    an MLflow failure rolls the tenant back)."""
     tenant = repo.create_tenant(
         session, name=body.name,
         max_active_jobs=body.max_active_jobs if body.max_active_jobs is not None else settings.default_max_active_jobs,
         max_stored_bytes=body.max_stored_bytes if body.max_stored_bytes is not None
         else settings.default_max_stored_bytes)
-    return TenantCreated(tenant=tenant_public(tenant), key=issue_key(session, tenant.id, "first key"))
+    key = issue_key(session, tenant.id, "first key")
+    access = provision_tenant(settings, tenant.id)
+    mlflow = TenantMlflow(**asdict(access)) if access is not None else None
+    return TenantCreated(tenant=tenant_public(tenant), key=key, mlflow=mlflow)
 
 
 @router.get("/tenants", operation_id="admin-tenants-list")

@@ -1,0 +1,113 @@
+"""Tenant-scoped MLflow tracking UI: each tenant gets an MLflow user that can read only its own experiment.
+
+When ``Settings.mlflow_tracking_uri`` is set, tenant creation (``POST /v1/admin/tenants``) calls
+``provision_tenant``, which talks to the MLflow server's basic-auth app (``mlflow server --app-name basic-auth``)
+over its REST API with the admin credentials of ``Settings.mlflow_admin_username`` / ``_password``:
+
+1. ``experiments/create`` (or ``experiments/get-by-name``): the tenant's experiment, named by
+   ``qwenvl_core.specs.tenant_experiment_name`` so that it is the very experiment the training workflow logs into;
+2. ``users/create``: a user named after the tenant id (service-generated, so it never collides with the admin
+   or another user) with a random password, returned once to the caller and never stored by the service;
+3. ``users/permissions/grant`` (MLflow 3.17's unified permission API, successor of
+   ``experiments/permissions/create``): ``READ`` on that experiment, nothing else.
+
+Isolation relies on the auth app's ``default_permission = NO_PERMISSIONS`` (see ``infra/``): a user then sees
+only resources granted to it. Any MLflow failure raises ``Unavailable`` so the tenant is not created half-way.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from qwenvl_core.specs import tenant_experiment_name
+from service.errors import Unavailable
+from service.settings import Settings
+
+EXPERIMENT_PERMISSION = "READ"
+_EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+
+@dataclass(frozen=True)
+class TenantMlflowAccess:
+    """What a tenant needs to open the tracking UI; ``password`` is shown once."""
+
+    tracking_uri: str
+    username: str
+    password: str
+    experiment_id: str
+    experiment_name: str
+
+
+class MlflowAdmin:
+    """The MLflow REST calls tenant provisioning needs, authenticated as the MLflow admin."""
+
+    def __init__(self, tracking_uri: str, username: str, password: str, timeout_s: float = 10.0) -> None:
+        self.base = tracking_uri.rstrip("/")
+        self._client = httpx.Client(auth=(username, password), timeout=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, f"{self.base}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"MLflow server at {self.base} unreachable: {exc}", code="mlflow_unavailable") from exc
+
+    def _ok(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        if response.status_code != 200:
+            raise Unavailable(f"MLflow {what} failed ({response.status_code}): {response.text[:300]}",
+                              code="mlflow_error")
+        return response.json() if response.content else {}
+
+    def ensure_experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created when it does not exist yet."""
+        created = self._call("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})
+        if created.status_code == 200:
+            return str(created.json()["experiment_id"])
+        if _EXISTS not in created.text:
+            self._ok(created, f"experiments/create {name!r}")
+        found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name})
+        return str(self._ok(found, f"experiments/get-by-name {name!r}")["experiment"]["experiment_id"])
+
+    def create_user(self, username: str, password: str) -> None:
+        response = self._call("POST", "/api/2.0/mlflow/users/create",
+                              json={"username": username, "password": password})
+        self._ok(response, f"users/create {username!r}")
+
+    def grant_experiment(self, username: str, experiment_id: str, permission: str) -> None:
+        body = {"username": username, "resource_type": "experiment", "resource_id": experiment_id,
+                "permission": permission}
+        self._ok(self._call("POST", "/api/3.0/mlflow/users/permissions/grant", json=body),
+                 f"users/permissions/grant {permission} on experiment {experiment_id}")
+
+
+def admin_from_settings(settings: Settings) -> MlflowAdmin | None:
+    """An ``MlflowAdmin`` for the configured server, or None when MLflow provisioning is off."""
+    if not settings.mlflow_tenants_enabled:
+        return None
+    assert settings.mlflow_tracking_uri and settings.mlflow_admin_username and settings.mlflow_admin_password
+    return MlflowAdmin(settings.mlflow_tracking_uri, settings.mlflow_admin_username,
+                       settings.mlflow_admin_password.get_secret_value(), settings.mlflow_timeout_s)
+
+
+def provision_tenant(settings: Settings, tenant_id: str) -> TenantMlflowAccess | None:
+    """Create the tenant's experiment and read-only MLflow user; None when MLflow provisioning is off."""
+    admin = admin_from_settings(settings)
+    if admin is None:
+        return None
+    try:
+        name = tenant_experiment_name(tenant_id)
+        experiment_id = admin.ensure_experiment(name)
+        password = secrets.token_urlsafe(24)
+        admin.create_user(tenant_id, password)
+        admin.grant_experiment(tenant_id, experiment_id, EXPERIMENT_PERMISSION)
+    finally:
+        admin.close()
+    assert settings.mlflow_tracking_uri is not None
+    return TenantMlflowAccess(tracking_uri=settings.mlflow_tracking_uri, username=tenant_id, password=password,
+                              experiment_id=experiment_id, experiment_name=name)

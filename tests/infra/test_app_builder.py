@@ -1,0 +1,57 @@
+"""``workflows.app``: the Serve application builder the RayService and compose file import (without Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from qwenvl_core.serving.chat import InProcessBackend
+from service.settings import Settings
+from tests.infra.isolated import run_python
+from workflows.app import control_plane_app
+
+ADMIN_KEY = "admin-key-for-infra-tests-0123456789"
+
+
+_MODEL_CONFIGS = """
+import json, sys
+from service.settings import Settings
+from workflows.app import model_configs
+print(json.dumps([{"base_model": c.base_model, "model_dir": c.model_dir, "replicas": c.num_replicas,
+                   "autoscaling": c.autoscaling_config, "adapters": c.max_adapters_per_replica,
+                   "gpus": c.num_gpus, "cpus": c.num_cpus, "dtype": c.dtype}
+                  for kwargs in json.load(sys.stdin) for c in model_configs(Settings(**kwargs))]))
+"""
+
+
+def test_model_configs_follow_the_serve_settings():
+    autoscaled = {"base_models": {"a": "/models/a", "b": "/models/b"}, "serve_replicas": 2, "serve_max_replicas": 5,
+                  "serve_max_adapters_per_replica": 3, "serve_num_gpus": 1, "serve_num_cpus": 4,
+                  "serve_dtype": "bfloat16"}
+    fixed = {"base_models": {"c": "/models/c"}, "serve_replicas": 2}
+    a, b, c = run_python(_MODEL_CONFIGS, [autoscaled, fixed])  # workflows.serve_app imports Ray: own process
+    assert (a["base_model"], a["model_dir"], b["base_model"]) == ("a", "/models/a", "b")
+    assert (a["adapters"], a["gpus"], a["cpus"], a["dtype"]) == (3, 1, 4, "bfloat16")
+    assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 8.0}
+    assert c["autoscaling"] is None and c["replicas"] == 2
+    with pytest.raises(ValueError, match="QWENVL_SERVE_MAX_REPLICAS"):
+        Settings(serve_replicas=3, serve_max_replicas=2)
+
+
+def test_control_plane_app_reads_the_environment_and_mounts_chat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("QWENVL_MODE", "production")
+    monkeypatch.setenv("QWENVL_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("QWENVL_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("QWENVL_SCHEDULER_ENABLED", "false")
+    app = control_plane_app(InProcessBackend({}))
+    with TestClient(app) as client:
+        created = client.post("/v1/admin/tenants", json={"name": "team-a"},
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert created.status_code == 201, created.text
+        key = created.json()["key"]["key"]
+        body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=body).status_code == 401
+        answer = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert answer.json()["error"]["code"] == "model_not_found"

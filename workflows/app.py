@@ -1,0 +1,58 @@
+"""The full production Serve application, importable by ``serve run`` and a KubeRay RayService:
+``workflows.app:app`` (an application builder; everything comes from ``QWENVL_*`` environment variables).
+
+The ingress is the control-plane FastAPI app (``service.main.create_app(Settings())``) with the chat route
+mounted (``service.routes.chat.mount_chat``); one model deployment per entry of ``QWENVL_BASE_MODELS`` (model id ->
+local model directory on every serving node), with replicas / autoscaling, CPUs / GPUs and the number of LoRA
+adapters per replica from the ``serve_*`` settings. Run it with::
+
+    serve run workflows.app:app            # on a running Ray cluster (RAY_ADDRESS)
+
+The ingress builds the API on its own replica (``control_plane_app``), so the database engine, scheduler and
+validator live there; with several ingress replicas the scheduler is leader-elected through the database.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from qwenvl_core.serving.chat import ChatBackend
+
+
+def model_configs(settings: Settings) -> list[Any]:
+    """One ``ModelDeploymentConfig`` per base model, from the ``serve_*`` settings."""
+    from workflows.serve_app import ModelDeploymentConfig
+
+    autoscaling = None
+    if settings.serve_max_replicas is not None:
+        autoscaling = {"min_replicas": settings.serve_replicas, "max_replicas": settings.serve_max_replicas,
+                       "target_ongoing_requests": settings.serve_target_ongoing_requests}
+    return [ModelDeploymentConfig(base_model=model_id, model_dir=model_dir,
+                                  max_adapters_per_replica=settings.serve_max_adapters_per_replica,
+                                  num_replicas=settings.serve_replicas, autoscaling_config=autoscaling,
+                                  num_cpus=settings.serve_num_cpus, num_gpus=settings.serve_num_gpus,
+                                  dtype=settings.serve_dtype)
+            for model_id, model_dir in settings.base_models.items()]
+
+
+def control_plane_app(backend: ChatBackend) -> FastAPI:
+    """The ingress ASGI app: the control plane (settings from the environment) plus the chat route."""
+    from service.main import create_app
+    from service.routes.chat import mount_chat
+
+    api = create_app(Settings())
+    mount_chat(api, backend)
+    return api
+
+
+def app(args: dict[str, str] | None = None) -> Any:
+    """Serve application builder (``serve run workflows.app:app``); ``args`` are unused: configure with env vars."""
+    from workflows.serve_app import build_app
+
+    settings = Settings()
+    return build_app(model_configs(settings), control_plane_app, ingress_replicas=settings.serve_ingress_replicas)
