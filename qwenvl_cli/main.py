@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from qwenvl_cli import data, model
+from qwenvl_cli import chat, data, files, finetune, jobs, model, models_remote, stack, tenants
 
 app = typer.Typer(
     name="qwenvl",
@@ -20,6 +20,15 @@ app = typer.Typer(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
+app.command("finetune")(finetune.finetune)
+app.command("up")(stack.up)
+app.command("down")(stack.down)
+app.command("status")(stack.status)
+app.add_typer(files.app, name="files")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(models_remote.app, name="models")
+app.add_typer(tenants.app, name="tenants")
+app.command("chat")(chat.chat)
 
 
 def main() -> None:

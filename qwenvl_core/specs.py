@@ -159,6 +159,11 @@ class TrackingSpec(_Spec):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+def tenant_experiment_name(tenant_id: str, experiment: str = "default") -> str:
+    """The MLflow experiment of a tenant: ``<tenant>/<experiment>`` (one per tenant; ``local/default`` for CLI)."""
+    return f"{tenant_id}/{experiment}"
+
+
 class FineTuneJobSpec(_Spec):
     """Everything needed to run one fine-tune, independent of how it was requested."""
 

@@ -207,6 +207,20 @@ def open_store(uri: str) -> tuple[ObjectStore, str]:
     return LocalStore(uri), ""
 
 
+def read_uri(uri: str) -> bytes:
+    """The bytes of one object given as a local path or an ``s3://bucket/key`` URI."""
+    if not uri.startswith("s3://"):
+        path = Path(uri)
+        if not path.is_file():
+            raise StorageError(f"{uri}: no such file")
+        return path.read_bytes()
+    store, key = open_store(uri)
+    data = store.get_bytes(key)
+    if data is None:
+        raise StorageError(f"{uri}: no such object")
+    return data
+
+
 def join_key(*parts: str) -> str:
     """Join key parts with ``/``, skipping empty ones."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))

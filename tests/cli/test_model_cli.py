@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 
 def _qwenvl(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("qwenvl") or str(Path(sys.executable).parent / "qwenvl")
+    exe = str(Path(sys.executable).parent / "qwenvl")  # the console script of this environment
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
 
 

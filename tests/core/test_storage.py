@@ -56,3 +56,17 @@ def test_open_store_parses_uris(tmp_path):
         open_store("gs://bucket/x")
     with pytest.raises(StorageError, match="no bucket"):
         open_store("s3:///x")
+
+
+def test_read_uri_local_and_s3(tmp_path, s3_env):
+    from qwenvl_core.storage import read_uri
+
+    (tmp_path / "spec.json").write_text('{"a": 1}')
+    assert read_uri(str(tmp_path / "spec.json")) == b'{"a": 1}'
+    s3_env.client().create_bucket(Bucket="specs")
+    s3_env.client().put_object(Bucket="specs", Key="jobs/x/spec.json", Body=b"{}")
+    assert read_uri("s3://specs/jobs/x/spec.json") == b"{}"
+    with pytest.raises(StorageError, match="no such"):
+        read_uri("s3://specs/jobs/missing.json")
+    with pytest.raises(StorageError, match="no such"):
+        read_uri(str(tmp_path / "missing.json"))

@@ -1,0 +1,303 @@
+"""The training loop: plain PyTorch, one job spec in, a trained adapter out; Ray and MLflow only via hooks.
+
+``Trainer(spec, hooks, work_dir).run(resume_from=None)`` goes through named steps:
+
+1. ``_build``      seeds, processor, base model (Q-LoRA: NF4), LoRA, gradient checkpointing, data, batch plan,
+                   AdamW + schedule, the strategy's engine (DDP / DeepSpeed), the evaluator;
+2. ``_resume``     optionally restores a checkpoint (engine, RNG, position in the data, counters);
+3. ``_train``      epochs -> global micro-batches (each rank takes its slice) -> ``_micro_step``; at each
+                   accumulation boundary ``_after_step``: metrics, progress, cancellation (rank 0 polls, the
+                   answer is all-reduced), checkpoints every N steps, evaluation every N steps, early stopping;
+4. ``_finish``     final evaluation with base vs fine-tuned, the adapter directory (rank 0).
+
+Every rank runs the same code; collective calls (all-reduce, DeepSpeed, ZeRO-3 gathers, checkpoint reports)
+happen on every rank at the same points.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from qwenvl_core.data import Collator
+from qwenvl_core.models.registry import detect_family
+from qwenvl_core.specs import FineTuneJobSpec, JobState, Progress
+from qwenvl_core.training import checkpoint as ckpt
+from qwenvl_core.training.data_loading import BatchPlan, load_job_data, update_digest
+from qwenvl_core.training.evaluate import Evaluator, base_and_finetuned, task_items
+from qwenvl_core.training.hooks import Hooks, LocalCheckpoints
+from qwenvl_core.training.lora import apply_lora, load_base_model, lora_summary, resolve_targets
+from qwenvl_core.training.optim import build_optimizer, build_scheduler
+from qwenvl_core.training.strategies import build_engine, rank_and_world
+
+
+@dataclass
+class TrainResult:
+    """The outcome on this rank (``adapter_dir`` only on rank 0)."""
+
+    state: JobState
+    train_state: ckpt.TrainState
+    total_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    adapter_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class Trainer:
+    """One fine-tuning run on this rank (see the module docstring)."""
+
+    def __init__(self, spec: FineTuneJobSpec, hooks: Hooks | None = None, work_dir: Path | None = None) -> None:
+        self.spec, self.hooks = spec, hooks or Hooks()
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix=f"qwenvl-{spec.job_id}-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.hooks.checkpoints is None:
+            self.hooks.checkpoints = LocalCheckpoints(self.work_dir / "checkpoints", spec.checkpoint.keep)
+        self.rank, self.world = rank_and_world()
+        self.state = ckpt.TrainState()
+
+    # ----- 1. build -----------------------------------------------------------------------------------------
+    def _build(self, stack: Any) -> None:
+        spec, hp = self.spec, self.spec.hyperparameters
+        seed_everything(spec.seed)  # identical LoRA init on every rank
+        self.family = detect_family(spec.base_model)
+        self.processor = self.family.load_processor(spec.base_model)
+        base = load_base_model(spec.base_model, self.family, spec.quantization, hp.precision)
+        self.targets = resolve_targets(base, self.family, spec.lora.targets)
+        self.model = apply_lora(base, self.family, spec.lora)
+        self.model.peft_config["default"].base_model_name_or_path = str(Path(spec.base_model).resolve())
+        if hp.gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.data = load_job_data(spec.train_file, spec.validation_file, self.processor, hp, stack,
+                                  spec.evaluation.max_samples)
+        self.plan = BatchPlan(self.data.train.inner.lengths(), hp, self.world, spec.seed)
+        epochs_steps = hp.n_epochs * self.plan.steps_per_epoch
+        self.total_steps = hp.max_steps or epochs_steps
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        optimizer = build_optimizer(named, hp)
+        scheduler = build_scheduler(optimizer, hp, self.total_steps)
+        self.engine = build_engine(spec, self.model, optimizer, scheduler, self.model.config.hidden_size)
+        self.collator = Collator(self.processor.tokenizer.eod_id)
+        self.evaluator = self._evaluator()
+        seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams
+
+    def _evaluator(self) -> Evaluator | None:
+        val = self.data.validation
+        if val is None:
+            return None
+        rows = [val[i] for i in range(len(val))]
+        items = task_items(val.samples, self.processor, self.spec.evaluation.max_new_tokens)
+        return Evaluator(rows, items, self.processor, self.spec.evaluation,
+                         self.family.stop_token_ids(self.processor))
+
+    # ----- 2. resume ----------------------------------------------------------------------------------------
+    def _resume(self, directory: Path | None) -> None:
+        if directory is None:
+            return
+        self.state, sampler_state = ckpt.load_checkpoint(directory, self.engine, self.rank)
+        epoch, position = self.plan.restore(sampler_state)
+        if (epoch, position) != (self.state.epoch, self.state.position):
+            raise RuntimeError(f"checkpoint {directory}: sampler at {(epoch, position)}, state at "
+                               f"{(self.state.epoch, self.state.position)}")
+        self._event("message", f"resumed from step {self.state.step}", {"step": self.state.step})
+
+    def _started(self) -> None:
+        if self.rank != 0:
+            return
+        info = {"params": self.params(), "config": self.spec.model_dump(mode="json"),
+                "data_reports": self.data.reports}
+        for sink in self.hooks.start:
+            sink.on_start(info)
+
+    def params(self) -> dict[str, Any]:
+        """Every hyperparameter, the LoRA settings, dataset statistics and the base model, flat."""
+        hp = self.spec.hyperparameters
+        out: dict[str, Any] = {f"hp.{k}": v for k, v in hp.model_dump(mode="json").items()}
+        out |= {"hp.gradient_accumulation_steps": hp.gradient_accumulation_steps,
+                "hp.peak_learning_rate": hp.peak_learning_rate, "hp.total_steps": self.total_steps}
+        out |= {f"lora.{k}": v for k, v in lora_summary(self.model, self.spec.lora, self.targets).items()}
+        out |= {f"data.{k}": v for k, v in self.data.stats().items()}
+        out |= {"base_model": str(Path(self.spec.base_model).resolve()), "family": str(self.family.name),
+                "quantization": self.spec.quantization.value, "strategy": self.spec.compute.strategy.value,
+                "world_size": self.world, "seed": self.spec.seed, "job_id": self.spec.job_id}
+        return out
+
+    # ----- 3. train -----------------------------------------------------------------------------------------
+    def _train(self) -> JobState:
+        self.engine.model.train()
+        self._window = {"loss": 0.0, "micro": 0.0, "tokens": 0.0, "t0": time.monotonic()}
+        while self.state.step < self.total_steps:
+            accum = self.plan.accum
+            for batch in self.plan.global_batches(self.state.epoch, self.state.position):
+                boundary = (self.state.position + 1) % accum == 0
+                self._micro_step(batch, boundary)
+                if boundary:
+                    outcome = self._after_step()
+                    if outcome is not None:
+                        return outcome
+                    if self.state.step >= self.total_steps:
+                        return JobState.SUCCEEDED
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+        return JobState.SUCCEEDED
+
+    def _micro_step(self, global_batch: list[int], boundary: bool) -> None:
+        rows = [self.data.train[i] for i in self.plan.rank_slice(global_batch, self.rank)]
+        batch = self.collator(rows)
+        with self.engine.forward_context(boundary):
+            loss = self.engine.model(**batch).loss
+            self.engine.backward(loss)
+        self._grad_norm = self.engine.step(boundary)
+        self._window["loss"] += float(loss.detach())
+        self._window["micro"] += 1
+        self._window["tokens"] += float(batch["attention_mask"].sum())
+        ids = [self.data.train.samples[i].id for i in global_batch]
+        self.state.data_digest = update_digest(self.state.data_digest, ids)
+        self.state.position += 1
+        self.state.samples_seen += len(global_batch)
+
+    def _after_step(self) -> JobState | None:
+        cancel = float(self.rank == 0 and self.hooks.cancel is not None and self.hooks.cancel.cancelled())
+        w = self._window
+        loss_sum, micro, tokens, cancel = _all_reduce([w["loss"], w["micro"], w["tokens"], cancel])
+        self.state.step += 1
+        self.state.tokens_seen += int(tokens)
+        loss = loss_sum / max(1.0, micro)
+        self.state.losses.append((self.state.step, loss))
+        self._report_step(loss, tokens)
+        self._window = {"loss": 0.0, "micro": 0.0, "tokens": 0.0, "t0": time.monotonic()}
+        for observer in self.hooks.on_step:
+            observer(self.state.step)
+        if cancel > 0:
+            self._checkpoint()
+            return JobState.CANCELLED
+        every = self.spec.checkpoint.every_n_steps
+        if self.state.step % every == 0 or self.state.step == self.total_steps:
+            self._checkpoint()
+        eval_every = self.spec.evaluation.every_n_steps
+        if eval_every and self.state.step % eval_every == 0 and self.state.step < self.total_steps:
+            return self._periodic_eval()
+        return None
+
+    def _report_step(self, loss: float, tokens: float) -> None:
+        if self.rank != 0:
+            return
+        now = time.monotonic()
+        elapsed = max(1e-9, now - self._window["t0"])
+        run_elapsed = max(1e-9, now - self._run_t0)
+        done = self.state.step - (self.state.resumed_from_step or 0)
+        eta = run_elapsed / max(1, done) * (self.total_steps - self.state.step)
+        lr = self.engine.lr()
+        samples = self.plan.micro * self.world * self.plan.accum
+        metrics = {"train/loss": loss, "train/learning_rate": lr, "train/tokens_per_second": tokens / elapsed,
+                   "train/samples_per_second": samples / elapsed, "train/epoch": self._epoch_float()}
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = self._grad_norm
+        for sink in self.hooks.metrics:
+            sink.log_metrics(metrics, self.state.step)
+        progress = Progress(step=self.state.step, total_steps=self.total_steps, epoch=self._epoch_float(),
+                            loss=loss, learning_rate=lr, tokens_per_second=tokens / elapsed,
+                            samples_per_second=samples / elapsed, eta_seconds=eta,
+                            trained_tokens=self.state.tokens_seen)
+        for sink in self.hooks.progress:
+            sink.on_progress(progress)
+
+    def _epoch_float(self) -> float:
+        return self.state.epoch + self.state.position / max(1, self.plan.steps_per_epoch * self.plan.accum)
+
+    def _checkpoint(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.state.step}-", dir=self.work_dir))
+        ckpt.save_checkpoint(directory, self.engine, self.state, self.plan.state(self.state.epoch,
+                                                                                  self.state.position), self.rank)
+        metrics = {"step": float(self.state.step), "loss": self.state.losses[-1][1] if self.state.losses else 0.0}
+        if self.hooks.checkpoints is not None:
+            self.hooks.checkpoints.report(self.state.step, directory, metrics)
+        self._event("checkpoint", f"checkpoint at step {self.state.step}", {"step": self.state.step})
+
+    def _periodic_eval(self) -> JobState | None:
+        if self.evaluator is None:
+            return None
+        metrics = {f"eval/{k}": v for k, v in self.evaluator(self.engine.module, task=False).items()}
+        self._log(metrics)
+        early = self.spec.evaluation.early_stopping
+        loss = metrics["eval/loss"]
+        best = self.state.best_eval_loss
+        if best is None or loss < best - (early.min_delta if early else 0.0):
+            self.state.best_eval_loss, self.state.evals_without_improvement = loss, 0
+        else:
+            self.state.evals_without_improvement += 1
+        if early is not None and self.state.evals_without_improvement >= early.patience:
+            self._event("message", f"early stopping at step {self.state.step}", {"step": self.state.step})
+            self._checkpoint()
+            return JobState.SUCCEEDED
+        return None
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.rank == 0:
+            for sink in self.hooks.metrics:
+                sink.log_metrics(metrics, self.state.step)
+
+    def _event(self, type_: Any, message: str, data: dict[str, Any]) -> None:
+        if self.rank == 0 and self.hooks.events is not None:
+            self.hooks.events.emit(type_, message, data)
+
+    # ----- 4. finish ----------------------------------------------------------------------------------------
+    def _finish(self, outcome: JobState) -> TrainResult:
+        result = TrainResult(outcome, self.state, self.total_steps, summary=self.summary())
+        if outcome is JobState.CANCELLED:
+            return result
+        if self.evaluator is not None:
+            if self.spec.evaluation.compare_base:
+                result.metrics = base_and_finetuned(self.engine.module, self.evaluator)
+            else:
+                result.metrics = {f"eval/{k}": v for k, v in self.evaluator(self.engine.module).items()}
+            self._log(result.metrics)
+        weights = self.engine.adapter_state_dict()  # collective under ZeRO-3
+        if self.rank == 0:
+            meta = {"job_id": self.spec.job_id, "base_model": str(Path(self.spec.base_model).resolve()),
+                    "family": str(self.family.name), "quantization": self.spec.quantization.value,
+                    "training": {**result.summary, **result.metrics}}
+            result.adapter_dir = ckpt.save_adapter(self.model, weights, self.work_dir / "adapter", meta)
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(1e-9, time.monotonic() - self._run_t0)
+        losses = self.state.losses
+        return {"steps": self.state.step, "total_steps": self.total_steps, "epochs": self._epoch_float(),
+                "samples_seen": self.state.samples_seen, "tokens_seen": self.state.tokens_seen,
+                "data_digest": self.state.data_digest, "first_loss": losses[0][1] if losses else None,
+                "final_loss": losses[-1][1] if losses else None,
+                "tokens_per_second": (self.state.tokens_seen - self._run_tokens0) / elapsed,
+                "lora": lora_summary(self.model, self.spec.lora, self.targets),
+                "strategy": self.spec.compute.strategy.value, "world_size": self.world,
+                "resumed_from_step": self.state.resumed_from_step}
+
+    def run(self, resume_from: Path | None = None) -> TrainResult:
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            self._build(stack)
+            self._resume(resume_from)
+            self._run_t0, self._run_tokens0 = time.monotonic(), self.state.tokens_seen
+            self._started()
+            outcome = self._train() if self.state.step < self.total_steps else JobState.SUCCEEDED
+            return self._finish(outcome)

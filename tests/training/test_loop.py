@@ -1,0 +1,131 @@
+"""The plain-PyTorch loop in one process: it learns, resumes exactly, cancels, and writes a loadable adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from qwenvl_core.models.registry import get_family
+from qwenvl_core.runs import RunDir
+from qwenvl_core.specs import JobState
+from qwenvl_core.training import Hooks, RecordingSink, RunDirCancel, RunDirEvents, Trainer
+from qwenvl_core.training.hooks import LocalCheckpoints
+from tests.training.conftest import make_spec
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, synth_data, tmp_path_factory):
+    """One uninterrupted 12-step run (reused by several tests)."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    rec = RecordingSink()
+    spec = make_spec(tiny_model_dir, synth_data, work / "run")
+    result = Trainer(spec, Hooks(progress=[rec], metrics=[rec]), work).run()
+    return spec, result, rec
+
+
+def test_training_learns_and_beats_the_base_model(trained):
+    _, result, rec = trained
+    assert result.state is JobState.SUCCEEDED and result.train_state.step == 12
+    losses = [p.loss for p in rec.progress]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3
+    m = result.metrics
+    assert m["eval/loss"] < m["eval_base/loss"] - 0.3
+    assert m["eval/token_accuracy"] > m["eval_base/token_accuracy"] + 0.25
+    assert {"eval/exact_match", "eval_base/exact_match"} <= set(m)  # grounding answers exceed 4 tokens
+    last = rec.progress[-1]
+    assert last.step == last.total_steps == 12 and last.tokens_per_second and last.eta_seconds == 0
+    assert any(step == 12 and "train/grad_norm" in metrics for step, metrics in rec.metrics)
+
+
+def test_adapter_loads_with_plain_peft_and_merges_to_the_same_logits(trained, tiny_model_dir, synth_data):
+    _, result, _ = trained
+    adapter = result.adapter_dir
+    meta = json.loads((adapter / "meta.json").read_text())
+    assert meta["job_id"] == "job" and meta["base_model"] == str(Path(tiny_model_dir).resolve())
+    assert len(meta["sha256"]["adapter_model.safetensors"]) == 64
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
+    family = get_family("qwen-vl")
+    model = PeftModel.from_pretrained(family.load_model(tiny_model_dir), adapter).eval()
+    processor = family.load_processor(tiny_model_dir)
+    from qwenvl_core.data import read_samples
+
+    sample = read_samples(synth_data.validation)[0]
+    enc = processor.encode_chat(sample.messages[:-1])
+    batch = {"input_ids": torch.tensor([enc.input_ids]), "pixel_values": enc.pixel_values}
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        merged = model.merge_and_unload()(**batch).logits
+        base = family.load_model(tiny_model_dir).eval()(**batch).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(base, unmerged, atol=1e-3)
+
+
+def test_exact_resume_matches_the_uninterrupted_run(trained, tiny_model_dir, synth_data, tmp_path):
+    spec, full, _ = trained
+    first = Trainer(spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(
+        update={"max_steps": 12})}), Hooks(on_step=[_stop_after(6)]), tmp_path / "a")
+    with pytest.raises(_Stop):
+        first.run()
+    latest = LocalCheckpoints(tmp_path / "a" / "checkpoints", None).latest()
+    assert latest is not None and latest.name == "step_00000004"
+    resumed = Trainer(spec, Hooks(), tmp_path / "b").run(resume_from=latest)
+    assert resumed.train_state.resumed_from_step == 4
+    assert resumed.train_state.data_digest == full.train_state.data_digest  # same samples, same order
+    assert resumed.train_state.samples_seen == full.train_state.samples_seen == 12 * 4
+    expected = load_file(full.adapter_dir / "adapter_model.safetensors")
+    got = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+class _Stop(RuntimeError):
+    pass
+
+
+def _stop_after(step: int):
+    def observer(current: int) -> None:
+        if current == step:
+            raise _Stop(f"interrupted at step {current}")
+    return observer
+
+
+def test_cancel_stops_keeps_a_checkpoint_and_reports_events(tiny_model_dir, synth_data, tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", checkpoint={"every_n_steps": 100})
+    events = RunDirEvents(run)
+    hooks = Hooks(events=events, cancel=RunDirCancel(run, every_s=0.0), on_step=[_cancel_at(run, 3)])
+    result = Trainer(spec, hooks, tmp_path / "w").run()
+    assert result.state is JobState.CANCELLED and result.train_state.step == 3 and result.adapter_dir is None
+    assert (tmp_path / "w" / "checkpoints" / "step_00000003" / "state.json").is_file()
+    assert [e.type for e in run.read_events()] == ["checkpoint"]
+
+
+def _cancel_at(run: RunDir, step: int):
+    def observer(current: int) -> None:
+        if current == step - 1:
+            run.request_cancel()
+    return observer
+
+
+def test_qlora_trains_and_its_adapter_merges_into_the_dequantised_base(tiny_model_dir, synth_data, tmp_path):
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", quantization="4bit",
+                     hyperparameters={"max_steps": 6}, evaluation={"task_metrics": False})
+    rec = RecordingSink()
+    result = Trainer(spec, Hooks(progress=[rec]), tmp_path / "w").run()
+    losses = [p.loss for p in rec.progress]
+    assert result.state is JobState.SUCCEEDED and losses[-1] < losses[0] - 0.2
+    assert result.metrics["eval/token_accuracy"] > result.metrics["eval_base/token_accuracy"] + 0.1
+    assert json.loads((result.adapter_dir / "meta.json").read_text())["quantization"] == "4bit"
+    family = get_family("qwen-vl")  # serving / merging: the adapter on the unquantised (dequantised) base
+    model = PeftModel.from_pretrained(family.load_model(tiny_model_dir), result.adapter_dir).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        torch.testing.assert_close(model.merge_and_unload()(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)

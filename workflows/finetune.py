@@ -1,0 +1,206 @@
+"""A fine-tuning job on Ray Train: ``TorchTrainer`` around ``qwenvl_core.training.Trainer``.
+
+``python -m workflows.finetune --spec SPEC.json`` runs one job on the current Ray cluster (``RAY_ADDRESS``, or a
+running local one, else a new local one); the REST service submits exactly this through Ray Jobs, and
+``qwenvl finetune`` calls ``run_job``. Exit code 0 when the job succeeded or was cancelled, 1 when it failed;
+``result.json`` (written last) and the events in the run directory say which, with the error.
+
+Ray touch points are numbered: [1] the checkpoint to resume from, [2] checkpoint reports (every rank, its own
+files), [3] the final outcome (rank 0, into the run directory), [4] ``TorchTrainer.fit`` with Scaling/Run/Checkpoint/Failure configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from qwenvl_core.runs import SPEC_FILE, RunDir
+from qwenvl_core.specs import FineTuneJobSpec, JobState
+from qwenvl_core.storage import read_uri
+from qwenvl_core.training import EventProgress, Hooks, RunDirCancel, RunDirEvents, Trainer
+
+OUTCOME_FILE = "outcome.json"  # rank 0's final report to the driver (state, metrics, summary)
+FORWARDED_ENV = ("AWS_", "MLFLOW_", "HF_", "TORCH_EXTENSIONS_DIR", "QWENVL_")
+
+
+class RayCheckpoints:
+    """[2] Every rank reports its own checkpoint files; Ray merges them into one checkpoint directory."""
+
+    def report(self, step: int, local_dir: Path, metrics: dict[str, float]) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local_dir)),
+                         checkpoint_dir_name=f"step_{step:08d}")
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+class KillAtStep:
+    """Test fault: SIGKILL this worker after ``step`` once (a marker file makes it happen only once).
+
+    ``delay_s`` waits first, so that Ray's controller has registered the checkpoints reported before (it
+    collects reports on its health-check poll, every 2 s by default; a worker killed within that window
+    takes the not-yet-collected report with it and Ray resumes from the checkpoint before).
+    """
+
+    def __init__(self, step: int, marker: str, delay_s: float = 0.0) -> None:
+        self.step, self.marker, self.delay_s = step, Path(marker), delay_s
+
+    def __call__(self, step: int) -> None:
+        if step == self.step and not self.marker.exists():
+            time.sleep(self.delay_s)
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hooks(spec: FineTuneJobSpec, rank: int, config: dict[str, Any]) -> tuple[Hooks, Any]:
+    hooks = Hooks(checkpoints=RayCheckpoints())
+    tracker = None
+    if rank == 0:
+        run = RunDir(spec.output_uri)
+        events = RunDirEvents(run)
+        hooks.events, hooks.cancel = events, RunDirCancel(run)
+        hooks.progress.append(EventProgress(events))
+        if spec.tracking.tracking_uri:
+            from workflows.tracking import MlflowTracker
+
+            tracker = MlflowTracker(spec)
+            hooks.start.append(tracker)
+            hooks.metrics.append(tracker)
+    fault = config.get("fault") or json.loads(os.environ.get("QWENVL_FAULT", "null"))
+    if fault and fault["rank"] == rank:
+        hooks.on_step.append(KillAtStep(int(fault["step"]), fault["marker"], float(fault.get("delay_s", 0.0))))
+    return hooks, tracker
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The per-worker function Ray Train runs."""
+    spec = FineTuneJobSpec.model_validate(config["spec"])
+    rank = ray.train.get_context().get_world_rank()
+    hooks, tracker = _hooks(spec, rank, config)
+    RunDir(spec.output_uri).write_json(f"workers/rank{rank}.json", {
+        "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
+    checkpoint = ray.train.get_checkpoint()  # [1] latest checkpoint after a restart, else None
+    work_dir = Path(os.environ.get("QWENVL_WORK_DIR", "/tmp")) / f"qwenvl-{spec.job_id}-rank{rank}-{time.time_ns()}"
+    try:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                trainer = Trainer(spec, hooks, work_dir)
+                result = trainer.run(resume_from=Path(directory))
+        else:
+            result = Trainer(spec, hooks, work_dir).run()
+        if rank == 0:  # [3] the outcome goes to the run directory, which the driver reads
+            run = RunDir(spec.output_uri)
+            if result.adapter_dir is not None:
+                run.upload_adapter(result.adapter_dir)
+            version = tracker.finish(result.state, result.adapter_dir, result.train_state.losses) if tracker else None
+            run.write_json(OUTCOME_FILE, {"state": result.state.value, "metrics": result.metrics,
+                                          "summary": result.summary, "model_version": version,
+                                          "mlflow_run_id": tracker.run_id if tracker else None})
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _storage(spec: FineTuneJobSpec) -> tuple[str, Any]:
+    """Ray storage for checkpoints: ``{output_uri}/checkpoints/{job_id}/step_*`` on local disk or S3."""
+    uri = spec.output_uri.rstrip("/") + "/checkpoints"
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3":
+        return str(Path(uri).resolve()), None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return uri, None
+    ep = urlparse(endpoint)
+    # credentials travel inside the filesystem object: Ray's controller does not get worker_runtime_env
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme or "https",
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                                 access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                                 secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    return parsed.netloc + parsed.path, fs
+
+
+def build_trainer(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> TorchTrainer:
+    """[4] The TorchTrainer of ``spec``."""
+    c = spec.compute
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
+    path, fs = _storage(spec)
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    run_config = RunConfig(name=spec.job_id, storage_path=path, storage_filesystem=fs,
+                           checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                           failure_config=FailureConfig(max_failures=c.max_failures),
+                           worker_runtime_env={"env_vars": env})
+    scaling = ScalingConfig(num_workers=c.num_workers, use_gpu=c.gpus_per_worker > 0,
+                            resources_per_worker=resources, placement_strategy=c.placement_strategy)
+    return TorchTrainer(train_func, train_loop_config={"spec": spec.model_dump(mode="json"), "fault": fault},
+                        scaling_config=scaling, run_config=run_config)
+
+
+def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``spec`` on the connected Ray cluster; writes spec.json, events and result.json; returns the result."""
+    run = RunDir(spec.output_uri)
+    run.write_json(SPEC_FILE, spec.model_dump(mode="json"))
+    RunDirEvents(run).state(JobState.RUNNING, f"job {spec.job_id} started on Ray Train")
+    try:
+        if run.exists(OUTCOME_FILE):
+            run.store.delete(run.key(OUTCOME_FILE))
+        build_trainer(spec, fault).fit()
+        final = run.read_json(OUTCOME_FILE)
+        if final is None:
+            raise RuntimeError("training ended without an outcome")
+    except Exception as e:  # the job's failure is reported, not raised: the caller reads result.json
+        result = {"job_id": spec.job_id, "state": JobState.FAILED.value, "error": _error_text(e)}
+        RunDirEvents(run).state(JobState.FAILED, f"job failed: {result['error']}")
+        run.write_result(result)
+        return result
+    result = {"job_id": spec.job_id, **final}
+    if final["state"] == JobState.SUCCEEDED.value:
+        result["adapter_uri"] = run.uri_of("adapter")
+    RunDirEvents(run).state(JobState(final["state"]), f"job {final['state']}")
+    run.write_result(result)
+    return result
+
+
+def _error_text(error: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return text[-4000:]
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS`` or a running local cluster; otherwise start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows.finetune", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True, help="FineTuneJobSpec as JSON: a local path or an s3:// URI")
+    args = parser.parse_args(argv)
+    spec = FineTuneJobSpec.model_validate_json(read_uri(args.spec))
+    connect()
+    result = run_job(spec)
+    print(json.dumps({k: result.get(k) for k in ("job_id", "state", "error", "adapter_uri")}))
+    return 1 if result["state"] == JobState.FAILED.value else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""MLflow tracking of a fine-tuning job (rank 0 only): one experiment per tenant, one run per job.
+
+``MlflowTracker`` is the training loop's ``StartSink`` + ``MetricSink``: it starts (or, after a restart,
+re-attaches to) the run named after the job id (tag ``qwenvl.job_id``), logs every parameter, per-step training
+metrics, evaluation metrics and system metrics; ``finish`` logs the adapter (PEFT files + meta.json), the
+resolved config, the dataset validation reports and a loss-curve plot as artifacts, registers the adapter as a
+new version of the tenant's model with tags (job id, base model) and an alias, and ends the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from qwenvl_core.specs import FineTuneJobSpec, JobState, tenant_experiment_name
+
+JOB_TAG = "qwenvl.job_id"
+ALIAS = "latest-finetune"
+MAX_PARAM_CHARS = 6000
+
+
+def experiment_name(spec: FineTuneJobSpec) -> str:
+    """One experiment per tenant (``qwenvl_core.specs.tenant_experiment_name``)."""
+    return tenant_experiment_name(spec.tenant_id, spec.tracking.experiment)
+
+
+def registered_model_name(spec: FineTuneJobSpec) -> str:
+    return spec.tracking.registered_model or f"{spec.tenant_id}-qwen-vl-adapters"
+
+
+class MlflowTracker:
+    """Rank-0 MLflow logging for one job (see the module docstring)."""
+
+    def __init__(self, spec: FineTuneJobSpec, system_metrics: bool = True) -> None:
+        if spec.tracking.tracking_uri is None:
+            raise ValueError("tracking.tracking_uri is not set")
+        self.spec, self.system_metrics = spec, system_metrics
+        mlflow.set_tracking_uri(spec.tracking.tracking_uri)
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(1)  # jobs of seconds still get samples (default 10 s)
+        self.client = MlflowClient(spec.tracking.tracking_uri)
+        self.run_id: str | None = None
+
+    def _experiment_id(self) -> str:
+        name = experiment_name(self.spec)
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name)
+
+    def _existing_run(self, experiment_id: str) -> str | None:
+        runs = self.client.search_runs([experiment_id], f"tags.`{JOB_TAG}` = '{self.spec.job_id}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        experiment_id = self._experiment_id()
+        self.run_id = self._existing_run(experiment_id)
+        tags = {JOB_TAG: self.spec.job_id, "tenant": self.spec.tenant_id, **self.spec.tracking.tags}
+        if self.run_id is not None:  # a restarted job re-attaches to its run
+            run = mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
+        else:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.spec.job_id, tags=tags,
+                                   log_system_metrics=self.system_metrics)
+        resumed = self.run_id is not None
+        self.run_id = run.info.run_id
+        if not resumed:
+            params = {k: _param(v) for k, v in info["params"].items()}
+            mlflow.log_params(params)
+            mlflow.log_dict(info["config"], "config/resolved_config.json")
+            for split, report in info["data_reports"].items():
+                mlflow.log_dict(report, f"data/{split}_validation_report.json")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k.replace("/", "_"): float(v) for k, v in metrics.items()}
+        mlflow.log_metrics(clean, step=step)
+
+    def finish(self, state: JobState, adapter_dir: Path | None, losses: list[tuple[int, float]]) -> str | None:
+        """Artifacts, registry version (when an adapter exists); ends the run. Returns the model version."""
+        version = None
+        if losses:
+            mlflow.log_figure(_loss_figure(losses), "plots/loss_curve.png")
+        if adapter_dir is not None:
+            mlflow.log_artifacts(str(adapter_dir), "adapter")
+            version = self._register()
+        mlflow.end_run("FINISHED" if state is not JobState.FAILED else "FAILED")
+        return version
+
+    def _register(self) -> str:
+        name = registered_model_name(self.spec)
+        try:
+            self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            self.client.create_registered_model(name, tags={"tenant": self.spec.tenant_id})
+        mv = self.client.create_model_version(name, f"runs:/{self.run_id}/adapter", run_id=self.run_id,
+                                              tags={"job_id": self.spec.job_id,
+                                                    "base_model": str(Path(self.spec.base_model).resolve()),
+                                                    "quantization": self.spec.quantization.value})
+        self.client.set_registered_model_alias(name, ALIAS, mv.version)
+        return str(mv.version)
+
+    def fail(self) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")
+
+
+def _param(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:MAX_PARAM_CHARS]
+
+
+def _loss_figure(losses: list[tuple[int, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in losses], [v for _, v in losses], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
