@@ -31,8 +31,12 @@ def extensions(body: JobCreate) -> dict[str, Any]:
 
 
 def build_spec(*, job_id: str, tenant_id: str, base_model_path: str, train_uri: str, validation_uri: str | None,
-               output_uri: str, seed: int, hyperparameters: dict[str, Any], ext: dict[str, Any]) -> FineTuneJobSpec:
-    """The job's ``FineTuneJobSpec``; ``InvalidRequest`` (field named) when the combination is invalid."""
+               output_uri: str, seed: int, hyperparameters: dict[str, Any], ext: dict[str, Any],
+               tracking_uri: str | None = None) -> FineTuneJobSpec:
+    """The job's ``FineTuneJobSpec``; ``InvalidRequest`` (field named) when the combination is invalid.
+
+    With ``tracking_uri`` (the platform's MLflow server) the job logs into its tenant's experiment.
+    """
     hp = dict(hyperparameters)
     if "max_steps" in ext:
         hp["max_steps"] = ext["max_steps"]
@@ -41,6 +45,8 @@ def build_spec(*, job_id: str, tenant_id: str, base_model_path: str, train_uri: 
         "validation_file": validation_uri, "output_uri": output_uri, "seed": seed, "hyperparameters": hp,
         **{k: v for k, v in ext.items() if k != "max_steps"},
     }
+    if tracking_uri:
+        doc["tracking"] = {"tracking_uri": tracking_uri}
     try:
         return FineTuneJobSpec.model_validate(doc)
     except ValidationError as exc:

@@ -110,12 +110,21 @@ def build_context(settings: Settings, launcher: Launcher | None = None) -> Servi
     validator = Validator(sessions, storage, settings.validation_timeout_s)
     if launcher is None and settings.ray_address:
         launcher = RayJobsLauncher(settings.ray_address, settings.job_entrypoint, settings.job_entrypoint_num_cpus,
-                                   settings.job_env, settings.job_pythonpath)
+                                   job_environment(settings), settings.job_pythonpath)
     hooks: list[AdapterHook] = []
     ctx = ServiceContext(settings=settings, engine=engine, sessions=sessions, storage=storage, validator=validator,
                          scheduler=None, adapter_hooks=hooks)  # type: ignore[arg-type]
     ctx.scheduler = Scheduler(settings, sessions, storage, validator, launcher, ctx.notify_adapter_ready)
     return ctx
+
+
+def job_environment(settings: Settings) -> dict[str, str]:
+    """Environment of launched jobs: ``job_env`` plus the MLflow login jobs log with (when MLflow is set up)."""
+    env = dict(settings.job_env)
+    if settings.mlflow_tracking_uri and settings.mlflow_admin_username and settings.mlflow_admin_password:
+        env.setdefault("MLFLOW_TRACKING_USERNAME", settings.mlflow_admin_username)
+        env.setdefault("MLFLOW_TRACKING_PASSWORD", settings.mlflow_admin_password.get_secret_value())
+    return env
 
 
 def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,

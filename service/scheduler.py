@@ -269,7 +269,8 @@ class Scheduler:
                           train_uri=self.storage.uri_of_key(train.storage_key),
                           validation_uri=self.storage.uri_of_key(val.storage_key) if val else None,
                           output_uri=job.output_uri, seed=job.seed, hyperparameters=job.request["hyperparameters"],
-                          ext=job.request.get("extensions", {}))
+                          ext=job.request.get("extensions", {}),
+                          tracking_uri=self.settings.mlflow_tracking_uri)
         run = RunDir(job.output_uri)
         run.write_json("spec.json", spec.model_dump(mode="json"))
         return run.uri_of("spec.json")

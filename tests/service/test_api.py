@@ -344,3 +344,20 @@ def test_app_does_not_import_torch(tmp_path: Path) -> None:
             f"create_app(Settings(data_dir={str(tmp_path)!r}, scheduler_enabled=False)); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jobs_log_to_the_platform_mlflow_with_its_login(tmp_path, tiny_model_dir):
+    from service.jobspec import build_spec
+    from service.main import job_environment
+
+    settings = make_settings(tmp_path, tiny_model_dir, mlflow_tracking_uri="http://mlflow:5000",
+                             mlflow_admin_username="admin", mlflow_admin_password="s3cret-pass",
+                             job_env={"AWS_ENDPOINT_URL": "http://minio:9000"})
+    env = job_environment(settings)
+    assert env == {"AWS_ENDPOINT_URL": "http://minio:9000", "MLFLOW_TRACKING_USERNAME": "admin",
+                   "MLFLOW_TRACKING_PASSWORD": "s3cret-pass"}
+    spec = build_spec(job_id="ftjob-x", tenant_id="t1", base_model_path=str(tiny_model_dir), train_uri="t.jsonl",
+                      validation_uri=None, output_uri=str(tmp_path / "run"), seed=1, hyperparameters={}, ext={},
+                      tracking_uri=settings.mlflow_tracking_uri)
+    assert spec.tracking.tracking_uri == "http://mlflow:5000"
+    assert job_environment(make_settings(tmp_path, tiny_model_dir)) == {}
