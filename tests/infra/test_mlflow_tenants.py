@@ -7,7 +7,6 @@ must see its own run and nothing of the other tenant.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import subprocess
@@ -40,8 +39,6 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 @pytest.fixture(scope="module")
 def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(tracking URI, admin password) of a lean basic-auth MLflow server with an SQLite backend in tmp."""
-    if importlib.util.find_spec("flask_wtf") is None:
-        pytest.skip("MLflow's basic-auth app needs Flask-WTF, which `mlflow[auth]` installs; it is not installed")
     root = tmp_path_factory.mktemp("mlflow-auth")
     password = secrets.token_urlsafe(16)
     ini = root / "basic_auth.ini"

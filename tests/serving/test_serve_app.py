@@ -33,7 +33,7 @@ def _publish(adapter_dir: Path, job: str, tenant: str = "tenant-a") -> None:
 
 @pytest.fixture(scope="module")
 def serve_url(tiny_model_dir: Path, adapter_dirs: list[Path], s3_server) -> Iterator[str]:
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
 
     from workflows.serve_app import APP_NAME, ModelDeploymentConfig, RunsRootResolver, build_app
