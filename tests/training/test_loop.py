@@ -129,3 +129,17 @@ def test_qlora_trains_and_its_adapter_merges_into_the_dequantised_base(tiny_mode
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits
         torch.testing.assert_close(model.merge_and_unload()(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_early_stopping_ends_the_run_when_validation_loss_stops_improving(tiny_model_dir, synth_data, tmp_path):
+    rec = RecordingSink()
+    # min_delta far above any possible improvement: the second evaluation counts as "no improvement".
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run",
+                     evaluation={"every_n_steps": 2, "max_samples": 8, "compare_base": False, "task_metrics": False,
+                                 "early_stopping": {"patience": 1, "min_delta": 100.0}})
+    events = RunDirEvents(RunDir(spec.output_uri))
+    result = Trainer(spec, Hooks(progress=[rec], metrics=[rec], events=events), tmp_path / "work").run()
+    assert result.state is JobState.SUCCEEDED
+    assert result.train_state.step == 4 < result.total_steps == 12
+    assert any("early stopping at step 4" in e.message for e in RunDir(spec.output_uri).read_events())
+    assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").is_file()
