@@ -75,8 +75,8 @@ def _watch(output_uri: str, stop: threading.Event) -> None:
         while not stop.wait(1.0):
             for event in run.read_events(after_seq=seen):
                 seen = event.seq
-                progress = event.data.get("progress")
-                if progress:
+                progress = event.data if event.type == "metrics" else None
+                if progress and "step" in progress:
                     bar.update(task, completed=progress["step"], total=progress["total_steps"],
                                loss=f"{progress['loss']:.4f}")
 

@@ -218,7 +218,11 @@ class Progress(_Spec):
 
 
 class JobEvent(_Spec):
-    """One thing a job reports. ``seq`` orders events of a job; readers ingest each seq once."""
+    """One thing a job reports. ``seq`` orders events of a job; readers ingest each seq once.
+
+    A ``metrics`` event's ``data`` holds the ``Progress`` fields themselves (step, total_steps, loss, ...), which
+    the service copies into the job's ``progress``.
+    """
 
     seq: int = Field(..., ge=0)
     created_at: float = Field(..., description="Unix time in seconds.")

@@ -96,8 +96,8 @@ class EventProgress:
         if now - self._last < self.every_s and progress.step != progress.total_steps:
             return
         self._last = now
-        self.events.emit("metrics", f"step {progress.step}/{progress.total_steps}",
-                         {"progress": progress.model_dump(mode="json")})
+        # The event's data is the Progress fields themselves (the service reads them as the job's progress).
+        self.events.emit("metrics", f"step {progress.step}/{progress.total_steps}", progress.model_dump(mode="json"))
 
 
 class RunDirCancel:

@@ -143,3 +143,16 @@ def test_early_stopping_ends_the_run_when_validation_loss_stops_improving(tiny_m
     assert result.train_state.step == 4 < result.total_steps == 12
     assert any("early stopping at step 4" in e.message for e in RunDir(spec.output_uri).read_events())
     assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_progress_events_carry_the_progress_fields_the_service_reads(tmp_path):
+    from qwenvl_core.specs import Progress
+    from qwenvl_core.training.hooks import EventProgress
+
+    run = RunDir(str(tmp_path / "run"))
+    sink = EventProgress(RunDirEvents(run), every_s=0.0)
+    sink.on_progress(Progress(step=3, total_steps=10, epoch=0.3, loss=1.5, eta_seconds=7.0, trained_tokens=900))
+    (event,) = run.read_events()
+    assert event.type == "metrics"
+    assert event.data["step"] == 3 and event.data["total_steps"] == 10 and event.data["trained_tokens"] == 900
+    assert Progress.model_validate(event.data).loss == 1.5
