@@ -18,7 +18,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := $(VENV)/torch-constraint.txt
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench clean demo
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(VENV)/bin/qwenvl demo
 
 bench: $(STAMP)
 	$(PY) bench/model_throughput.py

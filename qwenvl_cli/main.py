@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from qwenvl_cli import chat, data, files, finetune, jobs, model, models_remote, stack, tenants
+from qwenvl_cli import chat, data, demo, files, finetune, jobs, model, models_remote, stack, tenants
 
 app = typer.Typer(
     name="qwenvl",
@@ -29,6 +29,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(models_remote.app, name="models")
 app.add_typer(tenants.app, name="tenants")
 app.command("chat")(chat.chat)
+app.command("demo")(demo.demo)
 
 
 def main() -> None:

@@ -1,0 +1,136 @@
+"""``qwenvl demo [--keep]``: the whole product on this machine, through the REST API like any client.
+
+Starts the local stack (unless one is already running in ``QWENVL_HOME``), writes the demo's synthetic shapes data
+(``qwenvl_cli.demo_data``), uploads it, fine-tunes the tiny Qwen-VL with LoRA on 2 Ray Train workers with a live
+progress bar, prints base vs fine-tuned metrics on the held-out validation questions (from the job's
+``result.json``), asks the adapter a grounding question about a held-out image and saves it with the predicted
+box drawn, prints the MLflow UI and API docs URLs, and stops the stack it started (``--keep`` leaves it running).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qwenvl_cli.chat import ask, save_boxes
+from qwenvl_cli.client import Client, qwenvl_home, read_state
+from qwenvl_cli.files import upload_file, wait_processed
+from qwenvl_cli.jobs import job_body, watch_job
+from qwenvl_cli.stack import (
+    BASE_MODEL,
+    ApiPort,
+    DashPort,
+    MlflowPort,
+    StackError,
+    stack_status,
+    start_stack,
+    stop_stack,
+)
+
+# Settings that learn within the demo's budget on 2 CPU cores (see the README for the measured figures).
+DEMO_JOB: dict[str, Any] = {
+    "max_steps": 200, "batch_size": 8, "lr_multiplier": 1000.0, "workers": 2, "cpus_per_worker": 0.5,
+    "lora_r": 16, "lora_alpha": 32.0, "seed": 0,
+    "extra": {"evaluation": {"max_new_tokens": 24}, "lora": {"dropout": 0.0, "targets": "all-linear"},
+              "checkpoint": {"every_n_steps": 100}},
+}
+METRICS = (("loss", "eval loss (lower is better)"), ("token_accuracy", "answer-token accuracy"),
+           ("exact_match", "exact match: colour questions"), ("grounding_accuracy", "grounding: box IoU >= 0.5"))
+
+
+def metrics_table(metrics: dict[str, float]) -> Table:
+    table = Table("held-out validation", "base model", "fine-tuned (LoRA)", title="base vs fine-tuned")
+    for key, label in METRICS:
+        if f"eval/{key}" in metrics:
+            table.add_row(label, f"{metrics[f'eval_base/{key}']:.3f}", f"{metrics[f'eval/{key}']:.3f}")
+    return table
+
+
+def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, max_steps: int | None = None,
+             ports: dict[str, int] | None = None) -> dict[str, Any]:
+    """The demo; returns what it measured (job id, metrics, the saved picture, seconds)."""
+    started = time.monotonic()
+    state = read_state(home)
+    own_stack = state is None
+    if own_stack:
+        console.rule("1. start the local stack")
+        start_stack(home, echo=console.print, **(ports or {}))
+        state = read_state(home)
+    elif not stack_status(home)["running"]:
+        raise StackError(f"the stack recorded in {home} is not healthy: run `qwenvl down`, then `qwenvl demo`")
+    assert state is not None
+    try:
+        report = _steps(home, state, console, n_train, max_steps)
+    finally:
+        if own_stack and not keep:
+            console.rule("stop the stack")
+            stop_stack(state)
+            (home / "stack.json").unlink(missing_ok=True)
+            console.print("stopped (use --keep to leave it running)")
+    report["seconds"] = round(time.monotonic() - started, 1)
+    console.print(f"demo finished in {report['seconds']:.0f} s")
+    return report
+
+
+def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, max_steps: int | None
+           ) -> dict[str, Any]:
+    from qwenvl_cli.demo_data import write_demo_dataset
+
+    console.rule("2. synthetic shapes dataset")
+    out = home / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    data = write_demo_dataset(out, n_train=n_train)
+    console.print(f"{data.train_samples} training and {data.validation_samples} held-out questions "
+                  f"(colours and boxes) in {out}")
+    with Client(state["api_url"]) as client:
+        console.rule("3. upload through the REST API")
+        train = wait_processed(client, upload_file(client, data.train_bundle)["id"])
+        val = wait_processed(client, upload_file(client, data.validation_bundle)["id"])
+        console.print(f"{train['id']} ({train['filename']}), {val['id']} ({val['filename']}): validated")
+        console.rule("4. fine-tune with LoRA on 2 Ray Train workers")
+        params = {**DEMO_JOB, **({"max_steps": max_steps} if max_steps else {})}
+        job = client.post("/v1/fine_tuning/jobs", job_body(BASE_MODEL, train["id"], validation_file=val["id"],
+                                                           suffix="demo", **params))
+        console.print(f"job {job['id']}")
+        job = watch_job(client, job["id"], console)
+        if job["status"] != "succeeded":
+            raise StackError(f"job {job['id']} {job['status']}: {job.get('error')}")
+        result = json.loads(client.request("GET", f"/v1/files/{job['result_files'][0]}/content").content)
+        metrics = result["metrics"]
+        console.rule("5. base vs fine-tuned on held-out questions")
+        console.print(metrics_table(metrics))
+        console.rule("6. ask the adapter a grounding question")
+        model = job["fine_tuned_model"]
+        picture: Path | None = None
+        answer = ""
+        if data.grounding_image is not None and data.grounding_question is not None:
+            completion = ask(client, model, data.grounding_question, [data.grounding_image], max_tokens=32)
+            choice = completion["choices"][0]
+            answer = choice["message"]["content"]
+            console.print(f"[bold]{model}[/bold]\nQ: {data.grounding_question}\nA: {answer}")
+            first = next((g for g in choice.get("grounding") or [] if g["objects"]), None)
+            if first is not None:
+                picture = save_boxes(data.grounding_image, first, out / "grounding.png")
+                console.print(f"box {[round(v) for v in first['objects'][0]['box']]} px; saved {picture}")
+            else:
+                console.print("the answer has no box this time")
+    console.rule("7. where to look")
+    console.print(f"MLflow UI  {state['mlflow_url']}  (user admin, password in {home / 'mlflow' / 'admin_password'})")
+    console.print(f"API docs   {state['api_url']}/docs")
+    return {"job_id": job["id"], "model": model, "metrics": metrics, "answer": answer,
+            "picture": str(picture) if picture else None, "mlflow_run_id": result.get("mlflow_run_id")}
+
+
+def demo(keep: Annotated[bool, typer.Option("--keep", help="Leave the stack running afterwards.")] = False,
+         json_out: Annotated[Path | None, typer.Option("--report", help="Also write the results as JSON.")] = None,
+         api_port: ApiPort = 8000, mlflow_port: MlflowPort = 5000, dashboard_port: DashPort = 8265) -> None:
+    """Upload, fine-tune, evaluate, serve and ask: the whole platform end to end on this machine."""
+    ports = {"api_port": api_port, "mlflow_port": mlflow_port, "dashboard_port": dashboard_port}
+    report = run_demo(qwenvl_home(), keep=keep, console=Console(), ports=ports)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))

@@ -1,0 +1,60 @@
+"""The demo's dataset: a colour / grounding subset of the synthetic coloured-shapes data (``qwenvl_core.data.synth``).
+
+The full synthetic mix (colours, shapes, counts, positions, boxes, two-picture comparisons) is more than the tiny
+random model can learn in the demo's few minutes on two CPU cores. The demo keeps two question kinds: "What colour
+is the <shape>?" (six colours, chance 1/6, scored by exact match) and "Where is the <colour> <shape>?" (a grounding
+box, scored by IoU >= 0.5). Everything is a deterministic function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenvl_core.data.bundle import write_bundle
+from qwenvl_core.data.formats import Sample, to_qwen_record
+from qwenvl_core.data.synth import generate_samples
+
+# generate_samples cycles through: colour, shape, count, position, grounding, compare.
+_KINDS = ("colour", "shape", "count", "position", "grounding", "compare")
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The demo dataset's bundles (data file + images) and what they hold."""
+
+    train_bundle: Path
+    validation_bundle: Path
+    train_samples: int
+    validation_samples: int
+    grounding_image: Path | None  # a held-out image with a grounding question (None without grounding)
+    grounding_question: str | None
+
+
+def _select(samples: list[Sample], kinds: tuple[str, ...]) -> list[Sample]:
+    keep = {_KINDS.index(k) for k in kinds}
+    return [s for i, s in enumerate(samples) if i % len(_KINDS) in keep]
+
+
+def _write(out: Path, name: str, samples: list[Sample]) -> Path:
+    path = out / f"{name}.json"
+    path.write_text(json.dumps([to_qwen_record(s, out) for s in samples], indent=1) + "\n", encoding="utf-8")
+    images = [Path(str(img.source)) for s in samples for m in s.messages for img in m.images]
+    return write_bundle(path, out / f"{name}.zip", images)
+
+
+def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int = 48, seed: int = 0,
+                       kinds: tuple[str, ...] = ("colour", "grounding")) -> DemoData:
+    """Write ``train.zip`` and ``validation.zip`` (held-out images and questions) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_cycle = len(kinds)
+    cycles_train = -(-n_train // per_cycle)
+    cycles_val = -(-n_validation // per_cycle)
+    train = _select(generate_samples(cycles_train * len(_KINDS), seed, out_dir / "images-train"), kinds)[:n_train]
+    val = _select(generate_samples(cycles_val * len(_KINDS), seed + 1, out_dir / "images-val"), kinds)[:n_validation]
+    grounding = next((s for s in val if s.messages[-1].text.startswith("<ref>")), None)
+    question = grounding.messages[0].text if grounding else None
+    image = Path(str(grounding.messages[0].images[0].source)) if grounding else None
+    return DemoData(_write(out_dir, "train", train), _write(out_dir, "validation", val), len(train), len(val),
+                    image, question)

@@ -1,0 +1,401 @@
+"""``qwenvl up|down|status``: the embedded local stack, all of its state in ``QWENVL_HOME`` (default ``~/.qwenvl``).
+
+``up`` starts, each as its own process group:
+- an MLflow tracking server (basic-auth app, SQLite backend, local artifacts) on :5000; its admin password is in
+  ``$QWENVL_HOME/mlflow/admin_password`` (the UI asks for user ``admin``);
+- a Ray head (``ray start --head --block``, token auth, dashboard on :8265) whose environment carries the
+  platform's ``QWENVL_*`` settings, so every Serve replica and training job on it reads them;
+- the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment for
+  the tiny Qwen-VL materialised into ``$QWENVL_HOME/models/qwen-vl-tiny`` on first start) on :8000.
+The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
+
+Every process of the stack (and every process Ray starts for it) carries ``QWENVL_STACK_ID`` in its environment;
+``down`` stops the recorded process groups, then anything still carrying that marker, so nothing is left behind.
+``stack.json`` records the pids, ports and URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from qwenvl_cli.client import STATE_FILE, ApiError, qwenvl_home, read_state
+
+BASE_MODEL = "qwen-vl-tiny"
+MLFLOW_ADMIN = "admin"
+MARKER = "QWENVL_STACK_ID"
+AUTH_INI = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///{db}
+admin_username = {user}
+admin_password = {password}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+ApiPort = Annotated[int, typer.Option("--api-port", envvar="QWENVL_API_PORT", help="Port of the REST API.")]
+MlflowPort = Annotated[int, typer.Option("--mlflow-port", envvar="QWENVL_MLFLOW_PORT", help="MLflow UI port.")]
+DashPort = Annotated[int, typer.Option("--dashboard-port", envvar="QWENVL_DASHBOARD_PORT",
+                                       help="Ray dashboard port.")]
+
+
+class StackError(ApiError):
+    """The local stack cannot be started, stopped or found; the message says what to do."""
+
+
+@dataclass
+class StackState:
+    """What ``stack.json`` records."""
+
+    stack_id: str
+    home: str
+    api_url: str
+    mlflow_url: str
+    dashboard_url: str
+    gcs_address: str
+    ray_temp_dir: str
+    pids: dict[str, int]
+    started_at: float
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)  # the project's own executables, never others on PATH
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_busy(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _secret(path: Path, make: Any) -> str:
+    from service.local_bootstrap import write_secret
+
+    if not path.is_file():
+        write_secret(path, make())
+    return path.read_text().strip()
+
+
+def ensure_base_model(home: Path) -> Path:
+    """The tiny base model directory, materialised (seed 0) on first use."""
+    model_dir = home / "models" / BASE_MODEL
+    if not (model_dir / "config.json").is_file():
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # library warnings would drown the progress lines
+            from qwenvl_core.models.qwen_vl.materialize import write_random_model
+
+            write_random_model(model_dir, preset=BASE_MODEL, seed=0)
+    return model_dir
+
+
+def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str | None, ray_token: str,
+              mlflow_password: str | None, model_dir: Path) -> dict[str, str]:
+    """The environment of the Ray nodes (so of the API replica and of training jobs) and of the deploy step."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({
+        MARKER: stack_id, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token, "RAY_USAGE_STATS_ENABLED": "0",
+        "QWENVL_DATA_DIR": str(home), "QWENVL_BASE_MODELS": json.dumps({BASE_MODEL: str(model_dir)}),
+        "QWENVL_RAY_ADDRESS": dashboard_url, "QWENVL_SCHEDULER_INTERVAL_S": "0.5",
+        "QWENVL_SERVE_NUM_CPUS": "0.5", "QWENVL_WORK_DIR": str(home / "work"),
+    })
+    if mlflow_url and mlflow_password:
+        env.update({"QWENVL_MLFLOW_TRACKING_URI": mlflow_url, "QWENVL_MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
+                    "QWENVL_MLFLOW_ADMIN_PASSWORD": mlflow_password})
+    return env
+
+
+def ray_head_command(*, gcs_port: int, dashboard_port: int, temp_dir: Path, num_cpus: int) -> list[str]:
+    """``ray start --head --block`` on private ports (only the dashboard's is fixed)."""
+    return [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats", *_private_ports()]
+
+
+def ray_worker_command(*, gcs_address: str, temp_dir: Path, num_cpus: int) -> list[str]:
+    """``ray start --block`` joining ``gcs_address`` as a worker node (on this machine: private ports)."""
+    return [_bin("ray"), "start", "--block", f"--address={gcs_address}", f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}", *_private_ports(), f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}"]
+
+
+def _private_ports() -> list[str]:
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}"]
+
+
+def deploy_app(env: dict[str, str], gcs_address: str, api_port: int, log: Path, timeout_s: float = 300) -> None:
+    """Run the Serve application ``workflows.app`` on the cluster (a short-lived driver; Serve keeps it)."""
+    code = (
+        "import ray; from ray import serve; import workflows.app as a; from workflows.serve_app import APP_NAME\n"
+        f"ray.init(address={gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
+        f"serve.start(proxy_location='HeadOnly', http_options={{'host': '127.0.0.1', 'port': {api_port}}})\n"
+        "serve.run(a.app(), name=APP_NAME, route_prefix='/')\n"
+    )
+    with log.open("ab") as out:
+        try:
+            done = subprocess.run([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            raise StackError(f"the Serve application did not start within {timeout_s:.0f} s; see {log}") from None
+    if done.returncode != 0:
+        raise StackError(f"the Serve application failed to start; see {log}")
+
+
+def wait_http(url: str, timeout_s: float, what: str, log: Path, ok: tuple[int, ...] = (200,),
+              process: subprocess.Popen[bytes] | None = None, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"{what} exited with status {process.returncode} while starting; see {log}")
+        try:
+            if httpx.get(url, timeout=5, headers=headers).status_code in ok:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise StackError(f"{what} not ready at {url} after {timeout_s:.0f} s; see {log}")
+
+
+def ray_auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+# ----- processes --------------------------------------------------------------------------------------------------
+def marked_pids(stack_id: str) -> list[int]:
+    """Pids of live processes whose environment carries ``QWENVL_STACK_ID=stack_id``."""
+    needle = f"{MARKER}={stack_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and not _zombie(entry):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _zombie(entry: Path) -> bool:
+    stat = (entry / "stat").read_text()
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def _signal(pids: list[int], sig: int, groups: bool = False) -> None:
+    for pid in pids:
+        try:
+            if groups:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_gone(stack_id: str, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = marked_pids(stack_id)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.3)
+
+
+def stop_stack(state: dict[str, Any]) -> None:
+    """Stop every process of the stack: its process groups, then anything else carrying the marker."""
+    stack_id = state["stack_id"]
+    _signal(list(state.get("pids", {}).values()), signal.SIGTERM, groups=True)
+    left = _wait_gone(stack_id, 20)
+    _signal(left, signal.SIGTERM)
+    left = _wait_gone(stack_id, 5)
+    _signal(left, signal.SIGKILL)
+    left = _wait_gone(stack_id, 5)
+    if left:
+        raise StackError(f"processes of the stack are still running: {left}")
+    if state.get("ray_temp_dir"):
+        shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
+
+
+# ----- commands ---------------------------------------------------------------------------------------------------
+def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, dashboard_port: int = 8265,
+                num_cpus: int = 4, timeout_s: float = 180, echo: Any = typer.echo) -> StackState:
+    """Start the stack (see the module docstring); on any failure everything started is stopped again."""
+    existing = read_state(home)
+    if existing is not None:
+        if marked_pids(existing["stack_id"]):
+            raise StackError(f"a stack is already running from {home} (API {existing['api_url']}): "
+                             "see `qwenvl status`, or stop it with `qwenvl down`")
+        raise StackError(f"{home / STATE_FILE} records a stack whose processes are gone (stale, e.g. after a "
+                         "reboot or a crash): run `qwenvl down` to clear it, then `qwenvl up`")
+    for what, port, flag in (("the API", api_port, "--api-port"), ("MLflow", mlflow_port, "--mlflow-port"),
+                             ("the Ray dashboard", dashboard_port, "--dashboard-port")):
+        if port_busy(port):
+            raise StackError(f"port {port} (for {what}) is already in use by another program: stop that program "
+                             f"(e.g. `qwenvl down` for a stack in another QWENVL_HOME), or choose another port "
+                             f"with {flag}")
+    home.mkdir(parents=True, exist_ok=True)
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    echo(f"QWENVL_HOME {home}")
+    model_dir = ensure_base_model(home)
+    ray_token = _secret(home / "ray_auth_token", lambda: secrets.token_hex(32))
+    mlflow_password = _secret(home / "mlflow" / "admin_password", lambda: secrets.token_urlsafe(18))
+    stack_id = uuid.uuid4().hex
+    temp_dir = Path("/tmp") / f"qvray-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"  # short: socket paths
+    mlflow_url, dashboard_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{dashboard_port}"
+    gcs_port = free_port()
+    env = stack_env(home, stack_id=stack_id, dashboard_url=dashboard_url, mlflow_url=mlflow_url,
+                    ray_token=ray_token, mlflow_password=mlflow_password, model_dir=model_dir)
+    state = StackState(stack_id, str(home), f"http://127.0.0.1:{api_port}", mlflow_url, dashboard_url,
+                       f"127.0.0.1:{gcs_port}", str(temp_dir), {}, time.time())
+    try:
+        echo("starting MLflow ...")
+        mlflow = _start_mlflow(home, env, mlflow_port, mlflow_password, logs / "mlflow.log")
+        state.pids["mlflow"] = mlflow.pid
+        echo("starting the Ray head ...")
+        ray_head = _popen(ray_head_command(gcs_port=gcs_port, dashboard_port=dashboard_port, temp_dir=temp_dir,
+                                           num_cpus=num_cpus), env, logs / "ray.log")
+        state.pids["ray_head"] = ray_head.pid
+        _write_state(home, state)
+        wait_http(f"{dashboard_url}/api/version", timeout_s, "the Ray head", logs / "ray.log", process=ray_head,
+                  headers=ray_auth_header(ray_token))
+        wait_http(f"{mlflow_url}/health", timeout_s, "MLflow", logs / "mlflow.log", process=mlflow)
+        echo("deploying the API and the model (Ray Serve) ...")
+        deploy_app(env, state.gcs_address, api_port, logs / "serve.log", timeout_s)
+        wait_http(f"{state.api_url}/ready", timeout_s, "the API", logs / "serve.log")
+        wait_http(f"{state.api_url}/v1/chat/ready", timeout_s, "the model deployment", logs / "serve.log")
+    except BaseException:
+        stop_stack(asdict(state))
+        (home / STATE_FILE).unlink(missing_ok=True)
+        raise
+    return state
+
+
+def _start_mlflow(home: Path, env: dict[str, str], port: int, password: str, log: Path) -> subprocess.Popen[bytes]:
+    root = home / "mlflow"
+    ini = root / "basic_auth.ini"
+    ini.write_text(AUTH_INI.format(db=root / "auth.db", user=MLFLOW_ADMIN, password=password))
+    ini.chmod(0o600)
+    menv = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        menv.pop(name, None)
+    cmd = [_bin("mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts")]
+    return _popen(cmd, menv, log)
+
+
+def _write_state(home: Path, state: StackState) -> None:
+    tmp = home / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2))
+    tmp.replace(home / STATE_FILE)
+
+
+def stack_status(home: Path) -> dict[str, Any]:
+    """URLs, health and key-file paths of the local stack in ``home`` (``running`` false when there is none)."""
+    state = read_state(home)
+    report: dict[str, Any] = {"home": str(home), "running": False, "api_key_file": str(home / "api_key"),
+                              "admin_key_file": str(home / "admin_key"),
+                              "mlflow_password_file": str(home / "mlflow" / "admin_password")}
+    if state is None:
+        return report
+    token_file = home / "ray_auth_token"
+    ray_headers = ray_auth_header(token_file.read_text().strip()) if token_file.is_file() else {}
+    checks = {"api": (state["api_url"], "/ready", {}), "mlflow": (state["mlflow_url"], "/health", {}),
+              "ray_dashboard": (state["dashboard_url"], "/api/version", ray_headers)}
+    for name, (url, path, headers) in checks.items():
+        try:
+            healthy = httpx.get(url + path, timeout=5, headers=headers).status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        report[name] = {"url": url, "healthy": healthy}
+    report["api"]["docs_url"] = state["api_url"] + "/docs"
+    report["mlflow"]["username"] = MLFLOW_ADMIN
+    report["running"] = all(report[n]["healthy"] for n in checks)
+    report["processes"] = len(marked_pids(state["stack_id"]))
+    return report
+
+
+def up(api_port: ApiPort = 8000, mlflow_port: MlflowPort = 5000, dashboard_port: DashPort = 8265,
+       num_cpus: Annotated[int, typer.Option(help="Logical CPUs the Ray head offers.")] = 4,
+       timeout: Annotated[float, typer.Option(help="Seconds each component may take to start.")] = 300.0) -> None:
+    """Start the local stack: Ray head (dashboard), the API + model on Ray Serve, MLflow; state in QWENVL_HOME."""
+    home = qwenvl_home()
+    started = time.monotonic()
+    state = start_stack(home, api_port=api_port, mlflow_port=mlflow_port, dashboard_port=dashboard_port,
+                        num_cpus=num_cpus, timeout_s=timeout)
+    typer.echo(f"stack up in {time.monotonic() - started:.0f} s")
+    _print_status(stack_status(home))
+    del state
+
+
+def down() -> None:
+    """Stop everything `qwenvl up` started (no process is left); the data in QWENVL_HOME stays."""
+    home = qwenvl_home()
+    state = read_state(home)
+    if state is None:
+        typer.echo(f"no stack recorded in {home}; nothing to stop")
+        return
+    stop_stack(state)
+    (home / STATE_FILE).unlink(missing_ok=True)
+    typer.echo(f"stack in {home} stopped")
+
+
+def status(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """URLs and health of the local stack and the path of the default tenant's key file; exit 1 unless running."""
+    report = stack_status(qwenvl_home())
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    if not report["running"]:
+        raise typer.Exit(1)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    if "api" not in report:
+        typer.echo(f"no stack running from {report['home']} (start one with `qwenvl up`)")
+        return
+    mark = {True: "ok", False: "DOWN"}
+    typer.echo(f"API            {report['api']['url']}  [{mark[report['api']['healthy']]}]  "
+               f"docs {report['api']['docs_url']}")
+    typer.echo(f"MLflow UI      {report['mlflow']['url']}  [{mark[report['mlflow']['healthy']]}]  user admin, "
+               f"password in {report['mlflow_password_file']}")
+    typer.echo(f"Ray dashboard  {report['ray_dashboard']['url']}  [{mark[report['ray_dashboard']['healthy']]}]")
+    typer.echo(f"API key file   {report['api_key_file']}  (default tenant)")
+    typer.echo(f"admin key file {report['admin_key_file']}")

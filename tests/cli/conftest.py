@@ -1,0 +1,63 @@
+"""A real local stack (``qwenvl up`` in a subprocess, private QWENVL_HOME and free ports) for the CLI tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.net import free_port
+
+QWENVL = str(Path(sys.executable).parent / "qwenvl")
+
+
+def stack_env(home: Path) -> dict[str, str]:
+    """Environment of ``qwenvl`` commands against a stack in ``home`` (no key or URL from the caller's env)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("QWENVL_BASE_URL", "QWENVL_API_KEY", "QWENVL_ADMIN_KEY", "RAY_ADDRESS")}
+    env.update({"QWENVL_HOME": str(home), "QWENVL_API_PORT": str(free_port()),
+                "QWENVL_MLFLOW_PORT": str(free_port()), "QWENVL_DASHBOARD_PORT": str(free_port())})
+    return env
+
+
+def qwenvl(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([QWENVL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def processes_of(home: Path) -> list[int]:
+    """Live processes (any, not only ours) whose environment names ``home`` as the platform's data dir."""
+    needle = f"QWENVL_DATA_DIR={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("qvhome")
+    env = stack_env(home)
+    up = qwenvl(env, "up", timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        yield Stack(home, env)
+    finally:
+        down = qwenvl(env, "down", timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert processes_of(home) == []

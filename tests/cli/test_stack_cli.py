@@ -1,0 +1,129 @@
+"""The ``qwenvl`` remote commands against a real local stack (``qwenvl up``): subprocesses and real HTTP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwenvl_cli.demo_data import write_demo_dataset
+from tests.cli.conftest import QWENVL, Stack, processes_of, qwenvl, stack_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory):
+    return write_demo_dataset(tmp_path_factory.mktemp("demo-data"), n_train=60, n_validation=12)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line, line
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_status_reports_urls_health_and_the_key_file(stack: Stack) -> None:
+    result = qwenvl(stack.env, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["running"] is True
+    assert report["api"]["url"] == f"http://127.0.0.1:{stack.env['QWENVL_API_PORT']}"
+    assert report["mlflow"]["healthy"] and report["ray_dashboard"]["healthy"]
+    key = Path(report["api_key_file"]).read_text().strip()
+    assert Path(report["api_key_file"]).stat().st_mode & 0o777 == 0o600
+    models = httpx.get(f"{report['api']['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [m["id"] for m in models["data"]] == ["qwen-vl-tiny"]
+
+
+def test_files_models_chat_and_api_errors(stack: Stack, demo_data, tmp_path: Path) -> None:
+    uploaded = qwenvl(stack.env, "files", "upload", str(demo_data.validation_bundle), "--json")
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = json.loads(uploaded.stdout)["id"]
+    assert json.loads(uploaded.stdout)["status"] == "processed"
+    listed = qwenvl(stack.env, "files", "list", "--json")
+    assert file_id in [f["id"] for f in json.loads(listed.stdout)]
+    shown = qwenvl(stack.env, "files", "show", file_id)
+    assert json.loads(shown.stdout)["validation"] is not None
+    _one_line_error(qwenvl(stack.env, "files", "show", "file-nope"), "404", "file-nope")
+    _one_line_error(qwenvl(stack.env, "files", "list", "--api-key", "sk-qv-wrong_key"), "401")
+    _one_line_error(qwenvl(stack.env, "jobs", "create", "-m", "qwen-vl-tiny", "-t", "file-nope"), "file-nope")
+    _one_line_error(qwenvl(stack.env, "models", "delete", "qwen-vl-tiny"), "403", "base model")
+    models = qwenvl(stack.env, "models", "list", "--json")
+    assert [m["id"] for m in json.loads(models.stdout)] == ["qwen-vl-tiny"]
+    chat = qwenvl(stack.env, "chat", "qwen-vl-tiny", demo_data.grounding_question, "--image",
+                  str(demo_data.grounding_image), "--max-tokens", "4", "--json")
+    assert chat.returncode == 0, chat.stderr
+    assert json.loads(chat.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
+    _one_line_error(qwenvl(stack.env, "chat", "ft:nope", "hi"), "404")
+    offline = {**stack.env, "QWENVL_BASE_URL": "http://127.0.0.1:9"}
+    _one_line_error(qwenvl(offline, "models", "list"), "cannot reach the API")
+
+
+def test_tenants_create_gives_a_working_key(stack: Stack) -> None:
+    created = qwenvl(stack.env, "tenants", "create", "acme", "--json")
+    assert created.returncode == 0, created.stderr
+    body = json.loads(created.stdout)
+    assert body["tenant"]["name"] == "acme" and body["mlflow"]["username"]
+    models = qwenvl(stack.env, "models", "list", "--json", "--api-key", body["key"]["key"])
+    assert models.returncode == 0, models.stderr
+    files = qwenvl(stack.env, "files", "list", "--json", "--api-key", body["key"]["key"])
+    assert json.loads(files.stdout) == []  # the default tenant's uploads are not visible to acme
+    _one_line_error(qwenvl(stack.env, "tenants", "create", "x", "--admin-key", "sk-qv-admin-wrong"), "401")
+
+
+def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -> None:
+    train = json.loads(qwenvl(stack.env, "files", "upload", str(demo_data.train_bundle), "--json").stdout)["id"]
+    created = qwenvl(stack.env, "jobs", "create", "-m", "qwen-vl-tiny", "-t", train, "--max-steps", "400",
+                     "--workers", "1", "--cpus-per-worker", "0.5", "--json")
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    watch = subprocess.Popen([QWENVL, "jobs", "watch", job_id], env=stack.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert watch.poll() is None, "watch ended before the job did"
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 130, out + err
+    assert "keeps running" in out and "Traceback" not in err
+    time.sleep(3)
+    job = json.loads(qwenvl(stack.env, "jobs", "list", "--json").stdout)
+    job = next(j for j in job if j["id"] == job_id)
+    assert job["status"] in ("validating_files", "queued", "running") and not job["cancel_requested"]
+    cancelled = qwenvl(stack.env, "jobs", "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=240)
+    assert ended.returncode == 1 and "cancelled" in ended.stdout, ended.stdout + ended.stderr
+
+
+def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
+    env = stack_env(tmp_path / "home")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env["QWENVL_API_PORT"] = str(busy.getsockname()[1])
+        result = qwenvl(env, "up", timeout=60)
+    _one_line_error(result, "already in use", "--api-port", env["QWENVL_API_PORT"])
+    assert processes_of(tmp_path / "home") == []
+
+
+def test_up_with_a_stale_record_explains_and_down_clears_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "stack.json").write_text(json.dumps({"stack_id": "0" * 32, "api_url": "http://127.0.0.1:9",
+                                                 "pids": {}, "ray_temp_dir": ""}))
+    env = stack_env(home)
+    _one_line_error(qwenvl(env, "up", timeout=60), "stale", "qwenvl down")
+    down = qwenvl(env, "down")
+    assert down.returncode == 0 and not (home / "stack.json").exists()
+    status = qwenvl(env, "status", "--json")
+    assert status.returncode == 1 and json.loads(status.stdout)["running"] is False
