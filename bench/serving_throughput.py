@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=EngineConfig.max_batch_size,
+                        help="the engine's max batch size (default: EngineConfig's, the configuration we ship)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--load-rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)

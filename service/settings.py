@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,8 @@ class Settings(BaseSettings):
     serve_ingress_replicas: int = Field(1, ge=1, description="Replicas of the API ingress deployment.")
     serve_dtype: str | None = Field(None, description="Serving dtype of the base weights (e.g. bfloat16); None: "
                                     "the model's own.")
+    serve_quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: serve the base with its language model in NF4, as Q-LoRA adapters were trained.")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow server running the basic-auth app (http://mlflow:5000). With the admin "
         "credentials set, each new tenant gets an MLflow user that can read only its own experiment; None: "

@@ -36,7 +36,7 @@ def model_configs(settings: Settings) -> list[Any]:
                                   max_adapters_per_replica=settings.serve_max_adapters_per_replica,
                                   num_replicas=settings.serve_replicas, autoscaling_config=autoscaling,
                                   num_cpus=settings.serve_num_cpus, num_gpus=settings.serve_num_gpus,
-                                  dtype=settings.serve_dtype)
+                                  dtype=settings.serve_dtype, quantization=settings.serve_quantization)
             for model_id, model_dir in settings.base_models.items()]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from ray import serve
@@ -30,9 +30,11 @@ from ray.serve.handle import DeploymentHandle
 
 from qwenvl_core.serving.chat import AdapterLocator, ChatBackend
 from qwenvl_core.serving.engine import EngineConfig, EngineEvent, EngineRequest
+from qwenvl_core.serving.metrics import merge_expositions
 from qwenvl_core.storage import join_key, open_store
 
 APP_NAME = "qwenvl"
+METRICS_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class ModelDeploymentConfig:
     max_ongoing_requests: int = 64
     engine: EngineConfig = field(default_factory=EngineConfig)
     dtype: str | None = None  # "bfloat16" to serve (Q-)LoRA adapters on a bf16 base
+    quantization: Literal["none", "4bit"] = "none"  # "4bit": the LM in NF4, as Q-LoRA trained (see EngineConfig)
 
     @property
     def deployment_name(self) -> str:
@@ -75,7 +78,8 @@ class ModelServerBase:
 
         from qwenvl_core.serving.engine import ServingEngine
 
-        engine_config = EngineConfig(**{**asdict(config.engine), "max_adapters": config.max_adapters_per_replica})
+        engine_config = EngineConfig(**{**asdict(config.engine), "max_adapters": config.max_adapters_per_replica,
+                                        "quantization": config.quantization})
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.config = config
         self.engine = ServingEngine.from_model_dir(config.model_dir, engine_config, dtype=dtype,
@@ -112,6 +116,10 @@ class ModelServerBase:
     async def metrics(self) -> bytes:
         """This replica's Prometheus metrics (text format)."""
         return self.engine.metrics.exposition() if self.engine.metrics else b""
+
+    async def replica_metrics(self) -> tuple[str, bytes]:
+        """``(replica id, metrics)``: what ``ServeBackend.metrics`` collects from every replica by broadcast."""
+        return serve.get_replica_context().replica_id.unique_id, await self.metrics()
 
     def check_health(self) -> None:
         if not self.engine.alive:
@@ -180,6 +188,24 @@ class ServeBackend:
     async def ready(self) -> bool:
         results = await asyncio.gather(*(self._handle(b).ready.remote() for b in self.deployments))
         return all(results)
+
+    async def metrics(self) -> bytes:
+        """Every replica's metrics (``DeploymentHandle.broadcast``), labelled ``base_model`` and ``replica``.
+
+        A deployment whose replicas do not answer within ``METRICS_TIMEOUT_S`` (or have none) is left out, so
+        one stuck model never blocks the scrape of the others; replicas that failed are skipped the same way.
+        """
+        async def gather(base: str) -> list[tuple[dict[str, str], bytes]]:
+            try:
+                answers = await self._handle(base).broadcast("replica_metrics").results_async(
+                    timeout_s=METRICS_TIMEOUT_S, return_exceptions=True)
+            except Exception:  # no running replica, or the broadcast timed out
+                return []
+            return [({"base_model": base, "replica": replica}, text) for replica, text in
+                    (a for a in answers if not isinstance(a, BaseException))]
+
+        per_model = await asyncio.gather(*(gather(b) for b in self.deployments))
+        return merge_expositions(part for parts in per_model for part in parts)
 
 
 AppBuilder = Callable[[ChatBackend], FastAPI]

@@ -29,6 +29,7 @@ from qwenvl_core.conversation import ImagePart, ImageSource, Message, Part, Text
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.serving.engine import EngineEvent, EngineRequest, ImageBoxes, ServingEngine
+from qwenvl_core.serving.metrics import merge_expositions
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -165,6 +166,10 @@ class ChatBackend(Protocol):
         """Whether every base model can take requests."""
         ...
 
+    async def metrics(self) -> bytes:
+        """The serving metrics of every engine / replica, Prometheus text format (``GET /metrics``)."""
+        ...
+
 
 class InProcessBackend:
     """``ChatBackend`` over engines running in this process (one per base model)."""
@@ -185,6 +190,10 @@ class InProcessBackend:
         for engine in self.engines.values():
             engine.start()
         return all(engine.alive for engine in self.engines.values())
+
+    async def metrics(self) -> bytes:
+        return merge_expositions(({"base_model": base}, engine.metrics.exposition())
+                                 for base, engine in self.engines.items() if engine.metrics is not None)
 
 
 # ----- conversion -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,10 @@ class EngineConfig:
     max_total_tokens: int = 2048
     preprocess_threads: int = 2
     adapter_cache_dir: str | None = None
+    # "4bit": the language model's linears (not lm_head) become bitsandbytes NF4 ``Linear4bit``, exactly as
+    # Q-LoRA training quantizes them (``training.lora.quantize_language_model``): Q-LoRA adapters are served on
+    # the base they were trained on. "none": the base as loaded (Q-LoRA adapters then run on the unquantized base).
+    quantization: Literal["none", "4bit"] = "none"
 
 
 @dataclass
@@ -208,9 +212,16 @@ class ServingEngine:
         metrics: ServingMetrics | None = None,
         dtype: torch.dtype | None = None,
     ) -> ServingEngine:
-        """Load the base model and processor of a local model directory."""
+        """Load the base model and processor of a local model directory (LM in 4-bit if ``config.quantization``)."""
         family = detect_family(model_dir)
-        return cls(family.load_model(model_dir, dtype=dtype), family.load_processor(model_dir), family, config, metrics)
+        model = family.load_model(model_dir, dtype=dtype)
+        if config.quantization == "4bit":
+            from qwenvl_core.training.lora import quantize_language_model
+
+            quantize_language_model(model, family, dtype or next(model.parameters()).dtype)
+        elif config.quantization != "none":
+            raise QwenVLError(f"quantization {config.quantization!r}: expected 'none' or '4bit'")
+        return cls(model, family.load_processor(model_dir), family, config, metrics)
 
     # ----- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -2,12 +2,18 @@
 
 This module owns the metric names and labels. Every metric carries ``adapter`` (the adapter id, or
 ``__base__`` for the base model); the registry is never the global one, so each engine (and each test) has its
-own. ``ServingMetrics`` also implements the adapter cache's ``CacheObserver``.
+own. ``ServingMetrics`` also implements the adapter cache's ``CacheObserver``; ``merge_expositions`` combines
+several registries' expositions (engines, replicas) into the one a ``/metrics`` endpoint returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 BASE_LABEL = "__base__"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -58,3 +64,31 @@ class ServingMetrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (for a ``/metrics`` endpoint)."""
         return generate_latest(self.registry)
+
+
+def merge_expositions(parts: Iterable[tuple[Mapping[str, str], bytes]]) -> bytes:
+    """One Prometheus text exposition from several (extra labels, exposition) pairs.
+
+    Used where one endpoint reports several registries: the engines of an in-process backend (labelled
+    ``base_model``) or the replicas of Serve deployments (labelled ``base_model`` and ``replica``). Families with
+    the same name are merged into one; every sample gets the pair's labels, so series stay distinct.
+    """
+    families: dict[str, Metric] = {}
+    for labels, text in parts:
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type,
+                                                        family.unit)
+            merged.samples.extend(s._replace(labels={**s.labels, **labels}) for s in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families

@@ -4,8 +4,9 @@ Owns LoRA target resolution (presets and custom suffixes resolved to full module
 model only**; a custom name that would also hit the vision tower is refused), which parts train (LoRA, the
 optional vision-language adapter, ``modules_to_save``), and Q-LoRA: every LM linear layer except ``lm_head``
 becomes a bitsandbytes ``Linear4bit`` (NF4, double quantisation); the vision tower, the adapter and the LoRA
-weights stay unquantised. Serving / merging a Q-LoRA adapter uses the unquantised base (see
-``docs/architecture.md``, "Training").
+weights stay unquantised. Merging a Q-LoRA adapter uses the unquantised base; serving can use either the NF4
+base (``EngineConfig.quantization="4bit"`` calls ``quantize_language_model``) or the unquantised one (see
+``docs/architecture.md``, "Training" and "Serving").
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ engine errors to the service's error envelope, and streaming SSE chunks. Generat
 ``ChatBackend`` protocol (``qwenvl_core.serving.chat``): ``InProcessBackend`` locally, ``ServeBackend``
 (``workflows/serve_app.py``) on Ray Serve.
 
-Mounting on the control plane: ``mount_chat(app, backend)`` (uses the service's tenant auth and database);
+``GET /metrics`` returns the backend's per-adapter Prometheus metrics (every engine, or every Serve replica);
+``GET /v1/chat/ready`` is readiness of the model servers (liveness is the app's ``GET /health``).
+
+Mounting on the control plane: ``mount_chat(app, backend)`` (uses the service's tenant auth and database;
+``/metrics`` needs the admin key there, since adapter ids name tenants);
 ``create_chat_router`` takes every dependency explicitly (used by tests and other hosts).
 """
 
@@ -17,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from qwenvl_core.conversation import ImageSource
@@ -65,8 +70,13 @@ def create_chat_router(
     adapter_resolver: AdapterResolver,
     tenant_dependency: Callable[..., Any],
     image_resolver: ImageResolver | None = None,
+    metrics_dependency: Callable[..., Any] | None = None,
 ) -> APIRouter:
-    """The chat route; ``tenant_dependency`` is a FastAPI dependency giving the caller's tenant (id or row)."""
+    """The chat routes; ``tenant_dependency`` is a FastAPI dependency giving the caller's tenant (id or row).
+
+    ``metrics_dependency`` guards ``GET /metrics`` (e.g. the admin key); ``None`` leaves it open, as Prometheus
+    scrapers usually expect on a private network.
+    """
     router = APIRouter(tags=["chat"])
 
     async def target(model: str, tenant_id: str) -> tuple[str, AdapterLocator | None]:
@@ -101,6 +111,14 @@ def create_chat_router(
         if not await backend.ready():
             raise Unavailable("the model servers are not ready", code="not_ready")
         return {"status": "ok", "base_models": backend.base_models()}
+
+    guards = [Depends(metrics_dependency)] if metrics_dependency else []
+
+    @router.get("/metrics", operation_id="serving-metrics", dependencies=guards, response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def serving_metrics() -> Response:
+        """Per-adapter serving metrics of every engine / replica, Prometheus text format."""
+        return Response(await backend.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
@@ -147,12 +165,13 @@ def service_image_resolver(ctx: Any) -> ImageResolver:
 
 def mount_chat(app: FastAPI, backend: ChatBackend) -> None:
     """Add the chat route to the control-plane app (``service.main.create_app``), with its auth and database."""
-    from service.deps import current_tenant
+    from service.deps import current_tenant, require_admin
 
     ctx = app.state.ctx
     app.include_router(create_chat_router(backend, adapter_resolver=service_adapter_resolver(ctx),
                                           tenant_dependency=current_tenant,
-                                          image_resolver=service_image_resolver(ctx)))
+                                          image_resolver=service_image_resolver(ctx),
+                                          metrics_dependency=require_admin))
     ctx.deleted_hooks.append(eviction_hook(backend))
 
 
@@ -183,4 +202,10 @@ def standalone_app(backend: ChatBackend, *, adapter_resolver: AdapterResolver, a
     install_error_handlers(app)
     app.include_router(create_chat_router(backend, adapter_resolver=adapter_resolver, tenant_dependency=tenant,
                                           image_resolver=image_resolver))
+
+    @app.get("/health", operation_id="health-live")
+    def health() -> dict[str, str]:
+        """Liveness: the process answers (readiness of the model servers is ``GET /v1/chat/ready``)."""
+        return {"status": "ok"}
+
     return app

@@ -20,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Header
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from qwenvl_core.serving.chat import AdapterLocator, InProcessBackend
 from qwenvl_core.serving.engine import EngineConfig, ServingEngine
@@ -189,3 +190,52 @@ def test_load_200_requests_over_10_adapters_16_concurrent(server):
     assert server.engine.stats.max_adapters_in_forward >= 2
     assert server.engine.stats.forwards - forwards < 200 * 4  # requests shared forwards
     assert server.engine.cache.stats.evictions > 0  # 10 adapters through 4 slots
+
+
+def scrape(text: str) -> dict[tuple[str, frozenset], float]:
+    """``{(sample name, labels): value}`` of a Prometheus exposition, parsed by the official parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The sum of ``name`` over every series whose labels include ``labels`` (0 if none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def test_metrics_endpoint_reports_per_adapter_series(server):
+    ns = "qwenvl_serving_"
+    models = [f"ft:{BASE}:tenant-a:s{i}:job{i}" for i in range(6)]  # 6 adapters through 4 cache slots
+    before = scrape(httpx.get(f"{server.url}/metrics").text)
+    client = _client(server)
+    for model in [*models, models[5], models[5]]:  # the last two are cache hits
+        client.chat.completions.create(model=model, max_tokens=3, temperature=0,
+                                       messages=[{"role": "user", "content": "hello"}])
+
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = scrape(response.text)
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, ns + name, **labels) - sample(before, ns + name, **labels)
+
+    first, last = models[0], models[5]
+    for model, n in ((first, 1), (last, 3)):
+        labels = {"adapter": model, "base_model": BASE}
+        assert delta("requests_total", outcome="ok", **labels) == n
+        assert delta("time_to_first_token_seconds_count", **labels) == n
+        assert delta("request_latency_seconds_count", **labels) == n
+        assert delta("inter_token_latency_seconds_count", **labels) == 2 * n  # 3 tokens: 2 gaps per request
+        assert delta("generated_tokens_total", **labels) == 3 * n
+        assert delta("prompt_tokens_total", **labels) > 0
+        assert delta("adapter_cache_hits_total", **labels) + delta("adapter_cache_misses_total", **labels) == n
+    assert delta("adapter_cache_hits_total", adapter=last) >= 2
+    assert sample(after, ns + "adapter_cache_misses_total", adapter=last) >= 1
+    assert sample(after, ns + "adapter_load_seconds_count", adapter=last) >= 1
+    assert sample(after, ns + "adapter_load_seconds_sum", adapter=last) > 0
+    assert sample(after, ns + "adapter_evictions_total", adapter=first) >= 1  # LRU of 6 adapters in 4 slots
+    assert (ns + "running_requests", frozenset({("base_model", BASE)})) in after
+
+    ready = httpx.get(f"{server.url}/v1/chat/ready")
+    assert ready.status_code == 200 and ready.json()["base_models"] == [BASE]

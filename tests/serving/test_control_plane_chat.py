@@ -51,3 +51,11 @@ def test_delete_through_the_api_makes_the_adapter_unservable_and_evicts_it(app_a
     assert model_id not in engine.cache  # evicted by the deletion hook, not by LRU pressure
     assert _chat(client, key_a, model_id)["error"]["code"] == "model_not_found"
     assert BASE in {m["id"] for m in client.get("/v1/models", headers=auth(key_a)).json()["data"]}
+
+    # /metrics names adapters (and so tenants): on the control plane only the admin key may scrape it
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=auth(key_a)).status_code in (401, 403)
+    scraped = client.get("/metrics", headers=auth(ADMIN))
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    assert client.get("/health").status_code == 200 and client.get("/v1/chat/ready", headers=auth(key_a)).json()[
+        "status"] == "ok"

@@ -123,3 +123,45 @@ def test_adapter_published_after_start_is_served_then_deleted(serve_url, tiny_mo
     with pytest.raises(openai.NotFoundError):
         _ask(serve_url, model)
     assert time.monotonic() - deleted < 1.0
+
+
+def test_metrics_endpoint_gathers_every_replica(serve_url, adapter_dirs, s3_server, monkeypatch):
+    """``GET /metrics`` through Serve: both replicas answer the broadcast, series are per adapter and replica."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    for i in (3, 4, 5):
+        _publish(adapter_dirs[i], f"job{i}")
+    jobs = [f"job{i}" for i in range(6)]  # 6 adapters over 2 replicas x 2 slots: some must be evicted
+    for job in [*jobs, "job5", "job5"]:
+        _ask(serve_url, _model(job), tokens=3)
+
+    response = httpx.get(f"{serve_url}/metrics", timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = [s for f in text_string_to_metric_families(response.text) for s in f.samples]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == f"qwenvl_serving_{name}" and labels.items() <= s.labels.items())
+
+    replicas = {s.labels["replica"] for s in samples}
+    assert len(replicas) == 2 and all(s.labels["base_model"] == BASE for s in samples)  # every replica reported
+    assert replicas == set(_replica_stats())
+    for job in jobs:
+        adapter = _model(job)
+        assert total("requests_total", adapter=adapter, outcome="ok") >= 1
+        assert total("time_to_first_token_seconds_count", adapter=adapter) >= 1
+        assert total("request_latency_seconds_count", adapter=adapter) >= 1
+        assert total("generated_tokens_total", adapter=adapter) >= 1
+        assert total("adapter_cache_misses_total", adapter=adapter) >= 1
+        assert total("adapter_load_seconds_count", adapter=adapter) >= 1
+    late = _model("job5")
+    assert total("requests_total", adapter=late) == 3 and total("adapter_cache_hits_total", adapter=late) >= 2
+    assert total("adapter_load_seconds_sum", adapter=late) > 0
+    # one replica served job5's three requests (multiplexing), and it reports them under its own label
+    assert sorted(total("requests_total", adapter=late, replica=r) for r in replicas) == [0, 3]
+    assert total("adapter_evictions_total") >= 2
+    assert total("requests_total", adapter="__base__") >= 2  # the first test's base-model requests
+    assert httpx.get(f"{serve_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{serve_url}/v1/chat/ready", timeout=60).json()["status"] == "ok"
