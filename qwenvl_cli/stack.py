@@ -35,17 +35,11 @@ import httpx
 import typer
 
 from qwenvl_cli.client import STATE_FILE, ApiError, qwenvl_home, read_state
+from service.mlflow_tenants import basic_auth_ini
 
 BASE_MODEL = "qwen-vl-tiny"
 MLFLOW_ADMIN = "admin"
 MARKER = "QWENVL_STACK_ID"
-AUTH_INI = """[mlflow]
-default_permission = NO_PERMISSIONS
-database_uri = sqlite:///{db}
-admin_username = {user}
-admin_password = {password}
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
 
 ApiPort = Annotated[int, typer.Option("--api-port", envvar="QWENVL_API_PORT", help="Port of the REST API.")]
 MlflowPort = Annotated[int, typer.Option("--mlflow-port", envvar="QWENVL_MLFLOW_PORT", help="MLflow UI port.")]
@@ -308,7 +302,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
 def _start_mlflow(home: Path, env: dict[str, str], port: int, password: str, log: Path) -> subprocess.Popen[bytes]:
     root = home / "mlflow"
     ini = root / "basic_auth.ini"
-    ini.write_text(AUTH_INI.format(db=root / "auth.db", user=MLFLOW_ADMIN, password=password))
+    ini.write_text(basic_auth_ini(root / "auth.db", MLFLOW_ADMIN, password))
     ini.chmod(0o600)
     menv = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +30,19 @@ from service.settings import Settings
 
 EXPERIMENT_PERMISSION = "READ"
 _EXISTS = "RESOURCE_ALREADY_EXISTS"
+
+
+def basic_auth_ini(database: str | Path, admin_username: str, admin_password: str) -> str:
+    """The config of MLflow's basic-auth app (``MLFLOW_AUTH_CONFIG_PATH``): nobody may read anything unless
+    granted, which is what makes per-tenant experiment permissions meaningful."""
+    return (
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{database}\n"
+        f"admin_username = {admin_username}\n"
+        f"admin_password = {admin_password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
 
 
 @dataclass(frozen=True)

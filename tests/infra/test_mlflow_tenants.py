@@ -21,19 +21,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from service.main import create_app
+from service.mlflow_tenants import basic_auth_ini
 from service.settings import Settings
 from tests.fixtures.net import free_port, wait_for_port
 
 ADMIN_KEY = "admin-key-for-infra-tests-0123456789"
 MLFLOW_ADMIN = "mlflow-admin"
 DENIED = "PERMISSION_DENIED|403"
-AUTH_INI = """[mlflow]
-default_permission = NO_PERMISSIONS
-database_uri = sqlite:///{db}
-admin_username = {user}
-admin_password = {password}
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     root = tmp_path_factory.mktemp("mlflow-auth")
     password = secrets.token_urlsafe(16)
     ini = root / "basic_auth.ini"
-    ini.write_text(AUTH_INI.format(db=root / "auth.db", user=MLFLOW_ADMIN, password=password))
+    ini.write_text(basic_auth_ini(root / "auth.db", MLFLOW_ADMIN, password))
     port = free_port()
     exe = str(Path(sys.executable).parent / "mlflow")  # the project's own, never another one on PATH
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
