@@ -139,13 +139,31 @@ class S3Store:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
 
     def put_stream(self, key: str, stream: IO[bytes]) -> StoredObject:
-        # Spool through a temporary file so the checksum is known before the object becomes visible.
+        # Spool through a temporary file so the checksum is known before the object becomes visible, then
+        # upload one part at a time: memory holds one CHUNK_BYTES part, whatever the object's size.
         with tempfile.TemporaryFile() as spool:
             size, sha = _hashing_copy(stream, spool)
             spool.seek(0)
-            self.client.upload_fileobj(spool, self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}},
-                                       Config=_transfer_config())
+            if size <= CHUNK_BYTES:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=spool.read(), Metadata={"sha256": sha})
+            else:
+                self._multipart(key, spool, {"sha256": sha})
         return StoredObject(key=key, size=size, sha256=sha)
+
+    def _multipart(self, key: str, spool: IO[bytes], metadata: dict[str, str]) -> None:
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)["UploadId"]
+        parts = []
+        try:
+            while chunk := spool.read(CHUNK_BYTES):
+                number = len(parts) + 1
+                etag = self.client.upload_part(Bucket=self.bucket, Key=key, PartNumber=number, UploadId=upload_id,
+                                               Body=chunk)["ETag"]
+                parts.append({"ETag": etag, "PartNumber": number})
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -186,13 +204,6 @@ class S3Store:
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-
-
-def _transfer_config() -> Any:
-    """Multipart uploads with bounded memory: at most 4 parts of 8 MiB in flight (boto3 defaults to 10)."""
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(multipart_chunksize=CHUNK_BYTES, max_concurrency=4)
 
 
 def open_store(uri: str) -> tuple[ObjectStore, str]:
