@@ -7,6 +7,19 @@ running local one, else a new local one); the REST service submits exactly this 
 
 Ray touch points are numbered: [1] the checkpoint to resume from, [2] checkpoint reports (every rank, its own
 files), [3] the final outcome (rank 0, into the run directory), [4] ``TorchTrainer.fit`` with Scaling/Run/Checkpoint/Failure configs.
+
+**Restart.** Running the same command again for the same spec (the driver died: node lost, the service re-queued
+the job) continues the job. Ray Train V2 restores it by itself: ``TrainController`` builds a ``CheckpointManager``
+that loads ``checkpoint_manager_snapshot.json`` from ``{storage_path}/{name}`` (``_maybe_load_state_from_storage``)
+and hands its latest checkpoint to the new workers (``before_init_train_context`` -> ``ray.train.get_checkpoint()``
+in [1]); ``TorchTrainer.restore`` / ``resume_from_checkpoint`` are deprecated in V2 and raise. A checkpoint enters
+the snapshot only once every rank has uploaded its files, so one that was being written when the driver died is
+never resumed from (its step is trained again and its folder overwritten). ``run_job`` adds: a job whose
+``result.json`` says succeeded / cancelled is not trained again (the stored result is returned); a job whose
+training had finished (``outcome.json``) only records its result; an unreadable snapshot (driver killed while Ray
+wrote it) is set aside, so the job restarts from step 0 instead of failing every attempt; a run directory holding
+the same job id with a different spec is refused untouched. Events continue their numbering, with a ``state``
+event ``running`` marked ``restart`` and the loop's "resumed from step N" message.
 """
 
 from __future__ import annotations
@@ -27,8 +40,9 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-from qwenvl_core.runs import SPEC_FILE, RunDir
+from qwenvl_core.runs import RESULT_FILE, SPEC_FILE, RunDir
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.storage import read_uri
 from qwenvl_core.training import EventProgress, Hooks, RunDirCancel, RunDirEvents, Trainer
@@ -46,22 +60,28 @@ class RayCheckpoints:
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
-class KillAtStep:
-    """Test fault: SIGKILL this worker after ``step`` once (a marker file makes it happen only once).
+class FaultAtStep:
+    """Test fault (``QWENVL_FAULT``): SIGKILL this worker after ``step`` once (a marker file makes it happen once).
 
     ``delay_s`` waits first, so that Ray's controller has registered the checkpoints reported before (it
     collects reports on its health-check poll, every 2 s by default; a worker killed within that window
-    takes the not-yet-collected report with it and Ray resumes from the checkpoint before).
+    takes the not-yet-collected report with it and Ray resumes from the checkpoint before). With ``kill`` false
+    the worker is only held at ``step`` for ``delay_s`` (marker written first), e.g. while a test kills the driver.
     """
 
-    def __init__(self, step: int, marker: str, delay_s: float = 0.0) -> None:
-        self.step, self.marker, self.delay_s = step, Path(marker), delay_s
+    def __init__(self, step: int, marker: str, delay_s: float = 0.0, kill: bool = True) -> None:
+        self.step, self.marker, self.delay_s, self.kill = step, Path(marker), delay_s, kill
 
     def __call__(self, step: int) -> None:
-        if step == self.step and not self.marker.exists():
-            time.sleep(self.delay_s)
+        if step != self.step or self.marker.exists():
+            return
+        if not self.kill:
             self.marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(self.delay_s)
+            return
+        time.sleep(self.delay_s)
+        self.marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _hooks(spec: FineTuneJobSpec, rank: int, config: dict[str, Any]) -> tuple[Hooks, Any]:
@@ -80,7 +100,8 @@ def _hooks(spec: FineTuneJobSpec, rank: int, config: dict[str, Any]) -> tuple[Ho
             hooks.metrics.append(tracker)
     fault = config.get("fault") or json.loads(os.environ.get("QWENVL_FAULT", "null"))
     if fault and fault["rank"] == rank:
-        hooks.on_step.append(KillAtStep(int(fault["step"]), fault["marker"], float(fault.get("delay_s", 0.0))))
+        hooks.on_step.append(FaultAtStep(int(fault["step"]), fault["marker"], float(fault.get("delay_s", 0.0)),
+                                         bool(fault.get("kill", True))))
     return hooks, tracker
 
 
@@ -149,15 +170,34 @@ def build_trainer(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) ->
 
 
 def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run ``spec`` on the connected Ray cluster; writes spec.json, events and result.json; returns the result."""
+    """Run ``spec`` on the connected Ray cluster; writes spec.json, events and result.json; returns the result.
+
+    Run again for the same spec, it continues the job (see "Restart" in the module docstring).
+    """
     run = RunDir(spec.output_uri)
+    stored = run.read_json(SPEC_FILE)
+    same_job = isinstance(stored, dict) and stored.get("job_id") == spec.job_id
+    if same_job and not _same_spec(stored, spec):
+        return {"job_id": spec.job_id, "state": JobState.FAILED.value,  # nothing of that run is touched
+                "error": f"{run.uri}: holds job {spec.job_id} with a different spec; use a new output_uri or job_id"}
+    previous = run.read_result() if same_job else None
+    if previous is not None and previous.get("job_id") == spec.job_id and previous.get("state") in FINAL_STATES:
+        return previous  # finished: never trained again
+    events = RunDirEvents(run)
+    restart = same_job and events.seq > 0  # an earlier attempt of this job wrote events
     run.write_json(SPEC_FILE, spec.model_dump(mode="json"))
-    RunDirEvents(run).state(JobState.RUNNING, f"job {spec.job_id} started on Ray Train")
+    final = run.read_json(OUTCOME_FILE) if restart and previous is None else None  # trained, then the driver died
+    if restart:
+        announce_restart(run, spec, events, retry_failed=previous is not None, trained=final is not None)
+    else:
+        events.state(JobState.RUNNING, f"job {spec.job_id} started on Ray Train")
     try:
-        if run.exists(OUTCOME_FILE):
-            run.store.delete(run.key(OUTCOME_FILE))
-        build_trainer(spec, fault).fit()
-        final = run.read_json(OUTCOME_FILE)
+        if final is None:
+            for stale in (OUTCOME_FILE, RESULT_FILE):
+                if run.exists(stale):
+                    run.store.delete(run.key(stale))
+            build_trainer(spec, fault).fit()
+            final = run.read_json(OUTCOME_FILE)
         if final is None:
             raise RuntimeError("training ended without an outcome")
     except Exception as e:  # the job's failure is reported, not raised: the caller reads result.json
@@ -171,6 +211,66 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
     RunDirEvents(run).state(JobState(final["state"]), f"job {final['state']}")
     run.write_result(result)
     return result
+
+
+FINAL_STATES = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)
+
+
+def _same_spec(stored: dict[str, Any], spec: FineTuneJobSpec) -> bool:
+    try:
+        return FineTuneJobSpec.model_validate(stored) == spec
+    except ValueError:
+        return False
+
+
+def ray_snapshot_key(run: RunDir, spec: FineTuneJobSpec) -> str:
+    """Ray Train's run snapshot (its registered checkpoints) under ``RunConfig(name=job_id, storage_path)``."""
+    return run.key("checkpoints", spec.job_id, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+
+
+def ray_resume_step(run: RunDir, spec: FineTuneJobSpec) -> int | None:
+    """The step Ray Train will resume ``spec`` from: its snapshot's latest checkpoint (None: from step 0).
+
+    Raises ``ValueError`` when the snapshot exists but Ray could not load it (not JSON, e.g. cut short by a
+    killed driver, or naming a checkpoint folder that is gone).
+    """
+    raw = run.store.get_bytes(ray_snapshot_key(run, spec))
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        names = [r["checkpoint_dir_name"] for r in doc["checkpoint_results"]]
+        latest = doc["latest_checkpoint_result"] and doc["latest_checkpoint_result"]["checkpoint_dir_name"]
+        step = int(latest.removeprefix("step_")) if latest else None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"is unreadable ({type(e).__name__}: {e})") from e
+    missing = [n for n in names if not run.store.list_keys(run.key("checkpoints", spec.job_id, n))]
+    if missing or (latest and latest not in names):  # Ray's CheckpointManager._load_state would raise
+        raise ValueError(f"names checkpoint folder(s) that are gone or unlisted: {missing or [latest]}")
+    return step
+
+
+def announce_restart(run: RunDir, spec: FineTuneJobSpec, events: RunDirEvents, retry_failed: bool,
+                     trained: bool = False) -> None:
+    """The ``running`` state event of a relaunched job, naming the step it resumes from."""
+    why = "after a failed attempt" if retry_failed else "after its driver ended without a result"
+    if trained:
+        events.state(JobState.RUNNING, f"job {spec.job_id} restarted {why}; its training had finished, "
+                     "recording the result", restart=True, checkpoint_step=None)
+        return
+    key = ray_snapshot_key(run, spec)
+    try:
+        step = ray_resume_step(run, spec)
+    except ValueError as e:  # Ray would refuse to start on it, on every attempt: set it aside, train from 0
+        run.store.put_bytes(f"{key}.unusable-{time.time_ns()}", run.store.get_bytes(key) or b"")
+        run.store.delete(key)
+        where = run.uri_of("checkpoints", spec.job_id, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+        events.emit("message", f"Ray Train's run snapshot {where} {e}; set aside, training starts from step 0",
+                    level="warn")
+        step = None
+    where = f"resuming from the checkpoint of step {step}" if step else "no checkpoint yet, starting from step 0"
+    events.state(JobState.RUNNING, f"job {spec.job_id} restarted on Ray Train {why}; {where}",
+                 restart=True, checkpoint_step=step)
 
 
 def _error_text(error: BaseException) -> str:
