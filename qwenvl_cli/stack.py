@@ -5,13 +5,15 @@
   ``$QWENVL_HOME/mlflow/admin_password`` (the UI asks for user ``admin``);
 - a Ray head (``ray start --head --block``, token auth, dashboard on :8265) whose environment carries the
   platform's ``QWENVL_*`` settings, so every Serve replica and training job on it reads them;
+- with ``--worker-nodes N``, N more Ray nodes on this machine (``ray start --block --address=<head>``, same
+  environment), so that Serve replicas and Ray Train workers spread over several nodes as on a real cluster;
 - the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment for
   the tiny Qwen-VL materialised into ``$QWENVL_HOME/models/qwen-vl-tiny`` on first start) on :8000.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
 
 Every process of the stack (and every process Ray starts for it) carries ``QWENVL_STACK_ID`` in its environment;
 ``down`` stops the recorded process groups, then anything still carrying that marker, so nothing is left behind.
-``stack.json`` records the pids, ports and URLs.
+``stack.json`` records the pids, ports and URLs, and the number of worker nodes.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class StackState:
     ray_temp_dir: str
     pids: dict[str, int]
     started_at: float
+    worker_nodes: int = 0
 
 
 def _bin(name: str) -> str:
@@ -182,6 +185,39 @@ def ray_auth_header(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def ray_nodes(dashboard_url: str, token: str) -> list[dict[str, Any]]:
+    """The cluster's nodes (dead ones included) from the dashboard's state API: ``node_id``, ``state``
+    (``ALIVE`` / ``DEAD``), ``is_head_node``, ``resources_total``, ..."""
+    response = httpx.get(f"{dashboard_url}/api/v0/nodes", params={"limit": 1000, "detail": "true"}, timeout=10,
+                         headers=ray_auth_header(token))
+    response.raise_for_status()
+    return list(response.json()["data"]["result"]["result"])
+
+
+def alive_nodes(dashboard_url: str, token: str) -> int | None:
+    """How many nodes of the cluster are alive; None when the dashboard does not answer."""
+    try:
+        return sum(node["state"] == "ALIVE" for node in ray_nodes(dashboard_url, token))
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        return None
+
+
+def wait_nodes(dashboard_url: str, token: str, expected: int, timeout_s: float,
+               workers: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
+    """Wait until ``expected`` nodes are alive; a worker-node process that exits meanwhile is an error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for i, (process, log) in enumerate(workers, 1):
+            if process.poll() is not None:
+                raise StackError(f"Ray worker node {i} exited with status {process.returncode} while starting; "
+                                 f"see {log}")
+        if alive_nodes(dashboard_url, token) == expected:
+            return
+        time.sleep(0.5)
+    raise StackError(f"the Ray cluster does not have {expected} alive nodes after {timeout_s:.0f} s; see "
+                     f"{workers[-1][1].parent}")
+
+
 def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -246,8 +282,13 @@ def stop_stack(state: dict[str, Any]) -> None:
 
 # ----- commands ---------------------------------------------------------------------------------------------------
 def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, dashboard_port: int = 8265,
-                num_cpus: int = 4, timeout_s: float = 180, echo: Any = typer.echo) -> StackState:
+                num_cpus: int = 4, worker_nodes: int = 0, timeout_s: float = 180,
+                echo: Any = typer.echo) -> StackState:
     """Start the stack (see the module docstring); on any failure everything started is stopped again."""
+    if worker_nodes < 0:
+        raise StackError(f"--worker-nodes must be 0 or more, not {worker_nodes}")
+    if num_cpus < 1:
+        raise StackError(f"--num-cpus must be 1 or more, not {num_cpus}")
     existing = read_state(home)
     if existing is not None:
         if marked_pids(existing["stack_id"]):
@@ -275,7 +316,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
     env = stack_env(home, stack_id=stack_id, dashboard_url=dashboard_url, mlflow_url=mlflow_url,
                     ray_token=ray_token, mlflow_password=mlflow_password, model_dir=model_dir)
     state = StackState(stack_id, str(home), f"http://127.0.0.1:{api_port}", mlflow_url, dashboard_url,
-                       f"127.0.0.1:{gcs_port}", str(temp_dir), {}, time.time())
+                       f"127.0.0.1:{gcs_port}", str(temp_dir), {}, time.time(), worker_nodes)
     try:
         echo("starting MLflow ...")
         mlflow = _start_mlflow(home, env, mlflow_port, mlflow_password, logs / "mlflow.log")
@@ -287,6 +328,17 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
         _write_state(home, state)
         wait_http(f"{dashboard_url}/api/version", timeout_s, "the Ray head", logs / "ray.log", process=ray_head,
                   headers=ray_auth_header(ray_token))
+        if worker_nodes:
+            echo(f"starting {worker_nodes} Ray worker node(s) ...")
+            workers = []
+            for i in range(1, worker_nodes + 1):
+                log = logs / f"ray-worker-{i}.log"
+                node = _popen(ray_worker_command(gcs_address=state.gcs_address, temp_dir=temp_dir,
+                                                 num_cpus=num_cpus), env, log)
+                state.pids[f"ray_worker_{i}"] = node.pid
+                workers.append((node, log))
+            _write_state(home, state)
+            wait_nodes(dashboard_url, ray_token, 1 + worker_nodes, timeout_s, workers)
         wait_http(f"{mlflow_url}/health", timeout_s, "MLflow", logs / "mlflow.log", process=mlflow)
         echo("deploying the API and the model (Ray Serve) ...")
         deploy_app(env, state.gcs_address, api_port, logs / "serve.log", timeout_s)
@@ -340,19 +392,24 @@ def stack_status(home: Path) -> dict[str, Any]:
         report[name] = {"url": url, "healthy": healthy}
     report["api"]["docs_url"] = state["api_url"] + "/docs"
     report["mlflow"]["username"] = MLFLOW_ADMIN
-    report["running"] = all(report[n]["healthy"] for n in checks)
+    expected = 1 + int(state.get("worker_nodes", 0))
+    alive = alive_nodes(state["dashboard_url"], token_file.read_text().strip()) if token_file.is_file() else None
+    report["ray_nodes"] = {"alive": alive, "expected": expected}
+    report["running"] = all(report[n]["healthy"] for n in checks) and alive == expected
     report["processes"] = len(marked_pids(state["stack_id"]))
     return report
 
 
 def up(api_port: ApiPort = 8000, mlflow_port: MlflowPort = 5000, dashboard_port: DashPort = 8265,
-       num_cpus: Annotated[int, typer.Option(help="Logical CPUs the Ray head offers.")] = 4,
+       num_cpus: Annotated[int, typer.Option(help="Logical CPUs each Ray node (head, workers) offers.")] = 4,
+       worker_nodes: Annotated[int, typer.Option(
+           "--worker-nodes", help="Extra Ray worker nodes to start on this machine (try multi-node locally).")] = 0,
        timeout: Annotated[float, typer.Option(help="Seconds each component may take to start.")] = 300.0) -> None:
     """Start the local stack: Ray head (dashboard), the API + model on Ray Serve, MLflow; state in QWENVL_HOME."""
     home = qwenvl_home()
     started = time.monotonic()
     state = start_stack(home, api_port=api_port, mlflow_port=mlflow_port, dashboard_port=dashboard_port,
-                        num_cpus=num_cpus, timeout_s=timeout)
+                        num_cpus=num_cpus, worker_nodes=worker_nodes, timeout_s=timeout)
     typer.echo(f"stack up in {time.monotonic() - started:.0f} s")
     _print_status(stack_status(home))
     del state
@@ -390,6 +447,9 @@ def _print_status(report: dict[str, Any]) -> None:
                f"docs {report['api']['docs_url']}")
     typer.echo(f"MLflow UI      {report['mlflow']['url']}  [{mark[report['mlflow']['healthy']]}]  user admin, "
                f"password in {report['mlflow_password_file']}")
-    typer.echo(f"Ray dashboard  {report['ray_dashboard']['url']}  [{mark[report['ray_dashboard']['healthy']]}]")
+    nodes = report["ray_nodes"]
+    alive = "?" if nodes["alive"] is None else nodes["alive"]
+    typer.echo(f"Ray dashboard  {report['ray_dashboard']['url']}  [{mark[report['ray_dashboard']['healthy']]}]  "
+               f"nodes {alive}/{nodes['expected']} alive")
     typer.echo(f"API key file   {report['api_key_file']}  (default tenant)")
     typer.echo(f"admin key file {report['admin_key_file']}")
