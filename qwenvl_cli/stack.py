@@ -128,6 +128,9 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     return env
 
 
+RAY_WORKER_PORTS = (10002, 19999)  # ``ray start``'s default --min-worker-port / --max-worker-port
+
+
 def ray_head_command(*, gcs_port: int, dashboard_port: int, temp_dir: Path, num_cpus: int) -> list[str]:
     """``ray start --head --block`` on private ports (only the dashboard's is fixed)."""
     return [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
@@ -296,6 +299,10 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
                              "see `qwenvl status`, or stop it with `qwenvl down`")
         raise StackError(f"{home / STATE_FILE} records a stack whose processes are gone (stale, e.g. after a "
                          "reboot or a crash): run `qwenvl down` to clear it, then `qwenvl up`")
+    if RAY_WORKER_PORTS[0] <= dashboard_port <= RAY_WORKER_PORTS[1]:
+        raise StackError(f"--dashboard-port {dashboard_port} is inside the range Ray keeps for its worker processes "
+                         f"({RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}), so Ray would refuse it: choose a port "
+                         "outside it, e.g. 8265")
     for what, port, flag in (("the API", api_port, "--api-port"), ("MLflow", mlflow_port, "--mlflow-port"),
                              ("the Ray dashboard", dashboard_port, "--dashboard-port")):
         if port_busy(port):

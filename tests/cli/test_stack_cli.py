@@ -116,6 +116,13 @@ def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
     assert processes_of(tmp_path / "home") == []
 
 
+def test_up_with_a_dashboard_port_ray_keeps_for_workers_explains(tmp_path: Path) -> None:
+    env = {**stack_env(tmp_path / "home"), "QWENVL_DASHBOARD_PORT": "18265"}
+    result = qwenvl(env, "up", timeout=60)
+    _one_line_error(result, "--dashboard-port 18265", "10002-19999")
+    assert processes_of(tmp_path / "home") == []
+
+
 def test_up_with_a_stale_record_explains_and_down_clears_it(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
