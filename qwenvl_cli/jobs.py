@@ -30,15 +30,16 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 def job_body(model: str, training_file: str, *, validation_file: str | None = None, suffix: str | None = None,
              n_epochs: int | None = None, batch_size: int | None = None, lr_multiplier: float | None = None,
-             max_steps: int | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
-             lora_r: int | None = None, lora_alpha: float | None = None, train_adapter: bool = False,
+             max_steps: int | None = None, micro_batch_size: int | None = None, workers: int | None = None,
+             cpus_per_worker: float | None = None, lora_r: int | None = None, lora_alpha: float | None = None, train_adapter: bool = False,
              seed: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``POST /v1/fine_tuning/jobs`` body (OpenAI fields + the platform's extensions)."""
     hp = {k: v for k, v in {"n_epochs": n_epochs, "batch_size": batch_size,
                             "learning_rate_multiplier": lr_multiplier}.items() if v is not None}
     body: dict[str, Any] = {"model": model, "training_file": training_file,
                             "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
-    optional = {"validation_file": validation_file, "suffix": suffix, "seed": seed, "max_steps": max_steps}
+    optional = {"validation_file": validation_file, "suffix": suffix, "seed": seed, "max_steps": max_steps,
+                "micro_batch_size": micro_batch_size}
     body.update({k: v for k, v in optional.items() if v is not None})
     compute = {k: v for k, v in {"num_workers": workers, "cpus_per_worker": cpus_per_worker}.items() if v is not None}
     if compute:
@@ -115,6 +116,8 @@ def create(
     lr_multiplier: Annotated[float | None, typer.Option("--learning-rate-multiplier",
                                                         help="Multiplier on the base learning rate 1e-5.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(
+        help="Samples per forward pass per worker (batch_size must be a multiple; default 1).")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
     cpus_per_worker: Annotated[float | None, typer.Option(help="CPUs reserved per worker.")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
@@ -129,8 +132,8 @@ def create(
 ) -> None:
     """Create a fine-tuning job."""
     body = job_body(model, training_file, validation_file=validation_file, suffix=suffix, n_epochs=n_epochs,
-                    batch_size=batch_size, lr_multiplier=lr_multiplier, max_steps=max_steps, workers=workers,
-                    cpus_per_worker=cpus_per_worker, lora_r=lora_r, lora_alpha=lora_alpha,
+                    batch_size=batch_size, lr_multiplier=lr_multiplier, max_steps=max_steps,
+                    micro_batch_size=micro_batch_size, workers=workers, cpus_per_worker=cpus_per_worker, lora_r=lora_r, lora_alpha=lora_alpha,
                     train_adapter=train_adapter, seed=seed, extra=_parse_extra(extra))
     with Client(base_url, api_key) as client:
         job = client.post("/v1/fine_tuning/jobs", body)

@@ -12,7 +12,8 @@ from qwenvl_core.specs import FineTuneJobSpec
 from service.errors import InvalidRequest
 from service.schemas import JobCreate
 
-_EXTENSIONS = ("lora", "quantization", "compute", "evaluation", "checkpoint", "max_steps")
+_EXTENSIONS = ("lora", "quantization", "compute", "evaluation", "checkpoint", "max_steps", "micro_batch_size")
+_HYPERPARAMETER_EXTENSIONS = ("max_steps", "micro_batch_size")  # extensions that are training hyperparameters
 
 
 def resolved_hyperparameters(body: JobCreate) -> dict[str, Any]:
@@ -37,13 +38,11 @@ def build_spec(*, job_id: str, tenant_id: str, base_model_path: str, train_uri: 
 
     With ``tracking_uri`` (the platform's MLflow server) the job logs into its tenant's experiment.
     """
-    hp = dict(hyperparameters)
-    if "max_steps" in ext:
-        hp["max_steps"] = ext["max_steps"]
+    hp = dict(hyperparameters) | {k: ext[k] for k in _HYPERPARAMETER_EXTENSIONS if k in ext}
     doc: dict[str, Any] = {
         "job_id": job_id, "tenant_id": tenant_id, "base_model": base_model_path, "train_file": train_uri,
         "validation_file": validation_uri, "output_uri": output_uri, "seed": seed, "hyperparameters": hp,
-        **{k: v for k, v in ext.items() if k != "max_steps"},
+        **{k: v for k, v in ext.items() if k not in _HYPERPARAMETER_EXTENSIONS},
     }
     if tracking_uri:
         doc["tracking"] = {"tracking_uri": tracking_uri}

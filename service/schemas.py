@@ -1,8 +1,8 @@
 """Request and response schemas, one family per resource, shaped like OpenAI's fine-tuning API.
 
 Table models never leave the API: routes convert rows with the ``*_public`` helpers at the bottom.
-Extensions beyond OpenAI (LoRA, quantization, compute, evaluation, max_steps, estimates, validation reports,
-progress) are additional optional fields, so unchanged OpenAI clients work.
+Extensions beyond OpenAI (LoRA, quantization, compute, evaluation, max_steps, micro_batch_size, estimates,
+validation reports, progress) are additional optional fields, so unchanged OpenAI clients work.
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ class JobCreate(_Strict):
     evaluation: EvalSpec | None = Field(None, description="Evaluation and early stopping (extension).")
     checkpoint: CheckpointSpec | None = Field(None, description="Checkpoint cadence (extension).")
     max_steps: int | None = Field(None, ge=1, le=10**9, description="Stop after this many steps (extension).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="Samples per forward pass per worker; batch_size must be a multiple "
+        "(extension; default 1, i.e. gradient accumulation over batch_size passes).")
 
     @field_validator("metadata")
     @classmethod

@@ -214,6 +214,9 @@ def test_estimate_counts_tokens_with_the_base_tokenizer(api: Api) -> None:
     ({"suffix": "x" * 65}, "suffix", "64"),
     ({"lora": {"r": 0}}, "lora.r", "greater than or equal to 1"),
     ({"quantization": "4bit", "compute": {"strategy": "zero3"}}, None, "zero3"),
+    ({"micro_batch_size": 3, "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 8}}}},
+     "hyperparameters", "must be a multiple of micro_batch_size (3)"),
+    ({"micro_batch_size": 0}, "micro_batch_size", "greater than or equal to 1"),
     ({"unknown_field": 1}, "unknown_field", "Extra inputs"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "16"),
 ])
