@@ -83,6 +83,7 @@ class QWenVLConfig(PretrainedConfig):
         emb_dropout_prob: float = 0.0,
         attn_dropout_prob: float = 0.0,
         initializer_range: float = 0.02,
+        lm_head_init_std: float | None = None,
         scale_attn_weights: bool = True,
         use_flash_attn: bool | str = False,
         bf16: bool = False,
@@ -109,6 +110,7 @@ class QWenVLConfig(PretrainedConfig):
         self.emb_dropout_prob = emb_dropout_prob
         self.attn_dropout_prob = attn_dropout_prob
         self.initializer_range = initializer_range
+        self.lm_head_init_std = lm_head_init_std
         self.scale_attn_weights = scale_attn_weights
         self.use_flash_attn = use_flash_attn
         self.bf16 = bf16

@@ -38,6 +38,8 @@ class QWenPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Deterministic init (under torch.manual_seed); loaded tensors are skipped by transformers' guards."""
         std = self.config.initializer_range
+        if module is getattr(self, "lm_head", None) and self.config.lm_head_init_std is not None:
+            std = self.config.lm_head_init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
