@@ -3,7 +3,11 @@
 The full synthetic mix (colours, shapes, counts, positions, boxes, two-picture comparisons) is more than the tiny
 random model can learn in the demo's few minutes on two CPU cores. The demo keeps two question kinds: "What colour
 is the <shape>?" (six colours, chance 1/6, scored by exact match) and "Where is the <colour> <shape>?" (a grounding
-box, scored by IoU >= 0.5). Everything is a deterministic function of the seed.
+box, scored by IoU >= 0.5). The lone shape of these questions is drawn large (a third to a half of the picture's
+side, instead of a sixth to a quarter): the frozen vision tower of a random model passes colour on only as a small
+shift of its mostly image-independent output, and a small shape makes that shift too faint to learn in the demo's
+budget (measured: exact match stayed at chance after 1,000 steps with small shapes, 0.92 with large ones).
+Everything is a deterministic function of the seed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from qwenvl_core.data.synth import generate_samples
 
 # generate_samples cycles through: colour, shape, count, position, grounding, compare.
 _KINDS = ("colour", "shape", "count", "position", "grounding", "compare")
+LONE_SHAPE_SIZE = (1 / 3, 1 / 2)  # side of the one shape in a picture, as fractions of the picture's side
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,10 @@ def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int =
     per_cycle = len(kinds)
     cycles_train = -(-n_train // per_cycle)
     cycles_val = -(-n_validation // per_cycle)
-    train = _select(generate_samples(cycles_train * len(_KINDS), seed, out_dir / "images-train"), kinds)[:n_train]
-    val = _select(generate_samples(cycles_val * len(_KINDS), seed + 1, out_dir / "images-val"), kinds)[:n_validation]
+    train = _select(generate_samples(cycles_train * len(_KINDS), seed, out_dir / "images-train",
+                                     lone_size=LONE_SHAPE_SIZE), kinds)[:n_train]
+    val = _select(generate_samples(cycles_val * len(_KINDS), seed + 1, out_dir / "images-val",
+                                   lone_size=LONE_SHAPE_SIZE), kinds)[:n_validation]
     grounding = next((s for s in val if s.messages[-1].text.startswith("<ref>")), None)
     question = grounding.messages[0].text if grounding else None
     image = Path(str(grounding.messages[0].images[0].source)) if grounding else None

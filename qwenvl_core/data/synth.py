@@ -62,13 +62,16 @@ class SynthResult:
 class _Scene:
     """Draws shapes on one canvas without overlap and saves it as the next numbered PNG."""
 
-    def __init__(self, rng: random.Random, size: int) -> None:
-        self.rng, self.size = rng, size
+    def __init__(self, rng: random.Random, size: int, lone_size: tuple[float, float] | None = None) -> None:
+        self.rng, self.size, self.lone_size = rng, size, lone_size
 
     def place(self, n: int, colours: list[str], shapes: list[str]) -> list[Shape]:
         placed: list[Shape] = []
+        # Several shapes keep the standard size, so that they fit side by side.
+        low, high = (self.size // 6, self.size // 4) if n > 1 or self.lone_size is None else (
+            round(self.size * self.lone_size[0]), round(self.size * self.lone_size[1]))
         while len(placed) < n:
-            side = self.rng.randint(self.size // 6, self.size // 4)
+            side = self.rng.randint(low, high)
             x, y = self.rng.randint(2, self.size - side - 2), self.rng.randint(2, self.size - side - 2)
             box = (x, y, x + side, y + side)
             if all(_apart(box, s.box) for s in placed):
@@ -107,9 +110,10 @@ def draw(shapes: list[Shape], size: int) -> Image.Image:
 class _Generator:
     """Makes one sample at a time; images go to ``image_dir`` with sequential names."""
 
-    def __init__(self, rng: random.Random, image_dir: Path, size: int) -> None:
+    def __init__(self, rng: random.Random, image_dir: Path, size: int,
+                 lone_size: tuple[float, float] | None) -> None:
         self.rng, self.image_dir, self.size = rng, image_dir, size
-        self.scene = _Scene(rng, size)
+        self.scene = _Scene(rng, size, lone_size)
         self.images = 0
 
     def image(self, shapes: list[Shape]) -> ImagePart:
@@ -169,10 +173,17 @@ def _qa(image: ImagePart, question: str, answer: str) -> list[Message]:
     return [Message("user", [image, TextPart(question)]), text_message("assistant", answer)]
 
 
-def generate_samples(n: int, seed: int, image_dir: Path, image_size: int = 112) -> list[Sample]:
-    """``n`` samples cycling through the question kinds; their images are written to ``image_dir``."""
+def generate_samples(n: int, seed: int, image_dir: Path, image_size: int = 112,
+                     lone_size: tuple[float, float] | None = None) -> list[Sample]:
+    """``n`` samples cycling through the question kinds; their images are written to ``image_dir``.
+
+    ``lone_size``: the side of a shape drawn alone (colour, shape and grounding questions) as (min, max) fractions
+    of the image side; None, and scenes with several shapes, use 1/6 to 1/4.
+    """
+    if lone_size is not None and not 0 < lone_size[0] <= lone_size[1] <= 0.8:
+        raise DataError(f"lone_size must satisfy 0 < min <= max <= 0.8, got {lone_size}")
     image_dir.mkdir(parents=True, exist_ok=True)
-    gen = _Generator(random.Random(seed), image_dir, image_size)
+    gen = _Generator(random.Random(seed), image_dir, image_size, lone_size)
     kinds: list[Callable[[], list[Message]]] = [
         gen.colour, gen.shape, gen.count, gen.position, gen.grounding, gen.compare,
     ]
