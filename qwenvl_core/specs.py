@@ -145,6 +145,9 @@ class ComputeSpec(_Spec):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers on nodes (SPREAD puts them on different nodes)."
     )
+    image_feature_cache_mb: int = Field(
+        1024, ge=0, le=1 << 20, description="CPU memory per worker for the frozen vision tower's output per image, "
+        "reused in later epochs (LoRA on the LM: the tower does not change); 0 disables.")
 
 
 class CheckpointSpec(_Spec):

@@ -71,6 +71,11 @@ class ModelFamily(Protocol):
         """Token ids that end an assistant turn during generation."""
         ...
 
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module mapping ``pixel_values`` [N, 3, S, S] to image features [N, Q, D] (encoder + adapter) in
+        ``model`` (plain or wrapped by peft)."""
+        ...
+
     def component_of(self, param_name: str) -> str:
         """Which component a parameter belongs to: ``vision``, ``adapter`` or ``language``."""
         ...

@@ -2,7 +2,8 @@
 
 ``Trainer(spec, hooks, work_dir).run(resume_from=None)`` goes through named steps:
 
-1. ``_build``      seeds, processor, base model (Q-LoRA: NF4), LoRA, gradient checkpointing, data, batch plan,
+1. ``_build``      seeds, processor, base model (Q-LoRA: NF4), LoRA, gradient checkpointing, the frozen vision
+                   tower's feature cache, data, batch plan,
                    AdamW + schedule, the strategy's engine (DDP / DeepSpeed), the evaluator;
 2. ``_resume``     optionally restores a checkpoint (engine, RNG, position in the data, counters);
 3. ``_train``      epochs -> global micro-batches (each rank takes its slice) -> ``_micro_step``; at each
@@ -29,10 +30,11 @@ import torch.distributed as dist
 
 from qwenvl_core.data import Collator
 from qwenvl_core.models.registry import detect_family
-from qwenvl_core.specs import FineTuneJobSpec, JobState, Progress
+from qwenvl_core.specs import FineTuneJobSpec, JobState, Progress, Strategy
 from qwenvl_core.training import checkpoint as ckpt
 from qwenvl_core.training.data_loading import BatchPlan, load_job_data, update_digest
 from qwenvl_core.training.evaluate import Evaluator, base_and_finetuned, task_items
+from qwenvl_core.training.feature_cache import ImageFeatureCache
 from qwenvl_core.training.hooks import Hooks, LocalCheckpoints
 from qwenvl_core.training.lora import apply_lora, load_base_model, lora_summary, resolve_targets
 from qwenvl_core.training.optim import build_optimizer, build_scheduler
@@ -88,6 +90,7 @@ class Trainer:
         self.model.peft_config["default"].base_model_name_or_path = str(Path(spec.base_model).resolve())
         if hp.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
+        self.feature_cache = self._feature_cache()
         self.data = load_job_data(spec.train_file, spec.validation_file, self.processor, hp, stack,
                                   spec.evaluation.max_samples)
         self.plan = BatchPlan(self.data.train.inner.lengths(), hp, self.world, spec.seed)
@@ -100,6 +103,19 @@ class Trainer:
         self.collator = Collator(self.processor.tokenizer.eod_id)
         self.evaluator = self._evaluator()
         seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams
+
+    def _feature_cache(self) -> ImageFeatureCache | None:
+        """Cache the vision tower's output per image when nothing in the tower trains (see feature_cache)."""
+        budget = self.spec.compute.image_feature_cache_mb << 20
+        tower = self.family.vision_tower(self.model)
+        # Under ZeRO-3 every rank must gather the tower's partitioned weights together: a rank whose images
+        # all hit would skip gathers that another rank waits for.
+        zero3 = self.spec.compute.strategy is Strategy.ZERO3
+        if budget == 0 or zero3 or any(p.requires_grad for p in tower.parameters()):
+            return None
+        cache = ImageFeatureCache(budget)
+        cache.install(tower)
+        return cache
 
     def _evaluator(self) -> Evaluator | None:
         val = self.data.validation
@@ -288,6 +304,7 @@ class Trainer:
                 "final_loss": losses[-1][1] if losses else None,
                 "tokens_per_second": (self.state.tokens_seen - self._run_tokens0) / elapsed,
                 "lora": lora_summary(self.model, self.spec.lora, self.targets),
+                "image_feature_cache": self.feature_cache.stats() if self.feature_cache else None,
                 "strategy": self.spec.compute.strategy.value, "world_size": self.world,
                 "resumed_from_step": self.state.resumed_from_step}
 

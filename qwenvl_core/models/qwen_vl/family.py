@@ -73,6 +73,10 @@ class QwenVLFamily:
         tok = processor.tokenizer
         return [tok.im_end_id, tok.im_start_id, tok.eod_id]
 
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.transformer.visual
+
     def component_of(self, param_name: str) -> str:
         if param_name.startswith(_ADAPTER_PREFIXES):
             return "adapter"
