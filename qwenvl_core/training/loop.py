@@ -180,7 +180,7 @@ class Trainer:
         rows = [self.data.train[i] for i in self.plan.rank_slice(global_batch, self.rank)]
         batch = self.collator(rows)
         with self.engine.forward_context(boundary):
-            loss = self.engine.model(**batch).loss
+            loss = self.engine.model(**batch, loss_only=True).loss  # LM head only where supervised
             self.engine.backward(loss)
         self._grad_norm = self.engine.step(boundary)
         self._window["loss"] += float(loss.detach())

@@ -171,6 +171,25 @@ def test_forward_backward_and_adapter_freezing():
     assert m.transformer.h[0].attn.c_attn.weight.grad is not None and m.lm_head.weight.grad is not None
 
 
+def test_loss_only_equals_the_full_loss_and_its_gradients():
+    torch.manual_seed(0)
+    m = QWenLMHeadModel(build_config("qwen-vl-tiny")).train()
+    ids, labels = tiny_batch()
+    labels[:, :4] = -100  # some positions unsupervised besides the image spans
+    full = m(input_ids=ids, pixel_values=pixels(2), labels=labels)
+    full.loss.backward()
+    expected = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    lean = m(input_ids=ids, pixel_values=pixels(2), labels=labels, loss_only=True)
+    lean.loss.backward()
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss, atol=1e-6, rtol=1e-6)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(m.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(QwenVLError, match="loss_only needs labels"):
+        m(input_ids=ids, pixel_values=pixels(2), loss_only=True)
+
+
 def test_bf16_forward_is_finite(model):
     m16 = QWenLMHeadModel(build_config("qwen-vl-tiny"))
     m16.load_state_dict(model.state_dict())

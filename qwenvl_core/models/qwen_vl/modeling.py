@@ -282,9 +282,14 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         use_cache: bool = False,
         segment_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        loss_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """See docs/architecture.md "Model forward contract"; unknown kwargs (from peft / Trainer) are ignored.
+
+        ``loss_only`` (training, with ``labels``): the LM head runs only where the next token is supervised and
+        no logits are returned; the loss equals the full one (in VL data most positions are image and prompt
+        tokens, and at full size the head is 10% of the compute and [B, T, 151,936] fp32 logits of memory).
 
         transformers 5.24 renamed the output field to ``cache``; ``output.past_key_values`` still reads it (it logs
         a one-time deprecation notice). A ``cache=`` keyword is accepted as an alias of ``past_key_values``.
@@ -301,9 +306,21 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             segment_ids=segment_ids,
             inputs_embeds=inputs_embeds,
         )
+        if loss_only:
+            if labels is None:
+                raise QwenVLError("loss_only needs labels")
+            return CausalLMOutputWithPast(loss=supervised_lm_loss(hidden, labels, self.lm_head), cache=presents)
         logits = self.lm_head(hidden)  # [B, T, V]
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=presents)
+
+
+def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """``causal_lm_loss`` with the head applied only to hidden states [B, T, D] whose next label is not -100."""
+    targets = labels[:, 1:].to(hidden.device)  # [B, T-1]
+    keep = targets != -100
+    logits = lm_head(hidden[:, :-1][keep])  # [N, V]
+    return F.cross_entropy(logits.float(), targets[keep])
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
