@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,53 +18,18 @@ from safetensors.torch import load_file
 
 from qwenvl_core.runs import RunDir
 from qwenvl_core.specs import FineTuneJobSpec
-from tests.fixtures.net import free_port, wait_for_port
 from tests.training.conftest import make_spec, synth_data  # noqa: F401  (fixture)
+from tests.workflows.conftest import launch_workflow
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A head node and a worker node, each a ``ray start --block`` process of ours (stopped by pid)."""
-    root = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    head = [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-            f"--temp-dir={root}", "--disable-usage-stats"]
-    ports = [free_port() for _ in range(6)]
-    worker = [RAY, "start", "--block", f"--address={address}", "--num-cpus=2", f"--temp-dir={root}",
-              f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-              f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-              f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}"]
-    nodes = [subprocess.Popen(head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        wait_for_port(port, nodes[0], timeout=120)
-        nodes.append(subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(8)
-        yield address
-    finally:
-        for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)
-            node.wait(timeout=60)
-
-
-def _submit(spec: FineTuneJobSpec, address: str, tmp: Path, env: dict[str, str] | None = None
-            ) -> subprocess.Popen[bytes]:
-    path = tmp / f"{spec.job_id}.json"
-    path.write_text(spec.model_dump_json())
-    full_env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "QWENVL_WORK_DIR": str(tmp), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "workflows.finetune", "--spec", str(path)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _run(spec: FineTuneJobSpec, address: str, tmp: Path, env: dict[str, str] | None = None) -> dict:
-    process = _submit(spec, address, tmp, env)
-    out, _ = process.communicate(timeout=400)
+    log = f"{spec.job_id}.log"
+    process = launch_workflow(spec, address, tmp, log, env)
+    process.wait(timeout=400)
     result = RunDir(spec.output_uri).read_result()
-    assert process.returncode == 0, out.decode()[-3000:]
+    assert process.returncode == 0, (tmp / log).read_text()[-3000:]
     return result
 
 
@@ -162,13 +125,13 @@ def test_cancel_stops_within_seconds(ray_cluster, tiny_model_dir, synth_data, tm
                      hyperparameters={"max_steps": 1000}, checkpoint={"every_n_steps": 1000},
                      compute={"num_workers": 2, "cpus_per_worker": 1})
     run = RunDir(spec.output_uri)
-    process = _submit(spec, ray_cluster, tmp_path)
+    process = launch_workflow(spec, ray_cluster, tmp_path, "cancel.log")
     deadline = time.monotonic() + 300
     while not any(e.type == "metrics" for e in run.read_events()) and time.monotonic() < deadline:
         time.sleep(0.5)
     run.request_cancel()
     cancelled_at = time.monotonic()
-    process.communicate(timeout=120)
+    process.wait(timeout=120)
     assert process.returncode == 0 and time.monotonic() - cancelled_at < 60
     result = run.read_result()
     assert result["state"] == "cancelled" and result["summary"]["steps"] < 1000

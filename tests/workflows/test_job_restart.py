@@ -3,7 +3,7 @@ registered checkpoint 4 (its worker held at step 5 by ``QWENVL_FAULT``), and the
 job continues from that checkpoint to the adapter of an uninterrupted run (same seed and data, another job id),
 with the same data-order digest. A finished job is not trained again. An unreadable Ray snapshot is set aside.
 
-One local Ray head node of ours (a ``ray start --head --block`` process, stopped by pid)."""
+Runs on the workflow tests' two-node Ray cluster (tests/workflows/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,41 +22,12 @@ from safetensors.torch import load_file
 from qwenvl_core.runs import RunDir
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.training import RunDirEvents
-from tests.fixtures.net import free_port, wait_for_port
+from tests.fixtures.net import free_port
 from tests.training.conftest import make_spec, synth_data  # noqa: F401  (fixture)
+from tests.workflows.conftest import launch_workflow
 from workflows.finetune import announce_restart, ray_resume_step
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A single head node with 2 CPUs: a ``ray start --head --block`` process of ours (stopped by pid)."""
-    root = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", f"--temp-dir={root}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, head, timeout=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=60)
-
-
-def _launch(spec: FineTuneJobSpec, address: str, tmp: Path, log: str, env: dict[str, str] | None = None
-            ) -> subprocess.Popen[bytes]:
-    """``python -m workflows.finetune --spec`` in its own process group, output to a file (never a full pipe)."""
-    path = tmp / f"{spec.job_id}.json"
-    path.write_text(spec.model_dump_json())
-    full_env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "QWENVL_WORK_DIR": str(tmp),
-                **(env or {})}
-    with (tmp / log).open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "workflows.finetune", "--spec", str(path)], env=full_env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _finish(process: subprocess.Popen[bytes], tmp: Path, log: str, timeout: float = 300) -> None:
@@ -99,7 +69,7 @@ def _committed_step(spec: FineTuneJobSpec) -> int:
     return int(latest["checkpoint_dir_name"].removeprefix("step_")) if latest else 0
 
 
-def test_exact_resume_after_the_driver_is_killed(ray_head, tiny_model_dir, synth_data, tmp_path):  # noqa: F811
+def test_exact_resume_after_the_driver_is_killed(ray_cluster, tiny_model_dir, synth_data, tmp_path):  # noqa: F811
     t0 = time.monotonic()
     common = {"validation_file": None, "hyperparameters": {"max_steps": 8}, "checkpoint": {"every_n_steps": 2},
               "compute": {"num_workers": 1, "cpus_per_worker": 1}}
@@ -108,11 +78,11 @@ def test_exact_resume_after_the_driver_is_killed(ray_head, tiny_model_dir, synth
     run = RunDir(spec.output_uri)
 
     # the uninterrupted reference runs beside the first attempt (one CPU each)
-    ref_process = _launch(reference, ray_head, tmp_path, "reference.log")
+    ref_process = launch_workflow(reference, ray_cluster, tmp_path, "reference.log")
     # the first attempt's worker is held at step 5 (checkpoint 4 reported), so the driver surely dies mid-run
     held = tmp_path / "held"
     hold = {"QWENVL_FAULT": json.dumps({"step": 5, "rank": 0, "marker": str(held), "delay_s": 120, "kill": False})}
-    first = _launch(spec, ray_head, tmp_path, "first.log", hold)
+    first = launch_workflow(spec, ray_cluster, tmp_path, "first.log", hold)
     _wait_for(lambda: any(e.type == "checkpoint" and e.data["step"] == 4 for e in run.read_events()),
               "the checkpoint event of step 4", first)
     # Ray Train collects worker reports on a ~2 s poll: kill once its snapshot holds step 4 (no blind sleep)
@@ -135,7 +105,7 @@ def test_exact_resume_after_the_driver_is_killed(ray_head, tiny_model_dir, synth
     partial.mkdir(exist_ok=True)
     (partial / "state.json").write_text('{"state": {"step": ')
 
-    second = _launch(spec, ray_head, tmp_path, "second.log")
+    second = launch_workflow(spec, ray_cluster, tmp_path, "second.log")
     _finish(second, tmp_path, "second.log")
     _finish(ref_process, tmp_path, "reference.log")
     result, full = run.read_result(), RunDir(reference.output_uri).read_result()
@@ -166,7 +136,7 @@ def test_exact_resume_after_the_driver_is_killed(ray_head, tiny_model_dir, synth
     # a finished job is not trained again: the same command returns the stored result at once
     adapter = Path(spec.output_uri) / "adapter" / "adapter_model.safetensors"
     mtime, stored = adapter.stat().st_mtime_ns, run.read_result()
-    third = _launch(spec, ray_head, tmp_path, "third.log")
+    third = launch_workflow(spec, ray_cluster, tmp_path, "third.log")
     _finish(third, tmp_path, "third.log", timeout=120)
     assert run.read_result() == stored and adapter.stat().st_mtime_ns == mtime
     assert len(run.read_events()) == len(events)

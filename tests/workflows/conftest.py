@@ -1,0 +1,62 @@
+"""The workflow tests' Ray cluster and how they launch a job.
+
+``ray_cluster``: a head node and a worker node, each a ``ray start --block`` process of ours (stopped by pid,
+never ``ray stop``), shared by every workflow test of the session. ``launch_workflow`` runs
+``python -m workflows.finetune --spec`` the way the service submits it: its own process group, output to a log
+file (a full pipe would block it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qwenvl_core.specs import FineTuneJobSpec
+from tests.fixtures.net import free_port, wait_for_port
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A head node and a worker node, each a ``ray start --block`` process of ours (stopped by pid)."""
+    root = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    head = [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+            f"--temp-dir={root}", "--disable-usage-stats"]
+    ports = [free_port() for _ in range(6)]
+    worker = [RAY, "start", "--block", f"--address={address}", "--num-cpus=2", f"--temp-dir={root}",
+              f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+              f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+              f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}"]
+    nodes = [subprocess.Popen(head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_for_port(port, nodes[0], timeout=120)
+        nodes.append(subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(8)
+        yield address
+    finally:
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)
+            node.wait(timeout=60)
+
+
+def launch_workflow(spec: FineTuneJobSpec, address: str, tmp: Path, log: str, env: dict[str, str] | None = None
+                    ) -> subprocess.Popen[bytes]:
+    """Write ``spec`` to ``tmp`` and start the workflow on ``address``; its output goes to ``tmp / log``."""
+    path = tmp / f"{spec.job_id}.json"
+    path.write_text(spec.model_dump_json())
+    full_env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "QWENVL_WORK_DIR": str(tmp),
+                **(env or {})}
+    with (tmp / log).open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "workflows.finetune", "--spec", str(path)], env=full_env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
