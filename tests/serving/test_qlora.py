@@ -125,7 +125,8 @@ def test_qlora_adapter_on_a_bf16_base_is_close_to_peft(tiny_model_dir, qlora_ada
             reference = PeftModel.from_pretrained(model, qlora_adapter).eval()(input_ids=ids).logits.float()
         effect = (reference - base_logits).norm()
         if dtype is torch.float32:
-            torch.testing.assert_close(grouped, reference, atol=2e-3, rtol=1e-3)  # summation order
+            scale = float(reference.abs().max())  # summation order; the tolerance follows the logits' range
+            torch.testing.assert_close(grouped, reference, atol=2e-3 * scale, rtol=1e-3)
         else:  # bf16 rounding (peft keeps its LoRA weights in fp32) differs; small next to the adapter's effect
             assert (grouped - reference).norm() < 0.05 * effect
             agree = (grouped.argmax(-1) == reference.argmax(-1)).float().mean()
