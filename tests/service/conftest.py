@@ -36,6 +36,7 @@ def ray_dashboard() -> Iterator[str]:
     patch = pytest.MonkeyPatch()
     for name, value in token.items():
         patch.setenv(name, value)
+    _reload_ray_auth()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     try:
@@ -52,7 +53,21 @@ def ray_dashboard() -> Iterator[str]:
             proc.wait()
         log.close()
         patch.undo()
+        _reload_ray_auth()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray client read RAY_AUTH_MODE / RAY_AUTH_TOKEN again.
+
+    Ray copies them into process-wide caches when it is first imported (a test module importing ``workflows`` at
+    collection time is enough), so changing the environment afterwards has no effect until the caches are
+    reloaded; this is what Ray's own ``authentication_test_utils.reset_auth_token_state`` does.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _wait_jobs_api(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
