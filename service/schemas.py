@@ -7,7 +7,7 @@ validation reports, progress) are additional optional fields, so unchanged OpenA
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -48,12 +48,23 @@ class FilePublic(BaseModel):
     validation: dict[str, Any] | None = Field(None, description="The validation report, with line numbers.")
 
 
-class FileList(BaseModel):
+class CursorPage(BaseModel):
+    """A page of a list with OpenAI's cursor fields (``after`` = ``last_id``); subclasses type ``data``."""
+
     object: Literal["list"] = "list"
-    data: list[FilePublic]
+    data: list[Any]
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool) -> Self:
+        return cls(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None)
+
+
+class FileList(CursorPage):
+    data: list[FilePublic]
 
 
 class Deleted(BaseModel):
@@ -170,12 +181,8 @@ class JobPublic(BaseModel):
     extensions: dict[str, Any] = Field(default_factory=dict, description="lora, quantization, compute, ...")
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
+class JobList(CursorPage):
     data: list[JobPublic]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
 
 
 class EventPublic(BaseModel):
@@ -204,12 +211,8 @@ class CheckpointPublic(BaseModel):
     metrics: dict[str, Any]
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
+class CheckpointList(CursorPage):
     data: list[CheckpointPublic]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
 
 
 class EstimateRequest(_Strict):

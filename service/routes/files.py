@@ -54,9 +54,7 @@ def list_files(tenant: TenantDep, session: SessionDep, purpose: str | None = Non
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
                order: Literal["desc"] = "desc") -> FileList:
     rows, more = repo.list_files(session, tenant_id=tenant.id, purpose=purpose, limit=limit, after=after)
-    data = [file_public(r) for r in rows]
-    return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
-                    last_id=data[-1].id if data else None)
+    return FileList.of([file_public(r) for r in rows], more)
 
 
 @router.get("/{file_id}", operation_id="files-retrieve")

@@ -84,9 +84,7 @@ def list_jobs(request: Request, tenant: TenantDep, session: SessionDep, after: s
     """Newest first; ``metadata[key]=value`` query parameters filter."""
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
     rows, more = repo.list_jobs(session, tenant_id=tenant.id, limit=limit, after=after, metadata=meta or None)
-    data = [job_public(r) for r in rows]
-    return JobList(data=data, has_more=more, first_id=data[0].id if data else None,
-                   last_id=data[-1].id if data else None)
+    return JobList.of([job_public(r) for r in rows], more)
 
 
 @router.get("/jobs/{fine_tuning_job_id}", operation_id="fine-tuning-jobs-retrieve")
@@ -129,9 +127,7 @@ def list_checkpoints(fine_tuning_job_id: str, tenant: TenantDep, session: Sessio
     after_event = f"ftevent-{after.removeprefix('ftckpt-')}" if after else None
     rows, more = repo.list_events(session, job_id=job.id, limit=limit, after=after_event, types=["checkpoint"])
     base = job.fine_tuned_model or f"ft:{job.model}:{tenant.name}:{job.suffix or ''}:{job.id}"
-    data = [checkpoint_public(r, base) for r in rows]
-    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                          last_id=data[-1].id if data else None)
+    return CheckpointList.of([checkpoint_public(r, base) for r in rows], more)
 
 
 @router.post("/estimate", operation_id="fine-tuning-estimate")
