@@ -25,6 +25,7 @@ event ``running`` marked ``restart`` and the loop's "resumed from step N" messag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -115,12 +116,17 @@ def train_func(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # [1] latest checkpoint after a restart, else None
     work_dir = Path(os.environ.get("QWENVL_WORK_DIR", "/tmp")) / f"qwenvl-{spec.job_id}-rank{rank}-{time.time_ns()}"
     try:
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                trainer = Trainer(spec, hooks, work_dir)
-                result = trainer.run(resume_from=Path(directory))
-        else:
-            result = Trainer(spec, hooks, work_dir).run()
+        try:
+            if checkpoint is not None:
+                with checkpoint.as_directory() as directory:
+                    result = Trainer(spec, hooks, work_dir).run(resume_from=Path(directory))
+            else:
+                result = Trainer(spec, hooks, work_dir).run()
+        except BaseException:
+            if tracker is not None:  # the metrics queued since the last batch still reach MLflow (best effort:
+                with contextlib.suppress(Exception):  # the training error is the one to report)
+                    tracker.flush()
+            raise
         if rank == 0:  # [3] the outcome goes to the run directory, which the driver reads
             run = RunDir(spec.output_uri)
             if result.adapter_dir is not None:
@@ -169,6 +175,9 @@ def build_trainer(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) ->
                         scaling_config=scaling, run_config=run_config)
 
 
+FINAL_STATES = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)  # a job in these is never trained again
+
+
 def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``spec`` on the connected Ray cluster; writes spec.json, events and result.json; returns the result.
 
@@ -211,9 +220,6 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
     RunDirEvents(run).state(JobState(final["state"]), f"job {final['state']}")
     run.write_result(result)
     return result
-
-
-FINAL_STATES = (JobState.SUCCEEDED.value, JobState.CANCELLED.value)
 
 
 def _same_spec(stored: dict[str, Any], spec: FineTuneJobSpec) -> bool:

@@ -52,7 +52,7 @@ class ImageFeatureCache:
         fresh: dict[int, torch.Tensor] = {}
         if missing:
             with torch.no_grad():
-                computed = compute(pixel_values[missing])  # [M, Q, D]
+                computed = compute(pixel_values if len(missing) == len(keys) else pixel_values[missing])  # [M, Q, D]
             for row, i in enumerate(missing):
                 fresh[i] = computed[row]
                 self._admit(keys[i], computed[row])
