@@ -82,6 +82,26 @@ def _replica_stats() -> dict[str, dict]:
     return stats
 
 
+def _wait_until_routed(model: str, timeout: float = 60.0) -> None:
+    """Wait until Serve's routers know which replica holds ``model``.
+
+    A replica reports the adapters it loaded to the controller, which passes them on to every router (the
+    ingress's and this process's) a moment later; until then a request for the adapter goes to any replica. Here
+    unloaded ``replica_stats`` calls routed by adapter must land on a holder three times in a row.
+    """
+    from ray import serve
+
+    from workflows.serve_app import APP_NAME
+
+    handle = serve.get_deployment_handle(f"model-{BASE}", APP_NAME).options(multiplexed_model_id=model)
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while in_a_row < 3:
+        assert time.monotonic() < deadline, f"Serve's routers never learnt which replica holds {model}"
+        in_a_row = in_a_row + 1 if model in handle.replica_stats.remote().result()["cached"] else 0
+        if not in_a_row:
+            time.sleep(0.2)
+
+
 def test_chat_through_serve_streams_and_denies_other_tenants(serve_url):
     client = _client(serve_url)
     plain = _ask(serve_url, _model("job0"), tokens=6)
@@ -96,7 +116,10 @@ def test_chat_through_serve_streams_and_denies_other_tenants(serve_url):
 
 
 def test_multiplexing_sends_an_adapter_to_the_replica_that_holds_it(serve_url):
-    for _ in range(4):
+    for job in ("job1", "job2"):
+        _ask(serve_url, _model(job))
+        _wait_until_routed(_model(job))
+    for _ in range(3):
         for job in ("job1", "job2"):
             _ask(serve_url, _model(job))
     stats = _replica_stats()
@@ -113,16 +136,12 @@ def test_adapter_published_after_start_is_served_then_deleted(serve_url, tiny_mo
     model = _model("job-late")
     with pytest.raises(openai.NotFoundError):
         _ask(serve_url, model)
-    published = time.monotonic()
     _publish(make_adapter(tiny_model_dir, tmp_path / "late", seed=77), "job-late")
-    first = _ask(serve_url, model)
-    assert first is not None and time.monotonic() - published < 30
+    assert _ask(serve_url, model) is not None  # the first request after publishing is served: no redeploy
     run = RunDir(f"{BUCKET_ROOT}/tenants/tenant-a/runs/job-late")
     run.store.delete(run.prefix)
-    deleted = time.monotonic()
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError):  # and the first one after deleting is refused: nothing stale served
         _ask(serve_url, model)
-    assert time.monotonic() - deleted < 1.0
 
 
 def test_metrics_endpoint_gathers_every_replica(serve_url, adapter_dirs, s3_server, monkeypatch):
@@ -135,8 +154,11 @@ def test_metrics_endpoint_gathers_every_replica(serve_url, adapter_dirs, s3_serv
     for i in (3, 4, 5):
         _publish(adapter_dirs[i], f"job{i}")
     jobs = [f"job{i}" for i in range(6)]  # 6 adapters over 2 replicas x 2 slots: some must be evicted
-    for job in [*jobs, "job5", "job5"]:
+    for job in jobs:
         _ask(serve_url, _model(job), tokens=3)
+    _wait_until_routed(_model("job5"))
+    for _ in range(2):
+        _ask(serve_url, _model("job5"), tokens=3)
 
     response = httpx.get(f"{serve_url}/metrics", timeout=60)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
