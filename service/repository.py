@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Select, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.errors import Conflict, NotFound
 from service.models import ApiKey, File, Job, JobEvent, Lease, Model, Tenant
@@ -203,11 +203,18 @@ def next_service_seq(s: Session, *, job_id: str) -> int:
     return min(-1, (lowest or 0) - 1)
 
 
-def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types: Sequence[str] | None = None
-                ) -> tuple[Sequence[JobEvent], bool]:
+def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types: Sequence[str] | None = None,
+                latest_per_step: bool = False) -> tuple[Sequence[JobEvent], bool]:
+    """Newest first. ``latest_per_step`` keeps only the newest event of a type for each ``data.step``: a job that
+    restarted from an earlier checkpoint saves some steps again, and its checkpoint list names each step once."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if types:
         query = query.where(JobEvent.type.in_(types))
+    if latest_per_step:
+        newer = aliased(JobEvent)
+        query = query.where(~exists().where(newer.job_id == JobEvent.job_id, newer.type == JobEvent.type,
+                                            newer.data["step"].as_integer() == JobEvent.data["step"].as_integer(),
+                                            newer.pk > JobEvent.pk))
     if after is not None:
         pk = _event_pk(after)
         if pk is None or s.scalar(select(JobEvent.pk).where(JobEvent.pk == pk, JobEvent.job_id == job_id)) is None:

@@ -125,7 +125,8 @@ def list_checkpoints(fine_tuning_job_id: str, tenant: TenantDep, session: Sessio
                      limit: Annotated[int, Query(ge=1, le=100)] = 10) -> CheckpointList:
     job = repo.get_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
     after_event = f"ftevent-{after.removeprefix('ftckpt-')}" if after else None
-    rows, more = repo.list_events(session, job_id=job.id, limit=limit, after=after_event, types=["checkpoint"])
+    rows, more = repo.list_events(session, job_id=job.id, limit=limit, after=after_event, types=["checkpoint"],
+                                  latest_per_step=True)
     base = job.fine_tuned_model or f"ft:{job.model}:{tenant.name}:{job.suffix or ''}:{job.id}"
     return CheckpointList.of([checkpoint_public(r, base) for r in rows], more)
 

@@ -92,6 +92,30 @@ def test_jobs_events_idempotent_and_ordered(sessions: sessionmaker[Session]) -> 
         assert repo.list_jobs(s, tenant_id=t, limit=5, after=None, metadata={"team": "nlp"})[0] == []
 
 
+def test_checkpoints_list_each_step_once_after_a_restart(sessions: sessionmaker[Session]) -> None:
+    """A job that restarted from step 2 saves step 4 again: the checkpoint list shows its newest save of each step;
+    the event log keeps both."""
+    with sessions() as s, s.begin():
+        t = _tenant(s, "restart-co")
+        job = repo.add_job(s, id="ftjob-2", tenant_id=t, model="m", training_file="file-x", validation_file=None,
+                           suffix=None, seed=1, meta={}, request={"hyperparameters": {}}, output_uri="/tmp/x")
+        saves = [2, 4, 4, 6]  # seq order: step 4 saved, the driver died, resumed from 2, step 4 saved again
+        repo.add_events(s, job_id=job.id, events=[
+            {"seq": i, "created_at": 1, "level": "info", "type": "checkpoint", "message": f"checkpoint at step {step}",
+             "data": {"step": step}} for i, step in enumerate(saves)] + [
+            {"seq": 9, "created_at": 1, "level": "info", "type": "metrics", "message": "step 4", "data": {"step": 4}}])
+    with sessions() as s:
+        rows, more = repo.list_events(s, job_id="ftjob-2", limit=10, after=None, types=["checkpoint"],
+                                      latest_per_step=True)
+        assert [(r.data["step"], r.seq) for r in rows] == [(6, 3), (4, 2), (2, 0)] and not more
+        first, more = repo.list_events(s, job_id="ftjob-2", limit=2, after=None, types=["checkpoint"],
+                                       latest_per_step=True)
+        rest, _ = repo.list_events(s, job_id="ftjob-2", limit=2, after=f"ftevent-{first[-1].pk}",
+                                   types=["checkpoint"], latest_per_step=True)
+        assert more and [r.seq for r in first + rest] == [3, 2, 0]
+        assert len(repo.list_events(s, job_id="ftjob-2", limit=10, after=None, types=["checkpoint"])[0]) == 4
+
+
 def test_lease_has_one_holder_until_it_expires(sessions: sessionmaker[Session]) -> None:
     winners: list[str] = []
 
