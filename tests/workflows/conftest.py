@@ -42,12 +42,29 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         wait_for_port(port, nodes[0], timeout=120)
         nodes.append(subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(8)
+        _wait_for_alive_nodes(address, 2, env, nodes[1], timeout=120)
         yield address
     finally:
         for node in reversed(nodes):
             node.send_signal(signal.SIGTERM)
             node.wait(timeout=60)
+
+
+_COUNT_ALIVE = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+
+
+def _wait_for_alive_nodes(address: str, expected: int, env: dict[str, str], worker: subprocess.Popen[bytes],
+                          timeout: float) -> None:
+    """Poll the cluster (a short driver process) until ``expected`` nodes are alive; the worker must not exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert worker.poll() is None, f"the Ray worker node exited with status {worker.returncode} while joining"
+        probe = subprocess.run([sys.executable, "-c", _COUNT_ALIVE], env={**env, "RAY_ADDRESS": address},
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == [str(expected)]:
+            return
+        assert time.monotonic() < deadline, f"{expected} Ray nodes not alive after {timeout:.0f} s: {probe.stderr}"
+        time.sleep(1)
 
 
 def launch_workflow(spec: FineTuneJobSpec, address: str, tmp: Path, log: str, env: dict[str, str] | None = None
