@@ -228,6 +228,13 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """False, as transformers already concluded: decoding is ``qwenvl_core.generation.generate`` (and the
+        serving engine), not ``GenerationMixin.generate``. Saying so here spares every model load transformers'
+        warning about a ``prepare_inputs_for_generation`` without ``GenerationMixin``."""
+        return False
+
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding ``transformer.wte``."""
         return self.transformer.wte
