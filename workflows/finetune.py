@@ -106,6 +106,26 @@ def _hooks(spec: FineTuneJobSpec, rank: int, config: dict[str, Any]) -> tuple[Ho
     return hooks, tracker
 
 
+def scratch_dir(root: Path, job_id: str, rank: int) -> Path:
+    """This worker's scratch folder under ``root`` (node-local), named after its process; first removes the folders
+    of workers that died without cleaning up (SIGKILL, OOM killer), whose process no longer exists."""
+    for stale in root.glob("qwenvl-*-rank*-pid*"):
+        pid = stale.name.rpartition("-pid")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return root / f"qwenvl-{job_id}-rank{rank}-pid{os.getpid()}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def train_func(config: dict[str, Any]) -> None:
     """The per-worker function Ray Train runs."""
     spec = FineTuneJobSpec.model_validate(config["spec"])
@@ -114,7 +134,7 @@ def train_func(config: dict[str, Any]) -> None:
     RunDir(spec.output_uri).write_json(f"workers/rank{rank}.json", {
         "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
     checkpoint = ray.train.get_checkpoint()  # [1] latest checkpoint after a restart, else None
-    work_dir = Path(os.environ.get("QWENVL_WORK_DIR", "/tmp")) / f"qwenvl-{spec.job_id}-rank{rank}-{time.time_ns()}"
+    work_dir = scratch_dir(Path(os.environ.get("QWENVL_WORK_DIR", "/tmp")), spec.job_id, rank)
     try:
         try:
             if checkpoint is not None:

@@ -100,6 +100,8 @@ def test_exact_resume_after_the_driver_is_killed(ray_cluster, tiny_model_dir, sy
     events_before = run.read_events()
     assert [e.seq for e in events_before] == list(range(len(events_before)))
     assert _committed_step(spec) == 4
+    killed_scratch = tmp_path / f"qwenvl-{spec.job_id}-rank0-pid{worker_pid}"
+    assert killed_scratch.is_dir()  # a SIGKILLed worker cannot clean up after itself
     # a checkpoint whose upload was cut off by the kill: never resumed from, overwritten when its step comes again
     partial = _ray_dir(spec) / "step_00000006"
     partial.mkdir(exist_ok=True)
@@ -110,6 +112,7 @@ def test_exact_resume_after_the_driver_is_killed(ray_cluster, tiny_model_dir, sy
     _finish(ref_process, tmp_path, "reference.log")
     result, full = run.read_result(), RunDir(reference.output_uri).read_result()
     assert result["state"] == full["state"] == "succeeded"
+    assert not killed_scratch.exists() and not list(tmp_path.glob("qwenvl-*"))  # the next worker swept it
     resumed = result["summary"]["resumed_from_step"]
     assert resumed == 4  # the latest checkpoint Ray had registered, not the cut-off one
     assert json.loads((partial / "state.json").read_text())["state"]["step"] == 6
