@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, insert, select, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -211,10 +211,10 @@ def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types
     if types:
         query = query.where(JobEvent.type.in_(types))
     if latest_per_step:
-        newer = aliased(JobEvent)
-        query = query.where(~exists().where(newer.job_id == JobEvent.job_id, newer.type == JobEvent.type,
-                                            newer.data["step"].as_integer() == JobEvent.data["step"].as_integer(),
-                                            newer.pk > JobEvent.pk))
+        same_job = aliased(JobEvent)
+        newest = (select(func.max(same_job.pk)).where(same_job.job_id == job_id)
+                  .group_by(same_job.type, same_job.data["step"].as_integer()))
+        query = query.where(JobEvent.pk.in_(newest))
     if after is not None:
         pk = _event_pk(after)
         if pk is None or s.scalar(select(JobEvent.pk).where(JobEvent.pk == pk, JobEvent.job_id == job_id)) is None:
