@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -205,16 +206,17 @@ def alive_nodes(dashboard_url: str, token: str) -> int | None:
         return None
 
 
-def wait_nodes(dashboard_url: str, token: str, expected: int, timeout_s: float,
+def wait_nodes(alive: Callable[[], int | None], expected: int, timeout_s: float,
                workers: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
-    """Wait until ``expected`` nodes are alive; a worker-node process that exits meanwhile is an error."""
+    """Wait until ``alive()`` (e.g. ``alive_nodes``) counts ``expected`` nodes; a worker-node process that exits
+    meanwhile is an error."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for i, (process, log) in enumerate(workers, 1):
             if process.poll() is not None:
                 raise StackError(f"Ray worker node {i} exited with status {process.returncode} while starting; "
                                  f"see {log}")
-        if alive_nodes(dashboard_url, token) == expected:
+        if alive() == expected:
             return
         time.sleep(0.5)
     raise StackError(f"the Ray cluster does not have {expected} alive nodes after {timeout_s:.0f} s; see "
@@ -345,7 +347,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
                 state.pids[f"ray_worker_{i}"] = node.pid
                 workers.append((node, log))
             _write_state(home, state)
-            wait_nodes(dashboard_url, ray_token, 1 + worker_nodes, timeout_s, workers)
+            wait_nodes(lambda: alive_nodes(dashboard_url, ray_token), 1 + worker_nodes, timeout_s, workers)
         wait_http(f"{mlflow_url}/health", timeout_s, "MLflow", logs / "mlflow.log", process=mlflow)
         echo("deploying the API and the model (Ray Serve) ...")
         deploy_app(env, state.gcs_address, api_port, logs / "serve.log", timeout_s)
