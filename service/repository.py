@@ -211,10 +211,11 @@ def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types
     if types:
         query = query.where(JobEvent.type.in_(types))
     if latest_per_step:
-        same_job = aliased(JobEvent)
-        newest = (select(func.max(same_job.pk)).where(same_job.job_id == job_id)
-                  .group_by(same_job.type, same_job.data["step"].as_integer()))
-        query = query.where(JobEvent.pk.in_(newest))
+        same = aliased(JobEvent)
+        newest = select(func.max(same.pk)).where(same.job_id == job_id)
+        if types:  # group only the listed types, not the job's many metrics events
+            newest = newest.where(same.type.in_(types))
+        query = query.where(JobEvent.pk.in_(newest.group_by(same.type, same.data["step"].as_integer())))
     if after is not None:
         pk = _event_pk(after)
         if pk is None or s.scalar(select(JobEvent.pk).where(JobEvent.pk == pk, JobEvent.job_id == job_id)) is None:
