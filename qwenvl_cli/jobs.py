@@ -31,8 +31,9 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 def job_body(model: str, training_file: str, *, validation_file: str | None = None, suffix: str | None = None,
              n_epochs: int | None = None, batch_size: int | None = None, lr_multiplier: float | None = None,
              max_steps: int | None = None, micro_batch_size: int | None = None, workers: int | None = None,
-             cpus_per_worker: float | None = None, lora_r: int | None = None, lora_alpha: float | None = None, train_adapter: bool = False,
-             seed: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             cpus_per_worker: float | None = None, lora_r: int | None = None, lora_alpha: float | None = None,
+             train_adapter: bool = False, seed: int | None = None, extra: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """The ``POST /v1/fine_tuning/jobs`` body (OpenAI fields + the platform's extensions)."""
     hp = {k: v for k, v in {"n_epochs": n_epochs, "batch_size": batch_size,
                             "learning_rate_multiplier": lr_multiplier}.items() if v is not None}
@@ -133,8 +134,9 @@ def create(
     """Create a fine-tuning job."""
     body = job_body(model, training_file, validation_file=validation_file, suffix=suffix, n_epochs=n_epochs,
                     batch_size=batch_size, lr_multiplier=lr_multiplier, max_steps=max_steps,
-                    micro_batch_size=micro_batch_size, workers=workers, cpus_per_worker=cpus_per_worker, lora_r=lora_r, lora_alpha=lora_alpha,
-                    train_adapter=train_adapter, seed=seed, extra=_parse_extra(extra))
+                    micro_batch_size=micro_batch_size, workers=workers, cpus_per_worker=cpus_per_worker,
+                    lora_r=lora_r, lora_alpha=lora_alpha, train_adapter=train_adapter, seed=seed,
+                    extra=_parse_extra(extra))
     with Client(base_url, api_key) as client:
         job = client.post("/v1/fine_tuning/jobs", body)
         if json_out:
