@@ -1,13 +1,23 @@
 """Autoregressive generation with a KV cache, for any model that follows the forward contract.
 
 The contract (``docs/architecture.md``): ``model(input_ids, attention_mask, position_ids, past_key_values,
-pixel_values, use_cache=True, **model_kwargs)`` returns an object with ``logits`` ``[B, T, V]`` and the new
-KV cache in ``cache`` (the transformers 5 name of ``past_key_values`` on model outputs). Prompts of different lengths are batched with **left padding**, so every row's next token
-is read from the last column and positions are ``cumsum(attention_mask) - 1`` (padding does not shift them).
+pixel_values, use_cache=True, prompt_lengths, **model_kwargs)`` returns an object with ``logits`` ``[B, T, V]``
+and the new KV cache in ``cache`` (the transformers 5 name of ``past_key_values`` on model outputs). Prompts of
+different lengths are batched with **left padding**, so every row's next token is read from the last column and
+positions are ``cumsum(attention_mask) - 1`` (padding does not shift them). ``prompt_lengths`` ``[B]`` (each
+row's prompt length) goes to every forward, cached or not: length-dependent position scaling (Qwen-VL's dynamic
+NTK) is fixed by the prompt for the whole generation, as in the official model, so cached and uncached decoding
+agree beyond ``seq_length`` too. Extra ``model_kwargs`` are passed to every forward (for example peft's
+``adapter_names`` for mixed-adapter batches).
 
 Each row may carry its own ``SamplingParams`` (greedy or sampling with temperature / top-k / top-p and its own
-seed), stop token ids and stop strings: serving batches requests from different users together. Extra
-``model_kwargs`` are passed to every forward (for example peft's ``adapter_names`` for mixed-adapter batches).
+seed), stop token ids, stop strings and suppressed token ids: serving batches requests from different users
+together. Suppressed ids (for Qwen-VL the image-span structure ``<img>``, ``</img>``, ``<imgpad>``, which
+callers take from ``processor.suppressed_token_ids``) get a logit of -inf before greedy or sampled choice, so
+they are never emitted: a generated image tag would otherwise break the next step (no pixels for it).
+
+Stop strings are found in time linear in the output: the text is decoded incrementally (only the tokens after
+the last whole character are decoded again) and only the tail that can hold a new match is searched.
 
 The per-row pieces (``make_rows``, ``next_tokens``, ``advance_row``, ``finish_row``, ``positions_from_mask``) are
 public so that the serving engine (``qwenvl_core.serving.engine``), which decodes step by step with requests
@@ -39,6 +49,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +62,8 @@ class SamplingParams:
             raise QwenVLError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop_strings):
             raise QwenVLError("stop strings must not be empty")
+        if any(i < 0 for i in self.suppress_token_ids):
+            raise QwenVLError(f"suppressed token ids must be >= 0, got {self.suppress_token_ids}")
 
     @property
     def greedy(self) -> bool:
@@ -68,13 +81,19 @@ class GenerationOutput:
 
 @dataclass
 class RowState:
-    """One row's decoding state: its params, its RNG, the tokens and text so far, why it finished."""
+    """One row's decoding state: its params, its RNG, the tokens and text so far, why it finished.
+
+    ``stable_tokens`` / ``stable_text``: the leading tokens whose text ends on a whole character, and that text;
+    only the tokens after them are decoded again at each step (``advance_row``).
+    """
 
     params: SamplingParams
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: FinishReason | None = None
+    stable_tokens: int = 0
+    stable_text: str = ""
 
     @property
     def done(self) -> bool:
@@ -110,8 +129,20 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """``logits`` ``[B, V]`` with each row's ``suppress_token_ids`` set to -inf (a copy; the input is untouched)."""
+    pairs = [(r, i) for r, state in enumerate(rows) for i in state.params.suppress_token_ids if i < logits.size(-1)]
+    if not pairs:
+        return logits
+    index = torch.tensor(pairs, device=logits.device)  # [N, 2]: (row, token id)
+    logits = logits.clone()
+    logits[index[:, 0], index[:, 1]] = float("-inf")
+    return logits
+
+
 def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
-    """Pick each row's next token from ``logits`` ``[B, V]``."""
+    """Pick each row's next token from ``logits`` ``[B, V]`` (never one of the row's suppressed ids)."""
+    logits = suppress_tokens(logits, rows)
     greedy = logits.argmax(dim=-1).tolist()
     chosen: list[int] = []
     for row_idx, state in enumerate(rows):
@@ -133,19 +164,38 @@ def advance_row(state: RowState, token: int, decode: Callable[[list[int]], str] 
         return
     state.tokens.append(token)
     if decode is not None:
-        state.text = decode(state.tokens)
-        cut = stop_string_cut(state.text, params.stop_strings)
+        changed_from = _decode_incrementally(state, decode)
+        cut = stop_string_cut(state.text or "", params.stop_strings, changed_from)
         if cut is not None:
-            state.text = state.text[:cut]
+            state.text = (state.text or "")[:cut]
             state.finish_reason = "stop"
             return
     if len(state.tokens) >= params.max_new_tokens:
         state.finish_reason = "length"
 
 
-def stop_string_cut(text: str, stop_strings: tuple[str, ...]) -> int | None:
-    """The index where the earliest stop string starts in ``text``, or None."""
-    hits = [index for s in stop_strings if (index := text.find(s)) >= 0]
+def _decode_incrementally(state: RowState, decode: Callable[[list[int]], str]) -> int:
+    """Set ``state.text`` to the text of all tokens; returns the index from which it may differ from before.
+
+    Byte-level BPE text splits at a whole character: decode(a + b) == decode(a) + decode(b) when the bytes of
+    ``a`` end on a character boundary, i.e. when decode(a) does not end with U+FFFD (an incomplete character).
+    So only the tokens after ``stable_tokens`` are decoded, and the stable part grows whenever the text is whole.
+    """
+    tail = decode(state.tokens[state.stable_tokens :])
+    changed_from = len(state.stable_text)
+    state.text = state.stable_text + tail
+    if not tail.endswith("\ufffd"):
+        state.stable_tokens, state.stable_text = len(state.tokens), state.text
+    return changed_from
+
+
+def stop_string_cut(text: str, stop_strings: Sequence[str], changed_from: int = 0) -> int | None:
+    """The index where the earliest stop string starts in ``text``, or None.
+
+    ``changed_from``: ``text[:changed_from]`` was already searched (it held no stop string), so only matches
+    ending after it are looked for: each search covers the new text plus ``len(stop) - 1`` characters before it.
+    """
+    hits = [i for s in stop_strings if (i := text.find(s, max(0, changed_from - len(s) + 1))) >= 0]
     return min(hits) if hits else None
 
 
@@ -167,7 +217,8 @@ def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> 
     return rows
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 re-gathers parameters inside the forward, and inference
+# tensors there break its later requires_grad bookkeeping (the final evaluation runs after the adapter save)
 def generate(
     model: Callable[..., Any],
     prompts: Sequence[Sequence[int]],
@@ -194,6 +245,7 @@ def generate(
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
 
+    extra["prompt_lengths"] = attention_mask.sum(dim=-1)  # [B]
     step_ids, past = input_ids, None
     for _ in range(max(r.params.max_new_tokens for r in rows)):
         if use_cache:

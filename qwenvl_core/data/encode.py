@@ -3,7 +3,10 @@
 Token layout (identical to the official ``finetune.py`` ``preprocess``): a system turn first (the sample's own
 system message, else the processor's system prompt, "You are a helpful assistant." by default), then every
 turn as ``[<|im_start|>] + enc(role) + enc("\\n") | content | [<|im_end|>] + enc("\\n")``; an image in the content
-is ``Picture k: `` + ``<img>`` + n_queries x ``<imgpad>`` + ``</img>`` + ``\\n``.
+is ``Picture k: `` + ``<img>`` + n_queries x ``<imgpad>`` + ``</img>`` + ``\\n``. Content text is encoded as in serving
+(``chat.encode_turn``, the official ``make_context`` rule): ``<ref>`` / ``<box>`` / ``<quad>`` tags become their ids,
+but ``<|im_start|>``, ``<|im_end|>`` and other special surface forms in a sample's text stay plain text (the official
+``finetune.py`` would parse them, letting a sample's text forge turns and their labels).
 
 Labels are aligned with ``input_ids`` (the model shifts them: position t is trained to predict label t+1);
 -100 means "no loss". Two masks:

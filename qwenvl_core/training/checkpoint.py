@@ -5,11 +5,14 @@ Ray Train, into one) holds:
 
     state.json            rank 0: step, epoch, position in the epoch (global micro-batches), sampler state,
                           data-order digest, samples / tokens seen, loss history, early-stopping state
-    rng_rank{r}.pt        every rank: torch / Python / NumPy (/ CUDA) RNG states
+    rng_rank{r}.json      every rank: torch / Python / NumPy (/ CUDA) RNG states as plain JSON numbers
     trainable.pt, optimizer.pt, scheduler.pt       DDP / single process (rank 0)
     step_{N}/...          DeepSpeed: ``save_checkpoint`` shards of every rank (frozen weights excluded)
 
 Loading restores all of it, so the continued run takes exactly the steps the uninterrupted one would have.
+Nothing is unpickled: ``.pt`` files are read with ``torch.load(weights_only=True)`` (tensors, numbers, strings
+and containers only; ``load_torch_file``), so a checkpoint written by someone else cannot run code on load.
+A file holding anything else is refused with ``CheckpointError``.
 The final adapter is a PEFT directory (``adapter_config.json``, ``adapter_model.safetensors``) plus
 ``meta.json`` (base model, family, targets, job id, sha256 of the weights, training summary).
 """
@@ -18,15 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from qwenvl_core.training.strategies import Engine
+from qwenvl_core.errors import QwenVLError
+
+if TYPE_CHECKING:
+    from qwenvl_core.training.strategies import Engine
 
 STATE_FILE = "state.json"
 META_FILE = "meta.json"
@@ -49,8 +57,29 @@ class TrainState:
     resumed_from_step: int | None = None
 
 
+class CheckpointError(QwenVLError):
+    """A checkpoint file cannot be loaded safely (or at all)."""
+
+
+def load_torch_file(path: Path, allowed: Sequence[Any] = (), map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a checkpoint file with ``weights_only=True``: tensors, numbers, strings and containers
+    only, plus the classes in ``allowed`` (data-only classes a library's checkpoints hold, e.g. DeepSpeed's).
+    Anything else (a pickled object, whose loading could run code) is refused with ``CheckpointError``."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"checkpoint file {path} was refused: it holds pickled objects other than tensors and plain "
+            f"containers, and checkpoints are loaded without unpickling code ({first[0] if first else exc})"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {exc}") from exc
+
+
 def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
+    return f"rng_rank{rank}.json"
 
 
 def tag_of(step: int) -> str:
@@ -58,19 +87,39 @@ def tag_of(step: int) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": np.random.get_state()}
+    """The RNG states as JSON-ready values (byte tensors as lists of ints, NumPy's key array as a list)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Inverse of ``capture_rng``."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _read_rng(directory: Path, rank: int) -> dict[str, Any] | None:
+    path = directory / rng_file(rank)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {exc}") from exc
 
 
 def save_checkpoint(directory: Path, engine: Engine, state: TrainState, sampler_state: dict[str, Any],
@@ -78,7 +127,7 @@ def save_checkpoint(directory: Path, engine: Engine, state: TrainState, sampler_
     """This rank's part of checkpoint ``state.step`` into ``directory`` (every rank must call it)."""
     directory.mkdir(parents=True, exist_ok=True)
     engine.save(directory, tag_of(state.step))
-    torch.save(capture_rng(), directory / rng_file(rank))
+    (directory / rng_file(rank)).write_text(json.dumps(capture_rng()), encoding="utf-8")
     if rank == 0:
         doc = {"state": asdict(state), "sampler": sampler_state, "tag": tag_of(state.step)}
         (directory / STATE_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
@@ -88,9 +137,9 @@ def load_checkpoint(directory: Path, engine: Engine, rank: int) -> tuple[TrainSt
     """Restore the engine and this rank's RNG from ``directory``; returns the state and the sampler state."""
     doc = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
     engine.load(directory, doc["tag"])
-    rng = directory / rng_file(rank)
-    if rng.is_file():
-        restore_rng(torch.load(rng, weights_only=False))
+    rng = _read_rng(directory, rank)
+    if rng is not None:
+        restore_rng(rng)
     state = TrainState(**{**doc["state"], "losses": [tuple(x) for x in doc["state"]["losses"]]})
     state.resumed_from_step = state.step
     return state, doc["sampler"]
@@ -112,3 +161,12 @@ def save_adapter(model: torch.nn.Module, weights: dict[str, torch.Tensor], out_d
     meta = {**meta, "sha256": {ADAPTER_WEIGHTS: sha256_file(out_dir / ADAPTER_WEIGHTS)}}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
     return out_dir
+
+
+def add_adapter_meta(out_dir: Path, extra: dict[str, Any]) -> None:
+    """Merge ``extra`` into the adapter's ``meta.json`` (one level deep: dict values are updated, not replaced)."""
+    path = out_dir / META_FILE
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in extra.items():
+        meta[key] = {**meta[key], **value} if isinstance(value, dict) and isinstance(meta.get(key), dict) else value
+    path.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")

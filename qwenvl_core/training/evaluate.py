@@ -77,7 +77,7 @@ def task_items(samples: Sequence[Sample], processor: QwenVLProcessor, max_new_to
         if last.role != "assistant" or last.images:
             continue
         answer = last.text
-        if not answer or len(processor.tokenizer.encode(answer)) > max_new_tokens:
+        if not answer or len(processor.tokenizer.encode_content(answer)) > max_new_tokens:
             continue
         prompt = processor.encode_chat(sample.messages[:-1], add_generation_prompt=True)
         items.append(TaskItem(prompt.input_ids, prompt.pixel_values, answer))
@@ -99,7 +99,8 @@ def _generate(model: torch.nn.Module, items: Sequence[TaskItem], processor: Qwen
 
 def task_metrics(model: torch.nn.Module, items: Sequence[TaskItem], processor: QwenVLProcessor,
                  max_new_tokens: int, stop_ids: Sequence[int]) -> dict[str, float]:
-    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids),
+                            suppress_token_ids=processor.suppressed_token_ids)
     texts = _generate(model, items, processor, params) if items else []
     exact, exact_n, grounded, grounded_n = 0, 0, 0, 0
     for item, text in zip(items, texts, strict=True):

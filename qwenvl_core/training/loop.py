@@ -9,7 +9,8 @@
 3. ``_train``      epochs -> global micro-batches (each rank takes its slice) -> ``_micro_step``; at each
                    accumulation boundary ``_after_step``: metrics, progress, cancellation (rank 0 polls, the
                    answer is all-reduced), checkpoints every N steps, evaluation every N steps, early stopping;
-4. ``_finish``     final evaluation with base vs fine-tuned, the adapter directory (rank 0).
+4. ``_finish``     the adapter directory (rank 0), then the final evaluation with base vs fine-tuned (a
+                   failing evaluation is a ``warn`` event, never a failed job: the adapter is already saved).
 
 Every rank runs the same code; collective calls (all-reduce, DeepSpeed, ZeRO-3 gathers, checkpoint reports)
 happen on every rank at the same points.
@@ -272,28 +273,45 @@ class Trainer:
             for sink in self.hooks.metrics:
                 sink.log_metrics(metrics, self.state.step)
 
-    def _event(self, type_: Any, message: str, data: dict[str, Any]) -> None:
+    def _event(self, type_: Any, message: str, data: dict[str, Any], level: Any = "info") -> None:
         if self.rank == 0 and self.hooks.events is not None:
-            self.hooks.events.emit(type_, message, data)
+            self.hooks.events.emit(type_, message, data, level)
 
     # ----- 4. finish ----------------------------------------------------------------------------------------
     def _finish(self, outcome: JobState) -> TrainResult:
+        """The adapter first, then the final evaluation: a finished training always keeps its adapter, and an
+        evaluation that fails is a warning event (the job still succeeds, without final metrics)."""
         result = TrainResult(outcome, self.state, self.total_steps, summary=self.summary())
         if outcome is JobState.CANCELLED:
             return result
-        if self.evaluator is not None:
-            if self.spec.evaluation.compare_base:
-                result.metrics = base_and_finetuned(self.engine.module, self.evaluator)
-            else:
-                result.metrics = {f"eval/{k}": v for k, v in self.evaluator(self.engine.module).items()}
-            self._log(result.metrics)
         weights = self.engine.adapter_state_dict()  # collective under ZeRO-3
         if self.rank == 0:
             meta = {"job_id": self.spec.job_id, "base_model": str(Path(self.spec.base_model).resolve()),
                     "family": str(self.family.name), "quantization": self.spec.quantization.value,
-                    "training": {**result.summary, **result.metrics}}
+                    "training": result.summary}
             result.adapter_dir = ckpt.save_adapter(self.model, weights, self.work_dir / "adapter", meta)
+        del weights
+        result.metrics = self._final_eval()
+        if result.adapter_dir is not None and result.metrics:
+            ckpt.add_adapter_meta(result.adapter_dir, {"training": result.metrics})
         return result
+
+    def _final_eval(self) -> dict[str, float]:
+        """Base vs fine-tuned (or fine-tuned only) metrics; {} without validation data or when evaluation fails."""
+        if self.evaluator is None:
+            return {}
+        try:
+            if self.spec.evaluation.compare_base:
+                metrics = base_and_finetuned(self.engine.module, self.evaluator)
+            else:
+                metrics = {f"eval/{k}": v for k, v in self.evaluator(self.engine.module).items()}
+        except Exception as exc:  # the adapter is saved: a broken evaluation must not fail the finished job
+            self._event("message", f"final evaluation failed, the adapter is kept without eval metrics: "
+                        f"{type(exc).__name__}: {exc}", {"step": self.state.step, "error": type(exc).__name__},
+                        level="warn")
+            return {}
+        self._log(metrics)
+        return metrics
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._run_t0)

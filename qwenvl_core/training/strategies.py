@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from qwenvl_core.specs import FineTuneJobSpec, Precision, Strategy
+from qwenvl_core.training.checkpoint import load_torch_file
 
 ZERO2_DEFAULTS: dict[str, Any] = {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
                                   "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
@@ -111,13 +112,13 @@ class Engine:
             torch.save(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
 
     def load(self, directory: Path, tag: str) -> None:
-        weights = torch.load(directory / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+        weights = load_torch_file(directory / TRAINABLE_FILE)
         missing = set(weights) - {n for n, _ in self.module.named_parameters()}
         if missing:
             raise RuntimeError(f"checkpoint has weights the model lacks: {sorted(missing)[:3]}")
         self.module.load_state_dict(weights, strict=False)
-        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=False))
+        self.optimizer.load_state_dict(load_torch_file(directory / OPTIMIZER_FILE))
+        self.scheduler.load_state_dict(load_torch_file(directory / SCHEDULER_FILE))
 
 
 class DeepSpeedEngine(Engine):
@@ -171,7 +172,19 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(directory), tag=tag, exclude_frozen_parameters=True)
 
     def load(self, directory: Path, tag: str) -> None:
-        self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+        # DeepSpeed's loader unpickles anything (weights_only=False): its files are read by load_torch_file
+        # instead, which allows only the data classes DeepSpeed's ZeRO optimizer states hold.
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+        loader = self.engine.checkpoint_engine
+        loader.load = lambda path, map_location=None: load_torch_file(Path(path), allowed, map_location)
+        try:
+            self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+        finally:
+            del loader.load  # back to the class's method
 
 
 def build_engine(spec: FineTuneJobSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

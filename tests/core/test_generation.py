@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -144,3 +146,58 @@ def test_stop_strings_need_a_decoder(loaded):
     prompt = processor.encode_chat([text_message("user", "x")]).input_ids
     with pytest.raises(QwenVLError, match="decode"):
         generate(model, [prompt], pad_token_id=0, params=SamplingParams(max_new_tokens=2, stop_strings=("a",)))
+
+
+# ----- stop strings: incremental decoding and tail search equal the straightforward full search ----------------
+def _byte_decode(ids: list[int]) -> str:
+    """Byte-level decoding as the tokenizer does it: ids are bytes, invalid / incomplete UTF-8 -> U+FFFD."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _reference_row(tokens: list[int], params: SamplingParams) -> tuple[list[int], str | None, str]:
+    """The straightforward rule: decode everything, search the whole text, after every token."""
+    kept: list[int] = []
+    text = None
+    for token in tokens:
+        if token in params.stop_token_ids:
+            return kept, text, "stop"
+        kept.append(token)
+        text = _byte_decode(kept)
+        hits = [i for s in params.stop_strings if (i := text.find(s)) >= 0]
+        if hits:
+            return kept, text[: min(hits)], "stop"
+        if len(kept) >= params.max_new_tokens:
+            return kept, text, "length"
+    return kept, text, "length"
+
+
+def test_advance_row_stop_strings_equal_a_full_search_on_random_texts():
+    from qwenvl_core.generation import advance_row, make_rows
+
+    rng = random.Random(0)
+    alphabet = list("ab\n ") + ["é", "€", "中", "😀"]  # 1- to 4-byte characters, split across "tokens"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))).encode()
+        tokens = list(text)
+        stops = tuple({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(3)})
+        params = SamplingParams(max_new_tokens=rng.randint(1, 80), stop_strings=stops)
+        (row,) = make_rows(params, 1)
+        for token in tokens:
+            advance_row(row, token, _byte_decode)
+            if row.done:
+                break
+        assert (row.tokens, row.text, row.finish_reason or "length") == _reference_row(tokens, params)
+
+
+def test_twenty_thousand_steps_with_long_stop_strings():
+    from qwenvl_core.generation import advance_row, make_rows
+
+    stops = ("x" * 300 + "STOP", "y" * 500)
+    (row,) = make_rows(SamplingParams(max_new_tokens=30_000, stop_strings=stops), 1)
+    pattern = list(b"xxxxyyy\n")
+    for step in range(20_000):
+        advance_row(row, pattern[step % len(pattern)], _byte_decode)
+    assert not row.done and len(row.text) == 20_000 and row.stable_tokens == 20_000
+    for token in ("x" * 300 + "STOP").encode():
+        advance_row(row, token, _byte_decode)
+    assert row.finish_reason == "stop" and row.text.endswith("yyy\n") and len(row.text) == 20_000

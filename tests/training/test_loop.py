@@ -156,3 +156,30 @@ def test_progress_events_carry_the_progress_fields_the_service_reads(tmp_path):
     assert event.type == "metrics"
     assert event.data["step"] == 3 and event.data["total_steps"] == 10 and event.data["trained_tokens"] == 900
     assert Progress.model_validate(event.data).loss == 1.5
+
+
+def test_a_failing_final_evaluation_keeps_the_adapter_and_is_a_warning(tiny_model_dir, synth_data, tmp_path,
+                                                                        monkeypatch):
+    """Training finished: the adapter is written before the final evaluation, whose failure is a warn event."""
+    import qwenvl_core.training.loop as loop
+
+    def broken(model, evaluator):
+        raise RuntimeError("image count mismatch: input_ids hold 1 <img> spans")  # the fault of issue 15
+
+    monkeypatch.setattr(loop, "base_and_finetuned", broken)
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", hyperparameters={"max_steps": 2},
+                     evaluation={"max_samples": 4, "task_metrics": False})
+    run = RunDir(spec.output_uri)
+    result = Trainer(spec, Hooks(events=RunDirEvents(run)), tmp_path / "work").run()
+    assert result.state is JobState.SUCCEEDED and result.metrics == {}
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    meta = json.loads((result.adapter_dir / "meta.json").read_text())
+    assert meta["training"]["steps"] == 2 and not any(k.startswith("eval") for k in meta["training"])
+    (warning,) = [e for e in run.read_events() if e.level == "warn"]
+    assert "final evaluation failed" in warning.message and "image count mismatch" in warning.message
+
+
+def test_final_metrics_are_added_to_the_adapter_meta(trained):
+    _, result, _ = trained
+    meta = json.loads((result.adapter_dir / "meta.json").read_text())
+    assert meta["training"]["eval/loss"] == result.metrics["eval/loss"] and meta["training"]["steps"] == 12

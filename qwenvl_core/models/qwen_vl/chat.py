@@ -5,7 +5,10 @@ This module owns the turn layout of the official ``finetune.py`` / ``make_contex
 separately (BPE merges never cross piece boundaries); the system turn comes first; the generation prompt is
 ``[<|im_start|>] + enc("assistant") + enc("\\n")``. An image part becomes ``Picture k: `` + image span + ``\\n``
 with k counting images over the whole conversation from 1; the span is ``tokenizer.image_span(n_queries)``
-where the official code puts ``<img>path</img>``. It also converts official-format text with
+where the official code puts ``<img>path</img>``. Text is encoded as ``make_context`` does
+(``tokenizer.encode_content``): grounding tags become their ids, but ``<|im_start|>``, ``<|im_end|>``,
+``<|endoftext|>`` and the other specials written in a message stay plain text, so message text can never open
+or close a turn (in serving and in training data alike). It also converts official-format text with
 ``<img>path</img>`` markup into ``TextPart`` / ``ImagePart`` lists.
 """
 
@@ -107,12 +110,13 @@ def encode_turn(tokenizer: QWenTokenizer, message: Message, n_queries: int, imag
     _check_role(message.role)
     content: list[int] = []
     for run in _content_runs(message, image_counter):
-        content += tokenizer.image_span(n_queries) if isinstance(run, ImagePart) else tokenizer.encode(run)
+        content += tokenizer.image_span(n_queries) if isinstance(run, ImagePart) else tokenizer.encode_content(run)
+    newline = tokenizer.encode("\n")
     return TurnTokens(
         role=message.role,
-        header_ids=[tokenizer.im_start_id] + tokenizer.encode(message.role) + tokenizer.encode("\n"),
+        header_ids=[tokenizer.im_start_id] + tokenizer.encode_content(message.role) + newline,
         content_ids=content,
-        footer_ids=[tokenizer.im_end_id] + tokenizer.encode("\n"),
+        footer_ids=[tokenizer.im_end_id] + newline,
         images=message.images,
         trainable=message.trainable,
     )
@@ -120,7 +124,7 @@ def encode_turn(tokenizer: QWenTokenizer, message: Message, n_queries: int, imag
 
 def generation_prompt_ids(tokenizer: QWenTokenizer) -> list[int]:
     """``<|im_start|>assistant\\n`` as the model is prompted to answer."""
-    return [tokenizer.im_start_id] + tokenizer.encode("assistant") + tokenizer.encode("\n")
+    return [tokenizer.im_start_id] + tokenizer.encode_content("assistant") + tokenizer.encode("\n")
 
 
 def encode_conversation(

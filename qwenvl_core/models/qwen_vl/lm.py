@@ -7,6 +7,7 @@ Names follow the official ``modeling_qwen.py`` so state-dict keys match: ``ln_1`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,11 @@ class RMSNorm(nn.Module):
 
 
 def ntk_alpha_for(total_len: int, seq_length: int) -> float:
-    """Official dynamic-NTK alpha: 2**ceil(log2(len/seq_length)+1) - 1, at least 1 (exactly 1 up to seq_length)."""
+    """Official dynamic-NTK alpha: 2**ceil(log2(len/seq_length)+1) - 1, at least 1 (exactly 1 up to seq_length).
+
+    The official model computes it from the length of the prefill (the prompt) and keeps it while decoding with
+    the KV cache (``QWenModel.ntk_alphas``).
+    """
     if total_len <= seq_length:
         return 1.0
     context_value = math.log(total_len / seq_length, 2) + 1
@@ -63,15 +68,29 @@ class QWenRotary(nn.Module):
         self.inv_freq = self.compute_inv_freq(device=device)
 
     def forward(
-        self, position_ids: torch.Tensor, ntk_alpha: float = 1.0
+        self, position_ids: torch.Tensor, ntk_alpha: float | Sequence[float] = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> (cos, sin) each [B, 1, T, dim], float32."""
-        inv_freq = self.inv_freq
-        if ntk_alpha != 1.0 or inv_freq.dtype != torch.float32 or inv_freq.is_meta:
-            inv_freq = self.compute_inv_freq(ntk_alpha, device=position_ids.device)
-        freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # [B, T, dim/2]
+        """position_ids [B, T] -> (cos, sin) each [B, 1, T, dim], float32.
+
+        ``ntk_alpha``: one alpha for every row, or one per row (rows of a batch fixed their alphas at their own
+        prefill); each alpha's frequencies are computed exactly as for a single one.
+        """
+        alphas = [float(ntk_alpha)] if isinstance(ntk_alpha, (int, float)) else [float(a) for a in ntk_alpha]
+        if len(set(alphas)) == 1:
+            inv_freq = self._inv_freq_for(alphas[0], position_ids.device)[None, None]  # [1, 1, dim/2]
+        else:
+            table = {a: self._inv_freq_for(a, position_ids.device) for a in set(alphas)}
+            inv_freq = torch.stack([table[a] for a in alphas])[:, None]  # [B, 1, dim/2]
+        freqs = position_ids.float()[..., None] * inv_freq  # [B, T, dim/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, dim]
         return emb.cos(), emb.sin()
+
+    def _inv_freq_for(self, ntk_alpha: float, device: torch.device) -> torch.Tensor:
+        """[dim/2] float32 on ``device``: the buffer for alpha 1, else recomputed for ``ntk_alpha``."""
+        inv_freq = self.inv_freq
+        if ntk_alpha != 1.0 or inv_freq.dtype != torch.float32 or inv_freq.is_meta:
+            return self.compute_inv_freq(ntk_alpha, device=device)
+        return inv_freq.to(device)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -147,18 +147,43 @@ class QWenModel(QWenPreTrainedModel):
         pad_mask = (input_ids == self.config.image_pad_id).unsqueeze(-1).expand_as(embeds)  # [B, T, D]
         return embeds.masked_scatter(pad_mask, features.reshape(-1, features.size(-1)))  # [B, T, D]
 
+    def ntk_alphas(
+        self,
+        total_len: int,
+        past_len: int,
+        attention_mask: torch.Tensor | None,
+        prompt_lengths: torch.Tensor | None,
+    ) -> float | list[float]:
+        """The dynamic-NTK alpha of each row, fixed by the row's prompt as in the official model.
+
+        The official ``QWenModel.forward`` computes alpha from the length of the prefill (the forward without a
+        KV cache) and reuses it for every cached decoding step (``rotary_emb._ntk_alpha_cached``), so the keys in
+        the cache and the new ones share one rotary base. Here each row's alpha comes from its own prompt length
+        (``prompt_lengths``, else at the prefill its attended length; the later official Qwen code does the
+        same with ``true_seq_lens``), so a row never depends on its batch neighbours. Cached and uncached
+        decoding agree when the caller passes the same ``prompt_lengths`` (``qwenvl_core.generation`` does).
+        """
+        if self.training or not self.config.use_dynamic_ntk or total_len <= self.config.seq_length:
+            return 1.0  # every prompt is at most total_len long: alpha 1 for all
+        if prompt_lengths is None:
+            if past_len:
+                raise QwenVLError(
+                    f"decoding to {total_len} tokens, beyond seq_length {self.config.seq_length}, with a KV cache "
+                    "and dynamic NTK needs prompt_lengths (each row's prompt length, which fixes its rotary "
+                    "scaling for the whole generation)"
+                )
+            if attention_mask is None:
+                return ntk_alpha_for(total_len, self.config.seq_length)
+            prompt_lengths = attention_mask.sum(-1)  # [B]
+        return [ntk_alpha_for(int(n), self.config.seq_length) for n in prompt_lengths.tolist()]
+
     def _rotary_and_scale(
-        self, position_ids: torch.Tensor, total_len: int
+        self, position_ids: torch.Tensor, total_len: int, alphas: float | list[float]
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """Rotary (cos, sin) with dynamic NTK, and the logn query scale; both exact no-ops up to seq_length."""
-        beyond = not self.training and total_len > self.config.seq_length
-        alpha = (
-            ntk_alpha_for(total_len, self.config.seq_length)
-            if beyond and self.config.use_dynamic_ntk
-            else 1.0
-        )
-        rotary = self.rotary_emb(position_ids, ntk_alpha=alpha)
-        use_logn = beyond and self.config.use_logn_attn
+        """Rotary (cos, sin) with the rows' NTK alphas, and the logn query scale (an exact no-op up to
+        seq_length; beyond it log(pos+1)/log(seq_length) per query position, as the official ``logn_tensor``)."""
+        rotary = self.rotary_emb(position_ids, ntk_alpha=alphas)
+        use_logn = not self.training and total_len > self.config.seq_length and self.config.use_logn_attn
         return rotary, logn_scale(position_ids, self.config.seq_length) if use_logn else None
 
     def forward(
@@ -171,6 +196,7 @@ class QWenModel(QWenPreTrainedModel):
         use_cache: bool = False,
         segment_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, PastKV | None]:
         """Returns (final hidden states [B, T, D], presents tuple or None)."""
@@ -187,7 +213,8 @@ class QWenModel(QWenPreTrainedModel):
             full = attention_mask if attention_mask is not None else embeds.new_ones(batch, past_len + q_len)
             position_ids = _default_position_ids(full, past_len, segment_ids)  # [B, T]
         mask = build_attention_mask(attention_mask, segment_ids, past_len, q_len, embeds.device)
-        rotary, query_scale = self._rotary_and_scale(position_ids, past_len + q_len)
+        alphas = self.ntk_alphas(past_len + q_len, past_len, attention_mask, prompt_lengths)
+        rotary, query_scale = self._rotary_and_scale(position_ids, past_len + q_len, alphas)
         hidden, presents = self.drop(embeds), []
         for i, block in enumerate(self.h):
             layer_past = past_key_values[i] if past_key_values else None
@@ -262,7 +289,8 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         """Inputs of one decoding step from the whole sequence so far (peft requires this hook).
 
         Our own decoding loop is ``qwenvl_core.generation.generate``; this keeps the same rules: after the
-        prefill only the last token is fed, and images are read only by the prefill.
+        prefill only the last token is fed, images are read only by the prefill, and ``prompt_lengths`` (if the
+        caller passes it) fixes the dynamic-NTK alpha of each row.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -276,6 +304,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             "past_key_values": past_key_values,
             "pixel_values": pixel_values,
             "use_cache": True,
+            "prompt_lengths": kwargs.get("prompt_lengths"),
         }
 
     def forward(
@@ -290,9 +319,14 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         segment_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         loss_only: bool = False,
+        prompt_lengths: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """See docs/architecture.md "Model forward contract"; unknown kwargs (from peft / Trainer) are ignored.
+
+        ``prompt_lengths`` [B] (generation): each row's prompt length, which fixes the row's dynamic-NTK alpha for
+        the whole generation as the official model does (``QWenModel.ntk_alphas``); needed only for decoding
+        beyond ``seq_length``.
 
         ``loss_only`` (training, with ``labels``): the LM head runs only where the next token is supervised and
         no logits are returned; the loss equals the full one (in VL data most positions are image and prompt
@@ -312,6 +346,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             use_cache=use_cache,
             segment_ids=segment_ids,
             inputs_embeds=inputs_embeds,
+            prompt_lengths=prompt_lengths,
         )
         if loss_only:
             if labels is None:

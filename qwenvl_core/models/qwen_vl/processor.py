@@ -114,6 +114,12 @@ class QwenVLProcessor:
             images=encoded.images,
         )
 
+    @property
+    def suppressed_token_ids(self) -> tuple[int, ...]:
+        """Ids generation must never emit (``SamplingParams.suppress_token_ids``): the image-span structure
+        ``<img>``, ``</img>``, ``<imgpad>``. Images come only from the prompt; a generated tag has no pixels."""
+        return self.tokenizer.image_token_ids
+
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids as text, special tokens (and padded-vocabulary ids) dropped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -45,6 +45,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 N_SPECIAL = len(SPECIAL_TOKENS)  # 217
 
+# The only special surface forms that message text may produce: the official ``make_context`` encodes roles and
+# contents with ``allowed_special=set(tokenizer.IMAGE_ST)`` (grounding and image tags). Everything else, above
+# all ``<|im_start|>`` / ``<|im_end|>`` / ``<|endoftext|>``, is plain text there, so a message cannot open a turn.
+CONTENT_SPECIALS: frozenset[str] = frozenset(
+    (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
+)
+
 
 def special_token_ids(n_ranks: int) -> dict[str, int]:
     """The special tokens and their ids for a vocabulary of ``n_ranks`` mergeable ranks."""
@@ -202,6 +209,11 @@ class QWenTokenizer:
     def img_pad_id(self) -> int:
         return self._special[IMG_PAD]
 
+    @property
+    def image_token_ids(self) -> tuple[int, int, int]:
+        """``<img>``, ``</img>``, ``<imgpad>``: the image-span structure, which generation must never emit."""
+        return self.img_start_id, self.img_end_id, self.img_pad_id
+
     def image_span(self, n_queries: int) -> list[int]:
         """The ids of one image: ``<img>`` + ``n_queries`` x ``<imgpad>`` + ``</img>``."""
         if n_queries < 1:
@@ -213,11 +225,17 @@ class QWenTokenizer:
     def encode(self, text: str, allowed_special: Literal["all"] | Set[str] = "all") -> list[int]:
         """Encode NFC-normalised ``text``; surface forms in ``allowed_special`` become special ids.
 
-        The default ``"all"`` is the official behaviour. Special surface forms that are not allowed are
+        The default ``"all"`` is the official tokenizer's behaviour (fine for trusted text); message text is
+        encoded with ``CONTENT_SPECIALS`` (``encode_content``). Special surface forms that are not allowed are
         encoded as ordinary text.
         """
         text = unicodedata.normalize("NFC", text)
         return self._enc.encode(text, allowed_special=allowed_special, disallowed_special=())
+
+    def encode_content(self, text: str) -> list[int]:
+        """Encode message text as the official ``make_context`` does: only ``CONTENT_SPECIALS`` become special
+        ids (grounding tags stay markup); ``<|im_start|>`` and every other special surface form stay plain text."""
+        return self.encode(text, allowed_special=CONTENT_SPECIALS)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode NFC-normalised ``text`` treating every special surface form as plain text."""
