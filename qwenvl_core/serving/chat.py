@@ -5,9 +5,12 @@ This module owns
   ``image_url`` parts (several images per message), sampling fields (``temperature``, ``top_p``, ``top_k``,
   ``seed``, ``max_tokens`` / ``max_completion_tokens``, ``stop``), ``stream`` + ``stream_options``, ``usage``,
   and the extension field ``grounding`` on each choice: the boxes of the answer in pixels of each input image;
-- converting a request into engine messages: ``data:`` URLs are decoded by the engine; any other image
-  reference (an uploaded file id, a storage path) goes through an ``ImageResolver`` the service passes in,
-  which also checks that the tenant owns it;
+- converting a request into engine messages within ``ChatLimits``, cheapest checks first: the number of
+  images on the parsed request, then each image's size and their total (``data:`` URLs from their length;
+  any other reference, an uploaded file id or a storage path, through an ``ImageResolver`` the service passes
+  in, which checks that the tenant owns it and returns its stored size without reading it), and only then are
+  references read, never more than the per-image limit + 1 bytes. ``data:`` URLs are decoded by the engine;
+- the sampling fields' limits (at most 4 stop strings of at most ``MAX_STOP_CHARS`` characters each);
 - the ``ChatBackend`` protocol the HTTP route depends on, ``AdapterLocator`` / ``AdapterResolver`` (model id +
   tenant -> the adapter to load, or None), and ``InProcessBackend`` (engines in this process: local use, tests).
   The Ray Serve backend lives in ``workflows/serve_app.py``;
@@ -19,27 +22,59 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwenvl_core.conversation import ImagePart, ImageSource, Message, Part, TextPart
+from qwenvl_core.conversation import ImagePart, Message, Part, TextPart
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import SamplingParams
-from qwenvl_core.serving.engine import EngineEvent, EngineRequest, ImageBoxes, ServingEngine
+from qwenvl_core.models.qwen_vl.images import data_url_size
+from qwenvl_core.serving.engine import (
+    EngineEvent,
+    EngineFault,
+    EngineRequest,
+    EngineStopped,
+    ImageBoxes,
+    RequestError,
+    ServingEngine,
+    check_image_bytes,
+    check_image_count,
+)
 from qwenvl_core.serving.metrics import merge_expositions
 
 DEFAULT_MAX_TOKENS = 256
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+# Below this a temperature is greedy decoding (as vLLM does): dividing logits by it would overflow to inf / NaN.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+MIB = 1 << 20
 
 
-class ChatRequestError(QwenVLError):
-    """A request the API refuses; ``param`` names the offending field."""
+class ChatRequestError(RequestError):
+    """A request the API refuses; ``param`` names the offending field, ``code`` the reason."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+
+@dataclass(frozen=True)
+class ChatLimits:
+    """What one chat request may hold (OpenAI's per-image and per-request sizes by default)."""
+
+    max_images: int = 16
+    max_image_bytes: int = 20 * MIB  # one encoded image: a stored file, or a data URL's decoded payload
+    max_image_bytes_total: int = 50 * MIB  # all images of the request together
+
+
+DEFAULT_CHAT_LIMITS = ChatLimits()
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image reference the tenant owns, resolved to its stored size; ``read(n)`` returns at most ``n`` bytes."""
+
+    size: int
+    read: Callable[[int], bytes]
 
 
 # ----- request schemas ------------------------------------------------------------------------------------------
@@ -143,8 +178,8 @@ class AdapterLocator:
 
 # (model id, tenant id) -> the adapter, or None when it does not exist or belongs to another tenant.
 AdapterResolver = Callable[[str, str], AdapterLocator | None]
-# (image reference that is not a data URL, tenant id) -> image bytes or a local path; raises if not allowed.
-ImageResolver = Callable[[str, str], ImageSource]
+# (image reference that is not a data URL, tenant id) -> the stored image (not read yet); raises if not allowed.
+ImageResolver = Callable[[str, str], StoredImage]
 
 
 class ChatBackend(Protocol):
@@ -197,44 +232,89 @@ class InProcessBackend:
 
 
 # ----- conversion -------------------------------------------------------------------------------------------------
-def to_messages(request: ChatCompletionRequest, resolve_image: Callable[[str], ImageSource] | None) -> list[Message]:
-    """Engine messages; non-data image URLs are resolved (blocking: call it off the event loop)."""
-    messages = []
+def to_messages(request: ChatCompletionRequest, resolve_image: Callable[[str], StoredImage] | None,
+                limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> list[Message]:
+    """Engine messages within ``limits``, checked in the order of the module docstring: nothing is read before
+    the count and every size passed. Blocking (references are looked up and read): call it off the event loop.
+    """
+    images = _image_urls(request)
+    check_image_count([name for name, _ in images], limits.max_images)
+    stored: dict[str, StoredImage] = {}
+
+    def sizes(read: dict[str, bytes] | None = None) -> Iterator[tuple[str, int]]:
+        for name, url in images:
+            if url.startswith("data:"):
+                yield name, data_url_size(url)
+            elif read is not None:
+                yield name, len(read[name])
+            else:
+                stored[name] = _locate(url, resolve_image, name)
+                yield name, stored[name].size
+
+    check_image_bytes(sizes(), limits.max_image_bytes, limits.max_image_bytes_total)
+    read = {name: _read(image, name, limits.max_image_bytes) for name, image in stored.items()}
+    check_image_bytes(sizes(read), limits.max_image_bytes, limits.max_image_bytes_total)  # objects may have grown
+    return [_message(m_index, message, read) for m_index, message in enumerate(request.messages)]
+
+
+def _field(m_index: int, p_index: int) -> str:
+    return f"messages[{m_index}].content[{p_index}]"
+
+
+def _image_urls(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(field, url) of every image part, in order; images are accepted in user messages only."""
+    urls = []
     for m_index, message in enumerate(request.messages):
-        content = message.content
-        if content is None or isinstance(content, str):
-            parts: list[Part] = [TextPart(content or "")]
-        else:
-            parts = [_part(p, resolve_image, f"messages[{m_index}].content[{p_index}]")
-                     for p_index, p in enumerate(content)]
-        if message.role != "user" and any(isinstance(p, ImagePart) for p in parts):
-            raise ChatRequestError("images are only accepted in user messages", f"messages[{m_index}].content")
-        messages.append(Message(role=message.role, parts=parts))
-    return messages
+        if not isinstance(message.content, list):
+            continue
+        for p_index, part in enumerate(message.content):
+            if isinstance(part, ImageContent):
+                if message.role != "user":
+                    raise ChatRequestError("images are only accepted in user messages", f"messages[{m_index}].content")
+                urls.append((_field(m_index, p_index), part.image_url.url))
+    return urls
 
 
-def _part(part: TextContent | ImageContent, resolve: Callable[[str], ImageSource] | None, param: str) -> Part:
-    if isinstance(part, TextContent):
-        return TextPart(part.text)
-    url = part.image_url.url
-    if url.startswith("data:"):
-        return ImagePart(url)
+def _locate(url: str, resolve: Callable[[str], StoredImage] | None, name: str) -> StoredImage:
     if url.startswith(("http://", "https://")):
-        raise ChatRequestError("remote image URLs are not fetched; send a data URL or an uploaded file id", param)
+        raise ChatRequestError("remote image URLs are not fetched; send a data URL or an uploaded file id", name)
     if resolve is None:
-        raise ChatRequestError("only data: image URLs are accepted here", param)
-    return ImagePart(resolve(url))
+        raise ChatRequestError("only data: image URLs are accepted here", name)
+    return resolve(url)
+
+
+def _read(image: StoredImage, name: str, limit: int) -> bytes:
+    data = image.read(limit + 1)
+    if len(data) > limit:
+        raise ChatRequestError(f"{name}: the image has more than {limit} bytes; the limit is {limit} bytes per image",
+                               name, "image_too_large")
+    return data
+
+
+def _message(m_index: int, message: ChatMessage, read: dict[str, bytes]) -> Message:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return Message(role=message.role, parts=[TextPart(content or "")])
+    parts: list[Part] = []
+    for p_index, part in enumerate(content):
+        if isinstance(part, TextContent):
+            parts.append(TextPart(part.text))
+        else:
+            name = _field(m_index, p_index)
+            parts.append(ImagePart(read[name] if name in read else part.image_url.url))
+    return Message(role=message.role, parts=parts)
 
 
 def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
     """OpenAI fields to ``SamplingParams`` (OpenAI defaults: temperature 1, top_p 1; temperature 0 = greedy)."""
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise ChatRequestError("stop: at most 4 non-empty strings", "stop")
+    if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ChatRequestError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                               "characters each", "stop", "invalid_value")
     temperature = 1.0 if request.temperature is None else request.temperature
     return SamplingParams(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or default_max_tokens,
-        do_sample=temperature > 0,
+        do_sample=temperature >= MIN_SAMPLING_TEMPERATURE,
         temperature=temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
@@ -262,7 +342,7 @@ async def collect_completion(model: str, events: AsyncIterator[EngineEvent]) -> 
         text.append(event.text)
         last = event
     if last is None or last.finish_reason is None:
-        raise QwenVLError("generation ended without a final event")
+        raise EngineFault("generation ended without a final event")
     usage = Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
                   total_tokens=last.prompt_tokens + last.completion_tokens)
     choice = Choice(message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason,
@@ -310,7 +390,8 @@ async def sse_stream(
                               total_tokens=event.prompt_tokens + event.completion_tokens)
                 yield sse(_chunk(completion_id, created, model, [], usage))
     except Exception as exc:  # reported to the client inside the stream
-        yield sse({"error": {"message": str(exc) if isinstance(exc, QwenVLError) else "internal server error",
+        known = isinstance(exc, QwenVLError | EngineFault | EngineStopped)
+        yield sse({"error": {"message": str(exc) if known else "internal server error",
                              "type": "server_error", "param": None, "code": None}})
     yield sse("[DONE]")
 

@@ -1,10 +1,13 @@
 """The serving engine: continuous batching of chat requests for one base model and many LoRA adapters.
 
 This module owns the request lifecycle inside one replica:
-1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path: images are
-   decoded and preprocessed, the prompt is encoded, and the adapter is fetched from the ``AdapterCache``
-   (loading it on a miss). The request then holds its ``LoraWeights``: it finishes on the weights it started
-   with even if the adapter is evicted or deleted meanwhile.
+1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path, cheapest
+   checks first: the number of images, each image's encoded size and their total (data URLs from their
+   length), the prompt's token count (image spans have a fixed length, so no pixel is decoded for it) against
+   ``max_total_tokens``; only then are images decoded (pixel limits from their headers) one at a time and
+   preprocessed, and the adapter fetched from the ``AdapterCache`` (loaded on a miss). A refused request raises ``RequestError``
+   naming the field (``messages[i].content[j]``, ``max_tokens``). The request then holds its ``LoraWeights``:
+   it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile.
 2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
    their adapters) and merged into the running batch, whose KV cache is padded on the left to a common length;
    every step decodes one token for every running row, with each row's adapter applied in the same forward
@@ -13,18 +16,24 @@ This module owns the request lifecycle inside one replica:
 3. Tokens stream back to each request's asyncio queue as text deltas (text that could still become a stop
    string, or an incomplete UTF-8 character, is held back); the last event carries usage and the grounding
    boxes parsed from the output, in pixels of each input image.
+
+A fault in the model thread fails only the rows it belongs to: a batched forward that raises is re-run row by
+row (prefill: each new request alone; decode: each row on its own slice of the KV cache), and a row whose
+sampling or text step raises is dropped alone; such a row's request gets ``EngineFault`` (a server-side failure,
+never the request's mistake), the others continue. ``EngineStopped`` is what requests in flight get on close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl_core.conversation import ImagePart, Message
-from qwenvl_core.errors import QwenVLError
+from qwenvl_core.errors import ImageError, QwenVLError
 from qwenvl_core.generation import (
     FinishReason,
     RowState,
@@ -46,7 +55,7 @@ from qwenvl_core.generation import (
     positions_from_mask,
 )
 from qwenvl_core.models.qwen_vl.grounding import PixelObject
-from qwenvl_core.models.qwen_vl.images import load_image
+from qwenvl_core.models.qwen_vl.images import encoded_size, load_image
 from qwenvl_core.models.registry import ModelFamily, detect_family
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.lora_batch import (
@@ -60,6 +69,26 @@ from qwenvl_core.serving.lora_batch import (
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
 
 PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+log = logging.getLogger(__name__)
+
+
+class RequestError(QwenVLError):
+    """A request the engine (or the API in front of it) refuses; ``param`` names the field, ``code`` the reason."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps param and code across processes (Ray Serve replicas)
+        return type(self), (str(self), self.param, self.code)
+
+
+class EngineFault(RuntimeError):
+    """A request failed inside the model thread: a server-side fault (HTTP 500), not the request's mistake."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine stopped while the request was queued or running (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,9 @@ class EngineConfig:
     max_adapter_bytes: int | None = None
     max_lora_rank: int = 64
     max_total_tokens: int = 2048
+    max_images_per_request: int = 16
+    max_image_bytes: int = 20 * 1024 * 1024  # one encoded image (file, bytes or data URL payload)
+    max_image_bytes_total: int = 50 * 1024 * 1024  # all encoded images of one request together
     preprocess_threads: int = 2
     adapter_cache_dir: str | None = None
     # "4bit": the language model's linears (not lm_head) become bitsandbytes NF4 ``Linear4bit``, exactly as
@@ -137,6 +169,7 @@ class _Sequence:
     generated: int = 0
     last_token_at: float | None = None
     cancelled: bool = False
+    failed: bool = False  # got an error from the model thread; leaves the batch at the next compaction
 
 
 @dataclass
@@ -162,7 +195,7 @@ def safe_text_end(text: str, stop_strings: Sequence[str]) -> int:
         end -= 1
     for stop in stop_strings:
         for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
+            if text.endswith(stop[:k], 0, end):
                 end -= k
                 break
     return end
@@ -197,6 +230,7 @@ class ServingEngine:
         self._stop_ids = tuple(family.stop_token_ids(processor))
         self._text_ids = set(range(tok.ref_start_id, tok.quad_end_id + 1))
         self._n_ranks = tok.n_ranks
+        self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._waiting: deque[_Sequence] = deque()
         self._batch: _Batch | None = None
@@ -275,7 +309,7 @@ class ServingEngine:
                 if item.finish_reason is not None:
                     return
         finally:
-            if not seq.state.done:
+            if not seq.state.done and not seq.failed:
                 seq.cancelled = True
                 self._count(request.adapter_id, "cancelled")
 
@@ -291,33 +325,45 @@ class ServingEngine:
                             last.grounding)
 
     def _prepare(self, request: EngineRequest, arrived: float) -> _Sequence:
-        messages, sizes = self._load_images(request.messages)
-        encoded = self.processor.encode_chat(messages, add_generation_prompt=True)
+        """Checks in order of cost (see the module docstring), then decoding, then the adapter."""
+        images = image_fields(request.messages)
+        self._check_images(images)
+        encoded = self.processor.encode_conversation(request.messages, add_generation_prompt=True)  # no pixels
         params = request.params
-        total = len(encoded.input_ids) + params.max_new_tokens
-        if total > self.config.max_total_tokens:
-            raise QwenVLError(
-                f"prompt ({len(encoded.input_ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
-                f"limit of {self.config.max_total_tokens} tokens"
-            )
-        params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}))
-        return _Sequence(request, encoded.input_ids, encoded.pixel_values, sizes, self._adapter(request),
+        self._check_tokens(len(encoded.input_ids), params.max_new_tokens)
+        pixel_values, sizes = self._load_images(images)
+        params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
+                                     suppress_token_ids=self.processor.suppressed_token_ids)
+        return _Sequence(request, encoded.input_ids, pixel_values, sizes, self._adapter(request),
                          make_rows(params, 1)[0], arrived)
 
-    def _load_images(self, messages: Sequence[Message]) -> tuple[list[Message], list[tuple[int, int]]]:
-        """Decode every image once (sizes are needed for grounding); the processor then only resizes."""
-        sizes: list[tuple[int, int]] = []
-        loaded = []
-        for message in messages:
-            parts = []
-            for part in message.parts:
-                if isinstance(part, ImagePart):
-                    image = load_image(part.source, limits=self.processor.image_limits)
-                    sizes.append(image.size)
-                    part = ImagePart(image)
-                parts.append(part)
-            loaded.append(dataclasses.replace(message, parts=parts))
-        return loaded, sizes
+    def _check_images(self, images: Sequence[tuple[str, ImagePart]]) -> None:
+        """Image count, each image's encoded size and the request's total: all known without decoding."""
+        config = self.config
+        check_image_count([name for name, _ in images], config.max_images_per_request)
+        check_image_bytes(((name, encoded_size(part.source)) for name, part in images), config.max_image_bytes,
+                          config.max_image_bytes_total)
+
+    def _check_tokens(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        limit = self.config.max_total_tokens
+        if prompt_tokens + max_new_tokens > limit:
+            raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new_tokens}) exceeds the limit of "
+                               f"{limit} tokens", "messages" if prompt_tokens >= limit else "max_tokens",
+                               "context_length_exceeded")
+
+    def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """Decode the images one at a time (pixel limits from the header first) and reduce each to model input
+        at once, so at most one full-size image is held; their sizes are kept for grounding."""
+        tensors, sizes = [], []
+        for param, part in images:
+            try:
+                image = load_image(part.source, limits=self._image_limits)
+            except ImageError as exc:
+                raise RequestError(f"{param}: {exc}", param, "invalid_image") from exc
+            sizes.append(image.size)
+            tensors.append(self.processor.pixel_values([ImagePart(image)]))
+            del image
+        return (torch.cat(tensors) if tensors else None), sizes
 
     def _adapter(self, request: EngineRequest) -> LoraWeights | None:
         if request.adapter_id is None:
@@ -335,7 +381,7 @@ class ServingEngine:
         while (new := self._take_new()) is not None:
             self._step(new)
             del new  # hold no request (nor its adapter weights) while waiting for work
-        self._fail_all(QwenVLError("the serving engine stopped"))
+        self._fail_all(EngineStopped("the serving engine stopped"))
 
     def _take_new(self) -> list[_Sequence] | None:
         """Wait for work; the waiting requests that fit in the batch (None when stopping)."""
@@ -349,19 +395,15 @@ class ServingEngine:
             return [s for s in new if not s.cancelled]
 
     def _step(self, new: list[_Sequence]) -> None:
-        try:
-            if new:
-                self._prefill(new)
-        except Exception as exc:  # a bad batch must not stop the engine: its requests get the error
-            for seq in new:
-                seq.emit(exc)
+        if new:
+            self._admit(new)
         try:
             if self._batch is not None:
                 self._decode()
-        except Exception as exc:
+        except Exception as exc:  # not a row's own fault (those are isolated in _decode): the batch fails
             batch, self._batch = self._batch, None
             for seq in batch.seqs if batch else []:
-                seq.emit(exc)
+                self._fail(seq, exc)
         if self.metrics:
             self.metrics.running.set(len(self._batch.seqs) if self._batch else 0)
             self.metrics.waiting.set(len(self._waiting))
@@ -372,7 +414,41 @@ class ServingEngine:
             self._waiting.clear()
             self._batch = None
         for seq in seqs:
-            seq.emit(exc)
+            self._fail(seq, exc)
+
+    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+        """Fail one request with a server-side error (the cause is logged, not sent); its row leaves the batch."""
+        if seq.failed:
+            return
+        seq.failed = True
+        if not isinstance(exc, EngineFault | EngineStopped):
+            log.error("request %s failed in the model thread", seq.request.request_id, exc_info=exc)
+            what = str(exc) if isinstance(exc, QwenVLError) else type(exc).__name__
+            exc = EngineFault(f"generation failed in the model server ({what})")
+        self._count(seq.request.adapter_id, "error")
+        seq.emit(exc)
+
+    def _admit(self, new: list[_Sequence]) -> None:
+        """Prefill the new requests together; if that raises, each one alone, so a faulty one fails by itself."""
+        try:
+            self._prefill(new)
+            return
+        except Exception as exc:
+            if len(new) == 1:
+                self._fail(new[0], exc)
+                return
+            group_error = exc
+            log.warning("prefill of %d requests failed (%r): prefilling them one by one", len(new), exc)
+        for seq in new:
+            if seq.failed or seq.cancelled:
+                continue
+            if seq.generated:  # its first token was already sent: it cannot be prefilled again
+                self._fail(seq, group_error)
+                continue
+            try:
+                self._prefill([seq])
+            except Exception as exc:
+                self._fail(seq, exc)
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[_Sequence]) -> None:
@@ -380,7 +456,7 @@ class ServingEngine:
         pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
         plan = self._plan(seqs)
         logits, past = self._forward(ids, mask, positions_from_mask(mask), None,
-                                     torch.cat(pixels) if pixels else None, plan)
+                                     torch.cat(pixels) if pixels else None, plan, seqs)
         self.stats.prefills += 1
         self._after_step(seqs, logits)
         self._batch = _merge(self._batch, _Batch(seqs, past, mask, plan))
@@ -393,9 +469,44 @@ class ServingEngine:
         step_ids = torch.tensor([[s.state.tokens[-1]] for s in batch.seqs], dtype=torch.long)
         mask = torch.cat([batch.mask.cpu(), torch.ones_like(step_ids)], dim=1)
         positions = mask.sum(dim=1, keepdim=True) - 1
-        logits, batch.past = self._forward(step_ids, mask, positions, batch.past, None, batch.plan)
-        batch.mask = mask
+        try:
+            logits, past = self._forward(step_ids, mask, positions, batch.past, None, batch.plan, batch.seqs)
+        except Exception as exc:
+            if len(batch.seqs) == 1:
+                raise
+            log.warning("decode step of %d rows failed (%r): running it row by row", len(batch.seqs), exc)
+            self._decode_apart(batch, step_ids, mask, positions)
+            return
+        batch.past, batch.mask = past, mask
         self._after_step(batch.seqs, logits)
+        self._compact()
+
+    def _decode_apart(self, batch: _Batch, step_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """One decode step row by row, each on its own slice of the KV cache: rows whose forward raises fail
+        alone; the others form the batch again (the next step is batched as usual)."""
+        kept: list[int] = []
+        logits: list[torch.Tensor] = []
+        pasts: list[PastKV] = []
+        for i, seq in enumerate(batch.seqs):
+            row = slice(i, i + 1)
+            try:
+                row_logits, row_past = self._forward(step_ids[row], mask[row], positions[row],
+                                                     tuple((k[row], v[row]) for k, v in batch.past), None,
+                                                     self._plan([seq]), [seq])
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            kept.append(i)
+            logits.append(row_logits)
+            pasts.append(row_past)
+        if not kept:
+            self._batch = None
+            return
+        seqs = [batch.seqs[i] for i in kept]
+        past = tuple((torch.cat([p[layer][0] for p in pasts]), torch.cat([p[layer][1] for p in pasts]))
+                     for layer in range(len(pasts[0])))
+        self._batch = _Batch(seqs, past, mask[kept], self._plan(seqs))
+        self._after_step(seqs, torch.cat(logits))
         self._compact()
 
     def _forward(
@@ -406,6 +517,7 @@ class ServingEngine:
         past: PastKV | None,
         pixels: torch.Tensor | None,
         plan: LoraPlan | None,
+        seqs: Sequence[_Sequence],
     ) -> tuple[torch.Tensor, PastKV]:
         self.stats.forwards += 1
         self.stats.max_rows = max(self.stats.max_rows, ids.shape[0])
@@ -415,7 +527,8 @@ class ServingEngine:
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         with self.lora.activate(plan):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             pixel_values=None if pixels is None else pixels.to(device), use_cache=True)
+                             pixel_values=None if pixels is None else pixels.to(device), use_cache=True,
+                             prompt_lengths=torch.tensor([len(s.prompt_ids) for s in seqs], device=device))
         return out.logits[:, -1, :], out.cache
 
     def _plan(self, seqs: Sequence[_Sequence]) -> LoraPlan | None:
@@ -428,7 +541,7 @@ class ServingEngine:
         batch = self._batch
         if batch is None:
             return
-        keep = [i for i, s in enumerate(batch.seqs) if not s.state.done and not s.cancelled]
+        keep = [i for i, s in enumerate(batch.seqs) if not (s.state.done or s.cancelled or s.failed)]
         if len(keep) == len(batch.seqs):
             return
         if not keep:
@@ -448,14 +561,30 @@ class ServingEngine:
         return self.processor.tokenizer.decode(kept)
 
     def _after_step(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> None:
-        chosen = next_tokens(logits, [s.state for s in seqs])
+        """Each row's next token, text and event; a row whose part of this raises fails alone."""
+        try:
+            chosen: list[int | None] = list(next_tokens(logits, [s.state for s in seqs]))
+        except Exception:  # a row's sampling failed (e.g. NaN logits): choose row by row to fail only that row
+            chosen = [self._choose_alone(seq, logits[i : i + 1]) for i, seq in enumerate(seqs)]
         now = time.perf_counter()
         for seq, token in zip(seqs, chosen, strict=True):
-            if seq.cancelled:
+            if seq.cancelled or seq.failed or token is None:
                 continue
-            advance_row(seq.state, token, self.decode_text)
-            seq.generated += 1
-            self._emit_progress(seq, now)
+            try:
+                advance_row(seq.state, token, self.decode_text)
+                seq.generated += 1
+                self._emit_progress(seq, now)
+            except Exception as exc:
+                self._fail(seq, exc)
+
+    def _choose_alone(self, seq: _Sequence, logits: torch.Tensor) -> int | None:
+        # (rows sampled before the failing one drew from their generators twice in this step; seeds still hold
+        # for every step without a failure)
+        try:
+            return next_tokens(logits, [seq.state])[0]
+        except Exception as exc:
+            self._fail(seq, exc)
+            return None
 
     def _emit_progress(self, seq: _Sequence, now: float) -> None:
         state, label = seq.state, adapter_label(seq.request.adapter_id)
@@ -482,6 +611,34 @@ class ServingEngine:
                 self.metrics.generated_tokens.labels(label).inc(seq.generated)
                 self.metrics.requests.labels(label, "ok").inc()
         seq.emit(event)
+
+
+def check_image_count(fields: Sequence[str], limit: int) -> None:
+    """Refuse more than ``limit`` images; ``fields`` name each image's request field, in order."""
+    if len(fields) > limit:
+        raise RequestError(f"{len(fields)} images in one request; the limit is {limit}", fields[limit],
+                           "too_many_images")
+
+
+def check_image_bytes(sizes: Iterable[tuple[str, int]], max_bytes: int, max_total: int) -> int:
+    """Refuse an image over ``max_bytes`` or images over ``max_total`` together; ``sizes`` are (field, encoded
+    bytes), consumed lazily so a caller can look sizes up one by one and stop at the first refusal. The total."""
+    total = 0
+    for field_name, size in sizes:
+        if size > max_bytes:
+            raise RequestError(f"{field_name}: the image has {size} bytes; the limit is {max_bytes} bytes per image",
+                               field_name, "image_too_large")
+        total += size
+        if total > max_total:
+            raise RequestError(f"{field_name}: the images up to here hold {total} bytes; the limit is {max_total} "
+                               "bytes per request", field_name, "images_too_large")
+    return total
+
+
+def image_fields(messages: Sequence[Message]) -> list[tuple[str, ImagePart]]:
+    """Every image part with the request field it came from (``messages[i].content[j]``), in prompt order."""
+    return [(f"messages[{m}].content[{p}]", part) for m, message in enumerate(messages)
+            for p, part in enumerate(message.parts) if isinstance(part, ImagePart)]
 
 
 def ground_boxes(processor: Any, text: str, sizes: Sequence[tuple[int, int]]) -> list[ImageBoxes]:

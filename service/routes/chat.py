@@ -2,8 +2,11 @@
 
 This module owns the HTTP edge of serving: authorisation of the ``model`` (a base model, or an adapter of the
 caller's own tenant; anything else is 404 ``model_not_found``, so other tenants' adapters are not even
-confirmed to exist), resolving image references the tenant owns (uploaded file ids, storage URIs), mapping
-engine errors to the service's error envelope, and streaming SSE chunks. Generation itself is behind the
+confirmed to exist), resolving image references the tenant owns (uploaded file ids, storage URIs) to their
+stored size, so that ``ChatLimits`` (from the ``max_chat_*`` settings) are checked before anything is read,
+and reading them bounded; mapping engine errors to the service's error envelope (a refused request: 400 naming
+the field; a fault in the model server: 500 ``server_error``, never the user's 400; a stopped engine or an
+adapter that cannot be loaded: 503), and streaming SSE chunks. Generation itself is behind the
 ``ChatBackend`` protocol (``qwenvl_core.serving.chat``): ``InProcessBackend`` locally, ``ServeBackend``
 (``workflows/serve_app.py``) on Ray Serve.
 
@@ -25,27 +28,35 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from qwenvl_core.conversation import ImageSource
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.chat import (
+    DEFAULT_CHAT_LIMITS,
     AdapterLocator,
     AdapterResolver,
     ChatBackend,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatRequestError,
+    ChatLimits,
     ImageResolver,
+    StoredImage,
     collect_completion,
     sampling_params,
     sse_stream,
     to_messages,
 )
-from qwenvl_core.serving.engine import EngineRequest
+from qwenvl_core.serving.engine import EngineFault, EngineRequest, EngineStopped, RequestError
 from qwenvl_core.serving.lora_batch import AdapterError
+from qwenvl_core.storage import CHUNK_BYTES
 from service.context import AdapterDeleted
 from service.errors import ApiError, InvalidRequest, NotFound, PermissionDenied, Unavailable
 
 FILE_ID_PREFIX = "file-"
+
+
+class GenerationFailed(ApiError):
+    """The model server failed on this request (other requests are unaffected): 500, retrying may succeed."""
+
+    status, type, default_code = 500, "server_error", "generation_failed"
 
 
 def _tenant_id(tenant: Any) -> str:
@@ -57,10 +68,14 @@ def _api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, AdapterError):
         return Unavailable(f"the adapter could not be loaded: {exc}", param="model", code="adapter_unavailable")
-    if isinstance(exc, ChatRequestError):
-        return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
-    if isinstance(exc, QwenVLError):
-        return InvalidRequest(str(exc), code="invalid_value")
+    if isinstance(exc, RequestError):
+        return InvalidRequest(str(exc), param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, EngineStopped):
+        return Unavailable(f"{exc}; retry shortly", code="engine_stopped")
+    if isinstance(exc, EngineFault):
+        return GenerationFailed(str(exc))
+    if isinstance(exc, QwenVLError):  # refused while preparing the request (e.g. its text cannot be encoded)
+        return InvalidRequest(str(exc), param="messages", code="invalid_value")
     raise exc
 
 
@@ -71,6 +86,7 @@ def create_chat_router(
     tenant_dependency: Callable[..., Any],
     image_resolver: ImageResolver | None = None,
     metrics_dependency: Callable[..., Any] | None = None,
+    limits: ChatLimits = DEFAULT_CHAT_LIMITS,
 ) -> APIRouter:
     """The chat routes; ``tenant_dependency`` is a FastAPI dependency giving the caller's tenant (id or row).
 
@@ -93,8 +109,9 @@ def create_chat_router(
         base, locator = await target(body.model, tenant_id)
         resolve = (lambda ref: image_resolver(ref, tenant_id)) if image_resolver else None
         try:
-            messages = await run_in_threadpool(to_messages, body, resolve)
-            request = EngineRequest(messages, sampling_params(body), adapter_id=locator.adapter_id if locator else None,
+            params = sampling_params(body)
+            messages = await run_in_threadpool(to_messages, body, resolve, limits)
+            request = EngineRequest(messages, params, adapter_id=locator.adapter_id if locator else None,
                                     adapter_locator=locator.uri if locator else None)
             events = backend.stream(base, request)
             if not body.stream:
@@ -140,15 +157,16 @@ def service_adapter_resolver(ctx: Any) -> AdapterResolver:
 
 
 def service_image_resolver(ctx: Any) -> ImageResolver:
-    """Uploaded file ids and storage URIs, only inside the tenant's own part of the storage."""
+    """Uploaded file ids and storage URIs, only inside the tenant's own part of the storage, sized from the file's
+    row or the object's metadata (a stat / HEAD); the object is read later, and only up to the caller's limit."""
     from service import repository as repo
 
-    def resolve(reference: str, tenant_id: str) -> ImageSource:
+    def resolve(reference: str, tenant_id: str) -> StoredImage:
         storage = ctx.storage
         if reference.startswith(FILE_ID_PREFIX):
             with ctx.sessions() as session:
                 row = repo.get_file(session, tenant_id=tenant_id, file_id=reference, param="image_url")
-                key = storage.file_key(tenant_id, row.id, row.filename)
+                key, size = storage.file_key(tenant_id, row.id, row.filename), row.bytes
         else:
             try:
                 key = storage.key_of_uri(reference)
@@ -157,10 +175,28 @@ def service_image_resolver(ctx: Any) -> ImageResolver:
             own = storage.key_of_uri(f"{storage.root_uri}/tenants/{tenant_id}") + "/"
             if not key.startswith(own) or ".." in key.split("/"):
                 raise PermissionDenied(f"{reference!r} is not in your storage", param="image_url")
-        with storage.open(key) as stream:
-            return stream.read()
+            size = storage.size(key)
+            if size is None:
+                raise NotFound(f"no image at {reference!r}", param="image_url", code="file_not_found")
+        return StoredImage(size, lambda limit: read_at_most(storage, key, limit))
 
     return resolve
+
+
+def read_at_most(storage: Any, key: str, limit: int) -> bytes:
+    """The first ``limit`` bytes of an object (all of it when smaller), read in chunks."""
+    chunks, size = [], 0
+    with storage.open(key) as stream:
+        while size < limit and (chunk := stream.read(min(CHUNK_BYTES, limit - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
+
+
+def chat_limits(settings: Any) -> ChatLimits:
+    """The route's ``ChatLimits`` from the service settings (``max_chat_*``)."""
+    return ChatLimits(max_images=settings.max_chat_images, max_image_bytes=settings.max_chat_image_bytes,
+                      max_image_bytes_total=settings.max_chat_image_bytes_total)
 
 
 def mount_chat(app: FastAPI, backend: ChatBackend) -> None:
@@ -171,7 +207,7 @@ def mount_chat(app: FastAPI, backend: ChatBackend) -> None:
     app.include_router(create_chat_router(backend, adapter_resolver=service_adapter_resolver(ctx),
                                           tenant_dependency=current_tenant,
                                           image_resolver=service_image_resolver(ctx),
-                                          metrics_dependency=require_admin))
+                                          metrics_dependency=require_admin, limits=chat_limits(ctx.settings)))
     ctx.deleted_hooks.append(eviction_hook(backend))
 
 
@@ -186,7 +222,7 @@ def eviction_hook(backend: ChatBackend) -> Callable[[AdapterDeleted], None]:
 
 
 def standalone_app(backend: ChatBackend, *, adapter_resolver: AdapterResolver, api_keys: dict[str, str],
-                   image_resolver: ImageResolver | None = None) -> FastAPI:
+                   image_resolver: ImageResolver | None = None, limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> FastAPI:
     """A chat-only app without the control plane: static ``Bearer`` keys (key -> tenant id), for local serving."""
     from fastapi import Header
 
@@ -201,7 +237,7 @@ def standalone_app(backend: ChatBackend, *, adapter_resolver: AdapterResolver, a
     app = FastAPI(title="Qwen-VL chat")
     install_error_handlers(app)
     app.include_router(create_chat_router(backend, adapter_resolver=adapter_resolver, tenant_dependency=tenant,
-                                          image_resolver=image_resolver))
+                                          image_resolver=image_resolver, limits=limits))
 
     @app.get("/health", operation_id="health-live")
     def health() -> dict[str, str]:

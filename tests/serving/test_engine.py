@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import pickle
 import shutil
 import weakref
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.models.registry import get_family
-from qwenvl_core.serving.engine import EngineRequest, ServingEngine, ground_boxes, safe_text_end
+from qwenvl_core.serving.engine import EngineRequest, RequestError, ServingEngine, ground_boxes, safe_text_end
 from qwenvl_core.serving.lora_batch import AdapterError
 
 TOKENS = 10
@@ -205,3 +206,30 @@ def test_safe_text_end_and_grounding_in_pixels(tiny_model_dir):
     torch.testing.assert_close(torch.tensor(boxes[0].objects[0].box), torch.tensor([100.0, 100.0, 500.0, 300.0]),
                                atol=1.0, rtol=0)
     assert ground_boxes(processor, "no boxes", [(10, 10)]) == []
+
+
+def test_limits_are_checked_before_any_image_is_decoded(engine_factory):
+    engine: ServingEngine = engine_factory(max_total_tokens=96, max_images_per_request=2, max_image_bytes=1000,
+                                           max_image_bytes_total=1500)
+
+    def refusal(parts: list, tokens: int = 2) -> RequestError:
+        with pytest.raises(RequestError) as caught:
+            asyncio.run(engine.generate(EngineRequest([Message("user", [*parts, TextPart("x")])],
+                                                      SamplingParams(max_new_tokens=tokens))))
+        return caught.value
+
+    not_an_image = ImagePart(b"x" * 600)
+    # image spans have a fixed length: the token budget is known (and refused) before the image is decoded
+    too_long = refusal([not_an_image], tokens=90)
+    assert (too_long.code, too_long.param) == ("context_length_exceeded", "max_tokens")
+    many = refusal([ImagePart(b"x" * 10)] * 3)
+    assert (many.code, many.param) == ("too_many_images", "messages[0].content[2]")
+    big = refusal([ImagePart(b"x" * 1001)])
+    assert (big.code, big.param) == ("image_too_large", "messages[0].content[0]")
+    together = refusal([not_an_image, ImagePart("data:image/png;base64," + "A" * 1240)])  # 930 decoded bytes
+    assert (together.code, together.param) == ("images_too_large", "messages[0].content[1]")
+    bad = refusal([not_an_image])
+    assert (bad.code, bad.param) == ("invalid_image", "messages[0].content[0]")
+    copy = pickle.loads(pickle.dumps(bad))  # Ray Serve replicas send it to the ingress pickled
+    assert (type(copy), str(copy), copy.code, copy.param) == (RequestError, str(bad), bad.code, bad.param)
+    assert engine.alive

@@ -113,6 +113,9 @@ def test_chat_through_serve_streams_and_denies_other_tenants(serve_url):
         _ask(serve_url, _model("job0"), key="key-b")
     with pytest.raises(openai.NotFoundError):
         _ask(serve_url, _model("job0", tenant="tenant-b"), key="key-b")
+    with pytest.raises(openai.BadRequestError) as refused:  # refused on the replica: the field crosses to the ingress
+        _ask(serve_url, BASE, tokens=5000)
+    assert (refused.value.body["code"], refused.value.body["param"]) == ("context_length_exceeded", "max_tokens")
 
 
 def test_multiplexing_sends_an_adapter_to_the_replica_that_holds_it(serve_url):

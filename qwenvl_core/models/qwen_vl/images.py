@@ -69,6 +69,28 @@ def load_image(
     raise ImageError(f"unsupported image source of type {type(source).__name__}")
 
 
+def encoded_size(source: ImageSource, *, base_dir: str | Path | None = None) -> int:
+    """Bytes ``source`` holds before decoding, known without reading or decoding it: a data URL's payload from
+    its length (exact for unwrapped base64), raw bytes, a file's size (0 when missing: loading reports it), 0 for
+    an already decoded PIL image. For budgets checked before any image is decoded."""
+    if isinstance(source, bytes | bytearray):
+        return len(source)
+    if isinstance(source, str) and source.startswith("data:"):
+        return data_url_size(source)
+    if isinstance(source, str | Path) and not str(source).startswith(("http://", "https://")):
+        path = _resolve(source, base_dir)
+        return path.stat().st_size if path.is_file() else 0
+    return 0
+
+
+def data_url_size(url: str) -> int:
+    """Decoded bytes of a ``data:...;base64,`` URL's payload, from its length (nothing is copied or decoded); an
+    upper bound when the payload is wrapped with whitespace."""
+    payload = len(url) - url.find(",") - 1
+    padding = 2 if url.endswith("==") else 1 if url.endswith("=") else 0
+    return max(payload * 3 // 4 - padding, 0)
+
+
 def _resolve(source: str | Path, base_dir: str | Path | None) -> Path:
     path = Path(source).expanduser()
     if not path.is_absolute() and base_dir is not None:
