@@ -68,12 +68,15 @@ class RunDir:
         return sorted(int(s) for s in stems if s.isdigit())
 
     def read_events(self, after_seq: int = -1) -> list[JobEvent]:
-        """Events with ``seq > after_seq``, in order."""
-        return [
-            JobEvent.model_validate(self.read_json(f"{EVENTS_DIR}/{seq:08d}.json"))
-            for seq in self._event_seqs()
-            if seq > after_seq
-        ]
+        """Events with ``seq > after_seq``, in order. Only keys after the last seen one are listed (event names are
+        zero-padded, so key order is seq order): a reader polling a long run does not re-list its history."""
+        base = self.key(EVENTS_DIR) + "/"
+        after = f"{base}{after_seq:08d}.json" if after_seq >= 0 else None
+        stems = (k[len(base) :].removesuffix(".json") for k in self.store.list_keys(base, start_after=after)
+                 if k.endswith(".json") and "/" not in k[len(base) :])
+        seqs = sorted(int(stem) for stem in stems if stem.isdigit())
+        return [JobEvent.model_validate(self.read_json(f"{EVENTS_DIR}/{seq:08d}.json")) for seq in seqs
+                if seq > after_seq]
 
     def last_event_seq(self) -> int:
         """The highest event seq written so far, or -1 (lets a restarted job continue numbering)."""

@@ -2,24 +2,27 @@
 
 A *store* holds bytes under string keys (``a/b/c.json``). ``open_store(uri)`` returns the store and the key
 prefix for a local path or an ``s3://bucket/prefix`` URI. S3 goes through boto3; an S3-compatible endpoint
-(MinIO, moto) comes from ``AWS_ENDPOINT_URL`` as boto3 reads it. Local writes are atomic (temporary file +
-rename); an S3 PUT is all or nothing. Streams are copied in chunks, never read whole into memory.
+(MinIO, moto) comes from ``AWS_ENDPOINT_URL`` as boto3 reads it. Local writes are atomic and durable
+(temporary file, fsync, rename, fsync of the directory); an S3 PUT is all or nothing. Streams are copied in
+chunks, never read whole into memory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 from qwenvl_core.errors import QwenVLError
 
 CHUNK_BYTES = 8 * 1024 * 1024
+_T = TypeVar("_T")
 
 
 class StorageError(QwenVLError):
@@ -33,13 +36,25 @@ class StoredObject:
     sha256: str
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size in bytes and last modification (Unix seconds)."""
+
+    key: str
+    size: int
+    modified_at: float
+
+
 class ObjectStore(Protocol):
     """Bytes under keys. Keys use ``/``; a missing key reads as ``None`` / ``False``, never an exception."""
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def exists(self, key: str) -> bool: ...
-    def list_keys(self, prefix: str) -> list[str]: ...
+    def list_keys(self, prefix: str, start_after: str | None = None) -> list[str]:
+        """Sorted keys under ``prefix``; with ``start_after``, only keys sorting after it (S3 ``StartAfter``)."""
+        ...
+    def list_objects(self, prefix: str) -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
     def put_stream(self, key: str, stream: IO[bytes]) -> StoredObject: ...
     def open_read(self, key: str) -> IO[bytes]: ...
@@ -53,6 +68,18 @@ def _hashing_copy(src: IO[bytes], dst: IO[bytes]) -> tuple[int, str]:
         dst.write(chunk)
         size += len(chunk)
     return size, digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in directory ``path`` durable (a filesystem that cannot fsync a directory is left as it is)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 class LocalStore:
@@ -74,21 +101,29 @@ class LocalStore:
         return target, os.fdopen(fd, "wb"), tmp
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        target, out, tmp = self._atomic_target(key)
-        with out:
-            out.write(data)
-        os.replace(tmp, target)
+        """Store ``data`` durably and atomically (see ``_write_atomic``)."""
+        self._write_atomic(key, lambda out: out.write(data))
 
     def put_stream(self, key: str, stream: IO[bytes]) -> StoredObject:
+        size, sha = self._write_atomic(key, lambda out: _hashing_copy(stream, out))
+        return StoredObject(key=key, size=size, sha256=sha)
+
+    def _write_atomic(self, key: str, write: Callable[[IO[bytes]], _T]) -> _T:
+        """``write`` into a temporary file next to the key's, fsync it, rename it over the key, fsync the directory:
+        after a crash the key holds its old bytes or all of the new ones. On any error the temporary file is removed
+        and the key is untouched."""
         target, out, tmp = self._atomic_target(key)
         try:
             with out:
-                size, sha = _hashing_copy(stream, out)
+                result = write(out)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return StoredObject(key=key, size=size, sha256=sha)
+        _fsync_dir(target.parent)
+        return result
 
     def get_bytes(self, key: str) -> bytes | None:
         path = self._path(key)
@@ -107,12 +142,23 @@ class LocalStore:
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str, start_after: str | None = None) -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
         keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
-        return sorted(k for k in keys if not Path(k).name.startswith("."))
+        return sorted(k for k in keys if not Path(k).name.startswith(".") and (start_after is None or k > start_after))
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Like ``list_keys``, with sizes and times (an object removed meanwhile is left out)."""
+        found = []
+        for key in self.list_keys(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:
+                continue
+            found.append(ObjectInfo(key=key, size=st.st_size, modified_at=st.st_mtime))
+        return found
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -192,12 +238,20 @@ class S3Store:
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str, start_after: str | None = None) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         keys: list[str] = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+        after = {"StartAfter": start_after} if start_after else {}  # S3 lists only the keys after it
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, **after):
             keys.extend(obj["Key"] for obj in page.get("Contents", []))
         return sorted(keys)
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Like ``list_keys``, with sizes and times, from the same listing (no request per object)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        found = [ObjectInfo(key=obj["Key"], size=int(obj["Size"]), modified_at=obj["LastModified"].timestamp())
+                 for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix) for obj in page.get("Contents", [])]
+        return sorted(found, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
         keys = self.list_keys(key.rstrip("/") + "/") + [key]

@@ -62,6 +62,10 @@ class Unavailable(ApiError):
     status, type, default_code = 503, "server_error", "unavailable"
 
 
+class TimedOut(ApiError):
+    status, type, default_code = 504, "server_error", "timeout"
+
+
 
 
 def envelope(status: int, message: str, type_: str, param: str | None = None, code: str | None = None

@@ -4,24 +4,40 @@ Why Ray Jobs rather than a detached actor: a Ray job is a separate driver proces
 its own logs, status and ``stop_job``; it outlives the API process (a restart loses nothing), it runs the exact
 command a user can run by hand (``python -m workflows.finetune --spec SPEC.json``) and it needs no Ray client
 connection held open by the API. The job id of the service is the base of the submission id
-(``{job_id}-a{attempt}``), so a retry never collides with the dead attempt. Credentials reach the driver and,
-through Ray Train's runtime env, every worker via ``runtime_env.env_vars``.
+(``{job_id}-a{attempt}``), so a retry never collides with the dead attempt.
+
+**No secrets in the runtime env.** A Ray job's ``runtime_env`` is shown by the dashboard and by
+``JobSubmissionClient.get_job_info`` to anyone who reaches the Jobs API, so ``submission_env`` puts only
+``PYTHONPATH`` and the configured ``job_env`` there, and drops any secret-named variable (``looks_secret``). The
+driver takes its S3 keys and the MLflow login it logs with from its node's environment (KubeRay: the pods' Secret;
+``qwenvl up``: the environment the Ray nodes start with) and hands its workers only what they need
+(``workflows.finetune.worker_environment``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from qwenvl_core.secret_names import looks_secret
 
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-_PASSTHROUGH_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                    "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def submission_env(env: Mapping[str, str], pythonpath: str) -> dict[str, str]:
+    """The Ray job's ``runtime_env.env_vars``: ``PYTHONPATH`` and ``env`` (the service's ``job_env``) without any
+    secret-named variable (see the module docstring); a dropped name is logged, never its value."""
+    dropped = sorted(name for name in env if looks_secret(name))
+    if dropped:
+        log.warning("not passing %s to Ray jobs: a job's runtime env is visible in the Ray dashboard; give "
+                    "secrets to the Ray nodes' environment instead", ", ".join(dropped))
+    return {"PYTHONPATH": pythonpath, **{k: v for k, v in env.items() if k not in dropped}}
 
 
 class Launcher(Protocol):
@@ -29,13 +45,20 @@ class Launcher(Protocol):
 
     def submit(self, submission_id: str, spec_uri: str) -> None: ...
     def status(self, submission_id: str) -> str | None:
-        """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED, or None when the cluster does not know the job."""
+        """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED; None only when the cluster says the job does not exist
+        (the scheduler re-queues it); ``LauncherUnavailable`` when the answer is unknown (nothing is concluded)."""
         ...
     def stop(self, submission_id: str) -> None: ...
 
 
 class LauncherUnavailable(RuntimeError):
     """The cluster could not be reached (nothing is concluded about the job)."""
+
+
+def _job_does_not_exist(error: str, submission_id: str) -> bool:
+    """Ray's dashboard answers an unknown job with 404 and the text "Job <id> does not exist"; the Jobs SDK raises
+    it as "Request failed with status code 404: Job <id> does not exist."."""
+    return "status code 404" in error and f"Job {submission_id} does not exist" in error
 
 
 class RayJobsLauncher:
@@ -45,9 +68,7 @@ class RayJobsLauncher:
                  pythonpath: str | None = None) -> None:
         self.address, self.entrypoint, self.num_cpus = address, entrypoint, num_cpus
         project_root = str(Path(__file__).resolve().parent.parent)
-        self.env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
-        self.env["PYTHONPATH"] = pythonpath or project_root
-        self.env.update(env)
+        self.env = submission_env(env, pythonpath or project_root)
         self._client: Any | None = None
 
     def _jobs(self) -> Any:
@@ -75,12 +96,15 @@ class RayJobsLauncher:
             raise LauncherUnavailable(f"submitting {submission_id} failed: {exc}") from exc
 
     def status(self, submission_id: str) -> str | None:
+        """The Ray job's status; None only on Ray's explicit answer that the job does not exist (HTTP 404
+        "Job <id> does not exist"). Any other failure (a proxy's 404 "Not Found", a timeout, a 5xx) says nothing
+        about the job: ``LauncherUnavailable``, which the scheduler treats as unknown and never re-queues on."""
         try:
             return str(self._jobs().get_job_status(submission_id).value)
         except LauncherUnavailable:
             raise
         except Exception as exc:
-            if "does not exist" in str(exc) or "not found" in str(exc).lower():
+            if _job_does_not_exist(str(exc), submission_id):
                 return None
             raise LauncherUnavailable(f"status of {submission_id}: {exc}") from exc
 

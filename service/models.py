@@ -36,6 +36,8 @@ class Tenant(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     max_active_jobs: Mapped[int] = mapped_column(Integer)
     max_stored_bytes: Mapped[int] = mapped_column(BigInteger)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # per-tenant caps (service.caps)
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # uploads + run outputs
 
 
 class ApiKey(Base):
@@ -91,6 +93,8 @@ class Job(Base):
     submission_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     cancel_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_event_seq: Mapped[int] = mapped_column(Integer, default=-1)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # run dir, last accounted
+    max_wall_clock_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # resolved at submit time
     __table_args__ = (Index("ix_jobs_tenant_pk", "tenant_id", "pk"), Index("ix_jobs_status", "status"))
 
 
@@ -124,3 +128,4 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[float] = mapped_column(Float)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # fencing token (0003)

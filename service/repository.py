@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -19,6 +19,7 @@ from service.errors import Conflict, NotFound
 from service.models import ApiKey, File, Job, JobEvent, Lease, Model, Tenant
 
 ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
+UPLOAD_PURPOSE = "fine-tune"  # uploaded files; other purposes (results) live in run dirs, charged with the run
 
 
 def new_id(prefix: str) -> str:
@@ -30,12 +31,27 @@ def now() -> int:
 
 
 # ----- tenants and keys ---------------------------------------------------------------------------------------
-def create_tenant(s: Session, *, name: str, max_active_jobs: int, max_stored_bytes: int) -> Tenant:
+def create_tenant(s: Session, *, name: str, max_active_jobs: int, max_stored_bytes: int,
+                  limits: dict[str, Any] | None = None) -> Tenant:
     if s.scalar(select(Tenant).where(Tenant.name == name)) is not None:
         raise Conflict(f"a tenant named {name!r} already exists", param="name", code="tenant_exists")
     tenant = Tenant(id=new_id("tenant"), name=name, created_at=now(), max_active_jobs=max_active_jobs,
-                    max_stored_bytes=max_stored_bytes)
+                    max_stored_bytes=max_stored_bytes, limits=limits or None, used_bytes=0)
     s.add(tenant)
+    s.flush()
+    return tenant
+
+
+def update_tenant(s: Session, *, tenant_id: str, limits: dict[str, Any] | None = None,
+                  max_active_jobs: int | None = None, max_stored_bytes: int | None = None) -> Tenant:
+    """Set the given fields (None leaves a field as it is; ``limits`` replaces the whole override document)."""
+    tenant = get_tenant(s, tenant_id=tenant_id)
+    if limits is not None:
+        tenant.limits = limits or None
+    if max_active_jobs is not None:
+        tenant.max_active_jobs = max_active_jobs
+    if max_stored_bytes is not None:
+        tenant.max_stored_bytes = max_stored_bytes
     s.flush()
     return tenant
 
@@ -116,13 +132,28 @@ def list_files(s: Session, *, tenant_id: str, purpose: str | None, limit: int, a
 
 
 def delete_file(s: Session, *, tenant_id: str, file_id: str) -> File:
+    """Delete the row and, for an upload, release its bytes from the tenant's usage (same transaction). Of two
+    concurrent deletes one wins; the other answers 404 and releases nothing."""
     row = get_file(s, tenant_id=tenant_id, file_id=file_id)
-    s.delete(row)
+    gone = s.execute(delete(File).where(File.pk == row.pk).execution_options(synchronize_session=False))
+    if not gone.rowcount:  # type: ignore[attr-defined]
+        raise NotFound(f"no file with id {file_id!r}", param="file_id", code="file_not_found")
+    s.expunge(row)
+    if row.purpose == UPLOAD_PURPOSE:
+        add_used_bytes(s, tenant_id=tenant_id, delta=-row.bytes)
     return row
 
 
 def stored_bytes(s: Session, *, tenant_id: str) -> int:
-    return int(s.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id)) or 0)
+    """Bytes of the tenant's uploaded files (result files are part of their job's run directory)."""
+    return int(s.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(
+        File.tenant_id == tenant_id, File.purpose == UPLOAD_PURPOSE)) or 0)
+
+
+def existing_file_ids(s: Session, *, tenant_id: str, file_ids: Sequence[str]) -> set[str]:
+    if not file_ids:
+        return set()
+    return set(s.scalars(select(File.id).where(File.tenant_id == tenant_id, File.id.in_(list(file_ids)))))
 
 
 def files_to_validate(s: Session, *, limit: int = 10) -> Sequence[File]:
@@ -179,6 +210,22 @@ def jobs_in_states(s: Session, *, states: Sequence[str]) -> Sequence[Job]:
     return s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.pk)).all()
 
 
+def update_job_if(s: Session, *, job_id: str, status: str, conditions: Sequence[ColumnElement[bool]] = (),
+                  values: dict[str, Any]) -> bool:
+    """The compare-and-set write of job state: ``UPDATE jobs SET values WHERE id = job_id AND status = status AND
+    conditions``; False when the row had moved on meanwhile (rowcount 0). Only ``service.job_states`` calls it."""
+    stmt = (update(Job).where(Job.id == job_id, Job.status == status, *conditions).values(**values)
+            .execution_options(synchronize_session=False))
+    return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def jobs_using_file(s: Session, *, tenant_id: str, file_id: str) -> list[str]:
+    """Ids of the tenant's unfinished jobs (validating_files, queued, running) that train or validate on ``file_id``."""
+    return list(s.scalars(select(Job.id).where(
+        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES),
+        (Job.training_file == file_id) | (Job.validation_file == file_id)).order_by(Job.pk)))
+
+
 def running_per_tenant(s: Session) -> dict[str, int]:
     rows = s.execute(select(Job.tenant_id, func.count()).where(Job.status == "running").group_by(Job.tenant_id))
     return {tenant: int(n) for tenant, n in rows}
@@ -230,6 +277,53 @@ def _event_pk(event_id: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
+# ----- storage usage (tenants.used_bytes; see service.usage) ----------------------------------------------------
+def reserve_bytes(s: Session, *, tenant_id: str, size: int) -> bool:
+    """Add ``size`` to the tenant's usage only if it stays within ``max_stored_bytes``: one conditional UPDATE,
+    so concurrent reservations cannot both pass. False when it would not fit."""
+    result = s.execute(update(Tenant).where(Tenant.id == tenant_id,
+                                            Tenant.used_bytes + size <= Tenant.max_stored_bytes)
+                       .values(used_bytes=Tenant.used_bytes + size).execution_options(synchronize_session=False))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def add_used_bytes(s: Session, *, tenant_id: str, delta: int) -> None:
+    """Charge (or, negative, release) ``delta`` bytes atomically; usage never goes below 0."""
+    if delta:
+        total = Tenant.used_bytes + delta
+        s.execute(update(Tenant).where(Tenant.id == tenant_id).values(used_bytes=case((total < 0, 0), else_=total))
+                  .execution_options(synchronize_session=False))
+
+
+def used_bytes(s: Session, *, tenant_id: str) -> int:
+    """The tenant's charged bytes as stored now (not a possibly stale loaded row)."""
+    return int(s.scalar(select(Tenant.used_bytes).where(Tenant.id == tenant_id)) or 0)
+
+
+def swap_job_stored_bytes(s: Session, *, job_id: str, old: int, new: int) -> bool:
+    """Compare-and-set of ``jobs.stored_bytes``: True when it was ``old`` and is now ``new``, so of two accountants
+    of the same job only one applies the difference."""
+    result = s.execute(update(Job).where(Job.id == job_id, Job.stored_bytes == old).values(stored_bytes=new)
+                       .execution_options(synchronize_session=False))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def recount_used_bytes(s: Session, *, tenant_id: str) -> int:
+    """Set the tenant's usage to its uploads plus its jobs' accounted run bytes (one UPDATE); the new value."""
+    uploads = (select(func.coalesce(func.sum(File.bytes), 0))
+               .where(File.tenant_id == tenant_id, File.purpose == UPLOAD_PURPOSE).scalar_subquery())
+    runs = select(func.coalesce(func.sum(Job.stored_bytes), 0)).where(Job.tenant_id == tenant_id).scalar_subquery()
+    s.execute(update(Tenant).where(Tenant.id == tenant_id).values(used_bytes=uploads + runs)
+              .execution_options(synchronize_session=False))
+    return used_bytes(s, tenant_id=tenant_id)
+
+
+def launched_jobs(s: Session, *, tenant_id: str) -> Sequence[Job]:
+    """The tenant's jobs that were ever launched (only those have run outputs)."""
+    return s.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.started_at.is_not(None))
+                     .order_by(Job.pk)).all()
+
+
 # ----- models -------------------------------------------------------------------------------------------------
 def add_model(s: Session, *, model_id: str, tenant_id: str, base_model: str, job_id: str, adapter_uri: str) -> Model:
     existing = s.get(Model, model_id)
@@ -255,25 +349,45 @@ def get_model(s: Session, *, tenant_id: str, model_id: str, param: str = "model"
 
 
 # ----- scheduler lease ----------------------------------------------------------------------------------------
-def acquire_lease(s: Session, *, name: str, holder: str, ttl_s: float) -> bool:
-    """Take or extend the lease ``name`` for ``holder``; True when ``holder`` holds it afterwards."""
+def take_lease(s: Session, *, name: str, holder: str, ttl_s: float) -> int | None:
+    """Take or extend the lease ``name`` for ``holder``: its epoch (fencing token) when ``holder`` holds it
+    afterwards, else None. The epoch grows by one whenever the lease changes hands (a new row starts at 1)."""
     t = time.time()
     result = s.execute(update(Lease).where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at < t))
-                       .values(holder=holder, expires_at=t + ttl_s))
+                       .values(epoch=case((Lease.holder == holder, Lease.epoch), else_=Lease.epoch + 1),
+                               holder=holder, expires_at=t + ttl_s)
+                       .execution_options(synchronize_session=False))
     if result.rowcount:  # type: ignore[attr-defined]
-        return True
-    if s.get(Lease, name) is not None:
-        return False
+        return int(s.scalar(select(Lease.epoch).where(Lease.name == name)) or 0)
+    if s.scalar(select(Lease.name).where(Lease.name == name)) is not None:
+        return None
     try:
         with s.begin_nested():
-            s.add(Lease(name=name, holder=holder, expires_at=t + ttl_s))
-        return True
+            s.add(Lease(name=name, holder=holder, expires_at=t + ttl_s, epoch=1))
+        return 1
     except IntegrityError:
-        return False
+        return None
+
+
+def acquire_lease(s: Session, *, name: str, holder: str, ttl_s: float) -> bool:
+    """Take or extend the lease ``name`` for ``holder``; True when ``holder`` holds it afterwards."""
+    return take_lease(s, name=name, holder=holder, ttl_s=ttl_s) is not None
+
+
+def renew_lease(s: Session, *, name: str, holder: str, epoch: int, ttl_s: float) -> bool:
+    """Extend the lease only while ``holder`` still holds it with the same ``epoch`` (the fence): False once another
+    process took it over, even if this holder got it back later. Run first in a transaction, the row stays locked
+    (PostgreSQL: row lock; SQLite: the database write lock) until commit, so no takeover can interleave with the
+    writes that follow in that transaction."""
+    result = s.execute(update(Lease).where(Lease.name == name, Lease.holder == holder, Lease.epoch == epoch)
+                       .values(expires_at=time.time() + ttl_s).execution_options(synchronize_session=False))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def release_lease(s: Session, *, name: str, holder: str) -> None:
-    s.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+    """Let the lease expire now (the row stays, so its epoch keeps growing across holders)."""
+    s.execute(update(Lease).where(Lease.name == name, Lease.holder == holder).values(expires_at=0.0)
+              .execution_options(synchronize_session=False))
 
 
 def lease_holder(s: Session, *, name: str) -> str | None:

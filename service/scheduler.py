@@ -1,17 +1,26 @@
 """The job scheduler: one active leader across API replicas, fair share, launching, ingestion, reconciliation.
 
 Every API process runs a ``Scheduler`` thread; each tick it tries to take or renew the ``scheduler`` lease row
-(``repository.acquire_lease``) and does work only while it holds it. A tick:
+(``repository.take_lease``, which hands out a fencing epoch) and does work only while it holds it. A tick:
 
 1. re-submits files stuck in ``uploaded`` (their validator died with a previous process);
-2. moves ``validating_files`` jobs to ``queued`` (files valid) or ``failed`` (a file has errors);
+2. moves ``validating_files`` jobs to ``queued`` (files valid) or ``failed`` (a file has errors or was deleted);
 3. ingests each running job's run directory (``qwenvl_core.runs.RunDir``): new events, progress, and at the
    end ``result.json`` -> ``succeeded`` (adapter registered as ``ft:{base}:{tenant}:{suffix}:{job_id}``, the
    ``on_adapter_ready`` hooks told) / ``failed`` / ``cancelled``;
-4. reconciles: a running job whose Ray job ended (or vanished) without a result is re-queued while attempts
-   remain (``max_job_attempts``), else failed; a cancel not honoured within ``cancel_grace_s`` is stopped;
+4. reconciles: a running job whose Ray job ended, or that Ray says does not exist, without a result is re-queued
+   while attempts remain (``max_job_attempts``), else failed; an unknown Ray status concludes nothing; a cancel not
+   honoured within ``cancel_grace_s`` is stopped; a job past its wall-clock limit (``max_wall_clock_s`` from its
+   start) is cancelled the same way and ends ``failed`` (``wall_clock_limit_exceeded``);
 5. launches queued jobs while fewer than ``max_running_jobs`` run, always from the tenant with the fewest
    running jobs (ties: the oldest job), so one tenant's backlog cannot starve the others.
+
+Safety (see docs/architecture.md, "Job lifecycle"): every state move is a compare-and-set through
+``service.job_states``; every transaction that writes starts by renewing the lease with the tick's epoch
+(``_fenced``), so a leader that lost the lease mid-tick writes nothing more (``LeaseLost`` ends its tick). A launch
+moves the job to ``running`` *before* submitting it to Ray, so a concurrent cancel either wins (nothing is
+submitted) or finds the job running and writes ``CANCEL``. One job that cannot be prepared or ingested fails (or
+is skipped) alone: the loop carries on with the other jobs and tenants.
 
 All state lives in the database and the run directories, so a restarted process resumes where the last left.
 """
@@ -24,26 +33,43 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from qwenvl_core.runs import RunDir
+from service import job_states
 from service import repository as repo
 from service.context import AdapterReady
 from service.jobspec import build_spec
 from service.launcher import TERMINAL, Launcher, LauncherUnavailable
-from service.models import Job
+from service.models import File, Job
 from service.settings import Settings
 from service.storage import TenantStorage
+from service.usage import charge_run_storage
 from service.validation import Validator
 
 log = logging.getLogger(__name__)
 LEASE = "scheduler"
+UNKNOWN = "UNKNOWN"  # the cluster could not tell: nothing is concluded about the job
 _PROGRESS_KEYS = ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_second",
                   "samples_per_second", "eta_seconds", "trained_tokens")
 _STALE_UPLOAD_S = 30
+_MAX_UNAVAILABLE = 2  # submissions refused by the cluster in one tick before launching waits for the next tick
+
+
+class LeaseLost(RuntimeError):
+    """This process no longer holds the scheduler lease with the epoch its tick started with."""
+
+
+class LaunchError(Exception):
+    """A job that cannot be launched as it is (its own fault, not the cluster's): it fails with ``code``."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
 
 
 class Scheduler:
@@ -55,6 +81,7 @@ class Scheduler:
         self.settings, self.sessions, self.storage = settings, sessions, storage
         self.validator, self.launcher, self.notify = validator, launcher, notify
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._epoch: int | None = None  # the lease's fencing epoch this process holds, None when not leading
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,6 +99,7 @@ class Scheduler:
             self._thread.join(timeout=30)
         with self.sessions() as s, s.begin():
             repo.release_lease(s, name=LEASE, holder=self.holder)
+        self._epoch = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -86,19 +114,51 @@ class Scheduler:
             self._wake.clear()
 
     def is_leader(self) -> bool:
+        """Take or renew the lease; remembers its epoch, which every write of this tick is fenced with."""
         with self.sessions() as s, s.begin():
-            return repo.acquire_lease(s, name=LEASE, holder=self.holder, ttl_s=self.settings.lease_ttl_s)
+            self._epoch = repo.take_lease(s, name=LEASE, holder=self.holder, ttl_s=self.settings.lease_ttl_s)
+        return self._epoch is not None
 
     def tick(self) -> bool:
-        """One pass (module docstring); False when another process leads."""
+        """One pass (module docstring); False when another process leads or took the lease over mid-tick."""
         if not self.is_leader():
             return False
-        self._revalidate_stale_files()
-        self._advance_validating()
-        for job_id in self._ids_in("running"):
-            self._ingest(job_id)
-        self._launch_queued()
+        try:
+            self._revalidate_stale_files()
+            self._each(self._ids_in("validating_files"), self._advance_one, "advancing")
+            self._each(self._ids_in("running"), self._ingest, "ingesting")
+            self._launch_queued()
+        except LeaseLost as exc:
+            log.warning("scheduler tick aborted: %s", exc)
+            return False
         return True
+
+    @contextmanager
+    def _fenced(self) -> Iterator[Session]:
+        """A transaction that first renews the lease with this tick's epoch; ``LeaseLost`` (and a rollback) when
+        another process took it over. Every scheduler write happens inside one."""
+        with self.sessions() as s, s.begin():
+            epoch = self._epoch
+            if epoch is None or not repo.renew_lease(s, name=LEASE, holder=self.holder, epoch=epoch,
+                                                     ttl_s=self.settings.lease_ttl_s):
+                self._epoch = None
+                raise LeaseLost(f"{self.holder} lost the scheduler lease (epoch {epoch}) to another process")
+            yield s
+
+    def _renew(self) -> None:
+        """Between units of work: renew the lease, or end the tick (``LeaseLost``)."""
+        with self._fenced():
+            pass
+
+    def _each(self, job_ids: Iterable[str], work: Callable[[str], None], what: str) -> None:
+        """``work`` for every job; one job's unexpected error is logged and the others still get their turn."""
+        for job_id in job_ids:
+            try:
+                work(job_id)
+            except LeaseLost:
+                raise
+            except Exception:
+                log.exception("scheduler: %s job %s failed; carrying on with the other jobs", what, job_id)
 
     def _ids_in(self, state: str) -> list[str]:
         with self.sessions() as s:
@@ -112,54 +172,76 @@ class Scheduler:
             if not self.validator.in_flight(file_id):
                 self.validator.submit(file_id)
 
-    def _advance_validating(self) -> None:
-        with self.sessions() as s, s.begin():
-            for job in repo.jobs_in_states(s, states=["validating_files"]):
-                self._advance_one(s, job)
+    def _advance_one(self, job_id: str) -> None:
+        with self.sessions() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is None or job.status != "validating_files":
+                return
+            ready, problem = self._files_verdict(s, job)
+        if not ready and problem is None:
+            return  # a file is still being validated
+        with self._fenced() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is None:
+                return
+            if problem is not None:
+                self._fail(s, job, *problem, expected="validating_files")
+            else:
+                self._move(s, job, "queued", "Files validated; job queued", expected="validating_files")
 
-    def _advance_one(self, s: Session, job: Job) -> None:
+    def _files_verdict(self, s: Session, job: Job) -> tuple[bool, tuple[str, str, str] | None]:
+        """(all files processed, the first problem as (code, message, param) or None)."""
+        ready = True
         for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
             row = repo.file_by_id(s, file_id=file_id) if file_id else None
             if file_id and row is None:
-                self._fail(s, job, "file_not_found", f"{param} {file_id} was deleted", param)
-                return
+                return False, ("file_not_found", f"{param} {file_id} was deleted", param)
             if row is not None and row.status == "error":
                 first = ((row.validation or {}).get("errors") or [{}])[0]
                 detail = first.get("text") or first.get("message") or "the file is invalid"
-                self._fail(s, job, "invalid_file", f"{param} {file_id} failed validation: {detail}", param)
-                return
+                return False, ("invalid_file", f"{param} {file_id} failed validation: {detail}", param)
             if row is not None and row.status != "processed":
-                return
-        job.status = "queued"
-        self._event(s, job, "Files validated; job queued")
+                ready = False
+        return ready, None
 
     # ----- ingestion and reconciliation ---------------------------------------------------------------------
     def _ingest(self, job_id: str) -> None:
         with self.sessions() as s:
             job = repo.job_by_id(s, job_id=job_id)
-            if job is None:
+            if job is None or job.status != "running":
                 return
-            submission, cancel_at = job.submission_id, job.cancel_requested_at
-        try:
-            ray_status = self.launcher.status(submission) if self.launcher and submission else "UNKNOWN"
-        except LauncherUnavailable as exc:
-            log.warning("cannot reconcile %s: %s", job_id, exc)
-            ray_status = "UNKNOWN"
+        self._renew()  # a unit of work starts: only a current leader reads and reconciles
+        self._ready.clear()
+        submission = job.submission_id
+        ray_status = self._ray_status(submission)
         run = RunDir(job.output_uri)
         events, result = run.read_events(job.last_event_seq), run.read_result()
-        with self.sessions() as s, s.begin():
+        stop = False
+        with self._fenced() as s:
             job = repo.job_by_id(s, job_id=job_id)
-            if job is None or job.status != "running":
+            if job is None or job.status != "running" or job.submission_id != submission:
                 return
             self._store_events(s, job, events)
             if result is not None:
                 self._finish(s, job, result, run)
             elif ray_status is None or ray_status in TERMINAL:
                 self._died(s, job, ray_status)
-            elif cancel_at is not None and time.time() - cancel_at > self.settings.cancel_grace_s and self.launcher:
-                self.launcher.stop(submission or "")
-        while self._ready:
+            else:
+                stop = self._enforce_deadlines(s, job)
+        if stop and self.launcher is not None and submission:
+            self.launcher.stop(submission)
+        while self._ready:  # told after the transaction committed
             self.notify(self._ready.pop(0))
+
+    def _ray_status(self, submission: str | None) -> str | None:
+        """The launcher's status; ``UNKNOWN`` when it cannot tell (only None means Ray says the job does not exist)."""
+        if self.launcher is None or not submission:
+            return UNKNOWN
+        try:
+            return self.launcher.status(submission)
+        except Exception as exc:  # LauncherUnavailable, or any other launcher failure: unknown, never "gone"
+            log.warning("cannot reconcile %s: %s", submission, exc)
+            return UNKNOWN
 
     def _store_events(self, s: Session, job: Job, events: list[Any]) -> None:
         if not events:
@@ -168,6 +250,8 @@ class Scheduler:
                  "message": e.message, "data": e.data} for e in events]
         repo.add_events(s, job_id=job.id, events=rows)
         job.last_event_seq = max(job.last_event_seq, *(e.seq for e in events))
+        if any(e.type == "checkpoint" for e in events):
+            charge_run_storage(s, self.storage, job)  # the tenant's storage pays for its checkpoints
         metrics = [e for e in events if e.type == "metrics" and e.data]
         if metrics:
             data = metrics[-1].data
@@ -179,13 +263,14 @@ class Scheduler:
 
     def _finish(self, s: Session, job: Job, result: dict[str, Any], run: RunDir) -> None:
         state = str(result.get("state", "failed"))
+        charge_run_storage(s, self.storage, job)  # the run's final outputs (adapter, result) are charged
         if result.get("trained_tokens") is not None:
             job.trained_tokens = int(result["trained_tokens"])
         job.result_files = [self._result_file(s, job, run)]
-        if state == "succeeded":
+        if state == "succeeded":  # finished, even if past a limit: the adapter is complete and kept
             self._succeed(s, job, run)
         elif state == "cancelled" or job.cancel_requested_at is not None:
-            self._end(s, job, "cancelled", "Job cancelled")
+            self._cancelled(s, job, "Job cancelled")
         else:
             err = result.get("error") or {}
             message = err.get("message") if isinstance(err, dict) else str(err)
@@ -206,64 +291,174 @@ class Scheduler:
             return
         tenant = repo.get_tenant(s, tenant_id=job.tenant_id)
         model_id = f"ft:{job.model}:{tenant.name}:{job.suffix or ''}:{job.id}"
+        if not self._move(s, job, "succeeded", f"Job succeeded; model {model_id} is ready", fine_tuned_model=model_id):
+            return
         repo.add_model(s, model_id=model_id, tenant_id=job.tenant_id, base_model=job.model, job_id=job.id,
                        adapter_uri=adapter_uri)
-        job.fine_tuned_model = model_id
-        self._end(s, job, "succeeded", f"Job succeeded; model {model_id} is ready")
         ready = AdapterReady(model_id=model_id, tenant_id=job.tenant_id, base_model=job.model,
                              base_model_path=self.settings.base_models.get(job.model, job.model),
                              adapter_uri=adapter_uri, job_id=job.id)
         self._ready.append(ready)  # told after the transaction commits (see _ingest)
 
     def _died(self, s: Session, job: Job, ray_status: str | None) -> None:
-        what = f"Ray job {job.submission_id} ended ({ray_status or 'vanished'}) without a result"
+        what = f"Ray job {job.submission_id} ended ({ray_status or 'does not exist'}) without a result"
         if job.cancel_requested_at is not None:
-            self._end(s, job, "cancelled", f"Job cancelled ({what})")
+            self._cancelled(s, job, f"Job cancelled ({what})")
+        elif self._past_deadline(job, time.time()):
+            self._fail(s, job, "wall_clock_limit_exceeded", f"{what} after its wall-clock limit of "
+                       f"{job.max_wall_clock_s} s", None)
         elif job.attempt < self.settings.max_job_attempts:
-            job.status, job.submission_id = "queued", None
-            self._event(s, job, f"{what}; re-queued (attempt {job.attempt} of {self.settings.max_job_attempts})",
-                        level="warn")
+            self._move(s, job, "queued", f"{what}; re-queued (attempt {job.attempt} of "
+                       f"{self.settings.max_job_attempts})", level="warn", submission_id=None)
         else:
             self._fail(s, job, "job_died", f"{what} after {job.attempt} attempt(s)", None)
 
+    def _cancelled(self, s: Session, job: Job, message: str) -> None:
+        """A cancelled run ends ``cancelled``, or ``failed`` when the cancel was the wall-clock limit's."""
+        if self._past_deadline(job, job.cancel_requested_at):
+            self._fail(s, job, "wall_clock_limit_exceeded", f"the job ran past its wall-clock limit of "
+                       f"{job.max_wall_clock_s} s and was stopped", None)
+        else:
+            self._move(s, job, "cancelled", message)
+
+    def _past_deadline(self, job: Job, at: float | None) -> bool:
+        limit = job.max_wall_clock_s
+        return bool(limit and job.started_at is not None and at is not None and at >= job.started_at + limit)
+
+    def _enforce_deadlines(self, s: Session, job: Job) -> bool:
+        """Cancel a job past its wall-clock limit; True when a requested cancel outlived ``cancel_grace_s`` and the
+        Ray job must be stopped."""
+        now = time.time()
+        if job.cancel_requested_at is None and self._past_deadline(job, now):
+            if job_states.request_cancel(s, job, at=now):
+                RunDir(job.output_uri).request_cancel()
+                self._event(s, job, f"Wall-clock limit of {job.max_wall_clock_s} s reached; cancelling the job",
+                            level="warn")
+            return False
+        return job.cancel_requested_at is not None and now - job.cancel_requested_at > self.settings.cancel_grace_s
+
     # ----- launching ----------------------------------------------------------------------------------------
     def _launch_queued(self) -> None:
+        """Fair-share launching. Every job is tried at most once per tick, so a job that cannot be launched never
+        holds up the others; after ``_MAX_UNAVAILABLE`` refusals by the cluster the rest waits for the next tick."""
         if self.launcher is None:
             return
-        while True:
+        tried: set[str] = set()
+        unavailable = 0
+        while unavailable < _MAX_UNAVAILABLE:
             with self.sessions() as s:
                 running = repo.running_per_tenant(s)
                 if sum(running.values()) >= self.settings.max_running_jobs:
                     return
-                queued = list(repo.jobs_in_states(s, states=["queued"]))
+                queued = [j for j in repo.jobs_in_states(s, states=["queued"]) if j.id not in tried]
             if not queued:
                 return
             pick = min(queued, key=lambda j: (running.get(j.tenant_id, 0), j.pk))
+            tried.add(pick.id)
             if not self._launch(pick.id):
-                return
+                unavailable += 1
 
     def _launch(self, job_id: str) -> bool:
-        with self.sessions() as s, s.begin():
-            job = repo.job_by_id(s, job_id=job_id)
-            if job is None or job.status != "queued":
-                return True
-            spec_uri = self._write_spec(s, job)
-            submission = f"{job.id}-a{job.attempt + 1}"
-            try:
-                assert self.launcher is not None
-                self.launcher.submit(submission, spec_uri)
-            except LauncherUnavailable as exc:
-                log.warning("cannot launch %s yet: %s", job.id, exc)
-                return False
-            job.status, job.submission_id, job.attempt = "running", submission, job.attempt + 1
-            job.started_at = job.started_at or repo.now()
-            self._event(s, job, f"Job started on Ray (submission {submission})")
+        """Launch one job; False only when the cluster refused the submission (the job is queued again)."""
+        assert self.launcher is not None
+        try:
+            started = self._start_attempt(job_id)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # missing file, spec error, storage failure: this job fails, the others go on
+            self._launch_failed(job_id, exc, expected="queued", submission=None)
+            return True
+        if started is None:
+            return True  # it moved meanwhile (a cancel won)
+        submission, spec_uri = started
+        if self._cancel_before_submit(job_id, submission):
+            return True
+        self._renew()  # the submission below happens under a fresh lease
+        try:
+            self.launcher.submit(submission, spec_uri)
+        except LauncherUnavailable as exc:
+            log.warning("cannot launch %s yet: %s", job_id, exc)
+            self._undo_attempt(job_id, submission, str(exc))
+            return False
+        except Exception as exc:
+            self._launch_failed(job_id, exc, expected="running", submission=submission)
+            return True
+        try:
+            self._renew()
+        except LeaseLost:
+            # Another leader took over during the submission and may already have found it missing and launched
+            # the next attempt: stop this one rather than let two drivers share the run directory.
+            log.warning("lost the scheduler lease while submitting %s; stopping that submission", submission)
+            self.launcher.stop(submission)
+            raise
         return True
 
+    def _start_attempt(self, job_id: str) -> tuple[str, str] | None:
+        """Write the spec, then move the job queued -> running (compare-and-set) *before* anything is submitted.
+        (submission id, spec URI), or None when the job is no longer queued."""
+        with self.sessions() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is None or job.status != "queued":
+                return None
+            spec_uri = self._write_spec(s, job)
+            attempt = job.attempt + 1
+        submission = f"{job_id}-a{attempt}"
+        with self._fenced() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is None or not job_states.transition(
+                    s, job, "running", expected="queued", conditions=(Job.attempt == attempt - 1,),
+                    submission_id=submission, attempt=attempt, started_at=job.started_at or repo.now()):
+                return None
+            self._event(s, job, f"Job started on Ray (submission {submission})")
+        return submission, spec_uri
+
+    def _cancel_before_submit(self, job_id: str, submission: str) -> bool:
+        """A cancel that found the job already running but not yet submitted: end it here, submit nothing."""
+        with self.sessions() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is None or job.cancel_requested_at is None:
+                return False
+        with self._fenced() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is not None:
+                self._move(s, job, "cancelled", "Job cancelled before it was submitted", expected="running",
+                           conditions=(Job.submission_id == submission,))
+        return True
+
+    def _undo_attempt(self, job_id: str, submission: str, why: str) -> None:
+        """The cluster refused the submission: back to queued (the attempt is not counted), or cancelled when a
+        cancel arrived meanwhile."""
+        with self._fenced() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is None:
+                return
+            same = Job.submission_id == submission
+            if job.cancel_requested_at is not None:
+                self._move(s, job, "cancelled", "Job cancelled (it was never submitted)", expected="running",
+                           conditions=(same,))
+            else:  # a cancel landing after this read keeps it running: the next ingest finds it missing, cancelled
+                self._move(s, job, "queued", f"Submitting {submission} failed ({why}); re-queued", level="warn",
+                           expected="running", conditions=(same, Job.cancel_requested_at.is_(None)),
+                           submission_id=None, attempt=job.attempt - 1)
+
+    def _launch_failed(self, job_id: str, exc: Exception, *, expected: str, submission: str | None) -> None:
+        if isinstance(exc, LaunchError):
+            code, message, param = exc.code, exc.message, exc.param
+            log.warning("job %s cannot be launched: %s", job_id, message)
+        else:
+            log.exception("job %s could not be launched", job_id, exc_info=exc)
+            code, param = "launch_failed", None
+            message = (f"the job could not be prepared for launch ({type(exc).__name__}); the service log has "
+                       "the details")
+        with self._fenced() as s:
+            job = repo.job_by_id(s, job_id=job_id)
+            if job is not None:
+                same = (Job.submission_id == submission,) if submission else ()
+                self._fail(s, job, code, message, param, expected=expected, conditions=same)
+
     def _write_spec(self, s: Session, job: Job) -> str:
-        train = repo.file_by_id(s, file_id=job.training_file)
-        val = repo.file_by_id(s, file_id=job.validation_file) if job.validation_file else None
-        assert train is not None
+        train = self._input_file(s, job, "training_file", job.training_file)
+        val = self._input_file(s, job, "validation_file", job.validation_file) if job.validation_file else None
         spec = build_spec(job_id=job.id, tenant_id=job.tenant_id,
                           base_model_path=self.settings.base_models.get(job.model, job.model),
                           train_uri=self.storage.uri_of_key(train.storage_key),
@@ -275,19 +470,32 @@ class Scheduler:
         run.write_json("spec.json", spec.model_dump(mode="json"))
         return run.uri_of("spec.json")
 
+    def _input_file(self, s: Session, job: Job, param: str, file_id: str) -> File:
+        """The job's file row, its object present: never a silent launch without it (a deleted validation file
+        fails the job rather than dropping validation)."""
+        row = repo.file_by_id(s, file_id=file_id)
+        if row is None or row.tenant_id != job.tenant_id or self.storage.size(row.storage_key) is None:
+            raise LaunchError("file_not_found", f"{param} {file_id} was deleted before the job could start", param)
+        return row
+
     # ----- state changes ------------------------------------------------------------------------------------
     def _event(self, s: Session, job: Job, message: str, level: str = "info") -> None:
         add_service_event(s, job, message, level)
 
-    def _end(self, s: Session, job: Job, state: str, message: str) -> None:
-        job.status, job.finished_at = state, repo.now()
-        job.estimated_finish = None
-        self._event(s, job, message)
+    def _move(self, s: Session, job: Job, state: str, message: str, *, level: str = "info",
+              expected: str | None = None, conditions: tuple[Any, ...] = (), **values: Any) -> bool:
+        """One state move through the state machine (compare-and-set) and its event; False when the job had
+        moved on meanwhile (nothing is written then)."""
+        if not job_states.transition(s, job, state, expected=expected, conditions=conditions, **values):
+            log.info("job %s changed state meanwhile; the move to %s was not made", job.id, state)
+            return False
+        self._event(s, job, message, level)
+        return True
 
-    def _fail(self, s: Session, job: Job, code: str, message: str, param: str | None) -> None:
-        job.error = {"code": code, "message": message, "param": param}
-        job.status, job.finished_at = "failed", repo.now()
-        self._event(s, job, f"Job failed: {message}", level="error")
+    def _fail(self, s: Session, job: Job, code: str, message: str, param: str | None, *,
+              expected: str | None = None, conditions: tuple[Any, ...] = ()) -> bool:
+        return self._move(s, job, "failed", f"Job failed: {message}", level="error", expected=expected,
+                          conditions=conditions, error={"code": code, "message": message, "param": param})
 
 
 def add_service_event(s: Session, job: Job, message: str, level: str = "info") -> None:

@@ -12,7 +12,9 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwenvl_core.specs import CheckpointSpec, ComputeSpec, EvalSpec, LoraSpec, Quantization
+from service.caps import TenantLimits, effective_caps
 from service.models import ApiKey, File, Job, JobEvent, Model, Tenant
+from service.settings import Settings
 
 Auto = Literal["auto"]
 
@@ -130,6 +132,9 @@ class JobCreate(_Strict):
     micro_batch_size: int | None = Field(
         None, ge=1, le=1024, description="Samples per forward pass per worker; batch_size must be a multiple "
         "(extension; default 1, i.e. gradient accumulation over batch_size passes).")
+    max_wall_clock_s: int | None = Field(
+        None, ge=1, le=10**8, description="Seconds the job may run once started; default and upper bound: the "
+        "tenant's job_max_wall_clock_s cap (extension).")
 
     @field_validator("metadata")
     @classmethod
@@ -179,6 +184,7 @@ class JobPublic(BaseModel):
     progress: dict[str, Any] | None = Field(None, description="step, total_steps, epoch, loss, ... (extension).")
     cancel_requested: bool = False
     extensions: dict[str, Any] = Field(default_factory=dict, description="lora, quantization, compute, ...")
+    max_wall_clock_s: int | None = Field(None, description="Wall-clock limit from the start (extension).")
 
 
 class JobList(CursorPage):
@@ -257,6 +263,16 @@ class TenantCreate(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$", description="Lower-case slug, used in model names.")
     max_active_jobs: int | None = Field(None, ge=0, le=10_000)
     max_stored_bytes: int | None = Field(None, ge=0, le=2**62)
+    limits: TenantLimits | None = Field(  # type: ignore[valid-type]
+        None, description="Per-tenant caps (job_max_* names) overriding the global ones, up or down.")
+
+
+class TenantUpdate(_Strict):
+    max_active_jobs: int | None = Field(None, ge=0, le=10_000)
+    max_stored_bytes: int | None = Field(None, ge=0, le=2**62, description="Storage quota (uploads + job outputs).")
+    limits: TenantLimits | None = Field(  # type: ignore[valid-type]
+        None, description="Caps to override (merged into the tenant's overrides); a cap set to null drops its "
+        "override, so the global value applies again; limits: null drops every override.")
 
 
 class TenantPublic(BaseModel):
@@ -266,6 +282,19 @@ class TenantPublic(BaseModel):
     created_at: int
     max_active_jobs: int
     max_stored_bytes: int
+    used_bytes: int = Field(0, description="Bytes charged: uploaded files plus the jobs' run directories.")
+    limits: dict[str, Any] = Field(default_factory=dict, description="This tenant's cap overrides.")
+    caps: dict[str, Any] = Field(default_factory=dict, description="Every cap in force for the tenant.")
+
+
+class UsageReconciled(BaseModel):
+    object: Literal["tenant.usage"] = "tenant.usage"
+    tenant_id: str
+    used_bytes_before: int
+    used_bytes: int
+    uploaded_bytes: int
+    run_bytes: int
+    orphans_removed: list[str] = Field(description="Uploaded objects without a file row that were removed.")
 
 
 class KeyCreate(_Strict):
@@ -310,7 +339,10 @@ class TenantList(BaseModel):
 class Health(BaseModel):
     status: str
     database: str
-    scheduler_leader: str | None = None
+    scheduler_leader_present: bool | None = Field(None, description="/ready: whether a scheduler leader holds "
+                                                  "the lease.")
+    scheduler_leader: str | None = Field(None, description="/ready with the admin key only: the leader's "
+                                         "host:pid.")
 
 
 # ----- conversions --------------------------------------------------------------------------------------------
@@ -330,7 +362,8 @@ def job_public(row: Job) -> JobPublic:
         result_files=row.result_files or [], trained_tokens=row.trained_tokens,
         estimated_finish=row.estimated_finish, integrations=req.get("integrations"), metadata=row.meta,
         suffix=row.suffix, started_at=row.started_at, progress=row.progress,
-        cancel_requested=row.cancel_requested_at is not None, extensions=req.get("extensions", {}))
+        cancel_requested=row.cancel_requested_at is not None, extensions=req.get("extensions", {}),
+        max_wall_clock_s=row.max_wall_clock_s)
 
 
 def event_public(row: JobEvent) -> EventPublic:
@@ -351,9 +384,10 @@ def model_public(row: Model, owner: str) -> ModelPublic:
                        fine_tuning_job_id=row.job_id)
 
 
-def tenant_public(row: Tenant) -> TenantPublic:
+def tenant_public(row: Tenant, settings: Settings) -> TenantPublic:
     return TenantPublic(id=row.id, name=row.name, created_at=row.created_at, max_active_jobs=row.max_active_jobs,
-                        max_stored_bytes=row.max_stored_bytes)
+                        max_stored_bytes=row.max_stored_bytes, used_bytes=row.used_bytes, limits=row.limits or {},
+                        caps=effective_caps(settings, row))
 
 
 def key_public(row: ApiKey) -> KeyPublic:

@@ -1,7 +1,8 @@
 """Service settings: every knob of the control plane, read from ``QWENVL_*`` environment variables.
 
 Settings are built by the caller (``create_app(Settings())``, tests build their own), never at import time.
-Production mode fails fast: it refuses to start without an admin key, or with a placeholder one.
+Production mode fails fast: it refuses to start without an admin key, or with a placeholder admin key, MLflow admin
+password or database password.
 """
 
 from __future__ import annotations
@@ -9,11 +10,24 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qwenvl_core.secret_names import looks_secret
+
 PLACEHOLDER_KEYS = frozenset({"", "changethis", "change-me", "changeme", "admin", "secret", "password", "test"})
+# ----- secrets (issue 15, "secrets"): placeholders production refuses, anywhere in a secret
+PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "changethis", "replaceme", "replace-me", "placeholder")
+MIN_PASSWORD_CHARS = 12
+
+
+def is_placeholder(secret: str) -> bool:
+    """True for an empty secret, a well-known default (``PLACEHOLDER_KEYS``) or one containing a placeholder word
+    (``changeme`` ...): what an example file or manifest ships, never a real secret."""
+    value = secret.strip().lower()
+    return value in PLACEHOLDER_KEYS or any(word in value for word in PLACEHOLDER_WORDS)
 
 
 class Mode(StrEnum):
@@ -39,8 +53,35 @@ class Settings(BaseSettings):
         description="Base models offered to tenants: model id -> model directory or storage URI for training.")
     max_upload_bytes: int = Field(512 << 20, ge=1, description="Largest file upload (OpenAI: 512 MB).")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest non-upload request body.")
+    # ----- serving (issue 15, "serving"): chat request limits; workflows.app passes the image ones to every model
+    # replica's EngineConfig too (the engine re-checks them before decoding)
+    max_chat_request_bytes: int = Field(50 << 20, ge=1024, description="Largest POST /v1/chat/completions body "
+                                        "(base64 images inline; OpenAI: 50 MB per request).")
+    max_chat_images: int = Field(16, ge=0, description="Images in one chat request (400 too_many_images above).")
+    max_chat_image_bytes: int = Field(20 << 20, ge=1, description="Largest image of a chat request, encoded (a "
+                                      "stored file, or a data URL's decoded payload); OpenAI: 20 MB.")
+    max_chat_image_bytes_total: int = Field(50 << 20, ge=1, description="Encoded bytes of all images of one chat "
+                                            "request together.")
     default_max_active_jobs: int = Field(4, ge=0, description="New tenants: jobs not yet finished (429 above).")
-    default_max_stored_bytes: int = Field(50 << 30, ge=0, description="New tenants: bytes of stored files (403 above).")
+    default_max_stored_bytes: int = Field(50 << 30, ge=0, description="New tenants: bytes stored (uploads and job "
+                                          "outputs: checkpoints, adapters, results); 403 above.")
+    # ----- caps (issue 15, "caps"): the most one job may ask for; tenants.limits overrides any of them per tenant
+    job_max_workers: int = Field(8, ge=1, le=1024, description="Cap: compute.num_workers of one job.")
+    job_max_gpus_per_worker: float = Field(8.0, ge=0.0, le=16.0, description="Cap: compute.gpus_per_worker.")
+    job_max_cpus_per_worker: float = Field(32.0, gt=0.0, le=256.0, description="Cap: compute.cpus_per_worker.")
+    job_max_feature_cache_mb: int = Field(8192, ge=0, le=1 << 20,
+                                          description="Cap: compute.image_feature_cache_mb (per worker).")
+    job_max_steps: int = Field(100_000, ge=1, le=10**9, description="Cap: max_steps of one job.")
+    job_max_epochs: int = Field(50, ge=1, le=100, description="Cap: hyperparameters.n_epochs.")
+    job_max_micro_batch_size: int = Field(64, ge=1, le=1024, description="Cap: micro_batch_size.")
+    job_max_lora_rank: int = Field(256, ge=1, le=1024, description="Cap: lora.r.")
+    job_max_checkpoints_kept: int = Field(10, ge=1, le=10_000, description="Cap: checkpoint.keep (keep: null, "
+                                          "i.e. keep all, is refused).")
+    job_max_wall_clock_s: int = Field(86_400, ge=1, le=10**8, description="Cap and default of a job's wall-clock "
+                                      "time from its start (max_wall_clock_s); the scheduler cancels it after.")
+    usage_orphan_grace_s: float = Field(3600.0, ge=0, description="Usage reconciliation removes an uploaded "
+                                        "object without a file row only once it is this old (uploads in flight "
+                                        "are younger).")
     scheduler_enabled: bool = Field(True, description="Run the scheduler loop in this process (leader-elected).")
     scheduler_interval_s: float = Field(1.0, gt=0, description="Seconds between scheduler ticks.")
     lease_ttl_s: float = Field(15.0, gt=0, description="Leadership lease lifetime; a dead leader is replaced after it.")
@@ -57,6 +98,29 @@ class Settings(BaseSettings):
     validation_timeout_s: float = Field(3600.0, gt=0, description="Longest a file validation may run.")
     estimate_tokens_per_second: float | None = Field(
         None, gt=0, description="Measured training throughput used by /v1/fine_tuning/estimate for time.")
+    # ----- request admission (issue 15, "ratelimit"; service.admission, service.limits): per API process
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one API process works on at once: Ray "
+                                      "Serve's max_ongoing_requests of the ingress, uvicorn's limit_concurrency "
+                                      "(which counts open connections too) for python -m service; 503 above.")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body "
+                                       "(408 request_timeout after it; the request's slot is freed).")
+    tenant_requests_per_second: float = Field(50.0, ge=0, description="Per tenant and API process: sustained "
+                                              "requests per second (token bucket; 429 rate_limit_exceeded above; "
+                                              "0: unlimited). The admin key is exempt.")
+    tenant_request_burst: int = Field(100, ge=1, description="Per tenant and API process: requests allowed at "
+                                      "once above the sustained rate (the token bucket's size).")
+    tenant_request_cost_bytes: int = Field(1 << 20, ge=0, description="Rate-limit weight of request bodies "
+                                           "other than uploads: every this many bytes count as one more request "
+                                           "(a 20 MiB chat request counts 21); 0: every request counts 1.")
+    tenant_max_concurrent_requests: int = Field(32, ge=0, description="Per tenant and API process: requests in "
+                                                "flight, uploads and chat streams included (429 "
+                                                "too_many_concurrent_requests above; 0: unlimited).")
+    auth_cache_ttl_s: float = Field(5.0, ge=0, description="Seconds the admission check trusts a verified key "
+                                    "without the database (the routes still check every request; 0: no cache).")
+    estimate_timeout_s: float = Field(120.0, gt=0, description="Longest a /v1/fine_tuning/estimate may take, "
+                                      "waiting for a slot included (504 estimate_timeout; its worker is killed).")
+    max_concurrent_estimates: int = Field(2, ge=1, description="Estimate workers one API process runs at once "
+                                          "(each tenant at most one: 429 too_many_concurrent_estimates).")
     serve_replicas: int = Field(1, ge=1, description="Ray Serve: replicas per base model (the minimum when "
                                 "autoscaling); used by workflows.app.")
     serve_max_replicas: int | None = Field(None, ge=1, description="Ray Serve: autoscale each base model's "
@@ -88,6 +152,26 @@ class Settings(BaseSettings):
             if key.lower() in PLACEHOLDER_KEYS or len(key) < 24:
                 raise ValueError("QWENVL_ADMIN_KEY: production mode needs a real admin key (>= 24 chars, "
                                  "not a placeholder)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_placeholder_or_exposed_secrets(self) -> Settings:
+        """Production refuses placeholder secrets; ``job_env`` never carries one (a Ray job's runtime env is shown
+        by the dashboard)."""
+        exposed = sorted(name for name in self.job_env if looks_secret(name))
+        if exposed:
+            raise ValueError(f"QWENVL_JOB_ENV: {', '.join(exposed)} would carry a secret into the Ray jobs' runtime "
+                             "env, which the Ray dashboard shows; put secrets into the Ray nodes' environment "
+                             "instead (docs/operations.md, Secrets)")
+        if self.mode is not Mode.PRODUCTION:
+            return self
+        password = self.mlflow_admin_password.get_secret_value() if self.mlflow_admin_password else None
+        if password is not None and (is_placeholder(password) or len(password) < MIN_PASSWORD_CHARS):
+            raise ValueError(f"QWENVL_MLFLOW_ADMIN_PASSWORD: production mode needs a real password (>= "
+                             f"{MIN_PASSWORD_CHARS} chars, not a placeholder)")
+        db_password = urlsplit(self.database_url).password if self.database_url else None
+        if db_password is not None and is_placeholder(db_password):
+            raise ValueError("QWENVL_DATABASE_URL: production mode refuses a placeholder database password")
         return self
 
     @model_validator(mode="after")

@@ -38,6 +38,10 @@ class TenantStorage:
     def file_key(self, tenant_id: str, file_id: str, filename: str) -> str:
         return join_key(self.prefix, "tenants", tenant_id, "files", file_id, safe_filename(filename))
 
+    def files_prefix(self, tenant_id: str) -> str:
+        """The key prefix under which ``file_key`` puts the tenant's uploads (``{prefix}{file_id}/{filename}``)."""
+        return join_key(self.prefix, "tenants", tenant_id, "files") + "/"
+
     def run_uri(self, tenant_id: str, job_id: str) -> str:
         return f"{self.root_uri}/tenants/{tenant_id}/runs/{job_id}"
 

@@ -1,4 +1,5 @@
-"""``/v1/admin``: tenants and their API keys (admin key only). Keys are shown once; only hashes are stored."""
+"""``/v1/admin``: tenants (quotas, caps, storage usage) and their API keys (admin key only). Keys are shown once;
+only hashes are stored."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from service import auth
+from service import auth, usage
 from service import repository as repo
-from service.deps import AdminDep, SessionDep, SettingsDep
+from service.caps import merge_limits
+from service.deps import AdminDep, SessionDep, SettingsDep, StorageDep
+from service.errors import InvalidRequest
 from service.mlflow_tenants import provision_tenant
 from service.schemas import (
     KeyCreate,
@@ -18,6 +21,9 @@ from service.schemas import (
     TenantCreated,
     TenantList,
     TenantMlflow,
+    TenantPublic,
+    TenantUpdate,
+    UsageReconciled,
     key_public,
     tenant_public,
 )
@@ -39,16 +45,50 @@ def create_tenant(body: TenantCreate, _admin: AdminDep, session: SessionDep, set
         session, name=body.name,
         max_active_jobs=body.max_active_jobs if body.max_active_jobs is not None else settings.default_max_active_jobs,
         max_stored_bytes=body.max_stored_bytes if body.max_stored_bytes is not None
-        else settings.default_max_stored_bytes)
+        else settings.default_max_stored_bytes,
+        limits=merge_limits(None, body.limits) if body.limits is not None else None)
     key = issue_key(session, tenant.id, "first key")
     access = provision_tenant(settings, tenant.id)
     mlflow = TenantMlflow(**asdict(access)) if access is not None else None
-    return TenantCreated(tenant=tenant_public(tenant), key=key, mlflow=mlflow)
+    return TenantCreated(tenant=tenant_public(tenant, settings), key=key, mlflow=mlflow)
 
 
 @router.get("/tenants", operation_id="admin-tenants-list")
-def list_tenants(_admin: AdminDep, session: SessionDep) -> TenantList:
-    return TenantList(data=[tenant_public(t) for t in repo.list_tenants(session)])
+def list_tenants(_admin: AdminDep, session: SessionDep, settings: SettingsDep) -> TenantList:
+    return TenantList(data=[tenant_public(t, settings) for t in repo.list_tenants(session)])
+
+
+@router.get("/tenants/{tenant_id}", operation_id="admin-tenants-retrieve")
+def get_tenant(tenant_id: str, _admin: AdminDep, session: SessionDep, settings: SettingsDep) -> TenantPublic:
+    """The tenant's quotas, cap overrides, caps in force and charged storage (``used_bytes``)."""
+    return tenant_public(repo.get_tenant(session, tenant_id=tenant_id), settings)
+
+
+@router.patch("/tenants/{tenant_id}", operation_id="admin-tenants-update")
+def update_tenant(tenant_id: str, body: TenantUpdate, _admin: AdminDep, session: SessionDep,
+                  settings: SettingsDep) -> TenantPublic:
+    """Change quotas and cap overrides. ``limits`` is merged into the tenant's overrides (a cap set to null drops
+    its override; ``limits: null`` drops them all); an override may be below or above the global cap. Jobs already
+    submitted keep their values."""
+    if not body.model_fields_set:
+        raise InvalidRequest("nothing to update: give max_active_jobs, max_stored_bytes and/or limits",
+                             param="body", code="empty_update")
+    tenant = repo.get_tenant(session, tenant_id=tenant_id)
+    limits = None
+    if "limits" in body.model_fields_set:  # limits: null clears every override
+        limits = merge_limits(tenant.limits, body.limits) if body.limits is not None else {}
+    tenant = repo.update_tenant(session, tenant_id=tenant_id, limits=limits, max_active_jobs=body.max_active_jobs,
+                                max_stored_bytes=body.max_stored_bytes)
+    return tenant_public(tenant, settings)
+
+
+@router.post("/tenants/{tenant_id}/usage/reconcile", operation_id="admin-tenants-usage-reconcile")
+def reconcile_usage(tenant_id: str, _admin: AdminDep, session: SessionDep, storage: StorageDep,
+                    settings: SettingsDep) -> UsageReconciled:
+    """Recompute the tenant's charged storage from its files and run directories; remove uploaded objects
+    left without a file row by a crash (older than ``usage_orphan_grace_s``)."""
+    repo.get_tenant(session, tenant_id=tenant_id)
+    return UsageReconciled(**usage.reconcile(session, storage, tenant_id, settings.usage_orphan_grace_s))
 
 
 @router.post("/tenants/{tenant_id}/keys", operation_id="admin-keys-create", status_code=201)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
@@ -9,12 +11,14 @@ from fastapi.responses import StreamingResponse
 
 from qwenvl_core.storage import iter_chunks
 from service import repository as repo
+from service import usage
 from service.deps import Ctx, SessionDep, StorageDep, TenantDep
-from service.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from service.errors import Conflict, InvalidRequest, PayloadTooLarge
 from service.schemas import Deleted, FileList, FilePublic, file_public
-from service.storage import safe_filename
+from service.storage import TenantStorage, safe_filename
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+log = logging.getLogger(__name__)
 ACCEPTED_SUFFIXES = (".jsonl", ".json", ".zip", ".tar.gz", ".tgz")
 
 
@@ -36,17 +40,38 @@ def create_file(file: UploadFile, purpose: Annotated[str, Form()], tenant: Tenan
                 storage: StorageDep, ctx: Ctx) -> FilePublic:
     """Upload a .jsonl/.json data file or a .zip/.tar.gz bundle; validation starts right after."""
     name = _check_upload(file, purpose, ctx.settings.max_upload_bytes)
-    used = repo.stored_bytes(session, tenant_id=tenant.id)
-    if used + (file.size or 0) > tenant.max_stored_bytes:
-        raise PermissionDenied(f"storage quota exceeded: {used} of {tenant.max_stored_bytes} bytes used, the "
-                               f"upload is {file.size} bytes; delete files first", code="storage_quota_exceeded")
+    size = _spooled_size(file)
+    # Reserve (committed) -> write the object -> insert the row (committed): the file is visible only with its
+    # row, and a crash in between leaves an object that is still charged (reconciliation removes it).
+    usage.reserve_upload(session, tenant, size)
     file_id = repo.new_id("file")
-    stored = storage.put(storage.file_key(tenant.id, file_id, name), file.file)
-    row = repo.add_file(session, file_id=file_id, tenant_id=tenant.id, filename=name, purpose=purpose,
-                        size=stored.size, sha256=stored.sha256, storage_key=stored.key)
-    session.commit()  # the validator reads the row from its own session
+    key = storage.file_key(tenant.id, file_id, name)
+    written = False
+    try:
+        stored = storage.put(key, file.file)
+        written = True
+        row = repo.add_file(session, file_id=file_id, tenant_id=tenant.id, filename=name, purpose=purpose,
+                            size=stored.size, sha256=stored.sha256, storage_key=stored.key)
+        if stored.size != size:
+            repo.add_used_bytes(session, tenant_id=tenant.id, delta=stored.size - size)
+        session.commit()  # the validator reads the row from its own session
+    except BaseException:
+        usage.release_upload(session, tenant.id, size)
+        if written:
+            _remove_object(storage, key)
+        raise
     ctx.validator.submit(file_id)
     return file_public(row)
+
+
+def _spooled_size(file: UploadFile) -> int:
+    """Bytes of the received upload (the multipart parser spooled it whole before the route runs)."""
+    if file.size is not None:
+        return file.size
+    file.file.seek(0, os.SEEK_END)
+    size = file.file.tell()
+    file.file.seek(0)
+    return size
 
 
 @router.get("", operation_id="files-list")
@@ -74,7 +99,22 @@ def file_content(file_id: str, tenant: TenantDep, session: SessionDep, storage: 
 
 @router.delete("/{file_id}", operation_id="files-delete")
 def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> Deleted:
-    row = repo.delete_file(session, tenant_id=tenant.id, file_id=file_id)
-    if row.purpose == "fine-tune":  # result files live in run directories and go with the job's run
-        storage.delete(row.storage_key)
+    """Delete a file; 409 ``file_in_use`` (naming the jobs) while an unfinished job trains or validates on it."""
+    repo.get_file(session, tenant_id=tenant.id, file_id=file_id)  # 404 for unknown and other tenants' ids
+    users = repo.jobs_using_file(session, tenant_id=tenant.id, file_id=file_id)
+    if users:
+        raise Conflict(f"file {file_id} is used by unfinished fine-tuning job(s) {', '.join(users)}; cancel them or "
+                       "wait until they finish, then delete it", param="file_id", code="file_in_use")
+    row = repo.delete_file(session, tenant_id=tenant.id, file_id=file_id)  # also releases an upload's bytes
+    session.commit()  # row first: a crash before the object goes leaves an orphan object (reconciliation removes
+    # it), never a row pointing at nothing
+    if row.purpose == repo.UPLOAD_PURPOSE:  # result files live in run directories and go with the job's run
+        _remove_object(storage, row.storage_key)
     return Deleted(id=file_id, object="file")
+
+
+def _remove_object(storage: TenantStorage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # best effort after the commit: the object is an orphan now, swept by reconciliation
+        log.warning("could not remove the object %s of a deleted file", key, exc_info=True)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from qwenvl_core.runs import RunDir
+from service import caps, job_states, usage
 from service import repository as repo
+from service.admission import cancel_on_disconnect
 from service.deps import Ctx, SessionDep, StorageDep, TenantDep
-from service.errors import InvalidRequest, QuotaExceeded
+from service.errors import Conflict, InvalidRequest, QuotaExceeded, TimedOut
 from service.jobspec import build_spec, extensions, resolved_hyperparameters
-from service.models import Tenant
+from service.limits import EstimateBusy, EstimateSlots
+from service.models import File, Tenant
 from service.scheduler import add_service_event
 from service.schemas import (
     CheckpointList,
@@ -29,9 +34,10 @@ from service.schemas import (
     job_public,
 )
 from service.settings import Settings
-from service.validation import run_worker
+from service.validation import run_worker_async
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
+_CANCEL_TRIES = 5  # a job moves at most validating -> queued -> running -> queued between two reads
 
 
 def _check_model(s: Session, settings: Settings, tenant: Tenant, model: str) -> str:
@@ -67,12 +73,14 @@ def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage:
     job_id, seed = repo.new_id("ftjob"), body.seed if body.seed is not None else secrets.randbelow(2**31)
     hp, ext = resolved_hyperparameters(body), extensions(body)
     output_uri = storage.run_uri(tenant.id, job_id)
-    build_spec(job_id=job_id, tenant_id=tenant.id, base_model_path=base_path, train_uri="check",
-               validation_uri=None, output_uri=output_uri, seed=seed, hyperparameters=hp, ext=ext)
+    spec = build_spec(job_id=job_id, tenant_id=tenant.id, base_model_path=base_path, train_uri="check",
+                      validation_uri=None, output_uri=output_uri, seed=seed, hyperparameters=hp, ext=ext)
+    max_wall_clock_s = caps.check_job(ctx.settings, tenant, body, spec)  # 400 limit_exceeded
+    usage.require_headroom(session, tenant)  # 403 storage_quota_exceeded
     job = repo.add_job(session, id=job_id, tenant_id=tenant.id, model=body.model, training_file=body.training_file,
                        validation_file=body.validation_file, suffix=body.suffix, seed=seed, meta=body.metadata,
                        request={"hyperparameters": hp, "extensions": ext, "integrations": body.integrations},
-                       output_uri=output_uri)
+                       output_uri=output_uri, max_wall_clock_s=max_wall_clock_s)
     add_service_event(session, job, f"Created fine-tuning job: {job_id}")
     ctx.scheduler.wake()
     return job_public(job)
@@ -94,19 +102,30 @@ def get_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> 
 
 @router.post("/jobs/{fine_tuning_job_id}/cancel", operation_id="fine-tuning-jobs-cancel")
 def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep, ctx: Ctx) -> JobPublic:
-    """Queued jobs are cancelled at once; a running job is asked to stop (``cancel_requested``)."""
+    """Queued jobs are cancelled at once; a running job is asked to stop (``cancel_requested``).
+
+    Compare-and-set against the scheduler (``service.job_states``): a cancel racing a launch either wins (the job
+    is cancelled and never submitted) or finds the job running and writes ``CANCEL``; it re-reads and retries when
+    the row moved between its read and its write."""
     job = repo.get_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
-    if job.status in ("succeeded", "failed", "cancelled"):
-        raise InvalidRequest(f"job {job.id} is already {job.status}", param="fine_tuning_job_id",
-                             code="job_not_cancellable")
-    if job.status == "running":
-        if job.cancel_requested_at is None:
-            job.cancel_requested_at = float(repo.now())
-            RunDir(job.output_uri).request_cancel()
-            add_service_event(session, job, "Cancellation requested")
+    for _ in range(_CANCEL_TRIES):
+        if job.status in job_states.TERMINAL:
+            raise InvalidRequest(f"job {job.id} is already {job.status}", param="fine_tuning_job_id",
+                                 code="job_not_cancellable")
+        if job.status == "running":
+            if job.cancel_requested_at is not None:
+                break
+            if job_states.request_cancel(session, job):
+                RunDir(job.output_uri).request_cancel()
+                add_service_event(session, job, "Cancellation requested")
+                break
+        elif job_states.transition(session, job, "cancelled"):
+            add_service_event(session, job, "Job cancelled")
+            break
+        session.refresh(job)  # the scheduler moved it meanwhile: decide again on the current state
     else:
-        job.status, job.finished_at = "cancelled", repo.now()
-        add_service_event(session, job, "Job cancelled")
+        raise Conflict(f"job {job.id} kept changing state while being cancelled; retry", param="fine_tuning_job_id",
+                       code="job_state_changed")
     ctx.scheduler.wake()
     return job_public(job)
 
@@ -131,18 +150,44 @@ def list_checkpoints(fine_tuning_job_id: str, tenant: TenantDep, session: Sessio
     return CheckpointList.of([checkpoint_public(r, base) for r in rows], more)
 
 
-@router.post("/estimate", operation_id="fine-tuning-estimate")
-def estimate(body: EstimateRequest, tenant: TenantDep, session: SessionDep, storage: StorageDep,
-             ctx: Ctx) -> EstimatePublic:
-    """Tokens (text + image) and time of a fine-tune, counted with the base model's tokenizer; no compute used."""
-    base_path = _check_model(session, ctx.settings, tenant, body.model)
+def _estimate_inputs(session: Session, settings: Settings, tenant: Tenant, body: EstimateRequest) -> tuple[str, File]:
+    """The base model's directory and the training file's row; the DB connection is handed back afterwards."""
+    base_path = _check_model(session, settings, tenant, body.model)
     row = repo.get_file(session, tenant_id=tenant.id, file_id=body.training_file, param="training_file")
     if not Path(base_path).is_dir():
         raise InvalidRequest(f"model {body.model!r}: its tokenizer directory {base_path!r} is not available to the "
                              "control plane, so tokens cannot be counted", param="model", code="estimate_unavailable")
-    tps = body.tokens_per_second or ctx.settings.estimate_tokens_per_second
-    out = run_worker(storage, row.storage_key, row.filename, ctx.settings.validation_timeout_s,
-                     model_dir=base_path, epochs=body.n_epochs, tokens_per_second=tps)
+    session.commit()  # the worker may run for minutes: do not hold a pooled connection meanwhile
+    return base_path, row
+
+
+@router.post("/estimate", operation_id="fine-tuning-estimate")
+async def estimate(body: EstimateRequest, request: Request, tenant: TenantDep, session: SessionDep,
+                   storage: StorageDep, ctx: Ctx) -> EstimatePublic:
+    """Tokens (text + image) and time of a fine-tune, counted with the base model's tokenizer; no compute used.
+
+    The count runs in a worker process, awaited without holding a request thread: one estimate per tenant at a
+    time (429 ``too_many_concurrent_estimates``), ``max_concurrent_estimates`` workers per API process (later
+    ones wait), ``estimate_timeout_s`` in all (504 ``estimate_timeout``). The worker is killed on timeout and
+    when the client disconnects."""
+    settings = ctx.settings
+    base_path, row = await run_in_threadpool(_estimate_inputs, session, settings, tenant, body)
+    tps = body.tokens_per_second or settings.estimate_tokens_per_second
+    timeout = settings.estimate_timeout_s
+    deadline = time.monotonic() + timeout
+    slots: EstimateSlots = request.app.state.estimate_slots
+    try:
+        async with slots.hold(tenant.id, deadline):
+            out = await cancel_on_disconnect(request, lambda: run_worker_async(
+                storage, row.storage_key, row.filename, max(0.0, deadline - time.monotonic()), model_dir=base_path,
+                epochs=body.n_epochs, tokens_per_second=tps))
+    except EstimateBusy:
+        raise QuotaExceeded(f"an estimate of this tenant is already running; wait for its answer (at most "
+                            f"{timeout:g} s) before starting another", code="too_many_concurrent_estimates") from None
+    except TimeoutError:
+        raise TimedOut(f"the estimate of {row.id} did not finish within {timeout:g} s (QWENVL_ESTIMATE_TIMEOUT_S) "
+                       "and was stopped; the server may be busy, retry later or estimate a smaller file",
+                       param="training_file", code="estimate_timeout") from None
     report, est = out["report"], out.get("estimate")
     if est is None:
         first = (report.get("errors") or [{}])[0]

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.context import AdapterReady
+from service.launcher import LauncherUnavailable, RayJobsLauncher
 from service.main import create_app
 from tests.service.conftest import ApiServer, server_env
 from tests.service.helpers import FAKE_WORKFLOW, auth, make_settings, upload, wait_file, wait_for
@@ -82,6 +83,14 @@ def test_dead_ray_job_is_retried_then_succeeds(tmp_path: Path, tiny_model_dir: P
                                                      headers=auth(key)).json()["data"]]
         assert any("without a result; re-queued (attempt 1 of 2)" in m for m in messages), messages
         assert any(f"submission {job['id']}-a2" in m for m in messages)
+
+
+def test_only_rays_own_answer_means_a_job_does_not_exist(ray_dashboard: str) -> None:
+    """The launcher reads Ray's 404 "Job ... does not exist" as vanished (None), and nothing else."""
+    launcher = RayJobsLauncher(ray_dashboard, ENTRY, 0.1, {})
+    assert launcher.status("ftjob-never-submitted-a1") is None
+    with pytest.raises(LauncherUnavailable):
+        RayJobsLauncher("http://127.0.0.1:9", ENTRY, 0.1, {}).status("ftjob-never-submitted-a1")  # nobody there
 
 
 @pytest.fixture
