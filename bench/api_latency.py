@@ -38,7 +38,8 @@ LINE = json.dumps({"messages": [{"role": "user", "content": "describe the pictur
 
 def start_api(data_dir: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "QWENVL_DATA_DIR": str(data_dir), "QWENVL_MAX_UPLOAD_BYTES": str(1 << 30), **extra}
+    env = {**os.environ, "QWENVL_DATA_DIR": str(data_dir), "QWENVL_MAX_UPLOAD_BYTES": str(1 << 30),
+           "QWENVL_TENANT_REQUESTS_PER_SECOND": "0", **extra}  # one tenant's capacity: no per-tenant rate limit
     proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_port(port, proc, timeout=120)

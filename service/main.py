@@ -1,8 +1,10 @@
 """The FastAPI application factory: ``create_app(settings)`` wires database, storage, validator, scheduler and
 routes. Nothing happens at import time; ``python -m service`` (``__main__``) serves it with uvicorn.
 
-Request bodies are capped by ``_BodyLimit`` (uploads at ``max_upload_bytes`` plus multipart overhead, everything
-else at ``max_request_bytes``), counting bytes as they stream, so a lying or absent Content-Length cannot pass.
+Every request first passes ``service.admission.Admission`` (the key checked from the headers before any body byte
+is read, per-tenant rate and concurrency limits, the slow-body timeout). Request bodies are capped by
+``_BodyLimit`` (uploads at ``max_upload_bytes`` plus multipart overhead, everything else at ``max_request_bytes``),
+counting bytes as they stream, so a lying or absent Content-Length cannot pass.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.admission import Admission
 from service.context import AdapterHook, ServiceContext
 from service.db import make_engine, migrate, session_factory
 from service.errors import PayloadTooLarge, envelope, install_error_handlers
 from service.launcher import Launcher, RayJobsLauncher
+from service.limits import EstimateSlots
 from service.local_bootstrap import bootstrap_local
 from service.routes import admin, files, health, jobs, models
 from service.scheduler import Scheduler
@@ -39,8 +43,12 @@ class _BodyLimit:
         self.app, self.settings = app, settings
 
     def _limit(self, path: str) -> int:
+        """Uploads: ``max_upload_bytes`` + multipart overhead; chat completions: ``max_chat_request_bytes`` (inline
+        base64 images; their count and sizes are then checked by the chat route); else ``max_request_bytes``."""
         if path.rstrip("/") == "/v1/files":
             return self.settings.max_upload_bytes + _MULTIPART_OVERHEAD
+        if path.rstrip("/") == "/v1/chat/completions":
+            return self.settings.max_chat_request_bytes
         return self.settings.max_request_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
@@ -119,12 +127,10 @@ def build_context(settings: Settings, launcher: Launcher | None = None) -> Servi
 
 
 def job_environment(settings: Settings) -> dict[str, str]:
-    """Environment of launched jobs: ``job_env`` plus the MLflow login jobs log with (when MLflow is set up)."""
-    env = dict(settings.job_env)
-    if settings.mlflow_tracking_uri and settings.mlflow_admin_username and settings.mlflow_admin_password:
-        env.setdefault("MLFLOW_TRACKING_USERNAME", settings.mlflow_admin_username)
-        env.setdefault("MLFLOW_TRACKING_PASSWORD", settings.mlflow_admin_password.get_secret_value())
-    return env
+    """Environment the service gives launched jobs (their Ray runtime env, which the Ray dashboard shows): the
+    configured ``job_env`` only. No secret: the MLflow login and S3 keys a job's driver uses come from its Ray
+    node's environment (``service.launcher``)."""
+    return dict(settings.job_env)
 
 
 def create_app(settings: Settings | None = None, *, launcher: Launcher | None = None,
@@ -142,6 +148,8 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
     for module in (files, jobs, models, admin, health):
         app.include_router(module.router)
     app.add_middleware(_BodyLimit, settings=ctx.settings)  # type: ignore[arg-type]
+    app.add_middleware(Admission, ctx=ctx)  # type: ignore[arg-type]  # outermost: before any body byte is read
+    app.state.estimate_slots = EstimateSlots(ctx.settings.max_concurrent_estimates)
     return app
 
 

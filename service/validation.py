@@ -2,12 +2,14 @@
 
 ``Validator`` owns a small thread pool; each task runs ``service.validation_worker`` in a child process (the
 data library needs torch; the API must not import it), then stores the report on the file row: status
-``processed`` when the report has no errors, ``error`` otherwise. ``run_worker`` is also used synchronously by
-the estimate endpoint.
+``processed`` when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
+``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers stay in
+the API's process group, so stopping the group stops them too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -16,6 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import anyio
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository as repo
@@ -25,9 +28,8 @@ from service.storage import TenantStorage
 log = logging.getLogger(__name__)
 
 
-def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, model_dir: str | None = None,
-               epochs: int | None = None, tokens_per_second: float | None = None) -> dict[str, Any]:
-    """The worker's JSON output for one stored object; ``Unavailable`` when the worker itself fails."""
+def _worker_command(storage: TenantStorage, key: str, name: str, model_dir: str | None, epochs: int | None,
+                    tokens_per_second: float | None) -> list[str]:
     cmd = [sys.executable, "-m", "service.validation_worker", "--store", storage.root_uri, "--key", key,
            "--name", name]
     if model_dir:
@@ -36,17 +38,54 @@ def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, mo
         cmd += ["--epochs", str(epochs)]
     if tokens_per_second:
         cmd += ["--tokens-per-second", str(tokens_per_second)]
+    return cmd
+
+
+def _worker_output(returncode: int, stdout: str, stderr: str, key: str, name: str) -> dict[str, Any]:
+    if returncode != 0:
+        tail = stderr.strip().splitlines()[-1:] or ["no output"]
+        if "DataError" in stderr or "QwenVLError" in stderr:
+            raise InvalidRequest(f"{name}: {tail[0]}")
+        log.error("validation worker failed for %s: %s", key, stderr[-2000:])
+        raise Unavailable(f"the validation worker failed for {name}: {tail[0]}")
+    result: dict[str, Any] = json.loads(stdout)
+    return result
+
+
+def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, model_dir: str | None = None,
+               epochs: int | None = None, tokens_per_second: float | None = None) -> dict[str, Any]:
+    """The worker's JSON output for one stored object; ``Unavailable`` when the worker itself fails or runs
+    longer than ``timeout_s`` (then it is killed)."""
+    cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise Unavailable(f"validating {name} took longer than {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        if "DataError" in proc.stderr or "QwenVLError" in proc.stderr:
-            raise InvalidRequest(f"{name}: {tail[0]}")
-        log.error("validation worker failed for %s: %s", key, proc.stderr[-2000:])
-        raise Unavailable(f"the validation worker failed for {name}: {tail[0]}")
-    return json.loads(proc.stdout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return _worker_output(proc.returncode, stdout, stderr, key, name)
+
+
+async def run_worker_async(storage: TenantStorage, key: str, name: str, timeout_s: float,
+                           model_dir: str | None = None, epochs: int | None = None,
+                           tokens_per_second: float | None = None) -> dict[str, Any]:
+    """``run_worker`` for the event loop (no thread held while it runs): ``TimeoutError`` after ``timeout_s``;
+    on timeout or cancellation (a client that went away) the worker is killed and reaped."""
+    cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second)
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        with anyio.fail_after(timeout_s):
+            stdout, stderr = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+    return _worker_output(proc.returncode or 0, stdout.decode(), stderr.decode(), key, name)
 
 
 class Validator:

@@ -4,18 +4,22 @@ The data library (``qwenvl_core.data``) imports torch, and the API process must 
 child process: it copies the object to a temporary file named like the upload (the suffix decides bundle
 handling), validates it with ``validate_file`` (streaming, line-numbered issues) and prints one JSON document:
 ``{"report": {...}}``, plus ``"estimate"`` when ``--model`` (a base model directory, for the tokenizer) and
-``--epochs`` are given. Exit status 0 whenever a report was produced, even for invalid data.
+``--epochs`` are given. Exit status 0 whenever a report was produced, even for invalid data. The worker lowers
+its own CPU priority (``NICENESS``), so validations and estimates never starve the API's request handling.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+NICENESS = 10  # the worker's CPU priority below the API process's (os.nice increment)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.nice(NICENESS)  # batch work: under CPU contention the API's request handling goes first
     doc = run(_parse(argv))
     sys.stdout.write(json.dumps(doc))
     return 0

@@ -25,8 +25,14 @@ if TYPE_CHECKING:
 
 
 def model_configs(settings: Settings) -> list[Any]:
-    """One ``ModelDeploymentConfig`` per base model, from the ``serve_*`` settings."""
+    """One ``ModelDeploymentConfig`` per base model, from the ``serve_*`` settings (and the ``max_chat_image*``
+    limits, which each replica's engine re-checks)."""
+    from qwenvl_core.serving.engine import EngineConfig
     from workflows.serve_app import ModelDeploymentConfig
+
+    engine = EngineConfig(max_images_per_request=settings.max_chat_images,
+                          max_image_bytes=settings.max_chat_image_bytes,
+                          max_image_bytes_total=settings.max_chat_image_bytes_total)
 
     autoscaling = None
     if settings.serve_max_replicas is not None:
@@ -36,7 +42,8 @@ def model_configs(settings: Settings) -> list[Any]:
                                   max_adapters_per_replica=settings.serve_max_adapters_per_replica,
                                   num_replicas=settings.serve_replicas, autoscaling_config=autoscaling,
                                   num_cpus=settings.serve_num_cpus, num_gpus=settings.serve_num_gpus,
-                                  dtype=settings.serve_dtype, quantization=settings.serve_quantization)
+                                  dtype=settings.serve_dtype, quantization=settings.serve_quantization,
+                                  engine=engine)
             for model_id, model_dir in settings.base_models.items()]
 
 
@@ -55,4 +62,5 @@ def app(args: dict[str, str] | None = None) -> Any:
     from workflows.serve_app import build_app
 
     settings = Settings()
-    return build_app(model_configs(settings), control_plane_app, ingress_replicas=settings.serve_ingress_replicas)
+    return build_app(model_configs(settings), control_plane_app, ingress_replicas=settings.serve_ingress_replicas,
+                     ingress_max_ongoing_requests=settings.max_ongoing_requests)

@@ -212,14 +212,18 @@ AppBuilder = Callable[[ChatBackend], FastAPI]
 
 
 def build_app(models: list[ModelDeploymentConfig], app_builder: AppBuilder, *, app_name: str = APP_NAME,
-              ingress_cpus: float = 0.25, ingress_replicas: int = 1) -> Any:
+              ingress_cpus: float = 0.25, ingress_replicas: int = 1, ingress_max_ongoing_requests: int = 256) -> Any:
     """The Serve application: ``app_builder(backend)`` runs on each ingress replica; one deployment per model.
+
+    ``ingress_max_ongoing_requests`` is how many requests one ingress replica works on at once (Serve's default,
+    5, would let five slow clients block the API; tenants' own limits are the app's, ``service.admission``).
 
     Run it with ``serve.run(build_app(...), name=app_name, route_prefix="/")`` (``app_name`` must match).
     """
     backend = ServeBackend({m.base_model: m.deployment_name for m in models}, app_name)
 
-    @serve.deployment(name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": ingress_cpus})
+    @serve.deployment(name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": ingress_cpus},
+                      max_ongoing_requests=ingress_max_ongoing_requests)
     @serve.ingress(lambda: app_builder(backend))
     class Ingress:
         def __init__(self, *model_servers: DeploymentHandle) -> None:

@@ -1,0 +1,252 @@
+"""Request admission: who may occupy a request slot of this API process, and for how long.
+
+``Admission`` is a pure ASGI middleware (outermost of the app's own). For every ``/v1/*`` request except the
+public ones it checks the bearer key from the headers, before a single body byte is read:
+
+- no key, a malformed, unknown or revoked key: 401 at once, and the connection is closed when a body was
+  announced, so clients without a valid key cannot hold body-reading slots; ``/v1/admin/*`` needs the admin key;
+- a tenant key: the tenant's token bucket and in-flight count (``service.limits.TenantLimiter``) admit it or
+  answer 429 ``rate_limit_exceeded`` / ``too_many_concurrent_requests`` with ``Retry-After``; the in-flight slot
+  is held until the response has been sent (streams and uploads included). A body other than an upload counts
+  one more request per ``tenant_request_cost_bytes`` (its announced length up front, the rest once received):
+  decoding a large JSON body holds the whole process, so its size is what it costs. After a 429 the server reads
+  and discards the rest of the body (no app slot is held), so the client gets to read the answer;
+- the admin key is exempt from the tenant limits.
+
+Verified keys are remembered for ``auth_cache_ttl_s`` (by their sha256, never in plain text), so admission costs
+no database query for most requests; the routes' own dependencies still check the key on every request, so a
+revocation takes effect at once for everything past admission.
+
+Every request body (not only ``/v1``) must keep arriving: a wait longer than ``body_read_timeout_s`` for its next
+chunk ends the request with 408 ``request_timeout`` and frees its slot. ``cancel_on_disconnect`` runs a route's
+long work and cancels it when the client goes away (the estimate route uses it).
+
+All limits are per process: each API replica (uvicorn process or Serve ingress replica) counts on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+
+from service import auth
+from service import repository as repo
+from service.context import ServiceContext
+from service.errors import ApiError, NotFound, Unauthorized, envelope
+from service.limits import Rejection, TenantLimiter, TenantLimits, request_cost
+
+ASGIApp = Callable[..., Any]
+PUBLIC_PATHS = frozenset({"/v1/chat/ready"})  # readiness probes carry no key
+ADMIN_PREFIX = "/v1/admin"
+_CACHE_MAX = 10_000
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: a tenant with its limits, or (``tenant_id`` None) the admin."""
+
+    tenant_id: str | None
+    limits: TenantLimits | None = None
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class ClientDisconnected(ApiError):
+    """Nobody is listening any more; the status only reaches the log."""
+
+    status, type, default_code = 499, "invalid_request_error", "client_disconnected"
+
+
+class KeyCache:
+    """Tenant keys verified recently: sha256 of the key -> (caller, expiry); LRU-bounded."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self._clock = ttl_s, clock
+        self._entries: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
+
+    def get(self, digest: str) -> Caller | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[1] < self._clock():
+            self._entries.pop(digest, None)
+            return None
+        return entry[0]
+
+    def put(self, digest: str, caller: Caller) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._entries[digest] = (caller, self._clock() + self.ttl_s)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > _CACHE_MAX:
+            self._entries.popitem(last=False)
+
+
+class _Body:
+    """The request's ``receive`` with an idle timeout per body chunk (none once the body is complete)."""
+
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]], timeout_s: float) -> None:
+        self.receive, self.timeout_s = receive, timeout_s
+        self.complete = self.timed_out = False
+        self.received = 0  # body bytes so far
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.complete:
+            return await self.receive()
+        try:
+            with anyio.fail_after(self.timeout_s):
+                message = await self.receive()
+        except TimeoutError:
+            self.timed_out = True
+            raise _BodyTimeout from None
+        self.received += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        return message
+
+
+def _declared_length(scope: dict[str, Any]) -> int:
+    length = dict(scope.get("headers", [])).get(b"content-length", b"0").strip()
+    return int(length) if length.isdigit() else 0
+
+
+def _body_announced(scope: dict[str, Any]) -> bool:
+    headers = dict(scope.get("headers", []))
+    length = headers.get(b"content-length", b"0").strip()
+    return b"transfer-encoding" in headers or not length.isdigit() or int(length) > 0
+
+
+def _is_upload(scope: dict[str, Any]) -> bool:
+    """File uploads (streamed to storage, never parsed in memory) count as one request whatever their size."""
+    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
+
+
+class Admission:
+    """Authenticate from the headers, apply the tenant limits, time out slow bodies (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, ctx: ServiceContext) -> None:
+        self.app, self.ctx = app, ctx
+        self.limiter = TenantLimiter()
+        self.keys = KeyCache(ctx.settings.auth_cache_ttl_s)
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if not path.startswith("/v1/") or path in PUBLIC_PATHS:
+            await self._run(scope, receive, send)
+            return
+        try:
+            caller = await self._caller(scope)
+        except ApiError as exc:  # no body byte is read for a caller without a valid key
+            response = envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+            if _body_announced(scope):
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        if caller.tenant_id is None or caller.limits is None:
+            await self._run(scope, receive, send)
+            return
+        unit = 0 if _is_upload(scope) else self.ctx.settings.tenant_request_cost_bytes
+        cost = request_cost(_declared_length(scope), unit)
+        rejection = self.limiter.acquire(caller.tenant_id, caller.limits, cost)
+        if rejection is not None:  # the server discards the rest of the body: the client gets to read the 429
+            await _too_many(rejection)(scope, receive, send)
+            return
+        body = _Body(receive, self.ctx.settings.body_read_timeout_s)
+        try:
+            await self._run(scope, body, send)
+        finally:
+            self.limiter.release(caller.tenant_id)
+            self.limiter.charge(caller.tenant_id, caller.limits, request_cost(body.received, unit) - cost)
+
+    async def _caller(self, scope: dict[str, Any]) -> Caller:
+        authorization = dict(scope.get("headers", [])).get(b"authorization")
+        token = auth.bearer_token(authorization.decode("latin-1") if authorization else None)
+        admin = self.ctx.settings.admin_key.get_secret_value() if self.ctx.settings.admin_key else None
+        if auth.is_admin_key(token, admin):
+            return Caller(None)
+        path = scope["path"]
+        if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+            raise Unauthorized("this endpoint needs the admin key", code="invalid_admin_key")
+        digest = auth.hash_key(token)
+        caller = self.keys.get(digest)
+        if caller is None:
+            caller = await anyio.to_thread.run_sync(self._verify, token)
+            self.keys.put(digest, caller)
+        return caller
+
+    def _verify(self, token: str) -> Caller:
+        with self.ctx.sessions() as session:
+            tenant_id = auth.tenant_for_key(session, token)
+            try:
+                tenant = repo.get_tenant(session, tenant_id=tenant_id)
+            except NotFound:
+                raise Unauthorized("invalid API key") from None
+            overrides = getattr(tenant, "limits", None)
+            return Caller(tenant_id, TenantLimits.of(self.ctx.settings, overrides if isinstance(overrides, dict)
+                                                     else None))
+
+    async def _run(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        """The app, with the body timeout: after one, the app's own answer is dropped and 408 sent instead."""
+        body = receive if isinstance(receive, _Body) else _Body(receive, self.ctx.settings.body_read_timeout_s)
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            if body.timed_out:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, body, tracked)
+        except _BodyTimeout:
+            pass
+        if body.timed_out and not started:
+            timeout = self.ctx.settings.body_read_timeout_s
+            response = envelope(408, f"request body not received in time: no data for {timeout:g} s "
+                                     "(QWENVL_BODY_READ_TIMEOUT_S)", "invalid_request_error", None, "request_timeout")
+            response.headers["Connection"] = "close"
+            await response(scope, body.receive, send)
+
+
+def _too_many(rejection: Rejection) -> Any:
+    response = envelope(429, rejection.message, "rate_limit_error", None, rejection.code)
+    response.headers["Retry-After"] = str(rejection.retry_after_s)
+    return response
+
+
+async def cancel_on_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """``await work()``, cancelled when the client disconnects first (then ``ClientDisconnected``).
+
+    Call it only after the request body has been read: it then waits on the request's ``receive``, which
+    answers ``http.disconnect`` once the client is gone.
+    """
+    outcome: list[tuple[bool, Any]] = []  # (True, result) or (False, the exception work raised)
+    async with anyio.create_task_group() as group:
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            outcome.append((True, await work()))
+        except Exception as exc:  # raised here, not from the group (which would wrap it in an ExceptionGroup)
+            outcome.append((False, exc))
+        group.cancel_scope.cancel()
+    if not outcome:
+        raise ClientDisconnected("the client disconnected before the answer was ready")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
