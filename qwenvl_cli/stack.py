@@ -4,12 +4,14 @@
 - an MLflow tracking server (basic-auth app, SQLite backend, local artifacts) on :5000; its admin password is in
   ``$QWENVL_HOME/mlflow/admin_password`` (the UI asks for user ``admin``);
 - a Ray head (``ray start --head --block``, token auth, dashboard on :8265) whose environment carries the
-  platform's ``QWENVL_*`` settings, so every Serve replica and training job on it reads them;
+  platform's ``QWENVL_*`` settings, so every Serve replica and training job on it reads them, and the MLflow login
+  training jobs log with (never put into a job's runtime env, which the dashboard shows);
 - with ``--worker-nodes N``, N more Ray nodes on this machine (``ray start --block --address=<head>``, same
   environment), so that Serve replicas and Ray Train workers spread over several nodes as on a real cluster;
 - the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment for
   the tiny Qwen-VL materialised into ``$QWENVL_HOME/models/qwen-vl-tiny`` on first start) on :8000.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
+``$QWENVL_HOME`` is created with mode 0700 and every secret file in it with 0600.
 
 Every process of the stack (and every process Ray starts for it) carries ``QWENVL_STACK_ID`` in its environment;
 ``down`` stops the recorded process groups, then anything still carrying that marker, so nothing is left behind.
@@ -39,6 +41,7 @@ import typer
 
 from qwenvl_cli.client import STATE_FILE, ApiError, qwenvl_home, read_state
 from service.mlflow_tenants import basic_auth_ini
+from service.private_files import private_dir, write_secret
 
 BASE_MODEL = "qwen-vl-tiny"
 MLFLOW_ADMIN = "admin"
@@ -92,8 +95,6 @@ def port_busy(port: int) -> bool:
 
 
 def _secret(path: Path, make: Any) -> str:
-    from service.local_bootstrap import write_secret
-
     if not path.is_file():
         write_secret(path, make())
     return path.read_text().strip()
@@ -125,7 +126,10 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     })
     if mlflow_url and mlflow_password:
         env.update({"QWENVL_MLFLOW_TRACKING_URI": mlflow_url, "QWENVL_MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
-                    "QWENVL_MLFLOW_ADMIN_PASSWORD": mlflow_password})
+                    "QWENVL_MLFLOW_ADMIN_PASSWORD": mlflow_password,
+                    # the login training jobs log with: from the nodes' environment, never from a job's runtime
+                    # env (which the Ray dashboard shows)
+                    "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN, "MLFLOW_TRACKING_PASSWORD": mlflow_password})
     return env
 
 
@@ -311,7 +315,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
             raise StackError(f"port {port} (for {what}) is already in use by another program: stop that program "
                              f"(e.g. `qwenvl down` for a stack in another QWENVL_HOME), or choose another port "
                              f"with {flag}")
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
     echo(f"QWENVL_HOME {home}")
@@ -363,8 +367,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
 def _start_mlflow(home: Path, env: dict[str, str], port: int, password: str, log: Path) -> subprocess.Popen[bytes]:
     root = home / "mlflow"
     ini = root / "basic_auth.ini"
-    ini.write_text(basic_auth_ini(root / "auth.db", MLFLOW_ADMIN, password))
-    ini.chmod(0o600)
+    write_secret(ini, basic_auth_ini(root / "auth.db", MLFLOW_ADMIN, password))
     menv = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

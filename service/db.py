@@ -1,7 +1,8 @@
 """Database engine and sessions: SQLite (WAL, the embedded default) or PostgreSQL, and schema migration.
 
-``make_engine`` builds an engine for a URL; ``migrate`` runs Alembic ``upgrade head`` on it (serialised by an
-advisory lock on PostgreSQL so several API replicas can start at once). One schema serves both databases.
+``make_engine`` builds an engine for a URL (an SQLite file is created readable by its owner only:
+``private_database``); ``migrate`` runs Alembic ``upgrade head`` on it (serialised by an advisory lock on PostgreSQL
+so several API replicas can start at once). One schema serves both databases.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.private_files import narrow, private_file
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_412_055
 
@@ -19,13 +22,23 @@ _PG_MIGRATION_LOCK = 7_412_055
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout on every connection."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
+        if path and path != ":memory:" and not path.startswith("file:"):
+            private_database(Path(path))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def private_database(path: Path) -> None:
+    """The SQLite file and its ``-wal`` / ``-shm`` companions readable by their owner only (0600), in a directory
+    created 0700: SQLite gives the companions the database file's mode, so the file is created 0600 before the
+    first connection."""
+    private_file(path)
+    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if companion.exists():
+            narrow(companion)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

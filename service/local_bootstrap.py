@@ -1,19 +1,19 @@
 """First start of the embedded local stack: an admin key and a default tenant with its key, written into the
 data directory with mode 0600 so a local user can start at once (``$QWENVL_DATA_DIR/admin_key``,
-``$QWENVL_DATA_DIR/api_key``). Production mode never calls this: there the admin key must be given.
+``$QWENVL_DATA_DIR/api_key``); the data directory itself is created with mode 0700 (``service.private_files``). Production
+mode never calls this: there the admin key must be given.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
-from pathlib import Path
 
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import auth
 from service import repository as repo
+from service.private_files import private_dir, write_secret
 from service.settings import Settings
 
 ADMIN_KEY_FILE = "admin_key"
@@ -21,18 +21,9 @@ API_KEY_FILE = "api_key"
 DEFAULT_TENANT = "default"
 
 
-def write_secret(path: Path, value: str) -> None:
-    """Create ``path`` with mode 0600 from the start (never world-readable, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(value + "\n")
-    os.chmod(path, 0o600)
-
-
 def bootstrap_local(settings: Settings, sessions: sessionmaker[Session]) -> Settings:
     """Settings with the admin key filled in; creates the default tenant and its key on the first start."""
-    data_dir = settings.data_dir.absolute()
+    data_dir = private_dir(settings.data_dir)
     if settings.admin_key is None:
         admin_file = data_dir / ADMIN_KEY_FILE
         if not admin_file.is_file():

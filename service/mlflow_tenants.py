@@ -12,7 +12,9 @@ over its REST API with the admin credentials of ``Settings.mlflow_admin_username
    ``experiments/permissions/create``): ``READ`` on that experiment, nothing else.
 
 Isolation relies on the auth app's ``default_permission = NO_PERMISSIONS`` (see ``infra/``): a user then sees
-only resources granted to it. Any MLflow failure raises ``Unavailable`` so the tenant is not created half-way.
+only resources granted to it. Read-only relies on its ``authorization_function`` being ``service.mlflow_auth``'s:
+MLflow alone lets every user create experiments and registered models. Any MLflow failure raises ``Unavailable``
+so the tenant is not created half-way.
 """
 
 from __future__ import annotations
@@ -32,16 +34,20 @@ EXPERIMENT_PERMISSION = "READ"
 _EXISTS = "RESOURCE_ALREADY_EXISTS"
 
 
+AUTHORIZATION_FUNCTION = "service.mlflow_auth:authenticate"  # tenant logins read-only (service/mlflow_auth.py)
+
+
 def basic_auth_ini(database: str | Path, admin_username: str, admin_password: str) -> str:
     """The config of MLflow's basic-auth app (``MLFLOW_AUTH_CONFIG_PATH``): nobody may read anything unless
-    granted, which is what makes per-tenant experiment permissions meaningful."""
+    granted, which is what makes per-tenant experiment permissions meaningful, and nobody but the admin may write
+    anything (``AUTHORIZATION_FUNCTION``)."""
     return (
         "[mlflow]\n"
         "default_permission = NO_PERMISSIONS\n"
         f"database_uri = sqlite:///{database}\n"
         f"admin_username = {admin_username}\n"
         f"admin_password = {admin_password}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"authorization_function = {AUTHORIZATION_FUNCTION}\n"
     )
 
 

@@ -20,6 +20,11 @@ training had finished (``outcome.json``) only records its result; an unreadable 
 wrote it) is set aside, so the job restarts from step 0 instead of failing every attempt; a run directory holding
 the same job id with a different spec is refused untouched. Events continue their numbering, with a ``state``
 event ``running`` marked ``restart`` and the loop's "resumed from step N" message.
+
+**Environment and errors.** Workers read tenant data: they get only ``WORKER_ENV`` from the driver and every other
+platform setting or secret blanked (``worker_environment``). A failed job's ``error`` (``result.json``, shown to the
+tenant) is ``public_error``: a user error's message, or the kind of an internal failure; the traceback goes to the
+driver's log.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -43,13 +49,26 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
+from qwenvl_core.errors import QwenVLError
 from qwenvl_core.runs import RESULT_FILE, SPEC_FILE, RunDir
+from qwenvl_core.secret_names import looks_secret
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.storage import read_uri
 from qwenvl_core.training import EventProgress, Hooks, RunDirCancel, RunDirEvents, Trainer
 
 OUTCOME_FILE = "outcome.json"  # rank 0's final report to the driver (state, metrics, summary)
-FORWARDED_ENV = ("AWS_", "MLFLOW_", "HF_", "TORCH_EXTENSIONS_DIR", "QWENVL_")
+# What a training worker gets from its driver's environment, by exact name (``worker_environment``).
+WORKER_ENV = frozenset({
+    # storage access for the run directory (data, checkpoints, adapter)
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    # MLflow tracking: rank 0 logs with the jobs' login
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    # caches and scratch space
+    "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "QWENVL_WORK_DIR",
+    # the test fault, and the local stack's process marker (``qwenvl down`` finds leftover processes by it)
+    "QWENVL_FAULT", "QWENVL_STACK_ID",
+})
 
 
 class RayCheckpoints:
@@ -179,16 +198,30 @@ def _storage(spec: FineTuneJobSpec) -> tuple[str, Any]:
     return parsed.netloc + parsed.path, fs
 
 
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The env vars of Ray Train's ``worker_runtime_env``: the ``WORKER_ENV`` names ``environ`` has, and an empty
+    value for every other platform setting (``QWENVL_*``) or secret-named variable (``looks_secret``) in it.
+
+    A Ray worker process starts with its node's environment, so blanking is what keeps the service's secrets (admin
+    key, database URL, MLflow admin password: on a node that also runs the API) out of the processes that read
+    tenant data. Ray's own variables (``RAY_*``, e.g. the auth token every Ray process needs) are left to Ray.
+    """
+    env = {name: value for name, value in environ.items() if name in WORKER_ENV}
+    for name in environ:
+        if name not in env and not name.startswith("RAY_") and (name.startswith("QWENVL_") or looks_secret(name)):
+            env[name] = ""
+    return env
+
+
 def build_trainer(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> TorchTrainer:
     """[4] The TorchTrainer of ``spec``."""
     c = spec.compute
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
     path, fs = _storage(spec)
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     run_config = RunConfig(name=spec.job_id, storage_path=path, storage_filesystem=fs,
                            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                            failure_config=FailureConfig(max_failures=c.max_failures),
-                           worker_runtime_env={"env_vars": env})
+                           worker_runtime_env={"env_vars": worker_environment(os.environ)})
     scaling = ScalingConfig(num_workers=c.num_workers, use_gpu=c.gpus_per_worker > 0,
                             resources_per_worker=resources, placement_strategy=c.placement_strategy)
     return TorchTrainer(train_func, train_loop_config={"spec": spec.model_dump(mode="json"), "fault": fault},
@@ -230,7 +263,8 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
         if final is None:
             raise RuntimeError("training ended without an outcome")
     except Exception as e:  # the job's failure is reported, not raised: the caller reads result.json
-        result = {"job_id": spec.job_id, "state": JobState.FAILED.value, "error": _error_text(e)}
+        traceback.print_exception(e)  # the whole story, for the operators: the driver's log (Ray job logs)
+        result = {"job_id": spec.job_id, "state": JobState.FAILED.value, "error": public_error(e)}
         RunDirEvents(run).state(JobState.FAILED, f"job failed: {result['error']}")
         run.write_result(result)
         return result
@@ -299,9 +333,43 @@ def announce_restart(run: RunDir, spec: FineTuneJobSpec, events: RunDirEvents, r
                  restart=True, checkpoint_step=step)
 
 
-def _error_text(error: BaseException) -> str:
-    text = "".join(traceback.format_exception_only(type(error), error)).strip()
-    return text[-4000:]
+OUT_OF_MEMORY = ("training ran out of accelerator memory: lower micro_batch_size, the image resolution or the "
+                 "sequence length, or train with more workers")
+
+
+def public_error(error: BaseException) -> str:
+    """What the job's owner is told (``result.json``'s ``error``, shown as ``job.error``): a user error's message
+    (``QwenVLError``, also when it was raised inside a Ray Train worker), otherwise only the kind of failure, never
+    a traceback or an internal path (``run_job`` prints the traceback to the driver's log for the operators)."""
+    causes = list(_causes(error))
+    for cause in causes:
+        if isinstance(cause, QwenVLError):
+            return f"{type(cause).__name__}: {cause}"[:4000]
+        if type(cause).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA or another accelerator)
+            return OUT_OF_MEMORY
+    kind = next((type(c).__name__ for c in causes if not type(c).__module__.startswith("ray.")), "RayError")
+    return (f"training failed with an internal error ({kind}); the platform's operators have the details in the "
+            "job's logs")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what it wraps: Ray Train's worker and controller failures (``worker_failures``,
+    ``controller_failure``, the user exception inside ``UserExceptionWithTraceback``), a ``RayTaskError``'s
+    ``cause``, Python's ``__cause__`` / ``__context__``; outermost first, each once."""
+    queue, seen = [error], set()
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            queue.extend(f for _, f in sorted(failures.items()) if isinstance(f, BaseException))
+        for attr in ("_base_exc", "controller_failure", "cause", "__cause__", "__context__"):
+            inner = getattr(current, attr, None)
+            if isinstance(inner, BaseException):
+                queue.append(inner)
 
 
 def connect(num_cpus: int | None = None) -> None:

@@ -7,11 +7,6 @@ must see its own run and nothing of the other tenant.
 
 from __future__ import annotations
 
-import os
-import secrets
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,41 +16,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from service.main import create_app
-from service.mlflow_tenants import basic_auth_ini
 from service.settings import Settings
-from tests.fixtures.net import free_port, wait_for_port
+from tests.fixtures.mlflow_server import MLFLOW_ADMIN
+from tests.fixtures.net import free_port
 
 ADMIN_KEY = "admin-key-for-infra-tests-0123456789"
-MLFLOW_ADMIN = "mlflow-admin"
 DENIED = "PERMISSION_DENIED|403"
-
-
-@pytest.fixture(scope="module")
-def mlflow_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(tracking URI, admin password) of a lean basic-auth MLflow server with an SQLite backend in tmp."""
-    root = tmp_path_factory.mktemp("mlflow-auth")
-    password = secrets.token_urlsafe(16)
-    ini = root / "basic_auth.ini"
-    ini.write_text(basic_auth_ini(root / "auth.db", MLFLOW_ADMIN, password))
-    port = free_port()
-    exe = str(Path(sys.executable).parent / "mlflow")  # the project's own, never another one on PATH
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME",
-                 "MLFLOW_AUTH_ADMIN_PASSWORD"):
-        env.pop(name, None)
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [exe, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_for_port(port, process, timeout=120)
-        yield f"http://127.0.0.1:{port}", password
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def _client_as(monkeypatch: pytest.MonkeyPatch, uri: str, username: str, password: str) -> MlflowClient:
@@ -87,7 +53,7 @@ def test_each_tenant_sees_only_its_own_runs(mlflow_auth_server, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from service.mlflow_tenants import tenant_experiment_name
 
-    uri, admin_password = mlflow_auth_server
+    uri, admin_password = mlflow_auth_server.uri, mlflow_auth_server.admin_password
     settings = _production(tmp_path, mlflow_tracking_uri=uri, mlflow_admin_username=MLFLOW_ADMIN,
                            mlflow_admin_password=admin_password)
     with TestClient(create_app(settings)) as api:
