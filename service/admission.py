@@ -7,10 +7,11 @@ public ones it checks the bearer key from the headers, before a single body byte
   announced, so clients without a valid key cannot hold body-reading slots; ``/v1/admin/*`` needs the admin key;
 - a tenant key: the tenant's token bucket and in-flight count (``service.limits.TenantLimiter``) admit it or
   answer 429 ``rate_limit_exceeded`` / ``too_many_concurrent_requests`` with ``Retry-After``; the in-flight slot
-  is held until the response has been sent (streams and uploads included). A body other than an upload counts
-  one more request per ``tenant_request_cost_bytes`` (its announced length up front, the rest once received):
-  decoding a large JSON body holds the whole process, so its size is what it costs. After a 429 the server reads
-  and discards the rest of the body (no app slot is held), so the client gets to read the answer;
+  is held until the response has been sent (streams and uploads included). A body counts one more request per
+  ``tenant_request_cost_bytes`` (its announced length up front, the rest once received; a body worth more than
+  the burst takes a full bucket): receiving, parsing and decoding bodies is what a flood costs this process, so
+  its size is what it costs. After a 429 the server reads and discards the rest of a small body, so the client
+  gets to read the answer; a body over ``DRAIN_LIMIT_BYTES`` is not received (``Connection: close``);
 - the admin key is exempt from the tenant limits.
 
 Verified keys are remembered for ``auth_cache_ttl_s`` (by their sha256, never in plain text), so admission costs
@@ -123,9 +124,9 @@ def _body_announced(scope: dict[str, Any]) -> bool:
     return b"transfer-encoding" in headers or not length.isdigit() or int(length) > 0
 
 
-def _is_upload(scope: dict[str, Any]) -> bool:
-    """File uploads (streamed to storage, never parsed in memory) count as one request whatever their size."""
-    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
+# A refused request's body up to this size is received and dropped (so the client reads the 429); a larger one is
+# not received at all: the connection closes (receiving 429'd multi-MB bodies was what a flood cost the server).
+DRAIN_LIMIT_BYTES = 1 << 20
 
 
 class Admission:
@@ -155,11 +156,14 @@ class Admission:
         if caller.tenant_id is None or caller.limits is None:
             await self._run(scope, receive, send)
             return
-        unit = 0 if _is_upload(scope) else self.ctx.settings.tenant_request_cost_bytes
+        unit = self.ctx.settings.tenant_request_cost_bytes
         cost = request_cost(_declared_length(scope), unit)
         rejection = self.limiter.acquire(caller.tenant_id, caller.limits, cost)
-        if rejection is not None:  # the server discards the rest of the body: the client gets to read the 429
-            await _too_many(rejection)(scope, receive, send)
+        if rejection is not None:
+            response = _too_many(rejection)
+            if _declared_length(scope) > DRAIN_LIMIT_BYTES:  # not worth receiving: close instead of draining it
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)  # a small body is drained: the client gets to read the 429
             return
         body = _Body(receive, self.ctx.settings.body_read_timeout_s)
         try:

@@ -3,8 +3,8 @@ routes. Nothing happens at import time; ``python -m service`` (``__main__``) ser
 
 Every request first passes ``service.admission.Admission`` (the key checked from the headers before any body byte
 is read, per-tenant rate and concurrency limits, the slow-body timeout). Request bodies are capped by
-``_BodyLimit`` (uploads at ``max_upload_bytes`` plus multipart overhead, everything else at ``max_request_bytes``),
-counting bytes as they stream, so a lying or absent Content-Length cannot pass.
+``_BodyLimit`` (uploads at ``max_upload_bytes`` plus multipart overhead, chat completions at
+``max_chat_request_bytes``, everything else at ``max_request_bytes``), counting bytes as they stream, so a lying or absent Content-Length cannot pass.
 """
 
 from __future__ import annotations

@@ -109,9 +109,10 @@ class Settings(BaseSettings):
                                               "0: unlimited). The admin key is exempt.")
     tenant_request_burst: int = Field(100, ge=1, description="Per tenant and API process: requests allowed at "
                                       "once above the sustained rate (the token bucket's size).")
-    tenant_request_cost_bytes: int = Field(1 << 20, ge=0, description="Rate-limit weight of request bodies "
-                                           "other than uploads: every this many bytes count as one more request "
-                                           "(a 20 MiB chat request counts 21); 0: every request counts 1.")
+    tenant_request_cost_bytes: int = Field(256 << 10, ge=0, description="Rate-limit weight of request bodies "
+                                           "(uploads included): every this many bytes count as one more request "
+                                           "(a 1.5 MB photo counts 6; a body worth more than the burst takes a "
+                                           "full bucket); 0: every request counts 1.")
     tenant_max_concurrent_requests: int = Field(32, ge=0, description="Per tenant and API process: requests in "
                                                 "flight, uploads and chat streams included (429 "
                                                 "too_many_concurrent_requests above; 0: unlimited).")

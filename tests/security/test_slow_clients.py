@@ -68,10 +68,12 @@ def _tenant(client: httpx.Client, name: str) -> str:
     return new_tenant(client, ADMIN, name)[1]
 
 
-def _stall(port: int, key: str | None, first_chunk: bytes = b"") -> socket.socket:
-    """A connection that sends an upload's headers (100 MB announced), optionally a first chunk, then stalls."""
+def _stall(port: int, key: str | None, first_chunk: bytes = b"", length: int = 100_000_000) -> socket.socket:
+    """A connection that sends an upload's headers (``length`` bytes announced), optionally a first chunk, then
+    stalls. A tenant's stalls announce small bodies: a large one would be refused at once by the rate limit,
+    which counts every LIMITS["QWENVL_TENANT_REQUEST_COST_BYTES"] bytes as one request."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
-    lines = ["POST /v1/files HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Length: 100000000",
+    lines = ["POST /v1/files HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {length}",
              f"Content-Type: multipart/form-data; boundary={BOUNDARY}"]
     if key:
         lines.append(f"Authorization: Bearer {key}")
@@ -133,7 +135,7 @@ def test_unauthenticated_stalled_uploads_are_refused_at_once_and_hold_nothing(se
 def test_a_tenants_stalled_uploads_time_out_and_other_tenants_are_served(server: ApiServer,
                                                                           client: httpx.Client) -> None:
     key_a, key_b = _tenant(client, "stall-a"), _tenant(client, "stall-b")
-    socks = [_stall(server.port, key_a, f"--{BOUNDARY}\r\n".encode()) for _ in range(MAX_CONCURRENT)]
+    socks = [_stall(server.port, key_a, f"--{BOUNDARY}\r\n".encode(), length=50_000) for _ in range(MAX_CONCURRENT)]
     try:
         assert client.get("/v1/fine_tuning/jobs", headers=auth(key_b)).status_code == 200
         answers = [_response(s, patience=PATIENCE_S + 2) for s in socks]
@@ -180,7 +182,7 @@ def test_large_bodies_count_as_several_requests(client: httpx.Client) -> None:
 
 def test_concurrency_limit_per_tenant(server: ApiServer, client: httpx.Client) -> None:
     key_d, key_b = _tenant(client, "busy-d"), _tenant(client, "busy-b")
-    socks = [_stall(server.port, key_d, f"--{BOUNDARY}\r\n".encode()) for _ in range(MAX_CONCURRENT + 2)]
+    socks = [_stall(server.port, key_d, f"--{BOUNDARY}\r\n".encode(), length=50_000) for _ in range(MAX_CONCURRENT + 2)]
     try:
         assert client.get("/v1/fine_tuning/jobs", headers=auth(key_b)).status_code == 200
         answers = [_response(s, patience=PATIENCE_S + 3) for s in socks]

@@ -28,9 +28,11 @@ from qwenvl_core.errors import ImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_DATA_URL = re.compile(
-    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*?);base64,(?P<data>.*)$", re.S
-)
+# The header of a data URL (everything before the first comma); the payload is never run through a regex: on a
+# 20 MB image ``re.sub`` alone held the GIL for ~130 ms, stalling every other request of the process.
+_DATA_URL_HEADER = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*?);base64$")
+_MAX_DATA_URL_HEADER = 512
+_BASE64_WHITESPACE = b" \t\n\r\f\v"
 # Errors Pillow raises for broken files while decoding.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
@@ -114,7 +116,8 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
 
 def _read_data_url(url: str, limits: ImageLimits) -> tuple[bytes, str]:
     """Decode a ``data:image/...;base64,`` URL; returns (payload, label)."""
-    match = _DATA_URL.match(url)
+    comma = url.find(",", 0, _MAX_DATA_URL_HEADER)
+    match = _DATA_URL_HEADER.match(url[:comma]) if comma >= 0 else None
     if match is None:
         raise ImageError(
             f"image data URL ({url[:40]!r}...): not a base64 data URL (data:image/...;base64,...)"
@@ -123,7 +126,10 @@ def _read_data_url(url: str, limits: ImageLimits) -> tuple[bytes, str]:
     label = f"data URL ({mime or 'no media type'}, {len(url)} chars)"
     if mime and not mime.startswith("image/"):
         raise ImageError(f"image {label}: not an image (media type {mime})")
-    payload = re.sub(r"\s+", "", match["data"])
+    try:  # C-speed copies: ascii encode, then drop line-wrapping whitespace
+        payload = url[comma + 1:].encode("ascii").translate(None, _BASE64_WHITESPACE)
+    except UnicodeEncodeError:
+        raise ImageError(f"image {label}: invalid base64 payload (non-ASCII characters)") from None
     if len(payload) * 3 // 4 > limits.max_bytes:
         raise ImageError(
             f"image {label}: too many bytes (about {len(payload) * 3 // 4} > limit {limits.max_bytes})"
