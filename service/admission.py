@@ -40,7 +40,7 @@ from service import auth
 from service import repository as repo
 from service.context import ServiceContext
 from service.errors import ApiError, NotFound, Unauthorized, envelope
-from service.limits import Rejection, TenantLimiter, TenantLimits, request_cost
+from service.limits import Rejection, TenantLimiter, TenantLimits, body_limit, request_cost
 
 ASGIApp = Callable[..., Any]
 PUBLIC_PATHS = frozenset({"/v1/chat/ready"})  # readiness probes carry no key
@@ -156,8 +156,12 @@ class Admission:
         if caller.tenant_id is None or caller.limits is None:
             await self._run(scope, receive, send)
             return
+        declared = _declared_length(scope)
+        if declared > body_limit(self.ctx.settings, path):  # 413 from the body limit, without using the tenant's budget
+            await self._run(scope, receive, send)
+            return
         unit = self.ctx.settings.tenant_request_cost_bytes
-        cost = request_cost(_declared_length(scope), unit)
+        cost = request_cost(declared, unit)
         rejection = self.limiter.acquire(caller.tenant_id, caller.limits, cost)
         if rejection is not None:
             response = _too_many(rejection)

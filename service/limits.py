@@ -47,6 +47,20 @@ class TenantLimits:
                    max_concurrent_requests=int(values["tenant_max_concurrent_requests"]))
 
 
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def body_limit(settings: Settings, path: str) -> int:
+    """The largest request body on ``path``: uploads ``max_upload_bytes`` + multipart overhead; chat completions
+    ``max_chat_request_bytes`` (inline base64 images; their count and sizes are then checked by the chat route);
+    everything else ``max_request_bytes``. ``service.main``'s body limit answers 413 above it."""
+    if path.rstrip("/") == "/v1/files":
+        return settings.max_upload_bytes + _MULTIPART_OVERHEAD
+    if path.rstrip("/") == "/v1/chat/completions":
+        return settings.max_chat_request_bytes
+    return settings.max_request_bytes
+
+
 def request_cost(body_bytes: int, unit_bytes: int) -> int:
     """How many requests of the rate limit a request with a body of ``body_bytes`` counts: 1, plus 1 per
     ``unit_bytes`` (0: always 1)."""

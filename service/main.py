@@ -21,7 +21,7 @@ from service.context import AdapterHook, ServiceContext
 from service.db import make_engine, migrate, session_factory
 from service.errors import PayloadTooLarge, envelope, install_error_handlers
 from service.launcher import Launcher, RayJobsLauncher
-from service.limits import EstimateSlots
+from service.limits import EstimateSlots, body_limit
 from service.local_bootstrap import bootstrap_local
 from service.routes import admin, files, health, jobs, models
 from service.scheduler import Scheduler
@@ -31,7 +31,6 @@ from service.storage import TenantStorage
 from service.validation import Validator
 
 log = logging.getLogger(__name__)
-_MULTIPART_OVERHEAD = 64 * 1024
 ASGIApp = Callable[..., Any]
 
 
@@ -43,13 +42,7 @@ class _BodyLimit:
         self.app, self.settings = app, settings
 
     def _limit(self, path: str) -> int:
-        """Uploads: ``max_upload_bytes`` + multipart overhead; chat completions: ``max_chat_request_bytes`` (inline
-        base64 images; their count and sizes are then checked by the chat route); else ``max_request_bytes``."""
-        if path.rstrip("/") == "/v1/files":
-            return self.settings.max_upload_bytes + _MULTIPART_OVERHEAD
-        if path.rstrip("/") == "/v1/chat/completions":
-            return self.settings.max_chat_request_bytes
-        return self.settings.max_request_bytes
+        return body_limit(self.settings, path)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":

@@ -384,3 +384,27 @@ def test_processor_default_n_queries(model_dir: Path) -> None:
         json.dumps({"visual": {"image_size": 112, "image_start_id": 1238}})
     )
     assert QwenVLProcessor.from_dir(model_dir).n_queries == 256
+
+
+@pytest.mark.parametrize("slice_chars", [4, 16, 1 << 20])
+def test_data_url_payloads_decode_in_slices_exactly_as_base64(monkeypatch: pytest.MonkeyPatch,
+                                                              slice_chars: int) -> None:
+    """Slice-wise decoding (the GIL is released between slices) equals one strict base64 decode; malformed
+    payloads (bad characters, padding inside, wrong length) are refused, never decoded differently."""
+    import binascii
+    import os
+    import random
+
+    from qwenvl_core.models.qwen_vl import images
+
+    monkeypatch.setattr(images, "_SLICE", slice_chars)
+    rng = random.Random(slice_chars)
+    for _ in range(500):
+        raw = os.urandom(rng.randrange(0, 80))
+        text = base64.b64encode(raw)
+        assert images._b64decode_in_slices(bytearray(text)) == raw
+        wrapped = "\n".join(text[i:i + 7].decode() for i in range(0, len(text), 7))
+        assert images._b64decode_in_slices(images._base64_text("x," + wrapped, 2)) == raw
+    for bad in (b"QUJD!A==", b"QQ==QUJD", b"QUJDR", b"QUJD" * 8 + b"=" + b"QUJ"):
+        with pytest.raises((binascii.Error, ValueError)):
+            images._b64decode_in_slices(bytearray(bad))

@@ -100,7 +100,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
                 "faulty": make_adapter(tiny_model_dir, root / "faulty", seed=5)}
     engine = FaultyEngine.from_model_dir(tiny_model_dir, EngineConfig(max_adapters=4, max_batch_size=16),
                                          metrics=ServingMetrics(CollectorRegistry()))
-    app = create_app(make_settings(root / "data", tiny_model_dir, admin_key=ADMIN))
+    # The tenants' request-rate limit is off here: these tests send many large bodies on purpose and check the chat
+    # limits behind admission (admission itself: tests/security/test_slow_clients.py).
+    app = create_app(make_settings(root / "data", tiny_model_dir, admin_key=ADMIN, tenant_requests_per_second=0))
     mount_chat(app, InProcessBackend({BASE: engine}))
     with TestClient(app) as client:
         tenant_a, key_a = new_tenant(client, ADMIN, "team-a")

@@ -288,3 +288,14 @@ def test_limits_arithmetic_and_per_tenant_overrides(tmp_path: Path) -> None:
     assert limiter.acquire("t4", heavy).retry_after_s == 1  # type: ignore[union-attr]  # 1 token in 0.1 s
     now[0] += 1.0
     assert limiter.acquire("t4", heavy) is None
+
+
+def test_an_oversized_body_is_413_even_when_the_tenant_is_out_of_budget(client: httpx.Client) -> None:
+    """The body limit answers before the rate limit: an announced body over it is refused unread with 413, and
+    does not spend the tenant's budget (or get a misleading 429)."""
+    key = _tenant(client, "oversize")
+    codes = [client.get("/v1/fine_tuning/jobs", headers=auth(key)).status_code for _ in range(30)]
+    assert codes[-1] == 429  # the budget is spent (burst 20 at 5/s)
+    resp = client.post("/v1/fine_tuning/jobs", content=b"x" * (2 << 20),
+                       headers={**auth(key), "Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large", resp.text
