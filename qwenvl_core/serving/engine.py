@@ -228,8 +228,6 @@ class ServingEngine:
         tok = processor.tokenizer
         self._pad_id = tok.eod_id
         self._stop_ids = tuple(family.stop_token_ids(processor))
-        self._text_ids = set(range(tok.ref_start_id, tok.quad_end_id + 1))
-        self._n_ranks = tok.n_ranks
         self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._waiting: deque[_Sequence] = deque()
@@ -557,8 +555,7 @@ class ServingEngine:
     # ----- emitting tokens ------------------------------------------------------------------------------------
     def decode_text(self, ids: Sequence[int]) -> str:
         """Generated ids as text: ordinary tokens plus grounding markup (``<ref>``, ``<box>``, ``<quad>``)."""
-        kept = [i for i in ids if 0 <= i < self._n_ranks or i in self._text_ids]
-        return self.processor.tokenizer.decode(kept)
+        return self.processor.decode(ids)
 
     def _after_step(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> None:
         """Each row's next token, text and event; a row whose part of this raises fails alone."""

@@ -408,3 +408,16 @@ def test_data_url_payloads_decode_in_slices_exactly_as_base64(monkeypatch: pytes
     for bad in (b"QUJD!A==", b"QQ==QUJD", b"QUJDR", b"QUJD" * 8 + b"=" + b"QUJ"):
         with pytest.raises((binascii.Error, ValueError)):
             images._b64decode_in_slices(bytearray(bad))
+
+
+def test_decoded_answers_keep_grounding_markup_and_drop_other_specials(tok: QWenTokenizer) -> None:
+    """Evaluation parses boxes from ``processor.decode`` (as serving does): dropping every special id lost the
+    ``<ref>``/``<box>`` tags, so grounding accuracy could never count a match."""
+    from qwenvl_core.models.qwen_vl.grounding import parse_grounding
+
+    answer = "<ref>the red circle</ref><box>(100,200),(300,400)</box>"
+    ids = tok.encode_content(answer) + [tok.im_end_id, tok.eod_id, tok.vocab_size + 5]
+    text = tok.decode_answer(ids)
+    assert text == answer
+    found = parse_grounding(text)
+    assert [(o.ref, o.box) for o in found] == [(o.ref, o.box) for o in parse_grounding(answer)] and found

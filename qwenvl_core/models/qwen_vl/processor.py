@@ -121,8 +121,9 @@ class QwenVLProcessor:
         return self.tokenizer.image_token_ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Generated ids as text, special tokens (and padded-vocabulary ids) dropped."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Generated ids as text with their grounding markup (other special and padded-vocabulary ids dropped):
+        what serving returns and evaluation parses boxes from."""
+        return self.tokenizer.decode_answer(ids)
 
     def parse_boxes(self, text: str, image: Image.Image | tuple[int, int]) -> list[PixelObject]:
         """Boxes in model output as pixel boxes of ``image`` (a PIL image or its ``(width, height)``)."""

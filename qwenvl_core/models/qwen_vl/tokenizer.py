@@ -258,6 +258,13 @@ class QWenTokenizer:
                 )
         return self._enc.decode(ids, errors="replace")
 
+    def decode_answer(self, ids: Iterable[int]) -> str:
+        """Generated ids as the text a user sees: ordinary tokens plus the grounding markup (``<ref>``, ``<box>``,
+        ``<quad>`` and their ends); every other special id and ids outside the vocabulary are dropped."""
+        markup = range(self.ref_start_id, self.quad_end_id + 1)
+        kept = [i for i in map(int, ids) if 0 <= i < self._n_ranks or i in markup]
+        return self._enc.decode(kept, errors="replace")
+
     def decode_token(self, token_id: int) -> bytes:
         """The bytes of one token (a special token gives its surface form)."""
         if token_id in self._special_by_id:
