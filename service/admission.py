@@ -40,7 +40,7 @@ from service import auth
 from service import repository as repo
 from service.context import ServiceContext
 from service.errors import ApiError, NotFound, Unauthorized, envelope
-from service.limits import Rejection, TenantLimiter, TenantLimits, body_limit, request_cost
+from service.limits import AdmissionLimits, Rejection, TenantLimiter, body_limit, request_cost
 
 ASGIApp = Callable[..., Any]
 PUBLIC_PATHS = frozenset({"/v1/chat/ready"})  # readiness probes carry no key
@@ -54,7 +54,7 @@ class Caller:
     """Who sent a request: a tenant with its limits, or (``tenant_id`` None) the admin."""
 
     tenant_id: str | None
-    limits: TenantLimits | None = None
+    limits: AdmissionLimits | None = None
 
 
 class _BodyTimeout(Exception):
@@ -200,7 +200,7 @@ class Admission:
             except NotFound:
                 raise Unauthorized("invalid API key") from None
             overrides = getattr(tenant, "limits", None)
-            return Caller(tenant_id, TenantLimits.of(self.ctx.settings, overrides if isinstance(overrides, dict)
+            return Caller(tenant_id, AdmissionLimits.of(self.ctx.settings, overrides if isinstance(overrides, dict)
                                                      else None))
 
     async def _run(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:

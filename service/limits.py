@@ -27,7 +27,7 @@ ADMISSION_LIMITS = ("tenant_requests_per_second", "tenant_request_burst", "tenan
 
 
 @dataclass(frozen=True)
-class TenantLimits:
+class AdmissionLimits:
     """One tenant's admission limits; ``0`` rate or concurrency means unlimited."""
 
     requests_per_second: float
@@ -35,7 +35,7 @@ class TenantLimits:
     max_concurrent_requests: int
 
     @classmethod
-    def of(cls, settings: Settings, overrides: Mapping[str, Any] | None = None) -> TenantLimits:
+    def of(cls, settings: Settings, overrides: Mapping[str, Any] | None = None) -> AdmissionLimits:
         """The settings' defaults, overridden by the tenant's ``limits`` document where it names a setting
         (``tenant_requests_per_second``, ``tenant_request_burst``, ``tenant_max_concurrent_requests``)."""
         values = {name: getattr(settings, name) for name in ADMISSION_LIMITS}
@@ -103,7 +103,7 @@ class TenantLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self._in_flight: dict[str, int] = {}
 
-    def acquire(self, tenant_id: str, limits: TenantLimits, cost: int = 1) -> Rejection | None:
+    def acquire(self, tenant_id: str, limits: AdmissionLimits, cost: int = 1) -> Rejection | None:
         """Admit a request worth ``cost`` requests of the rate limit (see ``request_cost``), or say why not."""
         with self._lock:
             busy = self._in_flight.get(tenant_id, 0)
@@ -125,7 +125,7 @@ class TenantLimiter:
             self._in_flight[tenant_id] = busy + 1
             return None
 
-    def charge(self, tenant_id: str, limits: TenantLimits, cost: int) -> None:
+    def charge(self, tenant_id: str, limits: AdmissionLimits, cost: int) -> None:
         """Take ``cost`` more tokens after the fact (a body longer than announced); the bucket may go below 0,
         which delays the tenant's next requests."""
         if cost <= 0 or limits.requests_per_second <= 0:

@@ -256,14 +256,14 @@ def test_the_serve_ingress_works_on_many_requests_at_once() -> None:
 
 
 def test_limits_arithmetic_and_per_tenant_overrides(tmp_path: Path) -> None:
-    from service.limits import TenantLimiter, TenantLimits, request_cost
+    from service.limits import AdmissionLimits, TenantLimiter, request_cost
     from service.settings import Settings
 
     settings = Settings(data_dir=tmp_path, tenant_requests_per_second=2, tenant_request_burst=3,
                         tenant_max_concurrent_requests=5)
     overrides = {"tenant_request_burst": 1, "tenant_max_concurrent_requests": "many", "job_max_workers": 2}
-    limits = TenantLimits.of(settings, overrides)  # a tenant's limits document wins where it names a valid value
-    assert limits == TenantLimits(requests_per_second=2.0, burst=1, max_concurrent_requests=5)
+    limits = AdmissionLimits.of(settings, overrides)  # a tenant's limits document wins where it names a valid value
+    assert limits == AdmissionLimits(requests_per_second=2.0, burst=1, max_concurrent_requests=5)
     now = [100.0]
     limiter = TenantLimiter(clock=lambda: now[0])
     assert limiter.acquire("t1", limits) is None
@@ -272,7 +272,7 @@ def test_limits_arithmetic_and_per_tenant_overrides(tmp_path: Path) -> None:
     assert limiter.acquire("t2", limits) is None  # another tenant's bucket
     now[0] += 0.5  # 2 per second: one token back
     assert limiter.acquire("t1", limits) is None and limiter.in_flight("t1") == 2
-    busy = TenantLimits(requests_per_second=0, burst=1, max_concurrent_requests=2)  # rate 0: unlimited
+    busy = AdmissionLimits(requests_per_second=0, burst=1, max_concurrent_requests=2)  # rate 0: unlimited
     assert limiter.acquire("t3", busy) is None and limiter.acquire("t3", busy) is None
     refused = limiter.acquire("t3", busy)
     assert refused is not None and refused.code == "too_many_concurrent_requests"
@@ -280,7 +280,7 @@ def test_limits_arithmetic_and_per_tenant_overrides(tmp_path: Path) -> None:
     assert limiter.acquire("t3", busy) is None
     assert [request_cost(n, 1 << 20) for n in (0, (1 << 20) - 1, 20 << 20)] == [1, 1, 21]
     assert request_cost(20 << 20, 0) == 1
-    heavy = TenantLimits(requests_per_second=10, burst=30, max_concurrent_requests=0)
+    heavy = AdmissionLimits(requests_per_second=10, burst=30, max_concurrent_requests=0)
     assert limiter.acquire("t4", heavy, cost=21) is None  # a 20 MiB body takes 21 of the 30 tokens
     refused = limiter.acquire("t4", heavy, cost=21)
     assert refused is not None and "counts 21" in refused.message and refused.retry_after_s == 2  # 12 missing
