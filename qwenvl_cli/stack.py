@@ -169,9 +169,28 @@ def deploy_app(env: dict[str, str], gcs_address: str, api_port: int, log: Path, 
             done = subprocess.run([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,
                                   timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
-            raise StackError(f"the Serve application did not start within {timeout_s:.0f} s; see {log}") from None
+            raise StackError(f"the Serve application did not start within {timeout_s:.0f} s; see {log}"
+                             f"{log_tail(log)}") from None
     if done.returncode != 0:
-        raise StackError(f"the Serve application failed to start; see {log}")
+        raise StackError(f"the Serve application failed to start; see {log}{log_tail(log)}")
+
+
+def _deploy(env: dict[str, str], gcs_address: str, api_port: int, logs: Path, timeout_s: float,
+            ray_head: subprocess.Popen[bytes], echo: Any) -> None:
+    """``deploy_app``, once more if it fails while the Ray head is still up (a failure is printed with the log's
+    tail either way); a head that exited is reported as such, with its own log."""
+    for attempt in (1, 2):
+        try:
+            deploy_app(env, gcs_address, api_port, logs / "serve.log", timeout_s)
+            return
+        except StackError as exc:
+            if ray_head.poll() is not None:
+                raise StackError(f"the Ray head exited with status {ray_head.returncode} while the Serve "
+                                 f"application was starting; see {logs / 'ray.log'}{log_tail(logs / 'ray.log')}"
+                                 ) from exc
+            if attempt == 2:
+                raise
+            echo(f"{exc}\ntrying once more ...")
 
 
 def wait_http(url: str, timeout_s: float, what: str, log: Path, ok: tuple[int, ...] = (200,),
@@ -179,14 +198,24 @@ def wait_http(url: str, timeout_s: float, what: str, log: Path, ok: tuple[int, .
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise StackError(f"{what} exited with status {process.returncode} while starting; see {log}")
+            raise StackError(f"{what} exited with status {process.returncode} while starting; see {log}"
+                             f"{log_tail(log)}")
         try:
             if httpx.get(url, timeout=5, headers=headers).status_code in ok:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise StackError(f"{what} not ready at {url} after {timeout_s:.0f} s; see {log}")
+    raise StackError(f"{what} not ready at {url} after {timeout_s:.0f} s; see {log}{log_tail(log)}")
+
+
+def log_tail(log: Path, lines: int = 25) -> str:
+    """The last lines of a log, to print under an error (the log may be gone with a temporary home)."""
+    try:
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n--- last lines of the log ---\n" + "\n".join(text) if text else ""
 
 
 def ray_auth_header(token: str) -> dict[str, str]:
@@ -354,7 +383,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
             wait_nodes(lambda: alive_nodes(dashboard_url, ray_token), 1 + worker_nodes, timeout_s, workers)
         wait_http(f"{mlflow_url}/health", timeout_s, "MLflow", logs / "mlflow.log", process=mlflow)
         echo("deploying the API and the model (Ray Serve) ...")
-        deploy_app(env, state.gcs_address, api_port, logs / "serve.log", timeout_s)
+        _deploy(env, state.gcs_address, api_port, logs, timeout_s, ray_head, echo)
         wait_http(f"{state.api_url}/ready", timeout_s, "the API", logs / "serve.log")
         wait_http(f"{state.api_url}/v1/chat/ready", timeout_s, "the model deployment", logs / "serve.log")
     except BaseException:
