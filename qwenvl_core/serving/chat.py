@@ -9,7 +9,9 @@ This module owns
   images on the parsed request, then each image's size and their total (``data:`` URLs from their length;
   any other reference, an uploaded file id or a storage path, through an ``ImageResolver`` the service passes
   in, which checks that the tenant owns it and returns its stored size without reading it), and only then are
-  references read, never more than the per-image limit + 1 bytes. ``data:`` URLs are decoded by the engine;
+  references read, never more than the per-image limit + 1 bytes. ``data:`` URLs are decoded by the engine,
+  except large ones that the HTTP route took out of the body before parsing it (``inline_images``): their
+  payloads are base64-decoded here, in slices;
 - the sampling fields' limits (at most 4 stop strings of at most ``MAX_STOP_CHARS`` characters each);
 - the ``ChatBackend`` protocol the HTTP route depends on, ``AdapterLocator`` / ``AdapterResolver`` (model id +
   tenant -> the adapter to load, or None), and ``InProcessBackend`` (engines in this process: local use, tests).
@@ -29,7 +31,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwenvl_core.conversation import ImagePart, Message, Part, TextPart
-from qwenvl_core.errors import QwenVLError
+from qwenvl_core.errors import ImageError, QwenVLError
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.models.qwen_vl.images import data_url_size
 from qwenvl_core.serving.engine import (
@@ -43,6 +45,7 @@ from qwenvl_core.serving.engine import (
     check_image_bytes,
     check_image_count,
 )
+from qwenvl_core.serving.inline_images import InlineImages
 from qwenvl_core.serving.metrics import merge_expositions
 
 DEFAULT_MAX_TOKENS = 256
@@ -233,17 +236,21 @@ class InProcessBackend:
 
 # ----- conversion -------------------------------------------------------------------------------------------------
 def to_messages(request: ChatCompletionRequest, resolve_image: Callable[[str], StoredImage] | None,
-                limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> list[Message]:
+                limits: ChatLimits = DEFAULT_CHAT_LIMITS, inline: InlineImages | None = None) -> list[Message]:
     """Engine messages within ``limits``, checked in the order of the module docstring: nothing is read before
-    the count and every size passed. Blocking (references are looked up and read): call it off the event loop.
+    the count and every size passed. Blocking (references are looked up and read, ``inline`` payloads taken out
+    of the body by ``split_inline_images`` are decoded): call it off the event loop.
     """
     images = _image_urls(request)
     check_image_count([name for name, _ in images], limits.max_images)
     stored: dict[str, StoredImage] = {}
+    inline = inline or InlineImages()
 
     def sizes(read: dict[str, bytes] | None = None) -> Iterator[tuple[str, int]]:
         for name, url in images:
-            if url.startswith("data:"):
+            if url in inline:
+                yield name, inline.size(url)
+            elif url.startswith("data:"):
                 yield name, data_url_size(url)
             elif read is not None:
                 yield name, len(read[name])
@@ -254,6 +261,8 @@ def to_messages(request: ChatCompletionRequest, resolve_image: Callable[[str], S
     check_image_bytes(sizes(), limits.max_image_bytes, limits.max_image_bytes_total)
     read = {name: _read(image, name, limits.max_image_bytes) for name, image in stored.items()}
     check_image_bytes(sizes(read), limits.max_image_bytes, limits.max_image_bytes_total)  # objects may have grown
+    read.update((name, _decode_inline(inline, url, name, limits.max_image_bytes)) for name, url in images
+                if url in inline)
     return [_message(m_index, message, read) for m_index, message in enumerate(request.messages)]
 
 
@@ -289,6 +298,13 @@ def _read(image: StoredImage, name: str, limit: int) -> bytes:
         raise ChatRequestError(f"{name}: the image has more than {limit} bytes; the limit is {limit} bytes per image",
                                name, "image_too_large")
     return data
+
+
+def _decode_inline(inline: InlineImages, url: str, name: str, limit: int) -> bytes:
+    try:
+        return inline.decode(url, limit)
+    except ImageError as exc:
+        raise ChatRequestError(f"{name}: {exc}", name, "invalid_image") from exc
 
 
 def _message(m_index: int, message: ChatMessage, read: dict[str, bytes]) -> Message:

@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
@@ -45,6 +46,7 @@ from qwenvl_core.serving.chat import (
     to_messages,
 )
 from qwenvl_core.serving.engine import EngineFault, EngineRequest, EngineStopped, RequestError
+from qwenvl_core.serving.inline_images import InlineImages, split_inline_images
 from qwenvl_core.serving.lora_batch import AdapterError
 from qwenvl_core.storage import CHUNK_BYTES
 from service.context import AdapterDeleted
@@ -79,6 +81,22 @@ def _api_error(exc: Exception) -> ApiError:
     raise exc
 
 
+class InlineImageRoute(APIRoute):
+    """A route whose JSON body is parsed without its large data-URL images (``split_inline_images``): parsing a
+    19 MB body on the event loop would hold the GIL ~20 ms and stall every other tenant's requests. The payloads
+    reach the endpoint as ``request.state.inline_images``."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            body = await request.body()
+            request._body, request.state.inline_images = split_inline_images(body)
+            return await handler(request)
+
+        return handle
+
+
 def create_chat_router(
     backend: ChatBackend,
     *,
@@ -93,7 +111,7 @@ def create_chat_router(
     ``metrics_dependency`` guards ``GET /metrics`` (e.g. the admin key); ``None`` leaves it open, as Prometheus
     scrapers usually expect on a private network.
     """
-    router = APIRouter(tags=["chat"])
+    router = APIRouter(tags=["chat"], route_class=InlineImageRoute)
 
     async def target(model: str, tenant_id: str) -> tuple[str, AdapterLocator | None]:
         if model in backend.base_models():
@@ -104,13 +122,15 @@ def create_chat_router(
         return locator.base_model, locator
 
     @router.post("/v1/chat/completions", operation_id="chat-completions", response_model=ChatCompletion)
-    async def chat_completions(body: ChatCompletionRequest, tenant: Any = Depends(tenant_dependency)) -> Any:  # noqa: B008
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
+                               tenant: Any = Depends(tenant_dependency)) -> Any:  # noqa: B008
         tenant_id = _tenant_id(tenant)
         base, locator = await target(body.model, tenant_id)
         resolve = (lambda ref: image_resolver(ref, tenant_id)) if image_resolver else None
+        inline: InlineImages = request.state.inline_images
         try:
             params = sampling_params(body)
-            messages = await run_in_threadpool(to_messages, body, resolve, limits)
+            messages = await run_in_threadpool(to_messages, body, resolve, limits, inline)
             request = EngineRequest(messages, params, adapter_id=locator.adapter_id if locator else None,
                                     adapter_locator=locator.uri if locator else None)
             events = backend.stream(base, request)

@@ -91,9 +91,13 @@ def encoded_size(source: ImageSource, *, base_dir: str | Path | None = None) -> 
 def data_url_size(url: str) -> int:
     """Decoded bytes of a ``data:...;base64,`` URL's payload, from its length (nothing is copied or decoded); an
     upper bound when the payload is wrapped with whitespace."""
-    payload = len(url) - url.find(",") - 1
-    padding = 2 if url.endswith("==") else 1 if url.endswith("=") else 0
-    return max(payload * 3 // 4 - padding, 0)
+    return base64_size(len(url) - url.find(",") - 1, url[-2:])
+
+
+def base64_size(n_chars: int, tail: str | bytes) -> int:
+    """Decoded bytes of ``n_chars`` base64 characters ending in ``tail`` (their last two characters)."""
+    padding = tail[-2:].count("=" if isinstance(tail, str) else b"=")
+    return max(n_chars * 3 // 4 - padding, 0)
 
 
 def _resolve(source: str | Path, base_dir: str | Path | None) -> Path:
@@ -120,34 +124,43 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
 def _read_data_url(url: str, limits: ImageLimits) -> tuple[bytes, str]:
     """Decode a ``data:image/...;base64,`` URL; returns (payload, label)."""
     comma = url.find(",", 0, _MAX_DATA_URL_HEADER)
-    match = _DATA_URL_HEADER.match(url[:comma]) if comma >= 0 else None
+    if comma < 0:
+        raise ImageError(f"image data URL ({url[:40]!r}...): not a base64 data URL (data:image/...;base64,...)")
+    return decode_data_url(url[:comma], url, comma + 1, limits.max_bytes)
+
+
+def decode_data_url(header: str, source: str | memoryview, start: int, max_bytes: int) -> tuple[bytes, str]:
+    """Decode a data URL given as its header (everything before the first comma) and its base64 payload
+    ``source[start:]`` (text, or the bytes of a request body: see ``qwenvl_core.serving.inline_images``), in
+    slices; returns (the decoded bytes, a label naming the URL for errors)."""
+    match = _DATA_URL_HEADER.match(header)
     if match is None:
         raise ImageError(
-            f"image data URL ({url[:40]!r}...): not a base64 data URL (data:image/...;base64,...)"
+            f"image data URL ({header[:40]!r}...): not a base64 data URL (data:image/...;base64,...)"
         )
     mime = (match["mime"] or "").lower()
-    label = f"data URL ({mime or 'no media type'}, {len(url)} chars)"
+    label = f"data URL ({mime or 'no media type'}, {len(header) + 1 + len(source) - start} chars)"
     if mime and not mime.startswith("image/"):
         raise ImageError(f"image {label}: not an image (media type {mime})")
     try:
-        payload = _base64_text(url, comma + 1)
+        payload = _base64_text(source, start)
     except UnicodeEncodeError:
         raise ImageError(f"image {label}: invalid base64 payload (non-ASCII characters)") from None
-    if len(payload) * 3 // 4 > limits.max_bytes:
-        raise ImageError(
-            f"image {label}: too many bytes (about {len(payload) * 3 // 4} > limit {limits.max_bytes})"
-        )
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageError(f"image {label}: too many bytes (about {len(payload) * 3 // 4} > limit {max_bytes})")
     try:
         return _b64decode_in_slices(payload), label
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"image {label}: invalid base64 payload") from exc
 
 
-def _base64_text(url: str, start: int) -> bytearray:
-    """``url[start:]`` as ASCII bytes without line-wrapping whitespace, one ``_SLICE`` per C call."""
+def _base64_text(source: str | memoryview, start: int) -> bytearray:
+    """``source[start:]`` as ASCII bytes without line-wrapping whitespace, one ``_SLICE`` per C call."""
     text = bytearray()
-    for i in range(start, len(url), _SLICE):
-        text += url[i:i + _SLICE].encode("ascii").translate(None, _BASE64_WHITESPACE)
+    for i in range(start, len(source), _SLICE):
+        piece = source[i:i + _SLICE]
+        text += (piece.encode("ascii") if isinstance(piece, str) else piece.tobytes()).translate(
+            None, _BASE64_WHITESPACE)
     return text
 
 
