@@ -37,9 +37,8 @@ import anyio
 from fastapi import Request
 
 from service import auth
-from service import repository as repo
 from service.context import ServiceContext
-from service.errors import ApiError, NotFound, Unauthorized, envelope
+from service.errors import ApiError, Unauthorized, envelope
 from service.limits import AdmissionLimits, Rejection, TenantLimiter, body_limit, request_cost
 
 ASGIApp = Callable[..., Any]
@@ -57,8 +56,8 @@ class Caller:
     limits: AdmissionLimits | None = None
 
 
-class _BodyTimeout(Exception):
-    pass
+class _BodyRefused(Exception):
+    """Raised into the app when its body timed out or grew over the limit."""
 
 
 class ClientDisconnected(ApiError):
@@ -91,12 +90,18 @@ class KeyCache:
 
 
 class _Body:
-    """The request's ``receive`` with an idle timeout per body chunk (none once the body is complete)."""
+    """The request's ``receive`` with an idle timeout per body chunk (none once the body is complete) and a cap on
+    the body's size, counted as it streams (so a lying or absent Content-Length cannot pass)."""
 
-    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]], timeout_s: float) -> None:
-        self.receive, self.timeout_s = receive, timeout_s
-        self.complete = self.timed_out = False
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]], timeout_s: float, limit: int) -> None:
+        self.receive, self.timeout_s, self.limit = receive, timeout_s, limit
+        self.complete = self.timed_out = self.too_large = False
         self.received = 0  # body bytes so far
+
+    @property
+    def refused(self) -> bool:
+        """The app's own answer is dropped (408 or 413 instead)."""
+        return self.timed_out or self.too_large
 
     async def __call__(self) -> dict[str, Any]:
         if self.complete:
@@ -106,8 +111,11 @@ class _Body:
                 message = await self.receive()
         except TimeoutError:
             self.timed_out = True
-            raise _BodyTimeout from None
+            raise _BodyRefused from None
         self.received += len(message.get("body", b""))
+        if self.received > self.limit:
+            self.too_large = True
+            raise _BodyRefused
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.complete = True
         return message
@@ -169,7 +177,7 @@ class Admission:
                 response.headers["Connection"] = "close"
             await response(scope, receive, send)  # a small body is drained: the client gets to read the 429
             return
-        body = _Body(receive, self.ctx.settings.body_read_timeout_s)
+        body = _Body(receive, self.ctx.settings.body_read_timeout_s, body_limit(self.ctx.settings, path))
         try:
             await self._run(scope, body, send)
         finally:
@@ -194,37 +202,49 @@ class Admission:
 
     def _verify(self, token: str) -> Caller:
         with self.ctx.sessions() as session:
-            tenant_id = auth.tenant_for_key(session, token)
-            try:
-                tenant = repo.get_tenant(session, tenant_id=tenant_id)
-            except NotFound:
-                raise Unauthorized("invalid API key") from None
+            tenant = auth.tenant_of_key(session, token)
             overrides = getattr(tenant, "limits", None)
-            return Caller(tenant_id, AdmissionLimits.of(self.ctx.settings, overrides if isinstance(overrides, dict)
+            return Caller(tenant.id, AdmissionLimits.of(self.ctx.settings, overrides if isinstance(overrides, dict)
                                                      else None))
 
     async def _run(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        """The app, with the body timeout: after one, the app's own answer is dropped and 408 sent instead."""
-        body = receive if isinstance(receive, _Body) else _Body(receive, self.ctx.settings.body_read_timeout_s)
+        """The app, with the body's size limit and timeout: after either, the app's own answer is dropped and
+        413 / 408 sent instead (a declared length over the limit is refused before any byte is read)."""
+        limit = body_limit(self.ctx.settings, scope["path"])
+        if _declared_length(scope) > limit:
+            await _refusal(413, scope, limit)(scope, receive, send)
+            return
+        body = receive if isinstance(receive, _Body) else _Body(receive, self.ctx.settings.body_read_timeout_s, limit)
         started = False
 
         async def tracked(message: dict[str, Any]) -> None:
             nonlocal started
-            if body.timed_out:
+            if body.refused:
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, body, tracked)
-        except _BodyTimeout:
+        except _BodyRefused:
             pass
-        if body.timed_out and not started:
-            timeout = self.ctx.settings.body_read_timeout_s
-            response = envelope(408, f"request body not received in time: no data for {timeout:g} s "
-                                     "(QWENVL_BODY_READ_TIMEOUT_S)", "invalid_request_error", None, "request_timeout")
-            response.headers["Connection"] = "close"
-            await response(scope, body.receive, send)
+        if body.refused and not started:
+            status = 408 if body.timed_out else 413
+            await _refusal(status, scope, limit, self.ctx.settings.body_read_timeout_s)(scope, body.receive, send)
+
+
+def _refusal(status: int, scope: dict[str, Any], limit: int, timeout_s: float = 0) -> Any:
+    """408 (no body data for ``timeout_s``) or 413 (body over ``limit``), closing the connection: the rest of the
+    body is not received."""
+    if status == 408:
+        response = envelope(408, f"request body not received in time: no data for {timeout_s:g} s "
+                                 "(QWENVL_BODY_READ_TIMEOUT_S)", "invalid_request_error", None, "request_timeout")
+    else:
+        what = "upload" if scope["path"].rstrip("/") == "/v1/files" else "request body"
+        response = envelope(413, f"{what} exceeds the limit of {limit} bytes", "invalid_request_error", None,
+                            "payload_too_large")
+    response.headers["Connection"] = "close"
+    return response
 
 
 def _too_many(rejection: Rejection) -> Any:

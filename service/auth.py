@@ -11,11 +11,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service import repository as repo
-from service.errors import Unauthorized
+from service.errors import NotFound, Unauthorized
 
 KEY_PREFIX = "sk-qv-"
 
@@ -63,6 +64,15 @@ def tenant_for_key(s: Session, plaintext: str) -> str:
     if row.revoked_at is not None:
         raise Unauthorized(f"API key {row.id} has been revoked", code="revoked_api_key")
     return row.tenant_id
+
+
+def tenant_of_key(s: Session, plaintext: str) -> Any:
+    """The tenant row of a valid, unrevoked key; ``Unauthorized`` otherwise (also when the tenant is gone)."""
+    tenant_id = tenant_for_key(s, plaintext)
+    try:
+        return repo.get_tenant(s, tenant_id=tenant_id)
+    except NotFound:
+        raise Unauthorized("invalid API key") from None
 
 
 def is_admin_key(plaintext: str, admin_key: str | None) -> bool:

@@ -14,7 +14,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service import auth
-from service import repository as repo
 from service.context import ServiceContext
 from service.errors import Unauthorized
 from service.models import Tenant
@@ -63,8 +62,8 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def current_tenant(credentials: Credentials, session: SessionDep) -> Tenant:
-    tenant_id = auth.tenant_for_key(session, _token(credentials))
-    return repo.get_tenant(session, tenant_id=tenant_id)
+    tenant: Tenant = auth.tenant_of_key(session, _token(credentials))
+    return tenant
 
 
 def require_admin(credentials: Credentials, settings: SettingsDep) -> None:

@@ -2,9 +2,9 @@
 routes. Nothing happens at import time; ``python -m service`` (``__main__``) serves it with uvicorn.
 
 Every request first passes ``service.admission.Admission`` (the key checked from the headers before any body byte
-is read, per-tenant rate and concurrency limits, the slow-body timeout). Request bodies are capped by
-``_BodyLimit`` (uploads at ``max_upload_bytes`` plus multipart overhead, chat completions at
-``max_chat_request_bytes``, everything else at ``max_request_bytes``), counting bytes as they stream, so a lying or absent Content-Length cannot pass.
+is read, per-tenant rate and concurrency limits, the slow-body timeout, and the body's size limit from
+``service.limits.body_limit``: uploads at ``max_upload_bytes`` plus multipart overhead, chat completions at
+``max_chat_request_bytes``, everything else at ``max_request_bytes``, counted as the body streams).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from fastapi import FastAPI
 from service.admission import Admission
 from service.context import AdapterHook, ServiceContext
 from service.db import make_engine, migrate, session_factory
-from service.errors import PayloadTooLarge, envelope, install_error_handlers
+from service.errors import install_error_handlers
 from service.launcher import Launcher, RayJobsLauncher
-from service.limits import EstimateSlots, body_limit
+from service.limits import EstimateSlots
 from service.local_bootstrap import bootstrap_local
 from service.routes import admin, files, health, jobs, models
 from service.scheduler import Scheduler
@@ -32,57 +32,6 @@ from service.validation import Validator
 
 log = logging.getLogger(__name__)
 ASGIApp = Callable[..., Any]
-
-
-class _BodyLimit:
-    """Pure ASGI middleware: 413 once a request body exceeds its limit (checked on the declared length and
-    while streaming)."""
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app, self.settings = app, settings
-
-    def _limit(self, path: str) -> int:
-        return body_limit(self.settings, path)
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self._limit(scope["path"])
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reject(send, scope, limit)
-            return
-        seen, exceeded, started = 0, False, False
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen, exceeded
-            message: dict[str, Any] = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                exceeded = True
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            return message
-
-        async def guarded_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if not exceeded:  # the app's answer to a cut-off body (a parse error) is replaced by the 413
-                started = True
-                await send(message)
-
-        try:
-            await self.app(scope, limited, guarded_send)
-        except PayloadTooLarge:
-            pass
-        if exceeded and not started:
-            await _reject(send, scope, limit)
-
-
-async def _reject(send: Callable[..., Any], scope: dict[str, Any], limit: int) -> None:
-    what = "upload" if scope["path"].rstrip("/") == "/v1/files" else "request body"
-    response = envelope(413, f"{what} exceeds the limit of {limit} bytes", "invalid_request_error", None,
-                        "payload_too_large")
-    await response(scope, None, send)
 
 
 def _lifespan(ctx: ServiceContext) -> Callable[[FastAPI], Any]:
@@ -140,7 +89,6 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
     install_error_handlers(app)
     for module in (files, jobs, models, admin, health):
         app.include_router(module.router)
-    app.add_middleware(_BodyLimit, settings=ctx.settings)  # type: ignore[arg-type]
     app.add_middleware(Admission, ctx=ctx)  # type: ignore[arg-type]  # outermost: before any body byte is read
     app.state.estimate_slots = EstimateSlots(ctx.settings.max_concurrent_estimates)
     return app
