@@ -28,7 +28,8 @@ def _torch_dtype(name: str) -> Any:
 
 @app.command("init")
 def init(
-    preset: Annotated[str, typer.Option(help="Preset to build, e.g. qwen-vl-tiny, qwen-vl-small, qwen-vl-chat.")],
+    preset: Annotated[str, typer.Option(help="Preset to build, e.g. qwen-vl-tiny, qwen2.5-vl-tiny, qwen3-vl-tiny, "
+                                             "qwen-vl-chat (`qwenvl model info` lists a preset's size).")],
     out: Annotated[Path, typer.Option(help="Output directory (must not exist or be empty).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights; same seed, same files.")] = 0,
     dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
@@ -44,11 +45,12 @@ def init(
 def describe(preset_or_dir: str, *, with_keys: bool) -> dict[str, Any]:
     """Config, parameter counts per component and (optionally) every parameter's name and shape.
 
-    The model is built on the meta device, so even the full-size preset costs no memory.
+    The model is built on the meta device, so even the full-size preset costs no memory. Tied weights (the LM
+    head sharing the token embedding) are counted once.
     """
     import torch
 
-    from qwenvl_core.models.registry import detect_family, family_for_preset
+    from qwenvl_core.models.registry import detect_family, family_for_preset, parameter_counts
 
     path = Path(preset_or_dir)
     if path.is_dir():
@@ -61,16 +63,12 @@ def describe(preset_or_dir: str, *, with_keys: bool) -> dict[str, Any]:
         source = f"preset {preset_or_dir}"
     with torch.device("meta"):
         model = family.build_model(config)
-    counts = {"vision": 0, "adapter": 0, "language": 0}
-    keys = []
-    for name, tensor in model.state_dict().items():
-        counts[family.component_of(name)] += tensor.numel()
-        keys.append({"name": name, "shape": list(tensor.shape)})
+    keys = [{"name": name, "shape": list(tensor.shape)} for name, tensor in model.state_dict().items()]
     info: dict[str, Any] = {
         "source": source,
         "family": family.name.value,
         "config": config.to_dict(),
-        "parameters": {**counts, "total": sum(counts.values())},
+        "parameters": parameter_counts(family, model),
     }
     if with_keys:
         info["keys"] = keys

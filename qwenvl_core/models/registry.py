@@ -1,6 +1,6 @@
 """The model-family registry: how callers find the code for a base model without branching on names.
 
-A *family* (Qwen-VL v1 today; transformers' Qwen2-VL / Qwen2.5-VL later) bundles everything that differs
+A *family* (Qwen-VL v1; transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL) bundles everything that differs
 between model generations: presets, loading and saving weights, the processor (tokenizer + images + chat
 format), default LoRA targets and stop tokens. Callers (training, serving, the CLI) ask the registry for a
 family by name, by preset, or by inspecting a model directory, and then only use the ``ModelFamily``
@@ -24,6 +24,9 @@ class FamilyName(StrEnum):
     """The closed set of supported model families."""
 
     QWEN_VL = "qwen-vl"
+    QWEN2_VL = "qwen2-vl"
+    QWEN2_5_VL = "qwen2.5-vl"
+    QWEN3_VL = "qwen3-vl"
 
 
 @runtime_checkable
@@ -72,8 +75,9 @@ class ModelFamily(Protocol):
         ...
 
     def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module mapping ``pixel_values`` [N, 3, S, S] to image features [N, Q, D] (encoder + adapter) in
-        ``model`` (plain or wrapped by peft)."""
+        """The vision encoder including its adapter (merger) in ``model`` (plain or wrapped by peft). v1: maps
+        ``pixel_values`` [N, 3, S, S] to features [N, Q, D]; Qwen2/2.5/3-VL: ``model.visual`` maps flattened
+        patches and ``grid_thw`` to merged features (plus DeepStack features for Qwen3-VL)."""
         ...
 
     def component_of(self, param_name: str) -> str:
@@ -90,6 +94,9 @@ class ModelFamily(Protocol):
 # Family implementations are imported only when asked for (no work at import time).
 _FAMILY_LOADERS: dict[FamilyName, str] = {
     FamilyName.QWEN_VL: "qwenvl_core.models.qwen_vl.family:QwenVLFamily",
+    FamilyName.QWEN2_VL: "qwenvl_core.models.qwen2_vl.family:Qwen2VLFamily",
+    FamilyName.QWEN2_5_VL: "qwenvl_core.models.qwen2_5_vl.family:Qwen2_5_VLFamily",
+    FamilyName.QWEN3_VL: "qwenvl_core.models.qwen3_vl.family:Qwen3VLFamily",
 }
 
 
@@ -119,6 +126,17 @@ def family_for_preset(preset: str) -> ModelFamily:
             return family
         known.extend(names)
     raise PresetError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(known))}")
+
+
+def parameter_counts(family: ModelFamily, model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of ``model`` per component (``vision``, ``adapter``, ``language``) and ``total``.
+
+    A tied weight (an LM head sharing the token embedding) is one parameter and is counted once.
+    """
+    counts = {"vision": 0, "adapter": 0, "language": 0}
+    for name, param in model.named_parameters():  # named_parameters() lists a shared parameter once
+        counts[family.component_of(name)] += param.numel()
+    return {**counts, "total": sum(counts.values())}
 
 
 def read_config_json(model_dir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,92 @@
+"""``HFVisionLanguageFamily``: the ``ModelFamily`` of a transformers-native Qwen VL family, given its spec.
+
+A family sub-package subclasses it with one line (``spec = ...``); ``name`` and ``default_lora_targets`` come from
+the spec. The model is transformers' own ``*ForConditionalGeneration`` (never remote code); its parameters are
+``model.visual.*`` (vision encoder; ``model.visual.merger.*`` and Qwen3-VL's ``model.visual.deepstack_merger_list.*``
+are the vision-language merger, the "adapter"), ``model.language_model.*`` and ``lm_head.*`` (language).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from qwenvl_core.models.hf_vl.spec import FamilySpec
+
+_PEFT_PREFIX = "base_model.model."
+
+
+class HFVisionLanguageFamily:
+    """Shared implementation of the ``ModelFamily`` protocol; subclasses set ``spec``."""
+
+    spec: ClassVar[FamilySpec]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.spec.name
+        cls.default_lora_targets = cls.spec.lora_targets
+
+    def preset_names(self) -> list[str]:
+        return list(self.spec.presets)
+
+    def build_config(self, preset: str) -> Any:
+        from qwenvl_core.models.hf_vl.config import build_config
+
+        return build_config(self.spec, preset)
+
+    def load_config(self, model_dir: str | Path) -> Any:
+        from qwenvl_core.models.hf_vl.config import load_config
+
+        return load_config(self.spec, model_dir)
+
+    def build_model(self, config: Any) -> torch.nn.Module:
+        return self.spec.transformers_class("model_class")(config)
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        model_type = config.get("model_type")
+        if model_type is not None:
+            return model_type == self.spec.model_type
+        architectures = config.get("architectures")
+        return isinstance(architectures, list) and self.spec.model_class in architectures
+
+    def load_model(
+        self, model_dir: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.nn.Module:
+        from qwenvl_core.models.hf_vl.weights import load_model
+
+        return load_model(self.spec, model_dir, self.load_config(model_dir), dtype=dtype, device=device)
+
+    def save_model(self, model: torch.nn.Module, out_dir: str | Path) -> None:
+        from qwenvl_core.models.hf_vl.weights import save_model
+
+        save_model(model, out_dir)
+
+    def load_processor(self, model_dir: str | Path) -> Any:
+        from qwenvl_core.models.hf_vl.processor import load_processor
+
+        return load_processor(self.spec, model_dir)
+
+    def stop_token_ids(self, processor: Any) -> list[int]:
+        tokenizer = processor.tokenizer
+        return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>")]
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.model.visual
+
+    def component_of(self, param_name: str) -> str:
+        name = param_name.removeprefix(_PEFT_PREFIX)
+        if not name.startswith(self.spec.vision_prefix):
+            return "language"
+        if name.startswith(self.spec.adapter_prefixes):
+            return "adapter"
+        return "vision"
+
+    def materialize(
+        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> Path:
+        from qwenvl_core.models.hf_vl.materialize import write_random_model
+
+        return write_random_model(self.spec, preset, out_dir, seed=seed, dtype=dtype)
