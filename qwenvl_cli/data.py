@@ -16,7 +16,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from qwenvl_core.data.validate import ValidationReport
-    from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+    from qwenvl_core.models.processing import FamilyProcessor
 
 app = typer.Typer(help="Validate instruction datasets and generate synthetic ones.", no_args_is_help=True)
 
@@ -65,12 +65,12 @@ def validate(
         raise typer.Exit(code=1)
 
 
-def _processor(model: Path | None) -> QwenVLProcessor | None:
+def _processor(model: Path | None) -> FamilyProcessor | None:
     if model is None:
         return None
-    from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+    from qwenvl_core.models.registry import detect_family
 
-    return QwenVLProcessor.from_dir(model)
+    return detect_family(model).load_processor(model)
 
 
 def _print_report(report: ValidationReport, payload: dict) -> None:

@@ -1,8 +1,8 @@
 """Autoregressive generation with a KV cache, for any model that follows the forward contract.
 
 The contract (``docs/architecture.md``): ``model(input_ids, attention_mask, position_ids, past_key_values,
-pixel_values, use_cache=True, prompt_lengths, **model_kwargs)`` returns an object with ``logits`` ``[B, T, V]``
-and the new KV cache in ``cache`` (the transformers 5 name of ``past_key_values`` on model outputs). Prompts of
+use_cache=True, prompt_lengths, **vision.as_kwargs(), **model_kwargs)`` returns an object with ``logits``
+``[B, T, V]`` and the new KV cache in ``cache`` (the transformers 5 name of ``past_key_values`` on model outputs). Prompts of
 different lengths are batched with **left padding**, so every row's next token is read from the last column and
 positions are ``cumsum(attention_mask) - 1`` (padding does not shift them). ``prompt_lengths`` ``[B]`` (each
 row's prompt length) goes to every forward, cached or not: length-dependent position scaling (Qwen-VL's dynamic
@@ -12,8 +12,8 @@ agree beyond ``seq_length`` too. Extra ``model_kwargs`` are passed to every forw
 
 Each row may carry its own ``SamplingParams`` (greedy or sampling with temperature / top-k / top-p and its own
 seed), stop token ids, stop strings and suppressed token ids: serving batches requests from different users
-together. Suppressed ids (for Qwen-VL the image-span structure ``<img>``, ``</img>``, ``<imgpad>``, which
-callers take from ``processor.suppressed_token_ids``) get a logit of -inf before greedy or sampled choice, so
+together. Suppressed ids (the image-span structure, which callers take from ``processor.image_token_ids``; for
+Qwen-VL ``<img>``, ``</img>``, ``<imgpad>``) get a logit of -inf before greedy or sampled choice, so
 they are never emitted: a generated image tag would otherwise break the next step (no pixels for it).
 
 Stop strings are found in time linear in the output: the text is decoded incrementally (only the tokens after
@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 
 from qwenvl_core.errors import QwenVLError
+from qwenvl_core.models.processing import VisionInputs
 
 FinishReason = Literal["stop", "length"]
 
@@ -225,14 +226,14 @@ def generate(
     *,
     pad_token_id: int,
     params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-    pixel_values: torch.Tensor | None = None,
+    vision: VisionInputs | None = None,
     decode: Callable[[list[int]], str] | None = None,
     use_cache: bool = True,
     model_kwargs: dict[str, Any] | None = None,
 ) -> list[GenerationOutput]:
     """Generate a continuation for each prompt (token ids), batched with left padding.
 
-    ``pixel_values`` holds the images of all prompts in order of appearance. ``decode`` turns token ids into
+    ``vision`` holds the images of all prompts in order of appearance (``VisionInputs.concat`` of the prompts'). ``decode`` turns token ids into
     text; it is needed for stop strings and fills ``GenerationOutput.text``. ``use_cache=False`` recomputes
     the whole sequence at every step (a slow reference used by tests).
     """
@@ -242,16 +243,15 @@ def generate(
     device = _model_device(model)
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
     extra = dict(model_kwargs or {})
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device)
+    images = {} if vision is None else vision.to(device).as_kwargs()
 
     extra["prompt_lengths"] = attention_mask.sum(dim=-1)  # [B]
     step_ids, past = input_ids, None
     for _ in range(max(r.params.max_new_tokens for r in rows)):
         if use_cache:
-            logits, past = _forward_cached(model, step_ids, attention_mask, past, pixel_values, extra)
+            logits, past = _forward_cached(model, step_ids, attention_mask, past, images, extra)
         else:
-            logits = _forward_full(model, input_ids, attention_mask, pixel_values, extra)
+            logits = _forward_full(model, input_ids, attention_mask, images, extra)
         for state, token in zip(rows, next_tokens(logits, rows), strict=True):
             if not state.done:
                 advance_row(state, token, decode)
@@ -285,18 +285,18 @@ def _forward_cached(
     step_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     past: Any,
-    pixel_values: torch.Tensor | None,
+    images: dict[str, torch.Tensor],
     extra: dict[str, Any],
 ) -> tuple[torch.Tensor, Any]:
-    """One cached step: the prefill (``past is None``) or one new token per row."""
+    """One cached step: the prefill (``past is None``, which reads the images) or one new token per row."""
     position_ids = positions_from_mask(attention_mask)[:, -step_ids.shape[1] :]
     out = model(
         input_ids=step_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=past,
-        pixel_values=pixel_values if past is None else None,
         use_cache=True,
+        **(images if past is None else {}),
         **extra,
     )
     return out.logits[:, -1, :], out.cache
@@ -306,15 +306,15 @@ def _forward_full(
     model: Callable[..., Any],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor | None,
+    images: dict[str, torch.Tensor],
     extra: dict[str, Any],
 ) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions_from_mask(attention_mask),
-        pixel_values=pixel_values,
         use_cache=False,
+        **images,
         **extra,
     )
     return out.logits[:, -1, :]

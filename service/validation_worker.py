@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store, _ = open_store(args.store)
     processor = None
     if args.model:
-        from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+        from qwenvl_core.models.registry import detect_family
 
-        processor = QwenVLProcessor.from_dir(args.model)
+        processor = detect_family(args.model).load_processor(args.model)
     with tempfile.TemporaryDirectory(prefix="qwenvl-validate-") as tmp:
         local = Path(tmp) / args.name
         with store.open_read(args.key) as src, local.open("wb") as out:

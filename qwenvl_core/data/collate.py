@@ -2,8 +2,8 @@
 
 - ``Collator`` right-pads a batch to its own longest row (optionally rounded up to a multiple), never to the
   maximum length: ``input_ids`` with the pad id (``<|endoftext|>``), ``labels`` with -100, ``attention_mask``
-  0 on padding, and ``pixel_values`` of all images in order of appearance (row by row, left to right), as the
-  model's forward contract requires.
+  0 on padding, and the tensors of all rows' ``VisionInputs`` under their names (v1: ``pixel_values``), the
+  images in order of appearance (row by row, left to right), as the model's forward contract requires.
 - ``length_grouped_batches`` shuffles, then sorts by length inside mega-batches, so rows of a batch have
   similar lengths and little padding, while the order stays random and seed-determined.
 - ``pack_samples`` concatenates whole samples into rows of at most ``max_length`` tokens with ``segment_ids``
@@ -23,6 +23,7 @@ import torch
 
 from qwenvl_core.data.encode import IGNORE_INDEX, EncodedSample
 from qwenvl_core.data.issues import DataError
+from qwenvl_core.models.processing import VisionInputs
 
 
 @dataclass
@@ -32,7 +33,7 @@ class PackedSample:
     input_ids: list[int]
     labels: list[int]
     segment_ids: list[int]
-    pixel_values: torch.Tensor | None  # [N_images, 3, S, S] in order of appearance
+    vision: VisionInputs | None  # the samples' images in order of appearance; None without images
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -61,9 +62,9 @@ class Collator:
         if any(isinstance(r, PackedSample) for r in rows):
             segments = [r.segment_ids if isinstance(r, PackedSample) else [1] * len(r) for r in rows]
             batch["segment_ids"] = _pad(segments, width, 0)  # [B, T]
-        pixels = [r.pixel_values for r in rows if r.pixel_values is not None and len(r.pixel_values)]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)  # [N_images, 3, S, S]
+        vision = VisionInputs.concat(r.vision for r in rows)
+        if vision is not None:
+            batch |= vision.as_kwargs()  # v1: pixel_values [N_images, 3, S, S]
         return batch
 
 
@@ -140,5 +141,4 @@ def concat_samples(samples: Sequence[EncodedSample]) -> PackedSample:
         labels.append(IGNORE_INDEX)  # never predict a sample's first token from the previous sample
         labels.extend(sample.labels[1:])
         segments.extend([seg] * len(sample.input_ids))
-    pixels = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
-    return PackedSample(ids, labels, segments, torch.cat(pixels) if pixels else None)
+    return PackedSample(ids, labels, segments, VisionInputs.concat(s.vision for s in samples))

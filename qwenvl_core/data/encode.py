@@ -1,12 +1,14 @@
-"""SFT encoding of samples: ChatML token ids (``chat.encode_conversation``), labels, the length policy, pixels.
+"""SFT encoding of samples: token ids turn by turn (the family processor's ``encode_conversation``), labels, the
+length policy and the images' vision inputs. Only the ``FamilyProcessor`` protocol is used.
 
-Token layout (identical to the official ``finetune.py`` ``preprocess``): a system turn first (the sample's own
-system message, else the processor's system prompt, "You are a helpful assistant." by default), then every
-turn as ``[<|im_start|>] + enc(role) + enc("\\n") | content | [<|im_end|>] + enc("\\n")``; an image in the content
-is ``Picture k: `` + ``<img>`` + n_queries x ``<imgpad>`` + ``</img>`` + ``\\n``. Content text is encoded as in serving
-(``chat.encode_turn``, the official ``make_context`` rule): ``<ref>`` / ``<box>`` / ``<quad>`` tags become their ids,
-but ``<|im_start|>``, ``<|im_end|>`` and other special surface forms in a sample's text stay plain text (the official
-``finetune.py`` would parse them, letting a sample's text forge turns and their labels).
+Token layout (the processor's; for Qwen-VL v1 identical to the official ``finetune.py`` ``preprocess``): a system
+turn first (the sample's own system message, else the processor's system prompt, "You are a helpful assistant." by
+default), then every turn as ``[<|im_start|>] + enc(role) + enc("\\n") | content | [<|im_end|>] + enc("\\n")``; v1
+writes an image in the content as ``Picture k: `` + ``<img>`` + n_queries x ``<imgpad>`` + ``</img>`` + ``\\n``. v1
+encodes content text as in serving (``chat.encode_turn``, the official ``make_context`` rule): ``<ref>`` / ``<box>``
+/ ``<quad>`` tags become their ids, but ``<|im_start|>``, ``<|im_end|>`` and other special surface forms in a
+sample's text stay plain text (the official ``finetune.py`` would parse them, letting a sample's text forge turns
+and their labels).
 
 Labels are aligned with ``input_ids`` (the model shifts them: position t is trained to predict label t+1);
 -100 means "no loss". Two masks:
@@ -20,7 +22,7 @@ Labels are aligned with ``input_ids`` (the model shifts them: position t is trai
   ``<|im_start|>``, role names, the ``\\n`` after ``<|im_end|>``, nor anything in system/user turns).
 
 With either mask: an assistant turn with ``weight: 0`` (``Message.trainable`` False) has every label -100, and
-image tokens (``<img>``, ``<imgpad>``, ``</img>``) never carry loss.
+image tokens (``processor.image_token_ids``; v1 ``<img>``, ``<imgpad>``, ``</img>``) never carry loss.
 
 Length policy (``max_length``): ``REJECT`` refuses a longer sample; ``TRUNCATE`` keeps the longest prefix of
 whole turns that ends with an assistant turn, contains a trainable assistant turn and fits, so a cut never
@@ -29,7 +31,7 @@ falls inside a turn, let alone inside an image span (the official script cuts at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +42,7 @@ from qwenvl_core.conversation import ImagePart
 from qwenvl_core.data.formats import Sample
 from qwenvl_core.data.issues import DataError
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.models.qwen_vl.chat import TurnTokens
-from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
-from qwenvl_core.models.qwen_vl.tokenizer import QWenTokenizer
+from qwenvl_core.models.processing import FamilyProcessor, TurnTokens, VisionInputs
 from qwenvl_core.specs import LengthPolicy, LossMask
 
 IGNORE_INDEX = -100
@@ -66,7 +66,8 @@ class EncodeOptions:
 
 @dataclass
 class TokenizedSample:
-    """Ids and labels of one sample (no pixels yet), after the length policy."""
+    """Ids and labels of one sample (no pixels yet), after the length policy; ``image_tokens``: how many of the
+    ids are image-span tokens (``processor.image_token_ids``)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -87,23 +88,28 @@ class TokenizedSample:
 
 @dataclass
 class EncodedSample:
-    """One training row: ids, labels and the pixels of its images in span order."""
+    """One training row: ids, labels and the vision inputs of its images in span order."""
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None  # [N_images, 3, S, S]
+    vision: VisionInputs | None  # None without images
     sample_id: str = ""
     image_sources: list[ImagePart] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """``vision``'s ``pixel_values`` (None without images); models take all of ``vision``."""
+        return None if self.vision is None else self.vision.pixel_values
 
-def turn_labels(turn: TurnTokens, mask: LabelMask, tokenizer: QWenTokenizer) -> list[int]:
+
+def turn_labels(turn: TurnTokens, mask: LabelMask, image_token_ids: Collection[int]) -> list[int]:
     """The labels of one turn under ``mask`` (see the module docstring)."""
     trained = turn.role == "assistant" and turn.trainable
     header, footer = turn.header_ids, turn.footer_ids
-    content = _content_labels(turn.content_ids, tokenizer) if trained else [IGNORE_INDEX] * len(turn.content_ids)
+    content = _content_labels(turn.content_ids, image_token_ids) if trained else [IGNORE_INDEX] * len(turn.content_ids)
     if mask is LabelMask.ASSISTANT_ONLY or (turn.role == "assistant" and not turn.trainable):
         if not trained:
             return [IGNORE_INDEX] * len(turn.ids)
@@ -111,9 +117,8 @@ def turn_labels(turn: TurnTokens, mask: LabelMask, tokenizer: QWenTokenizer) -> 
     return [header[0]] + [IGNORE_INDEX] * (len(header) - 1) + content + list(footer)
 
 
-def _content_labels(ids: list[int], tokenizer: QWenTokenizer) -> list[int]:
-    image_ids = {tokenizer.img_start_id, tokenizer.img_pad_id, tokenizer.img_end_id}
-    return [IGNORE_INDEX if i in image_ids else i for i in ids]
+def _content_labels(ids: list[int], image_token_ids: Collection[int]) -> list[int]:
+    return [IGNORE_INDEX if i in image_token_ids else i for i in ids]
 
 
 def kept_turns(turns: Sequence[TurnTokens], max_length: int | None, policy: LengthPolicy) -> int:
@@ -138,33 +143,36 @@ def kept_turns(turns: Sequence[TurnTokens], max_length: int | None, policy: Leng
     return best
 
 
-def tokenize_sample(sample: Sample, processor: QwenVLProcessor, options: EncodeOptions = EncodeOptions()
-                    ) -> TokenizedSample:
-    """Ids and labels of ``sample`` under ``options``; ``LengthError`` / ``PromptError`` on bad samples."""
-    conv = processor.encode_conversation(sample.messages)
+def tokenize_sample(sample: Sample, processor: FamilyProcessor, options: EncodeOptions = EncodeOptions(),
+                    base_dir: str | Path | None = None) -> TokenizedSample:
+    """Ids and labels of ``sample`` under ``options``; ``LengthError`` / ``PromptError`` on bad samples.
+    ``base_dir``: what relative image paths resolve against (families whose image spans depend on the size)."""
+    conv = processor.encode_conversation(sample.messages, base_dir=base_dir)
     keep = kept_turns(conv.turns, options.max_length, options.length_policy)
     turns = conv.turns[:keep]
     ids = [i for t in turns for i in t.ids]
-    labels = [label for t in turns for label in turn_labels(t, options.mask, processor.tokenizer)]
+    image_ids = frozenset(processor.image_token_ids)
+    labels = [label for t in turns for label in turn_labels(t, options.mask, image_ids)]
     images = [image for t in turns for image in t.images]
-    return TokenizedSample(ids, labels, images, len(images) * (processor.n_queries + 2), keep, len(conv.turns))
+    image_tokens = sum(1 for i in ids if i in image_ids)
+    return TokenizedSample(ids, labels, images, image_tokens, keep, len(conv.turns))
 
 
-def encode_sample(sample: Sample, processor: QwenVLProcessor, options: EncodeOptions = EncodeOptions(),
+def encode_sample(sample: Sample, processor: FamilyProcessor, options: EncodeOptions = EncodeOptions(),
                   base_dir: str | Path | None = None) -> EncodedSample:
-    """A training row for ``sample``: ids, labels and pixels. Errors name the sample's file and line."""
+    """A training row for ``sample``: ids, labels and vision inputs. Errors name the sample's file and line."""
     try:
-        tok = tokenize_sample(sample, processor, options)
-        pixels = processor.pixel_values(tok.images, base_dir=base_dir)
+        tok = tokenize_sample(sample, processor, options, base_dir)
+        vision = processor.vision_inputs(tok.images, base_dir=base_dir)
     except QwenVLError as e:
         raise DataError(f"{sample.location}: sample {sample.id!r}: {e}") from e
-    return EncodedSample(tok.input_ids, tok.labels, pixels, sample.id, tok.images)
+    return EncodedSample(tok.input_ids, tok.labels, vision, sample.id, tok.images)
 
 
 class SFTDataset(Dataset[EncodedSample]):
     """A map-style dataset encoding samples on access (pixels are loaded lazily, per item)."""
 
-    def __init__(self, samples: Sequence[Sample], processor: QwenVLProcessor,
+    def __init__(self, samples: Sequence[Sample], processor: FamilyProcessor,
                  options: EncodeOptions = EncodeOptions()) -> None:
         self.samples, self.processor, self.options = list(samples), processor, options
 

@@ -2,7 +2,7 @@
 
 One pass over the records (``reader``), each parsed by its format (``formats``), checked (``checks``), its
 images decoded under ``ImageLimits`` (``images.load_image``), its id checked against earlier ids, and, when a
-processor is given, tokenized under the length policy (``encode``) for statistics (``stats``). Memory stays
+family processor is given, tokenized under the length policy (``encode``) for statistics (``stats``). Memory stays
 flat: only the capped issue lists, a small cache of image results and, for the duplicate-id check, an 8-byte
 hash and a line number per explicit sample id (``IdIndex``) are kept. ``iter_samples`` runs the same checks and yields valid samples, stopping at the first error.
 """
@@ -37,8 +37,8 @@ from qwenvl_core.data.issues import (
 from qwenvl_core.data.reader import Record, iter_records
 from qwenvl_core.data.stats import DatasetStats
 from qwenvl_core.errors import ImageError, PromptError
-from qwenvl_core.models.qwen_vl.images import DEFAULT_IMAGE_LIMITS, ImageLimits, load_image
-from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+from qwenvl_core.images import DEFAULT_IMAGE_LIMITS, ImageLimits, load_image
+from qwenvl_core.models.processing import FamilyProcessor
 
 _IMAGE_CACHE = 4096
 _REHASH_CHUNK = 4096
@@ -102,7 +102,7 @@ class CheckedSample:
         return self.sample is not None and not has_errors(self.issues)
 
 
-def validate_file(path: str | Path, processor: QwenVLProcessor | None = None,
+def validate_file(path: str | Path, processor: FamilyProcessor | None = None,
                   options: ValidationOptions = ValidationOptions()) -> ValidationReport:
     """Validate a ``.json``/``.jsonl`` file or a ``.zip``/``.tar.gz`` bundle; never raises for bad data."""
     path = Path(path)
@@ -116,7 +116,7 @@ def validate_file(path: str | Path, processor: QwenVLProcessor | None = None,
     return report
 
 
-def _fill_report(report: ValidationReport, bundle: Bundle, processor: QwenVLProcessor | None,
+def _fill_report(report: ValidationReport, bundle: Bundle, processor: FamilyProcessor | None,
                  options: ValidationOptions) -> None:
     checker = _Checker(bundle, processor, options)
     for checked in checker.run():
@@ -130,7 +130,7 @@ def _fill_report(report: ValidationReport, bundle: Bundle, processor: QwenVLProc
         report.issues.add(Issue("empty_file", "no samples in the file", Location(bundle.display_name)))
 
 
-def iter_samples(bundle: Bundle, processor: QwenVLProcessor | None = None,
+def iter_samples(bundle: Bundle, processor: FamilyProcessor | None = None,
                  options: ValidationOptions = ValidationOptions()) -> Iterator[Sample]:
     """The samples of an opened bundle, fully checked; ``DataError`` at the first invalid one."""
     for checked in _Checker(bundle, processor, options).run():
@@ -188,7 +188,7 @@ class IdIndex:
 class _Checker:
     """Per-file state of a validation pass: the detected format, seen ids and cached image results."""
 
-    def __init__(self, bundle: Bundle, processor: QwenVLProcessor | None, options: ValidationOptions) -> None:
+    def __init__(self, bundle: Bundle, processor: FamilyProcessor | None, options: ValidationOptions) -> None:
         self.bundle, self.processor, self.options = bundle, processor, options
         self.format: DataFormat | None = None
         self.format_line: int | None = None
@@ -271,7 +271,7 @@ class _Checker:
                 self.image_results.popitem(last=False)
         return problem
 
-    def _tokenize(self, processor: QwenVLProcessor, sample: Sample, fields: list[str]
+    def _tokenize(self, processor: FamilyProcessor, sample: Sample, fields: list[str]
                   ) -> tuple[TokenizedSample | None, list[Issue]]:
         top = fields[0].split("[", 1)[0] if fields else ""
         try:
@@ -288,7 +288,7 @@ class _Checker:
         return tokenized, [Issue("truncated", note, sample.location, top, Severity.WARNING)]
 
 
-def read_samples(path: str | Path, processor: QwenVLProcessor | None = None,
+def read_samples(path: str | Path, processor: FamilyProcessor | None = None,
                  options: ValidationOptions = ValidationOptions()) -> list[Sample]:
     """All samples of a small file or bundle, checked (``DataError`` at the first problem).
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from qwenvl_core.errors import ConfigError, ModelLoadError, PresetError
+from qwenvl_core.models.processing import FamilyProcessor
 
 
 class FamilyName(StrEnum):
@@ -66,8 +67,9 @@ class ModelFamily(Protocol):
         """Write config and sharded safetensors weights."""
         ...
 
-    def load_processor(self, model_dir: str | Path) -> Any:
-        """The processor (tokenizer, image preprocessing, chat format) of a model directory."""
+    def load_processor(self, model_dir: str | Path) -> FamilyProcessor:
+        """The processor (tokenizer, image preprocessing, chat format) of a model directory: the
+        ``FamilyProcessor`` protocol (``qwenvl_core.models.processing``) that data, training and serving use."""
         ...
 
     def stop_token_ids(self, processor: Any) -> list[int]:

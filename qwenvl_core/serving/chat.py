@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from qwenvl_core.conversation import ImagePart, Message, Part, TextPart
 from qwenvl_core.errors import ImageError, QwenVLError
 from qwenvl_core.generation import SamplingParams
-from qwenvl_core.models.qwen_vl.images import data_url_size
+from qwenvl_core.images import data_url_size
 from qwenvl_core.serving.engine import (
     EngineEvent,
     EngineFault,

@@ -54,8 +54,9 @@ from qwenvl_core.generation import (
     next_tokens,
     positions_from_mask,
 )
+from qwenvl_core.images import encoded_size, load_image
+from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
 from qwenvl_core.models.qwen_vl.grounding import PixelObject
-from qwenvl_core.models.qwen_vl.images import encoded_size, load_image
 from qwenvl_core.models.registry import ModelFamily, detect_family
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.lora_batch import (
@@ -158,7 +159,7 @@ class EngineResult:
 class _Sequence:
     request: EngineRequest
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
+    vision: VisionInputs | None
     image_sizes: list[tuple[int, int]]
     adapter: LoraWeights | None
     state: RowState
@@ -207,7 +208,7 @@ class ServingEngine:
     def __init__(
         self,
         model: torch.nn.Module,
-        processor: Any,
+        processor: FamilyProcessor,
         family: ModelFamily,
         config: EngineConfig = EngineConfig(),
         metrics: ServingMetrics | None = None,
@@ -225,8 +226,7 @@ class ServingEngine:
             observer=metrics,
         )
         self.stats = EngineStats()
-        tok = processor.tokenizer
-        self._pad_id = tok.eod_id
+        self._pad_id = processor.pad_token_id
         self._stop_ids = tuple(family.stop_token_ids(processor))
         self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
@@ -329,10 +329,10 @@ class ServingEngine:
         encoded = self.processor.encode_conversation(request.messages, add_generation_prompt=True)  # no pixels
         params = request.params
         self._check_tokens(len(encoded.input_ids), params.max_new_tokens)
-        pixel_values, sizes = self._load_images(images)
+        vision, sizes = self._load_images(images)
         params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
-                                     suppress_token_ids=self.processor.suppressed_token_ids)
-        return _Sequence(request, encoded.input_ids, pixel_values, sizes, self._adapter(request),
+                                     suppress_token_ids=self.processor.image_token_ids)
+        return _Sequence(request, encoded.input_ids, vision, sizes, self._adapter(request),
                          make_rows(params, 1)[0], arrived)
 
     def _check_images(self, images: Sequence[tuple[str, ImagePart]]) -> None:
@@ -349,19 +349,19 @@ class ServingEngine:
                                f"{limit} tokens", "messages" if prompt_tokens >= limit else "max_tokens",
                                "context_length_exceeded")
 
-    def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+    def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[VisionInputs | None, list[tuple[int, int]]]:
         """Decode the images one at a time (pixel limits from the header first) and reduce each to model input
         at once, so at most one full-size image is held; their sizes are kept for grounding."""
-        tensors, sizes = [], []
+        inputs, sizes = [], []
         for param, part in images:
             try:
                 image = load_image(part.source, limits=self._image_limits)
             except ImageError as exc:
                 raise RequestError(f"{param}: {exc}", param, "invalid_image") from exc
             sizes.append(image.size)
-            tensors.append(self.processor.pixel_values([ImagePart(image)]))
+            inputs.append(self.processor.vision_inputs([ImagePart(image)]))
             del image
-        return (torch.cat(tensors) if tensors else None), sizes
+        return VisionInputs.concat(inputs), sizes
 
     def _adapter(self, request: EngineRequest) -> LoraWeights | None:
         if request.adapter_id is None:
@@ -451,10 +451,9 @@ class ServingEngine:
     @torch.inference_mode()
     def _prefill(self, seqs: list[_Sequence]) -> None:
         ids, mask = left_pad([s.prompt_ids for s in seqs], self._pad_id)
-        pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
         plan = self._plan(seqs)
         logits, past = self._forward(ids, mask, positions_from_mask(mask), None,
-                                     torch.cat(pixels) if pixels else None, plan, seqs)
+                                     VisionInputs.concat(s.vision for s in seqs), plan, seqs)
         self.stats.prefills += 1
         self._after_step(seqs, logits)
         self._batch = _merge(self._batch, _Batch(seqs, past, mask, plan))
@@ -513,7 +512,7 @@ class ServingEngine:
         mask: torch.Tensor,
         positions: torch.Tensor,
         past: PastKV | None,
-        pixels: torch.Tensor | None,
+        vision: VisionInputs | None,
         plan: LoraPlan | None,
         seqs: Sequence[_Sequence],
     ) -> tuple[torch.Tensor, PastKV]:
@@ -523,10 +522,11 @@ class ServingEngine:
                                                  len(plan.adapters) if plan else 0)
         device = next(self.model.parameters()).device
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        images = {} if vision is None else vision.to(device).as_kwargs()
         with self.lora.activate(plan):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             pixel_values=None if pixels is None else pixels.to(device), use_cache=True,
-                             prompt_lengths=torch.tensor([len(s.prompt_ids) for s in seqs], device=device))
+                             use_cache=True, prompt_lengths=torch.tensor([len(s.prompt_ids) for s in seqs],
+                                                                         device=device), **images)
         return out.logits[:, -1, :], out.cache
 
     def _plan(self, seqs: Sequence[_Sequence]) -> LoraPlan | None:
@@ -638,7 +638,7 @@ def image_fields(messages: Sequence[Message]) -> list[tuple[str, ImagePart]]:
             for p, part in enumerate(message.parts) if isinstance(part, ImagePart)]
 
 
-def ground_boxes(processor: Any, text: str, sizes: Sequence[tuple[int, int]]) -> list[ImageBoxes]:
+def ground_boxes(processor: FamilyProcessor, text: str, sizes: Sequence[tuple[int, int]]) -> list[ImageBoxes]:
     """The ``<box>`` markup of ``text`` in pixels of each input image of size ``(width, height)``."""
     if "<box>" not in text:
         return []

@@ -19,7 +19,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from qwenvl_core.models.qwen_vl.images import base64_size, decode_data_url
+from qwenvl_core.images import base64_size, decode_data_url
 
 MIN_INLINE_PAYLOAD = 64 * 1024
 """Payloads shorter than this (characters) stay in the JSON: parsing them costs little."""

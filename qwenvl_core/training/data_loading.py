@@ -34,7 +34,7 @@ from qwenvl_core.data import (
     validate_file,
 )
 from qwenvl_core.data.issues import DataError
-from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
+from qwenvl_core.models.processing import FamilyProcessor
 from qwenvl_core.specs import Hyperparameters
 
 CACHE_LIMIT = 4096  # encoded samples (with pixels) kept in memory per dataset
@@ -48,7 +48,7 @@ def encode_options(hp: Hyperparameters) -> EncodeOptions:
 class CachedDataset(Dataset[EncodedSample]):
     """``SFTDataset`` that keeps encoded samples (pixels included) of files up to ``CACHE_LIMIT`` samples."""
 
-    def __init__(self, samples: Sequence[Sample], processor: QwenVLProcessor, options: EncodeOptions) -> None:
+    def __init__(self, samples: Sequence[Sample], processor: FamilyProcessor, options: EncodeOptions) -> None:
         self.inner = SFTDataset(samples, processor, options)
         self.samples = self.inner.samples
         self._cache: dict[int, EncodedSample] = {}
@@ -83,7 +83,7 @@ class JobData:
         return out
 
 
-def read_split(path: str | Path, processor: QwenVLProcessor, options: EncodeOptions, stack: ExitStack,
+def read_split(path: str | Path, processor: FamilyProcessor, options: EncodeOptions, stack: ExitStack,
                field_name: str) -> tuple[list[Sample], dict[str, Any]]:
     """Validate and read one file; a bundle stays extracted until ``stack`` closes. Errors name the field."""
     voptions = ValidationOptions(encode=options)
@@ -96,7 +96,7 @@ def read_split(path: str | Path, processor: QwenVLProcessor, options: EncodeOpti
     return list(iter_samples(bundle, processor, voptions)), report.to_dict()
 
 
-def load_job_data(train_file: str, validation_file: str | None, processor: QwenVLProcessor,
+def load_job_data(train_file: str, validation_file: str | None, processor: FamilyProcessor,
                   hp: Hyperparameters, stack: ExitStack, max_val_samples: int | None = None) -> JobData:
     options = encode_options(hp)
     train, train_report = read_split(train_file, processor, options, stack, "train_file")

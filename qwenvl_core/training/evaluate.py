@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from qwenvl_core.data import IGNORE_INDEX, Collator, EncodedSample, Sample
 from qwenvl_core.generation import SamplingParams, generate
+from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
 from qwenvl_core.models.qwen_vl.grounding import Box, parse_grounding
-from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
 from qwenvl_core.specs import EvalSpec
 
 EVAL_BATCH = 8
@@ -33,10 +33,10 @@ EVAL_BATCH = 8
 
 @dataclass(frozen=True)
 class TaskItem:
-    """One short-answer question: prompt ids, its pixels, the reference answer."""
+    """One short-answer question: prompt ids, its images' vision inputs, the reference answer."""
 
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
+    vision: VisionInputs | None
     answer: str
 
 
@@ -69,7 +69,7 @@ def loss_and_accuracy(model: torch.nn.Module, rows: Sequence[EncodedSample], col
     return {"loss": total_loss / max(1, count), "token_accuracy": correct / max(1, count)}
 
 
-def task_items(samples: Sequence[Sample], processor: QwenVLProcessor, max_new_tokens: int) -> list[TaskItem]:
+def task_items(samples: Sequence[Sample], processor: FamilyProcessor, max_new_tokens: int) -> list[TaskItem]:
     """Samples ending in a short assistant answer, as prompts (pixels loaded) and reference answers."""
     items: list[TaskItem] = []
     for sample in samples:
@@ -77,30 +77,29 @@ def task_items(samples: Sequence[Sample], processor: QwenVLProcessor, max_new_to
         if last.role != "assistant" or last.images:
             continue
         answer = last.text
-        if not answer or len(processor.tokenizer.encode_content(answer)) > max_new_tokens:
+        if not answer or processor.count_text_tokens(answer) > max_new_tokens:
             continue
         prompt = processor.encode_chat(sample.messages[:-1], add_generation_prompt=True)
-        items.append(TaskItem(prompt.input_ids, prompt.pixel_values, answer))
+        items.append(TaskItem(prompt.input_ids, prompt.vision, answer))
     return items
 
 
-def _generate(model: torch.nn.Module, items: Sequence[TaskItem], processor: QwenVLProcessor,
+def _generate(model: torch.nn.Module, items: Sequence[TaskItem], processor: FamilyProcessor,
               params: SamplingParams) -> list[str]:
     texts: list[str] = []
     for start in range(0, len(items), EVAL_BATCH):
         chunk = items[start: start + EVAL_BATCH]
-        pixels = [i.pixel_values for i in chunk if i.pixel_values is not None]
-        outs = generate(model, [i.prompt_ids for i in chunk], pad_token_id=processor.tokenizer.eod_id,
-                        params=params, pixel_values=torch.cat(pixels) if pixels else None,
+        outs = generate(model, [i.prompt_ids for i in chunk], pad_token_id=processor.pad_token_id,
+                        params=params, vision=VisionInputs.concat(i.vision for i in chunk),
                         decode=processor.decode)
         texts.extend(o.text or "" for o in outs)
     return texts
 
 
-def task_metrics(model: torch.nn.Module, items: Sequence[TaskItem], processor: QwenVLProcessor,
+def task_metrics(model: torch.nn.Module, items: Sequence[TaskItem], processor: FamilyProcessor,
                  max_new_tokens: int, stop_ids: Sequence[int]) -> dict[str, float]:
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids),
-                            suppress_token_ids=processor.suppressed_token_ids)
+                            suppress_token_ids=processor.image_token_ids)
     texts = _generate(model, items, processor, params) if items else []
     exact, exact_n, grounded, grounded_n = 0, 0, 0, 0
     for item, text in zip(items, texts, strict=True):
@@ -126,7 +125,7 @@ class Evaluator:
 
     rows: list[EncodedSample]
     items: list[TaskItem]
-    processor: QwenVLProcessor
+    processor: FamilyProcessor
     spec: EvalSpec
     stop_ids: list[int]
 
@@ -134,7 +133,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            metrics = loss_and_accuracy(model, self.rows, Collator(self.processor.tokenizer.eod_id))
+            metrics = loss_and_accuracy(model, self.rows, Collator(self.processor.pad_token_id))
             if task and self.spec.task_metrics:
                 metrics |= task_metrics(model, self.items, self.processor, self.spec.max_new_tokens, self.stop_ids)
         finally:

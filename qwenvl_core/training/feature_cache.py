@@ -8,11 +8,18 @@ the others go through the tower, in one batch. Features are kept on the CPU (no 
 a byte budget; the cache admits images until the budget is full and then stops admitting, so that cyclic epochs
 over a dataset larger than the budget still hit on the admitted part (an LRU would evict every entry before its
 reuse). A tower with trainable parameters is refused: its output changes every step and gradients must flow.
+
+The cache keys on rows of the ``pixel_values`` of ``VisionInputs``, so it serves only a tower whose forward is
+``forward(pixel_values)`` with one image per row, each image's features computed from its row alone (Qwen-VL
+v1: ``[N, 3, S, S]`` -> ``[N, Q, D]``). A tower whose forward needs more than the pixels (transformers' Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL: ``forward(hidden_states, grid_thw)``, whose rows are the patches of all images) is
+refused by ``install`` (``supports`` says so beforehand; the trainer then runs without the cache).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Any
 
 import torch
@@ -29,8 +36,20 @@ class ImageFeatureCache:
         self.misses = 0
         self._features: dict[bytes, torch.Tensor] = {}
 
+    @staticmethod
+    def supports(tower: nn.Module) -> bool:
+        """Whether ``tower``'s forward takes only the pixels (one image per row): the features it caches."""
+        required = [p for p in inspect.signature(tower.forward).parameters.values()
+                    if p.default is inspect.Parameter.empty
+                    and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        return len(required) == 1
+
     def install(self, tower: nn.Module) -> None:
-        """Serve ``tower``'s forward from the cache from now on; ``ValueError`` if any parameter of it trains."""
+        """Serve ``tower``'s forward from the cache from now on; ``ValueError`` if any parameter of it trains or
+        its forward needs more than per-image pixel rows (see the module docstring)."""
+        if not self.supports(tower):
+            raise ValueError(f"the vision tower's forward{inspect.signature(tower.forward)} needs more than "
+                             "one image per row of pixel_values: its features cannot be cached per image")
         trainable = [name for name, p in tower.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(f"the vision tower trains ({trainable[0]}, ...): its features cannot be cached")

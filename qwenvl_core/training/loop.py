@@ -101,18 +101,20 @@ class Trainer:
         optimizer = build_optimizer(named, hp)
         scheduler = build_scheduler(optimizer, hp, self.total_steps)
         self.engine = build_engine(spec, self.model, optimizer, scheduler, self.model.config.hidden_size)
-        self.collator = Collator(self.processor.tokenizer.eod_id)
+        self.collator = Collator(self.processor.pad_token_id)
         self.evaluator = self._evaluator()
         seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams
 
     def _feature_cache(self) -> ImageFeatureCache | None:
-        """Cache the vision tower's output per image when nothing in the tower trains (see feature_cache)."""
+        """Cache the vision tower's output per image when nothing in the tower trains and the tower maps each row
+        of pixel_values to one image's features (Qwen-VL v1; not the transformers families: see feature_cache)."""
         budget = self.spec.compute.image_feature_cache_mb << 20
         tower = self.family.vision_tower(self.model)
         # Under ZeRO-3 every rank must gather the tower's partitioned weights together: a rank whose images
         # all hit would skip gathers that another rank waits for.
         zero3 = self.spec.compute.strategy is Strategy.ZERO3
-        if budget == 0 or zero3 or any(p.requires_grad for p in tower.parameters()):
+        trains = any(p.requires_grad for p in tower.parameters())
+        if budget == 0 or zero3 or trains or not ImageFeatureCache.supports(tower):
             return None
         cache = ImageFeatureCache(budget)
         cache.install(tower)

@@ -10,6 +10,7 @@ import torch
 from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import SamplingParams, filter_logits, generate, left_pad
+from qwenvl_core.models.processing import VisionInputs
 from qwenvl_core.models.registry import get_family
 
 
@@ -49,8 +50,7 @@ def test_kv_cache_greedy_equals_no_cache_argmax(loaded):
     model, processor, _ = loaded
     enc = _prompt(processor, "What colour is the shape?", [_image((255, 0, 0))])
     params = SamplingParams(max_new_tokens=8)
-    out = generate(model, [enc.input_ids], pad_token_id=processor.tokenizer.eod_id, params=params,
-                   pixel_values=enc.pixel_values)
+    out = generate(model, [enc.input_ids], pad_token_id=processor.pad_token_id, params=params, vision=enc.vision)
     assert out[0].token_ids == _argmax_reference(model, enc.input_ids, enc.pixel_values, 8)
     assert out[0].finish_reason == "length"
 
@@ -65,14 +65,14 @@ def test_batched_left_padded_generation_equals_one_by_one(loaded):
     ]
     params = SamplingParams(max_new_tokens=6)
     singles = [
-        generate(model, [e.input_ids], pad_token_id=pad, params=params, pixel_values=e.pixel_values)[0].token_ids
+        generate(model, [e.input_ids], pad_token_id=pad, params=params, vision=e.vision)[0].token_ids
         for e in encs
     ]
-    pixels = torch.cat([e.pixel_values for e in encs if e.pixel_values is not None])
-    batched = generate(model, [e.input_ids for e in encs], pad_token_id=pad, params=params, pixel_values=pixels)
+    vision = VisionInputs.concat(e.vision for e in encs)
+    batched = generate(model, [e.input_ids for e in encs], pad_token_id=pad, params=params, vision=vision)
     assert [b.token_ids for b in batched] == singles
     no_cache = generate(model, [e.input_ids for e in encs], pad_token_id=pad, params=params,
-                        pixel_values=pixels, use_cache=False)
+                        vision=vision, use_cache=False)
     assert [b.token_ids for b in no_cache] == singles
 
 

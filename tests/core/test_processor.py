@@ -16,18 +16,13 @@ from PIL import Image
 
 from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
 from qwenvl_core.errors import ConfigError, ImageError, PromptError
+from qwenvl_core.images import ImageLimits, load_image
 from qwenvl_core.models.qwen_vl.chat import (
     encode_conversation,
     render_chatml,
     split_image_markup,
 )
-from qwenvl_core.models.qwen_vl.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ImageLimits,
-    load_image,
-    preprocess_image,
-)
+from qwenvl_core.models.qwen_vl.images import CLIP_MEAN, CLIP_STD, preprocess_image
 from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
 from qwenvl_core.models.qwen_vl.tiny_tokenizer import train_tiny_tokenizer
 from qwenvl_core.models.qwen_vl.tokenizer import QWenTokenizer
@@ -395,7 +390,7 @@ def test_data_url_payloads_decode_in_slices_exactly_as_base64(monkeypatch: pytes
     import os
     import random
 
-    from qwenvl_core.models.qwen_vl import images
+    from qwenvl_core import images
 
     monkeypatch.setattr(images, "_SLICE", slice_chars)
     rng = random.Random(slice_chars)

@@ -20,11 +20,13 @@ from qwenvl_core.data import (
 )
 from qwenvl_core.data.collate import concat_samples, pack_groups
 from qwenvl_core.data.synth import generate_samples
+from qwenvl_core.models.processing import VisionInputs
 from qwenvl_core.models.qwen_vl import QWenLMHeadModel, build_config
 
 
 def _row(ids: list[int], pixels: int = 0) -> EncodedSample:
-    return EncodedSample(ids, list(ids), torch.randn(pixels, 3, 4, 4) if pixels else None)
+    vision = VisionInputs({"pixel_values": torch.randn(pixels, 3, 4, 4)}, pixels) if pixels else None
+    return EncodedSample(ids, list(ids), vision)
 
 
 def test_collator_pads_to_the_longest_row_not_to_a_maximum():
@@ -60,7 +62,8 @@ def test_packed_row_segments_labels_and_pixels():
     packed = concat_samples([a, b])
     assert packed.input_ids == [1, 2, 3, 4, 5] and packed.segment_ids == [1, 1, 1, 2, 2]
     assert packed.labels == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]
-    assert torch.equal(packed.pixel_values, torch.cat([a.pixel_values, b.pixel_values]))
+    assert packed.vision is not None and packed.vision.n_images == 3
+    assert torch.equal(packed.vision.pixel_values, torch.cat([a.pixel_values, b.pixel_values]))
     batch = Collator(pad_id=0)([packed, _row([7])])
     assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2], [1, 0, 0, 0, 0]]
 

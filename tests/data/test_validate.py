@@ -226,7 +226,7 @@ def test_stats_count_tokens_with_a_processor(write_jsonl, processor):
 
 
 def test_image_pixel_and_byte_limits_are_configurable(write_jsonl):
-    from qwenvl_core.models.qwen_vl.images import ImageLimits
+    from qwenvl_core.images import ImageLimits
 
     path = write_jsonl("t.jsonl", [GOOD_OPENAI])
     field = "messages[0].content[0].image_url.url"

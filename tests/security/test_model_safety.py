@@ -120,7 +120,7 @@ def test_the_rigged_model_really_emits_image_tags_and_breaks_unsuppressed_decodi
 def test_generation_never_emits_image_tags(rigged, processor, sampled):
     tok = processor.tokenizer
     params = [SamplingParams(max_new_tokens=6, do_sample=sampled, temperature=1.5, seed=seed,
-                             suppress_token_ids=processor.suppressed_token_ids) for seed in range(3)]
+                             suppress_token_ids=processor.image_token_ids) for seed in range(3)]
     outs = generate(rigged, _prompts(processor), pad_token_id=tok.eod_id, params=params, decode=processor.decode)
     for out in outs:
         assert len(out.token_ids) == 6 and not set(out.token_ids) & set(tok.image_token_ids)

@@ -49,8 +49,8 @@ def _peft_alone(model_dir: Path, adapter: Path | None, request: EngineRequest) -
     enc = processor.encode_chat(request.messages)
     params = SamplingParams(max_new_tokens=request.params.max_new_tokens,
                             stop_token_ids=tuple(family.stop_token_ids(processor)))
-    return generate(model, [enc.input_ids], pad_token_id=processor.tokenizer.eod_id, params=params,
-                    pixel_values=enc.pixel_values)[0].token_ids
+    return generate(model, [enc.input_ids], pad_token_id=processor.pad_token_id, params=params,
+                    vision=enc.vision)[0].token_ids
 
 
 def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_model_dir, adapter_dirs):

@@ -1,5 +1,6 @@
-"""The frozen vision tower's feature cache: same features, bounded memory, refused for a training tower, and a
-two-epoch fine-tune that reuses it ends with the adapter of a run without it."""
+"""The frozen vision tower's feature cache: same features, bounded memory, refused for a training tower and for a
+tower whose rows are not images, and a two-epoch fine-tune that reuses it ends with the adapter of a run without
+it."""
 
 from __future__ import annotations
 
@@ -38,6 +39,19 @@ def test_a_tower_that_trains_is_refused(tiny_model_dir):
     tower = family.vision_tower(family.load_model(tiny_model_dir))
     with pytest.raises(ValueError, match="vision tower trains"):
         ImageFeatureCache(1 << 20).install(tower)
+
+
+def test_a_tower_that_needs_more_than_per_image_pixels_is_refused(tower):
+    """transformers' Qwen2-VL family tower takes the patches of all images plus grid_thw: rows are not images, so
+    per-row caching would be wrong; the trainer skips the cache for it (``supports``), ``install`` refuses it."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    patches_tower = Qwen2VisionTransformerPretrainedModel(
+        Qwen2VLVisionConfig(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2)).requires_grad_(False)
+    assert ImageFeatureCache.supports(tower) and not ImageFeatureCache.supports(patches_tower)
+    with pytest.raises(ValueError, match="more than one image per row of pixel_values"):
+        ImageFeatureCache(1 << 20).install(patches_tower)
 
 
 def test_two_epochs_with_the_cache_end_with_the_adapter_of_a_run_without_it(tiny_model_dir, synth_data, tmp_path):

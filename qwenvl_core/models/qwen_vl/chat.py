@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwenvl_core.conversation import ROLES, ImagePart, Message, Part, Role, TextPart, text_message
+from qwenvl_core.conversation import ROLES, ImagePart, Message, Part, TextPart, text_message
 from qwenvl_core.errors import PromptError
+from qwenvl_core.models.processing import EncodedConversation, TurnTokens
 from qwenvl_core.models.qwen_vl.tokenizer import IM_END, IM_START, QWenTokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -31,32 +31,6 @@ _IMAGE_TAGS = re.compile(r"<img>|</img>|<imgpad>")
 
 # A run of content: text to tokenize, or an image whose span goes in its place.
 _Run = str | ImagePart
-
-
-@dataclass(frozen=True)
-class TurnTokens:
-    """The ids of one turn, split so that the data pipeline can mask labels piece by piece."""
-
-    role: Role
-    header_ids: list[int]  # <|im_start|> + role + "\n"
-    content_ids: list[int]  # the content, image spans included
-    footer_ids: list[int]  # <|im_end|> + "\n"
-    images: list[ImagePart]  # this turn's images, in order
-    trainable: bool = True  # Message.trainable (False: an assistant turn without loss)
-
-    @property
-    def ids(self) -> list[int]:
-        return self.header_ids + self.content_ids + self.footer_ids
-
-
-@dataclass(frozen=True)
-class EncodedConversation:
-    """A whole conversation: ``input_ids`` = the turns' ids in order + ``generation_ids``."""
-
-    input_ids: list[int]
-    turns: list[TurnTokens]
-    images: list[ImagePart]  # all images in order of appearance (= order of image spans)
-    generation_ids: list[int] = field(default_factory=list)  # <|im_start|>assistant\n, when asked for
 
 
 def split_image_markup(text: str) -> list[Part]:

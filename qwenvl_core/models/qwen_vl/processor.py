@@ -1,16 +1,16 @@
-"""QwenVLProcessor: a conversation in, ``input_ids`` + ``pixel_values`` out.
+"""QwenVLProcessor: a conversation in, ``input_ids`` + ``pixel_values`` out; v1's ``FamilyProcessor``.
 
 This module owns the glue between the tokenizer, the ChatML layout (``chat``) and image loading
-(``images``) for one model directory: it reads the image size and number of adapter queries from
-``config.json``, checks that the config and ``qwen.tiktoken`` agree on the ``<img>`` id, and loads images in
-order of appearance so that image *k* fills span *k* (the model forward contract in ``docs/architecture.md``).
+(``qwenvl_core.images`` + v1 ``preprocess_image``) for one model directory: it reads the image size and number of
+adapter queries from ``config.json``, checks that the config and ``qwen.tiktoken`` agree on the ``<img>`` id, and
+loads images in order of appearance so that image *k* fills span *k* (the model forward contract in
+``docs/architecture.md``). Every image span has the same length, so encoding never looks at an image.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,15 @@ from PIL import Image
 
 from qwenvl_core.conversation import ImagePart, Message
 from qwenvl_core.errors import ConfigError
-from qwenvl_core.models.qwen_vl.chat import DEFAULT_SYSTEM_PROMPT, EncodedConversation, encode_conversation
+from qwenvl_core.images import DEFAULT_IMAGE_LIMITS, ImageLimits, load_image
+from qwenvl_core.models.processing import EncodedConversation, EncodedPrompt, VisionInputs
+from qwenvl_core.models.qwen_vl.chat import DEFAULT_SYSTEM_PROMPT, encode_conversation
 from qwenvl_core.models.qwen_vl.grounding import PixelObject, parse_boxes_pixels
-from qwenvl_core.models.qwen_vl.images import DEFAULT_IMAGE_LIMITS, ImageLimits, load_image, preprocess_image
+from qwenvl_core.models.qwen_vl.images import preprocess_image
 from qwenvl_core.models.qwen_vl.tokenizer import TIKTOKEN_FILENAME, QWenTokenizer
 
 CONFIG_FILENAME = "config.json"
 DEFAULT_N_QUERIES = 256
-
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """Model inputs for one conversation: ids with image spans, and the images' pixels in span order."""
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None  # [N_images, 3, S, S], None without images
-    images: list[ImagePart] = field(default_factory=list)
 
 
 class QwenVLProcessor:
@@ -92,10 +85,19 @@ class QwenVLProcessor:
         ]
         return torch.stack(tensors)  # (N, 3, S, S)
 
+    def vision_inputs(
+        self, images: Sequence[ImagePart], base_dir: str | Path | None = None
+    ) -> VisionInputs | None:
+        """``{"pixel_values": [N, 3, S, S]}`` of ``images`` in order, or None for no images."""
+        pixels = self.pixel_values(images, base_dir=base_dir)
+        return None if pixels is None else VisionInputs({"pixel_values": pixels}, len(images))
+
     def encode_conversation(
-        self, messages: Sequence[Message], add_generation_prompt: bool = False
+        self, messages: Sequence[Message], add_generation_prompt: bool = False,
+        base_dir: str | Path | None = None,
     ) -> EncodedConversation:
-        """Token layout of ``messages`` (turn by turn, for label masking); no pixels are loaded."""
+        """Token layout of ``messages`` (turn by turn, for label masking); no image is read (``base_dir`` is
+        unused: every v1 image span has ``n_queries`` + 2 tokens)."""
         return encode_conversation(
             self.tokenizer, messages, self.n_queries, self.system_prompt, add_generation_prompt
         )
@@ -106,19 +108,28 @@ class QwenVLProcessor:
         add_generation_prompt: bool = True,
         base_dir: str | Path | None = None,
     ) -> EncodedPrompt:
-        """``input_ids`` and ``pixel_values`` for a conversation (by default prompting the assistant)."""
+        """``input_ids`` and vision inputs for a conversation (by default prompting the assistant)."""
         encoded = self.encode_conversation(messages, add_generation_prompt)
         return EncodedPrompt(
             input_ids=encoded.input_ids,
-            pixel_values=self.pixel_values(encoded.images, base_dir=base_dir),
+            vision=self.vision_inputs(encoded.images, base_dir=base_dir),
             images=encoded.images,
         )
 
     @property
-    def suppressed_token_ids(self) -> tuple[int, ...]:
-        """Ids generation must never emit (``SamplingParams.suppress_token_ids``): the image-span structure
-        ``<img>``, ``</img>``, ``<imgpad>``. Images come only from the prompt; a generated tag has no pixels."""
+    def pad_token_id(self) -> int:
+        """``<|endoftext|>`` pads batches, as in the official ``finetune.py``."""
+        return self.tokenizer.eod_id
+
+    @property
+    def image_token_ids(self) -> tuple[int, ...]:
+        """The image-span structure ``<img>``, ``</img>``, ``<imgpad>``: never trained, never generated (images
+        come only from the prompt; a generated tag has no pixels)."""
         return self.tokenizer.image_token_ids
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of ``text`` encoded as message content (``QWenTokenizer.encode_content``)."""
+        return len(self.tokenizer.encode_content(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids as text with their grounding markup (other special and padded-vocabulary ids dropped):
