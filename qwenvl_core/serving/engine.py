@@ -54,9 +54,9 @@ from qwenvl_core.generation import (
     next_tokens,
     positions_from_mask,
 )
+from qwenvl_core.grounding import PixelObject
 from qwenvl_core.images import encoded_size, load_image
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
-from qwenvl_core.models.qwen_vl.grounding import PixelObject
 from qwenvl_core.models.registry import ModelFamily, detect_family
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.lora_batch import (

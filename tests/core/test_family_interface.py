@@ -35,7 +35,6 @@ ALLOWED = {
     ("qwenvl_core/data/checks.py", f"{V1}.grounding"),  # <ref>/<box> checks of training text
     ("qwenvl_core/data/synth.py", f"{V1}.grounding"),  # the synthetic data's grounding answers
     ("qwenvl_core/training/evaluate.py", f"{V1}.grounding"),  # grounding accuracy parses boxes
-    ("qwenvl_core/serving/engine.py", f"{V1}.grounding"),  # PixelObject, the response's grounding type
     ("qwenvl_cli/chat.py", f"{V1}.grounding"),  # drawing the boxes of a reply
     # The Qwen conversation *dataset* format's "Picture k: <img>path</img>" markup (one format for every family):
     ("qwenvl_core/data/formats.py", f"{V1}.chat"),
