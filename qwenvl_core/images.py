@@ -3,7 +3,8 @@
 This module owns turning an ``ImageSource`` (filesystem path, ``data:image/...;base64,`` URL, raw bytes or a
 PIL image) into a fully decoded RGB PIL image, refusing oversized, corrupt, truncated or non-image input with
 an ``ImageError`` that names the source and the reason, and the sizes of encoded sources known without decoding
-them (for budgets checked first). Nothing is downloaded: URLs other than data URLs are not image sources. Turning
+them (for budgets checked first) and an image's width and height read from its header (``image_size``, for
+token counts that depend on it). Nothing is downloaded: URLs other than data URLs are not image sources. Turning
 a decoded image into model input is the family processor's job (v1: ``qwenvl_core.models.qwen_vl.images``).
 Pillow and numpy only (no torch).
 """
@@ -17,6 +18,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -71,6 +73,44 @@ def load_image(
     raise ImageError(f"unsupported image source of type {type(source).__name__}")
 
 
+def image_size(
+    source: ImageSource, *, base_dir: str | Path | None = None, limits: ImageLimits = DEFAULT_IMAGE_LIMITS
+) -> tuple[int, int]:
+    """``(width, height)`` of ``source`` read from its header, without decoding the pixels, under ``limits``
+    (bytes and pixels; the same errors as ``load_image``). A file is opened, not read whole; a data URL's payload is
+    base64-decoded. What the full decode finds (a truncated file) is left to ``load_image``. For token counts of
+    families whose image spans depend on the size."""
+    if isinstance(source, Image.Image):
+        label = f"PIL image ({source.mode} {source.width}x{source.height})"
+        _check_pixels(source.width, source.height, label, limits)
+        return source.size
+    if isinstance(source, bytes | bytearray):
+        return _header_size(bytes(source), f"bytes ({len(source)} bytes)", limits)
+    if isinstance(source, str) and source.startswith("data:"):
+        return _header_size(*_read_data_url(source, limits), limits)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ImageError(f"image {source[:80]}: remote URLs are not fetched; pass a file, bytes or data URL")
+    if isinstance(source, str | Path):
+        path = _resolve(source, base_dir)
+        _check_file(path, limits)
+        try:
+            with path.open("rb") as fh:
+                return _header_size(fh, str(path), limits)
+        except OSError as exc:
+            raise ImageError(f"image {path}: cannot be read ({exc.strerror or exc})") from exc
+    raise ImageError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _header_size(data: bytes | BinaryIO, label: str, limits: ImageLimits) -> tuple[int, int]:
+    if isinstance(data, bytes):
+        _check_bytes(data, label, limits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = _open(data, label)
+    _check_pixels(image.width, image.height, label, limits)
+    return image.size
+
+
 def encoded_size(source: ImageSource, *, base_dir: str | Path | None = None) -> int:
     """Bytes ``source`` holds before decoding, known without reading or decoding it: a data URL's payload from
     its length (exact for unwrapped base64), raw bytes, a file's size (0 when missing: loading reports it), 0 for
@@ -104,7 +144,7 @@ def _resolve(source: str | Path, base_dir: str | Path | None) -> Path:
     return path
 
 
-def _read_file(path: Path, limits: ImageLimits) -> bytes:
+def _check_file(path: Path, limits: ImageLimits) -> None:
     if not path.exists():
         raise ImageError(f"image {path}: not found")
     if not path.is_file():
@@ -112,6 +152,10 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise ImageError(f"image {path}: too many bytes ({size} > limit {limits.max_bytes})")
+
+
+def _read_file(path: Path, limits: ImageLimits) -> bytes:
+    _check_file(path, limits)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -175,10 +219,7 @@ def _b64decode_in_slices(text: bytearray) -> bytes:
 
 def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     """Check size from the header, then decode fully and convert to RGB."""
-    if len(data) > limits.max_bytes:
-        raise ImageError(f"image {label}: too many bytes ({len(data)} > limit {limits.max_bytes})")
-    if not data:
-        raise ImageError(f"image {label}: empty, not an image")
+    _check_bytes(data, label, limits)
     with warnings.catch_warnings():
         # Our own max_pixels check replaces Pillow's warning; its hard limit still raises.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -188,9 +229,16 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     return to_rgb(image, label)
 
 
-def _open(data: bytes, label: str) -> Image.Image:
+def _check_bytes(data: bytes, label: str, limits: ImageLimits) -> None:
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image {label}: too many bytes ({len(data)} > limit {limits.max_bytes})")
+    if not data:
+        raise ImageError(f"image {label}: empty, not an image")
+
+
+def _open(data: bytes | BinaryIO, label: str) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image {label}: too many pixels ({exc})") from exc
     except UnidentifiedImageError as exc:

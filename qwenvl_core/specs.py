@@ -17,7 +17,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Spec(BaseModel):
@@ -27,11 +27,12 @@ class _Spec(BaseModel):
 
 
 class TargetPreset(StrEnum):
-    """Named LoRA target sets (module-name suffixes of the LM; the vision tower is never matched)."""
+    """Named LoRA target sets, resolved per model family to language-model modules (never the vision tower's):
+    v1 / Qwen2-VL, Qwen2.5-VL, Qwen3-VL (``docs/architecture.md``, "Training the transformers families")."""
 
-    OFFICIAL = "official"  # c_attn, attn.c_proj, w1, w2: finetune.py's list
-    ATTENTION = "attention"  # c_attn, attn.c_proj
-    ALL_LINEAR = "all-linear"  # official + mlp.c_proj (the MLP down projection)
+    OFFICIAL = "official"  # v1: c_attn, attn.c_proj, w1, w2 (finetune.py); Qwen2/2.5/3-VL: all LM projections
+    ATTENTION = "attention"  # v1: c_attn, attn.c_proj; Qwen2/2.5/3-VL: q_proj, k_proj, v_proj, o_proj
+    ALL_LINEAR = "all-linear"  # v1: official + mlp.c_proj; Qwen2/2.5/3-VL: q/k/v/o_proj + gate/up/down_proj
 
 
 class LoraSpec(_Spec):
@@ -42,7 +43,16 @@ class LoraSpec(_Spec):
         TargetPreset.OFFICIAL, description="A named preset or an explicit list of module-name suffixes."
     )
     train_adapter: bool = Field(
-        False, description="Also train the vision-language adapter (attn_pool, ln_post, proj) fully."
+        False, description="Also train the vision-language adapter fully and save it with the LoRA weights (v1: "
+        "attn_pool, ln_post; Qwen2/2.5-VL: the merger; Qwen3-VL: the merger and the DeepStack mergers)."
+    )
+    vision_lora: bool = Field(
+        False, description="Also put LoRA (same r / alpha / dropout) on every linear layer of the vision encoder "
+        "(attention and MLP of its blocks; not the adapter, which train_adapter trains fully)."
+    )
+    freeze_language_model: bool = Field(
+        False, description="No LoRA on the language model: only the adapter (train_adapter) and / or the vision "
+        "encoder's LoRA (vision_lora) train. lora.targets must then be left unset."
     )
     modules_to_save: list[str] | None = Field(
         None,
@@ -54,6 +64,12 @@ class LoraSpec(_Spec):
     def _targets_not_empty(self) -> LoraSpec:
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("lora.targets: give a preset name or at least one module name")
+        if self.freeze_language_model and self.targets != TargetPreset.OFFICIAL:
+            raise ValueError("lora.targets: the language model is frozen (lora.freeze_language_model), so it takes "
+                             "no LoRA targets; leave lora.targets unset")
+        if self.freeze_language_model and not (self.train_adapter or self.vision_lora):
+            raise ValueError("lora.freeze_language_model: nothing would train; also set lora.train_adapter "
+                             "and / or lora.vision_lora")
         return self
 
 
@@ -77,6 +93,12 @@ class LengthPolicy(StrEnum):
     TRUNCATE = "truncate"  # keep the longest prefix of whole turns that fits (never cuts an image span)
 
 
+# Bounds of a job's min_pixels / max_pixels: one 28x28 merged patch .. 4096x4096 (Qwen3-VL's own max_pixels; the
+# base model's processor may refuse less, e.g. Qwen3-VL's 32x32 patch: qwenvl_core.models.pixel_budget).
+MIN_PIXELS_BOUND = 28 * 28
+MAX_PIXELS_BOUND = 4096 * 4096
+
+
 class Hyperparameters(_Spec):
     n_epochs: int = Field(1, ge=1, le=100, description="Passes over the training file.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -93,11 +115,27 @@ class Hyperparameters(_Spec):
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(2048, ge=32, le=32768, description="Longest sample in tokens (images count 258 each at full size).")
     length_policy: LengthPolicy = Field(LengthPolicy.REJECT, description="What to do with longer samples.")
+    min_pixels: int | None = Field(
+        None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND, description="Qwen2-VL / Qwen2.5-VL / Qwen3-VL: smallest "
+        "image area after the processor's resize (smaller images are enlarged); None: the base model's "
+        "preprocessor_config.json. Qwen-VL v1 takes none (fixed image size).")
+    max_pixels: int | None = Field(
+        None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND, description="Qwen2-VL / Qwen2.5-VL / Qwen3-VL: largest "
+        "image area after the processor's resize (larger images are shrunk, so fewer image tokens: the cure for "
+        "out-of-memory on large images); None: the base model's preprocessor_config.json.")
     loss_mask: LossMask = LossMask.OFFICIAL
     packing: bool = Field(False, description="Pack several samples per row (they never attend to each other).")
     group_by_length: bool = Field(True, description="Batch samples of similar length to reduce padding.")
     precision: Precision = Precision.FP32
     gradient_checkpointing: bool = False
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _pixel_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        low = info.data.get("min_pixels")
+        if value is not None and low is not None and low > value:
+            raise ValueError(f"min_pixels ({low}) must not exceed max_pixels ({value})")
+        return value
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> Hyperparameters:

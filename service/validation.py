@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _worker_command(storage: TenantStorage, key: str, name: str, model_dir: str | None, epochs: int | None,
-                    tokens_per_second: float | None) -> list[str]:
+                    tokens_per_second: float | None, pixels: dict[str, int] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "service.validation_worker", "--store", storage.root_uri, "--key", key,
            "--name", name]
     if model_dir:
@@ -38,6 +38,8 @@ def _worker_command(storage: TenantStorage, key: str, name: str, model_dir: str 
         cmd += ["--epochs", str(epochs)]
     if tokens_per_second:
         cmd += ["--tokens-per-second", str(tokens_per_second)]
+    for option, value in (pixels or {}).items():  # min_pixels / max_pixels of the job being estimated
+        cmd += [f"--{option.replace('_', '-')}", str(value)]
     return cmd
 
 
@@ -71,10 +73,12 @@ def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, mo
 
 async def run_worker_async(storage: TenantStorage, key: str, name: str, timeout_s: float,
                            model_dir: str | None = None, epochs: int | None = None,
-                           tokens_per_second: float | None = None) -> dict[str, Any]:
+                           tokens_per_second: float | None = None, pixels: dict[str, int] | None = None
+                           ) -> dict[str, Any]:
     """``run_worker`` for the event loop (no thread held while it runs): ``TimeoutError`` after ``timeout_s``;
-    on timeout or cancellation (a client that went away) the worker is killed and reaped."""
-    cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second)
+    on timeout or cancellation (a client that went away) the worker is killed and reaped. ``pixels``: the job's
+    ``min_pixels`` / ``max_pixels`` for the base model's processor."""
+    cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second, pixels)
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     try:

@@ -3,9 +3,10 @@
 The data library (``qwenvl_core.data``) imports torch, and the API process must not, so validation runs in a
 child process: it copies the object to a temporary file named like the upload (the suffix decides bundle
 handling), validates it with ``validate_file`` (streaming, line-numbered issues) and prints one JSON document:
-``{"report": {...}}``, plus ``"estimate"`` when ``--model`` (a base model directory, for the tokenizer) and
-``--epochs`` are given. Exit status 0 whenever a report was produced, even for invalid data. The worker lowers
-its own CPU priority (``NICENESS``), so validations and estimates never starve the API's request handling.
+``{"report": {...}}``, plus ``"estimate"`` when ``--model`` (a base model directory, for the tokenizer; with
+``--min-pixels`` / ``--max-pixels``, the job's image budget) and ``--epochs`` are given. Exit status 0 whenever a
+report was produced, even for invalid data. The worker lowers its own CPU priority (``NICENESS``), so validations
+and estimates never starve the API's request handling.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base model directory (tokenizer) for token counts")
     p.add_argument("--epochs", type=int, default=None, help="epochs for the training-token estimate")
     p.add_argument("--tokens-per-second", type=float, default=None)
+    p.add_argument("--min-pixels", type=int, default=None, help="the job's min_pixels (image token counts)")
+    p.add_argument("--max-pixels", type=int, default=None, help="the job's max_pixels (image token counts)")
     return p.parse_args(argv)
 
 
@@ -41,9 +44,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store, _ = open_store(args.store)
     processor = None
     if args.model:
+        from qwenvl_core.models.processing import ProcessorOptions
         from qwenvl_core.models.registry import detect_family
 
-        processor = detect_family(args.model).load_processor(args.model)
+        options = ProcessorOptions(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        processor = detect_family(args.model).load_processor(args.model, options)
     with tempfile.TemporaryDirectory(prefix="qwenvl-validate-") as tmp:
         local = Path(tmp) / args.name
         with store.open_read(args.key) as src, local.open("wb") as out:

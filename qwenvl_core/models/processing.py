@@ -15,7 +15,9 @@ the family. What differs between families stays behind it:
   ``image_grid_thw`` ``[N, 3]``);
 - the ids of the image-span structure (never trained, never generated), the pad id, decoding and grounding.
 
-Image *loading* (sources, data URLs, limits) is family-independent: ``qwenvl_core.images``.
+Image *loading* (sources, data URLs, limits) is family-independent: ``qwenvl_core.images``. A job's processor
+settings (``ProcessorOptions``: ``min_pixels`` / ``max_pixels``) are passed to ``load_processor``; they live in the
+torch-free ``qwenvl_core.models.pixel_budget`` (the API process checks job requests with it) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ import torch
 
 from qwenvl_core.conversation import ImagePart, Message, Role
 from qwenvl_core.errors import QwenVLError
+from qwenvl_core.models.pixel_budget import ProcessorOptions
+
+__all__ = ["EncodedConversation", "EncodedPrompt", "FamilyProcessor", "ProcessorOptions", "TurnTokens",
+           "VisionInputs"]
 
 if TYPE_CHECKING:
     from qwenvl_core.grounding import PixelObject

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from qwenvl_core.errors import ConfigError, ModelLoadError, PresetError
-from qwenvl_core.models.processing import FamilyProcessor
+from qwenvl_core.models.processing import FamilyProcessor, ProcessorOptions
 
 
 class FamilyName(StrEnum):
@@ -67,9 +67,11 @@ class ModelFamily(Protocol):
         """Write config and sharded safetensors weights."""
         ...
 
-    def load_processor(self, model_dir: str | Path) -> FamilyProcessor:
+    def load_processor(self, model_dir: str | Path, options: ProcessorOptions | None = None) -> FamilyProcessor:
         """The processor (tokenizer, image preprocessing, chat format) of a model directory: the
-        ``FamilyProcessor`` protocol (``qwenvl_core.models.processing``) that data, training and serving use."""
+        ``FamilyProcessor`` protocol (``qwenvl_core.models.processing``) that data, training and serving use.
+        ``options``: a job's processor settings (``min_pixels`` / ``max_pixels``); a family that cannot honour a
+        set option raises ``PixelOptionsError`` naming it."""
         ...
 
     def stop_token_ids(self, processor: Any) -> list[int]:
@@ -84,6 +86,23 @@ class ModelFamily(Protocol):
 
     def component_of(self, param_name: str) -> str:
         """Which component a parameter belongs to: ``vision``, ``adapter`` or ``language``."""
+        ...
+
+    def lora_target_preset(self, preset: str) -> tuple[str, ...]:
+        """Module-name suffixes of the language model's linear layers that the LoRA preset ``preset``
+        (``official``, ``attention``, ``all-linear``: ``specs.TargetPreset``) targets in this family; training
+        resolves them to language-model modules only (``training.lora.resolve_targets``)."""
+        ...
+
+    def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (as ``load_model`` returns it) with its forward following the platform's forward contract
+        (``docs/architecture.md``: ``loss_only``, contract positions, ``segment_ids``), which training, evaluation and
+        ``generation.generate`` call; v1's model follows it natively and is returned unchanged."""
+        ...
+
+    def packing_refusal(self) -> str | None:
+        """None when the family trains on packed rows (``segment_ids``); otherwise why not (the trainer refuses
+        ``hyperparameters.packing`` with this message)."""
         ...
 
     def materialize(

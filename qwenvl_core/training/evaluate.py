@@ -2,10 +2,13 @@
 
 - ``loss``: mean cross-entropy per supervised token (the training label mask), ``token_accuracy``: the share
   of supervised tokens predicted exactly (argmax, teacher forcing).
-- Task metrics on samples whose last turn is a short assistant answer (at most ``max_new_tokens`` tokens):
-  the prompt (every turn before it) is completed greedily; ``exact_match`` compares the normalised text of
-  answers without boxes, ``grounding_accuracy`` counts answers whose first predicted box has IoU >= 0.5 with the
-  reference box.
+- Task metrics on samples whose last turn is a short assistant answer (at most ``max_new_tokens`` tokens as the
+  family encodes it): the prompt (every turn before it) is completed greedily. The reference is the answer as the
+  model is trained to say it (its encoded ids decoded: dataset grounding markup already in the family's own
+  convention). ``grounding_accuracy`` counts answers whose first predicted box has IoU >= 0.5 with the reference's
+  first box, both read in pixels of the prompt's last image by the family's codec (``processor.parse_boxes``), so
+  every family's convention (0-1000 grid, resized pixels, ...) is compared in one frame; ``exact_match`` compares
+  the normalised text of the other answers.
 - ``base_and_finetuned`` evaluates the same data with the adapter disabled (peft ``disable_adapter``), so every
   job reports base vs fine-tuned.
 
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 
 from qwenvl_core.data import IGNORE_INDEX, Collator, EncodedSample, Sample
 from qwenvl_core.generation import SamplingParams, generate
+from qwenvl_core.grounding import ImageSize, PixelBox
+from qwenvl_core.images import image_size
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
-from qwenvl_core.models.qwen_vl.grounding import Box, parse_grounding
 from qwenvl_core.specs import EvalSpec
 
 EVAL_BATCH = 8
@@ -33,20 +37,24 @@ EVAL_BATCH = 8
 
 @dataclass(frozen=True)
 class TaskItem:
-    """One short-answer question: prompt ids, its images' vision inputs, the reference answer."""
+    """One short-answer question: prompt ids, its images' vision inputs, the dataset's answer, the reference text
+    (the answer as the family encodes it, decoded), and for a grounding answer the image's size and its boxes."""
 
     prompt_ids: list[int]
     vision: VisionInputs | None
     answer: str
+    reference: str = ""
+    image_size: ImageSize | None = None  # (width, height) of the prompt's last image: the boxes' frame
+    boxes: tuple[PixelBox, ...] = ()  # the reference's boxes in pixels; empty: an exact-match question
 
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two normalised boxes (corners inclusive, as the 0..999 grid is)."""
-    ix = max(0, min(a.x2, b.x2) - max(a.x1, b.x1) + 1)
-    iy = max(0, min(a.y2, b.y2) - max(a.y1, b.y1) + 1)
+def iou(a: PixelBox, b: PixelBox) -> float:
+    """Intersection over union of two pixel boxes ``(x1, y1, x2, y2)``."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
-    area = (a.x2 - a.x1 + 1) * (a.y2 - a.y1 + 1) + (b.x2 - b.x1 + 1) * (b.y2 - b.y1 + 1) - inter
-    return inter / area if area else 0.0
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / area if area > 0 else 0.0
 
 
 def normalise(text: str) -> str:
@@ -70,17 +78,20 @@ def loss_and_accuracy(model: torch.nn.Module, rows: Sequence[EncodedSample], col
 
 
 def task_items(samples: Sequence[Sample], processor: FamilyProcessor, max_new_tokens: int) -> list[TaskItem]:
-    """Samples ending in a short assistant answer, as prompts (pixels loaded) and reference answers."""
+    """Samples ending in a short assistant answer, as prompts (pixels loaded) and references (module docstring)."""
     items: list[TaskItem] = []
     for sample in samples:
         last = sample.messages[-1]
-        if last.role != "assistant" or last.images:
+        if last.role != "assistant" or last.images or not last.text:
             continue
-        answer = last.text
-        if not answer or processor.count_text_tokens(answer) > max_new_tokens:
+        answer_ids = processor.encode_conversation(sample.messages).turns[-1].content_ids
+        if len(answer_ids) > max_new_tokens:
             continue
         prompt = processor.encode_chat(sample.messages[:-1], add_generation_prompt=True)
-        items.append(TaskItem(prompt.input_ids, prompt.vision, answer))
+        reference = processor.decode(answer_ids)
+        size = image_size(prompt.images[-1].source, limits=processor.image_limits) if prompt.images else None
+        boxes = tuple(o.box for o in processor.parse_boxes(reference, size)) if size else ()
+        items.append(TaskItem(prompt.input_ids, prompt.vision, last.text, reference, size, boxes))
     return items
 
 
@@ -101,16 +112,20 @@ def task_metrics(model: torch.nn.Module, items: Sequence[TaskItem], processor: F
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids),
                             suppress_token_ids=processor.image_token_ids)
     texts = _generate(model, items, processor, params) if items else []
+    return score_answers(items, texts, processor)
+
+
+def score_answers(items: Sequence[TaskItem], texts: Sequence[str], processor: FamilyProcessor) -> dict[str, float]:
+    """``exact_match`` and ``grounding_accuracy`` of generated ``texts`` (one per item; module docstring)."""
     exact, exact_n, grounded, grounded_n = 0, 0, 0, 0
     for item, text in zip(items, texts, strict=True):
-        reference = parse_grounding(item.answer)
-        if reference:
-            predicted = parse_grounding(text)
+        if item.boxes and item.image_size:
+            predicted = processor.parse_boxes(text, item.image_size)
             grounded_n += 1
-            grounded += int(bool(predicted) and iou(predicted[0].box, reference[0].box) >= 0.5)
+            grounded += int(bool(predicted) and iou(predicted[0].box, item.boxes[0]) >= 0.5)
         else:
             exact_n += 1
-            exact += int(normalise(text) == normalise(item.answer))
+            exact += int(normalise(text) == normalise(item.reference or item.answer))
     out: dict[str, float] = {}
     if exact_n:
         out["exact_match"] = exact / exact_n

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from qwenvl_core.data import Collator
+from qwenvl_core.errors import ConfigError
+from qwenvl_core.models.processing import ProcessorOptions
 from qwenvl_core.models.registry import detect_family
 from qwenvl_core.specs import FineTuneJobSpec, JobState, Progress, Strategy
 from qwenvl_core.training import checkpoint as ckpt
@@ -37,7 +39,7 @@ from qwenvl_core.training.data_loading import BatchPlan, load_job_data, update_d
 from qwenvl_core.training.evaluate import Evaluator, base_and_finetuned, task_items
 from qwenvl_core.training.feature_cache import ImageFeatureCache
 from qwenvl_core.training.hooks import Hooks, LocalCheckpoints
-from qwenvl_core.training.lora import apply_lora, load_base_model, lora_summary, resolve_targets
+from qwenvl_core.training.lora import apply_lora, load_base_model, lora_summary, lora_targets
 from qwenvl_core.training.optim import build_optimizer, build_scheduler
 from qwenvl_core.training.strategies import build_engine, rank_and_world
 
@@ -84,9 +86,13 @@ class Trainer:
         spec, hp = self.spec, self.spec.hyperparameters
         seed_everything(spec.seed)  # identical LoRA init on every rank
         self.family = detect_family(spec.base_model)
-        self.processor = self.family.load_processor(spec.base_model)
+        refusal = self.family.packing_refusal()
+        if hp.packing and refusal:
+            raise ConfigError(f"hyperparameters.packing: {self.family.name}: {refusal}")
+        self.processor = self.family.load_processor(  # the job's image budget (min_pixels / max_pixels)
+            spec.base_model, ProcessorOptions(min_pixels=hp.min_pixels, max_pixels=hp.max_pixels))
         base = load_base_model(spec.base_model, self.family, spec.quantization, hp.precision)
-        self.targets = resolve_targets(base, self.family, spec.lora.targets)
+        self.targets = lora_targets(base, self.family, spec.lora)
         self.model = apply_lora(base, self.family, spec.lora)
         self.model.peft_config["default"].base_model_name_or_path = str(Path(spec.base_model).resolve())
         if hp.gradient_checkpointing:
@@ -100,7 +106,8 @@ class Trainer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         optimizer = build_optimizer(named, hp)
         scheduler = build_scheduler(optimizer, hp, self.total_steps)
-        self.engine = build_engine(spec, self.model, optimizer, scheduler, self.model.config.hidden_size)
+        self.engine = build_engine(spec, self.model, optimizer, scheduler,
+                                   self.model.config.get_text_config().hidden_size)  # the LM's width
         self.collator = Collator(self.processor.pad_token_id)
         self.evaluator = self._evaluator()
         seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams
@@ -114,7 +121,16 @@ class Trainer:
         # all hit would skip gathers that another rank waits for.
         zero3 = self.spec.compute.strategy is Strategy.ZERO3
         trains = any(p.requires_grad for p in tower.parameters())
-        if budget == 0 or zero3 or trains or not ImageFeatureCache.supports(tower):
+        if budget == 0:
+            return None
+        reason = ("strategy zero3 partitions the vision tower" if zero3 else
+                  "the vision tower trains (lora.vision_lora / lora.train_adapter)" if trains else
+                  None if ImageFeatureCache.supports(tower) else
+                  f"the {self.family.name} vision tower's forward needs more than one image per row of "
+                  "pixel_values (patches and grid_thw)")
+        if reason is not None:
+            self._event("message", f"image feature cache off: {reason}; training without it",
+                        {"image_feature_cache": False})
             return None
         cache = ImageFeatureCache(budget)
         cache.install(tower)

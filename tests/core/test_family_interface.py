@@ -34,7 +34,6 @@ ALLOWED = {
     # v1 grounding markup, until the grounding codecs (qwenvl_core.grounding) are wired into these callers:
     ("qwenvl_core/data/checks.py", f"{V1}.grounding"),  # <ref>/<box> checks of training text
     ("qwenvl_core/data/synth.py", f"{V1}.grounding"),  # the synthetic data's grounding answers
-    ("qwenvl_core/training/evaluate.py", f"{V1}.grounding"),  # grounding accuracy parses boxes
     ("qwenvl_cli/chat.py", f"{V1}.grounding"),  # drawing the boxes of a reply
     # The Qwen conversation *dataset* format's "Picture k: <img>path</img>" markup (one format for every family):
     ("qwenvl_core/data/formats.py", f"{V1}.chat"),

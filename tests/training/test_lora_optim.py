@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenvl_core.models.qwen_vl.grounding import Box
 from qwenvl_core.models.registry import get_family
 from qwenvl_core.specs import (
     FineTuneJobSpec,
@@ -95,6 +94,6 @@ def test_deepspeed_configs_carry_the_official_values(tmp_path):
 
 
 def test_iou():
-    assert iou(Box(0, 0, 99, 99), Box(0, 0, 99, 99)) == 1.0
-    assert iou(Box(0, 0, 99, 99), Box(50, 0, 149, 99)) == pytest.approx(50 / 150)
-    assert iou(Box(0, 0, 9, 9), Box(500, 500, 509, 509)) == 0.0
+    assert iou((0, 0, 100, 100), (0, 0, 100, 100)) == 1.0
+    assert iou((0, 0, 100, 100), (50, 0, 150, 100)) == pytest.approx(50 / 150)
+    assert iou((0, 0, 10, 10), (500, 500, 510, 510)) == 0.0

@@ -9,7 +9,8 @@ per-family sub-packages (``qwenvl_core.models.qwen2_vl`` etc.) hold only their s
 - ``tokenizer.py``   the tiny byte-level BPE with the family's real special tokens, in the official file layout
 - ``files.py``       chat template, preprocessor, video preprocessor and generation config files
 - ``weights.py``     strict loading through transformers (safetensors only, keys listed) and saving
-- ``processor.py``   the transformers processor of a directory (image-only when torchvision is missing)
+- ``chat.py``        the chat layout turn by turn in token ids (equal to the official template's), message text
+- ``processor.py``   HFVLProcessor, the families' FamilyProcessor, on the transformers processor of a directory
 - ``materialize.py`` a complete random model directory from a preset and a seed
 - ``family.py``      the ``ModelFamily`` implementation shared by the three families
 

@@ -9,13 +9,19 @@ are the vision-language merger, the "adapter"), ``model.language_model.*`` and `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from qwenvl_core.models.hf_vl.spec import FamilySpec
 
+if TYPE_CHECKING:
+    from qwenvl_core.models.hf_vl.processor import HFVLProcessor
+    from qwenvl_core.models.pixel_budget import ProcessorOptions
+
 _PEFT_PREFIX = "base_model.model."
+# The ``attention`` LoRA preset: the LM's attention projections (``official`` / ``all-linear``: spec.lora_targets).
+ATTENTION_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class HFVisionLanguageFamily:
@@ -63,10 +69,10 @@ class HFVisionLanguageFamily:
 
         save_model(model, out_dir)
 
-    def load_processor(self, model_dir: str | Path) -> Any:
+    def load_processor(self, model_dir: str | Path, options: ProcessorOptions | None = None) -> HFVLProcessor:
         from qwenvl_core.models.hf_vl.processor import load_processor
 
-        return load_processor(self.spec, model_dir)
+        return load_processor(self.spec, model_dir, options)
 
     def stop_token_ids(self, processor: Any) -> list[int]:
         tokenizer = processor.tokenizer
@@ -83,6 +89,21 @@ class HFVisionLanguageFamily:
         if name.startswith(self.spec.adapter_prefixes):
             return "adapter"
         return "vision"
+
+    def lora_target_preset(self, preset: str) -> tuple[str, ...]:
+        # official = all-linear: every projection of the LM (LLaMA-Factory's / ms-swift's default with the ViT
+        # frozen); the training code resolves the suffixes to language-model modules only.
+        return {"attention": ATTENTION_LORA_TARGETS}.get(preset, self.spec.lora_targets)
+
+    def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
+        from qwenvl_core.models.hf_vl.forward import install_forward_contract
+
+        return install_forward_contract(model)
+
+    def packing_refusal(self) -> str | None:
+        from qwenvl_core.models.hf_vl.forward import PACKING_REFUSAL
+
+        return PACKING_REFUSAL
 
     def materialize(
         self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32

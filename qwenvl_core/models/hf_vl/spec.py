@@ -60,6 +60,13 @@ class FamilySpec:
     # Parameter-name prefixes of the vision-language merger ("aligner" / projector), inside the vision prefix.
     adapter_prefixes: tuple[str, ...]
     vision_prefix: str = "model.visual."
+    # The chat template as data (``hf_vl.chat``): the system turn it gives a conversation without one (None: none),
+    # and the roles whose image parts it renders (it drops the others' silently: ``hf_vl.chat`` refuses them).
+    default_system_prompt: str | None = None
+    image_roles: tuple[str, ...] = ("user",)
+    # Special tokens of the family's grounding convention: message text writes them as markup, encoded as their ids
+    # (every other special token's surface form in a message stays plain text).
+    markup_tokens: tuple[str, ...] = ()
 
     def transformers_class(self, attribute: str) -> Any:
         """The transformers class named by ``model_class`` / ``config_class`` / ``processor_class``."""

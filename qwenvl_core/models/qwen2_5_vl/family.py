@@ -6,7 +6,11 @@ from qwenvl_core.models.hf_vl.family import HFVisionLanguageFamily
 from qwenvl_core.models.hf_vl.spec import QWEN2_VL_SPECIAL_TOKENS, FamilySpec, SpecialToken
 from qwenvl_core.models.qwen2_5_vl.presets import PRESETS
 from qwenvl_core.models.qwen2_vl.chat_template import QWEN2_VL_CHAT_TEMPLATE
-from qwenvl_core.models.qwen2_vl.family import LM_LORA_TARGETS, QWEN2_VL_IMAGE_PROCESSOR
+from qwenvl_core.models.qwen2_vl.family import (
+    DEFAULT_SYSTEM_PROMPT,
+    LM_LORA_TARGETS,
+    QWEN2_VL_IMAGE_PROCESSOR,
+)
 from qwenvl_core.models.registry import FamilyName
 
 # The Qwen2.5 tokenizer's additions (ids 151657..151664 officially), added but not "special" (decoded as text).
@@ -33,6 +37,9 @@ SPEC = FamilySpec(
     # has gate_proj / up_proj / down_proj).
     lora_targets=LM_LORA_TARGETS,
     adapter_prefixes=("model.visual.merger.",),
+    # Qwen2-VL's template; the grounding convention is JSON (no markup tokens).
+    default_system_prompt=DEFAULT_SYSTEM_PROMPT,
+    image_roles=("system", "user", "assistant"),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qwenvl_core.grounding.qwen2_vl import QWEN2_VL_TAGS
 from qwenvl_core.models.hf_vl.family import HFVisionLanguageFamily
 from qwenvl_core.models.hf_vl.spec import QWEN2_VL_SPECIAL_TOKENS, FamilySpec
 from qwenvl_core.models.qwen2_vl.chat_template import QWEN2_VL_CHAT_TEMPLATE
@@ -11,6 +12,9 @@ from qwenvl_core.models.registry import FamilyName
 # All linear layers of the language model (LLaMA-Factory's / ms-swift's "all-linear" with the ViT frozen); the
 # training code resolves these suffixes to language-model modules only.
 LM_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# What the official template writes when a conversation has no system message.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # preprocessor_config.json of Qwen/Qwen2-VL-*-Instruct: 14 px patches merged 2x2, 56x56 .. 12845056 pixels.
 QWEN2_VL_IMAGE_PROCESSOR: dict = {
@@ -41,6 +45,9 @@ SPEC = FamilySpec(
     model_max_length=32768,
     lora_targets=LM_LORA_TARGETS,
     adapter_prefixes=("model.visual.merger.",),
+    default_system_prompt=DEFAULT_SYSTEM_PROMPT,
+    image_roles=("system", "user", "assistant"),
+    markup_tokens=tuple(token for pair in (QWEN2_VL_TAGS.ref, QWEN2_VL_TAGS.box, QWEN2_VL_TAGS.quad) for token in pair),
 )
 
 

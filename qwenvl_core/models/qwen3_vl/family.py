@@ -38,6 +38,9 @@ SPEC = FamilySpec(
     lora_targets=LM_LORA_TARGETS,
     # The merger and the DeepStack mergers both map ViT features into the LM (ms-swift's "aligner" for qwen3_vl).
     adapter_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
+    # The template adds no system turn and renders images of user (and tool) messages only.
+    default_system_prompt=None,
+    image_roles=("user",),
 )
 
 

@@ -10,10 +10,17 @@ from typing import Any
 
 import torch
 
+from qwenvl_core.models.pixel_budget import ProcessorOptions
 from qwenvl_core.models.registry import FamilyName
 
 # Official LoRA targets of finetune.py: LM attention (fused QKV, output) and both MLP input projections.
 QWEN_VL_LORA_TARGETS: tuple[str, ...] = ("c_attn", "attn.c_proj", "w1", "w2")
+# LoRA presets (``specs.TargetPreset``): LM suffixes; ``mlp.c_proj`` is the MLP's down projection.
+QWEN_VL_LORA_PRESETS: dict[str, tuple[str, ...]] = {
+    "official": QWEN_VL_LORA_TARGETS,
+    "attention": ("c_attn", "attn.c_proj"),
+    "all-linear": (*QWEN_VL_LORA_TARGETS, "mlp.c_proj"),
+}
 
 _VISION_PREFIX = "transformer.visual."
 _ADAPTER_PREFIXES = (
@@ -64,10 +71,12 @@ class QwenVLFamily:
 
         save_model(model, out_dir)
 
-    def load_processor(self, model_dir: str | Path) -> Any:
+    def load_processor(self, model_dir: str | Path, options: ProcessorOptions | None = None) -> Any:
+        """v1's processor; any set ``options`` is refused (``PixelOptionsError``: v1 resizes every image to its
+        fixed size)."""
         from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
 
-        return QwenVLProcessor.from_dir(model_dir)
+        return QwenVLProcessor.from_dir(model_dir, options=options)
 
     def stop_token_ids(self, processor: Any) -> list[int]:
         tok = processor.tokenizer
@@ -83,6 +92,15 @@ class QwenVLFamily:
         if param_name.startswith(_VISION_PREFIX):
             return "vision"
         return "language"
+
+    def lora_target_preset(self, preset: str) -> tuple[str, ...]:
+        return QWEN_VL_LORA_PRESETS[preset]
+
+    def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # QWenLMHeadModel.forward is the contract
+
+    def packing_refusal(self) -> str | None:
+        return None  # segment_ids: block-diagonal attention, positions restart per segment
 
     def materialize(
         self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32

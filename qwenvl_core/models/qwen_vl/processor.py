@@ -20,6 +20,7 @@ from PIL import Image
 from qwenvl_core.conversation import ImagePart, Message
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.images import DEFAULT_IMAGE_LIMITS, ImageLimits, load_image
+from qwenvl_core.models.pixel_budget import PixelOptionsError, ProcessorOptions
 from qwenvl_core.models.processing import EncodedConversation, EncodedPrompt, VisionInputs
 from qwenvl_core.models.qwen_vl.chat import DEFAULT_SYSTEM_PROMPT, encode_conversation
 from qwenvl_core.models.qwen_vl.grounding import PixelObject, parse_boxes_pixels
@@ -55,17 +56,25 @@ class QwenVLProcessor:
         model_dir: str | Path,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         image_limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
+        options: ProcessorOptions | None = None,
     ) -> QwenVLProcessor:
-        """Build from ``model_dir/config.json`` (``visual`` block) and ``model_dir/qwen.tiktoken``."""
+        """Build from ``model_dir/config.json`` (``visual`` block) and ``model_dir/qwen.tiktoken``; set ``options``
+        (``min_pixels`` / ``max_pixels``) are refused: v1 resizes every image to its fixed size."""
         model_dir = Path(model_dir)
         config_path = model_dir / CONFIG_FILENAME
         config = _read_config(config_path)
         visual = _visual_config(config, config_path)
+        image_size = _positive_int(visual, "image_size", None, config_path)
+        for name in (options or ProcessorOptions()).set_fields():
+            raise PixelOptionsError(
+                f"{name}: Qwen-VL v1 resizes every image to its fixed {image_size}x{image_size} pixels "
+                f"({config_path} visual.image_size); min_pixels / max_pixels apply to the Qwen2-VL, Qwen2.5-VL "
+                "and Qwen3-VL families", name)
         tokenizer = QWenTokenizer.from_dir(model_dir)
         _check_against_tokenizer(visual, config, tokenizer, config_path, model_dir)
         return cls(
             tokenizer,
-            image_size=_positive_int(visual, "image_size", None, config_path),
+            image_size=image_size,
             n_queries=_positive_int(visual, "n_queries", DEFAULT_N_QUERIES, config_path),
             system_prompt=system_prompt,
             image_limits=image_limits,

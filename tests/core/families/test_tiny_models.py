@@ -42,11 +42,11 @@ def _logits(model, inputs: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_dirs):
-    """``{family: (family, model, processor)}`` loaded once from the shared tiny directories."""
+    """``{family: (family, model, transformers processor)}`` loaded once from the shared tiny directories."""
     result = {}
     for name, directory in tiny_dirs.items():
         family = get_family(name)
-        result[name] = (family, family.load_model(directory), family.load_processor(directory))
+        result[name] = (family, family.load_model(directory), family.load_processor(directory).hf)
     return result
 
 
