@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from qwenvl_core.data import Collator
+from qwenvl_core.data.collate import Row, concat_samples, pack_groups
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.models.processing import ProcessorOptions
 from qwenvl_core.models.registry import detect_family
@@ -100,7 +101,9 @@ class Trainer:
         self.feature_cache = self._feature_cache()
         self.data = load_job_data(spec.train_file, spec.validation_file, self.processor, hp, stack,
                                   spec.evaluation.max_samples)
-        self.plan = BatchPlan(self.data.train.inner.lengths(), hp, self.world, spec.seed)
+        self.units = self._units()
+        self.plan = BatchPlan([sum(self.lengths[i] for i in unit) for unit in self.units], hp, self.world,
+                              spec.seed)
         epochs_steps = hp.n_epochs * self.plan.steps_per_epoch
         self.total_steps = hp.max_steps or epochs_steps
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -111,6 +114,24 @@ class Trainer:
         self.collator = Collator(self.processor.pad_token_id)
         self.evaluator = self._evaluator()
         seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams
+
+    def _units(self) -> list[list[int]]:
+        """The training rows as groups of sample indices: one sample each, or with ``hyperparameters.packing``
+        whole samples packed first-fit into rows of at most ``max_length`` tokens (``data.pack_groups``; each
+        sample attends only to itself: ``segment_ids``). Batching, resume and the data digest run over rows."""
+        self.lengths = self.data.train.inner.lengths()
+        hp = self.spec.hyperparameters
+        if not hp.packing:
+            return [[i] for i in range(len(self.lengths))]
+        units = pack_groups(self.lengths, hp.max_length)
+        self._event("message", f"packing: {len(self.lengths)} samples in {len(units)} rows of at most "
+                    f"{hp.max_length} tokens", {"packed_rows": len(units), "samples": len(self.lengths)})
+        return units
+
+    def _row(self, unit: list[int]) -> Row:
+        if not self.spec.hyperparameters.packing:
+            return self.data.train[unit[0]]
+        return concat_samples([self.data.train[i] for i in unit])
 
     def _feature_cache(self) -> ImageFeatureCache | None:
         """Cache the vision tower's output per image when nothing in the tower trains and the tower maps each row
@@ -196,7 +217,7 @@ class Trainer:
         return JobState.SUCCEEDED
 
     def _micro_step(self, global_batch: list[int], boundary: bool) -> None:
-        rows = [self.data.train[i] for i in self.plan.rank_slice(global_batch, self.rank)]
+        rows = [self._row(self.units[u]) for u in self.plan.rank_slice(global_batch, self.rank)]
         batch = self.collator(rows)
         with self.engine.forward_context(boundary):
             loss = self.engine.model(**batch, loss_only=True).loss  # LM head only where supervised
@@ -205,10 +226,10 @@ class Trainer:
         self._window["loss"] += float(loss.detach())
         self._window["micro"] += 1
         self._window["tokens"] += float(batch["attention_mask"].sum())
-        ids = [self.data.train.samples[i].id for i in global_batch]
+        ids = [self.data.train.samples[i].id for u in global_batch for i in self.units[u]]
         self.state.data_digest = update_digest(self.state.data_digest, ids)
         self.state.position += 1
-        self.state.samples_seen += len(global_batch)
+        self.state.samples_seen += len(ids)
 
     def _after_step(self) -> JobState | None:
         cancel = float(self.rank == 0 and self.hooks.cancel is not None and self.hooks.cancel.cancelled())

@@ -183,3 +183,25 @@ def test_final_metrics_are_added_to_the_adapter_meta(trained):
     _, result, _ = trained
     meta = json.loads((result.adapter_dir / "meta.json").read_text())
     assert meta["training"]["eval/loss"] == result.metrics["eval/loss"] and meta["training"]["steps"] == 12
+
+
+def test_packing_trains_on_packed_rows_of_whole_samples(tiny_model_dir, synth_data, tmp_path):
+    """``hyperparameters.packing``: the loop trains on rows of several whole samples (one epoch sees every sample
+    once, in fewer forward rows than samples) and learns."""
+    rec = RecordingSink()
+    run = RunDir(str(tmp_path / "run"))
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", evaluation={"task_metrics": False},
+                     hyperparameters={"packing": True, "max_length": 256, "max_steps": None, "n_epochs": 2,
+                                      "batch_size": 2, "micro_batch_size": 1})
+    trainer = Trainer(spec, Hooks(progress=[rec], events=RunDirEvents(run)), tmp_path / "w")
+    result = trainer.run()
+    rows, samples = len(trainer.units), len(trainer.lengths)
+    assert samples == 96 and 1 < rows < samples / 2  # several samples per row
+    assert sorted(i for unit in trainer.units for i in unit) == list(range(samples))  # each sample in one row
+    assert all(sum(trainer.lengths[i] for i in unit) <= 256 for unit in trainer.units)
+    assert result.state is JobState.SUCCEEDED and result.train_state.step == 2 * (rows // 2)
+    largest = max(len(unit) for unit in trainer.units)  # an odd row count leaves one row out of each epoch
+    assert 2 * (samples - largest) <= result.train_state.samples_seen <= 2 * samples
+    losses = [p.loss for p in rec.progress]
+    assert losses[-1] < losses[0] - 0.2
+    assert any("packing: 96 samples in" in e.message for e in run.read_events())
