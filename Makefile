@@ -13,12 +13,13 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := $(VENV)/torch-constraint.txt
 
-.PHONY: install test lint bench clean demo
+.PHONY: install test lint bench clean demo chromium
 
 install: $(STAMP)
 
@@ -29,7 +30,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -c $(TORCH_PIN) -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The browser tests (tests/browser) drive Debian's Chromium, /usr/bin/chromium: installed with apt-get when missing
+# (never a downloaded browser build); nothing happens when it is there.
+chromium:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -193,11 +193,30 @@ class CheckpointSpec(_Spec):
     keep: int | None = Field(3, ge=1, description="Checkpoints kept (None keeps all).")
 
 
+class TrackedDataset(_Spec):
+    """A data file as the run's MLflow dataset input (what was trained on)."""
+
+    context: Literal["training", "validation"]
+    name: str = Field(..., min_length=1, max_length=500, description="The API's file id (basename for the CLI).")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="The file's sha256 (the dataset digest).")
+    uri: str = Field(..., min_length=1, description="Where the file is stored (the dataset source).")
+
+
 class TrackingSpec(_Spec):
     tracking_uri: str | None = Field(None, description="MLflow tracking server; None disables tracking.")
     experiment: str = Field("default", description="MLflow experiment (one per tenant in the service).")
     registered_model: str | None = Field(None, description="Model Registry name for the adapter.")
     tags: dict[str, str] = Field(default_factory=dict)
+    run_name: str | None = Field(None, max_length=256, description="MLflow run name (default: the job id).")
+    datasets: list[TrackedDataset] | None = Field(
+        None, description="Dataset inputs of the run; None: the train/validation files, hashed by the tracker.")
+
+
+# The MLflow experiment tag that marks an experiment as model training ("Machine learning" in MLflow 3.17's UI
+# bundle) rather than GenAI; the service and the tracker set it on every experiment. MLflow 3.17.2's UI itself
+# picks its view from its GenAI / Model training switch (see service.mlflow_tenants.experiment_ui_url).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_MODEL_TRAINING = "custom_model_development"
 
 
 def tenant_experiment_name(tenant_id: str, experiment: str = "default") -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.admission import Admission
+from service.api_docs import install_docs
 from service.context import AdapterHook, ServiceContext
 from service.db import make_engine, migrate, session_factory
 from service.errors import install_error_handlers
@@ -83,12 +84,14 @@ def create_app(settings: Settings | None = None, *, launcher: Launcher | None = 
         ctx.adapter_hooks.append(on_adapter_ready)
     app = FastAPI(title="Qwen-VL platform API", version="1", lifespan=_lifespan(ctx),
                   description="OpenAI-compatible files, fine-tuning jobs and models, multi-tenant.",
+                  docs_url=None, redoc_url=None,  # /docs served offline by install_docs; no /redoc
                   responses={400: {"model": ErrorEnvelope}, 401: {"model": ErrorEnvelope},
                              404: {"model": ErrorEnvelope}})
     app.state.ctx = ctx
     install_error_handlers(app)
     for module in (files, jobs, models, admin, health):
         app.include_router(module.router)
+    install_docs(app)
     app.add_middleware(Admission, ctx=ctx)  # type: ignore[arg-type]  # outermost: before any body byte is read
     app.state.estimate_slots = EstimateSlots(ctx.settings.max_concurrent_estimates)
     return app

@@ -5,7 +5,8 @@ When ``Settings.mlflow_tracking_uri`` is set, tenant creation (``POST /v1/admin/
 over its REST API with the admin credentials of ``Settings.mlflow_admin_username`` / ``_password``:
 
 1. ``experiments/create`` (or ``experiments/get-by-name``): the tenant's experiment, named by
-   ``qwenvl_core.specs.tenant_experiment_name`` so that it is the very experiment the training workflow logs into;
+   ``qwenvl_core.specs.tenant_experiment_name`` so that it is the very experiment the training workflow logs into,
+   tagged as a model-training experiment (``EXPERIMENT_KIND_TAG``);
 2. ``users/create``: a user named after the tenant id (service-generated, so it never collides with the admin
    or another user) with a random password, returned once to the caller and never stored by the service;
 3. ``users/permissions/grant`` (MLflow 3.17's unified permission API, successor of
@@ -14,7 +15,13 @@ over its REST API with the admin credentials of ``Settings.mlflow_admin_username
 Isolation relies on the auth app's ``default_permission = NO_PERMISSIONS`` (see ``infra/``): a user then sees
 only resources granted to it. Read-only relies on its ``authorization_function`` being ``service.mlflow_auth``'s:
 MLflow alone lets every user create experiments and registered models. Any MLflow failure raises ``Unavailable``
-so the tenant is not created half-way.
+so the tenant is not created half-way. ``provision_experiment`` does steps 1 and 3 for another experiment of the
+tenant's namespace (a job's ``mlflow`` integration, ``service.integrations``).
+
+MLflow 3.17.2's UI does not choose its view from that tag: it opens every experiment in the view of its global
+"GenAI / Model training" switch, which comes from the URL's ``workflowType`` parameter, else the browser's saved
+choice, else GenAI (traces: "no traces" for a training run). So the tenant also gets ``experiment_url``
+(``experiment_ui_url``), which opens the experiment's training runs (datasets, metric charts) directly.
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ from typing import Any
 
 import httpx
 
-from qwenvl_core.specs import tenant_experiment_name
+from qwenvl_core.specs import EXPERIMENT_KIND_MODEL_TRAINING, EXPERIMENT_KIND_TAG, tenant_experiment_name
 from service.errors import Unavailable
 from service.settings import Settings
 
 EXPERIMENT_PERMISSION = "READ"
 _EXISTS = "RESOURCE_ALREADY_EXISTS"
+_MISSING = "RESOURCE_DOES_NOT_EXIST"
 
 
 AUTHORIZATION_FUNCTION = "service.mlflow_auth:authenticate"  # tenant logins read-only (service/mlflow_auth.py)
@@ -60,6 +68,12 @@ class TenantMlflowAccess:
     password: str
     experiment_id: str
     experiment_name: str
+    experiment_url: str
+
+
+def experiment_ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment in its model-training view (its runs with their datasets and charts)."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class MlflowAdmin:
@@ -85,25 +99,36 @@ class MlflowAdmin:
         return response.json() if response.content else {}
 
     def ensure_experiment(self, name: str) -> str:
-        """The id of experiment ``name``, created when it does not exist yet."""
-        created = self._call("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})
+        """The id of experiment ``name``, created when it does not exist yet; tagged as a model-training one."""
+        kind = {"key": EXPERIMENT_KIND_TAG, "value": EXPERIMENT_KIND_MODEL_TRAINING}
+        created = self._call("POST", "/api/2.0/mlflow/experiments/create", json={"name": name, "tags": [kind]})
         if created.status_code == 200:
             return str(created.json()["experiment_id"])
         if _EXISTS not in created.text:
             self._ok(created, f"experiments/create {name!r}")
         found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name})
-        return str(self._ok(found, f"experiments/get-by-name {name!r}")["experiment"]["experiment_id"])
+        experiment = self._ok(found, f"experiments/get-by-name {name!r}")["experiment"]
+        experiment_id = str(experiment["experiment_id"])
+        if {"key": EXPERIMENT_KIND_TAG, "value": EXPERIMENT_KIND_MODEL_TRAINING} not in experiment.get("tags", []):
+            self._ok(self._call("POST", "/api/2.0/mlflow/experiments/set-experiment-tag",
+                                json={"experiment_id": experiment_id, **kind}), f"set-experiment-tag on {name!r}")
+        return experiment_id
 
     def create_user(self, username: str, password: str) -> None:
         response = self._call("POST", "/api/2.0/mlflow/users/create",
                               json={"username": username, "password": password})
         self._ok(response, f"users/create {username!r}")
 
-    def grant_experiment(self, username: str, experiment_id: str, permission: str) -> None:
+    def grant_experiment(self, username: str, experiment_id: str, permission: str, *, existing_ok: bool = False,
+                         missing_user_ok: bool = False) -> None:
+        """Grant ``permission`` on the experiment; ``existing_ok``: a grant already there is fine;
+        ``missing_user_ok``: a user that does not exist is skipped (a tenant created before MLflow was set up)."""
         body = {"username": username, "resource_type": "experiment", "resource_id": experiment_id,
                 "permission": permission}
-        self._ok(self._call("POST", "/api/3.0/mlflow/users/permissions/grant", json=body),
-                 f"users/permissions/grant {permission} on experiment {experiment_id}")
+        response = self._call("POST", "/api/3.0/mlflow/users/permissions/grant", json=body)
+        if (existing_ok and _EXISTS in response.text) or (missing_user_ok and _MISSING in response.text):
+            return
+        self._ok(response, f"users/permissions/grant {permission} on experiment {experiment_id}")
 
 
 def admin_from_settings(settings: Settings) -> MlflowAdmin | None:
@@ -130,4 +155,20 @@ def provision_tenant(settings: Settings, tenant_id: str) -> TenantMlflowAccess |
         admin.close()
     assert settings.mlflow_tracking_uri is not None
     return TenantMlflowAccess(tracking_uri=settings.mlflow_tracking_uri, username=tenant_id, password=password,
-                              experiment_id=experiment_id, experiment_name=name)
+                              experiment_id=experiment_id, experiment_name=name,
+                              experiment_url=experiment_ui_url(settings.mlflow_tracking_uri, experiment_id))
+
+
+def provision_experiment(settings: Settings, tenant_id: str, experiment: str) -> str | None:
+    """Experiment ``<tenant>/<experiment>`` exists, is a model-training experiment and the tenant's MLflow user may
+    read it; its id (None when MLflow provisioning is off). Idempotent."""
+    admin = admin_from_settings(settings)
+    if admin is None:
+        return None
+    try:
+        experiment_id = admin.ensure_experiment(tenant_experiment_name(tenant_id, experiment))
+        admin.grant_experiment(tenant_id, experiment_id, EXPERIMENT_PERMISSION, existing_ok=True,
+                               missing_user_ok=True)
+    finally:
+        admin.close()
+    return experiment_id

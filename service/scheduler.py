@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from qwenvl_core.runs import RunDir
-from service import job_states
+from service import integrations, job_states
 from service import repository as repo
 from service.context import AdapterReady
 from service.jobspec import build_spec
@@ -465,10 +465,18 @@ class Scheduler:
                           validation_uri=self.storage.uri_of_key(val.storage_key) if val else None,
                           output_uri=job.output_uri, seed=job.seed, hyperparameters=job.request["hyperparameters"],
                           ext=job.request.get("extensions", {}),
-                          tracking_uri=self.settings.mlflow_tracking_uri)
+                          tracking_uri=self.settings.mlflow_tracking_uri, tracking=self._tracking(s, job, train, val))
         run = RunDir(job.output_uri)
         run.write_json("spec.json", spec.model_dump(mode="json"))
         return run.uri_of("spec.json")
+
+    def _tracking(self, s: Session, job: Job, train: File, val: File | None) -> dict[str, Any] | None:
+        """The spec's MLflow fields (integration, lineage tags, dataset inputs); None when nothing is tracked."""
+        if self.settings.mlflow_tracking_uri is None:
+            return None
+        files = [("training", train), *([("validation", val)] if val is not None else [])]
+        return integrations.job_tracking(s, self.settings, job,
+                                         [(c, row, self.storage.uri_of_key(row.storage_key)) for c, row in files])
 
     def _input_file(self, s: Session, job: Job, param: str, file_id: str) -> File:
         """The job's file row, its object present: never a silent launch without it (a deleted validation file

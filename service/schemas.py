@@ -11,7 +11,15 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qwenvl_core.specs import CheckpointSpec, ComputeSpec, EvalSpec, LoraSpec, Quantization
+from qwenvl_core.specs import (
+    MAX_PIXELS_BOUND,
+    MIN_PIXELS_BOUND,
+    CheckpointSpec,
+    ComputeSpec,
+    EvalSpec,
+    LoraSpec,
+    Quantization,
+)
 from service.caps import TenantLimits, effective_caps
 from service.models import ApiKey, File, Job, JobEvent, Model, Tenant
 from service.settings import Settings
@@ -121,7 +129,12 @@ class JobCreate(_Strict):
     metadata: dict[str, str] | None = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated by OpenAI; use method.")
-    integrations: list[dict[str, Any]] | None = Field(None, max_length=5, description="Accepted and stored.")
+    integrations: list[dict[str, Any]] | None = Field(
+        None, max_length=5, description='Supported: one {"type": "mlflow", "mlflow": {"experiment_name", '
+        '"run_name", "tags"}} (the job\'s run in the platform\'s MLflow, experiment <tenant>/<experiment_name>); '
+        'any other type (wandb, ...) is a 400 (service.integrations).',
+        examples=[[{"type": "mlflow", "mlflow": {"experiment_name": "sweep-1", "run_name": "lr-1e-4",
+                                                 "tags": {"team": "vision"}}}]])
     # extensions
     lora: LoraSpec | None = Field(None, description="LoRA rank/alpha/dropout/targets (extension).")
     quantization: Quantization | None = Field(None, description="'4bit' for Q-LoRA (extension).")
@@ -132,6 +145,13 @@ class JobCreate(_Strict):
     micro_batch_size: int | None = Field(
         None, ge=1, le=1024, description="Samples per forward pass per worker; batch_size must be a multiple "
         "(extension; default 1, i.e. gradient accumulation over batch_size passes).")
+    min_pixels: int | None = Field(
+        None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND, description="Qwen2-VL / Qwen2.5-VL / Qwen3-VL base models: "
+        "smallest image area after resizing, in pixels (extension; default: the base model's processor).")
+    max_pixels: int | None = Field(
+        None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND, description="Qwen2-VL / Qwen2.5-VL / Qwen3-VL base models: "
+        "largest image area after resizing, in pixels; lower it when large images run out of memory (extension; "
+        "default: the base model's processor).")
     max_wall_clock_s: int | None = Field(
         None, ge=1, le=10**8, description="Seconds the job may run once started; default and upper bound: the "
         "tenant's job_max_wall_clock_s cap (extension).")
@@ -226,6 +246,10 @@ class EstimateRequest(_Strict):
     training_file: str = Field(min_length=1, max_length=64)
     n_epochs: int = Field(1, ge=1, le=50)
     tokens_per_second: float | None = Field(None, gt=0, description="Throughput to assume (default: settings).")
+    min_pixels: int | None = Field(None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND,
+                                   description="The job's min_pixels: image tokens are counted with it.")
+    max_pixels: int | None = Field(None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND,
+                                   description="The job's max_pixels: image tokens are counted with it.")
 
 
 class EstimatePublic(BaseModel):
@@ -323,6 +347,8 @@ class TenantMlflow(BaseModel):
     password: str = Field(description="Shown once; the service does not store it.")
     experiment_id: str
     experiment_name: str
+    experiment_url: str = Field(description="The experiment's page in MLflow's model-training view (runs, datasets, "
+                                "metric charts); MLflow 3.17 otherwise opens experiments in its GenAI traces view.")
 
 
 class TenantCreated(BaseModel):

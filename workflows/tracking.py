@@ -1,30 +1,47 @@
 """MLflow tracking of a fine-tuning job (rank 0 only): one experiment per tenant, one run per job.
 
 ``MlflowTracker`` is the training loop's ``StartSink`` + ``MetricSink``: it starts (or, after a restart,
-re-attaches to) the run named after the job id (tag ``qwenvl.job_id``), logs every parameter, per-step training
-metrics, evaluation metrics and system metrics; ``finish`` logs the adapter (PEFT files + meta.json), the
-resolved config, the dataset validation reports and a loss-curve plot as artifacts, registers the adapter as a
-new version of the tenant's model with tags (job id, base model) and an alias, and ends the run.
+re-attaches to) the job's run (tag ``qwenvl.job_id``; named ``tracking.run_name``, default the job id) in an
+experiment marked as a model-training experiment (``EXPERIMENT_KIND_TAG``; MLflow 3.17.2's UI picks its view
+from its own switch, see ``service.mlflow_tenants``), with ``tracking.tags`` (the service's lineage tags: base model, parent model, file ids, a description);
+logs the training / validation files as dataset inputs (name, digest = the file's sha256, source = its storage
+URI; ``tracking.datasets``, else the spec's files hashed here), every parameter, per-step training metrics,
+evaluation metrics and system metrics; ``finish`` logs the adapter (PEFT files + meta.json), the resolved config,
+the dataset validation reports and a loss-curve plot as artifacts, registers the adapter as a new version of the
+tenant's model with tags (job id, base model) and an alias, and ends the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from qwenvl_core.specs import FineTuneJobSpec, JobState, tenant_experiment_name
+from qwenvl_core.specs import (
+    EXPERIMENT_KIND_MODEL_TRAINING,
+    EXPERIMENT_KIND_TAG,
+    FineTuneJobSpec,
+    JobState,
+    TrackedDataset,
+    tenant_experiment_name,
+)
+from qwenvl_core.storage import iter_chunks, open_store
 
 JOB_TAG = "qwenvl.job_id"
 ALIAS = "latest-finetune"
 MAX_PARAM_CHARS = 6000
 FLUSH_EVERY_S = 2.0  # metrics are sent in batches at most this often (one request per step slowed short steps 5x)
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+DIGEST_CHARS = 32  # a dataset digest is the file's sha256, cut to MLflow's limit (36 characters)
 
 
 def experiment_name(spec: FineTuneJobSpec) -> str:
@@ -52,9 +69,14 @@ class MlflowTracker:
         self._flushed = time.monotonic()
 
     def _experiment_id(self) -> str:
+        """The experiment's id (created when missing), marked as a model-training experiment."""
         name = experiment_name(self.spec)
         found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found else self.client.create_experiment(name)
+        if found is None:
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_MODEL_TRAINING})
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND_MODEL_TRAINING:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_MODEL_TRAINING)
+        return found.experiment_id
 
     def _existing_run(self, experiment_id: str) -> str | None:
         runs = self.client.search_runs([experiment_id], f"tags.`{JOB_TAG}` = '{self.spec.job_id}'", max_results=1)
@@ -67,11 +89,16 @@ class MlflowTracker:
         if self.run_id is not None:  # a restarted job re-attaches to its run
             run = mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
         else:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.spec.job_id, tags=tags,
-                                   log_system_metrics=self.system_metrics)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.spec.tracking.run_name or
+                                   self.spec.job_id, tags=tags, log_system_metrics=self.system_metrics)
         resumed = self.run_id is not None
         self.run_id = run.info.run_id
         if not resumed:
+            datasets = self.spec.tracking.datasets
+            if datasets is None:
+                datasets = local_datasets(self.spec)
+            for dataset in datasets:
+                mlflow.log_input(mlflow_dataset(dataset), context=dataset.context)
             params = {k: _param(v) for k, v in info["params"].items()}
             mlflow.log_params(params)
             mlflow.log_dict(info["config"], "config/resolved_config.json")
@@ -122,6 +149,34 @@ class MlflowTracker:
     def fail(self) -> None:
         if mlflow.active_run() is not None:
             mlflow.end_run("FAILED")
+
+
+def mlflow_dataset(dataset: TrackedDataset) -> MetaDataset:
+    """The MLflow dataset of a data file: its name, its sha256 as digest, its storage URI as source."""
+    with warnings.catch_warnings():  # a local path matches MLflow's local source under two schemes; same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(dataset.uri)
+    return MetaDataset(source, name=dataset.name, digest=dataset.sha256[:DIGEST_CHARS])
+
+
+def local_datasets(spec: FineTuneJobSpec) -> list[TrackedDataset]:
+    """Dataset inputs of a spec that lists none (``qwenvl finetune``): its files, named by their basename, hashed."""
+    files = [("training", spec.train_file), *([("validation", spec.validation_file)] if spec.validation_file else [])]
+    return [TrackedDataset(context=context, name=uri.rstrip("/").rsplit("/", 1)[-1], sha256=_sha256(uri), uri=uri)
+            for context, uri in files]
+
+
+def _sha256(uri: str) -> str:
+    digest = hashlib.sha256()
+    if uri.startswith("s3://"):
+        store, key = open_store(uri)
+        stream = store.open_read(key)
+    else:
+        stream = Path(uri).open("rb")
+    with stream:
+        for chunk in iter_chunks(stream):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _param(value: Any) -> str:

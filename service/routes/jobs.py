@@ -12,13 +12,14 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from qwenvl_core.runs import RunDir
-from service import caps, job_states, usage
+from service import caps, integrations, job_states, usage
 from service import repository as repo
 from service.admission import cancel_on_disconnect
 from service.deps import Ctx, SessionDep, StorageDep, TenantDep
 from service.errors import Conflict, InvalidRequest, QuotaExceeded, TimedOut
-from service.jobspec import build_spec, extensions, resolved_hyperparameters
+from service.jobspec import build_spec, check_pixel_options, extensions, resolved_hyperparameters
 from service.limits import EstimateBusy, EstimateSlots
+from service.mlflow_tenants import provision_experiment
 from service.models import File, Tenant
 from service.scheduler import add_service_event
 from service.schemas import (
@@ -62,6 +63,7 @@ def _check_file(s: Session, tenant: Tenant, file_id: str, param: str) -> None:
 def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage: StorageDep, ctx: Ctx) -> JobPublic:
     """Create a job; it waits in validating_files until its files are validated, then queues."""
     base_path = _check_model(session, ctx.settings, tenant, body.model)
+    check_pixel_options(base_path, body.model, body.min_pixels, body.max_pixels)  # 400 naming the option
     _check_file(session, tenant, body.training_file, "training_file")
     if body.validation_file:
         if body.validation_file == body.training_file:
@@ -77,9 +79,12 @@ def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage:
                       validation_uri=None, output_uri=output_uri, seed=seed, hyperparameters=hp, ext=ext)
     max_wall_clock_s = caps.check_job(ctx.settings, tenant, body, spec)  # 400 limit_exceeded
     usage.require_headroom(session, tenant)  # 403 storage_quota_exceeded
+    tracked = integrations.parse(body.integrations, ctx.settings)  # 400 naming integrations[i].<field>
+    if (options := integrations.mlflow_options(tracked)) is not None and options.experiment_name != "default":
+        provision_experiment(ctx.settings, tenant.id, options.experiment_name)  # readable by the tenant's login
     job = repo.add_job(session, id=job_id, tenant_id=tenant.id, model=body.model, training_file=body.training_file,
                        validation_file=body.validation_file, suffix=body.suffix, seed=seed, meta=body.metadata,
-                       request={"hyperparameters": hp, "extensions": ext, "integrations": body.integrations},
+                       request={"hyperparameters": hp, "extensions": ext, "integrations": tracked},
                        output_uri=output_uri, max_wall_clock_s=max_wall_clock_s)
     add_service_event(session, job, f"Created fine-tuning job: {job_id}")
     ctx.scheduler.wake()
@@ -157,8 +162,14 @@ def _estimate_inputs(session: Session, settings: Settings, tenant: Tenant, body:
     if not Path(base_path).is_dir():
         raise InvalidRequest(f"model {body.model!r}: its tokenizer directory {base_path!r} is not available to the "
                              "control plane, so tokens cannot be counted", param="model", code="estimate_unavailable")
+    check_pixel_options(base_path, body.model, body.min_pixels, body.max_pixels)
     session.commit()  # the worker may run for minutes: do not hold a pooled connection meanwhile
     return base_path, row
+
+
+def _pixels(body: EstimateRequest) -> dict[str, int]:
+    """The job's pixel options the estimate counts image tokens with (``min_pixels`` / ``max_pixels`` set)."""
+    return {k: v for k, v in (("min_pixels", body.min_pixels), ("max_pixels", body.max_pixels)) if v is not None}
 
 
 @router.post("/estimate", operation_id="fine-tuning-estimate")
@@ -180,7 +191,7 @@ async def estimate(body: EstimateRequest, request: Request, tenant: TenantDep, s
         async with slots.hold(tenant.id, deadline):
             out = await cancel_on_disconnect(request, lambda: run_worker_async(
                 storage, row.storage_key, row.filename, max(0.0, deadline - time.monotonic()), model_dir=base_path,
-                epochs=body.n_epochs, tokens_per_second=tps))
+                epochs=body.n_epochs, tokens_per_second=tps, pixels=_pixels(body)))
     except EstimateBusy:
         raise QuotaExceeded(f"an estimate of this tenant is already running; wait for its answer (at most "
                             f"{timeout:g} s) before starting another", code="too_many_concurrent_estimates") from None
