@@ -35,6 +35,8 @@ def create(
     if mlflow:
         typer.echo(f"mlflow   {mlflow.get('tracking_uri')}  user {mlflow.get('username')}  "
                    f"password {mlflow.get('password')}")
+        if mlflow.get("experiment_url"):
+            typer.echo(f"runs     {mlflow['experiment_url']}")
 
 
 @app.command("list")
