@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qwenvl_core.data.bundle import write_bundle
 from qwenvl_core.data.formats import Sample, to_qwen_record
-from qwenvl_core.data.synth import generate_samples
+from qwenvl_core.data.synth import generate_count_samples, generate_samples
 
 # generate_samples cycles through: colour, shape, count, position, grounding, compare.
 _KINDS = ("colour", "shape", "count", "position", "grounding", "compare")
@@ -50,9 +50,19 @@ def _write(out: Path, name: str, samples: list[Sample]) -> Path:
 
 
 def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int = 48, seed: int = 0,
-                       kinds: tuple[str, ...] = ("colour", "grounding")) -> DemoData:
-    """Write ``train.zip`` and ``validation.zip`` (held-out images and questions) into ``out_dir``."""
+                       kinds: tuple[str, ...] = ("colour", "grounding"), task: str = "colours") -> DemoData:
+    """Write ``train.zip`` and ``validation.zip`` (held-out images and questions) into ``out_dir``.
+
+    ``task``: ``colours`` (the ``kinds`` above) or ``counting`` (``synth.generate_count_samples``: "How many shapes
+    are there?", 1 to 4, chance 1/4; no grounding question)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if task == "counting":
+        train = generate_count_samples(n_train, seed, out_dir / "images-train")
+        val = generate_count_samples(n_validation, seed + 1, out_dir / "images-val")
+        return DemoData(_write(out_dir, "train", train), _write(out_dir, "validation", val), len(train), len(val),
+                        None, None)
+    if task != "colours":
+        raise ValueError(f"unknown demo task {task!r}; known: colours, counting")
     per_cycle = len(kinds)
     cycles_train = -(-n_train // per_cycle)
     cycles_val = -(-n_validation // per_cycle)

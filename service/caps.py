@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from qwenvl_core import autotune
 from qwenvl_core.specs import FineTuneJobSpec
 from service.errors import InvalidRequest
 from service.limits import ADMISSION_LIMITS
@@ -101,6 +102,13 @@ def effective_caps(settings: Settings, tenant: Tenant) -> dict[str, Any]:
     """Every cap's value for ``tenant``: its override where it has one, the global setting otherwise."""
     overrides = tenant.limits or {}
     return {name: overrides.get(name, getattr(settings, name)) for name in LIMIT_FIELDS}
+
+
+def auto_caps(settings: Settings, tenant: Tenant) -> autotune.Caps:
+    """The caps ``auto`` hyperparameters stay within for ``tenant`` (``qwenvl_core.autotune``)."""
+    caps = effective_caps(settings, tenant)
+    return autotune.Caps(max_epochs=int(caps["job_max_epochs"]), max_micro_batch_size=int(caps["job_max_micro_batch_size"]),
+                         max_lora_rank=int(caps["job_max_lora_rank"]))
 
 
 def _who(tenant: Tenant, name: str) -> str:

@@ -1,5 +1,12 @@
-"""From an API job request to the training contract: resolved hyperparameters, extensions and the
-``FineTuneJobSpec`` the workflow runs. Invalid combinations surface as 400s naming the field.
+"""From an API job request to the training contract: hyperparameters (``auto`` resolved by
+``qwenvl_core.autotune``), extensions and the ``FineTuneJobSpec`` the workflow runs. Invalid combinations surface as
+400s naming the field.
+
+``auto``: at create time the LoRA fields a request leaves unset come from the base model's training defaults (they
+do not depend on the data), and the job keeps ``"auto"`` for ``n_epochs``, ``batch_size``,
+``learning_rate_multiplier`` and (unset) ``micro_batch_size``; once its files are validated the scheduler resolves
+them from the training file's statistics (``resolve_request``) and records the values on the job. A spec built
+while a value is still ``auto`` uses the data-free resolution (the create-time checks, caps included).
 """
 
 from __future__ import annotations
@@ -9,10 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from qwenvl_core import autotune
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.models import pixel_budget
 from qwenvl_core.specs import FineTuneJobSpec
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, Unavailable
 from service.schemas import JobCreate
 
 _EXTENSIONS = ("lora", "quantization", "compute", "evaluation", "checkpoint", "max_steps", "micro_batch_size",
@@ -21,29 +29,95 @@ _EXTENSIONS = ("lora", "quantization", "compute", "evaluation", "checkpoint", "m
 _HYPERPARAMETER_EXTENSIONS = ("max_steps", "micro_batch_size", "min_pixels", "max_pixels")
 
 
+_AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
 def resolved_hyperparameters(body: JobCreate) -> dict[str, Any]:
-    """OpenAI's three hyperparameters with ``auto`` replaced by the values used (the job shows these)."""
+    """OpenAI's three hyperparameters as the job shows them at creation: numbers as given, ``"auto"`` for the ones
+    the scheduler resolves once the files are validated (``resolve_request``)."""
     hp = body.effective_hyperparameters()
-    return {
-        "n_epochs": 1 if hp.n_epochs == "auto" else hp.n_epochs,
-        "batch_size": 1 if hp.batch_size == "auto" else hp.batch_size,
-        "learning_rate_multiplier": 1.0 if hp.learning_rate_multiplier == "auto" else float(hp.learning_rate_multiplier),
-    }
+    lrm = hp.learning_rate_multiplier
+    return {"n_epochs": hp.n_epochs, "batch_size": hp.batch_size,
+            "learning_rate_multiplier": lrm if lrm == "auto" else float(lrm)}
 
 
-def extensions(body: JobCreate) -> dict[str, Any]:
+def base_defaults(base_path: str, model: str) -> autotune.TrainingDefaults:
+    """The base model's training defaults (``qwenvl_core.autotune.base_defaults``); 503 when its
+    ``training_defaults.json`` is broken (the operator's file, not the request)."""
+    try:
+        return autotune.base_defaults(base_path)[0]
+    except ConfigError as exc:
+        raise Unavailable(f"model {model!r}: its training defaults cannot be read ({exc}); tell the operator",
+                          param="model", code="model_misconfigured") from None
+
+
+def extensions(body: JobCreate, defaults: autotune.TrainingDefaults = autotune.PLATFORM_DEFAULTS,
+               caps: autotune.Caps = autotune.NO_CAPS) -> tuple[dict[str, Any], str | None]:
+    """The request's extensions, with the LoRA fields it left unset (or ``r: "auto"``) from the base model's
+    ``defaults`` (the job shows the LoRA it trains), and the event saying so (None when nothing was taken)."""
     dumped = body.model_dump(mode="json", include=set(_EXTENSIONS), exclude_none=True)
-    return {k: dumped[k] for k in _EXTENSIONS if k in dumped}
+    if dumped.get("micro_batch_size") == "auto":
+        del dumped["micro_batch_size"]  # resolved with the other auto values once the files are validated
+    given = body.model_dump(mode="json", include={"lora"}, exclude_unset=True).get("lora") or {}
+    dumped["lora"], reasons = autotune.resolve_lora(given, defaults, caps)
+    event = ("auto: " + ", ".join(f"{k} {dumped['lora'][k.removeprefix('lora.')]} ({why})"
+                                  for k, why in reasons.items())) if reasons else None
+    return {k: dumped[k] for k in _EXTENSIONS if k in dumped}, event
+
+
+def requested(hyperparameters: dict[str, Any], ext: dict[str, Any]) -> autotune.Requested:
+    """What a stored request asks for (None: ``auto``)."""
+    def given(value: Any) -> Any:
+        return None if value == "auto" else value
+
+    return autotune.Requested(
+        n_epochs=given(hyperparameters.get("n_epochs", "auto")),
+        batch_size=given(hyperparameters.get("batch_size", "auto")),
+        learning_rate_multiplier=given(hyperparameters.get("learning_rate_multiplier", "auto")),
+        micro_batch_size=ext.get("micro_batch_size"), max_steps=ext.get("max_steps"),
+        workers=int((ext.get("compute") or {}).get("num_workers", 1)))
+
+
+def _with_values(hyperparameters: dict[str, Any], ext: dict[str, Any], resolution: autotune.Resolution
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    values = resolution.values
+    return ({k: values[k] for k in _AUTO_FIELDS} | {k: v for k, v in hyperparameters.items() if k not in _AUTO_FIELDS},
+            {**ext, "micro_batch_size": values["micro_batch_size"]})
+
+
+def has_auto(hyperparameters: dict[str, Any], ext: dict[str, Any]) -> bool:
+    return any(hyperparameters.get(k) == "auto" for k in _AUTO_FIELDS) or "micro_batch_size" not in ext
+
+
+def resolve_request(request: dict[str, Any], base_path: str, train_stats: dict[str, Any] | None,
+                    caps: autotune.Caps) -> tuple[dict[str, Any], autotune.Resolution | None]:
+    """The stored job request with its ``auto`` values decided from the base model's defaults and the training
+    file's validation statistics (``train_stats``: its report's ``stats``; None when the file was stored without a
+    report: then the data-free values); (request, resolution), resolution None when nothing was ``auto``.
+    ``ConfigError`` when the base model's training defaults are broken."""
+    hp, ext = request["hyperparameters"], request.get("extensions", {})
+    if not has_auto(hp, ext):
+        return request, None
+    defaults = autotune.base_defaults(base_path)[0]
+    data = autotune.DataStats.from_report(train_stats, autotune.image_tokens(base_path, ext.get("max_pixels")))
+    resolution = autotune.resolve(requested(hp, ext), defaults, data, caps)
+    new_hp, new_ext = _with_values(hp, ext, resolution)
+    return {**request, "hyperparameters": new_hp, "extensions": new_ext}, resolution
 
 
 def build_spec(*, job_id: str, tenant_id: str, base_model_path: str, train_uri: str, validation_uri: str | None,
                output_uri: str, seed: int, hyperparameters: dict[str, Any], ext: dict[str, Any],
-               tracking_uri: str | None = None, tracking: dict[str, Any] | None = None) -> FineTuneJobSpec:
+               tracking_uri: str | None = None, tracking: dict[str, Any] | None = None,
+               caps: autotune.Caps = autotune.NO_CAPS) -> FineTuneJobSpec:
     """The job's ``FineTuneJobSpec``; ``InvalidRequest`` (field named) when the combination is invalid.
 
-    With ``tracking_uri`` (the platform's MLflow server) the job logs into its tenant's experiment; ``tracking``
-    adds the other ``TrackingSpec`` fields (``service.integrations.job_tracking``).
+    Values still ``auto`` take their data-free resolution (the base model's defaults within ``caps``). With
+    ``tracking_uri`` (the platform's MLflow server) the job logs into its tenant's experiment; ``tracking`` adds the
+    other ``TrackingSpec`` fields (``service.integrations.job_tracking``).
     """
+    if has_auto(hyperparameters, ext):
+        hyperparameters, ext = _with_values(hyperparameters, ext, autotune.resolve(
+            requested(hyperparameters, ext), base_defaults(base_model_path, base_model_path), None, caps))
     hp = dict(hyperparameters) | {k: ext[k] for k in _HYPERPARAMETER_EXTENSIONS if k in ext}
     doc: dict[str, Any] = {
         "job_id": job_id, "tenant_id": tenant_id, "base_model": base_model_path, "train_file": train_uri,

@@ -4,7 +4,9 @@ Every API process runs a ``Scheduler`` thread; each tick it tries to take or ren
 (``repository.take_lease``, which hands out a fencing epoch) and does work only while it holds it. A tick:
 
 1. re-submits files stuck in ``uploaded`` (their validator died with a previous process);
-2. moves ``validating_files`` jobs to ``queued`` (files valid) or ``failed`` (a file has errors or was deleted);
+2. moves ``validating_files`` jobs to ``queued`` (files valid; ``auto`` hyperparameters resolved from the training
+   file's statistics and recorded on the job, with an event saying why) or ``failed`` (a file has errors or was
+   deleted);
 3. ingests each running job's run directory (``qwenvl_core.runs.RunDir``): new events, progress, and at the
    end ``result.json`` -> ``succeeded`` (adapter registered as ``ft:{base}:{tenant}:{suffix}:{job_id}``, the
    ``on_adapter_ready`` hooks told) / ``failed`` / ``cancelled``;
@@ -39,11 +41,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from qwenvl_core import autotune
+from qwenvl_core.errors import ConfigError
 from qwenvl_core.runs import RunDir
 from service import integrations, job_states
 from service import repository as repo
+from service.caps import auto_caps
 from service.context import AdapterReady
-from service.jobspec import build_spec
+from service.jobspec import build_spec, resolve_request
 from service.launcher import TERMINAL, Launcher, LauncherUnavailable
 from service.models import File, Job
 from service.settings import Settings
@@ -186,8 +191,25 @@ class Scheduler:
                 return
             if problem is not None:
                 self._fail(s, job, *problem, expected="validating_files")
-            else:
-                self._move(s, job, "queued", "Files validated; job queued", expected="validating_files")
+                return
+            try:
+                request, auto = self._resolve_auto(s, job)
+            except ConfigError as exc:  # the operator's training_defaults.json: the job cannot be sized
+                self._fail(s, job, "model_misconfigured", f"model {job.model!r}: {exc}", "model",
+                           expected="validating_files")
+                return
+            if self._move(s, job, "queued", "Files validated; job queued", expected="validating_files",
+                          request=request) and auto is not None:
+                add_service_event(s, job, auto.message(), data={"auto": auto.reasons, "values": auto.values})
+
+    def _resolve_auto(self, s: Session, job: Job) -> tuple[dict[str, Any], autotune.Resolution | None]:
+        """The job's request with its ``auto`` hyperparameters decided from the base model's training defaults and
+        the training file's validation statistics, within the tenant's caps (``service.jobspec.resolve_request``)."""
+        train = repo.file_by_id(s, file_id=job.training_file)
+        stats = (train.validation or {}).get("stats") if train is not None else None
+        tenant = repo.get_tenant(s, tenant_id=job.tenant_id)
+        return resolve_request(job.request, self.settings.base_models.get(job.model, job.model), stats,
+                               auto_caps(self.settings, tenant))
 
     def _files_verdict(self, s: Session, job: Job) -> tuple[bool, tuple[str, str, str] | None]:
         """(all files processed, the first problem as (code, message, param) or None)."""
@@ -506,8 +528,9 @@ class Scheduler:
                           conditions=conditions, error={"code": code, "message": message, "param": param})
 
 
-def add_service_event(s: Session, job: Job, message: str, level: str = "info") -> None:
+def add_service_event(s: Session, job: Job, message: str, level: str = "info",
+                      data: dict[str, Any] | None = None) -> None:
     """An event written by the service itself (negative seq, never colliding with the run's events)."""
     seq = repo.next_service_seq(s, job_id=job.id)
     repo.add_events(s, job_id=job.id, events=[{"seq": seq, "created_at": repo.now(), "level": level,
-                                               "type": "message", "message": message, "data": {}}])
+                                               "type": "message", "message": message, "data": data or {}}])

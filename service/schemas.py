@@ -7,9 +7,9 @@ validation reports, progress) are additional optional fields, so unchanged OpenA
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from qwenvl_core.specs import (
     MAX_PIXELS_BOUND,
@@ -84,10 +84,32 @@ class Deleted(BaseModel):
 
 
 # ----- fine-tuning jobs ---------------------------------------------------------------------------------------
+_AUTO_RULE = "auto: decided from the base model's training defaults and the training file (docs/hyperparameters.md)"
+
+
+def _auto_or_number(name: str, value: Any, kinds: tuple[type, ...]) -> Any:
+    """``value`` when it is ``"auto"`` or a number of ``kinds`` (never a bool); else a message naming ``name``."""
+    if value == "auto" or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value
+    what = "an integer" if kinds == (int,) else "a number"
+    raise ValueError(f"{name} must be {what} or 'auto', got {value!r}")
+
+
 class Hyperparameters(_Strict):
-    n_epochs: int | Auto = Field("auto", description="1-50; auto = 1.")
-    batch_size: int | Auto = Field("auto", description="1-1024 samples per step per worker; auto = 1.")
-    learning_rate_multiplier: float | Auto = Field("auto", description="(0, 1000]; auto = 1.")
+    n_epochs: int | Auto = Field("auto", description=f"1-50; {_AUTO_RULE}.")
+    batch_size: int | Auto = Field("auto", description=f"1-1024 samples per step per worker; {_AUTO_RULE}.")
+    learning_rate_multiplier: float | Auto = Field(
+        "auto", description=f"(0, 1000], multiplies the learning rate 1e-5; {_AUTO_RULE}.")
+
+    @field_validator("n_epochs", "batch_size", mode="before")
+    @classmethod
+    def _integer_or_auto(cls, v: Any, info: ValidationInfo) -> Any:
+        return _auto_or_number(str(info.field_name), v, (int,))
+
+    @field_validator("learning_rate_multiplier", mode="before")
+    @classmethod
+    def _number_or_auto(cls, v: Any) -> Any:
+        return _auto_or_number("learning_rate_multiplier", v, (int, float))
 
     @field_validator("n_epochs")
     @classmethod
@@ -109,6 +131,20 @@ class Hyperparameters(_Strict):
         if isinstance(v, float | int) and not 0 < v <= 1000:
             raise ValueError(f"learning_rate_multiplier must be in (0, 1000], got {v}")
         return v
+
+
+class LoraRequest(LoraSpec):
+    """``LoraSpec`` as a request gives it: ``r`` may be ``auto``, and every field left unset (r, alpha, dropout,
+    targets) is taken from the base model's training defaults (``qwenvl_core.autotune.resolve_lora``)."""
+
+    r: int | Auto = Field("auto", description=f"LoRA rank 1-1024; {_AUTO_RULE}.")  # type: ignore[assignment]
+
+    @field_validator("r", mode="before")
+    @classmethod
+    def _rank(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+            return v
+        raise ValueError(f"lora.r must be an integer from 1 to 1024 or 'auto', got {v!r}")
 
 
 class Supervised(_Strict):
@@ -136,15 +172,17 @@ class JobCreate(_Strict):
         examples=[[{"type": "mlflow", "mlflow": {"experiment_name": "sweep-1", "run_name": "lr-1e-4",
                                                  "tags": {"team": "vision"}}}]])
     # extensions
-    lora: LoraSpec | None = Field(None, description="LoRA rank/alpha/dropout/targets (extension).")
+    lora: LoraRequest | None = Field(
+        None, description="LoRA rank/alpha/dropout/targets (extension); unset fields: the base model's defaults.")
     quantization: Quantization | None = Field(None, description="'4bit' for Q-LoRA (extension).")
     compute: ComputeSpec | None = Field(None, description="Workers, GPUs, strategy ddp|zero2|zero3 (extension).")
     evaluation: EvalSpec | None = Field(None, description="Evaluation and early stopping (extension).")
     checkpoint: CheckpointSpec | None = Field(None, description="Checkpoint cadence (extension).")
     max_steps: int | None = Field(None, ge=1, le=10**9, description="Stop after this many steps (extension).")
-    micro_batch_size: int | None = Field(
-        None, ge=1, le=1024, description="Samples per forward pass per worker; batch_size must be a multiple "
-        "(extension; default 1, i.e. gradient accumulation over batch_size passes).")
+    micro_batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto | None = Field(
+        None, description="Samples per forward pass per worker, 1-1024; batch_size must be a multiple "
+        "(extension; unset or auto: the largest divisor of batch_size that fits the base model's tokens per "
+        "forward pass, docs/hyperparameters.md).")
     min_pixels: int | None = Field(
         None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND, description="Qwen2-VL / Qwen2.5-VL / Qwen3-VL base models: "
         "smallest image area after resizing, in pixels (extension; default: the base model's processor).")
@@ -155,6 +193,13 @@ class JobCreate(_Strict):
     max_wall_clock_s: int | None = Field(
         None, ge=1, le=10**8, description="Seconds the job may run once started; default and upper bound: the "
         "tenant's job_max_wall_clock_s cap (extension).")
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _micro_integer_or_auto(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+            return v
+        raise ValueError(f"micro_batch_size must be an integer from 1 to 1024 or 'auto', got {v!r}")
 
     @field_validator("metadata")
     @classmethod

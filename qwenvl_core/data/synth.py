@@ -7,6 +7,8 @@ the pixels cannot beat chance. Grounding answers are ``<ref>the red circle</ref>
 
 ``write_synth_dataset`` writes ``images/*.png``, ``train`` and ``validation`` data files (``.json`` list for the
 Qwen-VL format, ``.jsonl`` for OpenAI) and, unless disabled, one self-contained ``.zip`` bundle per split.
+``generate_count_samples`` makes a counting-only set (equal shapes in one colour per picture), a task other than
+colours for checking that a base model's ``auto`` hyperparameters learn more than one kind of question.
 Everything is a deterministic function of the seed.
 """
 
@@ -188,6 +190,32 @@ def generate_samples(n: int, seed: int, image_dir: Path, image_size: int = 112,
         gen.colour, gen.shape, gen.count, gen.position, gen.grounding, gen.compare,
     ]
     return [Sample(f"synth-{seed}-{i:06d}", kinds[i % len(kinds)]()) for i in range(n)]
+
+
+def generate_count_samples(n: int, seed: int, image_dir: Path, image_size: int = 112, max_count: int = 4,
+                           side: float = 1 / 4) -> list[Sample]:
+    """``n`` counting questions ("How many shapes are there?", answer 1 to ``max_count``, uniform: chance
+    1 / ``max_count``): equal shapes (side ``side`` of the picture's), one colour per picture, kinds mixed. The
+    count is the only thing the answer depends on; a model can read it from how much of the picture is covered."""
+    if not 1 <= max_count <= 6 or not 0 < side <= 0.3:
+        raise DataError(f"need 1 <= max_count <= 6 and 0 < side <= 0.3, got {max_count}, {side}")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    gen = _Generator(rng, image_dir, image_size, None)
+    px = round(image_size * side)
+    samples = []
+    for i in range(n):
+        count, colour = rng.randint(1, max_count), rng.choice(list(COLOURS))
+        boxes: list[PixelBox] = []
+        while len(boxes) < count:
+            x, y = rng.randint(2, image_size - px - 2), rng.randint(2, image_size - px - 2)
+            box = (x, y, x + px, y + px)
+            if all(_apart(box, b) for b in boxes):
+                boxes.append(box)
+        shapes = [Shape(colour, rng.choice(SHAPES), b) for b in boxes]
+        samples.append(Sample(f"count-{seed}-{i:06d}", _qa(gen.image(shapes), "How many shapes are there?",
+                                                          str(count))))
+    return samples
 
 
 def write_synth_dataset(out_dir: str | Path, fmt: DataFormat = DataFormat.QWEN, n: int = 120, seed: int = 0,

@@ -17,7 +17,13 @@ from service import repository as repo
 from service.admission import cancel_on_disconnect
 from service.deps import Ctx, SessionDep, StorageDep, TenantDep
 from service.errors import Conflict, InvalidRequest, QuotaExceeded, TimedOut
-from service.jobspec import build_spec, check_pixel_options, extensions, resolved_hyperparameters
+from service.jobspec import (
+    base_defaults,
+    build_spec,
+    check_pixel_options,
+    extensions,
+    resolved_hyperparameters,
+)
 from service.limits import EstimateBusy, EstimateSlots
 from service.mlflow_tenants import provision_experiment
 from service.models import File, Tenant
@@ -73,10 +79,13 @@ def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage:
         raise QuotaExceeded(f"concurrent job quota reached: {tenant.max_active_jobs} unfinished jobs allowed; wait "
                             "for one to finish or cancel one", code="concurrent_jobs_quota_exceeded")
     job_id, seed = repo.new_id("ftjob"), body.seed if body.seed is not None else secrets.randbelow(2**31)
-    hp, ext = resolved_hyperparameters(body), extensions(body)
+    auto_caps = caps.auto_caps(ctx.settings, tenant)  # auto values stay within the tenant's caps
+    hp, (ext, lora_auto) = resolved_hyperparameters(body), extensions(body, base_defaults(base_path, body.model),
+                                                                       auto_caps)
     output_uri = storage.run_uri(tenant.id, job_id)
     spec = build_spec(job_id=job_id, tenant_id=tenant.id, base_model_path=base_path, train_uri="check",
-                      validation_uri=None, output_uri=output_uri, seed=seed, hyperparameters=hp, ext=ext)
+                      validation_uri=None, output_uri=output_uri, seed=seed, hyperparameters=hp, ext=ext,
+                      caps=auto_caps)
     max_wall_clock_s = caps.check_job(ctx.settings, tenant, body, spec)  # 400 limit_exceeded
     usage.require_headroom(session, tenant)  # 403 storage_quota_exceeded
     tracked = integrations.parse(body.integrations, ctx.settings)  # 400 naming integrations[i].<field>
@@ -87,6 +96,8 @@ def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage:
                        request={"hyperparameters": hp, "extensions": ext, "integrations": tracked},
                        output_uri=output_uri, max_wall_clock_s=max_wall_clock_s)
     add_service_event(session, job, f"Created fine-tuning job: {job_id}")
+    if lora_auto is not None:
+        add_service_event(session, job, lora_auto)
     ctx.scheduler.wake()
     return job_public(job)
 

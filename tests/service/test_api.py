@@ -142,11 +142,13 @@ def test_create_get_list_cancel_and_events(api: Api) -> None:
     job = _job(api, suffix="demo", seed=7, metadata={"team": "vision"}, lora={"r": 8, "alpha": 16},
                method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
     assert job["object"] == "fine_tuning.job" and job["status"] == "validating_files" and job["seed"] == 7
-    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    # auto values show "auto" until the files are validated (docs/hyperparameters.md; tests/service/test_auto_hparams.py)
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"}
     assert job["extensions"]["lora"]["r"] == 8 and job["organization_id"] == api.tenant_a
     api.tick()
     got = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=auth(api.key_a)).json()
     assert got["status"] == "queued"  # no launcher in this app: it stays queued
+    assert got["hyperparameters"]["n_epochs"] == 2 and got["hyperparameters"]["batch_size"] == 1  # 4 samples
     listed = api.client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "vision"},
                             headers=auth(api.key_a)).json()
     assert [j["id"] for j in listed["data"]] == [job["id"]]
@@ -212,11 +214,11 @@ def test_estimate_counts_tokens_with_the_base_tokenizer(api: Api) -> None:
     ({"method": {"type": "dpo"}}, "method.type", "supervised"),
     ({"seed": "abc"}, "seed", "integer"),
     ({"suffix": "x" * 65}, "suffix", "64"),
-    ({"lora": {"r": 0}}, "lora.r", "greater than or equal to 1"),
+    ({"lora": {"r": 0}}, "lora.r", "an integer from 1 to 1024 or 'auto', got 0"),
     ({"quantization": "4bit", "compute": {"strategy": "zero3"}}, None, "zero3"),
     ({"micro_batch_size": 3, "method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 8}}}},
      "hyperparameters", "must be a multiple of micro_batch_size (3)"),
-    ({"micro_batch_size": 0}, "micro_batch_size", "greater than or equal to 1"),
+    ({"micro_batch_size": 0}, "micro_batch_size", "an integer from 1 to 1024 or 'auto', got 0"),
     ({"unknown_field": 1}, "unknown_field", "Extra inputs"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "16"),
 ])

@@ -82,4 +82,6 @@ def write_random_model(
         generation.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
         model.config.dtype = dtype
         save_model(model, staging)
+        if (training := spec.presets[preset].training) is not None:
+            training.write(staging)  # what `auto` hyperparameters read (qwenvl_core.autotune)
     return out

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenvl_core.autotune import TrainingDefaults
 from qwenvl_core.models.registry import FamilyName
 
 # Offsets of the vision tokens after <|endoftext|> (the first special token) in every Qwen2/2.5/3-VL tokenizer.
@@ -39,6 +40,9 @@ class Preset:
     published_params: float | None = None
     source: str = ""
     image_processor: Mapping[str, Any] = field(default_factory=dict)
+    # Training defaults written next to the weights (training_defaults.json, read by `auto` hyperparameters:
+    # qwenvl_core.autotune); None: the family's defaults apply (official checkpoints).
+    training: TrainingDefaults | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Our counts (meta device, tied weights once): 3,754,622,976 and 8,292,166,656.
 
 from __future__ import annotations
 
+from qwenvl_core.autotune import RANDOM_TINY
 from qwenvl_core.models.hf_vl.spec import Preset, config_token_ids
 from qwenvl_core.models.hf_vl.tokenizer import TINY_ORDINARY_TOKENS
 from qwenvl_core.models.qwen2_vl.presets import OFFICIAL_ORDINARY_TOKENS
@@ -107,5 +108,6 @@ PRESETS: dict[str, Preset] = {
                                      window_size=56, fullatt_block_indexes=[1, 3]),
         },
         image_processor={"min_pixels": 56 * 56, "max_pixels": 256 * 28 * 28},
+        training=RANDOM_TINY,  # qwen-vl-tiny's measured defaults: a random LM of the same size
     ),
 }

@@ -13,6 +13,7 @@ Our counts (meta device, tied weights once): 2,208,985,600 and 8,291,375,616.
 
 from __future__ import annotations
 
+from qwenvl_core.autotune import RANDOM_TINY
 from qwenvl_core.models.hf_vl.spec import Preset, config_token_ids
 from qwenvl_core.models.hf_vl.tokenizer import TINY_ORDINARY_TOKENS
 
@@ -82,5 +83,6 @@ PRESETS: dict[str, Preset] = {
             "vision_config": _vision(64, depth=2, embed_dim=32, mlp_ratio=2, num_heads=4),
         },
         image_processor={"min_pixels": 56 * 56, "max_pixels": 256 * 28 * 28},
+        training=RANDOM_TINY,  # qwen-vl-tiny's measured defaults: a random LM of the same size
     ),
 }

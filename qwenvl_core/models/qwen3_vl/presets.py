@@ -20,6 +20,7 @@ Our counts (meta device, tied weights once): 2,127,532,032, 4,437,815,808 and 8,
 
 from __future__ import annotations
 
+from qwenvl_core.autotune import RANDOM_TINY
 from qwenvl_core.models.hf_vl.spec import Preset, config_token_ids
 from qwenvl_core.models.hf_vl.tokenizer import TINY_ORDINARY_TOKENS
 from qwenvl_core.models.qwen2_vl.presets import OFFICIAL_ORDINARY_TOKENS
@@ -117,5 +118,6 @@ PRESETS: dict[str, Preset] = {
             tied=True,
         ),
         image_processor={"size": {"longest_edge": 256 * 32 * 32, "shortest_edge": 64 * 64}},
+        training=RANDOM_TINY,  # qwen-vl-tiny's measured defaults: a random LM of the same size
     ),
 }

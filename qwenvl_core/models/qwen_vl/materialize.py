@@ -23,7 +23,7 @@ import torch
 
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.models.qwen_vl.modeling import QWenLMHeadModel
-from qwenvl_core.models.qwen_vl.presets import build_config
+from qwenvl_core.models.qwen_vl.presets import build_config, training_defaults
 from qwenvl_core.models.qwen_vl.tiny_tokenizer import train_tiny_tokenizer
 from qwenvl_core.models.qwen_vl.tokenizer import special_token_ids
 from qwenvl_core.models.qwen_vl.weights import save_model
@@ -89,6 +89,8 @@ def write_random_model(
             torch.manual_seed(seed)
             model = QWenLMHeadModel(config).to(dtype)
         save_model(model, staging)
+        if (training := training_defaults(preset)) is not None:
+            training.write(staging)  # what `auto` hyperparameters read (qwenvl_core.autotune)
         if out.exists():
             out.rmdir()
         staging.rename(out)

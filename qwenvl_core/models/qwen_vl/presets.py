@@ -5,16 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenvl_core.autotune import RANDOM_TINY, TrainingDefaults
 from qwenvl_core.errors import PresetError
 from qwenvl_core.models.qwen_vl.config import QWenVLConfig
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named config: a one-line description and the QWenVLConfig keyword arguments."""
+    """A named config: a one-line description, the QWenVLConfig keyword arguments and, for models the official
+    recipe does not fit (random tiny ones), the training defaults ``materialize`` writes next to the weights
+    (``training_defaults.json``, read by ``auto`` hyperparameters: ``qwenvl_core.autotune``)."""
 
     description: str
     fields: dict[str, Any] = field(default_factory=dict)
+    training: TrainingDefaults | None = None
 
 
 # The full-size presets are QWenVLConfig's defaults, which are the official config.json values.
@@ -80,8 +84,15 @@ PRESETS: dict[str, Preset] = {
                 "pos_grid_size": 4,
             },
         },
+        training=RANDOM_TINY,
     ),
 }
+
+
+def training_defaults(name: str) -> TrainingDefaults | None:
+    """The training defaults preset ``name`` writes into its model directory (None: the family's apply)."""
+    preset = PRESETS.get(name)
+    return preset.training if preset is not None else None
 
 
 def build_config(name: str) -> QWenVLConfig:
