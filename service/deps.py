@@ -1,6 +1,7 @@
 """FastAPI dependencies as ``Annotated`` aliases: the context, a DB session per request, the caller's tenant.
 
-A request's session commits when the handler returns and rolls back when it raises. ``TenantDep`` accepts
+A request's session commits when the handler returns, before the response is sent (``scope="function"``: a
+client that gets a 200 for a created job can read it at once), and rolls back when it raises. ``TenantDep`` accepts
 only tenant keys; ``AdminDep`` only the admin key from settings.
 """
 
@@ -51,7 +52,7 @@ def get_session(ctx: Ctx) -> Iterator[Session]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[TenantStorage, Depends(get_storage)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # committed before the response is sent
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

@@ -365,3 +365,32 @@ def test_jobs_log_to_the_platform_mlflow_with_its_login(tmp_path, tiny_model_dir
                       tracking_uri=settings.mlflow_tracking_uri)
     assert spec.tracking.tracking_uri == "http://mlflow:5000"
     assert job_environment(make_settings(tmp_path, tiny_model_dir)) == {}
+
+
+def test_a_created_job_is_committed_before_its_response_is_sent(api: Api) -> None:
+    """A client that got the 200 must be able to read the job at once (the scheduler's restart test saw a 404 right
+    after a 200: the session used to commit after the response had been sent)."""
+    from service import repository as repo
+
+    app = api.client.app
+    seen: dict[str, bool] = {}
+
+    async def checking_app(scope: dict, receive: object, send: object) -> None:
+        async def checked_send(message: dict) -> None:
+            if message["type"] == "http.response.start" and scope["path"] == "/v1/fine_tuning/jobs":
+                with app.state.ctx.sessions() as session:  # another connection: sees only committed rows
+                    seen["committed"] = repo.count_active_jobs(session, tenant_id=api.tenant_b) > before
+            await send(message)  # type: ignore[operator]
+
+        await app(scope, receive, checked_send)  # type: ignore[operator]
+
+    file_b = upload(api.client, api.key_b)["id"]
+    assert wait_file(api.client, api.key_b, file_b)["status"] == "processed"
+    with app.state.ctx.sessions() as session:
+        before = repo.count_active_jobs(session, tenant_id=api.tenant_b)
+    client = TestClient(checking_app)
+    resp = client.post("/v1/fine_tuning/jobs", json={"model": "qwen-vl-tiny", "training_file": file_b},
+                       headers=auth(api.key_b))
+    assert resp.status_code == 200, resp.text
+    assert seen == {"committed": True}
+    api.client.post(f"/v1/fine_tuning/jobs/{resp.json()['id']}/cancel", headers=auth(api.key_b))
