@@ -17,7 +17,7 @@ from qwenvl_core.errors import PromptError
 from qwenvl_core.grounding.geometry import Frame, check_size, read_box, write_box
 from qwenvl_core.grounding.types import ImageSize, PixelObject, PixelPoint
 from qwenvl_core.grounding.v1_markup import rewrite_v1_markup
-from qwenvl_core.models.qwen_vl.grounding import validate_box_markup
+from qwenvl_core.models.qwen_vl.grounding import iter_ref_boxes, validate_box_markup
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _POINT = rf"\({_NUM},{_NUM}\)"
@@ -84,16 +84,8 @@ class TagCodec:
         return [PixelObject(ref, read_box(self.frame, values, image_size)) for ref, values in self._boxes(text)]
 
     def _boxes(self, text: str) -> Iterator[tuple[str | None, list[float]]]:
-        ref: str | None = None
-        last_end = 0
-        for match in self._ref_or_box.finditer(text):
-            if text[last_end : match.start()].strip():
-                ref = None
-            last_end = match.end()
-            if match["ref"] is not None:
-                ref = match["ref"].strip()
-                continue
-            coords = _BOX_COORDS.fullmatch(match["box"])
+        for ref, body in iter_ref_boxes(self._ref_or_box, text):
+            coords = _BOX_COORDS.fullmatch(body)
             if coords is not None:
                 yield ref, [float(v) for v in coords.groups()]
 

@@ -17,21 +17,12 @@ from pathlib import Path
 import torch
 
 from qwenvl_core.errors import ConfigError
+from qwenvl_core.models.dtypes import default_dtype
 from qwenvl_core.models.hf_vl.config import build_config
 from qwenvl_core.models.hf_vl.files import write_processor_files
 from qwenvl_core.models.hf_vl.spec import VISION_START_OFFSET, FamilySpec
 from qwenvl_core.models.hf_vl.tokenizer import TINY_ORDINARY_TOKENS, write_tokenizer
 from qwenvl_core.models.hf_vl.weights import save_model
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @contextmanager
@@ -73,7 +64,7 @@ def write_random_model(
     with _staging(out) as staging:
         write_tokenizer(spec, staging, n_ordinary)
         write_processor_files(spec, spec.presets[preset], staging)
-        with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+        with torch.random.fork_rng(devices=[]), default_dtype(dtype):
             torch.manual_seed(seed)
             model = spec.transformers_class("model_class")(config).to(dtype)
         generation = model.generation_config

@@ -115,19 +115,27 @@ def parse_grounding(text: str) -> list[GroundedObject]:
     boxes); a box after other text has no ref. Malformed boxes are skipped.
     """
     objects: list[GroundedObject] = []
+    for ref, body in iter_ref_boxes(_REF_OR_BOX, text):
+        box = _lenient_box(body)
+        if box is not None:
+            objects.append(GroundedObject(ref=ref, box=box))
+    return objects
+
+
+def iter_ref_boxes(pattern: re.Pattern[str], text: str) -> Iterator[tuple[str | None, str]]:
+    """``(ref, box body)`` of every box ``pattern`` (groups ``ref`` / ``box``) finds in ``text``, in order: a box
+    takes the ref written before it, also when several boxes follow one ref; other text in between clears it. The
+    tag conventions of v1 and Qwen2-VL (``qwenvl_core.grounding.tags``) read boxes this way."""
     ref: str | None = None
     last_end = 0
-    for match in _REF_OR_BOX.finditer(text):
+    for match in pattern.finditer(text):
         if text[last_end : match.start()].strip():
             ref = None
         last_end = match.end()
         if match["ref"] is not None:
             ref = match["ref"].strip()
             continue
-        box = _lenient_box(match["box"])
-        if box is not None:
-            objects.append(GroundedObject(ref=ref, box=box))
-    return objects
+        yield ref, match["box"]
 
 
 def parse_boxes_pixels(text: str, width: int, height: int) -> list[PixelObject]:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import base64
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from qwenvl_core.errors import ConfigError
+from qwenvl_core.models.dtypes import default_dtype
 from qwenvl_core.models.qwen_vl.modeling import QWenLMHeadModel
 from qwenvl_core.models.qwen_vl.presets import build_config, training_defaults
 from qwenvl_core.models.qwen_vl.tiny_tokenizer import train_tiny_tokenizer
@@ -58,16 +57,6 @@ def write_tokenizer(path: Path, n_ranks: int) -> None:
             out.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def write_random_model(
     out_dir: str | Path, *, preset: str = "qwen-vl-tiny", seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Path:
@@ -85,7 +74,7 @@ def write_random_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_tokenizer(staging / TOKENIZER_FILE, n_ranks)
-        with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+        with torch.random.fork_rng(devices=[]), default_dtype(dtype):
             torch.manual_seed(seed)
             model = QWenLMHeadModel(config).to(dtype)
         save_model(model, staging)
