@@ -4,7 +4,9 @@
 data library needs torch; the API must not import it), then stores the report on the file row: status
 ``processed`` when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
 ``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers stay in
-the API's process group, so stopping the group stops them too.
+the API's process group, so stopping the group stops them too. Workers are background work: niced by
+``WORKER_NICE`` and with one math thread each, so uploads and estimates do not take the CPU from API and chat
+requests (measured: ``bench/tenant_isolation.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -43,6 +46,24 @@ def _worker_command(storage: TenantStorage, key: str, name: str, model_dir: str 
     return cmd
 
 
+# Workers (validation after upload, estimates) are background work: they run at a lower CPU priority and with
+# one math thread, so a tenant's uploads and estimates cannot take the CPU from other tenants' API and chat requests.
+WORKER_NICE = 10
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _worker_env() -> dict[str, str]:
+    return {**os.environ, **_WORKER_ENV}
+
+
+def _lower_priority(pid: int) -> None:
+    """Renice a worker just started (``os.setpriority`` from the parent: no ``preexec_fn`` in a threaded process)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, pid) + WORKER_NICE, 19))
+    except OSError:  # it already exited, or the platform refuses: the worker runs at normal priority
+        pass
+
+
 def _worker_output(returncode: int, stdout: str, stderr: str, key: str, name: str) -> dict[str, Any]:
     if returncode != 0:
         tail = stderr.strip().splitlines()[-1:] or ["no output"]
@@ -59,7 +80,8 @@ def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, mo
     """The worker's JSON output for one stored object; ``Unavailable`` when the worker itself fails or runs
     longer than ``timeout_s`` (then it is killed)."""
     cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
+    _lower_priority(proc.pid)
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -80,7 +102,8 @@ async def run_worker_async(storage: TenantStorage, key: str, name: str, timeout_
     ``min_pixels`` / ``max_pixels`` for the base model's processor."""
     cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second, pixels)
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+                                                stderr=asyncio.subprocess.PIPE, env=_worker_env())
+    _lower_priority(proc.pid)
     try:
         with anyio.fail_after(timeout_s):
             stdout, stderr = await proc.communicate()
