@@ -42,7 +42,7 @@ from qwenvl_cli.stack import (
 DEMO_JOB: dict[str, Any] = {
     "max_steps": 1000, "batch_size": 8, "micro_batch_size": 8, "lr_multiplier": 1000.0, "workers": 2,
     "cpus_per_worker": 0.5, "lora_r": 16, "lora_alpha": 32.0, "seed": 0,
-    "extra": {"evaluation": {"max_new_tokens": 24}, "lora": {"dropout": 0.0, "targets": "all-linear"},
+    "extra": {"evaluation": {"max_new_tokens": 48}, "lora": {"dropout": 0.0, "targets": "all-linear"},
               "checkpoint": {"every_n_steps": 250}},
 }
 METRICS = (("loss", "eval loss (lower is better)"), ("token_accuracy", "answer-token accuracy"),
