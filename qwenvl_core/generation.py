@@ -200,8 +200,10 @@ def stop_string_cut(text: str, stop_strings: Sequence[str], changed_from: int = 
     return min(hits) if hits else None
 
 
-def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> list[RowState]:
-    """Fresh row states (sampling rows get their own seeded generator)."""
+def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int,
+              device: torch.device | str = "cpu") -> list[RowState]:
+    """Fresh row states (sampling rows get their own seeded generator, on ``device``: the device of the logits
+    they sample from, since ``torch.multinomial`` needs its generator there)."""
     per_row = [params] * batch if isinstance(params, SamplingParams) else list(params)
     if len(per_row) != batch:
         raise QwenVLError(f"got {len(per_row)} SamplingParams for {batch} prompts")
@@ -209,7 +211,7 @@ def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int) -> 
     for p in per_row:
         generator = None
         if not p.greedy:
-            generator = torch.Generator()
+            generator = torch.Generator(device=device)
             if p.seed is None:
                 generator.seed()  # a fresh non-deterministic seed, without touching the global RNG
             else:
@@ -237,10 +239,10 @@ def generate(
     text; it is needed for stop strings and fills ``GenerationOutput.text``. ``use_cache=False`` recomputes
     the whole sequence at every step (a slow reference used by tests).
     """
-    rows = make_rows(params, len(prompts))
+    device = _model_device(model)
+    rows = make_rows(params, len(prompts), device)
     if any(p.params.stop_strings for p in rows) and decode is None:
         raise QwenVLError("stop strings need a decode function")
-    device = _model_device(model)
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
     extra = dict(model_kwargs or {})
     images = {} if vision is None else vision.to(device).as_kwargs()

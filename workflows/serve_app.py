@@ -79,7 +79,9 @@ class ModelServerBase:
         from qwenvl_core.serving.engine import ServingEngine
 
         engine_config = EngineConfig(**{**asdict(config.engine), "max_adapters": config.max_adapters_per_replica,
-                                        "quantization": config.quantization})
+                                        "quantization": config.quantization,
+                                        # Ray makes the replica's GPU(s) visible as cuda:0..
+                                        "device": "cuda" if config.num_gpus > 0 else "cpu"})
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.config = config
         self.engine = ServingEngine.from_model_dir(config.model_dir, engine_config, dtype=dtype,

@@ -56,6 +56,7 @@ class PretrainConfig:
     vision_warmup_steps: int = 1000
     train_vision_with_lm: bool = False  # stage 2 also trains the tower (measured: it then loses position)
     tasks: tuple[str, ...] = tuple(PRETRAIN_TASKS)
+    device: str = "cpu"  # where the model trains ("cuda" on a GPU); the recipe's figures were measured on the CPU
 
     def hyperparameters(self) -> Hyperparameters:
         return Hyperparameters(max_steps=self.steps, batch_size=self.batch_size,
@@ -85,7 +86,7 @@ def init_for_pretraining(model: QWenLMHeadModel, config: PretrainConfig) -> None
     ``position_init_std`` instead of width**-0.5 (0.18 at width 32). At width**-0.5 the positions are ~5% of each
     patch token after ``ln_pre`` and do not grow in training, so the tokens the LM reads do not say where they
     came from, and questions about position stay at chance (docs/pretraining.md)."""
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # drawn on the CPU: the same init on every device
     pos = model.transformer.visual.positional_embedding
     with torch.no_grad():
         pos.copy_(torch.randn(pos.shape, generator=generator, dtype=pos.dtype) * config.position_init_std)
@@ -104,19 +105,21 @@ def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: Pretrai
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(named, hp)
     scheduler = build_scheduler(optimizer, hp, config.steps)
-    collator = Collator(processor.tokenizer.eod_id)
+    collator = Collator(processor.pad_token_id)
+    device = next(model.parameters()).device
     log, window, start = PretrainLog(), [], time.monotonic()
     model.train()
     for step in range(config.steps):
-        loss = model(**batch_for(step, config, processor, collator), loss_only=True).loss
+        batch = {k: v.to(device) for k, v in batch_for(step, config, processor, collator).items()}
+        loss = model(**batch, loss_only=True).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        window.append(float(loss.detach()))
+        window.append(loss.detach())  # read back once per logging window, not once per step
         if (step + 1) % log_every == 0 or step + 1 == config.steps:
-            log.losses.append((step + 1, sum(window) / len(window)))
+            log.losses.append((step + 1, float(torch.stack(window).mean())))
             window = []
             if on_log is not None:
                 on_log(*log.losses[-1])
@@ -136,7 +139,8 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig = PretrainConfig()
     with tempfile.TemporaryDirectory() as tmp:
         random_dir = write_random_model(Path(tmp) / "random", preset=config.preset, seed=config.seed)
         family = detect_family(random_dir)
-        model, processor = family.load_model(random_dir), family.load_processor(random_dir)
+        model = family.load_model(random_dir, device=config.device)
+        processor = family.load_processor(random_dir)
         init_for_pretraining(model, config)
         start = time.monotonic()
         warmup = warm_up_vision(model.transformer.visual, processor.image_size, config.vision_warmup_steps,

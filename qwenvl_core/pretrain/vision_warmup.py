@@ -61,16 +61,22 @@ def warm_up_vision(visual: torch.nn.Module, image_size: int, steps: int, *, lr: 
         out = visual(pixels)  # [N, Q, D]
         return out.mean(1) if pooled else out.flatten(1)
 
+    device = next(visual.parameters()).device  # batches and readouts go where the tower is
+
+    def batch(tag: str, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pixels, y = _batch(tag, n, image_size)
+        return pixels.to(device), {k: v.to(device) for k, v in y.items()}
+
     torch.manual_seed(seed)
-    test_x, test_y = _batch(f"warmup-test-{seed}", 400, image_size)
+    test_x, test_y = batch(f"warmup-test-{seed}", 400)
     with torch.no_grad():
         width = features(test_x[:1]).size(1)
-    heads = {k: torch.nn.Linear(width, len(LABELS[k])) for k in targets}
+    heads = {k: torch.nn.Linear(width, len(LABELS[k]), device=device) for k in targets}
     params = list(visual.parameters()) + [p for h in heads.values() for p in h.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     visual.train()
     for step in range(steps):
-        pixels, y = _batch(f"warmup-{seed}-{step}", batch_size, image_size)
+        pixels, y = batch(f"warmup-{seed}-{step}", batch_size)
         f = features(pixels)
         loss = sum(F.cross_entropy(head(f), y[k]) for k, head in heads.items())
         optimizer.zero_grad(set_to_none=True)

@@ -110,6 +110,9 @@ class EngineConfig:
     # Q-LoRA training quantizes them (``training.lora.quantize_language_model``): Q-LoRA adapters are served on
     # the base they were trained on. "none": the base as loaded (Q-LoRA adapters then run on the unquantized base).
     quantization: Literal["none", "4bit"] = "none"
+    # Where the model, its KV cache, the adapters and the sampling generators live: "cuda" (or "cuda:N") on a GPU
+    # replica (the Serve deployment sets it when Ray gives the replica a GPU), "cpu" otherwise.
+    device: str = "cpu"
 
 
 @dataclass
@@ -245,8 +248,9 @@ class ServingEngine:
         dtype: torch.dtype | None = None,
     ) -> ServingEngine:
         """Load the base model and processor of a local model directory (LM in 4-bit if ``config.quantization``)."""
+        device = _checked_device(config.device)
         family = detect_family(model_dir)
-        model = family.load_model(model_dir, dtype=dtype)
+        model = family.load_model(model_dir, dtype=dtype, device=device)
         if config.quantization == "4bit":
             from qwenvl_core.training.lora import quantize_language_model
 
@@ -254,6 +258,11 @@ class ServingEngine:
         elif config.quantization != "none":
             raise QwenVLError(f"quantization {config.quantization!r}: expected 'none' or '4bit'")
         return cls(model, family.load_processor(model_dir), family, config, metrics)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on (logits, caches and generators follow it)."""
+        return next(self.model.parameters()).device
 
     # ----- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -333,7 +342,7 @@ class ServingEngine:
         params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
                                      suppress_token_ids=self.processor.image_token_ids)
         return _Sequence(request, encoded.input_ids, vision, sizes, self._adapter(request),
-                         make_rows(params, 1)[0], arrived)
+                         make_rows(params, 1, self.device)[0], arrived)
 
     def _check_images(self, images: Sequence[tuple[str, ImagePart]]) -> None:
         """Image count, each image's encoded size and the request's total: all known without decoding."""
@@ -520,7 +529,7 @@ class ServingEngine:
         self.stats.max_rows = max(self.stats.max_rows, ids.shape[0])
         self.stats.max_adapters_in_forward = max(self.stats.max_adapters_in_forward,
                                                  len(plan.adapters) if plan else 0)
-        device = next(self.model.parameters()).device
+        device = self.device
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         images = {} if vision is None else vision.to(device).as_kwargs()
         with self.lora.activate(plan):
@@ -608,6 +617,18 @@ class ServingEngine:
                 self.metrics.generated_tokens.labels(label).inc(seq.generated)
                 self.metrics.requests.labels(label, "ok").inc()
         seq.emit(event)
+
+
+def _checked_device(name: str) -> torch.device:
+    """``EngineConfig.device`` as a torch device; a clear error for a malformed name or a GPU that is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise QwenVLError(f"EngineConfig.device {name!r}: not a device name (expected 'cpu', 'cuda' or 'cuda:N')"
+                          ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QwenVLError(f"EngineConfig.device {name!r}: no CUDA device is visible to this process")
+    return device
 
 
 def check_image_count(fields: Sequence[str], limit: int) -> None:

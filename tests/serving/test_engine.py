@@ -233,3 +233,24 @@ def test_limits_are_checked_before_any_image_is_decoded(engine_factory):
     copy = pickle.loads(pickle.dumps(bad))  # Ray Serve replicas send it to the ingress pickled
     assert (type(copy), str(copy), copy.code, copy.param) == (RequestError, str(bad), bad.code, bad.param)
     assert engine.alive
+
+
+def test_the_engine_runs_on_its_configured_device_and_refuses_a_missing_one(tiny_model_dir):
+    """``EngineConfig.device`` places the model, and the sampling generators follow the model's device (a CPU
+    generator cannot sample CUDA logits); a device that is not there is a clear error, not a silent CPU run."""
+    from qwenvl_core.errors import QwenVLError
+    from qwenvl_core.serving.engine import EngineConfig
+
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu"))
+    try:
+        assert {p.device.type for p in engine.model.parameters()} == {"cpu"}
+        seq = engine._prepare(EngineRequest(_messages(0), SamplingParams(max_new_tokens=2, do_sample=True,
+                                                                          temperature=0.7, seed=1)), 0.0)
+        assert seq.state.generator is not None and seq.state.generator.device == engine.device
+    finally:
+        engine.close()
+    with pytest.raises(QwenVLError, match="not a device name"):
+        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="gpu-zero"))
+    if not torch.cuda.is_available():
+        with pytest.raises(QwenVLError, match="no CUDA device is visible"):
+            ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cuda"))
