@@ -16,9 +16,10 @@ import io
 import re
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,6 +51,7 @@ class ImageLimits:
 
 
 DEFAULT_IMAGE_LIMITS = ImageLimits()
+T = TypeVar("T")
 
 
 def load_image(
@@ -61,16 +63,8 @@ def load_image(
     """
     if isinstance(source, Image.Image):
         return _from_pil(source, limits)
-    if isinstance(source, bytes | bytearray):
-        return _decode(bytes(source), f"bytes ({len(source)} bytes)", limits)
-    if isinstance(source, str) and source.startswith("data:"):
-        return _decode(*_read_data_url(source, limits), limits)
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        raise ImageError(f"image {source[:80]}: remote URLs are not fetched; pass a file, bytes or data URL")
-    if isinstance(source, str | Path):
-        path = _resolve(source, base_dir)
-        return _decode(_read_file(path, limits), str(path), limits)
-    raise ImageError(f"unsupported image source of type {type(source).__name__}")
+    return _by_source(source, base_dir, lambda data, label: _decode(data, label, limits),
+                      lambda path: _decode(_read_file(path, limits), str(path), limits), limits)
 
 
 def image_size(
@@ -84,21 +78,32 @@ def image_size(
         label = f"PIL image ({source.mode} {source.width}x{source.height})"
         _check_pixels(source.width, source.height, label, limits)
         return source.size
+    return _by_source(source, base_dir, lambda data, label: _header_size(data, label, limits),
+                      lambda path: _header_size_of_file(path, limits), limits)
+
+
+def _by_source(source: ImageSource, base_dir: str | Path | None, on_data: Callable[[bytes, str], T],
+               on_path: Callable[[Path], T], limits: ImageLimits) -> T:
+    """``on_data(bytes, label)`` for raw bytes and data URLs, ``on_path(path)`` for files; remote URLs and other
+    types are refused (one dispatch for ``load_image`` and ``image_size``)."""
     if isinstance(source, bytes | bytearray):
-        return _header_size(bytes(source), f"bytes ({len(source)} bytes)", limits)
+        return on_data(bytes(source), f"bytes ({len(source)} bytes)")
     if isinstance(source, str) and source.startswith("data:"):
-        return _header_size(*_read_data_url(source, limits), limits)
+        return on_data(*_read_data_url(source, limits))
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         raise ImageError(f"image {source[:80]}: remote URLs are not fetched; pass a file, bytes or data URL")
     if isinstance(source, str | Path):
-        path = _resolve(source, base_dir)
-        _check_file(path, limits)
-        try:
-            with path.open("rb") as fh:
-                return _header_size(fh, str(path), limits)
-        except OSError as exc:
-            raise ImageError(f"image {path}: cannot be read ({exc.strerror or exc})") from exc
+        return on_path(_resolve(source, base_dir))
     raise ImageError(f"unsupported image source of type {type(source).__name__}")
+
+
+def _header_size_of_file(path: Path, limits: ImageLimits) -> tuple[int, int]:
+    _check_file(path, limits)
+    try:
+        with path.open("rb") as fh:
+            return _header_size(fh, str(path), limits)
+    except OSError as exc:
+        raise ImageError(f"image {path}: cannot be read ({exc.strerror or exc})") from exc
 
 
 def _header_size(data: bytes | BinaryIO, label: str, limits: ImageLimits) -> tuple[int, int]:
