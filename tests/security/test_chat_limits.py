@@ -380,3 +380,18 @@ def test_a_vanishing_temperature_is_greedy_decoding_not_a_fault(stack: Stack):
     tiny = _chat(stack, stack.key_b, {**body, "temperature": 1e-300})  # logits / 1e-300 would be inf / NaN
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+def test_large_inline_images_are_answered_and_checked_through_the_split_body(stack: Stack):
+    """A data URL over 64 KiB is taken out of the body before the JSON parse (``inline_images``): it is still
+    decoded and answered, and a broken one is still a 400 naming its part."""
+    url = _png_data_url(220, 200, noise=True)
+    assert len(url) > 64 * 1024
+    ok = _chat(stack, stack.key_a, _body([_image_part(url)]))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["prompt_tokens"] > 0
+    broken = url[:-8] + "!!!!!!!!"  # not base64 any more; still no backslash, so still taken out of the JSON
+    response = _chat(stack, stack.key_a, _body([_image_part(broken)]))
+    assert response.status_code == 400, response.text
+    error = _error(response)
+    assert error["code"] == "invalid_image" and error["param"] == "messages[0].content[0]", error
