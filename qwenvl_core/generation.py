@@ -16,6 +16,16 @@ together. Suppressed ids (the image-span structure, which callers take from ``pr
 Qwen-VL ``<img>``, ``</img>``, ``<imgpad>``) get a logit of -inf before greedy or sampled choice, so
 they are never emitted: a generated image tag would otherwise break the next step (no pixels for it).
 
+Per row too, OpenAI's penalties and structured output: ``presence_penalty`` / ``frequency_penalty`` subtract
+``frequency * count + presence * (count > 0)`` from the logit of every token by its count among the row's tokens
+so far (all penalised rows in one scatter), and a row with a ``grammar`` (``qwenvl_core.grammar``, llguidance)
+may only take the tokens its grammar allows next (all constrained rows' masks computed at once). A row with
+``logprobs`` records, for each token it takes, the token's log-probability and its ``logprobs`` most likely
+alternatives (``RowState.logprobs``), from the distribution the token was chosen from after penalties,
+suppression and the grammar, before temperature / top-k / top-p (vLLM's "processed" choice is after
+temperature too; OpenAI does not document it). These all run as batched tensor operations over the rows that
+use them, with one device-to-host copy per step.
+
 Stop strings are found in time linear in the output: the text is decoded incrementally (only the tokens after
 the last whole character are decoded again) and only the tail that can hold a new match is searched.
 
@@ -28,14 +38,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.processing import VisionInputs
 
+if TYPE_CHECKING:
+    from qwenvl_core.grammar import GrammarConstraint
+    from qwenvl_core.vocabulary import Vocabulary
+
 FinishReason = Literal["stop", "length"]
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     suppress_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none recorded; k: each token's log-probability and its k top alternatives
+    grammar: str | None = None  # an llguidance grammar the output follows (``qwenvl_core.grammar.json_grammar``)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -65,6 +85,15 @@ class SamplingParams:
             raise QwenVLError("stop strings must not be empty")
         if any(i < 0 for i in self.suppress_token_ids):
             raise QwenVLError(f"suppressed token ids must be >= 0, got {self.suppress_token_ids}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise QwenVLError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise QwenVLError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -80,12 +109,23 @@ class GenerationOutput:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True)
+class StepLogprobs:
+    """A taken token's log-probability and the ``k`` most likely tokens of its step, as (id, log-probability)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RowState:
     """One row's decoding state: its params, its RNG, the tokens and text so far, why it finished.
 
     ``stable_tokens`` / ``stable_text``: the leading tokens whose text ends on a whole character, and that text;
-    only the tokens after them are decoded again at each step (``advance_row``).
+    only the tokens after them are decoded again at each step (``advance_row``). ``logprobs``: one record per
+    token of ``tokens`` when ``params.logprobs`` is set (``pending_logprobs``: the record of the token chosen
+    this step, until ``advance_row`` takes it). ``constraint``: the row's grammar state when ``params.grammar``.
     """
 
     params: SamplingParams
@@ -95,6 +135,9 @@ class RowState:
     finish_reason: FinishReason | None = None
     stable_tokens: int = 0
     stable_text: str = ""
+    logprobs: list[StepLogprobs] = field(default_factory=list)
+    pending_logprobs: StepLogprobs | None = None
+    constraint: GrammarConstraint | None = None
 
     @property
     def done(self) -> bool:
@@ -141,9 +184,65 @@ def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
     return logits
 
 
+def penalize(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """OpenAI's presence / frequency penalties: each penalised row's logit of token ``j`` minus
+    ``frequency_penalty * c[j] + presence_penalty * (c[j] > 0)``, ``c[j]`` the count of ``j`` among the row's
+    tokens so far. One scatter for all penalised rows (a copy; the input is untouched)."""
+    index = [r for r, state in enumerate(rows) if state.params.penalised and state.tokens and not state.done]
+    if not index:
+        return logits
+    device, vocab = logits.device, logits.size(-1)
+    ids = torch.tensor([t for r in index for t in rows[r].tokens], device=device)
+    which = torch.repeat_interleave(torch.arange(len(index), device=device),
+                                    torch.tensor([len(rows[r].tokens) for r in index], device=device))
+    keep = ids < vocab
+    counts = torch.zeros(len(index), vocab, device=device)
+    counts.index_put_((which[keep], ids[keep]), torch.ones_like(ids[keep], dtype=counts.dtype), accumulate=True)
+    frequency = torch.tensor([rows[r].params.frequency_penalty for r in index], device=device)[:, None]
+    presence = torch.tensor([rows[r].params.presence_penalty for r in index], device=device)[:, None]
+    rows_index = torch.tensor(index, device=device)
+    logits = logits.clone()
+    penalised = logits[rows_index].float() - counts * frequency - (counts > 0).float() * presence
+    logits[rows_index] = penalised.to(logits.dtype)
+    return logits
+
+
+def constrain(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """``logits`` with every token a row's grammar does not allow next set to -inf (a copy when any row has one)."""
+    index = [r for r, state in enumerate(rows) if state.constraint is not None and not state.done]
+    if not index:
+        return logits
+    from qwenvl_core.grammar import allowed_tokens
+
+    allowed = allowed_tokens([rows[r].constraint for r in index], logits.size(-1), logits.device)  # type: ignore[misc]
+    rows_index = torch.tensor(index, device=logits.device)
+    logits = logits.clone()
+    logits[rows_index] = logits[rows_index].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
+def record_logprobs(logits: torch.Tensor, rows: Sequence[RowState], chosen: Sequence[int]) -> None:
+    """Set ``pending_logprobs`` of each row that asks for logprobs: the chosen token's log-probability under
+    ``logits`` and the row's top-k; all rows in one log-softmax, one top-k and one copy to the host."""
+    index = [r for r, state in enumerate(rows) if state.params.logprobs is not None and not state.done]
+    if not index:
+        return
+    device = logits.device
+    logp = torch.log_softmax(logits[torch.tensor(index, device=device)].float(), dim=-1)
+    picked = logp.gather(1, torch.tensor([[chosen[r]] for r in index], device=device))[:, 0]
+    k = min(max(rows[r].params.logprobs or 0 for r in index), logp.size(-1))
+    top_values, top_ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    host = torch.cat([picked[:, None], top_values, top_ids.to(logp.dtype)], dim=1).cpu()  # one copy (ids < 2^24)
+    for j, r in enumerate(index):
+        n = rows[r].params.logprobs or 0
+        values, ids = host[j, 1 : 1 + n].tolist(), host[j, 1 + k : 1 + k + n].long().tolist()
+        rows[r].pending_logprobs = StepLogprobs(chosen[r], float(host[j, 0]), tuple(zip(ids, values, strict=True)))
+
+
 def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
-    """Pick each row's next token from ``logits`` ``[B, V]`` (never one of the row's suppressed ids)."""
-    logits = suppress_tokens(logits, rows)
+    """Pick each row's next token from ``logits`` ``[B, V]`` (never one of the row's suppressed ids), after each
+    row's penalties and grammar; rows that ask for logprobs get this step's record (``record_logprobs``)."""
+    logits = constrain(suppress_tokens(penalize(logits, rows), rows), rows)
     greedy = logits.argmax(dim=-1).tolist()
     chosen: list[int] = []
     for row_idx, state in enumerate(rows):
@@ -154,16 +253,22 @@ def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
         filtered = filter_logits(logits[row_idx], params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(filtered, dim=-1)
         chosen.append(int(torch.multinomial(probs, 1, generator=state.generator).item()))
+    record_logprobs(logits, rows, chosen)
     return chosen
 
 
 def advance_row(state: RowState, token: int, decode: Callable[[list[int]], str] | None) -> None:
     """Record ``token`` for a row and decide whether the row is finished."""
     params = state.params
+    pending, state.pending_logprobs = state.pending_logprobs, None
     if token in params.stop_token_ids:
         state.finish_reason = "stop"
         return
     state.tokens.append(token)
+    if pending is not None:
+        state.logprobs.append(pending)
+    if state.constraint is not None:
+        state.constraint.consume(token)
     if decode is not None:
         changed_from = _decode_incrementally(state, decode)
         cut = stop_string_cut(state.text or "", params.stop_strings, changed_from)
@@ -201,9 +306,10 @@ def stop_string_cut(text: str, stop_strings: Sequence[str], changed_from: int = 
 
 
 def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int,
-              device: torch.device | str = "cpu") -> list[RowState]:
+              device: torch.device | str = "cpu", vocabulary: Vocabulary | None = None) -> list[RowState]:
     """Fresh row states (sampling rows get their own seeded generator, on ``device``: the device of the logits
-    they sample from, since ``torch.multinomial`` needs its generator there)."""
+    they sample from, since ``torch.multinomial`` needs its generator there). Rows with a ``grammar`` get its
+    matcher over ``vocabulary`` (the tokenizer's, ``qwenvl_core.vocabulary``), ending at their stop ids."""
     per_row = [params] * batch if isinstance(params, SamplingParams) else list(params)
     if len(per_row) != batch:
         raise QwenVLError(f"got {len(per_row)} SamplingParams for {batch} prompts")
@@ -216,8 +322,18 @@ def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int,
                 generator.seed()  # a fresh non-deterministic seed, without touching the global RNG
             else:
                 generator.manual_seed(p.seed)
-        rows.append(RowState(params=p, generator=generator))
+        rows.append(RowState(params=p, generator=generator, constraint=_constraint(p, vocabulary)))
     return rows
+
+
+def _constraint(params: SamplingParams, vocabulary: Vocabulary | None) -> GrammarConstraint | None:
+    if params.grammar is None:
+        return None
+    if vocabulary is None:
+        raise QwenVLError("a grammar needs the tokenizer's vocabulary")
+    from qwenvl_core.grammar import GrammarConstraint
+
+    return GrammarConstraint(params.grammar, vocabulary, params.stop_token_ids)
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 re-gathers parameters inside the forward, and inference
@@ -232,15 +348,17 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     use_cache: bool = True,
     model_kwargs: dict[str, Any] | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> list[GenerationOutput]:
     """Generate a continuation for each prompt (token ids), batched with left padding.
 
     ``vision`` holds the images of all prompts in order of appearance (``VisionInputs.concat`` of the prompts'). ``decode`` turns token ids into
     text; it is needed for stop strings and fills ``GenerationOutput.text``. ``use_cache=False`` recomputes
-    the whole sequence at every step (a slow reference used by tests).
+    the whole sequence at every step (a slow reference used by tests). ``vocabulary``: needed by rows with a
+    ``grammar``.
     """
     device = _model_device(model)
-    rows = make_rows(params, len(prompts), device)
+    rows = make_rows(params, len(prompts), device, vocabulary)
     if any(p.params.stop_strings for p in rows) and decode is None:
         raise QwenVLError("stop strings need a decode function")
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))

@@ -3,8 +3,12 @@
 This module owns
 - the request / response schemas (pydantic) of ``POST /v1/chat/completions``: messages with ``text`` and
   ``image_url`` parts (several images per message), sampling fields (``temperature``, ``top_p``, ``top_k``,
-  ``seed``, ``max_tokens`` / ``max_completion_tokens``, ``stop``), ``stream`` + ``stream_options``, ``usage``,
-  and the extension field ``grounding`` on each choice: the boxes of the answer in pixels of each input image;
+  ``seed``, ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``presence_penalty`` / ``frequency_penalty``),
+  ``n`` choices, ``logprobs`` / ``top_logprobs``, ``response_format`` (``text``, ``json_object``, ``json_schema``
+  through ``qwenvl_core.grammar``), ``stream`` + ``stream_options``, ``usage``, ``system_fingerprint``, and the
+  extension field ``grounding`` on each choice: the boxes of the answer in pixels of each input image;
+- refusing what is not supported: any other field with a value (``tools``, ``logit_bias``, ``audio``...), also
+  inside a message, is a ``ChatRequestError`` naming it (null-valued ones ask for nothing and are let through);
 - converting a request into engine messages within ``ChatLimits``, cheapest checks first: the number of
   images on the parsed request, then each image's size and their total (``data:`` URLs from their length;
   any other reference, an uploaded file id or a storage path, through an ``ImageResolver`` the service passes
@@ -16,23 +20,30 @@ This module owns
 - the ``ChatBackend`` protocol the HTTP route depends on, ``AdapterLocator`` / ``AdapterResolver`` (model id +
   tenant -> the adapter to load, or None), and ``InProcessBackend`` (engines in this process: local use, tests).
   The Ray Serve backend lives in ``workflows/serve_app.py``;
-- formatting results as a ``chat.completion`` object or as ``chat.completion.chunk`` server-sent events.
+- formatting results as a ``chat.completion`` object or as ``chat.completion.chunk`` server-sent events; with
+  ``n`` > 1 each choice is its own engine request (``choice_params``: choice ``i`` uses ``seed + i``) and their
+  events are merged (``collect_completion``, ``sse_stream``); usage counts the prompt once and sums the choices'
+  completion tokens, as OpenAI does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwenvl_core.conversation import ImagePart, Message, Part, TextPart
 from qwenvl_core.errors import ImageError, QwenVLError
-from qwenvl_core.generation import SamplingParams
+from qwenvl_core.generation import MAX_TOP_LOGPROBS, SamplingParams
+from qwenvl_core.grammar import GrammarError, json_grammar
 from qwenvl_core.images import data_url_size
 from qwenvl_core.serving.engine import (
     EngineEvent,
@@ -47,6 +58,7 @@ from qwenvl_core.serving.engine import (
 )
 from qwenvl_core.serving.inline_images import InlineImages
 from qwenvl_core.serving.metrics import merge_expositions
+from qwenvl_core.vocabulary import TokenLogprob
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4
@@ -54,6 +66,15 @@ MAX_STOP_CHARS = 256
 # Below this a temperature is greedy decoding (as vLLM does): dividing logits by it would overflow to inf / NaN.
 MIN_SAMPLING_TEMPERATURE = 1e-5
 MIB = 1 << 20
+# OpenAI fields this server does not implement, with what they are: a request that sets one gets a 400 naming it.
+UNSUPPORTED_FIELDS = {
+    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
+    "functions": "function calling", "function_call": "function calling", "logit_bias": "logit_bias",
+    "audio": "audio output", "modalities": "output modalities other than text", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning models", "store": "stored completions",
+    "metadata": "stored completions", "service_tier": "service tiers", "verbosity": "reasoning models",
+}
+T = TypeVar("T")
 
 
 class ChatRequestError(RequestError):
@@ -67,6 +88,7 @@ class ChatLimits:
     max_images: int = 16
     max_image_bytes: int = 20 * MIB  # one encoded image: a stored file, or a data URL's decoded payload
     max_image_bytes_total: int = 50 * MIB  # all images of the request together
+    max_choices: int = 8  # ``n``: each choice is its own engine request (a batch row)
 
 
 DEFAULT_CHAT_LIMITS = ChatLimits()
@@ -100,20 +122,41 @@ ContentPart = Annotated[TextContent | ImageContent, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A message; other fields (``tool_calls``, ``refusal``...) are kept to be refused when they hold a value."""
+
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The OpenAI request body; ``top_k`` is an extension. Unknown fields are ignored, as OpenAI clients send some."""
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
-    model_config = ConfigDict(extra="ignore")
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``
+    (one model rather than a tagged union, so that errors name ``response_format.json_schema.<field>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI request body; ``top_k`` is an extension. Other fields are kept (``model_extra``) so that
+    ``sampling_params`` refuses each one that holds a value, naming it, instead of ignoring it."""
+
+    model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -121,11 +164,16 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int | None = Field(default=1, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
 
@@ -153,9 +201,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
     grounding: list[ImageGrounding] = Field(default_factory=list)
 
@@ -165,6 +229,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[Choice]
     usage: Usage
 
@@ -322,11 +387,22 @@ def _message(m_index: int, message: ChatMessage, read: dict[str, bytes]) -> Mess
 
 
 def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
-    """OpenAI fields to ``SamplingParams`` (OpenAI defaults: temperature 1, top_p 1; temperature 0 = greedy)."""
+    """OpenAI fields to ``SamplingParams`` (OpenAI defaults: temperature 1, top_p 1; temperature 0 = greedy), after
+    refusing every field this server does not implement and every inconsistent combination, naming the field."""
+    check_supported(request)
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
         raise ChatRequestError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
                                "characters each", "stop", "invalid_value")
+    if request.max_tokens and request.max_completion_tokens and request.max_tokens != request.max_completion_tokens:
+        raise ChatRequestError(f"max_completion_tokens ({request.max_completion_tokens}) and its deprecated alias "
+                               f"max_tokens ({request.max_tokens}) differ; send one of them",
+                               "max_completion_tokens", "invalid_value")
+    if request.stream_options is not None and not request.stream:
+        raise ChatRequestError("stream_options is only allowed when stream is true", "stream_options",
+                               "invalid_value")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ChatRequestError("top_logprobs needs logprobs set to true", "top_logprobs", "invalid_value")
     temperature = 1.0 if request.temperature is None else request.temperature
     return SamplingParams(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or default_max_tokens,
@@ -336,7 +412,73 @@ def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DE
         top_k=request.top_k or 0,
         seed=request.seed,
         stop_strings=tuple(stops),
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        grammar=response_grammar(request),
     )
+
+
+def check_supported(request: ChatCompletionRequest) -> None:
+    """Refuse any field that is not in the schema and holds a value (top level, then in each message)."""
+    for name, value in (request.model_extra or {}).items():
+        if value is not None:
+            what = UNSUPPORTED_FIELDS.get(name)
+            reason = f"{what} is not supported by this server" if what else "this field is not supported"
+            raise ChatRequestError(f"{name}: {reason}", name, "unsupported_parameter")
+    for m_index, message in enumerate(request.messages):
+        for name, value in (message.model_extra or {}).items():
+            if value is not None:
+                field = f"messages[{m_index}].{name}"
+                raise ChatRequestError(f"{field}: this message field is not supported", field, "unsupported_parameter")
+
+
+def response_grammar(request: ChatCompletionRequest) -> str | None:
+    """The grammar of ``response_format`` (None for plain text). JSON mode needs the word "json" in the messages,
+    as on OpenAI (without the instruction a model may emit whitespace until the token limit)."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        if not any("json" in text.lower() for text in _texts(request)):
+            raise ChatRequestError("'messages' must contain the word 'json' in some form, to use 'response_format' "
+                                   "of type 'json_object'", "response_format", "invalid_value")
+        return json_grammar(None)
+    if fmt.json_schema is None:
+        raise ChatRequestError("response_format.json_schema: required when type is 'json_schema'",
+                               "response_format.json_schema", "invalid_value")
+    try:
+        return json_grammar(fmt.json_schema.schema_ or {})
+    except GrammarError as exc:
+        raise ChatRequestError(f"response_format.json_schema.schema: this schema cannot be enforced ({exc}); "
+                               "supported: JSON Schema as OpenAI's structured outputs use it",
+                               "response_format.json_schema.schema", "invalid_value") from None
+
+
+def _texts(request: ChatCompletionRequest) -> Iterator[str]:
+    for message in request.messages:
+        if isinstance(message.content, str):
+            yield message.content
+        for part in message.content if isinstance(message.content, list) else ():
+            if isinstance(part, TextContent):
+                yield part.text
+
+
+def choice_params(request: ChatCompletionRequest, params: SamplingParams,
+                  limits: ChatLimits = DEFAULT_CHAT_LIMITS) -> list[SamplingParams]:
+    """The ``SamplingParams`` of each of the ``n`` choices: choice ``i`` samples with ``seed + i`` (with a seed)."""
+    n = request.n or 1
+    if n > limits.max_choices:
+        raise ChatRequestError(f"n: at most {limits.max_choices} choices per request, got {n}", "n", "invalid_value")
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+def system_fingerprint(base_model: str, adapter_id: str | None) -> str:
+    """A stable id of what answers (base model + adapter): ``fp_`` and 10 hex digits."""
+    digest = hashlib.sha256(f"{base_model}\0{adapter_id or ''}".encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 def grounding_payload(boxes: list[ImageBoxes]) -> list[ImageGrounding]:
@@ -351,19 +493,56 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-async def collect_completion(model: str, events: AsyncIterator[EngineEvent]) -> ChatCompletion:
-    """Run a stream to the end and build the ``chat.completion`` object."""
-    text, last = [], None
+def _logprobs_payload(entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprobOut(token=e.token, logprob=e.logprob, bytes=list(e.bytes),
+                        top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.bytes))
+                                      for t in e.top_logprobs])
+        for e in entries])
+
+
+def _usage(finals: Sequence[EngineEvent]) -> Usage:
+    """The prompt once, every choice's completion tokens."""
+    prompt, completion = finals[0].prompt_tokens, sum(e.completion_tokens for e in finals)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def all_of(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all concurrently; on the first error the others are cancelled and that error is raised as it is."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _run_choice(index: int, events: AsyncIterator[EngineEvent], logprobs: bool
+                      ) -> tuple[Choice, EngineEvent]:
+    text: list[str] = []
+    entries: list[TokenLogprob] = []
+    last = None
     async for event in events:
         text.append(event.text)
+        entries.extend(event.logprobs)
         last = event
     if last is None or last.finish_reason is None:
         raise EngineFault("generation ended without a final event")
-    usage = Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                  total_tokens=last.prompt_tokens + last.completion_tokens)
-    choice = Choice(message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason,
+    choice = Choice(index=index, message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason,
+                    logprobs=_logprobs_payload(entries) if logprobs else None,
                     grounding=grounding_payload(last.grounding))
-    return ChatCompletion(id=new_completion_id(), created=int(time.time()), model=model, choices=[choice], usage=usage)
+    return choice, last
+
+
+async def collect_completion(model: str, streams: Sequence[AsyncIterator[EngineEvent]], *,
+                             fingerprint: str | None = None, logprobs: bool = False) -> ChatCompletion:
+    """Run each choice's stream to the end (concurrently) and build the ``chat.completion`` object."""
+    results = await all_of(_run_choice(i, events, logprobs) for i, events in enumerate(streams))
+    return ChatCompletion(id=new_completion_id(), created=int(time.time()), model=model,
+                          system_fingerprint=fingerprint, choices=[choice for choice, _ in results],
+                          usage=_usage([last for _, last in results]))
 
 
 # ----- server-sent events ----------------------------------------------------------------------------------------
@@ -372,44 +551,94 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _chunk(completion_id: str, created: int, model: str, choices: list[dict[str, Any]],
-           usage: Usage | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage.model_dump()
-    return body
+@dataclass(frozen=True)
+class _ChunkHead:
+    id: str
+    created: int
+    model: str
+    fingerprint: str | None
+    include_usage: bool
+
+    def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.model, "system_fingerprint": self.fingerprint, "choices": choices}
+        if self.include_usage:  # OpenAI: every chunk has the field; only the last one a value
+            body["usage"] = None if usage is None else usage.model_dump()
+        return sse(body)
+
+
+async def first_events(streams: Sequence[AsyncIterator[EngineEvent]]) -> list[EngineEvent]:
+    """The first event of every stream (errors in preparing any request raise here, before a response starts)."""
+    return await all_of(anext(events) for events in streams)
 
 
 async def sse_stream(
-    model: str, events: AsyncIterator[EngineEvent], include_usage: bool, first: EngineEvent | None = None
+    model: str, streams: Sequence[AsyncIterator[EngineEvent]], include_usage: bool,
+    firsts: Sequence[EngineEvent | None] | None = None, *, fingerprint: str | None = None, logprobs: bool = False,
 ) -> AsyncIterator[str]:
-    """OpenAI ``chat.completion.chunk`` events for a stream; ``first`` is an event already taken from it.
+    """OpenAI ``chat.completion.chunk`` events for the choices' streams (merged as their events come);
+    ``firsts`` are events already taken from them.
 
     Errors after the response started are sent as an ``{"error": ...}`` event (the status is already 200).
     """
-    completion_id, created = new_completion_id(), int(time.time())
-    yield sse(_chunk(completion_id, created, model,
-                     [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+    head = _ChunkHead(new_completion_id(), int(time.time()), model, fingerprint, include_usage)
+    for index in range(len(streams)):
+        yield head.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}])
+    finals: dict[int, EngineEvent] = {}
     try:
-        async for event in _prepend(first, events):
-            if event.text:
-                yield sse(_chunk(completion_id, created, model,
-                                 [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}]))
+        async for index, event in _merge(streams, firsts or [None] * len(streams)):
+            if event.text or event.logprobs:
+                yield head.chunk([{"index": index, "delta": {"content": event.text},
+                                   "logprobs": _logprobs_payload(event.logprobs).model_dump() if logprobs else None,
+                                   "finish_reason": None}])
             if event.finish_reason is None:
                 continue
+            finals[index] = event
             grounding = [g.model_dump() for g in grounding_payload(event.grounding)]
-            yield sse(_chunk(completion_id, created, model, [
-                {"index": 0, "delta": {}, "finish_reason": event.finish_reason, "grounding": grounding}]))
-            if include_usage:
-                usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                              total_tokens=event.prompt_tokens + event.completion_tokens)
-                yield sse(_chunk(completion_id, created, model, [], usage))
+            yield head.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason,
+                               "grounding": grounding}])
+        if include_usage:
+            yield head.chunk([], _usage([finals[i] for i in sorted(finals)]))
     except Exception as exc:  # reported to the client inside the stream
         known = isinstance(exc, QwenVLError | EngineFault | EngineStopped)
         yield sse({"error": {"message": str(exc) if known else "internal server error",
                              "type": "server_error", "param": None, "code": None}})
     yield sse("[DONE]")
+
+
+async def _merge(streams: Sequence[AsyncIterator[EngineEvent]], firsts: Sequence[EngineEvent | None]
+                 ) -> AsyncIterator[tuple[int, EngineEvent]]:
+    """(choice index, event) of all streams as they come; the first error raises (the other streams are closed)."""
+    if len(streams) == 1:
+        async for event in _prepend(firsts[0], streams[0]):
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, EngineEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async for event in _prepend(firsts[index], streams[index]):
+                await queue.put((index, event))
+        except Exception as exc:
+            await queue.put((index, exc))
+        await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _prepend(first: EngineEvent | None, events: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:

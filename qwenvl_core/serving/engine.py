@@ -68,6 +68,7 @@ from qwenvl_core.serving.lora_batch import (
     load_lora_weights,
 )
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
+from qwenvl_core.vocabulary import TokenLogprob, describe_logprobs, row_vocabulary, vocabulary
 
 PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class ImageBoxes:
 
 @dataclass
 class EngineEvent:
-    """A streamed piece of output; the last one has ``finish_reason``, usage and grounding set."""
+    """A streamed piece of output; the last one has ``finish_reason``, usage and grounding set. ``logprobs``: one
+    record per id of ``token_ids`` when the request's ``SamplingParams.logprobs`` is set."""
 
     text: str
     token_ids: list[int]
@@ -146,6 +148,7 @@ class EngineEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     grounding: list[ImageBoxes] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -340,9 +343,11 @@ class ServingEngine:
         self._check_tokens(len(encoded.input_ids), params.max_new_tokens)
         vision, sizes = self._load_images(images)
         params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
-                                     suppress_token_ids=self.processor.image_token_ids)
+                                     suppress_token_ids=tuple({*params.suppress_token_ids,
+                                                               *self.processor.image_token_ids}))
         return _Sequence(request, encoded.input_ids, vision, sizes, self._adapter(request),
-                         make_rows(params, 1, self.device)[0], arrived)
+                         make_rows(params, 1, self.device, row_vocabulary(params, self.processor))[0],
+                         arrived)
 
     def _check_images(self, images: Sequence[tuple[str, ImagePart]]) -> None:
         """Image count, each image's encoded size and the request's total: all known without decoding."""
@@ -606,6 +611,8 @@ class ServingEngine:
         if not state.done and end <= seq.sent_chars:
             return
         event = EngineEvent(text=text[seq.sent_chars : end], token_ids=new_ids)
+        if state.params.logprobs is not None:
+            event.logprobs = describe_logprobs(vocabulary(self.processor), state.logprobs[seq.sent_tokens :])
         seq.sent_chars, seq.sent_tokens = max(end, seq.sent_chars), len(state.tokens)
         if state.done:
             event.finish_reason = state.finish_reason

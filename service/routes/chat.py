@@ -40,12 +40,20 @@ from qwenvl_core.serving.chat import (
     ChatLimits,
     ImageResolver,
     StoredImage,
+    choice_params,
     collect_completion,
+    first_events,
     sampling_params,
     sse_stream,
+    system_fingerprint,
     to_messages,
 )
-from qwenvl_core.serving.engine import EngineFault, EngineRequest, EngineStopped, RequestError
+from qwenvl_core.serving.engine import (
+    EngineFault,
+    EngineRequest,
+    EngineStopped,
+    RequestError,
+)
 from qwenvl_core.serving.inline_images import InlineImages, split_inline_images
 from qwenvl_core.serving.lora_batch import AdapterError
 from qwenvl_core.storage import CHUNK_BYTES
@@ -139,19 +147,21 @@ def create_chat_router(
         resolve = (lambda ref: image_resolver(ref, tenant_id)) if image_resolver else None
         inline: InlineImages = request.state.inline_images
         try:
-            params = sampling_params(body)
+            params = choice_params(body, sampling_params(body), limits)  # one per choice (n)
             messages = await run_in_threadpool(to_messages, body, resolve, limits, inline)
-            request = EngineRequest(messages, params, adapter_id=locator.adapter_id if locator else None,
-                                    adapter_locator=locator.uri if locator else None)
-            events = backend.stream(base, request)
+            adapter = {"adapter_id": locator.adapter_id, "adapter_locator": locator.uri} if locator else {}
+            streams = [backend.stream(base, EngineRequest(messages, p, **adapter)) for p in params]
+            fingerprint = system_fingerprint(base, locator.adapter_id if locator else None)
             if not body.stream:
-                return await collect_completion(body.model, events)
-            first = await anext(events)  # errors in preparing the request still get a proper status
+                return await collect_completion(body.model, streams, fingerprint=fingerprint,
+                                                logprobs=bool(body.logprobs))
+            firsts = await first_events(streams)  # errors in preparing the requests still get a proper status
         except Exception as exc:
             raise _api_error(exc) from exc
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(sse_stream(body.model, events, include_usage, first), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(sse_stream(body.model, streams, include_usage, firsts, fingerprint=fingerprint,
+                                            logprobs=bool(body.logprobs)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @router.get("/v1/chat/ready", operation_id="chat-ready")
     async def chat_ready() -> dict[str, Any]:
