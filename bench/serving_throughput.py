@@ -101,7 +101,7 @@ def cold_loads(engine: ServingEngine, locators: list[str], rounds: int) -> list[
     times = []
     for _ in range(rounds):
         cache_dir = tempfile.mkdtemp(prefix="bench-adapters-")
-        cache = AdapterCache(lambda d, i: load_lora_weights(d, i, engine.model), AdapterFetcher(cache_dir),
+        cache = AdapterCache(lambda d, i: load_lora_weights(d, i, engine.model, engine.family), AdapterFetcher(cache_dir),
                              max_adapters=len(locators))
         for i, locator in enumerate(locators):
             start = time.perf_counter()

@@ -25,9 +25,11 @@ class ApiError(Exception):
     type = "invalid_request_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.code = message, param, code or self.default_code
+        self.retry_after_s = retry_after_s  # sent as ``Retry-After`` (429 / 503)
 
 
 class InvalidRequest(ApiError):
@@ -82,7 +84,10 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+    response = envelope(exc.status, exc.message, exc.type, exc.param, exc.code)
+    if exc.retry_after_s is not None:
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -67,7 +67,7 @@ class _ServedAdapter:
     def __del__(self) -> None:
         if not self._released:
             self._released = True
-            self._engine.evict_adapter(self.adapter_id)
+            self._engine.unload_adapter(self.adapter_id)  # keeps the downloaded copy: the adapter still exists
 
 
 class ModelServerBase:

@@ -100,6 +100,20 @@ class ModelFamily(Protocol):
         ``generation.generate`` call; v1's model follows it natively and is returned unchanged."""
         ...
 
+    def rope_positions(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       vision: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary positions of a prefill of ``input_ids`` ``[B, T]`` (left padded: ``attention_mask``) with
+        the vision tensors ``vision`` (``VisionInputs.as_kwargs()``, maybe empty), as the forward contract's
+        ``position_ids`` takes them (v1: ``[B, T]``; M-RoPE families: ``[3, B, T]``, transformers'
+        ``get_rope_index``), and each row's offset ``[B]``: a later token at text position ``p`` (``p`` counts
+        the row's real tokens before it) has position ``step_positions(p, offset)``. The serving engine keeps
+        the offsets per row, so rows that join and leave the batch at different steps keep their own."""
+        ...
+
+    def step_positions(self, text_positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Positions of cached steps from text positions ``[B, T]`` and the rows' offsets ``[B]``."""
+        ...
+
     def packing_refusal(self) -> str | None:
         """None when the family trains on packed rows (``segment_ids``); otherwise why not (the trainer refuses
         ``hyperparameters.packing`` with this message)."""

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from qwenvl_core.conversation import ImagePart, Message
 from qwenvl_core.errors import ImageError, QwenVLError
@@ -52,25 +51,24 @@ from qwenvl_core.generation import (
     left_pad,
     make_rows,
     next_tokens,
-    positions_from_mask,
 )
 from qwenvl_core.grounding import PixelObject
 from qwenvl_core.images import encoded_size, load_image
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
 from qwenvl_core.models.registry import ModelFamily, detect_family
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
+from qwenvl_core.serving.adapter_slots import AdapterSlots
+from qwenvl_core.serving.kv_cache import SlotKVCache, cache_shape_of
 from qwenvl_core.serving.lora_batch import (
     AdapterError,
     GroupedLora,
     LoraPlan,
     LoraWeights,
-    build_plan,
     load_lora_weights,
 )
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
 from qwenvl_core.vocabulary import TokenLogprob, describe_logprobs, row_vocabulary, vocabulary
 
-PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 log = logging.getLogger(__name__)
 
 
@@ -93,13 +91,31 @@ class EngineStopped(RuntimeError):
     """The engine stopped while the request was queued or running (HTTP 503)."""
 
 
+class EngineOverloaded(RuntimeError):
+    """Too many requests are waiting for a slot (HTTP 429, retry after ``retry_after_s``)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.retry_after_s)
+
+
+class EngineTimeout(RuntimeError):
+    """The request did not finish within ``EngineConfig.request_timeout_s`` (HTTP 504)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Batching, cache and limit settings of one engine (one replica)."""
 
     max_batch_size: int = 16
-    max_adapters: int = 8
+    max_adapters: int = 8  # adapters kept loaded in host memory (``AdapterCache``), least recently used evicted
     max_adapter_bytes: int | None = None
+    # Adapters resident on the device at once (``AdapterSlots``); a request whose adapter finds every slot pinned by
+    # running rows waits for one.
+    adapter_slots: int = 8
     max_lora_rank: int = 64
     max_total_tokens: int = 2048
     max_images_per_request: int = 16
@@ -114,6 +130,16 @@ class EngineConfig:
     # Where the model, its KV cache, the adapters and the sampling generators live: "cuda" (or "cuda:N") on a GPU
     # replica (the Serve deployment sets it when Ray gives the replica a GPU), "cpu" otherwise.
     device: str = "cpu"
+    # The KV cache: one preallocated slot of ``max_total_tokens`` per running request (``kv_cache``). Its size:
+    # ``kv_cache_bytes`` when set; else on a GPU ``kv_cache_memory_fraction`` of the memory free after loading
+    # the model; else (CPU) ``max_batch_size`` slots. The slots it holds (at most ``max_batch_size``) bound the
+    # running batch; requests beyond wait.
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    # Requests waiting for a slot; beyond this the engine refuses new ones (``EngineOverloaded``: HTTP 429).
+    max_waiting: int = 256
+    # A request not finished this many seconds after it arrived fails (``EngineTimeout``: HTTP 504); None: never.
+    request_timeout_s: float | None = 600.0
 
 
 @dataclass
@@ -177,14 +203,28 @@ class _Sequence:
     last_token_at: float | None = None
     cancelled: bool = False
     failed: bool = False  # got an error from the model thread; leaves the batch at the next compaction
+    adapter_slot: int = 0  # its adapter's device slot while running (0: the base model)
 
 
 @dataclass
 class _Batch:
-    seqs: list[_Sequence]
-    past: PastKV
-    mask: torch.Tensor  # [B, T_past]
+    seqs: list[_Sequence]  # row i holds KV slot i
     plan: LoraPlan | None
+
+
+class _RowTensors:
+    """Per-slot numbers the model needs every step, kept on the device (no host round trip per step): each row's
+    next text position, its rotary offset (M-RoPE families) and its prompt length (v1's dynamic NTK)."""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.text_pos = torch.zeros(slots, dtype=torch.long, device=device)
+        self.offset = torch.zeros(slots, dtype=torch.long, device=device)
+        self.prompt_len = torch.zeros(slots, dtype=torch.long, device=device)
+        self.adapter_slot = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def move(self, source: int, target: int) -> None:
+        for t in (self.text_pos, self.offset, self.prompt_len, self.adapter_slot):
+            t[target] = t[source]
 
 
 @dataclass
@@ -193,6 +233,8 @@ class EngineStats:
     prefills: int = 0
     max_rows: int = 0
     max_adapters_in_forward: int = 0
+    kv_slots: int = 0
+    kv_cache_bytes: int = 0
 
 
 def safe_text_end(text: str, stop_strings: Sequence[str]) -> int:
@@ -222,16 +264,23 @@ class ServingEngine:
         self.model, self.processor, self.family, self.config = model.eval(), processor, family, config
         self.metrics = metrics
         self.lora = GroupedLora(model)
+        lm_dtype, lm_device = _lm_dtype_device(model)
+        self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, dict(model.named_modules()),
+                                          lm_device, lm_dtype)
         cache_dir = config.adapter_cache_dir or tempfile.mkdtemp(prefix="qwenvl-adapters-")
         self.cache = AdapterCache(
-            lambda local, adapter_id: load_lora_weights(local, adapter_id, model, max_rank=config.max_lora_rank),
+            lambda local, adapter_id: load_lora_weights(local, adapter_id, model, family,
+                                                         max_rank=config.max_lora_rank, device="cpu"),
             AdapterFetcher(cache_dir),
             max_adapters=config.max_adapters,
             max_bytes=config.max_adapter_bytes,
             itemsize=next(model.parameters()).element_size(),
             observer=metrics,
         )
-        self.stats = EngineStats()
+        self.kv = _allocate_cache(model, config)
+        self.slots = self.kv.slots
+        self._rows = _RowTensors(self.slots, self.kv.device)
+        self.stats = EngineStats(kv_slots=self.slots, kv_cache_bytes=self.kv.nbytes)
         self._pad_id = processor.pad_token_id
         self._stop_ids = tuple(family.stop_token_ids(processor))
         self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
@@ -291,8 +340,12 @@ class ServingEngine:
         self.lora.remove_hooks()
 
     def evict_adapter(self, adapter_id: str) -> bool:
-        """Drop an adapter from the cache (requests in flight keep their weights)."""
+        """Drop a deleted adapter: from the cache and its downloaded files (requests in flight keep their weights)."""
         return self.cache.evict(adapter_id, forget_files=True)
+
+    def unload_adapter(self, adapter_id: str) -> bool:
+        """Drop an adapter from the host cache but keep its downloaded files (a router moved it elsewhere)."""
+        return self.cache.evict(adapter_id, forget_files=False)
 
     # ----- requests -------------------------------------------------------------------------------------------
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
@@ -308,6 +361,10 @@ class ServingEngine:
         queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
         seq.emit = _threadsafe_put(loop, queue)
         with self._cond:
+            if len(self._waiting) >= self.config.max_waiting:
+                self._count(request.adapter_id, "rejected")
+                raise EngineOverloaded(f"the model server has {len(self._waiting)} requests waiting (the limit); "
+                                       "retry later", retry_after_s=1)
             self._waiting.append(seq)
             self._cond.notify_all()
         try:
@@ -402,11 +459,27 @@ class ServingEngine:
                 self._cond.wait()
             if self._stopping:
                 return None
-            room = self.config.max_batch_size - (len(self._batch.seqs) if self._batch else 0)
+            room = self.slots - (len(self._batch.seqs) if self._batch else 0)
             new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             return [s for s in new if not s.cancelled]
 
+    def _expire(self) -> None:
+        """Fail the requests (waiting or running) older than ``request_timeout_s``."""
+        timeout = self.config.request_timeout_s
+        if timeout is None:
+            return
+        deadline = time.perf_counter() - timeout
+        with self._cond:
+            expired = [s for s in self._waiting if s.arrived < deadline]
+            for seq in expired:
+                self._waiting.remove(seq)
+        running = self._batch.seqs if self._batch else []
+        for seq in expired + [s for s in running if s.arrived < deadline and not s.state.done]:
+            self._fail(seq, EngineTimeout(f"the request did not finish within {timeout:g} s"))
+        self._compact()
+
     def _step(self, new: list[_Sequence]) -> None:
+        self._expire()
         if new:
             self._admit(new)
         try:
@@ -417,8 +490,12 @@ class ServingEngine:
             for seq in batch.seqs if batch else []:
                 self._fail(seq, exc)
         if self.metrics:
-            self.metrics.running.set(len(self._batch.seqs) if self._batch else 0)
+            running = len(self._batch.seqs) if self._batch else 0
+            self.metrics.running.set(running)
+            self.metrics.kv_slots_used.set(running)
             self.metrics.waiting.set(len(self._waiting))
+            self.metrics.adapter_slots_pinned.set(self.adapter_slots.in_use)
+            self.metrics.adapter_slots_resident.set(self.adapter_slots.resident)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
@@ -433,21 +510,40 @@ class ServingEngine:
         if seq.failed:
             return
         seq.failed = True
-        if not isinstance(exc, EngineFault | EngineStopped):
+        if not isinstance(exc, EngineFault | EngineStopped | EngineTimeout):
             log.error("request %s failed in the model thread", seq.request.request_id, exc_info=exc)
             what = str(exc) if isinstance(exc, QwenVLError) else type(exc).__name__
             exc = EngineFault(f"generation failed in the model server ({what})")
         self._count(seq.request.adapter_id, "error")
         seq.emit(exc)
 
+    def _place_adapters(self, new: list[_Sequence]) -> list[_Sequence]:
+        """The new requests whose adapters got a device slot; the others go back to the front of the queue."""
+        placed, unplaced = [], []
+        for seq in new:
+            slot = 0 if seq.adapter is None else self.adapter_slots.acquire(seq.adapter)
+            if slot is None:
+                unplaced.append(seq)
+            else:
+                seq.adapter_slot = slot
+                placed.append(seq)
+        if unplaced:
+            with self._cond:
+                self._waiting.extendleft(reversed(unplaced))
+        return placed
+
     def _admit(self, new: list[_Sequence]) -> None:
         """Prefill the new requests together; if that raises, each one alone, so a faulty one fails by itself."""
+        new = self._place_adapters(new)
+        if not new:
+            return
         try:
             self._prefill(new)
             return
         except Exception as exc:
             if len(new) == 1:
                 self._fail(new[0], exc)
+                self._release_unjoined(new)
                 return
             group_error = exc
             log.warning("prefill of %d requests failed (%r): prefilling them one by one", len(new), exc)
@@ -461,63 +557,90 @@ class ServingEngine:
                 self._prefill([seq])
             except Exception as exc:
                 self._fail(seq, exc)
+        self._release_unjoined(new)
+
+    def _release_unjoined(self, new: list[_Sequence]) -> None:
+        """Unpin the adapter slots of new requests that did not join the batch (their prefill failed)."""
+        joined = {id(s) for s in self._batch.seqs} if self._batch else set()
+        for seq in new:
+            if seq.adapter_slot and id(seq) not in joined:
+                self.adapter_slots.release(seq.adapter_slot)
+                seq.adapter_slot = 0
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Run the new requests' prompts (left padded together) into the slots after the running rows."""
+        batch = self._batch
+        first = len(batch.seqs) if batch else 0
+        device, cache, rows = self.device, self.kv, self._rows
         ids, mask = left_pad([s.prompt_ids for s in seqs], self._pad_id)
-        plan = self._plan(seqs)
-        logits, past = self._forward(ids, mask, positions_from_mask(mask), None,
-                                     VisionInputs.concat(s.vision for s in seqs), plan, seqs)
+        ids, mask = ids.to(device), mask.to(device)
+        vision = VisionInputs.concat(s.vision for s in seqs)
+        images = {} if vision is None else vision.to(device).as_kwargs()
+        positions, offsets = self.family.rope_positions(self.model, ids, mask, images)
+        cache.for_prefill(first, [len(s.prompt_ids) for s in seqs])
+        new = slice(first, first + len(seqs))
+        rows.prompt_len[new] = mask.sum(dim=1)
+        rows.adapter_slot[new] = torch.tensor([s.adapter_slot for s in seqs], device=device)
+        try:
+            logits = self._forward(ids, cache.prefill_mask(mask), positions, images, self._plan(seqs, first),
+                                   rows.prompt_len[new])
+        except BaseException:
+            cache.abandon()
+            raise
+        cache.commit()
+        rows.text_pos[new], rows.offset[new] = rows.prompt_len[new], offsets
         self.stats.prefills += 1
         self._after_step(seqs, logits)
-        self._batch = _merge(self._batch, _Batch(seqs, past, mask, plan))
+        running = (batch.seqs if batch else []) + seqs
+        self._batch = _Batch(running, self._plan(running, 0))
         self._compact()
 
     @torch.inference_mode()
     def _decode(self) -> None:
         batch = self._batch
         assert batch is not None
-        step_ids = torch.tensor([[s.state.tokens[-1]] for s in batch.seqs], dtype=torch.long)
-        mask = torch.cat([batch.mask.cpu(), torch.ones_like(step_ids)], dim=1)
-        positions = mask.sum(dim=1, keepdim=True) - 1
+        n = len(batch.seqs)
+        step_ids = torch.tensor([[s.state.tokens[-1]] for s in batch.seqs], dtype=torch.long, device=self.device)
         try:
-            logits, past = self._forward(step_ids, mask, positions, batch.past, None, batch.plan, batch.seqs)
+            logits = self._decode_rows(0, n, step_ids, batch.plan)
         except Exception as exc:
-            if len(batch.seqs) == 1:
+            if n == 1:
                 raise
-            log.warning("decode step of %d rows failed (%r): running it row by row", len(batch.seqs), exc)
-            self._decode_apart(batch, step_ids, mask, positions)
+            log.warning("decode step of %d rows failed (%r): running it row by row", n, exc)
+            self._decode_apart(batch, step_ids)
             return
-        batch.past, batch.mask = past, mask
         self._after_step(batch.seqs, logits)
         self._compact()
 
-    def _decode_apart(self, batch: _Batch, step_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """One decode step row by row, each on its own slice of the KV cache: rows whose forward raises fail
-        alone; the others form the batch again (the next step is batched as usual)."""
-        kept: list[int] = []
-        logits: list[torch.Tensor] = []
-        pasts: list[PastKV] = []
+    def _decode_rows(self, first: int, end: int, step_ids: torch.Tensor, plan: LoraPlan | None) -> torch.Tensor:
+        """One decode step of the rows in slots ``first .. end - 1``: their next-token logits ``[rows, V]``."""
+        cache, rows, span = self.kv, self._rows, slice(first, end)
+        cache.for_decode(first, end)
+        try:
+            logits = self._forward(step_ids, cache.decode_mask(),
+                                   self.family.step_positions(rows.text_pos[span, None], rows.offset[span]), {},
+                                   plan, rows.prompt_len[span])
+        except BaseException:
+            cache.abandon()
+            raise
+        cache.commit()
+        rows.text_pos[span] += 1
+        return logits
+
+    def _decode_apart(self, batch: _Batch, step_ids: torch.Tensor) -> None:
+        """One decode step row by row, each on its own slot: rows whose forward raises fail alone; the others
+        stay in the batch (the next step is batched as usual)."""
+        kept, logits = [], []
         for i, seq in enumerate(batch.seqs):
-            row = slice(i, i + 1)
             try:
-                row_logits, row_past = self._forward(step_ids[row], mask[row], positions[row],
-                                                     tuple((k[row], v[row]) for k, v in batch.past), None,
-                                                     self._plan([seq]), [seq])
+                logits.append(self._decode_rows(i, i + 1, step_ids[i : i + 1], self._plan([seq], i)))
             except Exception as exc:
                 self._fail(seq, exc)
                 continue
-            kept.append(i)
-            logits.append(row_logits)
-            pasts.append(row_past)
-        if not kept:
-            self._batch = None
-            return
-        seqs = [batch.seqs[i] for i in kept]
-        past = tuple((torch.cat([p[layer][0] for p in pasts]), torch.cat([p[layer][1] for p in pasts]))
-                     for layer in range(len(pasts[0])))
-        self._batch = _Batch(seqs, past, mask[kept], self._plan(seqs))
-        self._after_step(seqs, torch.cat(logits))
+            kept.append(seq)
+        if kept:
+            self._after_step(kept, torch.cat(logits))
         self._compact()
 
     def _forward(
@@ -525,46 +648,47 @@ class ServingEngine:
         ids: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
-        past: PastKV | None,
-        vision: VisionInputs | None,
+        images: dict[str, torch.Tensor],
         plan: LoraPlan | None,
-        seqs: Sequence[_Sequence],
-    ) -> tuple[torch.Tensor, PastKV]:
+        prompt_lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """One forward through the KV cache (planned by the caller); the last position's logits ``[B, V]``."""
         self.stats.forwards += 1
         self.stats.max_rows = max(self.stats.max_rows, ids.shape[0])
         self.stats.max_adapters_in_forward = max(self.stats.max_adapters_in_forward,
                                                  len(plan.adapters) if plan else 0)
-        device = self.device
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        images = {} if vision is None else vision.to(device).as_kwargs()
         with self.lora.activate(plan):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             use_cache=True, prompt_lengths=torch.tensor([len(s.prompt_ids) for s in seqs],
-                                                                         device=device), **images)
-        return out.logits[:, -1, :], out.cache
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.kv,
+                             use_cache=True, prompt_lengths=prompt_lengths, logits_to_keep=1, **images)
+        return out.logits[:, -1, :]
 
-    def _plan(self, seqs: Sequence[_Sequence]) -> LoraPlan | None:
-        if all(s.adapter is None for s in seqs):
-            return None
-        return build_plan([s.adapter for s in seqs])
+    def _plan(self, seqs: Sequence[_Sequence], first_slot: int) -> LoraPlan | None:
+        """The LoRA plan of ``seqs``, the rows of KV slots ``first_slot ..`` (views of the adapter slots)."""
+        rows = self._rows.adapter_slot[first_slot : first_slot + len(seqs)]
+        return self.adapter_slots.plan(rows, (s.adapter for s in seqs))
 
     def _compact(self) -> None:
-        """Drop finished and abandoned rows from the running batch (and KV columns nobody needs)."""
+        """Drop finished and abandoned rows: the last running row moves into each leaver's slot (one row copied,
+        the others stay where they are)."""
         batch = self._batch
         if batch is None:
             return
-        keep = [i for i, s in enumerate(batch.seqs) if not (s.state.done or s.cancelled or s.failed)]
-        if len(keep) == len(batch.seqs):
+        seqs = list(batch.seqs)
+        leaving = [i for i, s in enumerate(seqs) if s.state.done or s.cancelled or s.failed]
+        if not leaving:
             return
-        if not keep:
-            self._batch = None
-            return
-        index = torch.tensor(keep, dtype=torch.long)
-        mask = batch.mask.cpu()[index]
-        first = int(mask.any(dim=0).nonzero()[0])
-        past = tuple((k[index.to(k.device), :, first:], v[index.to(v.device), :, first:]) for k, v in batch.past)
-        seqs = [batch.seqs[i] for i in keep]
-        self._batch = _Batch(seqs, past, mask[:, first:], self._plan(seqs))
+        for i in reversed(leaving):
+            self.adapter_slots.release(seqs[i].adapter_slot)
+            seqs[i].adapter_slot = 0
+            last = len(seqs) - 1
+            if i != last:
+                self.kv.move(last, i)
+                self._rows.move(last, i)
+                seqs[i] = seqs[last]
+            else:
+                self.kv.release(i)
+            seqs.pop()
+        self._batch = _Batch(seqs, self._plan(seqs, 0)) if seqs else None
 
     # ----- emitting tokens ------------------------------------------------------------------------------------
     def decode_text(self, ids: Sequence[int]) -> str:
@@ -626,6 +750,30 @@ class ServingEngine:
         seq.emit(event)
 
 
+def _allocate_cache(model: torch.nn.Module, config: EngineConfig) -> SlotKVCache:
+    """The engine's KV cache on the model's device, in the dtype of its embeddings (module docstring of
+    ``kv_cache``; sizing: ``EngineConfig.kv_cache_bytes``)."""
+    dtype, device = _lm_dtype_device(model)
+    shape = cache_shape_of(model.config)
+    slot_bytes = shape.bytes_per_token(dtype) * config.max_total_tokens
+    budget = config.kv_cache_bytes
+    if budget is None and device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * config.kv_cache_memory_fraction)
+    slots = config.max_batch_size if budget is None else min(config.max_batch_size, budget // slot_bytes)
+    if slots < 1:
+        raise QwenVLError(f"the KV cache budget ({budget} bytes) holds no request of max_total_tokens "
+                          f"{config.max_total_tokens} ({slot_bytes} bytes each); raise kv_cache_bytes or lower "
+                          "max_total_tokens")
+    return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device)
+
+
+def _lm_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The language model's compute dtype and device: its token embeddings' (never quantized)."""
+    weight = model.get_input_embeddings().weight
+    return weight.dtype, weight.device
+
+
 def _checked_device(name: str) -> torch.device:
     """``EngineConfig.device`` as a torch device; a clear error for a malformed name or a GPU that is not there."""
     try:
@@ -676,27 +824,6 @@ def ground_boxes(processor: FamilyProcessor, text: str, sizes: Sequence[tuple[in
         if objects:
             result.append(ImageBoxes(index, width, height, objects))
     return result
-
-
-def _merge(running: _Batch | None, new: _Batch) -> _Batch:
-    """One batch from two: KV caches and masks padded on the left to a common length, rows concatenated."""
-    if running is None:
-        return new
-    width = max(running.mask.shape[1], new.mask.shape[1])
-    a_past, a_mask = _pad_left(running.past, running.mask, width)
-    b_past, b_mask = _pad_left(new.past, new.mask, width)
-    past = tuple((torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a_past, b_past, strict=True))
-    seqs = running.seqs + new.seqs
-    plan = None if all(s.adapter is None for s in seqs) else build_plan([s.adapter for s in seqs])
-    return _Batch(seqs, past, torch.cat([a_mask, b_mask]), plan)
-
-
-def _pad_left(past: PastKV, mask: torch.Tensor, width: int) -> tuple[PastKV, torch.Tensor]:
-    pad = width - mask.shape[1]
-    if pad == 0:
-        return past, mask
-    padded = tuple((F.pad(k, (0, 0, pad, 0)), F.pad(v, (0, 0, pad, 0))) for k, v in past)
-    return padded, F.pad(mask, (pad, 0))
 
 
 def _threadsafe_put(

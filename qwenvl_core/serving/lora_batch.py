@@ -34,10 +34,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qwenvl_core.errors import QwenVLError
+from qwenvl_core.models.registry import ModelFamily
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_LM_PREFIX = "transformer.h."
 
 
 class AdapterError(QwenVLError):
@@ -101,23 +101,30 @@ def load_lora_weights(
     adapter_dir: str | Path,
     adapter_id: str,
     model: nn.Module,
+    family: ModelFamily,
     *,
     max_rank: int = 64,
     dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> LoraWeights:
-    """Read and validate an adapter for ``model``; tensors in the model's dtype and device unless ``dtype``."""
+    """Read and validate an adapter for ``model`` of ``family`` (which says which layers are the language
+    model's); tensors in the model's dtype and on its device unless ``dtype`` / ``device`` say otherwise (the
+    serving engine keeps them on the CPU, its host tier, pinned when the model is on a GPU)."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{path}: missing adapter weights")
-    param = next(model.parameters())
+    param = model.get_input_embeddings().weight  # the LM's compute dtype (a 4-bit base keeps it in embeddings)
     dtype = dtype or param.dtype
+    device = torch.device(device) if device is not None else param.device
+    pin = device.type == "cpu" and param.device.type == "cuda"
     linears = dict(model.named_modules())
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, pair in _group_tensors(load_file(str(path)), path).items():
         layer = linears.get(name)
-        if not name.startswith(_LM_PREFIX) or layer is None or not hasattr(layer, "in_features"):
+        language = family.component_of(name + ".weight") == "language"
+        if not language or layer is None or not hasattr(layer, "in_features"):
             raise AdapterError(f"{path}: target {name!r} is not a Linear layer of the language model")
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{path}: module {name!r} lacks lora_A or lora_B")
@@ -131,7 +138,8 @@ def load_lora_weights(
         if rank > max_rank:
             raise AdapterError(f"{path}: rank {rank} of {name} exceeds the server's max rank {max_rank}")
         scaled_b = b.float() * _module_scaling(config, name, rank)
-        modules[name] = (a.to(param.device, dtype).contiguous(), scaled_b.to(param.device, dtype).contiguous())
+        a, b = a.to(device, dtype).contiguous(), scaled_b.to(device, dtype).contiguous()
+        modules[name] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
     if not modules:
         raise AdapterError(f"{path}: no LoRA weights")
     return LoraWeights(adapter_id=adapter_id, modules=modules, rank=max(a.shape[0] for a, _ in modules.values()))

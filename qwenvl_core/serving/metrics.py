@@ -46,7 +46,10 @@ class ServingMetrics:
                                       buckets=_LATENCY_BUCKETS, **ns)
         self.evictions = Counter("adapter_evictions", "Adapters evicted from the cache", label, **ns)
         self.running = Gauge("running_requests", "Requests in the running batch", **ns)
-        self.waiting = Gauge("waiting_requests", "Requests waiting for the batch", **ns)
+        self.waiting = Gauge("waiting_requests", "Requests waiting for the batch (queue depth)", **ns)
+        self.adapter_slots_pinned = Gauge("adapter_slots_pinned", "Device adapter slots used by running rows", **ns)
+        self.adapter_slots_resident = Gauge("adapter_slots_resident", "Device adapter slots holding an adapter", **ns)
+        self.kv_slots_used = Gauge("kv_cache_slots_used", "KV cache slots held by running requests", **ns)
 
     # CacheObserver
     def cache_hit(self, adapter_id: str) -> None:

@@ -50,15 +50,25 @@ from qwenvl_core.serving.chat import (
 )
 from qwenvl_core.serving.engine import (
     EngineFault,
+    EngineOverloaded,
     EngineRequest,
     EngineStopped,
+    EngineTimeout,
     RequestError,
 )
 from qwenvl_core.serving.inline_images import InlineImages, split_inline_images
 from qwenvl_core.serving.lora_batch import AdapterError
 from qwenvl_core.storage import CHUNK_BYTES
 from service.context import AdapterDeleted
-from service.errors import ApiError, InvalidRequest, NotFound, PermissionDenied, Unavailable
+from service.errors import (
+    ApiError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    TimedOut,
+    Unavailable,
+)
 
 FILE_ID_PREFIX = "file-"
 
@@ -80,6 +90,10 @@ def _api_error(exc: Exception) -> ApiError:
         return Unavailable(f"the adapter could not be loaded: {exc}", param="model", code="adapter_unavailable")
     if isinstance(exc, RequestError):
         return InvalidRequest(str(exc), param=exc.param, code=exc.code or "invalid_value")
+    if isinstance(exc, EngineOverloaded):
+        return QuotaExceeded(str(exc), code="engine_overloaded", retry_after_s=exc.retry_after_s)
+    if isinstance(exc, EngineTimeout):
+        return TimedOut(str(exc), code="generation_timeout")
     if isinstance(exc, EngineStopped):
         return Unavailable(f"{exc}; retry shortly", code="engine_stopped")
     if isinstance(exc, EngineFault):

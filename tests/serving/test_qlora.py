@@ -116,7 +116,7 @@ def test_qlora_adapter_on_a_bf16_base_is_close_to_peft(tiny_model_dir, qlora_ada
     for dtype, quantized in ((torch.bfloat16, False), (torch.float32, True)):
         model = _base(tiny_model_dir, quantized, dtype)
         lora = GroupedLora(model)
-        plan = build_plan([load_lora_weights(qlora_adapter, "q", model)])
+        plan = build_plan([load_lora_weights(qlora_adapter, "q", model, get_family("qwen-vl"))])
         with torch.no_grad(), lora.activate(plan):
             grouped = model(input_ids=ids).logits.float()
         lora.remove_hooks()

@@ -100,6 +100,21 @@ class HFVisionLanguageFamily:
 
         return install_forward_contract(model)
 
+    def rope_positions(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       vision: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from qwenvl_core.models.hf_vl.forward import prefill_positions, token_types
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        text = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions, deltas = prefill_positions(base.model, input_ids, text, token_types(input_ids, base.config),
+                                              attention_mask, vision)
+        return positions, deltas.reshape(-1)
+
+    def step_positions(self, text_positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        from qwenvl_core.models.hf_vl.forward import step_positions
+
+        return step_positions(text_positions, offsets[:, None])
+
     def packing_refusal(self) -> str | None:
         from qwenvl_core.models.hf_vl.forward import PACKING_REFUSAL
 

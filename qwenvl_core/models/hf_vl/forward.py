@@ -104,19 +104,30 @@ def _mrope_positions(inner: Any, input_ids: torch.Tensor | None, text_positions:
                      kwargs: dict[str, Any]) -> torch.Tensor:
     """``[3, B, T]`` M-RoPE positions from the contract's text positions ``[B, T]`` (module docstring)."""
     past = cache.get_seq_length() if cache is not None else 0
-    grids = {k: kwargs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-             if kwargs.get(k) is not None}
     if past == 0:
-        if input_ids is not None and ("image_grid_thw" in grids or "video_grid_thw" in grids):
-            mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
-            positions, deltas = inner.get_rope_index(input_ids, mm_token_type_ids=types, attention_mask=mask,
-                                                     **grids)
-        else:
-            positions = text_positions.unsqueeze(0).expand(3, -1, -1)
-            deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long, device=text_positions.device)
+        positions, deltas = prefill_positions(inner, input_ids, text_positions, types, attention_mask, kwargs)
         inner.rope_deltas = deltas
         return positions
     deltas = inner.rope_deltas
     if deltas is None or deltas.shape[0] != text_positions.shape[0]:
         deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long, device=text_positions.device)
+    return step_positions(text_positions, deltas)
+
+
+def prefill_positions(inner: Any, input_ids: torch.Tensor | None, text_positions: torch.Tensor,
+                      types: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                      vision: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE positions ``[3, B, T]`` of a prefill and each row's offset ``[B, 1]`` (later text position + offset
+    is the row's position): transformers' ``get_rope_index`` when there are images, else the text positions."""
+    grids = {k: vision[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+             if vision.get(k) is not None}
+    if input_ids is not None and ("image_grid_thw" in grids or "video_grid_thw" in grids):
+        mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
+        return inner.get_rope_index(input_ids, mm_token_type_ids=types, attention_mask=mask, **grids)
+    deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long, device=text_positions.device)
+    return text_positions.unsqueeze(0).expand(3, -1, -1), deltas
+
+
+def step_positions(text_positions: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """M-RoPE positions ``[3, B, T]`` of cached steps: the text positions ``[B, T]`` plus each row's offset."""
     return (text_positions + deltas.to(text_positions.device)).unsqueeze(0).expand(3, -1, -1)

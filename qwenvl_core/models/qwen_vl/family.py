@@ -99,6 +99,14 @@ class QwenVLFamily:
     def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # QWenLMHeadModel.forward is the contract
 
+    def rope_positions(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       vision: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # 1-D rotary: images are ordinary positions
+        return positions, torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+    def step_positions(self, text_positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return text_positions
+
     def packing_refusal(self) -> str | None:
         return None  # segment_ids: block-diagonal attention, positions restart per segment
 
@@ -106,5 +114,10 @@ class QwenVLFamily:
         self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
     ) -> Path:
         from qwenvl_core.models.qwen_vl.materialize import write_random_model
+        from qwenvl_core.models.qwen_vl.presets import shipped_weights
 
+        if (shipped := shipped_weights(preset)) is not None:  # a pretrained preset: its shipped files
+            from qwenvl_core.models.shipped import copy_shipped
+
+            return copy_shipped(shipped, out_dir, seed=seed, dtype=dtype)
         return write_random_model(out_dir, preset=preset, seed=seed, dtype=dtype)

@@ -7,7 +7,7 @@ Names follow the official ``modeling_qwen.py`` so state-dict keys match: ``ln_1`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qwenvl_core.models.qwen_vl.config import QWenVLConfig
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
+# One layer of a cache object (``SlotKVCache.update`` bound to the layer): stores (k, v), returns what to attend to.
+LayerCache = Callable[[torch.Tensor, torch.Tensor], KVPair]
 
 
 class RMSNorm(nn.Module):
@@ -137,7 +139,7 @@ class QWenAttention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None = None,
         query_scale: torch.Tensor | None = None,
-        layer_past: KVPair | None = None,
+        layer_past: KVPair | LayerCache | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, KVPair | None]:
         """hidden [B, T, hidden] -> ([B, T, hidden], present (k, v) [B, H, T_past+T, hd] or None)."""
@@ -146,11 +148,16 @@ class QWenAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, H, T, hd]
         if query_scale is not None:
             q = (q * query_scale).type_as(k)  # [B, H, T, hd]
-        if layer_past is not None:
-            k = torch.cat([layer_past[0], k], dim=2)  # [B, H, Tk, hd]
-            v = torch.cat([layer_past[1], v], dim=2)  # [B, H, Tk, hd]
-        present = (k, v) if use_cache else None
-        is_causal = attn_mask is None and layer_past is None and q.size(2) > 1
+        if callable(layer_past):  # a cache object's layer (the serving engine's): it stores and returns (k, v)
+            k, v = layer_past(k, v)  # [B, H, Tk, hd]
+            present = None
+        else:
+            if layer_past is not None:
+                k = torch.cat([layer_past[0], k], dim=2)  # [B, H, Tk, hd]
+                v = torch.cat([layer_past[1], v], dim=2)  # [B, H, Tk, hd]
+            present = (k, v) if use_cache else None
+        # no mask and no past keys (none, or a cache object at a prefill, which returns just these): causal
+        is_causal = attn_mask is None and q.size(2) > 1 and (layer_past is None or k.size(2) == q.size(2))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -195,7 +202,7 @@ class QWenBlock(GradientCheckpointingLayer):
         rotary: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None = None,
         query_scale: torch.Tensor | None = None,
-        layer_past: KVPair | None = None,
+        layer_past: KVPair | LayerCache | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, KVPair | None]:
         """hidden [B, T, hidden] -> (hidden [B, T, hidden], present or None)."""

@@ -7,6 +7,7 @@ are exactly the official Qwen-VL names (no buffers are persisted).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -202,22 +203,37 @@ class QWenModel(QWenPreTrainedModel):
         """Returns (final hidden states [B, T, D], presents tuple or None)."""
         embeds = self._embed(input_ids, inputs_embeds, pixel_values)  # [B, T, D]
         batch, q_len = embeds.shape[:2]
-        past_len = past_key_values[0][0].size(2) if past_key_values else 0
+        cache = past_key_values if hasattr(past_key_values, "update") else None  # a cache object (serving engine)
+        if cache is not None:
+            past_len = cache.get_seq_length()
+        else:
+            past_len = past_key_values[0][0].size(2) if past_key_values else 0
         if segment_ids is not None and past_len:
             raise QwenVLError("segment_ids cannot be combined with past_key_values (packing is for training)")
-        if attention_mask is not None and attention_mask.shape != (batch, past_len + q_len):
+        prepared_mask = attention_mask is not None and attention_mask.dim() == 4
+        if prepared_mask and (cache is None or position_ids is None or prompt_lengths is None):
+            raise QwenVLError("a 4-D attention_mask (prepared by the serving engine) needs a cache object, "
+                              "position_ids and prompt_lengths")
+        if not prepared_mask and attention_mask is not None and attention_mask.shape != (batch, past_len + q_len):
             raise QwenVLError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past_len + q_len)} (past + current)"
             )
         if position_ids is None:
             full = attention_mask if attention_mask is not None else embeds.new_ones(batch, past_len + q_len)
             position_ids = _default_position_ids(full, past_len, segment_ids)  # [B, T]
-        mask = build_attention_mask(attention_mask, segment_ids, past_len, q_len, embeds.device)
-        alphas = self.ntk_alphas(past_len + q_len, past_len, attention_mask, prompt_lengths)
+        if prepared_mask:
+            mask = attention_mask
+            alphas = self.ntk_alphas(past_len + q_len, past_len, None, prompt_lengths)
+        else:
+            mask = build_attention_mask(attention_mask, segment_ids, past_len, q_len, embeds.device)
+            alphas = self.ntk_alphas(past_len + q_len, past_len, attention_mask, prompt_lengths)
         rotary, query_scale = self._rotary_and_scale(position_ids, past_len + q_len, alphas)
         hidden, presents = self.drop(embeds), []
         for i, block in enumerate(self.h):
-            layer_past = past_key_values[i] if past_key_values else None
+            if cache is not None:
+                layer_past = functools.partial(cache.update, layer_idx=i)
+            else:
+                layer_past = past_key_values[i] if past_key_values else None
             hidden, present = block(
                 hidden,
                 rotary=rotary,
@@ -227,7 +243,10 @@ class QWenModel(QWenPreTrainedModel):
                 use_cache=use_cache,
             )
             presents.append(present)
-        out_cache = tuple(presents) if use_cache and all(p is not None for p in presents) else None
+        if cache is not None:
+            out_cache = cache
+        else:
+            out_cache = tuple(presents) if use_cache and all(p is not None for p in presents) else None
         return self.ln_f(hidden), out_cache
 
     def _embed(
@@ -320,6 +339,7 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         loss_only: bool = False,
         prompt_lengths: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """See docs/architecture.md "Model forward contract"; unknown kwargs (from peft / Trainer) are ignored.
@@ -327,6 +347,12 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         ``prompt_lengths`` [B] (generation): each row's prompt length, which fixes the row's dynamic-NTK alpha for
         the whole generation as the official model does (``QWenModel.ntk_alphas``); needed only for decoding
         beyond ``seq_length``.
+
+        ``logits_to_keep`` (generation): when > 0, the LM head runs on the last that many positions only.
+
+        ``past_key_values`` may be a cache object with transformers' ``update(key, value, layer_idx)`` /
+        ``get_seq_length()`` (the serving engine's ``SlotKVCache``); then ``attention_mask`` may be the engine's
+        prepared 4-D boolean mask ``[B, 1, T, Tk]`` (with ``position_ids`` and ``prompt_lengths``).
 
         ``loss_only`` (training, with ``labels``): the LM head runs only where the next token is supervised and
         no logits are returned; the loss equals the full one (in VL data most positions are image and prompt
@@ -352,7 +378,11 @@ class QWenLMHeadModel(QWenPreTrainedModel):
             if labels is None:
                 raise QwenVLError("loss_only needs labels")
             return CausalLMOutputWithPast(loss=supervised_lm_loss(hidden, labels, self.lm_head), cache=presents)
-        logits = self.lm_head(hidden)  # [B, T, V]
+        if logits_to_keep and labels is not None:
+            raise QwenVLError("logits_to_keep is for generation; a loss needs every position's logits")
+        if logits_to_keep:  # only the last positions' logits (a prefill needs the last one), as transformers does
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # [B, T or logits_to_keep, V]
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=presents)
 

@@ -1,0 +1,111 @@
+"""Adapter weights resident on the engine's device: a fixed number of slots, pinned while rows use them.
+
+The tiers of an adapter (S-LoRA / vLLM style): its files (local disk, or S3 downloaded once: ``AdapterFetcher``),
+its ``LoraWeights`` in host memory (``AdapterCache``, an LRU bounded by count and bytes), and a *device slot* here.
+Per LoRA target module the slots form two stacks allocated once on the device, ``A [slots + 1, max_rank, in]``
+and ``B [slots + 1, out, max_rank]`` (slot 0 stays zero: the base model's rows), into which an adapter is copied
+when a request using it joins the batch and it is not resident yet. A slot is pinned (reference counted) while a
+running row uses it and is never reused then; an unpinned slot keeps its adapter for the next request and is
+reclaimed least recently used first. When every slot is pinned, ``acquire`` answers None and the request waits
+(in the engine's bounded queue). Rows name their slot in a device index tensor the engine keeps; a batch's plan
+is views of the stacks cut to the largest rank in use, so joining and leaving re-stacks nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights
+
+
+class AdapterSlots:
+    """``slots`` device slots of LoRA weights up to rank ``max_rank`` (module docstring)."""
+
+    def __init__(self, slots: int, max_rank: int, modules: dict[str, torch.nn.Module], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        if slots < 1:
+            raise AdapterError(f"adapter slots must be >= 1, got {slots}")
+        self.slots, self.max_rank, self.device, self.dtype = slots, max_rank, device, dtype
+        self._modules = modules  # name -> Linear of the base model (for in / out features)
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # which adapter each slot holds, weakly: an adapter evicted from the host cache and used by no request is
+        # freed (its slot is then simply never matched again and is reclaimed first). Index 0 unused (base rows).
+        self._resident: list[weakref.ref[LoraWeights] | None] = [None] * (slots + 1)
+        self._pins = [0] * (slots + 1)
+        self._last_used = [0] * (slots + 1)
+        self._clock = itertools.count(1)
+        self.loads = 0
+
+    @property
+    def in_use(self) -> int:
+        """Slots pinned by running rows."""
+        return sum(1 for pins in self._pins[1:] if pins)
+
+    @property
+    def resident(self) -> int:
+        """Slots holding an adapter (pinned or kept for later)."""
+        return sum(1 for ref in self._resident[1:] if ref is not None and ref() is not None)
+
+    def resident_ids(self) -> list[str]:
+        """Ids of the adapters the slots hold."""
+        return [w.adapter_id for w in map(self._holds, range(1, self.slots + 1)) if w is not None]
+
+    def acquire(self, weights: LoraWeights) -> int | None:
+        """The slot holding ``weights``, pinned once more; copied into a free slot if not resident. None when
+        every slot is pinned (the caller waits)."""
+        slot = next((s for s in range(1, self.slots + 1) if self._holds(s) is weights), None)
+        if slot is None:
+            free = [s for s in range(1, self.slots + 1) if not self._pins[s]]
+            if not free:
+                return None
+            # empty or freed slots first, then the least recently used
+            slot = min(free, key=lambda s: (self._holds(s) is not None, self._last_used[s]))
+            self._write(slot, weights)
+        self._pins[slot] += 1
+        self._last_used[slot] = next(self._clock)
+        return slot
+
+    def _holds(self, slot: int) -> LoraWeights | None:
+        ref = self._resident[slot]
+        return None if ref is None else ref()
+
+    def release(self, slot: int) -> None:
+        """A row using ``slot`` left the batch."""
+        if slot:
+            self._pins[slot] -= 1
+
+    def plan(self, rows: torch.Tensor, adapters: Iterable[LoraWeights | None]) -> LoraPlan | None:
+        """The LoRA plan of rows whose slots are ``rows`` (a device tensor) and adapters ``adapters`` (None:
+        base): views of the stacks cut to the largest rank among them. None when no row has an adapter."""
+        distinct = tuple({id(a): a for a in adapters if a is not None}.values())
+        if not distinct:
+            return None
+        rank = max(a.rank for a in distinct)
+        stacks = {name: (a[:, :rank], b[:, :, :rank]) for name, (a, b) in self._stacks.items()
+                  if any(name in adapter.modules for adapter in distinct)}
+        return LoraPlan(rows=rows, stacks=stacks, adapters=distinct)
+
+    def _write(self, slot: int, weights: LoraWeights) -> None:
+        if weights.rank > self.max_rank:
+            raise AdapterError(f"adapter {weights.adapter_id}: rank {weights.rank} exceeds max_lora_rank "
+                               f"{self.max_rank}")
+        for name in weights.modules:
+            if name not in self._stacks:
+                layer = self._modules[name]
+                self._stacks[name] = (
+                    torch.zeros(self.slots + 1, self.max_rank, layer.in_features, device=self.device, dtype=self.dtype),
+                    torch.zeros(self.slots + 1, layer.out_features, self.max_rank, device=self.device, dtype=self.dtype),
+                )
+        for name, (a_stack, b_stack) in self._stacks.items():
+            a_stack[slot].zero_()
+            b_stack[slot].zero_()
+            if name in weights.modules:
+                a, b = weights.modules[name]
+                a_stack[slot, : a.shape[0]].copy_(a, non_blocking=True)
+                b_stack[slot, :, : b.shape[1]].copy_(b, non_blocking=True)
+        self._resident[slot] = weakref.ref(weights)
+        self.loads += 1

@@ -1,0 +1,158 @@
+"""The serving engine's key/value cache: preallocated per-row slots, written in place, never regrown.
+
+Every attention layer gets two tensors ``[slots, kv_heads, capacity, head_dim]`` allocated once, on the engine's
+device and in the model's dtype. A running request owns one slot (one row); its keys and values fill the slot's
+columns ``0 .. length - 1`` in order (no padding columns: a left-padded prefill is stored shifted to column 0).
+The running rows occupy slots ``0 .. n - 1``, so the rows a decode step attends to are a *view* of the storage,
+not a copy; a row that leaves is replaced by the last row (one row's columns copied), and new rows are appended
+after the last. Nothing grows per step: the old design concatenated every layer's cache every step (a full
+copy and twice the memory at the peak).
+
+The model sees the cache through the two calls both model implementations make once per layer and forward:
+``update(key, value, layer_idx) -> (keys, values)`` (transformers' ``Cache`` protocol; v1's attention calls it
+too) and ``get_seq_length()``. Before each forward the engine says what the forward is with ``for_prefill`` or
+``for_decode``; the attention mask is the engine's (``decode_mask`` / ``prefill_mask``: 4-D boolean, True =
+attend), so no model derives positions or masks from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qwenvl_core.errors import QwenVLError
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one slot stores per layer: ``kv_heads`` x ``head_dim`` per token, ``layers`` layers."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of keys + values of one token in all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_shape_of(config: object) -> CacheShape:
+    """The cache shape of a model's (text) config: v1 (``num_attention_heads``, ``kv_channels``) or the
+    transformers families (``text_config`` with ``num_key_value_heads``, ``head_dim`` or hidden / heads)."""
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "kv_channels", None) or text.hidden_size // heads
+    return CacheShape(layers=text.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
+class SlotKVCache:
+    """Preallocated keys and values of ``slots`` rows of up to ``capacity`` tokens each (module docstring)."""
+
+    def __init__(self, shape: CacheShape, slots: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        if slots < 1 or capacity < 1:
+            raise QwenVLError(f"a KV cache needs at least one slot and one token per slot (got {slots}, {capacity})")
+        self.shape, self.slots, self.capacity = shape, slots, capacity
+        self.device = torch.device(device)
+        size = (slots, shape.kv_heads, capacity, shape.head_dim)
+        self.keys = [torch.zeros(size, dtype=dtype, device=self.device) for _ in range(shape.layers)]
+        self.values = [torch.zeros(size, dtype=dtype, device=self.device) for _ in range(shape.layers)]
+        self.lengths: list[int] = [0] * slots  # tokens stored per slot (host side: no device sync to read)
+        self._mode: tuple = ("idle",)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    # ----- what the next forward is ---------------------------------------------------------------------------
+    def for_prefill(self, first_slot: int, prompt_lengths: Sequence[int]) -> None:
+        """The next forward prefills ``len(prompt_lengths)`` new rows, left padded to a common width, into slots
+        ``first_slot ..``; each row is stored from column 0 without its padding."""
+        end = first_slot + len(prompt_lengths)
+        if end > self.slots:
+            raise QwenVLError(f"KV cache: {end} rows do not fit {self.slots} slots")
+        if max(prompt_lengths) > self.capacity:
+            raise QwenVLError(f"KV cache: a prompt of {max(prompt_lengths)} tokens exceeds the slot capacity "
+                              f"{self.capacity}")
+        self._mode = ("prefill", first_slot, list(prompt_lengths))
+
+    def for_decode(self, first_slot: int, end_slot: int) -> None:
+        """The next forward appends one token to each row of slots ``first_slot .. end_slot - 1``."""
+        full = [s for s in range(first_slot, end_slot) if self.lengths[s] >= self.capacity]
+        if full:
+            raise QwenVLError(f"KV cache: slot {full[0]} is full ({self.capacity} tokens)")
+        rows = torch.arange(first_slot, end_slot, device=self.device)
+        columns = torch.tensor(self.lengths[first_slot:end_slot], device=self.device)
+        attend = max(self.lengths[first_slot:end_slot]) + 1
+        self._mode = ("decode", first_slot, end_slot, rows, columns, attend)
+
+    def commit(self) -> None:
+        """The forward succeeded: the rows it wrote now hold their new tokens."""
+        mode = self._mode
+        if mode[0] == "prefill":
+            for i, length in enumerate(mode[2]):
+                self.lengths[mode[1] + i] = length
+        elif mode[0] == "decode":
+            for slot in range(mode[1], mode[2]):
+                self.lengths[slot] += 1
+        self._mode = ("idle",)
+
+    def abandon(self) -> None:
+        """The forward failed: whatever it wrote lies beyond the rows' lengths and is overwritten later."""
+        self._mode = ("idle",)
+
+    # ----- masks the engine passes to the forward -------------------------------------------------------------
+    def decode_mask(self) -> torch.Tensor:
+        """``[rows, 1, 1, attend]`` for the planned decode: each row attends to its own stored tokens and the new one."""
+        _, first, end, _, columns, attend = self._mode
+        k_pos = torch.arange(attend, device=self.device)
+        return (k_pos[None, :] <= columns[:, None])[:, None, None, :]
+
+    @staticmethod
+    def prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, T, T]`` causal attention among a left-padded prefill's own tokens, padding masked (a padding
+        query sees itself, so its row stays finite)."""
+        width = attention_mask.shape[1]
+        pos = torch.arange(width, device=attention_mask.device)
+        causal = pos[None, :] <= pos[:, None]
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        return mask | torch.eye(width, dtype=torch.bool, device=attention_mask.device)[None, None]
+
+    # ----- the model's side (transformers' Cache protocol) ----------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's keys / values ``[rows, kv_heads, q, head_dim]`` of layer ``layer_idx``; return
+        what its queries attend to."""
+        keys, values, mode = self.keys[layer_idx], self.values[layer_idx], self._mode
+        if mode[0] == "prefill":
+            first, lengths = mode[1], mode[2]
+            width = key_states.shape[2]
+            for i, length in enumerate(lengths):  # shifted left past the row's padding
+                keys[first + i, :, :length] = key_states[i, :, width - length:]
+                values[first + i, :, :length] = value_states[i, :, width - length:]
+            return key_states, value_states
+        if mode[0] == "decode":
+            _, first, end, rows, columns, attend = mode
+            keys[rows, :, columns] = key_states[:, :, 0]
+            values[rows, :, columns] = value_states[:, :, 0]
+            return keys[first:end, :, :attend], values[first:end, :, :attend]
+        raise QwenVLError("KV cache used by a forward the engine did not plan")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens already stored for the planned forward's rows (0 at a prefill)."""
+        mode = self._mode
+        return mode[5] - 1 if mode[0] == "decode" else 0
+
+    # ----- rows leaving -----------------------------------------------------------------------------------------
+    def move(self, source: int, target: int) -> None:
+        """Slot ``source``'s tokens into slot ``target`` (the last row filling a leaver's place)."""
+        length = self.lengths[source]
+        for store in (*self.keys, *self.values):
+            store[target, :, :length] = store[source, :, :length]
+        self.lengths[target], self.lengths[source] = length, 0
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0

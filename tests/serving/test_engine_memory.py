@@ -1,0 +1,184 @@
+"""The engine's memory and queue bounds on the tiny model: the KV cache is preallocated slots sized by a budget
+(rows beyond wait, nothing regrows, rows moved between slots keep their tokens), the waiting queue is bounded
+(``EngineOverloaded``, HTTP 429), requests time out (``EngineTimeout``), and a client that goes away frees its
+slot at once, streaming or not."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from qwenvl_core.conversation import text_message
+from qwenvl_core.generation import SamplingParams
+from qwenvl_core.models.registry import get_family
+from qwenvl_core.serving.engine import EngineOverloaded, EngineRequest, EngineTimeout, ServingEngine
+from qwenvl_core.serving.kv_cache import cache_shape_of
+
+
+def _request(i: int, tokens: int, endless: bool = False, stop_ids: tuple[int, ...] = ()) -> EngineRequest:
+    params = SamplingParams(max_new_tokens=tokens, suppress_token_ids=stop_ids if endless else ())
+    return EngineRequest([text_message("user", f"count the things of kind {i} " + "and more " * (i % 4))], params)
+
+
+def _stop_ids(engine: ServingEngine) -> tuple[int, ...]:
+    return tuple(engine.family.stop_token_ids(engine.processor))
+
+
+def _eventually(condition: object, timeout: float = 10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` s (the model thread compacts after its last event)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class _Gate:
+    """Holds the model thread inside its next forward until ``open()`` (a forward pre-hook on the real model)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.entered, self._open = threading.Event(), threading.Event()
+        self._handle = model.register_forward_pre_hook(self._wait)
+
+    def _wait(self, *_args: object) -> None:
+        self.entered.set()
+        self._open.wait(timeout=60)
+
+    def open(self) -> None:
+        self._open.set()
+        self._handle.remove()
+
+
+def test_kv_budget_bounds_the_batch_and_the_cache_never_regrows(engine_factory):
+    probe = engine_factory(max_batch_size=1, max_total_tokens=96)
+    per_token = cache_shape_of(probe.model.config).bytes_per_token(torch.float32)
+    engine: ServingEngine = engine_factory(max_batch_size=8, max_total_tokens=96, kv_cache_bytes=3 * 96 * per_token)
+    assert engine.slots == 3 and engine.stats.kv_cache_bytes == 3 * 96 * per_token
+    storage = [t.data_ptr() for t in (*engine.kv.keys, *engine.kv.values)]
+    requests = [_request(i, tokens=4 + 3 * i) for i in range(7)]
+
+    async def together() -> list:
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+    async def alone() -> list:
+        return [await probe.generate(r) for r in requests]
+
+    batched, reference = asyncio.run(together()), asyncio.run(alone())
+    assert [r.token_ids for r in batched] == [r.token_ids for r in reference]  # rows moved between slots intact
+    assert engine.stats.max_rows == 3  # the budget, not max_batch_size, bounded the batch
+    assert [t.data_ptr() for t in (*engine.kv.keys, *engine.kv.values)] == storage  # same storage throughout
+    assert engine.kv.lengths == [0, 0, 0]
+
+
+def test_a_budget_too_small_for_one_request_is_a_clear_error(tiny_model_dir):
+    from qwenvl_core.errors import QwenVLError
+    from qwenvl_core.serving.engine import EngineConfig
+
+    with pytest.raises(QwenVLError, match="KV cache budget .* holds no request of max_total_tokens 512"):
+        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_total_tokens=512, kv_cache_bytes=1000))
+
+
+def test_the_waiting_queue_is_bounded(engine_factory):
+    engine: ServingEngine = engine_factory(max_batch_size=1, max_waiting=2)
+    engine.start()
+    gate = _Gate(engine.model)
+
+    async def run() -> tuple[list, BaseException]:
+        running = asyncio.ensure_future(engine.generate(_request(0, tokens=3)))
+        while not gate.entered.is_set():  # request 0 holds the only slot, inside its prefill
+            await asyncio.sleep(0.005)
+        waiting = [asyncio.ensure_future(engine.generate(_request(i, tokens=3))) for i in (1, 2)]
+        while len(engine._waiting) < 2:
+            await asyncio.sleep(0.005)
+        with pytest.raises(EngineOverloaded, match="2 requests waiting") as refused:
+            await engine.generate(_request(3, tokens=3))
+        gate.open()
+        return await asyncio.gather(running, *waiting), refused.value
+
+    done, refused = asyncio.run(run())
+    assert len(done) == 3 and refused.retry_after_s >= 1
+
+
+def test_requests_time_out_waiting_and_running(engine_factory):
+    engine: ServingEngine = engine_factory(max_batch_size=1, request_timeout_s=0.3)
+    engine.start()
+    gate = _Gate(engine.model)
+
+    async def run() -> list:
+        tasks = [asyncio.ensure_future(engine.generate(_request(i, tokens=50))) for i in range(2)]
+        while not gate.entered.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)  # both are older than the timeout: one inside its prefill, one waiting
+        gate.open()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, EngineTimeout) for o in outcomes), outcomes
+    assert asyncio.run(engine.generate(_request(5, tokens=3))).completion_tokens >= 1  # the engine still serves
+    assert _eventually(lambda: engine._batch is None) and not engine._waiting  # the timed-out rows left
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_client_that_goes_away_frees_its_slot(engine_factory, streaming):
+    engine: ServingEngine = engine_factory(max_batch_size=1)
+    endless = _request(0, tokens=400, endless=True, stop_ids=_stop_ids(engine))
+
+    async def run() -> int:
+        if streaming:
+            stream = engine.stream(endless)
+            await stream.__anext__()
+            await stream.aclose()  # the HTTP client disconnected
+        else:
+            task = asyncio.ensure_future(engine.generate(endless))
+            while engine.stats.forwards < 3:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        forwards = engine.stats.forwards
+        await engine.generate(_request(1, tokens=3))  # gets the one slot, so the abandoned row left it
+        return engine.stats.forwards - forwards
+
+    after = asyncio.run(run())
+    assert engine.stats.forwards < 100 and after < 20  # the abandoned row did not run on to 400 tokens
+    assert _eventually(lambda: engine._batch is None)
+
+
+def test_hf_family_cache_shape_follows_its_text_config(tiny_dirs):
+    for name, model_dir in tiny_dirs.items():
+        config = get_family(name).load_config(model_dir)
+        shape = cache_shape_of(config)
+        text = config.text_config
+        assert (shape.layers, shape.kv_heads) == (text.num_hidden_layers, text.num_key_value_heads), name
+
+
+def _adapter_request(i: int, adapter, tokens: int) -> EngineRequest:
+    return EngineRequest([text_message("user", f"say something about item {i}")],
+                         SamplingParams(max_new_tokens=tokens), adapter_id=adapter.name, adapter_locator=str(adapter))
+
+
+def test_adapters_wait_for_a_device_slot_and_resident_ones_are_reused(engine_factory, adapter_dirs):
+    """Two device slots, four adapters in flight: at most two adapters share a forward, every request gets the
+    tokens it gets alone, an adapter in use is never overwritten, and a resident adapter is not copied again."""
+    roomy: ServingEngine = engine_factory(adapter_slots=8)
+    engine: ServingEngine = engine_factory(adapter_slots=2, max_batch_size=6)
+    requests = [_adapter_request(i, adapter_dirs[i % 4], tokens=4 + 2 * i) for i in range(6)]
+
+    async def together(e: ServingEngine) -> list:
+        return await asyncio.gather(*(e.generate(r) for r in requests))
+
+    reference = [asyncio.run(roomy.generate(r)).token_ids for r in requests]
+    assert [r.token_ids for r in asyncio.run(together(engine))] == reference
+    assert engine.stats.max_adapters_in_forward == 2 and engine.adapter_slots.loads >= 4
+    assert _eventually(lambda: engine.adapter_slots.in_use == 0)  # every row left: nothing stays pinned
+    loads = engine.adapter_slots.loads
+    resident = engine.adapter_slots.resident_ids()
+    assert len(resident) == 2
+    asyncio.run(engine.generate(_adapter_request(9, next(d for d in adapter_dirs if d.name == resident[0]), 3)))
+    assert engine.adapter_slots.loads == loads  # still resident: no copy
+    assert roomy.adapter_slots.loads == 4 and len({tuple(r) for r in reference}) >= 4
