@@ -1,0 +1,110 @@
+"""The engine on every device present: ``cpu`` always, ``cuda`` when there is one (marked ``gpu``, skipped
+otherwise; ``bench/gpu_check.sh`` runs them on a GPU machine). On each: greedy output of a mixed batch (v1 and a
+transformers family, with an adapter) equals the family's one-request reference on the same device, seeded sampling
+repeats, and every tensor the engine's forwards create lives on the configured device (a dispatch-mode record of
+each op's outputs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qwenvl_core.conversation import ImagePart, Message, TextPart
+from qwenvl_core.generation import SamplingParams, generate
+from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+class _DeviceRecorder(TorchDispatchMode):
+    """While active (in this thread), records every op that reads a tensor on ``device`` and writes one
+    elsewhere: compute that left the device, or a device-to-host read (``_to_copy`` / ``_local_scalar_dense``)."""
+
+    READS = ("aten._to_copy", "aten._local_scalar_dense", "aten.copy_", "aten.item", "aten.is_nonzero")
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = torch.device(device).type
+        self.left: list[str] = []  # ops computing off the device from device inputs
+        self.reads: list[str] = []  # device-to-host reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        outputs = [t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]
+        from_device = any(t.device.type == self.device for t in inputs)
+        if from_device and (not outputs or any(t.device.type != self.device for t in outputs)):
+            (self.reads if str(func).startswith(self.READS) else self.left).append(str(func))
+        return out
+
+
+def _requests(adapter: Path | None) -> list[EngineRequest]:
+    def req(i: int, image: bool, tokens: int, with_adapter: bool) -> EngineRequest:
+        parts: list = [TextPart("tell me about thing " + "and this " * i)]
+        if image:
+            parts.insert(0, ImagePart(Image.new("RGB", (56, 42), (40 * i, 90, 160))))
+        a = adapter if with_adapter else None
+        return EngineRequest([Message(role="user", parts=parts)], SamplingParams(max_new_tokens=tokens),
+                             adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
+
+    return [req(0, True, 6, True), req(2, False, 4, False), req(1, True, 5, adapter is not None)]
+
+
+def _reference(engine: ServingEngine, request: EngineRequest, adapter: Path | None) -> list[int]:
+    """``qwenvl_core.generation.generate`` of this request alone on the engine's device, with peft's LoRA."""
+    from peft import PeftModel
+
+    family = engine.family
+    model = family.forward_contract(family.load_model(engine.config_dir, device=engine.device)).eval()
+    if request.adapter_id is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    enc = engine.processor.encode_chat(request.messages)
+    params = SamplingParams(max_new_tokens=request.params.max_new_tokens,
+                            stop_token_ids=tuple(family.stop_token_ids(engine.processor)),
+                            suppress_token_ids=engine.processor.image_token_ids)
+    return generate(model, [enc.input_ids], pad_token_id=engine.processor.pad_token_id, params=params,
+                    vision=enc.vision)[0].token_ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["qwen-vl", "qwen2.5-vl"])
+def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(device, which, tiny_model_dir,
+                                                                            tiny_dirs, adapter_dirs, tmp_path):
+    from tests.serving.test_engine_families import _adapter
+
+    model_dir = tiny_model_dir if which == "qwen-vl" else tiny_dirs[which]
+    adapter = adapter_dirs[0] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "a", seed=3)
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(device=device, max_total_tokens=512))
+    engine.config_dir = model_dir
+    try:
+        requests = _requests(adapter)
+        recorder = _DeviceRecorder(device)
+        seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
+        with recorder:  # the model thread's work, run here step by step so the recorder sees it
+            engine._step(seqs)
+            steps = 1
+            while engine._batch is not None:
+                engine._step([])
+                steps += 1
+        assert not recorder.left, f"ops computed off {device} from its tensors: {sorted(set(recorder.left))}"
+        print(f"{device}: {len(recorder.reads)} device-to-host reads in {steps} engine steps")
+        assert all(s.state.done for s in seqs) and engine.adapter_slots.in_use == 0
+        async def run() -> list:
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+        results = asyncio.run(run())
+        assert [r.token_ids for r in results] == [_reference(engine, r, adapter) for r in requests]
+        assert {engine.kv.keys[0].device.type, engine._rows.text_pos.device.type} == {torch.device(device).type}
+        sampled = [asyncio.run(engine.generate(EngineRequest(requests[1].messages, SamplingParams(
+            max_new_tokens=5, do_sample=True, temperature=0.9, seed=7)))).token_ids for _ in range(2)]
+        assert sampled[0] == sampled[1]
+    finally:
+        engine.close()
