@@ -137,6 +137,18 @@ class Settings(BaseSettings):
                                     "the model's own.")
     serve_quantization: Literal["none", "4bit"] = Field(
         "none", description="4bit: serve the base with its language model in NF4, as Q-LoRA adapters were trained.")
+    serve_max_batch_size: int = Field(16, ge=1, description="Requests one model replica decodes together (at most; "
+                                      "the KV cache budget may allow fewer).")
+    serve_max_total_tokens: int = Field(2048, ge=16, description="Prompt + max_tokens of one chat request; the KV "
+                                        "cache reserves this many tokens per running request.")
+    serve_kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size per model replica; None: 85% of "
+                                             "the GPU memory free after loading (GPU), max_batch_size slots (CPU).")
+    serve_adapter_slots: int = Field(8, ge=1, description="Adapters resident on a replica's device at once; "
+                                     "requests whose adapter finds every slot in use wait.")
+    serve_max_waiting: int = Field(256, ge=1, description="Requests waiting per model replica; beyond, chat "
+                                   "answers 429 engine_overloaded with Retry-After.")
+    serve_request_timeout_s: float = Field(600.0, gt=0, description="A chat request not finished this long after "
+                                           "it reached its replica fails (504 generation_timeout).")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow server running the basic-auth app (http://mlflow:5000). With the admin "
         "credentials set, each new tenant gets an MLflow user that can read only its own experiment; None: "

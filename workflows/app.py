@@ -32,7 +32,13 @@ def model_configs(settings: Settings) -> list[Any]:
 
     engine = EngineConfig(max_images_per_request=settings.max_chat_images,
                           max_image_bytes=settings.max_chat_image_bytes,
-                          max_image_bytes_total=settings.max_chat_image_bytes_total)
+                          max_image_bytes_total=settings.max_chat_image_bytes_total,
+                          max_batch_size=settings.serve_max_batch_size,
+                          max_total_tokens=settings.serve_max_total_tokens,
+                          kv_cache_bytes=settings.serve_kv_cache_bytes,
+                          adapter_slots=settings.serve_adapter_slots,
+                          max_waiting=settings.serve_max_waiting,
+                          request_timeout_s=settings.serve_request_timeout_s)
 
     autoscaling = None
     if settings.serve_max_replicas is not None:
