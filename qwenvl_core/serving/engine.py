@@ -140,6 +140,10 @@ class EngineConfig:
     max_waiting: int = 256
     # A request not finished this many seconds after it arrived fails (``EngineTimeout``: HTTP 504); None: never.
     request_timeout_s: float | None = 600.0
+    # A prompt longer than this is prefilled in chunks of about this many tokens (an image span is never split),
+    # one chunk per engine step between the running rows' decode steps, so their streams do not stall for a whole
+    # long prefill. 0: prefill every prompt whole.
+    prefill_chunk_tokens: int = 512
 
 
 @dataclass
@@ -191,7 +195,7 @@ class EngineResult:
 class _Sequence:
     request: EngineRequest
     prompt_ids: list[int]
-    vision: VisionInputs | None
+    images: list[VisionInputs]  # each image's model input, in prompt order
     image_sizes: list[tuple[int, int]]
     adapter: LoraWeights | None
     state: RowState
@@ -204,6 +208,10 @@ class _Sequence:
     cancelled: bool = False
     failed: bool = False  # got an error from the model thread; leaves the batch at the next compaction
     adapter_slot: int = 0  # its adapter's device slot while running (0: the base model)
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (start, end, first image, images)
+    chunks_done: int = 0
+    positions: torch.Tensor | None = None  # a chunked prompt's rotary positions, computed at its first chunk
+    offset: torch.Tensor | None = None
 
 
 @dataclass
@@ -287,6 +295,7 @@ class ServingEngine:
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._waiting: deque[_Sequence] = deque()
         self._batch: _Batch | None = None
+        self._chunking: _Sequence | None = None  # the long prompt being prefilled chunk by chunk (top KV slot)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -398,13 +407,14 @@ class ServingEngine:
         encoded = self.processor.encode_conversation(request.messages, add_generation_prompt=True)  # no pixels
         params = request.params
         self._check_tokens(len(encoded.input_ids), params.max_new_tokens)
-        vision, sizes = self._load_images(images)
+        parts, sizes = self._load_images(images)
+        chunks = chunk_plan(encoded.input_ids, self.config.prefill_chunk_tokens, self.processor.image_token_ids)
         params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
                                      suppress_token_ids=tuple({*params.suppress_token_ids,
                                                                *self.processor.image_token_ids}))
-        return _Sequence(request, encoded.input_ids, vision, sizes, self._adapter(request),
+        return _Sequence(request, encoded.input_ids, parts, sizes, self._adapter(request),
                          make_rows(params, 1, self.device, row_vocabulary(params, self.processor))[0],
-                         arrived)
+                         arrived, chunks=chunks)
 
     def _check_images(self, images: Sequence[tuple[str, ImagePart]]) -> None:
         """Image count, each image's encoded size and the request's total: all known without decoding."""
@@ -420,7 +430,7 @@ class ServingEngine:
                                f"{limit} tokens", "messages" if prompt_tokens >= limit else "max_tokens",
                                "context_length_exceeded")
 
-    def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[VisionInputs | None, list[tuple[int, int]]]:
+    def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[list[VisionInputs], list[tuple[int, int]]]:
         """Decode the images one at a time (pixel limits from the header first) and reduce each to model input
         at once, so at most one full-size image is held; their sizes are kept for grounding."""
         inputs, sizes = [], []
@@ -432,7 +442,7 @@ class ServingEngine:
             sizes.append(image.size)
             inputs.append(self.processor.vision_inputs([ImagePart(image)]))
             del image
-        return VisionInputs.concat(inputs), sizes
+        return inputs, sizes
 
     def _adapter(self, request: EngineRequest) -> LoraWeights | None:
         if request.adapter_id is None:
@@ -455,11 +465,11 @@ class ServingEngine:
     def _take_new(self) -> list[_Sequence] | None:
         """Wait for work; the waiting requests that fit in the batch (None when stopping)."""
         with self._cond:
-            while not self._stopping and not self._waiting and self._batch is None:
+            while not self._stopping and not self._waiting and self._batch is None and self._chunking is None:
                 self._cond.wait()
             if self._stopping:
                 return None
-            room = self.slots - (len(self._batch.seqs) if self._batch else 0)
+            room = self.slots - (len(self._batch.seqs) if self._batch else 0) - (self._chunking is not None)
             new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             return [s for s in new if not s.cancelled]
 
@@ -473,7 +483,7 @@ class ServingEngine:
             expired = [s for s in self._waiting if s.arrived < deadline]
             for seq in expired:
                 self._waiting.remove(seq)
-        running = self._batch.seqs if self._batch else []
+        running = (self._batch.seqs if self._batch else []) + ([self._chunking] if self._chunking else [])
         for seq in expired + [s for s in running if s.arrived < deadline and not s.state.done]:
             self._fail(seq, EngineTimeout(f"the request did not finish within {timeout:g} s"))
         self._compact()
@@ -482,6 +492,8 @@ class ServingEngine:
         self._expire()
         if new:
             self._admit(new)
+        if self._chunking is not None:
+            self._next_chunk()
         try:
             if self._batch is not None:
                 self._decode()
@@ -499,9 +511,10 @@ class ServingEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
-            seqs = list(self._waiting) + (self._batch.seqs if self._batch else [])
+            seqs = list(self._waiting) + (self._batch.seqs if self._batch else []) + \
+                ([self._chunking] if self._chunking else [])
             self._waiting.clear()
-            self._batch = None
+            self._batch, self._chunking = None, None
         for seq in seqs:
             self._fail(seq, exc)
 
@@ -534,7 +547,7 @@ class ServingEngine:
 
     def _admit(self, new: list[_Sequence]) -> None:
         """Prefill the new requests together; if that raises, each one alone, so a faulty one fails by itself."""
-        new = self._place_adapters(new)
+        new = self._split_long(self._place_adapters(new))
         if not new:
             return
         try:
@@ -559,6 +572,85 @@ class ServingEngine:
                 self._fail(seq, exc)
         self._release_unjoined(new)
 
+    def _split_long(self, new: list[_Sequence]) -> list[_Sequence]:
+        """The requests to prefill whole now; a long one becomes the chunked prefill (one at a time: later long
+        ones go back to the front of the queue, their adapter slots unpinned)."""
+        whole, back = [], []
+        for seq in new:
+            if len(seq.chunks) <= 1:
+                whole.append(seq)
+            elif self._chunking is None:
+                self._chunking = seq
+            else:
+                back.append(seq)
+        for seq in back:
+            self.adapter_slots.release(seq.adapter_slot)
+            seq.adapter_slot = 0
+        if back:
+            with self._cond:
+                self._waiting.extendleft(reversed(back))
+        return whole
+
+    @torch.inference_mode()
+    def _next_chunk(self) -> None:
+        """Prefill the next chunk of the long prompt in the top KV slot; after its last chunk the row samples its
+        first token and moves into the running batch. A failure (or a cancelled request) ends it alone."""
+        seq, slot = self._chunking, self.slots - 1
+        assert seq is not None
+        try:
+            if seq.cancelled or seq.failed:
+                raise _Abandoned()
+            logits = self._prefill_chunk(seq, slot)
+        except Exception as exc:
+            self._chunking = None
+            self.kv.release(slot)
+            self.adapter_slots.release(seq.adapter_slot)
+            seq.adapter_slot = 0
+            if not isinstance(exc, _Abandoned):
+                self._fail(seq, exc)
+            return
+        if logits is None:
+            return
+        self._chunking = None
+        batch = self._batch
+        first = len(batch.seqs) if batch else 0
+        self.kv.move(slot, first)
+        self._rows.move(slot, first)
+        self.stats.prefills += 1
+        self._after_step([seq], logits)
+        running = (batch.seqs if batch else []) + [seq]
+        self._batch = _Batch(running, self._plan(running, 0))
+        self._compact()
+
+    def _prefill_chunk(self, seq: _Sequence, slot: int) -> torch.Tensor | None:
+        """One chunk of ``seq``'s prompt into KV slot ``slot``: the last position's logits after the last chunk."""
+        device, rows, cache = self.device, self._rows, self.kv
+        if seq.chunks_done == 0:
+            ids = torch.tensor([seq.prompt_ids], device=device)
+            vision = VisionInputs.concat(seq.images)
+            images = {} if vision is None else vision.to(device).as_kwargs()
+            seq.positions, seq.offset = self.family.rope_positions(self.model, ids, torch.ones_like(ids), images)
+            rows.prompt_len[slot] = len(seq.prompt_ids)
+            rows.adapter_slot[slot] = seq.adapter_slot
+        start, end, first_image, n_images = seq.chunks[seq.chunks_done]
+        vision = VisionInputs.concat(seq.images[first_image : first_image + n_images])
+        images = {} if vision is None else vision.to(device).as_kwargs()
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=device)
+        cache.for_chunk(slot, start, end - start)
+        try:
+            logits = self._forward(ids, cache.chunk_mask(), seq.positions[..., start:end], images,
+                                   self.adapter_slots.plan(rows.adapter_slot[slot : slot + 1], [seq.adapter]),
+                                   rows.prompt_len[slot : slot + 1])
+        except BaseException:
+            cache.abandon()
+            raise
+        cache.commit()
+        seq.chunks_done += 1
+        if seq.chunks_done < len(seq.chunks):
+            return None
+        rows.text_pos[slot], rows.offset[slot] = len(seq.prompt_ids), seq.offset[0]
+        return logits
+
     def _release_unjoined(self, new: list[_Sequence]) -> None:
         """Unpin the adapter slots of new requests that did not join the batch (their prefill failed)."""
         joined = {id(s) for s in self._batch.seqs} if self._batch else set()
@@ -575,7 +667,7 @@ class ServingEngine:
         device, cache, rows = self.device, self.kv, self._rows
         ids, mask = left_pad([s.prompt_ids for s in seqs], self._pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        vision = VisionInputs.concat(s.vision for s in seqs)
+        vision = VisionInputs.concat(part for s in seqs for part in s.images)
         images = {} if vision is None else vision.to(device).as_kwargs()
         positions, offsets = self.family.rope_positions(self.model, ids, mask, images)
         cache.for_prefill(first, [len(s.prompt_ids) for s in seqs])
@@ -784,6 +876,28 @@ def _checked_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QwenVLError(f"EngineConfig.device {name!r}: no CUDA device is visible to this process")
     return device
+
+
+class _Abandoned(Exception):
+    """The chunked request was cancelled or failed meanwhile."""
+
+
+def chunk_plan(ids: Sequence[int], chunk_tokens: int, image_ids: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """``(start, end, first image, images)`` of each prefill chunk of a prompt: about ``chunk_tokens`` tokens each,
+    never ending inside an image span (a run of ``image_ids``, whose first id opens a span), so each chunk carries
+    whole images. One chunk when the prompt is short or ``chunk_tokens`` is 0."""
+    if not chunk_tokens or len(ids) <= chunk_tokens:
+        return [(0, len(ids), 0, sum(1 for t in ids if t == image_ids[0]))]
+    image_set, opener = set(image_ids), image_ids[0]
+    chunks, start, image = [], 0, 0
+    while start < len(ids):
+        end = min(start + chunk_tokens, len(ids))
+        while end < len(ids) and ids[end] in image_set and ids[end - 1] in image_set:
+            end += 1  # do not split an image span
+        count = sum(1 for t in ids[start:end] if t == opener)
+        chunks.append((start, end, image, count))
+        start, image = end, image + count
+    return chunks
 
 
 def check_image_count(fields: Sequence[str], limit: int) -> None:

@@ -11,7 +11,7 @@ copy and twice the memory at the peak).
 The model sees the cache through the two calls both model implementations make once per layer and forward:
 ``update(key, value, layer_idx) -> (keys, values)`` (transformers' ``Cache`` protocol; v1's attention calls it
 too) and ``get_seq_length()``. Before each forward the engine says what the forward is with ``for_prefill`` or
-``for_decode``; the attention mask is the engine's (``decode_mask`` / ``prefill_mask``: 4-D boolean, True =
+``for_decode`` (or ``for_chunk``: one chunk of a long prompt into its slot); the attention mask is the engine's (``decode_mask`` / ``prefill_mask``: 4-D boolean, True =
 attend), so no model derives positions or masks from the cache.
 """
 
@@ -89,10 +89,26 @@ class SlotKVCache:
         attend = max(self.lengths[first_slot:end_slot]) + 1
         self._mode = ("decode", first_slot, end_slot, rows, columns, attend)
 
+    def for_chunk(self, slot: int, start: int, length: int) -> None:
+        """The next forward prefills ``length`` tokens of one prompt into ``slot`` from column ``start`` (a chunked
+        prefill: the slot holds the prompt's first ``start`` tokens)."""
+        if start + length > self.capacity:
+            raise QwenVLError(f"KV cache: a prompt of {start + length} tokens exceeds the slot capacity {self.capacity}")
+        self._mode = ("chunk", slot, start, length)
+
+    def chunk_mask(self) -> torch.Tensor:
+        """``[1, 1, length, start + length]`` for the planned chunk: causal over the prompt so far."""
+        _, _, start, length = self._mode
+        q_pos = torch.arange(start, start + length, device=self.device)
+        k_pos = torch.arange(start + length, device=self.device)
+        return (k_pos[None, :] <= q_pos[:, None])[None, None]
+
     def commit(self) -> None:
         """The forward succeeded: the rows it wrote now hold their new tokens."""
         mode = self._mode
-        if mode[0] == "prefill":
+        if mode[0] == "chunk":
+            self.lengths[mode[1]] = mode[2] + mode[3]
+        elif mode[0] == "prefill":
             for i, length in enumerate(mode[2]):
                 self.lengths[mode[1] + i] = length
         elif mode[0] == "decode":
@@ -134,6 +150,11 @@ class SlotKVCache:
                 keys[first + i, :, :length] = key_states[i, :, width - length:]
                 values[first + i, :, :length] = value_states[i, :, width - length:]
             return key_states, value_states
+        if mode[0] == "chunk":
+            _, slot, start, length = mode
+            keys[slot, :, start : start + length] = key_states[0]
+            values[slot, :, start : start + length] = value_states[0]
+            return keys[slot : slot + 1, :, : start + length], values[slot : slot + 1, :, : start + length]
         if mode[0] == "decode":
             _, first, end, rows, columns, attend = mode
             keys[rows, :, columns] = key_states[:, :, 0]
@@ -144,11 +165,13 @@ class SlotKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens already stored for the planned forward's rows (0 at a prefill)."""
         mode = self._mode
-        return mode[5] - 1 if mode[0] == "decode" else 0
+        return {"decode": lambda: mode[5] - 1, "chunk": lambda: mode[2]}.get(mode[0], lambda: 0)()
 
     # ----- rows leaving -----------------------------------------------------------------------------------------
     def move(self, source: int, target: int) -> None:
         """Slot ``source``'s tokens into slot ``target`` (the last row filling a leaver's place)."""
+        if source == target:
+            return
         length = self.lengths[source]
         for store in (*self.keys, *self.values):
             store[target, :, :length] = store[source, :, :length]

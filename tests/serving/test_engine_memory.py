@@ -182,3 +182,25 @@ def test_adapters_wait_for_a_device_slot_and_resident_ones_are_reused(engine_fac
     asyncio.run(engine.generate(_adapter_request(9, next(d for d in adapter_dirs if d.name == resident[0]), 3)))
     assert engine.adapter_slots.loads == loads  # still resident: no copy
     assert roomy.adapter_slots.loads == 4 and len({tuple(r) for r in reference}) >= 4
+
+
+def test_serves_unload_keeps_the_downloaded_adapter_and_deletion_removes_it(engine_factory, adapter_dirs, s3_env):
+    """Serve's multiplexed unload (``_ServedAdapter`` going away) drops the adapter from the host cache only: the
+    S3 download stays for the next load; deleting the adapter through the API (``evict_adapter``) removes it."""
+    from qwenvl_core.storage import open_store, upload_dir
+    from workflows.serve_app import _ServedAdapter
+
+    s3_env.client().create_bucket(Bucket="unload-test")
+    locator = "s3://unload-test/adapters/a2"
+    store, prefix = open_store(locator)
+    upload_dir(store, adapter_dirs[2], prefix)
+    engine: ServingEngine = engine_factory()
+    engine.cache.get("a2", locator)
+    local = engine.cache._fetcher.fetch(locator)  # the downloaded copy (a cache hit: no second download)
+    assert local.is_dir() and "a2" in engine.cache
+    _ServedAdapter(engine, "a2").__del__()
+    assert "a2" not in engine.cache and local.is_dir()
+    engine.cache.get("a2", locator)
+    assert engine.evict_adapter("a2") and not local.exists()
+    exposition = engine.metrics.exposition().decode()
+    assert "qwenvl_serving_adapter_slots_resident" in exposition and "qwenvl_serving_kv_cache_slots_used" in exposition
