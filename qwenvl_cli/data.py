@@ -109,7 +109,7 @@ def _stats_table(payload: dict) -> Table:
 @app.command("synth")
 def synth(
     out: Annotated[Path, typer.Option(help="Output directory (must not exist or be empty).")],
-    fmt: Annotated[str, typer.Option("--format", help="qwen (official JSON list) or openai (JSONL).")] = "qwen",
+    fmt: Annotated[str, typer.Option("--format", help="qwen (official JSON list), openai (JSONL) or preference (JSONL pairs for DPO).")] = "qwen",
     n: Annotated[int, typer.Option(help="Number of samples (train + validation).")] = 200,
     seed: Annotated[int, typer.Option(help="Seed; same seed, same files.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Fraction of samples in the validation split.")] = 0.1,
@@ -121,7 +121,7 @@ def synth(
     from qwenvl_core.errors import QwenVLError
 
     if fmt not in {f.value for f in DataFormat}:
-        raise QwenVLError(f"--format: expected qwen or openai, got {fmt!r}")
+        raise QwenVLError(f"--format: expected qwen, openai or preference, got {fmt!r}")
     result = write_synth_dataset(out, DataFormat(fmt), n=n, seed=seed, val_fraction=val_fraction,
                                  image_size=image_size)
     typer.echo(f"wrote {result.samples} samples with {result.images} images ({fmt} format) to {out}:")

@@ -38,17 +38,26 @@ def list_models(
     Console().print(table)
 
 
+# A merged export is made on the first download (the server bounds it by QWENVL_MERGE_TIMEOUT_S, 1 h by default).
+MERGED_TIMEOUT_S = 4000.0
+
+
 @app.command("download")
 def download(
     model_id: Annotated[str, typer.Argument(help="A fine-tuned model id (ft:...).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to unpack the PEFT adapter into.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to unpack into (adapter/, or model/ with "
+                                                          "--merged).")],
+    merged: Annotated[bool, typer.Option("--merged", help="The base model with the adapter merged in (a full "
+                                                          "model directory) instead of the PEFT adapter.")] = False,
     base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
 ) -> None:
-    """Download an adapter and unpack it (adapter_config.json, adapter_model.safetensors, meta.json)."""
+    """Download an adapter and unpack it (adapter/: adapter_config.json, adapter_model.safetensors, meta.json), or
+    with --merged the merged model (model/: config.json, safetensors shards, tokenizer and processor files)."""
     out.mkdir(parents=True, exist_ok=True)
-    archive = out / "adapter.tar.gz"
-    with Client(base_url, api_key) as client:
-        size = client.download(f"/v1/models/{model_id}/content", archive)
+    archive = out / ("model.tar" if merged else "adapter.tar.gz")
+    path = f"/v1/models/{model_id}/content" + ("?format=merged" if merged else "")
+    with Client(base_url, api_key, timeout=MERGED_TIMEOUT_S if merged else 60.0) as client:
+        size = client.download(path, archive)
     with tarfile.open(archive) as tar:
         tar.extractall(out, filter="data")
     archive.unlink()

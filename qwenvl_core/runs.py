@@ -5,7 +5,10 @@ training workflow writes it; the service reads it. It is the only channel betwee
 
     events/00000000.json ...  JobEvent objects, one file per event, seq = file name (written by the job)
     CANCEL                    cooperative cancellation request (written by the service, polled by the job)
+    PAUSE                     cooperative pause request (the same; removed by the service when the job resumes)
     adapter/                  the final PEFT adapter: adapter_config.json, adapter_model.safetensors, meta.json
+    checkpoints/{job_id}/step_{N:08d}/   Ray Train's checkpoint of step N (``workflows.finetune``): resume state,
+                              and adapter/, the PEFT adapter of that step (servable like the final one)
     result.json               the final state and metrics (written last by the job)
     spec.json                 the FineTuneJobSpec the run was started with
 
@@ -23,9 +26,17 @@ from qwenvl_core.storage import StoredObject, download_dir, join_key, open_store
 
 EVENTS_DIR = "events"
 CANCEL_FILE = "CANCEL"
+PAUSE_FILE = "PAUSE"
 ADAPTER_DIR = "adapter"
 RESULT_FILE = "result.json"
 SPEC_FILE = "spec.json"
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of step ``step``'s checkpoint under ``checkpoints/{job_id}/``."""
+    return f"step_{step:08d}"
 
 
 class RunDir:
@@ -89,6 +100,16 @@ class RunDir:
     def cancel_requested(self) -> bool:
         return self.exists(CANCEL_FILE)
 
+    def request_pause(self) -> None:
+        self.write_json(PAUSE_FILE, {"pause": True})
+
+    def pause_requested(self) -> bool:
+        return self.exists(PAUSE_FILE)
+
+    def clear_pause(self) -> None:
+        if self.exists(PAUSE_FILE):
+            self.store.delete(self.key(PAUSE_FILE))
+
     def write_result(self, result: dict[str, Any]) -> None:
         self.write_json(RESULT_FILE, result)
 
@@ -100,3 +121,24 @@ class RunDir:
 
     def download_adapter(self, local_dir: str | Path) -> list[Path]:
         return download_dir(self.store, self.key(ADAPTER_DIR), local_dir)
+
+    # ----- checkpoints ---------------------------------------------------------------------------------------
+    def checkpoint_adapter_uri(self, job_id: str, step: int) -> str:
+        """Where the adapter of step ``step``'s checkpoint lives (whether or not it exists)."""
+        return self.uri_of(CHECKPOINTS_DIR, job_id, checkpoint_name(step), ADAPTER_DIR)
+
+    def checkpoint_has_adapter(self, job_id: str, step: int) -> bool:
+        """Whether step ``step``'s checkpoint is stored with its adapter (one object lookup)."""
+        return self.exists(f"{CHECKPOINTS_DIR}/{job_id}/{checkpoint_name(step)}/{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}")
+
+    def checkpoint_adapter_steps(self, job_id: str) -> set[int]:
+        """Steps whose checkpoint is stored with its adapter (Ray Train removes checkpoints beyond
+        ``checkpoint.keep``; checkpoints written before checkpoints carried an adapter have none): one listing."""
+        base = self.key(CHECKPOINTS_DIR, job_id) + "/"
+        steps = set()
+        for key in self.store.list_keys(base):
+            parts = key[len(base):].split("/")
+            if (len(parts) == 3 and parts[1:] == [ADAPTER_DIR, ADAPTER_CONFIG_FILE] and parts[0].startswith("step_")
+                    and parts[0][5:].isdigit()):
+                steps.add(int(parts[0][5:]))
+        return steps

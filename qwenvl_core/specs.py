@@ -224,6 +224,25 @@ def tenant_experiment_name(tenant_id: str, experiment: str = "default") -> str:
     return f"{tenant_id}/{experiment}"
 
 
+# DPO's beta bounds (the API answers 400 naming ``method.dpo.hyperparameters.beta`` outside them) and its default
+# ("auto"): 0.1, the value of the DPO paper's experiments and TRL's DPOConfig.
+DPO_BETA_MIN, DPO_BETA_MAX, DPO_BETA_DEFAULT = 0.0, 2.0, 0.1
+
+
+class DpoSpec(_Spec):
+    beta: float = Field(DPO_BETA_DEFAULT, gt=DPO_BETA_MIN, le=DPO_BETA_MAX,
+                        description="Strength of the pull towards the reference model (the base, adapter disabled) "
+                        "in the DPO loss -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).")
+
+
+class MethodSpec(_Spec):
+    """How the adapter is trained: ``supervised`` (next-token loss on the training conversations) or ``dpo``
+    (Direct Preference Optimization on preference pairs; the training file is in OpenAI's preference format)."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings (used when type is 'dpo').")
+
+
 class FineTuneJobSpec(_Spec):
     """Everything needed to run one fine-tune, independent of how it was requested."""
 
@@ -235,15 +254,23 @@ class FineTuneJobSpec(_Spec):
     output_uri: str = Field(..., description="Where the run lives: checkpoints/, adapter/, events/ (path or s3://).")
     seed: int = Field(42, ge=0, le=2**31 - 1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    init_adapter: str | None = Field(
+        None, description="Continued training: a PEFT adapter directory (local path or storage URI, e.g. a finished "
+        "job's adapter/ or a checkpoint's adapter/) whose weights the new adapter starts from instead of LoRA's "
+        "initialisation; it must have been trained with this lora configuration on this base model.")
     quantization: Quantization = Quantization.NONE
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
 
     @model_validator(mode="after")
     def _compatible(self) -> FineTuneJobSpec:
+        if self.method.type == "dpo" and self.hyperparameters.packing:
+            raise ValueError("hyperparameters.packing cannot be combined with method 'dpo' (each preference pair "
+                             "is two rows of its own)")
         if self.quantization is Quantization.NF4 and self.compute.strategy is Strategy.ZERO3:
             raise ValueError("quantization '4bit' (Q-LoRA) cannot be combined with strategy 'zero3'")
         if self.lora.modules_to_save and self.compute.strategy is Strategy.ZERO3:
@@ -275,6 +302,8 @@ class Progress(_Spec):
     samples_per_second: float | None = None
     eta_seconds: float | None = None
     trained_tokens: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict, description="The training method's own metrics "
+                                      "of the step, e.g. DPO's reward_margin and reward_accuracy.")
 
 
 class JobEvent(_Spec):

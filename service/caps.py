@@ -37,7 +37,8 @@ class Cap:
 
 
 def _epochs_param(body: JobCreate) -> str:
-    return ("method.supervised.hyperparameters.n_epochs" if body.method is not None or body.hyperparameters is None
+    method = body.method.type if body.method is not None else "supervised"
+    return (f"method.{method}.hyperparameters.n_epochs" if body.method is not None or body.hyperparameters is None
             else "hyperparameters.n_epochs")
 
 

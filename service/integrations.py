@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.orm import Session
 
 from service.errors import InvalidRequest
-from service.models import File, Job, Model
+from service.models import File, Job
 from service.settings import Settings
 
 SUPPORTED = ("mlflow",)
@@ -131,18 +131,19 @@ def job_tracking(s: Session, settings: Settings, job: Job, files: list[tuple[str
     """The ``TrackingSpec`` fields of ``job`` besides ``tracking_uri``. ``files``: (context, row, storage URI) of its
     training and validation files, which become the run's dataset inputs."""
     options = mlflow_options(job.request.get("integrations")) or MlflowIntegration()
-    parent = None if job.model in settings.base_models else s.get(Model, job.model)
-    if parent is not None and parent.tenant_id != job.tenant_id:  # never another tenant's model (the API 404s it)
-        parent = None
+    parent = (job.request or {}).get("parent") if job.parent_model else None  # continued training (lineage)
     tags = dict(options.tags)
-    tags["qwenvl.base_model"] = job.model if parent is None else parent.base_model
+    tags["qwenvl.base_model"] = job.model  # the base model the job trains (also when it continues a model)
     if parent is not None:
-        tags["qwenvl.parent_model"] = parent.id
+        tags["qwenvl.parent_model"] = job.parent_model
+        tags["qwenvl.parent_job_id"] = parent["job_id"]
+        if parent.get("step") is not None:
+            tags["qwenvl.parent_checkpoint_step"] = str(parent["step"])
     for context, row, _uri in files:
         tags[f"qwenvl.{context}_file"] = row.id
     described = " and ".join(f"{context} file `{row.id}` ({row.filename})" for context, row, _ in files)
     tags[NOTE_TAG] = (f"Fine-tuning job `{job.id}`: `{tags['qwenvl.base_model']}`"
-                      + (f" continued from `{parent.id}`" if parent is not None else "") + f" on {described}.")
+                      + (f" continued from `{job.parent_model}`" if parent is not None else "") + f" on {described}.")
     return {"experiment": options.experiment_name, "run_name": options.run_name, "tags": tags,
             "datasets": [{"context": context, "name": row.id, "sha256": row.sha256, "uri": uri}
                          for context, row, uri in files]}

@@ -19,12 +19,12 @@ from pydantic import ValidationError
 from qwenvl_core import autotune
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.models import pixel_budget
-from qwenvl_core.specs import FineTuneJobSpec
+from qwenvl_core.specs import DPO_BETA_DEFAULT, FineTuneJobSpec
 from service.errors import InvalidRequest, Unavailable
 from service.schemas import JobCreate
 
 _EXTENSIONS = ("lora", "quantization", "compute", "evaluation", "checkpoint", "max_steps", "micro_batch_size",
-               "min_pixels", "max_pixels")
+               "min_pixels", "max_pixels", "method")
 # extensions that are training hyperparameters
 _HYPERPARAMETER_EXTENSIONS = ("max_steps", "micro_batch_size", "min_pixels", "max_pixels")
 
@@ -52,17 +52,77 @@ def base_defaults(base_path: str, model: str) -> autotune.TrainingDefaults:
 
 
 def extensions(body: JobCreate, defaults: autotune.TrainingDefaults = autotune.PLATFORM_DEFAULTS,
-               caps: autotune.Caps = autotune.NO_CAPS) -> tuple[dict[str, Any], str | None]:
+               caps: autotune.Caps = autotune.NO_CAPS, parent_lora: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], str | None]:
     """The request's extensions, with the LoRA fields it left unset (or ``r: "auto"``) from the base model's
-    ``defaults`` (the job shows the LoRA it trains), and the event saying so (None when nothing was taken)."""
-    dumped = body.model_dump(mode="json", include=set(_EXTENSIONS), exclude_none=True)
+    ``defaults`` (the job shows the LoRA it trains), and the event saying so (None when nothing was taken).
+    Continued training (``parent_lora``: the parent's LoRA configuration): the LoRA is the parent's
+    (``inherit_lora``)."""
+    dumped = body.model_dump(mode="json", include=set(_EXTENSIONS) - {"method"}, exclude_none=True)
+    dumped |= training_method(body)  # DPO: the spec's method (beta resolved); SFT stores none (the default)
     if dumped.get("micro_batch_size") == "auto":
         del dumped["micro_batch_size"]  # resolved with the other auto values once the files are validated
     given = body.model_dump(mode="json", include={"lora"}, exclude_unset=True).get("lora") or {}
+    if parent_lora is not None:
+        dumped["lora"] = inherit_lora(given, parent_lora)
+        return {k: dumped[k] for k in _EXTENSIONS if k in dumped}, None
     dumped["lora"], reasons = autotune.resolve_lora(given, defaults, caps)
     event = ("auto: " + ", ".join(f"{k} {dumped['lora'][k.removeprefix('lora.')]} ({why})"
                                   for k, why in reasons.items())) if reasons else None
     return {k: dumped[k] for k in _EXTENSIONS if k in dumped}, event
+
+
+# LoRA fields a continued job may set (they do not shape the adapter's tensors or what they compute)
+_FREE_LORA_FIELDS = ("dropout",)
+
+
+def inherit_lora(given: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
+    """A continued job's LoRA: the parent's configuration (rank, alpha, targets, train_adapter, vision_lora, ...: the
+    adapter's tensors and their scale must stay the parent's), ``dropout`` as the request gives it. A request value
+    that differs from the parent's is a 400 naming ``lora.<field>`` (``r: "auto"`` counts as unset)."""
+    lora = dict(parent)
+    for field, value in given.items():
+        if field in _FREE_LORA_FIELDS:
+            lora[field] = value
+        elif not (field == "r" and value == "auto") and not _same(value, parent.get(field)):
+            raise InvalidRequest(f"lora.{field}: {value!r} differs from {parent.get(field)!r}, the value of the model "
+                                 "being continued; continued training keeps its parent's LoRA configuration (leave "
+                                 f"lora.{field} unset)", param=f"lora.{field}", code="lora_conflicts_with_parent")
+    return lora
+
+
+def _same(a: Any, b: Any) -> bool:
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return bool(a == b)
+
+
+def parent_adapter(request: dict[str, Any]) -> str | None:
+    """The adapter a stored job request continues from (``request.parent``, ``service.lineage.parent_record``)."""
+    return (request.get("parent") or {}).get("adapter_uri")
+
+
+def training_method(body: JobCreate) -> dict[str, Any]:
+    """``{"method": <the spec's MethodSpec>}`` for a DPO request (``beta: "auto"`` -> the default), else ``{}``."""
+    if body.method is None or body.method.type != "dpo":
+        return {}
+    beta = getattr(body.method.hyperparameters(), "beta", "auto")
+    return {"method": {"type": "dpo", "dpo": {"beta": DPO_BETA_DEFAULT if beta == "auto" else float(beta)}}}
+
+
+def check_data_format(body: JobCreate, report: dict[str, Any] | None, param: str, file_id: str) -> None:
+    """400 naming ``param`` when a validated file's format does not fit the method: DPO trains on preference pairs,
+    SFT on conversations (a file still being validated is checked by the job, which fails saying the same)."""
+    fmt = (report or {}).get("format")
+    if fmt is None:
+        return
+    dpo = body.method is not None and body.method.type == "dpo"
+    if dpo != (fmt == "preference"):
+        need = ("method 'dpo' needs preference pairs (input, preferred_output, non_preferred_output per line)"
+                if dpo else "preference pairs train with method {\"type\": \"dpo\"}")
+        raise InvalidRequest(f"{param} {file_id} is in the {fmt} format; {need}", param=param,
+                             code="invalid_file_format")
 
 
 def requested(hyperparameters: dict[str, Any], ext: dict[str, Any]) -> autotune.Requested:
@@ -108,12 +168,13 @@ def resolve_request(request: dict[str, Any], base_path: str, train_stats: dict[s
 def build_spec(*, job_id: str, tenant_id: str, base_model_path: str, train_uri: str, validation_uri: str | None,
                output_uri: str, seed: int, hyperparameters: dict[str, Any], ext: dict[str, Any],
                tracking_uri: str | None = None, tracking: dict[str, Any] | None = None,
-               caps: autotune.Caps = autotune.NO_CAPS) -> FineTuneJobSpec:
+               caps: autotune.Caps = autotune.NO_CAPS, init_adapter: str | None = None) -> FineTuneJobSpec:
     """The job's ``FineTuneJobSpec``; ``InvalidRequest`` (field named) when the combination is invalid.
 
     Values still ``auto`` take their data-free resolution (the base model's defaults within ``caps``). With
     ``tracking_uri`` (the platform's MLflow server) the job logs into its tenant's experiment; ``tracking`` adds the
-    other ``TrackingSpec`` fields (``service.integrations.job_tracking``).
+    other ``TrackingSpec`` fields (``service.integrations.job_tracking``). ``init_adapter``: the parent adapter of a
+    continued job (``parent_adapter``).
     """
     if has_auto(hyperparameters, ext):
         hyperparameters, ext = _with_values(hyperparameters, ext, autotune.resolve(
@@ -124,6 +185,8 @@ def build_spec(*, job_id: str, tenant_id: str, base_model_path: str, train_uri: 
         "validation_file": validation_uri, "output_uri": output_uri, "seed": seed, "hyperparameters": hp,
         **{k: v for k, v in ext.items() if k not in _HYPERPARAMETER_EXTENSIONS},
     }
+    if init_adapter:
+        doc["init_adapter"] = init_adapter
     if tracking_uri:
         doc["tracking"] = {"tracking_uri": tracking_uri, **(tracking or {})}
     try:

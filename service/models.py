@@ -95,6 +95,13 @@ class Job(Base):
     last_event_seq: Mapped[int] = mapped_column(Integer, default=-1)
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # run dir, last accounted
     max_wall_clock_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # resolved at submit time
+    parent_model: Mapped[str | None] = mapped_column(String(512), nullable=True)  # continued from (0004)
+    # pause / resume (0005): see service/migrations/versions/0005_pause.py
+    pause_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    paused_from: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    paused_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    paused_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    pauses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     __table_args__ = (Index("ix_jobs_tenant_pk", "tenant_id", "pk"), Index("ix_jobs_status", "status"))
 
 
@@ -121,6 +128,7 @@ class Model(Base):
     adapter_uri: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[int] = mapped_column(BigInteger)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    parent_model: Mapped[str | None] = mapped_column(String(512), nullable=True)  # its job's parent (0004)
 
 
 class Lease(Base):

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, aliased
 from service.errors import Conflict, NotFound
 from service.models import ApiKey, File, Job, JobEvent, Lease, Model, Tenant
 
-ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
+ACTIVE_JOB_STATES = ("validating_files", "queued", "running", "paused")  # paused: unfinished, resumes on its files
 UPLOAD_PURPOSE = "fine-tune"  # uploaded files; other purposes (results) live in run dirs, charged with the run
 
 
@@ -220,7 +220,7 @@ def update_job_if(s: Session, *, job_id: str, status: str, conditions: Sequence[
 
 
 def jobs_using_file(s: Session, *, tenant_id: str, file_id: str) -> list[str]:
-    """Ids of the tenant's unfinished jobs (validating_files, queued, running) that train or validate on ``file_id``."""
+    """Ids of the tenant's unfinished jobs (validating_files, queued, running, paused) that train or validate on ``file_id``."""
     return list(s.scalars(select(Job.id).where(
         Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES),
         (Job.training_file == file_id) | (Job.validation_file == file_id)).order_by(Job.pk)))
@@ -251,12 +251,15 @@ def next_service_seq(s: Session, *, job_id: str) -> int:
 
 
 def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types: Sequence[str] | None = None,
-                latest_per_step: bool = False) -> tuple[Sequence[JobEvent], bool]:
+                latest_per_step: bool = False, steps: Sequence[int] | None = None) -> tuple[Sequence[JobEvent], bool]:
     """Newest first. ``latest_per_step`` keeps only the newest event of a type for each ``data.step``: a job that
-    restarted from an earlier checkpoint saves some steps again, and its checkpoint list names each step once."""
+    restarted from an earlier checkpoint saves some steps again, and its checkpoint list names each step once.
+    ``steps`` keeps only events whose ``data.step`` is one of them."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if types:
         query = query.where(JobEvent.type.in_(types))
+    if steps is not None:
+        query = query.where(JobEvent.data["step"].as_integer().in_(list(steps)))
     if latest_per_step:
         same = aliased(JobEvent)
         newest = select(func.max(same.pk)).where(same.job_id == job_id)
@@ -270,6 +273,19 @@ def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types
         query = query.where(JobEvent.pk < pk)
     rows = s.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)).all()
     return rows[:limit], len(rows) > limit
+
+
+def checkpoint_event(s: Session, *, job_id: str | None = None, step: int | None = None, pk: int | None = None
+                     ) -> JobEvent | None:
+    """A ``checkpoint`` event: the one with primary key ``pk``, or the newest of ``job_id`` for ``step``."""
+    query = select(JobEvent).where(JobEvent.type == "checkpoint")
+    if pk is not None:
+        query = query.where(JobEvent.pk == pk)
+    if job_id is not None:
+        query = query.where(JobEvent.job_id == job_id)
+    if step is not None:
+        query = query.where(JobEvent.data["step"].as_integer() == step)
+    return s.scalar(query.order_by(JobEvent.pk.desc()).limit(1))
 
 
 def _event_pk(event_id: str) -> int | None:
@@ -325,12 +341,13 @@ def launched_jobs(s: Session, *, tenant_id: str) -> Sequence[Job]:
 
 
 # ----- models -------------------------------------------------------------------------------------------------
-def add_model(s: Session, *, model_id: str, tenant_id: str, base_model: str, job_id: str, adapter_uri: str) -> Model:
+def add_model(s: Session, *, model_id: str, tenant_id: str, base_model: str, job_id: str, adapter_uri: str,
+              parent_model: str | None = None) -> Model:
     existing = s.get(Model, model_id)
     if existing is not None:
         return existing
     row = Model(id=model_id, tenant_id=tenant_id, base_model=base_model, job_id=job_id, adapter_uri=adapter_uri,
-                created_at=now(), deleted=False)
+                created_at=now(), deleted=False, parent_model=parent_model)
     s.add(row)
     s.flush()
     return row

@@ -11,10 +11,12 @@ Every API process runs a ``Scheduler`` thread; each tick it tries to take or ren
    end ``result.json`` -> ``succeeded`` (adapter registered as ``ft:{base}:{tenant}:{suffix}:{job_id}``, the
    ``on_adapter_ready`` hooks told) / ``failed`` / ``cancelled``;
 4. reconciles: a running job whose Ray job ended, or that Ray says does not exist, without a result is re-queued
-   while attempts remain (``max_job_attempts``), else failed; an unknown Ray status concludes nothing; a cancel not
-   honoured within ``cancel_grace_s`` is stopped; a job past its wall-clock limit (``max_wall_clock_s`` from its
-   start) is cancelled the same way and ends ``failed`` (``wall_clock_limit_exceeded``);
-5. launches queued jobs while fewer than ``max_running_jobs`` run, always from the tenant with the fewest
+   while attempts remain (``max_job_attempts``; runs ended by a pause do not count), else failed; a job whose pause
+   was requested is ``paused`` instead once its Ray job ended (its run stopped with a checkpoint: see
+   ``service.pausing``); an unknown Ray status concludes nothing; a cancel not honoured within ``cancel_grace_s``
+   (a pause within ``pause_grace_s``) is stopped; a job past its wall-clock limit (``max_wall_clock_s`` from its start, time spent
+   paused not counted) is cancelled the same way and ends ``failed`` (``wall_clock_limit_exceeded``);
+5. launches queued jobs while fewer than ``max_running_jobs`` run (a paused job holds no slot), always from the tenant with the fewest
    running jobs (ties: the oldest job), so one tenant's backlog cannot starve the others.
 
 Safety (see docs/architecture.md, "Job lifecycle"): every state move is a compare-and-set through
@@ -48,7 +50,7 @@ from service import integrations, job_states
 from service import repository as repo
 from service.caps import auto_caps
 from service.context import AdapterReady
-from service.jobspec import build_spec, resolve_request
+from service.jobspec import build_spec, parent_adapter, resolve_request
 from service.launcher import TERMINAL, Launcher, LauncherUnavailable
 from service.models import File, Job
 from service.settings import Settings
@@ -316,7 +318,7 @@ class Scheduler:
         if not self._move(s, job, "succeeded", f"Job succeeded; model {model_id} is ready", fine_tuned_model=model_id):
             return
         repo.add_model(s, model_id=model_id, tenant_id=job.tenant_id, base_model=job.model, job_id=job.id,
-                       adapter_uri=adapter_uri)
+                       adapter_uri=adapter_uri, parent_model=job.parent_model)
         ready = AdapterReady(model_id=model_id, tenant_id=job.tenant_id, base_model=job.model,
                              base_model_path=self.settings.base_models.get(job.model, job.model),
                              adapter_uri=adapter_uri, job_id=job.id)
@@ -326,14 +328,28 @@ class Scheduler:
         what = f"Ray job {job.submission_id} ended ({ray_status or 'does not exist'}) without a result"
         if job.cancel_requested_at is not None:
             self._cancelled(s, job, f"Job cancelled ({what})")
+        elif job.pause_requested_at is not None:
+            self._paused(s, job)
         elif self._past_deadline(job, time.time()):
             self._fail(s, job, "wall_clock_limit_exceeded", f"{what} after its wall-clock limit of "
                        f"{job.max_wall_clock_s} s", None)
-        elif job.attempt < self.settings.max_job_attempts:
-            self._move(s, job, "queued", f"{what}; re-queued (attempt {job.attempt} of "
+        elif job.attempt - job.pauses < self.settings.max_job_attempts:
+            self._move(s, job, "queued", f"{what}; re-queued (attempt {job.attempt - job.pauses} of "
                        f"{self.settings.max_job_attempts})", level="warn", submission_id=None)
         else:
-            self._fail(s, job, "job_died", f"{what} after {job.attempt} attempt(s)", None)
+            self._fail(s, job, "job_died", f"{what} after {job.attempt - job.pauses} attempt(s)", None)
+
+    def _paused(self, s: Session, job: Job) -> None:
+        """A run stopped on its pause request (or was stopped after ``cancel_grace_s``): ``paused``, the slot free;
+        resume relaunches it and Ray Train restores its latest checkpoint."""
+        s.flush()  # the events of this ingest (the pause's checkpoint) are visible to the query
+        rows, _ = repo.list_events(s, job_id=job.id, limit=1, after=None, types=["checkpoint"])
+        step = (rows[0].data or {}).get("step") if rows else None
+        where = (f"its checkpoint of step {step} is kept and resume continues from it" if step is not None else
+                 "it had no checkpoint yet, resume starts it from step 0")
+        self._move(s, job, "paused", f"Job paused: its run stopped and freed its cluster slot; {where}",
+                   submission_id=None, pause_requested_at=None, paused_from="running", paused_at=time.time(),
+                   pauses=job.pauses + 1)
 
     def _cancelled(self, s: Session, job: Job, message: str) -> None:
         """A cancelled run ends ``cancelled``, or ``failed`` when the cancel was the wall-clock limit's."""
@@ -345,11 +361,12 @@ class Scheduler:
 
     def _past_deadline(self, job: Job, at: float | None) -> bool:
         limit = job.max_wall_clock_s
-        return bool(limit and job.started_at is not None and at is not None and at >= job.started_at + limit)
+        return bool(limit and job.started_at is not None and at is not None
+                    and at >= job.started_at + (job.paused_s or 0.0) + limit)
 
     def _enforce_deadlines(self, s: Session, job: Job) -> bool:
-        """Cancel a job past its wall-clock limit; True when a requested cancel outlived ``cancel_grace_s`` and the
-        Ray job must be stopped."""
+        """Cancel a job past its wall-clock limit; True when a requested cancel outlived ``cancel_grace_s`` (a pause
+        ``pause_grace_s``) and the Ray job must be stopped."""
         now = time.time()
         if job.cancel_requested_at is None and self._past_deadline(job, now):
             if job_states.request_cancel(s, job, at=now):
@@ -357,7 +374,9 @@ class Scheduler:
                 self._event(s, job, f"Wall-clock limit of {job.max_wall_clock_s} s reached; cancelling the job",
                             level="warn")
             return False
-        return job.cancel_requested_at is not None and now - job.cancel_requested_at > self.settings.cancel_grace_s
+        cancel, pause = job.cancel_requested_at, job.pause_requested_at
+        return ((cancel is not None and now - cancel > self.settings.cancel_grace_s)
+                or (pause is not None and now - pause > self.settings.pause_grace_s))
 
     # ----- launching ----------------------------------------------------------------------------------------
     def _launch_queued(self) -> None:
@@ -393,7 +412,7 @@ class Scheduler:
         if started is None:
             return True  # it moved meanwhile (a cancel won)
         submission, spec_uri = started
-        if self._cancel_before_submit(job_id, submission):
+        if self._stopped_before_submit(job_id, submission):
             return True
         self._renew()  # the submission below happens under a fresh lease
         try:
@@ -434,22 +453,31 @@ class Scheduler:
             self._event(s, job, f"Job started on Ray (submission {submission})")
         return submission, spec_uri
 
-    def _cancel_before_submit(self, job_id: str, submission: str) -> bool:
-        """A cancel that found the job already running but not yet submitted: end it here, submit nothing."""
+    def _stopped_before_submit(self, job_id: str, submission: str) -> bool:
+        """A cancel or pause that found the job already running but not yet submitted: cancel or pause it here,
+        submit nothing."""
         with self.sessions() as s:
             job = repo.job_by_id(s, job_id=job_id)
-            if job is None or job.cancel_requested_at is None:
+            if job is None or (job.cancel_requested_at is None and job.pause_requested_at is None):
                 return False
         with self._fenced() as s:
             job = repo.job_by_id(s, job_id=job_id)
-            if job is not None:
+            if job is not None and job.cancel_requested_at is not None:
                 self._move(s, job, "cancelled", "Job cancelled before it was submitted", expected="running",
                            conditions=(Job.submission_id == submission,))
+            elif job is not None:
+                self._pause_unsubmitted(s, job, submission, "Job paused before it was submitted")
         return True
 
+    def _pause_unsubmitted(self, s: Session, job: Job, submission: str, message: str) -> None:
+        """running -> paused for an attempt Ray never ran (not counted: the next launch reuses its submission id)."""
+        self._move(s, job, "paused", message, expected="running", conditions=(Job.submission_id == submission,),
+                   submission_id=None, attempt=job.attempt - 1, pause_requested_at=None, paused_from="queued",
+                   paused_at=time.time())
+
     def _undo_attempt(self, job_id: str, submission: str, why: str) -> None:
-        """The cluster refused the submission: back to queued (the attempt is not counted), or cancelled when a
-        cancel arrived meanwhile."""
+        """The cluster refused the submission: back to queued (the attempt is not counted), or cancelled / paused
+        when a cancel / pause arrived meanwhile."""
         with self._fenced() as s:
             job = repo.job_by_id(s, job_id=job_id)
             if job is None:
@@ -458,9 +486,12 @@ class Scheduler:
             if job.cancel_requested_at is not None:
                 self._move(s, job, "cancelled", "Job cancelled (it was never submitted)", expected="running",
                            conditions=(same,))
-            else:  # a cancel landing after this read keeps it running: the next ingest finds it missing, cancelled
+            elif job.pause_requested_at is not None:
+                self._pause_unsubmitted(s, job, submission, "Job paused (it was never submitted)")
+            else:  # a cancel (pause) landing after this read keeps it running: the next ingest finds it missing
                 self._move(s, job, "queued", f"Submitting {submission} failed ({why}); re-queued", level="warn",
-                           expected="running", conditions=(same, Job.cancel_requested_at.is_(None)),
+                           expected="running", conditions=(same, Job.cancel_requested_at.is_(None),
+                                                           Job.pause_requested_at.is_(None)),
                            submission_id=None, attempt=job.attempt - 1)
 
     def _launch_failed(self, job_id: str, exc: Exception, *, expected: str, submission: str | None) -> None:
@@ -487,7 +518,8 @@ class Scheduler:
                           validation_uri=self.storage.uri_of_key(val.storage_key) if val else None,
                           output_uri=job.output_uri, seed=job.seed, hyperparameters=job.request["hyperparameters"],
                           ext=job.request.get("extensions", {}),
-                          tracking_uri=self.settings.mlflow_tracking_uri, tracking=self._tracking(s, job, train, val))
+                          tracking_uri=self.settings.mlflow_tracking_uri, tracking=self._tracking(s, job, train, val),
+                          init_adapter=parent_adapter(job.request))  # continued training: the parent's adapter
         run = RunDir(job.output_uri)
         run.write_json("spec.json", spec.model_dump(mode="json"))
         return run.uri_of("spec.json")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from qwenvl_core.specs import (
+    DPO_BETA_DEFAULT,
+    DPO_BETA_MAX,
+    DPO_BETA_MIN,
     MAX_PIXELS_BOUND,
     MIN_PIXELS_BOUND,
     CheckpointSpec,
@@ -21,6 +24,7 @@ from qwenvl_core.specs import (
     Quantization,
 )
 from service.caps import TenantLimits, effective_caps
+from service.lineage import checkpoint_model_id
 from service.models import ApiKey, File, Job, JobEvent, Model, Tenant
 from service.settings import Settings
 
@@ -151,13 +155,47 @@ class Supervised(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Auto = Field("auto", description=f"({DPO_BETA_MIN:g}, {DPO_BETA_MAX:g}]: how strongly the DPO loss "
+                               f"keeps the tuned model near the base model; auto: {DPO_BETA_DEFAULT:g}.")
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _beta(cls, v: Any) -> Any:
+        v = _auto_or_number("beta", v, (int, float))
+        if v != "auto" and not DPO_BETA_MIN < v <= DPO_BETA_MAX:
+            raise ValueError(f"beta must be in ({DPO_BETA_MIN:g}, {DPO_BETA_MAX:g}], got {v}")
+        return v
+
+
+class Dpo(_Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(_Strict):
-    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is offered.")
-    supervised: Supervised = Field(default_factory=Supervised)
+    type: Literal["supervised", "dpo"] = Field(description="supervised (SFT on conversations) or dpo (Direct "
+                                               "Preference Optimization on a preference-format training file).")
+    supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _one_method(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        return self
+
+    def hyperparameters(self) -> Hyperparameters:
+        chosen = self.dpo if self.type == "dpo" else self.supervised
+        if chosen is not None:
+            return chosen.hyperparameters
+        return DpoHyperparameters() if self.type == "dpo" else Hyperparameters()
 
 
 class JobCreate(_Strict):
-    model: str = Field(min_length=1, max_length=256, description="A base model id or an ft: model of yours.")
+    model: str = Field(min_length=1, max_length=256, description="A base model id, or one of your fine-tuned models "
+                       "(ft:...) or checkpoints (ft:...:ckpt-step-N, ftckpt-...) to continue training from: the job "
+                       "trains its base model, starting from its adapter with its LoRA configuration.")
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(None, max_length=64)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
@@ -214,7 +252,7 @@ class JobCreate(_Strict):
 
     def effective_hyperparameters(self) -> Hyperparameters:
         if self.method is not None:
-            return self.method.supervised.hyperparameters
+            return self.method.hyperparameters()
         return self.hyperparameters or Hyperparameters()
 
 
@@ -248,8 +286,14 @@ class JobPublic(BaseModel):
     started_at: int | None = None
     progress: dict[str, Any] | None = Field(None, description="step, total_steps, epoch, loss, ... (extension).")
     cancel_requested: bool = False
+    pause_requested: bool = Field(False, description="A pause of the running job is pending (extension): it becomes "
+                                  "paused once its run has checkpointed and stopped.")
     extensions: dict[str, Any] = Field(default_factory=dict, description="lora, quantization, compute, ...")
     max_wall_clock_s: int | None = Field(None, description="Wall-clock limit from the start (extension).")
+    parent_model: str | None = Field(None, description="Continued training (extension): the fine-tuned model or "
+                                     "checkpoint (ft:…:ckpt-step-N) the job continues from; model shows it too, "
+                                     "base_model the base model it trains on.")
+    base_model: str | None = Field(None, description="The base model the job trains (extension).")
 
 
 class JobList(CursorPage):
@@ -317,9 +361,11 @@ class ModelPublic(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    kind: Literal["base", "adapter"] = "base"
+    kind: Literal["base", "adapter", "checkpoint"] = "base"
     base_model: str | None = None
     fine_tuning_job_id: str | None = None
+    parent_model: str | None = Field(None, description="The model its job continued from (continued training).")
+    step_number: int | None = Field(None, description="A checkpoint's step (kind checkpoint).")
 
 
 class ModelList(BaseModel):
@@ -425,16 +471,25 @@ def file_public(row: File) -> FilePublic:
 def job_public(row: Job) -> JobPublic:
     req = row.request
     return JobPublic(
-        id=row.id, created_at=row.created_at, finished_at=row.finished_at, model=row.model,
+        id=row.id, created_at=row.created_at, finished_at=row.finished_at, model=row.parent_model or row.model,
         fine_tuned_model=row.fine_tuned_model, organization_id=row.tenant_id, status=row.status,
         error=JobError(**row.error) if row.error else None, hyperparameters=req["hyperparameters"],
-        method={"type": "supervised", "supervised": {"hyperparameters": req["hyperparameters"]}},
+        method=method_public(req),
         seed=row.seed, training_file=row.training_file, validation_file=row.validation_file,
         result_files=row.result_files or [], trained_tokens=row.trained_tokens,
         estimated_finish=row.estimated_finish, integrations=req.get("integrations"), metadata=row.meta,
         suffix=row.suffix, started_at=row.started_at, progress=row.progress,
-        cancel_requested=row.cancel_requested_at is not None, extensions=req.get("extensions", {}),
-        max_wall_clock_s=row.max_wall_clock_s)
+        cancel_requested=row.cancel_requested_at is not None, pause_requested=row.pause_requested_at is not None,
+        extensions={k: v for k, v in req.get("extensions", {}).items() if k != "method"},
+        max_wall_clock_s=row.max_wall_clock_s, parent_model=row.parent_model, base_model=row.model)
+
+
+def method_public(req: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method`` of a stored job request (DPO's ``beta`` is kept in its extensions' ``method``)."""
+    hp, method = req["hyperparameters"], req.get("extensions", {}).get("method") or {}
+    if method.get("type") == "dpo":
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hp, "beta": method["dpo"]["beta"]}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": hp}}
 
 
 def event_public(row: JobEvent) -> EventPublic:
@@ -445,14 +500,14 @@ def event_public(row: JobEvent) -> EventPublic:
 def checkpoint_public(row: JobEvent, fine_tuned_base: str) -> CheckpointPublic:
     step = int((row.data or {}).get("step", 0))
     return CheckpointPublic(id=f"ftckpt-{row.pk}", created_at=row.created_at,
-                            fine_tuned_model_checkpoint=f"{fine_tuned_base}:ckpt-step-{step}",
+                            fine_tuned_model_checkpoint=checkpoint_model_id(fine_tuned_base, step),
                             fine_tuning_job_id=row.job_id, step_number=step,
                             metrics=dict((row.data or {}).get("metrics", {}), step=step))
 
 
 def model_public(row: Model, owner: str) -> ModelPublic:
     return ModelPublic(id=row.id, created=row.created_at, owned_by=owner, kind="adapter", base_model=row.base_model,
-                       fine_tuning_job_id=row.job_id)
+                       fine_tuning_job_id=row.job_id, parent_model=row.parent_model)
 
 
 def tenant_public(row: Tenant, settings: Settings) -> TenantPublic:

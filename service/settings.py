@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(2, ge=1, description="Jobs launched on the cluster at once (fair-shared).")
     max_job_attempts: int = Field(2, ge=1, description="Launches per job when its Ray job dies without a result.")
     cancel_grace_s: float = Field(30.0, ge=0, description="Seconds a cancelled job may take before stop_job.")
+    pause_grace_s: float = Field(600.0, ge=0, description="Seconds a paused running job may take to checkpoint and "
+                                 "stop before stop_job (it then resumes from its latest checkpoint).")
     ray_address: str | None = Field(None, description="Ray dashboard URL (http://host:8265) for Ray Jobs; "
                                     "None disables launching.")
     job_entrypoint: str = Field("{python} -m workflows.finetune --spec {spec}",
@@ -96,6 +98,8 @@ class Settings(BaseSettings):
     job_env: dict[str, str] = Field(default_factory=dict, description="Extra env vars for training jobs.")
     job_pythonpath: str | None = Field(None, description="PYTHONPATH of training jobs (default: the project root).")
     validation_timeout_s: float = Field(3600.0, gt=0, description="Longest a file validation may run.")
+    merge_timeout_s: float = Field(3600.0, gt=0, description="Longest a merged export (GET /v1/models/{id}/content"
+                                   "?format=merged) may merge, or wait for another merge (504 merge_timeout).")
     estimate_tokens_per_second: float | None = Field(
         None, gt=0, description="Measured training throughput used by /v1/fine_tuning/estimate for time.")
     # ----- request admission (issue 15, "ratelimit"; service.admission, service.limits): per API process

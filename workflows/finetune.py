@@ -21,6 +21,12 @@ wrote it) is set aside, so the job restarts from step 0 instead of failing every
 the same job id with a different spec is refused untouched. Events continue their numbering, with a ``state``
 event ``running`` marked ``restart`` and the loop's "resumed from step N" message.
 
+**Pause.** ``PAUSE`` in the run directory (written by the service, ``service.pausing``) stops the loop like
+``CANCEL`` (``StopFiles``): a checkpoint of the current step, reported to Ray Train, then the ``cancelled``
+outcome. ``run_job`` sees no ``CANCEL`` there (``paused_outcome``) and records a pause instead of a result
+(``record_pause``: a ``paused`` state event, no ``result.json``); the service relaunches the same command on resume,
+which continues from that checkpoint exactly as after a restart (the ``running`` event says "after a pause").
+
 **Environment and errors.** Workers read tenant data: they get only ``WORKER_ENV`` from the driver and every other
 platform setting or secret blanked (``worker_environment``). A failed job's ``error`` (``result.json``, shown to the
 tenant) is ``public_error``: a user error's message, or the kind of an internal failure; the traceback goes to the
@@ -50,7 +56,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.runs import RESULT_FILE, SPEC_FILE, RunDir
+from qwenvl_core.runs import EVENTS_DIR, RESULT_FILE, SPEC_FILE, RunDir, checkpoint_name
 from qwenvl_core.secret_names import looks_secret
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.storage import read_uri
@@ -76,7 +82,7 @@ class RayCheckpoints:
 
     def report(self, step: int, local_dir: Path, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(local_dir)),
-                         checkpoint_dir_name=f"step_{step:08d}")
+                         checkpoint_dir_name=checkpoint_name(step))  # servable: qwenvl_core.runs
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
@@ -104,13 +110,31 @@ class FaultAtStep:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StopFiles:
+    """What rank 0's ``RunDirCancel`` polls: ``CANCEL`` or ``PAUSE``. The loop stops the same way for both (a
+    checkpoint of the current step, then the ``cancelled`` outcome); ``run_job`` tells a pause from a cancel by the
+    run directory (``paused_outcome``)."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+
+    def cancel_requested(self) -> bool:
+        return self.run.cancel_requested() or self.run.pause_requested()
+
+
+def paused_outcome(run: RunDir, final: dict[str, Any] | None) -> bool:
+    """A ``cancelled`` outcome without ``CANCEL`` in the run directory: the run stopped for a pause (``StopFiles``),
+    it is not over."""
+    return final is not None and final.get("state") == JobState.CANCELLED.value and not run.cancel_requested()
+
+
 def _hooks(spec: FineTuneJobSpec, rank: int, config: dict[str, Any]) -> tuple[Hooks, Any]:
     hooks = Hooks(checkpoints=RayCheckpoints())
     tracker = None
     if rank == 0:
         run = RunDir(spec.output_uri)
         events = RunDirEvents(run)
-        hooks.events, hooks.cancel = events, RunDirCancel(run)
+        hooks.events, hooks.cancel = events, RunDirCancel(StopFiles(run))  # type: ignore[arg-type]
         hooks.progress.append(EventProgress(events))
         if spec.tracking.tracking_uri:
             from workflows.tracking import MlflowTracker
@@ -249,8 +273,11 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
     restart = same_job and events.seq > 0  # an earlier attempt of this job wrote events
     run.write_json(SPEC_FILE, spec.model_dump(mode="json"))
     final = run.read_json(OUTCOME_FILE) if restart and previous is None else None  # trained, then the driver died
+    if paused_outcome(run, final):
+        final = None  # the driver died recording a pause: the run is not over, it trains on
     if restart:
-        announce_restart(run, spec, events, retry_failed=previous is not None, trained=final is not None)
+        announce_restart(run, spec, events, retry_failed=previous is not None, trained=final is not None,
+                         resumed=_last_state(run, events) == PAUSED)
     else:
         events.state(JobState.RUNNING, f"job {spec.job_id} started on Ray Train")
     try:
@@ -262,6 +289,8 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
             final = run.read_json(OUTCOME_FILE)
         if final is None:
             raise RuntimeError("training ended without an outcome")
+        if paused_outcome(run, final):
+            return record_pause(run, spec, final)
     except Exception as e:  # the job's failure is reported, not raised: the caller reads result.json
         traceback.print_exception(e)  # the whole story, for the operators: the driver's log (Ray job logs)
         result = {"job_id": spec.job_id, "state": JobState.FAILED.value, "error": public_error(e)}
@@ -274,6 +303,26 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
     RunDirEvents(run).state(JobState(final["state"]), f"job {final['state']}")
     run.write_result(result)
     return result
+
+
+PAUSED = "paused"  # the state event of a run stopped for a pause (not a JobState: the job is not over)
+
+
+def record_pause(run: RunDir, spec: FineTuneJobSpec, final: dict[str, Any]) -> dict[str, Any]:
+    """The run stopped for a pause, its checkpoint of the last step reported to Ray Train (which registers every
+    report before ``fit`` returns): no ``result.json`` (the job is not over), ``outcome.json`` removed (a relaunch
+    trains on), a ``paused`` state event. The service moves the job to ``paused`` once this driver has ended."""
+    step = (final.get("summary") or {}).get("steps")
+    run.store.delete(run.key(OUTCOME_FILE))
+    RunDirEvents(run).emit("state", f"job {spec.job_id} paused at step {step}: its checkpoint of step {step} is "
+                           "saved and a resume continues from it", {"state": PAUSED, "checkpoint_step": step})
+    return {"job_id": spec.job_id, "state": PAUSED, "step": step}
+
+
+def _last_state(run: RunDir, events: RunDirEvents) -> str | None:
+    """The ``state`` of the run's last event when it is a state event (a relaunch after a pause finds ``paused``)."""
+    last = run.read_json(f"{EVENTS_DIR}/{events.seq - 1:08d}.json") if events.seq > 0 else None
+    return (last.get("data") or {}).get("state") if isinstance(last, dict) and last.get("type") == "state" else None
 
 
 def _same_spec(stored: dict[str, Any], spec: FineTuneJobSpec) -> bool:
@@ -311,9 +360,10 @@ def ray_resume_step(run: RunDir, spec: FineTuneJobSpec) -> int | None:
 
 
 def announce_restart(run: RunDir, spec: FineTuneJobSpec, events: RunDirEvents, retry_failed: bool,
-                     trained: bool = False) -> None:
+                     trained: bool = False, resumed: bool = False) -> None:
     """The ``running`` state event of a relaunched job, naming the step it resumes from."""
-    why = "after a failed attempt" if retry_failed else "after its driver ended without a result"
+    why = ("after a failed attempt" if retry_failed else "after a pause" if resumed else
+           "after its driver ended without a result")
     if trained:
         events.state(JobState.RUNNING, f"job {spec.job_id} restarted {why}; its training had finished, "
                      "recording the result", restart=True, checkpoint_step=None)

@@ -28,12 +28,14 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from qwenvl_core.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, RunDir
 from qwenvl_core.serving.chat import AdapterLocator, ChatBackend
 from qwenvl_core.serving.engine import EngineConfig, EngineEvent, EngineRequest
 from qwenvl_core.serving.metrics import merge_expositions
 from qwenvl_core.storage import join_key, open_store
 
 APP_NAME = "qwenvl"
+CKPT_STEP = "ckpt-step-"  # a checkpoint's model id ends in :ckpt-step-N (OpenAI's shape; service.lineage)
 METRICS_TIMEOUT_S = 10.0
 
 
@@ -235,10 +237,12 @@ def build_app(models: list[ModelDeploymentConfig], app_builder: AppBuilder, *, a
 
 
 class RunsRootResolver:
-    """Adapters in the service's storage layout, ``{root}/tenants/{tenant}/runs/{job_id}/adapter``.
+    """Adapters in the service's storage layout, ``{root}/tenants/{tenant}/runs/{job_id}/adapter``, and the adapters
+    of its checkpoints, ``.../runs/{job_id}/checkpoints/{job_id}/step_{N:08d}/adapter`` (``qwenvl_core.runs``).
 
-    Model ids are ``ft:{base}:{tenant}:{suffix}:{job_id}``; a tenant resolves only ids naming itself, and only
-    while the adapter exists (deleting the directory makes it unservable at once).
+    Model ids are ``ft:{base}:{tenant}:{suffix}:{job_id}`` and a checkpoint's ``ft:{base}:{tenant}:{suffix}:{job_id}:
+    ckpt-step-{N}``; a tenant resolves only ids naming itself, and only while the adapter exists (deleting the
+    directory, or Ray Train removing an old checkpoint, makes it unservable at once).
     """
 
     def __init__(self, root_uri: str) -> None:
@@ -246,13 +250,17 @@ class RunsRootResolver:
 
     def __call__(self, model_id: str, tenant_id: str) -> AdapterLocator | None:
         parts = model_id.split(":")
-        if len(parts) != 5 or parts[0] != "ft" or parts[2] != tenant_id or not all(parts):
+        step = None
+        if len(parts) == 6 and parts[5].startswith(CKPT_STEP) and parts[5][len(CKPT_STEP):].isdigit():
+            step, parts = int(parts[5][len(CKPT_STEP):]), parts[:5]
+        if len(parts) != 5 or parts[0] != "ft" or parts[2] != tenant_id or not all(parts[:3] + parts[4:]):
             return None
         base, job_id = parts[1], parts[4]
         if "/" in job_id or job_id in (".", ".."):
             return None
-        uri = f"{self.root_uri}/tenants/{tenant_id}/runs/{job_id}/adapter"
+        run = RunDir(f"{self.root_uri}/tenants/{tenant_id}/runs/{job_id}")
+        uri = run.uri_of(ADAPTER_DIR) if step is None else run.checkpoint_adapter_uri(job_id, step)
         store, prefix = open_store(uri)
-        if not store.exists(join_key(prefix, "adapter_config.json")):
+        if not store.exists(join_key(prefix, ADAPTER_CONFIG_FILE)):
             return None
         return AdapterLocator(adapter_id=model_id, base_model=base, uri=uri)

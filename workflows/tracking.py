@@ -8,7 +8,8 @@ logs the training / validation files as dataset inputs (name, digest = the file'
 URI; ``tracking.datasets``, else the spec's files hashed here), every parameter, per-step training metrics,
 evaluation metrics and system metrics; ``finish`` logs the adapter (PEFT files + meta.json), the resolved config,
 the dataset validation reports and a loss-curve plot as artifacts, registers the adapter as a new version of the
-tenant's model with tags (job id, base model) and an alias, and ends the run.
+tenant's model with tags (job id, base model; a continued job's parent model and starting adapter) and an alias,
+and ends the run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from qwenvl_core.specs import (
 from qwenvl_core.storage import iter_chunks, open_store
 
 JOB_TAG = "qwenvl.job_id"
+PARENT_MODEL_TAG = "qwenvl.parent_model"  # a continued job's lineage tag (service.integrations.job_tracking)
 ALIAS = "latest-finetune"
 MAX_PARAM_CHARS = 6000
 FLUSH_EVERY_S = 2.0  # metrics are sent in batches at most this often (one request per step slowed short steps 5x)
@@ -142,9 +144,16 @@ class MlflowTracker:
         mv = self.client.create_model_version(name, f"runs:/{self.run_id}/adapter", run_id=self.run_id,
                                               tags={"job_id": self.spec.job_id,
                                                     "base_model": str(Path(self.spec.base_model).resolve()),
-                                                    "quantization": self.spec.quantization.value})
+                                                    "quantization": self.spec.quantization.value,
+                                                    **self._lineage()})
         self.client.set_registered_model_alias(name, ALIAS, mv.version)
         return str(mv.version)
+
+    def _lineage(self) -> dict[str, str]:
+        """Continued training: the parent model (the service's lineage tag) and the adapter the run started from."""
+        parent = self.spec.tracking.tags.get(PARENT_MODEL_TAG)
+        return ({"parent_model": parent} if parent else {}) | (
+            {"init_adapter": self.spec.init_adapter} if self.spec.init_adapter else {})
 
     def fail(self) -> None:
         if mlflow.active_run() is not None:

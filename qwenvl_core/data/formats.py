@@ -32,6 +32,7 @@ from qwenvl_core.models.qwen_vl.chat import split_image_markup
 class DataFormat(StrEnum):
     QWEN = "qwen"
     OPENAI = "openai"
+    PREFERENCE = "preference"  # OpenAI's DPO format: input / preferred_output / non_preferred_output (preference.py)
 
 
 @dataclass
@@ -60,12 +61,15 @@ _ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model":
 
 
 def detect_format(value: Any) -> DataFormat | None:
-    """The format of one decoded record: ``conversations`` means QWEN, ``messages`` means OPENAI."""
+    """The format of one decoded record: ``conversations`` means QWEN, ``messages`` means OPENAI, ``input`` /
+    ``preferred_output`` / ``non_preferred_output`` mean PREFERENCE (parsed by ``preference``, not here)."""
     if isinstance(value, dict):
         if "conversations" in value:
             return DataFormat.QWEN
         if "messages" in value:
             return DataFormat.OPENAI
+        if any(key in value for key in ("input", "preferred_output", "non_preferred_output")):
+            return DataFormat.PREFERENCE
     return None
 
 

@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -244,9 +245,23 @@ def _write_split(out: Path, name: str, samples: list[Sample], fmt: DataFormat) -
         return path
     path = out / f"{name}.jsonl"
     with path.open("w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(to_openai_record(s, out), ensure_ascii=False) + "\n")
+        for i, s in enumerate(samples):
+            record = to_openai_record(s, out)
+            if fmt is DataFormat.PREFERENCE:
+                record = _preference_record(record, samples, i)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def _preference_record(record: dict[str, Any], samples: list[Sample], i: int) -> dict[str, Any]:
+    """The OpenAI record of ``samples[i]`` as a preference pair (DPO): its answer is preferred, the next sample's
+    different answer (of another question: a wrong one here) is not."""
+    answer = samples[i].messages[-1].text
+    others = [samples[(i + k) % len(samples)].messages[-1].text for k in range(1, len(samples))]
+    wrong = next((text for text in others if text != answer), answer + " (wrong)")
+    return {"id": record["id"], "input": {"messages": record["messages"][:-1]},
+            "preferred_output": [record["messages"][-1]],
+            "non_preferred_output": [{"role": "assistant", "content": wrong}]}
 
 
 def _image_paths(samples: list[Sample]) -> list[Path]:

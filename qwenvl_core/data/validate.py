@@ -34,6 +34,7 @@ from qwenvl_core.data.issues import (
     has_errors,
     raise_first_error,
 )
+from qwenvl_core.data.preference import PreferenceSample, parse_preference
 from qwenvl_core.data.reader import Record, iter_records
 from qwenvl_core.data.stats import DatasetStats
 from qwenvl_core.errors import ImageError, PromptError
@@ -205,6 +206,8 @@ class _Checker:
         fmt = self._format(record)
         if isinstance(fmt, Issue):
             return CheckedSample(record, None, [fmt])
+        if fmt is DataFormat.PREFERENCE:
+            return self._check_preference(record)
         parsed = parse_record(record.value, fmt, record.location, self.bundle.base_dir)
         issues = list(parsed.issues)
         if parsed.sample is None or has_errors(issues):
@@ -219,12 +222,36 @@ class _Checker:
             issues += length_issues
         return CheckedSample(record, parsed.sample, issues, tokenized)
 
+    def _check_preference(self, record: Record) -> CheckedSample:
+        """A preference pair: the SFT checks on both conversations (issues once each), images once, both tokenized
+        (length issues name ``preferred_output`` / ``non_preferred_output``); the pair as a ``PreferenceSample``."""
+        pair, issues = parse_preference(record.value, record.location, self.bundle.base_dir)
+        if pair is None or has_errors(issues):
+            return CheckedSample(record, None, issues)
+        chosen, rejected = pair
+        for issue in check_sample(chosen, self.options.rules) + check_sample(rejected, self.options.rules):
+            if issue not in issues:
+                issues.append(issue)
+        issues += self._duplicate_id(record)
+        if self.options.check_images:
+            issues += self._images(chosen.sample, chosen.part_fields)  # the outputs' images are refused above
+        assert chosen.sample is not None and rejected.sample is not None
+        sample = PreferenceSample(chosen.sample.id, chosen.sample.messages, record.location,
+                                  rejected=rejected.sample.messages)
+        tokenized = None
+        if not has_errors(issues) and self.processor is not None:
+            tokenized, length_issues = self._tokenize(self.processor, chosen.sample, ["preferred_output"])
+            issues += length_issues
+            issues += self._tokenize(self.processor, rejected.sample, ["non_preferred_output"])[1]
+        return CheckedSample(record, sample, issues, tokenized)
+
     def _format(self, record: Record) -> DataFormat | Issue:
         fmt = detect_format(record.value)
         loc = record.location
         if fmt is None:
             return Issue("schema", "expected an object with 'conversations' (Qwen-VL format) or 'messages' "
-                         "(OpenAI format)", loc)
+                         "(OpenAI format), or for DPO 'input' + 'preferred_output' + 'non_preferred_output' "
+                         "(preference format)", loc)
         if self.format is None:
             self.format, self.format_line = fmt, loc.line if loc.line is not None else loc.index
         elif fmt is not self.format:

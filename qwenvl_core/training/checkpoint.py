@@ -8,6 +8,8 @@ Ray Train, into one) holds:
     rng_rank{r}.json      every rank: torch / Python / NumPy (/ CUDA) RNG states as plain JSON numbers
     trainable.pt, optimizer.pt, scheduler.pt       DDP / single process (rank 0)
     step_{N}/...          DeepSpeed: ``save_checkpoint`` shards of every rank (frozen weights excluded)
+    adapter/              rank 0: the PEFT adapter of this step, like the final one (served and continued from
+                          as the checkpoint's model ``ft:...:ckpt-step-N``; not read on resume)
 
 Loading restores all of it, so the continued run takes exactly the steps the uninterrupted one would have.
 Nothing is unpickled: ``.pt`` files are read with ``torch.load(weights_only=True)`` (tensors, numbers, strings

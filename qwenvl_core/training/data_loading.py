@@ -21,7 +21,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from qwenvl_core.data import (
-    EncodedSample,
+    DataFormat,
     EncodeOptions,
     LabelMask,
     LengthPolicy,
@@ -34,6 +34,7 @@ from qwenvl_core.data import (
     validate_file,
 )
 from qwenvl_core.data.issues import DataError
+from qwenvl_core.data.preference import PreferenceDataset
 from qwenvl_core.models.processing import FamilyProcessor
 from qwenvl_core.specs import Hyperparameters
 
@@ -45,18 +46,21 @@ def encode_options(hp: Hyperparameters) -> EncodeOptions:
                          length_policy=LengthPolicy(hp.length_policy))
 
 
-class CachedDataset(Dataset[EncodedSample]):
-    """``SFTDataset`` that keeps encoded samples (pixels included) of files up to ``CACHE_LIMIT`` samples."""
+class CachedDataset(Dataset[Any]):
+    """``SFTDataset`` (or, for DPO, ``PreferenceDataset``: encoded pairs) that keeps encoded items (pixels
+    included) of files up to ``CACHE_LIMIT`` items."""
 
-    def __init__(self, samples: Sequence[Sample], processor: FamilyProcessor, options: EncodeOptions) -> None:
-        self.inner = SFTDataset(samples, processor, options)
+    def __init__(self, samples: Sequence[Sample], processor: FamilyProcessor, options: EncodeOptions,
+                 preference: bool = False) -> None:
+        self.inner: SFTDataset | PreferenceDataset = (PreferenceDataset if preference else SFTDataset)(
+            samples, processor, options)
         self.samples = self.inner.samples
-        self._cache: dict[int, EncodedSample] = {}
+        self._cache: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __getitem__(self, index: int) -> EncodedSample:
+    def __getitem__(self, index: int) -> Any:
         hit = self._cache.get(index)
         if hit is None:
             hit = self.inner[index]
@@ -84,26 +88,36 @@ class JobData:
 
 
 def read_split(path: str | Path, processor: FamilyProcessor, options: EncodeOptions, stack: ExitStack,
-               field_name: str) -> tuple[list[Sample], dict[str, Any]]:
-    """Validate and read one file; a bundle stays extracted until ``stack`` closes. Errors name the field."""
+               field_name: str, preference: bool = False) -> tuple[list[Sample], dict[str, Any]]:
+    """Validate and read one file; a bundle stays extracted until ``stack`` closes. Errors name the field.
+    ``preference``: the job is DPO, so the file must be in the preference format (and only then)."""
     voptions = ValidationOptions(encode=options)
     report = validate_file(path, processor, voptions)
     if not report.ok:
         first = report.issues.errors[0] if report.issues.errors else "no samples"
         raise DataError(f"{field_name}: {Path(path).name} is not valid ({report.issues.error_count} errors; "
                         f"first: {first})")
+    if preference != (report.format is DataFormat.PREFERENCE):
+        fmt = report.format.value if report.format else "unknown"
+        need = ("method 'dpo' trains on preference pairs: each line {\"input\": {\"messages\": [...]}, "
+                "\"preferred_output\": [...], \"non_preferred_output\": [...]}" if preference else
+                "preference pairs train with method {\"type\": \"dpo\"}")
+        raise DataError(f"{field_name}: {Path(path).name} is in the {fmt} format; {need}")
     bundle = stack.enter_context(open_bundle(path, voptions.bundle_limits))
     return list(iter_samples(bundle, processor, voptions)), report.to_dict()
 
 
 def load_job_data(train_file: str, validation_file: str | None, processor: FamilyProcessor,
-                  hp: Hyperparameters, stack: ExitStack, max_val_samples: int | None = None) -> JobData:
+                  hp: Hyperparameters, stack: ExitStack, max_val_samples: int | None = None,
+                  preference: bool = False) -> JobData:
+    """The job's datasets; ``preference`` (method DPO): preference files, encoded as pairs."""
     options = encode_options(hp)
-    train, train_report = read_split(train_file, processor, options, stack, "train_file")
-    data = JobData(CachedDataset(train, processor, options), None, {"train": train_report})
+    train, train_report = read_split(train_file, processor, options, stack, "train_file", preference)
+    data = JobData(CachedDataset(train, processor, options, preference), None, {"train": train_report})
     if validation_file:
-        val, val_report = read_split(validation_file, processor, options, stack, "validation_file")
-        data.validation = CachedDataset(val[:max_val_samples] if max_val_samples else val, processor, options)
+        val, val_report = read_split(validation_file, processor, options, stack, "validation_file", preference)
+        data.validation = CachedDataset(val[:max_val_samples] if max_val_samples else val, processor, options,
+                                        preference)
         data.reports["validation"] = val_report
     return data
 

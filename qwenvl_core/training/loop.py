@@ -34,13 +34,22 @@ from qwenvl_core.data.collate import Row, concat_samples, pack_groups
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.models.processing import ProcessorOptions
 from qwenvl_core.models.registry import detect_family
+from qwenvl_core.runs import ADAPTER_DIR
 from qwenvl_core.specs import FineTuneJobSpec, JobState, Progress, Strategy
 from qwenvl_core.training import checkpoint as ckpt
 from qwenvl_core.training.data_loading import BatchPlan, load_job_data, update_digest
 from qwenvl_core.training.evaluate import Evaluator, base_and_finetuned, task_items
 from qwenvl_core.training.feature_cache import ImageFeatureCache
 from qwenvl_core.training.hooks import Hooks, LocalCheckpoints
-from qwenvl_core.training.lora import apply_lora, load_base_model, lora_summary, lora_targets
+from qwenvl_core.training.lora import (
+    apply_lora,
+    fetch_adapter,
+    load_adapter_weights,
+    load_base_model,
+    lora_summary,
+    lora_targets,
+)
+from qwenvl_core.training.objectives import build_objective
 from qwenvl_core.training.optim import build_optimizer, build_scheduler
 from qwenvl_core.training.strategies import build_engine, rank_and_world
 
@@ -81,6 +90,7 @@ class Trainer:
             self.hooks.checkpoints = LocalCheckpoints(self.work_dir / "checkpoints", spec.checkpoint.keep)
         self.rank, self.world = rank_and_world()
         self.state = ckpt.TrainState()
+        self._resuming = False
 
     # ----- 1. build -----------------------------------------------------------------------------------------
     def _build(self, stack: Any) -> None:
@@ -96,11 +106,13 @@ class Trainer:
         self.targets = lora_targets(base, self.family, spec.lora)
         self.model = apply_lora(base, self.family, spec.lora)
         self.model.peft_config["default"].base_model_name_or_path = str(Path(spec.base_model).resolve())
+        if spec.init_adapter and not self._resuming:  # a resumed run gets its weights from the checkpoint
+            self._init_adapter(spec.init_adapter)
         if hp.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
         self.feature_cache = self._feature_cache()
         self.data = load_job_data(spec.train_file, spec.validation_file, self.processor, hp, stack,
-                                  spec.evaluation.max_samples)
+                                  spec.evaluation.max_samples, preference=spec.method.type == "dpo")
         self.units = self._units()
         self.plan = BatchPlan([sum(self.lengths[i] for i in unit) for unit in self.units], hp, self.world,
                               spec.seed)
@@ -112,8 +124,17 @@ class Trainer:
         self.engine = build_engine(spec, self.model, optimizer, scheduler,
                                    self.model.config.get_text_config().hidden_size)  # the LM's width
         self.collator = Collator(self.processor.pad_token_id)
+        self.objective = build_objective(spec, self.collator)  # SFT or DPO: what a micro-step optimises
         self.evaluator = self._evaluator()
         seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams
+
+    def _init_adapter(self, uri: str) -> None:
+        """Continued training: the LoRA weights (and ``modules_to_save``) start from the adapter at ``uri`` instead
+        of LoRA's initialisation; every rank loads it, before the engine takes the parameters."""
+        local = fetch_adapter(uri, self.work_dir / "init_adapter")
+        count = load_adapter_weights(self.model, local)
+        self._event("message", f"continued training: the adapter starts from its parent's weights ({count} "
+                    "tensors)", {"init_adapter_tensors": count})
 
     def _units(self) -> list[list[int]]:
         """The training rows as groups of sample indices: one sample each, or with ``hyperparameters.packing``
@@ -157,11 +178,14 @@ class Trainer:
         cache.install(tower)
         return cache
 
-    def _evaluator(self) -> Evaluator | None:
+    def _evaluator(self) -> Any:
+        """The objective's evaluator (DPO: preference metrics), else loss / accuracy / task metrics."""
         val = self.data.validation
         if val is None:
             return None
         rows = [val[i] for i in range(len(val))]
+        if (own := self.objective.evaluator(rows)) is not None:
+            return own
         items = task_items(val.samples, self.processor, self.spec.evaluation.max_new_tokens)
         return Evaluator(rows, items, self.processor, self.spec.evaluation,
                          self.family.stop_token_ids(self.processor))
@@ -193,9 +217,14 @@ class Trainer:
                 "hp.peak_learning_rate": hp.peak_learning_rate, "hp.total_steps": self.total_steps}
         out |= {f"lora.{k}": v for k, v in lora_summary(self.model, self.spec.lora, self.targets).items()}
         out |= {f"data.{k}": v for k, v in self.data.stats().items()}
+        if self.spec.init_adapter:
+            out["init_adapter"] = self.spec.init_adapter
         out |= {"base_model": str(Path(self.spec.base_model).resolve()), "family": str(self.family.name),
                 "quantization": self.spec.quantization.value, "strategy": self.spec.compute.strategy.value,
-                "world_size": self.world, "seed": self.spec.seed, "job_id": self.spec.job_id}
+                "world_size": self.world, "seed": self.spec.seed, "job_id": self.spec.job_id,
+                "method": self.spec.method.type}
+        if self.spec.method.type == "dpo":
+            out["dpo.beta"] = self.spec.method.dpo.beta
         return out
 
     # ----- 3. train -----------------------------------------------------------------------------------------
@@ -218,14 +247,15 @@ class Trainer:
 
     def _micro_step(self, global_batch: list[int], boundary: bool) -> None:
         rows = [self._row(self.units[u]) for u in self.plan.rank_slice(global_batch, self.rank)]
-        batch = self.collator(rows)
         with self.engine.forward_context(boundary):
-            loss = self.engine.model(**batch, loss_only=True).loss  # LM head only where supervised
-            self.engine.backward(loss)
+            out = self.objective.step(self.engine, rows)  # SFT: cross-entropy; DPO: the preference loss
+            self.engine.backward(out.loss)
         self._grad_norm = self.engine.step(boundary)
-        self._window["loss"] += float(loss.detach())
+        self._window["loss"] += float(out.loss.detach())
         self._window["micro"] += 1
-        self._window["tokens"] += float(batch["attention_mask"].sum())
+        self._window["tokens"] += out.tokens
+        for key, value in out.sums.items():
+            self._window[key] = self._window.get(key, 0.0) + value
         ids = [self.data.train.samples[i].id for u in global_batch for i in self.units[u]]
         self.state.data_digest = update_digest(self.state.data_digest, ids)
         self.state.position += 1
@@ -234,12 +264,14 @@ class Trainer:
     def _after_step(self) -> JobState | None:
         cancel = float(self.rank == 0 and self.hooks.cancel is not None and self.hooks.cancel.cancelled())
         w = self._window
-        loss_sum, micro, tokens, cancel = _all_reduce([w["loss"], w["micro"], w["tokens"], cancel])
+        keys = self.objective.metric_keys
+        loss_sum, micro, tokens, cancel, *sums = _all_reduce([w["loss"], w["micro"], w["tokens"], cancel,
+                                                              *(w.get(k, 0.0) for k in keys)])
         self.state.step += 1
         self.state.tokens_seen += int(tokens)
         loss = loss_sum / max(1.0, micro)
         self.state.losses.append((self.state.step, loss))
-        self._report_step(loss, tokens)
+        self._report_step(loss, tokens, self.objective.step_metrics(dict(zip(keys, sums, strict=True))))
         self._window = {"loss": 0.0, "micro": 0.0, "tokens": 0.0, "t0": time.monotonic()}
         for observer in self.hooks.on_step:
             observer(self.state.step)
@@ -254,7 +286,7 @@ class Trainer:
             return self._periodic_eval()
         return None
 
-    def _report_step(self, loss: float, tokens: float) -> None:
+    def _report_step(self, loss: float, tokens: float, extra: dict[str, float]) -> None:
         if self.rank != 0:
             return
         now = time.monotonic()
@@ -268,12 +300,13 @@ class Trainer:
                    "train/samples_per_second": samples / elapsed, "train/epoch": self._epoch_float()}
         if self._grad_norm is not None:
             metrics["train/grad_norm"] = self._grad_norm
+        metrics |= {f"train/{k}": v for k, v in extra.items()}  # the objective's own (DPO: reward margin, ...)
         for sink in self.hooks.metrics:
             sink.log_metrics(metrics, self.state.step)
         progress = Progress(step=self.state.step, total_steps=self.total_steps, epoch=self._epoch_float(),
                             loss=loss, learning_rate=lr, tokens_per_second=tokens / elapsed,
                             samples_per_second=samples / elapsed, eta_seconds=eta,
-                            trained_tokens=self.state.tokens_seen)
+                            trained_tokens=self.state.tokens_seen, metrics=extra)
         for sink in self.hooks.progress:
             sink.on_progress(progress)
 
@@ -284,6 +317,11 @@ class Trainer:
         directory = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.state.step}-", dir=self.work_dir))
         ckpt.save_checkpoint(directory, self.engine, self.state, self.plan.state(self.state.epoch,
                                                                                   self.state.position), self.rank)
+        weights = self.engine.adapter_state_dict()  # collective under ZeRO-3; the checkpoint is servable
+        if self.rank == 0:
+            ckpt.save_adapter(self.model, weights, directory / ADAPTER_DIR,
+                              {**self._adapter_meta(), "checkpoint_step": self.state.step})
+        del weights
         metrics = {"step": float(self.state.step), "loss": self.state.losses[-1][1] if self.state.losses else 0.0}
         if self.hooks.checkpoints is not None:
             self.hooks.checkpoints.report(self.state.step, directory, metrics)
@@ -308,9 +346,13 @@ class Trainer:
         return None
 
     def _log(self, metrics: dict[str, float]) -> None:
+        """Evaluation metrics to the metric sinks (MLflow) and, as a ``message`` event, to the job's events."""
         if self.rank == 0:
             for sink in self.hooks.metrics:
                 sink.log_metrics(metrics, self.state.step)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            self._event("message", f"evaluation at step {self.state.step}: {shown}",
+                        {"step": self.state.step, "metrics": metrics})
 
     def _event(self, type_: Any, message: str, data: dict[str, Any], level: Any = "info") -> None:
         if self.rank == 0 and self.hooks.events is not None:
@@ -325,15 +367,19 @@ class Trainer:
             return result
         weights = self.engine.adapter_state_dict()  # collective under ZeRO-3
         if self.rank == 0:
-            meta = {"job_id": self.spec.job_id, "base_model": str(Path(self.spec.base_model).resolve()),
-                    "family": str(self.family.name), "quantization": self.spec.quantization.value,
-                    "training": result.summary}
-            result.adapter_dir = ckpt.save_adapter(self.model, weights, self.work_dir / "adapter", meta)
+            result.adapter_dir = ckpt.save_adapter(self.model, weights, self.work_dir / "adapter",
+                                                   {**self._adapter_meta(), "training": result.summary})
         del weights
         result.metrics = self._final_eval()
         if result.adapter_dir is not None and result.metrics:
             ckpt.add_adapter_meta(result.adapter_dir, {"training": result.metrics})
         return result
+
+    def _adapter_meta(self) -> dict[str, Any]:
+        """``meta.json`` of an adapter this run writes (final or a checkpoint's)."""
+        meta = {"job_id": self.spec.job_id, "base_model": str(Path(self.spec.base_model).resolve()),
+                "family": str(self.family.name), "quantization": self.spec.quantization.value}
+        return meta | ({"init_adapter": self.spec.init_adapter} if self.spec.init_adapter else {})
 
     def _final_eval(self) -> dict[str, float]:
         """Base vs fine-tuned (or fine-tuned only) metrics; {} without validation data or when evaluation fails."""
@@ -369,6 +415,7 @@ class Trainer:
         from contextlib import ExitStack
 
         with ExitStack() as stack:
+            self._resuming = resume_from is not None
             self._build(stack)
             self._resume(resume_from)
             self._run_t0, self._run_tokens0 = time.monotonic(), self.state.tokens_seen

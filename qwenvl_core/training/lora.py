@@ -92,6 +92,9 @@ def quantize_language_model(model: torch.nn.Module, family: ModelFamily, compute
         old: torch.nn.Linear = getattr(parent, child)
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        # bitsandbytes' CPU path repacks the NF4 weights for inference on the first eval-mode forward and never
+        # back, and training forwards after that (periodic evaluation, DPO's reference pass) fail: keep one layout.
+        new.support_avx512bf16_for_cpu = False
         new.weight = bnb.nn.Params4bit(old.weight.data.float(), requires_grad=False, compress_statistics=True,
                                        quant_type="nf4")
         if old.bias is not None:
@@ -171,6 +174,62 @@ def apply_lora(model: torch.nn.Module, family: ModelFamily, spec: LoraSpec) -> P
         if placeholder and "lora_" in name:
             param.requires_grad_(False)  # the identity LoRA of an adapter-only run (module docstring)
     return peft_model
+
+
+class InitAdapterError(QwenVLError):
+    """``init_adapter`` (continued training) cannot be loaded into this job's LoRA model."""
+
+
+def fetch_adapter(uri: str, local_dir: Path) -> Path:
+    """The PEFT adapter directory at ``uri`` as a local directory: a local one as it is, one in storage (S3)
+    downloaded into ``local_dir``; ``InitAdapterError`` when nothing is there (e.g. a checkpoint that was removed
+    since, beyond ``checkpoint.keep``)."""
+    from qwenvl_core.storage import download_dir, open_store
+
+    local = Path(uri)
+    if "://" not in uri:
+        if not (local / "adapter_config.json").is_file():
+            raise InitAdapterError(f"init_adapter: no PEFT adapter (adapter_config.json) at {uri}")
+        return local
+    store, prefix = open_store(uri)
+    if not download_dir(store, prefix, local_dir) or not (local_dir / "adapter_config.json").is_file():
+        raise InitAdapterError("init_adapter: the adapter to continue from is no longer stored (a checkpoint "
+                               "removed beyond its job's checkpoint.keep?)")
+    return local_dir
+
+
+def load_adapter_weights(model: PeftModel, adapter_dir: Path) -> int:
+    """Continued training: set every trainable tensor of ``model`` (LoRA A/B, ``modules_to_save``) to its value in
+    the PEFT adapter ``adapter_dir`` (``adapter_model.safetensors``, as ``checkpoint.save_adapter`` writes it).
+    The adapter must match exactly: no trainable tensor missing, none extra, same shapes (the same LoRA
+    configuration on the same base model); otherwise ``InitAdapterError``. Returns how many tensors were set."""
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise InitAdapterError(f"init_adapter: cannot read {path.name} of the adapter to continue from "
+                               f"({type(exc).__name__}: {exc})") from None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except KeyError as exc:  # peft maps a modules_to_save wrapper's keys without checking they are there
+        raise InitAdapterError(f"init_adapter: the adapter to continue from does not match this job's LoRA "
+                               f"configuration: it lacks {exc.args[0]!r}") from None
+    except RuntimeError as exc:  # load_state_dict's size mismatch: another rank, targets or base model
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise InitAdapterError(f"init_adapter: the adapter to continue from does not fit this job's LoRA model "
+                               f"(another LoRA configuration or base model): {first[0].strip()}") from None
+    missing = sorted(trainable & set(result.missing_keys))
+    if result.unexpected_keys or missing:
+        what = (f"it lacks {missing[0]!r}" if missing else f"it has {result.unexpected_keys[0]!r}, which this "
+                "job's model does not train")
+        raise InitAdapterError(f"init_adapter: the adapter to continue from does not match this job's LoRA "
+                               f"configuration: {what} ({len(missing) + len(result.unexpected_keys)} tensors differ)")
+    return len(trainable)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

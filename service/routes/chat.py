@@ -196,16 +196,17 @@ def create_chat_router(
 
 # ----- the control plane's implementations ----------------------------------------------------------------------
 def service_adapter_resolver(ctx: Any) -> AdapterResolver:
-    """Adapter ids from the service database: only the tenant's own, not deleted, models."""
-    from service import repository as repo
+    """Adapter ids from the service database: only the tenant's own, not deleted, models, and the stored
+    checkpoints of its jobs (``ft:…:ckpt-step-N``, ``service.lineage``)."""
+    from service import lineage
 
     def resolve(model_id: str, tenant_id: str) -> AdapterLocator | None:
         with ctx.sessions() as session:
             try:
-                row = repo.get_model(session, tenant_id=tenant_id, model_id=model_id)
+                found = lineage.find(session, tenant_id, model_id)
             except NotFound:
                 return None
-            return AdapterLocator(adapter_id=row.id, base_model=row.base_model, uri=row.adapter_uri)
+            return AdapterLocator(adapter_id=found.id, base_model=found.base_model, uri=found.adapter_uri)
 
     return resolve
 

@@ -1,4 +1,5 @@
-"""``/v1/fine_tuning``: create, list, get and cancel jobs; their events and checkpoints; the estimate."""
+"""``/v1/fine_tuning``: create, list, get, cancel, pause and resume jobs; their events and checkpoints; the
+estimate."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from qwenvl_core.runs import RunDir
-from service import caps, integrations, job_states, usage
+from service import caps, integrations, job_states, lineage, pausing, usage
 from service import repository as repo
 from service.admission import cancel_on_disconnect
 from service.deps import Ctx, SessionDep, StorageDep, TenantDep
@@ -20,6 +21,7 @@ from service.errors import Conflict, InvalidRequest, QuotaExceeded, TimedOut
 from service.jobspec import (
     base_defaults,
     build_spec,
+    check_data_format,
     check_pixel_options,
     extensions,
     resolved_hyperparameters,
@@ -47,13 +49,14 @@ router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 _CANCEL_TRIES = 5  # a job moves at most validating -> queued -> running -> queued between two reads
 
 
-def _check_model(s: Session, settings: Settings, tenant: Tenant, model: str) -> str:
-    """The base model's path; 404 for unknown models (and for other tenants' ft: models)."""
-    if model in settings.base_models:
-        return settings.base_models[model]
-    repo.get_model(s, tenant_id=tenant.id, model_id=model)
-    raise InvalidRequest(f"model {model!r}: fine-tuning a fine-tuned model is not supported yet; use its base",
-                         param="model", code="model_not_supported")
+def _check_model(s: Session, settings: Settings, tenant: Tenant, model: str
+                 ) -> tuple[str, str, lineage.AdapterModel | None]:
+    """(base model id, its path, the parent adapter): ``model`` is a base model, or one of the tenant's fine-tuned
+    models or checkpoints to continue from (``service.lineage.parent_of``: 404 for unknown ids and other tenants'
+    models, 400 for the tenant's own job that has no model yet)."""
+    parent = lineage.parent_of(s, settings, tenant, model)
+    base = parent.base_model if parent is not None else model
+    return base, settings.base_models[base], parent
 
 
 def _check_file(s: Session, tenant: Tenant, file_id: str, param: str) -> None:
@@ -68,34 +71,45 @@ def _check_file(s: Session, tenant: Tenant, file_id: str, param: str) -> None:
 @router.post("/jobs", operation_id="fine-tuning-jobs-create")
 def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage: StorageDep, ctx: Ctx) -> JobPublic:
     """Create a job; it waits in validating_files until its files are validated, then queues."""
-    base_path = _check_model(session, ctx.settings, tenant, body.model)
+    base, base_path, parent = _check_model(session, ctx.settings, tenant, body.model)
     check_pixel_options(base_path, body.model, body.min_pixels, body.max_pixels)  # 400 naming the option
     _check_file(session, tenant, body.training_file, "training_file")
     if body.validation_file:
         if body.validation_file == body.training_file:
             raise InvalidRequest("validation_file must differ from training_file", param="validation_file")
         _check_file(session, tenant, body.validation_file, "validation_file")
+    for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+        if file_id:  # DPO <-> preference files (400 naming the file)
+            check_data_format(body, repo.get_file(session, tenant_id=tenant.id, file_id=file_id, param=param
+                                                  ).validation, param, file_id)
     if repo.count_active_jobs(session, tenant_id=tenant.id) >= tenant.max_active_jobs:
         raise QuotaExceeded(f"concurrent job quota reached: {tenant.max_active_jobs} unfinished jobs allowed; wait "
                             "for one to finish or cancel one", code="concurrent_jobs_quota_exceeded")
     job_id, seed = repo.new_id("ftjob"), body.seed if body.seed is not None else secrets.randbelow(2**31)
     auto_caps = caps.auto_caps(ctx.settings, tenant)  # auto values stay within the tenant's caps
-    hp, (ext, lora_auto) = resolved_hyperparameters(body), extensions(body, base_defaults(base_path, body.model),
-                                                                       auto_caps)
+    parent_lora = lineage.parent_lora(session, parent) if parent is not None else None  # continued: its LoRA
+    hp, (ext, lora_auto) = resolved_hyperparameters(body), extensions(body, base_defaults(base_path, base), auto_caps,
+                                                                       parent_lora)
     output_uri = storage.run_uri(tenant.id, job_id)
     spec = build_spec(job_id=job_id, tenant_id=tenant.id, base_model_path=base_path, train_uri="check",
                       validation_uri=None, output_uri=output_uri, seed=seed, hyperparameters=hp, ext=ext,
-                      caps=auto_caps)
+                      caps=auto_caps, init_adapter=parent.adapter_uri if parent is not None else None)
     max_wall_clock_s = caps.check_job(ctx.settings, tenant, body, spec)  # 400 limit_exceeded
     usage.require_headroom(session, tenant)  # 403 storage_quota_exceeded
     tracked = integrations.parse(body.integrations, ctx.settings)  # 400 naming integrations[i].<field>
     if (options := integrations.mlflow_options(tracked)) is not None and options.experiment_name != "default":
         provision_experiment(ctx.settings, tenant.id, options.experiment_name)  # readable by the tenant's login
-    job = repo.add_job(session, id=job_id, tenant_id=tenant.id, model=body.model, training_file=body.training_file,
+    request = {"hyperparameters": hp, "extensions": ext, "integrations": tracked}
+    if parent is not None:  # lineage: the job trains the parent's base model, from the parent's adapter
+        request["parent"] = lineage.parent_record(parent)
+    job = repo.add_job(session, id=job_id, tenant_id=tenant.id, model=base,
+                       parent_model=parent.id if parent is not None else None, training_file=body.training_file,
                        validation_file=body.validation_file, suffix=body.suffix, seed=seed, meta=body.metadata,
-                       request={"hyperparameters": hp, "extensions": ext, "integrations": tracked},
-                       output_uri=output_uri, max_wall_clock_s=max_wall_clock_s)
+                       request=request, output_uri=output_uri, max_wall_clock_s=max_wall_clock_s)
     add_service_event(session, job, f"Created fine-tuning job: {job_id}")
+    if parent is not None:
+        add_service_event(session, job, f"Continues from {parent.id}: base model {base}, its LoRA configuration, "
+                          "the adapter starts from its weights", data={"parent_model": parent.id})
     if lora_auto is not None:
         add_service_event(session, job, lora_auto)
     ctx.scheduler.wake()
@@ -146,6 +160,23 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep, 
     return job_public(job)
 
 
+@router.post("/jobs/{fine_tuning_job_id}/pause", operation_id="fine-tuning-jobs-pause")
+def pause_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep, ctx: Ctx) -> JobPublic:
+    """Pause a job: a queued one at once; a running one stops at its next step with a checkpoint and frees its
+    cluster slot (``pause_requested`` until then). See ``service.pausing``."""
+    job = pausing.pause(session, repo.get_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id))
+    ctx.scheduler.wake()
+    return job_public(job)
+
+
+@router.post("/jobs/{fine_tuning_job_id}/resume", operation_id="fine-tuning-jobs-resume")
+def resume_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep, ctx: Ctx) -> JobPublic:
+    """Resume a paused job: queued again, it continues exactly from its checkpoint. See ``service.pausing``."""
+    job = pausing.resume(session, repo.get_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id))
+    ctx.scheduler.wake()
+    return job_public(job)
+
+
 @router.get("/jobs/{fine_tuning_job_id}/events", operation_id="fine-tuning-jobs-events")
 def list_events(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> EventList:
@@ -158,17 +189,20 @@ def list_events(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep,
 @router.get("/jobs/{fine_tuning_job_id}/checkpoints", operation_id="fine-tuning-jobs-checkpoints")
 def list_checkpoints(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=100)] = 10) -> CheckpointList:
+    """Newest first; only checkpoints stored with their adapter, each a model (``fine_tuned_model_checkpoint``)
+    that chat completions serve, ``/v1/models`` retrieves and downloads, and a job can continue from."""
     job = repo.get_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
-    after_event = f"ftevent-{after.removeprefix('ftckpt-')}" if after else None
+    after_event = f"ftevent-{after.removeprefix(lineage.CHECKPOINT_ID_PREFIX)}" if after else None
+    stored = RunDir(job.output_uri).checkpoint_adapter_steps(job.id)  # Ray Train removes those beyond keep
     rows, more = repo.list_events(session, job_id=job.id, limit=limit, after=after_event, types=["checkpoint"],
-                                  latest_per_step=True)
-    base = job.fine_tuned_model or f"ft:{job.model}:{tenant.name}:{job.suffix or ''}:{job.id}"
+                                  latest_per_step=True, steps=sorted(stored))
+    base = lineage.fine_tuned_name(job, tenant.name)
     return CheckpointList.of([checkpoint_public(r, base) for r in rows], more)
 
 
 def _estimate_inputs(session: Session, settings: Settings, tenant: Tenant, body: EstimateRequest) -> tuple[str, File]:
     """The base model's directory and the training file's row; the DB connection is handed back afterwards."""
-    base_path = _check_model(session, settings, tenant, body.model)
+    base_path = _check_model(session, settings, tenant, body.model)[1]  # a fine-tuned model: its base's tokenizer
     row = repo.get_file(session, tenant_id=tenant.id, file_id=body.training_file, param="training_file")
     if not Path(base_path).is_dir():
         raise InvalidRequest(f"model {body.model!r}: its tokenizer directory {base_path!r} is not available to the "

@@ -1,4 +1,8 @@
-"""``/v1/models``: base models plus the tenant's adapters; get, delete an adapter, download it as a PEFT archive."""
+"""``/v1/models``: base models plus the tenant's adapters; get, delete an adapter, download it as a PEFT archive or
+(``format=merged``) as the base model with the adapter merged in (``service.merged_export``).
+
+A job's checkpoints are models too (``ft:…:ckpt-step-N``, ``service.lineage``): retrieved and downloaded like an
+adapter, not listed (a job's checkpoints list is ``/v1/fine_tuning/jobs/{id}/checkpoints``), not deletable."""
 
 from __future__ import annotations
 
@@ -6,17 +10,21 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from qwenvl_core.storage import iter_chunks
+from service import lineage, merged_export
 from service import repository as repo
 from service.context import AdapterDeleted
 from service.deps import Ctx, SessionDep, SettingsDep, StorageDep, TenantDep
-from service.errors import PermissionDenied
+from service.errors import InvalidRequest, PermissionDenied
+from service.models import Tenant
 from service.schemas import Deleted, ModelList, ModelPublic, model_public
+from service.settings import Settings
 from service.storage import TenantStorage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -33,16 +41,37 @@ def list_models(tenant: TenantDep, session: SessionDep, settings: SettingsDep) -
     return ModelList(data=[_base(m) for m in settings.base_models] + adapters)
 
 
+ExportFormat = Annotated[Literal["peft", "merged"], Query(
+    alias="format", description="peft: the adapter as .tar.gz of a PEFT directory; merged: the base model with the "
+    "adapter merged in, as .tar of a model directory (service.merged_export)")]
+
+
 @router.get("/{model_id:path}/content", operation_id="models-download",
-            responses={200: {"content": {"application/gzip": {}}}})
-def download_model(model_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> StreamingResponse:
-    """The adapter as ``.tar.gz`` of a PEFT directory (adapter_config.json, adapter_model.safetensors, ...)."""
-    row = repo.get_model(session, tenant_id=tenant.id, model_id=model_id)
-    archive = _archive(storage, row.adapter_uri)
+            responses={200: {"content": {"application/gzip": {}, "application/x-tar": {}}}})
+def download_model(model_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep, settings: SettingsDep,
+                   export_format: ExportFormat = "peft") -> StreamingResponse:
+    """The adapter (or checkpoint's adapter) as ``.tar.gz`` of a PEFT directory (adapter_config.json,
+    adapter_model.safetensors, ...); ``format=merged``: the merged full model as ``.tar`` (``model/``)."""
+    found = lineage.find(session, tenant.id, model_id)
+    name = found.job_id if found.step is None else f"{found.job_id}-step-{found.step}"
+    if export_format == "merged":
+        return _merged(session, storage, settings, tenant, found, name)
+    archive = _archive(storage, found.adapter_uri)
     size = os.fstat(archive.fileno()).st_size
-    headers = {"Content-Disposition": f'attachment; filename="{row.job_id}-adapter.tar.gz"',
+    headers = {"Content-Disposition": f'attachment; filename="{name}-adapter.tar.gz"',
                "Content-Length": str(size)}
     return StreamingResponse(_stream(archive), media_type="application/gzip", headers=headers)
+
+
+def _merged(session: Session, storage: TenantStorage, settings: Settings, tenant: Tenant, found: lineage.AdapterModel,
+            name: str) -> StreamingResponse:
+    """The merged export, merged first unless already stored (``service.merged_export``), streamed from storage."""
+    key = merged_export.ensure_merged(session, storage, tenant, model_id=found.id, adapter_uri=found.adapter_uri,
+                                      base_dir=settings.base_models.get(found.base_model), job_id=found.job_id,
+                                      timeout_s=settings.merge_timeout_s)
+    headers = {"Content-Disposition": f'attachment; filename="{name}-merged.tar"',
+               "Content-Length": str(storage.size(key))}
+    return StreamingResponse(_stream(storage.open(key)), media_type="application/x-tar", headers=headers)
 
 
 def _archive(storage: TenantStorage, adapter_uri: str) -> IO[bytes]:
@@ -66,7 +95,10 @@ def _stream(archive: IO[bytes]) -> Iterator[bytes]:
 def get_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> ModelPublic:
     if model_id in settings.base_models:
         return _base(model_id)
-    return model_public(repo.get_model(session, tenant_id=tenant.id, model_id=model_id), tenant.name)
+    found = lineage.find(session, tenant.id, model_id)
+    return ModelPublic(id=found.id, created=found.created_at, owned_by=tenant.name,
+                       kind="adapter" if found.step is None else "checkpoint", base_model=found.base_model,
+                       fine_tuning_job_id=found.job_id, parent_model=found.parent_model, step_number=found.step)
 
 
 @router.delete("/{model_id:path}", operation_id="models-delete")
@@ -77,6 +109,11 @@ def delete_model(
     job's record and stays charged to the tenant's storage; base models cannot be deleted."""
     if model_id in settings.base_models:
         raise PermissionDenied(f"{model_id!r} is a base model and cannot be deleted", param="model")
+    if lineage.is_checkpoint_id(model_id):
+        found = lineage.find(session, tenant.id, model_id)  # 404 unless the tenant's own
+        raise InvalidRequest(f"{found.id!r} is a checkpoint of job {found.job_id}: checkpoints are kept with their job "
+                             "(its last checkpoint.keep) and cannot be deleted one by one", param="model",
+                             code="checkpoint_not_deletable")
     row = repo.get_model(session, tenant_id=tenant.id, model_id=model_id)
     row.deleted = True
     session.commit()  # unservable first (the chat route reads this flag), then evicted from the replicas

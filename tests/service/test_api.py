@@ -211,7 +211,7 @@ def test_estimate_counts_tokens_with_the_base_tokenizer(api: Api) -> None:
     ({"training_file": "file-missing"}, "training_file", "file-missing"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
      "method.supervised.hyperparameters.n_epochs", "between 1 and 50"),
-    ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "supervised"),
     ({"seed": "abc"}, "seed", "integer"),
     ({"suffix": "x" * 65}, "suffix", "64"),
     ({"lora": {"r": 0}}, "lora.r", "an integer from 1 to 1024 or 'auto', got 0"),

@@ -54,7 +54,9 @@ def _thread(target: object) -> threading.Thread:
 def test_the_table_allows_exactly_the_documented_moves() -> None:
     legal = {("validating_files", "queued"), ("validating_files", "failed"), ("validating_files", "cancelled"),
              ("queued", "running"), ("queued", "cancelled"), ("queued", "failed"),
-             ("running", "succeeded"), ("running", "failed"), ("running", "cancelled"), ("running", "queued")}
+             ("running", "succeeded"), ("running", "failed"), ("running", "cancelled"), ("running", "queued"),
+             ("validating_files", "paused"), ("queued", "paused"), ("running", "paused"),
+             ("paused", "validating_files"), ("paused", "queued"), ("paused", "cancelled")}
     assert job_states.TERMINAL == {"succeeded", "failed", "cancelled"}
     for source, target in itertools.product(sorted(job_states.STATES), repeat=2):
         if (source, target) in legal:
