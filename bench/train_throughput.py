@@ -59,17 +59,35 @@ def make_spec(model: Path, train: Path, out: Path, args: argparse.Namespace, qlo
 def run_ours(spec: Any) -> dict[str, Any]:
     from qwenvl_core.training import Hooks, RecordingSink, Trainer
 
-    record = RecordingSink()
-    trainer = Trainer(spec, Hooks(progress=[record]))
+    record, cpu = RecordingSink(), _CpuClock()
+    trainer = Trainer(spec, Hooks(progress=[record, cpu], start=[cpu]))
     result = trainer.run()
     tokens, seconds, before = 0.0, 0.0, 0
     for p in record.progress:  # each step's window: its forward/backward/optimizer, not the checkpoint writes
         step_tokens, before = p.trained_tokens - before, p.trained_tokens
         tokens, seconds = tokens + step_tokens, seconds + step_tokens / p.tokens_per_second
-    return {"tokens_per_s": tokens / seconds, "steps": result.train_state.step,
+    return {"tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu.seconds(),
+            "steps": result.train_state.step,
             "final_loss": _tail_mean([loss for _, loss in result.train_state.losses]),
             "train_set_loss": train_set_loss(trainer.model, spec),
-            "vision_cache_hit_rate": result.summary["image_feature_cache"]["hit_rate"]}
+            "vision_cache_hit_rate": (result.summary["image_feature_cache"] or {}).get("hit_rate")}  # None: off
+
+
+class _CpuClock:
+    """This process's CPU time from the start of training to the last step (hooks ``start`` and ``progress``): with
+    one math thread, the compute a run took whatever else shares the machine's cores."""
+
+    def __init__(self) -> None:
+        self.start = self.last = 0.0
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.start = self.last = time.process_time()
+
+    def on_progress(self, progress: Any) -> None:
+        self.last = time.process_time()
+
+    def seconds(self) -> float:
+        return self.last - self.start
 
 
 class _CountingCollator:
@@ -99,7 +117,7 @@ def run_hf(spec: Any, padded: bool) -> dict[str, Any]:
     processor = family.load_processor(spec.base_model)
     model = apply_lora(load_base_model(spec.base_model, family, spec.quantization, hp.precision), family, spec.lora)
     dataset = CachedDataset(read_samples(spec.train_file, processor), processor, encode_options(hp))
-    collator = _CountingCollator(processor.tokenizer.eod_id, hp.max_length if padded else 1)
+    collator = _CountingCollator(processor.pad_token_id, hp.max_length if padded else 1)
     args = TrainingArguments(
         output_dir=spec.output_uri, per_device_train_batch_size=hp.micro_batch_size, num_train_epochs=hp.n_epochs,
         learning_rate=hp.learning_rate, weight_decay=hp.weight_decay, adam_beta2=hp.adam_beta2,
@@ -107,11 +125,12 @@ def run_hf(spec: Any, padded: bool) -> dict[str, Any]:
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
         remove_unused_columns=False, seed=spec.seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     trainer.train()
-    elapsed = time.monotonic() - start
+    elapsed, cpu_seconds = time.monotonic() - start, time.process_time() - cpu_start
     losses = [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
-    return {"tokens_per_s": collator.real_tokens / elapsed, "steps": trainer.state.global_step,
+    return {"tokens_per_s": collator.real_tokens / elapsed, "tokens_per_cpu_s": collator.real_tokens / cpu_seconds,
+            "steps": trainer.state.global_step,
             "final_loss": _tail_mean(losses), "train_set_loss": train_set_loss(model, spec)}
 
 
@@ -130,7 +149,7 @@ def train_set_loss(model: Any, spec: Any) -> float:
 
     processor = detect_family(spec.base_model).load_processor(spec.base_model)
     dataset = CachedDataset(read_samples(spec.train_file, processor), processor, encode_options(spec.hyperparameters))
-    collate = Collator(processor.tokenizer.eod_id)
+    collate = Collator(processor.pad_token_id)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
