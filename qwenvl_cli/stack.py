@@ -8,8 +8,9 @@
   training jobs log with (never put into a job's runtime env, which the dashboard shows);
 - with ``--worker-nodes N``, N more Ray nodes on this machine (``ray start --block --address=<head>``, same
   environment), so that Serve replicas and Ray Train workers spread over several nodes as on a real cluster;
-- the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment for
-  the tiny Qwen-VL materialised into ``$QWENVL_HOME/models/qwen-vl-tiny`` on first start) on :8000.
+- the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment per
+  base model of ``BASE_MODELS``, each materialised into ``$QWENVL_HOME/models/<preset>`` on first start: today the
+  pretrained tiny Qwen-VL ``qwen-vl-tiny-seeing``, shipped with the package) on :8000.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
 ``$QWENVL_HOME`` is created with mode 0700 and every secret file in it with 0600.
 
@@ -43,7 +44,11 @@ from qwenvl_cli.client import STATE_FILE, ApiError, qwenvl_home, read_state
 from service.mlflow_tenants import basic_auth_ini
 from service.private_files import private_dir, write_secret
 
-BASE_MODEL = "qwen-vl-tiny"
+# The presets the local stack offers as base models (``QWENVL_BASE_MODELS``), the first one the default (the demo
+# fine-tunes it). qwen-vl-tiny-seeing is the pretrained tiny Qwen-VL (docs/pretraining.md): the random qwen-vl-tiny
+# learns colour only, and tests that want it materialise it themselves.
+BASE_MODELS: tuple[str, ...] = ("qwen-vl-tiny-seeing",)
+BASE_MODEL = BASE_MODELS[0]
 MLFLOW_ADMIN = "admin"
 MARKER = "QWENVL_STACK_ID"
 
@@ -100,27 +105,29 @@ def _secret(path: Path, make: Any) -> str:
     return path.read_text().strip()
 
 
-def ensure_base_model(home: Path) -> Path:
-    """The tiny base model directory, materialised (seed 0) on first use."""
-    model_dir = home / "models" / BASE_MODEL
-    if not (model_dir / "config.json").is_file():
-        import contextlib
-        import io
+def ensure_base_models(home: Path, presets: tuple[str, ...] = BASE_MODELS) -> dict[str, Path]:
+    """Model id -> directory of each base model, materialised from its preset (seed 0) on first use."""
+    import contextlib
+    import io
 
-        with contextlib.redirect_stderr(io.StringIO()):  # library warnings would drown the progress lines
-            from qwenvl_core.models.qwen_vl.materialize import write_random_model
+    dirs = {}
+    for preset in presets:
+        model_dir = dirs[preset] = home / "models" / preset
+        if not (model_dir / "config.json").is_file():
+            with contextlib.redirect_stderr(io.StringIO()):  # library warnings would drown the progress lines
+                from qwenvl_core.models.registry import family_for_preset
 
-            write_random_model(model_dir, preset=BASE_MODEL, seed=0)
-    return model_dir
+                family_for_preset(preset).materialize(preset, model_dir, seed=0)
+    return dirs
 
 
 def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str | None, ray_token: str,
-              mlflow_password: str | None, model_dir: Path) -> dict[str, str]:
+              mlflow_password: str | None, model_dirs: dict[str, Path]) -> dict[str, str]:
     """The environment of the Ray nodes (so of the API replica and of training jobs) and of the deploy step."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({
         MARKER: stack_id, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token, "RAY_USAGE_STATS_ENABLED": "0",
-        "QWENVL_DATA_DIR": str(home), "QWENVL_BASE_MODELS": json.dumps({BASE_MODEL: str(model_dir)}),
+        "QWENVL_DATA_DIR": str(home), "QWENVL_BASE_MODELS": json.dumps({k: str(v) for k, v in model_dirs.items()}),
         "QWENVL_RAY_ADDRESS": dashboard_url, "QWENVL_SCHEDULER_INTERVAL_S": "0.5",
         "QWENVL_SERVE_NUM_CPUS": "0.5", "QWENVL_WORK_DIR": str(home / "work"),
     })
@@ -348,7 +355,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
     echo(f"QWENVL_HOME {home}")
-    model_dir = ensure_base_model(home)
+    model_dirs = ensure_base_models(home)
     ray_token = _secret(home / "ray_auth_token", lambda: secrets.token_hex(32))
     mlflow_password = _secret(home / "mlflow" / "admin_password", lambda: secrets.token_urlsafe(18))
     stack_id = uuid.uuid4().hex
@@ -356,7 +363,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
     mlflow_url, dashboard_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{dashboard_port}"
     gcs_port = free_port()
     env = stack_env(home, stack_id=stack_id, dashboard_url=dashboard_url, mlflow_url=mlflow_url,
-                    ray_token=ray_token, mlflow_password=mlflow_password, model_dir=model_dir)
+                    ray_token=ray_token, mlflow_password=mlflow_password, model_dirs=model_dirs)
     state = StackState(stack_id, str(home), f"http://127.0.0.1:{api_port}", mlflow_url, dashboard_url,
                        f"127.0.0.1:{gcs_port}", str(temp_dir), {}, time.time(), worker_nodes)
     try:

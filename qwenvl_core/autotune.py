@@ -100,6 +100,15 @@ RANDOM_TINY = TrainingDefaults(
     micro_batch_tokens=4096, lora=LoraDefaults(r=16, alpha=32.0, dropout=0.0, targets="all-linear"),
     source="measured: qwen-vl-tiny learns the demo's colour questions with these (qwenvl demo)",
 )
+# The pretrained tiny base (qwen-vl-tiny-seeing, docs/pretraining.md): measured with bench/auto_tiny.py on the demo's
+# colour / grounding and counting data (docs/hyperparameters.md): at 3e-3 (batch 8) and about 600 steps it matches the
+# demo's hand-tuned settings (1e-2, 1,000 steps) on colour and boxes and beats them on counting; at 1e-3 and 300 steps
+# its boxes stay at chance.
+PRETRAINED_TINY = TrainingDefaults(
+    learning_rate=3e-3, reference_batch_size=8, batch_size=8, target_epochs=3, min_steps=600,
+    micro_batch_tokens=4096, lora=LoraDefaults(r=16, alpha=32.0, dropout=0.0, targets="all-linear"),
+    source="measured: qwen-vl-tiny-seeing with bench/auto_tiny.py (docs/hyperparameters.md)",
+)
 FAMILY_DEFAULTS: dict[str, TrainingDefaults] = {  # config.json model_type -> defaults of official checkpoints
     "qwen": V1_OFFICIAL,
     "qwen2_vl": LLAMA_FACTORY_LORA,

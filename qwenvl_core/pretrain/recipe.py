@@ -93,9 +93,11 @@ def init_for_pretraining(model: QWenLMHeadModel, config: PretrainConfig) -> None
 
 
 def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: PretrainConfig,
-             log_every: int = 100, on_log: Callable[[int, float], None] | None = None) -> PretrainLog:
+             log_every: int = 100, on_log: Callable[[int, float], None] | None = None,
+             stop_after: int | None = None) -> PretrainLog:
     """Stage 2: train ``model`` in place on the rendered mix for ``config.steps`` steps with the model's own loss;
-    the vision tower stays as stage 1 left it unless ``config.train_vision_with_lm``. Returns the loss curve."""
+    the vision tower stays as stage 1 left it unless ``config.train_vision_with_lm``. Returns the loss curve.
+    ``stop_after``: stop after that many steps of the same run (same schedule): an exact prefix of it."""
     hp = config.hyperparameters()
     torch.manual_seed(config.seed)
     tower = model.transformer.visual
@@ -109,7 +111,8 @@ def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: Pretrai
     device = next(model.parameters()).device
     log, window, start = PretrainLog(), [], time.monotonic()
     model.train()
-    for step in range(config.steps):
+    last = config.steps if stop_after is None else min(stop_after, config.steps)
+    for step in range(last):
         batch = {k: v.to(device) for k, v in batch_for(step, config, processor, collator).items()}
         loss = model(**batch, loss_only=True).loss
         optimizer.zero_grad(set_to_none=True)
@@ -118,7 +121,7 @@ def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: Pretrai
         optimizer.step()
         scheduler.step()
         window.append(loss.detach())  # read back once per logging window, not once per step
-        if (step + 1) % log_every == 0 or step + 1 == config.steps:
+        if (step + 1) % log_every == 0 or step + 1 == last:
             log.losses.append((step + 1, float(torch.stack(window).mean())))
             window = []
             if on_log is not None:
@@ -131,10 +134,12 @@ def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: Pretrai
 
 
 def pretrain_base(out_dir: str | Path, config: PretrainConfig = PretrainConfig(), log_every: int = 100,
-                  on_log: Callable[[int, float], None] | None = None) -> tuple[Path, PretrainLog]:
+                  on_log: Callable[[int, float], None] | None = None,
+                  prefix: tuple[int, int] | None = None) -> tuple[Path, PretrainLog]:
     """Materialise ``config.preset`` with ``config.seed``, pretrain it (``init_for_pretraining``, stage 1
     ``warm_up_vision``, stage 2 ``pretrain``) and write the result (config.json, qwen.tiktoken, safetensors) to
-    the new directory ``out_dir``."""
+    the new directory ``out_dir``. ``prefix`` (warm-up steps, LM steps): stop each stage early, which gives the
+    weights of the full run's first steps exactly (the reproducibility check of the shipped base runs one)."""
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         random_dir = write_random_model(Path(tmp) / "random", preset=config.preset, seed=config.seed)
@@ -143,10 +148,10 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig = PretrainConfig()
         processor = family.load_processor(random_dir)
         init_for_pretraining(model, config)
         start = time.monotonic()
-        warmup = warm_up_vision(model.transformer.visual, processor.image_size, config.vision_warmup_steps,
-                                seed=config.seed)
+        warmup_steps = config.vision_warmup_steps if prefix is None else min(prefix[0], config.vision_warmup_steps)
+        warmup = warm_up_vision(model.transformer.visual, processor.image_size, warmup_steps, seed=config.seed)
         warmup_seconds = time.monotonic() - start
-        log = pretrain(model, processor, config, log_every, on_log)
+        log = pretrain(model, processor, config, log_every, on_log, stop_after=None if prefix is None else prefix[1])
         log.vision_warmup, log.seconds = warmup, log.seconds + warmup_seconds
         family.save_model(model, out)
         shutil.copyfile(random_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)

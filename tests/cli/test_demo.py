@@ -7,24 +7,28 @@ from pathlib import Path
 
 import pytest
 
+from qwenvl_cli.stack import BASE_MODEL
 from tests.cli.conftest import processes_of, qwenvl, stack_env
 
 pytestmark = pytest.mark.slow
 
 
-def test_demo_fine_tunes_through_the_api_beats_the_base_and_stops_the_stack(tmp_path: Path) -> None:
+def test_demo_fine_tunes_the_pretrained_base_with_auto_settings_and_stops_the_stack(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = stack_env(home)
-    result = qwenvl(env, "demo", "--report", str(tmp_path / "report.json"), timeout=600)
+    result = qwenvl(env, "demo", "--report", str(tmp_path / "report.json"), timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
+    # The demo sends only the model, the files and where to run: every hyperparameter is `auto`, and the job shows
+    # the values the platform resolved from the pretrained base's training defaults and the data.
+    hp = report["hyperparameters"]
+    assert all(isinstance(hp[k], int | float) for k in ("n_epochs", "batch_size", "learning_rate_multiplier")), hp
     m = report["metrics"]
-    assert m["eval/loss"] < m["eval_base/loss"] - 0.3
-    assert m["eval/token_accuracy"] > m["eval_base/token_accuracy"] + 0.2
-    # Colour questions have six answers (chance 1/6): the adapter must read the picture, not guess.
-    assert m["eval/exact_match"] >= 0.4 and m["eval_base/exact_match"] <= 0.2
-    assert report["model"].startswith("ft:qwen-vl-tiny:default:demo:")
+    # The pretrained base reads colour from the picture (six answers, chance 1/6) and the fine-tune keeps it; the
+    # base answers no demo box (IoU >= 0.5), the fine-tuned model some (docs/hyperparameters.md has the numbers).
+    assert m["eval/exact_match"] >= 0.9
+    assert m["eval/grounding_accuracy"] > m["eval_base/grounding_accuracy"]
+    assert report["model"].startswith(f"ft:{BASE_MODEL}:default:demo:")
     assert report["answer"]
     assert "MLflow UI" in result.stdout and "/docs" in result.stdout
-    assert report["seconds"] < 600
     assert not (home / "stack.json").exists() and processes_of(home) == []

@@ -55,3 +55,15 @@ def test_table_output_and_user_errors_are_one_line(tmp_path):
     assert clash.returncode == 1 and "not empty" in clash.stderr and "Traceback" not in clash.stderr
     wrong_dtype = _qwenvl("model", "init", "--preset", "qwen-vl-tiny", "--out", str(tmp_path / "n"), "--dtype", "int3")
     assert wrong_dtype.returncode == 1 and "--dtype" in wrong_dtype.stderr
+
+
+def test_model_init_writes_the_shipped_pretrained_tiny_base(tmp_path):
+    from qwenvl_core.models.shipped import shipped_dir
+
+    out = tmp_path / "seeing"
+    done = _qwenvl("model", "init", "--preset", "qwen-vl-tiny-seeing", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    for file in ("config.json", "model.safetensors", "qwen.tiktoken", "training_defaults.json"):
+        assert (out / file).read_bytes() == (shipped_dir("qwen-vl-tiny-seeing") / file).read_bytes(), file
+    reseeded = _qwenvl("model", "init", "--preset", "qwen-vl-tiny-seeing", "--out", str(tmp_path / "s"), "--seed", "3")
+    assert reseeded.returncode == 1 and "--seed" in reseeded.stderr and "Traceback" not in reseeded.stderr

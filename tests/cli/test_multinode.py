@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from qwenvl_cli.demo_data import write_demo_dataset
+from qwenvl_cli.stack import BASE_MODEL
 from tests.cli.conftest import processes_of, qwenvl, stack_env
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -70,7 +71,7 @@ def test_fine_tune_through_the_api_spreads_over_a_head_and_a_worker_node(tmp_pat
             file = _wait(client, f"/v1/files/{uploaded.json()['id']}", ("processed", "error"), 120)
             assert file["status"] == "processed", file
             created = client.post("/v1/fine_tuning/jobs", json={
-                "model": "qwen-vl-tiny", "training_file": file["id"], "suffix": "multinode", "max_steps": 4,
+                "model": BASE_MODEL, "training_file": file["id"], "suffix": "multinode", "max_steps": 4,
                 "method": {"type": "supervised", "supervised": {"hyperparameters": {
                     "batch_size": 2, "learning_rate_multiplier": 1000}}},
                 "compute": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD"}})
@@ -84,7 +85,7 @@ def test_fine_tune_through_the_api_spreads_over_a_head_and_a_worker_node(tmp_pat
             assert set(ranks) == head | worker  # one worker on the head, one on the worker node
 
             model = job["fine_tuned_model"]
-            assert model.startswith("ft:qwen-vl-tiny:") and model.endswith(job["id"])
+            assert model.startswith(f"ft:{BASE_MODEL}:") and model.endswith(job["id"])
             answer = client.post("/v1/chat/completions", json={
                 "model": model, "max_tokens": 4,
                 "messages": [{"role": "user", "content": "What colour is the circle?"}]})

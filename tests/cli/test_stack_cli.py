@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from qwenvl_cli.demo_data import write_demo_dataset
+from qwenvl_cli.stack import BASE_MODEL, BASE_MODELS
 from tests.cli.conftest import QWENVL, Stack, processes_of, qwenvl, stack_env
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def test_status_reports_urls_health_and_the_key_file(stack: Stack) -> None:
     key = Path(report["api_key_file"]).read_text().strip()
     assert Path(report["api_key_file"]).stat().st_mode & 0o777 == 0o600
     models = httpx.get(f"{report['api']['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
-    assert [m["id"] for m in models["data"]] == ["qwen-vl-tiny"]
+    assert sorted(m["id"] for m in models["data"]) == sorted(BASE_MODELS)
 
 
 def test_files_models_chat_and_api_errors(stack: Stack, demo_data, tmp_path: Path) -> None:
@@ -56,11 +57,11 @@ def test_files_models_chat_and_api_errors(stack: Stack, demo_data, tmp_path: Pat
     assert json.loads(shown.stdout)["validation"] is not None
     _one_line_error(qwenvl(stack.env, "files", "show", "file-nope"), "404", "file-nope")
     _one_line_error(qwenvl(stack.env, "files", "list", "--api-key", "sk-qv-wrong_key"), "401")
-    _one_line_error(qwenvl(stack.env, "jobs", "create", "-m", "qwen-vl-tiny", "-t", "file-nope"), "file-nope")
-    _one_line_error(qwenvl(stack.env, "models", "delete", "qwen-vl-tiny"), "403", "base model")
+    _one_line_error(qwenvl(stack.env, "jobs", "create", "-m", BASE_MODEL, "-t", "file-nope"), "file-nope")
+    _one_line_error(qwenvl(stack.env, "models", "delete", BASE_MODEL), "403", "base model")
     models = qwenvl(stack.env, "models", "list", "--json")
-    assert [m["id"] for m in json.loads(models.stdout)] == ["qwen-vl-tiny"]
-    chat = qwenvl(stack.env, "chat", "qwen-vl-tiny", demo_data.grounding_question, "--image",
+    assert sorted(m["id"] for m in json.loads(models.stdout)) == sorted(BASE_MODELS)
+    chat = qwenvl(stack.env, "chat", BASE_MODEL, demo_data.grounding_question, "--image",
                   str(demo_data.grounding_image), "--max-tokens", "4", "--json")
     assert chat.returncode == 0, chat.stderr
     assert json.loads(chat.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
@@ -83,7 +84,7 @@ def test_tenants_create_gives_a_working_key(stack: Stack) -> None:
 
 def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -> None:
     train = json.loads(qwenvl(stack.env, "files", "upload", str(demo_data.train_bundle), "--json").stdout)["id"]
-    created = qwenvl(stack.env, "jobs", "create", "-m", "qwen-vl-tiny", "-t", train, "--max-steps", "400",
+    created = qwenvl(stack.env, "jobs", "create", "-m", BASE_MODEL, "-t", train, "--max-steps", "400",
                      "--workers", "1", "--cpus-per-worker", "0.5", "--json")
     assert created.returncode == 0, created.stderr
     job_id = json.loads(created.stdout)["id"]

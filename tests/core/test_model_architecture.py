@@ -31,7 +31,8 @@ def pixels(n: int, seed: int = 1) -> torch.Tensor:
 
 # ----- config / presets -------------------------------------------------------------------------------------
 def test_presets_and_validation():
-    assert set(PRESETS) == {"qwen-vl", "qwen-vl-chat", "qwen-vl-small", "qwen-vl-tiny", "qwen-vl-tiny-v2"}
+    assert set(PRESETS) == {"qwen-vl", "qwen-vl-chat", "qwen-vl-small", "qwen-vl-tiny", "qwen-vl-tiny-v2",
+                            "qwen-vl-tiny-seeing"}
     cfg = build_config("qwen-vl-chat")
     assert (
         cfg.bf16

@@ -109,3 +109,80 @@ def test_pretrained_base_is_a_drop_in_for_the_tiny_preset(tmp_path: Path, tiny_m
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in tiny.items()}
     assert (out / "qwen.tiktoken").read_bytes() == (tiny_model_dir / "qwen.tiktoken").read_bytes()
     assert detect_family(out).load_processor(out).n_queries == 16
+
+
+# ----- the shipped pretrained base (qwenvl_core/assets/qwen-vl-tiny-seeing; built by qwenvl_core.pretrain.ship)
+
+
+@pytest.fixture(scope="module")
+def seeing_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``qwen-vl-tiny-seeing`` materialised as ``qwenvl model init`` and the local stack do."""
+    from qwenvl_core.models.registry import family_for_preset
+
+    out = tmp_path_factory.mktemp("seeing") / "qwen-vl-tiny-seeing"
+    return family_for_preset("qwen-vl-tiny-seeing").materialize("qwen-vl-tiny-seeing", out)
+
+
+def test_shipped_base_loads_with_the_family_loader_and_sees(seeing_dir: Path) -> None:
+    from qwenvl_core.autotune import DEFAULTS_FILE, PRETRAINED_TINY, base_defaults
+    from qwenvl_core.models.qwen_vl.presets import build_config
+    from qwenvl_core.models.shipped import MANIFEST_FILE, shipped_dir
+    from qwenvl_core.pretrain.recipe import evaluate_tasks
+
+    shipped = shipped_dir("qwen-vl-tiny-seeing")
+    for file in ("config.json", "model.safetensors", "qwen.tiktoken", DEFAULTS_FILE, MANIFEST_FILE):
+        assert (seeing_dir / file).read_bytes() == (shipped / file).read_bytes(), file
+    family = detect_family(seeing_dir)
+    shapes = {k: v for k, v in family.load_config(seeing_dir).to_dict().items() if k != "dtype"}  # saved: float32
+    assert shapes == {k: v for k, v in build_config("qwen-vl-tiny-seeing").to_dict().items() if k != "dtype"}
+    model, processor = family.load_model(seeing_dir), family.load_processor(seeing_dir)  # strict: every key
+    # `auto` hyperparameters on it read the measured defaults shipped with it
+    assert base_defaults(seeing_dir) == (PRETRAINED_TINY, DEFAULTS_FILE)
+    # It answers questions about held-out pictures (the random qwen-vl-tiny scores 0 on both: docs/pretraining.md;
+    # chance is 1/7 for colour, 1/8 for shape).
+    scores = evaluate_tasks(model, processor, ("colour", "shape"), seed=7, n_per_task=20,
+                            stop_ids=family.stop_token_ids(processor))
+    assert scores["colour"] >= 0.9 and scores["shape"] >= 0.3, scores
+
+
+def test_recipe_reproduces_a_prefix_of_the_shipped_run() -> None:
+    """The full recipe takes minutes (``python -m qwenvl_core.pretrain.ship --check`` rebuilds it and compares bit
+    for bit); the suite re-runs its first ``PREFIX`` steps of each stage and compares them with the fingerprint the
+    build recorded, so a change to the recipe, the rendered data or the model's numerics shows here."""
+    import dataclasses
+    import json
+
+    from qwenvl_core.models.shipped import verify
+    from qwenvl_core.pretrain.ship import NAME, PREFIX, RECIPE, fingerprints_match, prefix_fingerprint
+
+    manifest = verify(NAME)  # every shipped file matches its sha256
+    assert manifest["recipe"] == json.loads(json.dumps(dataclasses.asdict(RECIPE)))
+    assert manifest["prefix"]["steps"] == list(PREFIX)
+    recorded = manifest["prefix"]["fingerprint"]
+    assert fingerprints_match(prefix_fingerprint(), recorded) == []
+    # the comparison tells runs apart: another seed's prefix differs in (nearly) every tensor
+    other = fingerprints_match(prefix_fingerprint(dataclasses.replace(RECIPE, seed=1)), recorded)
+    assert len(other) > len(recorded) // 2
+
+
+def test_shipped_files_are_checked_and_its_weights_are_not_redrawn(tmp_path: Path) -> None:
+    import shutil
+
+    from qwenvl_core.errors import ConfigError, ModelLoadError
+    from qwenvl_core.models.shipped import check_files, copy_shipped, shipped_dir, verify
+
+    manifest = verify("qwen-vl-tiny-seeing")
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped_dir("qwen-vl-tiny-seeing"), copy)
+    check_files(copy, manifest)
+    (copy / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors .* do not match"):
+        check_files(copy, manifest)
+    (copy / "qwen.tiktoken").unlink()
+    with pytest.raises(ModelLoadError, match="missing qwen.tiktoken"):
+        check_files(copy, manifest)
+    with pytest.raises(ConfigError, match="--seed"):
+        copy_shipped("qwen-vl-tiny-seeing", tmp_path / "a", seed=3)
+    with pytest.raises(ConfigError, match="--dtype"):
+        copy_shipped("qwen-vl-tiny-seeing", tmp_path / "b", dtype=torch.bfloat16)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -19,6 +19,7 @@ class Preset:
     description: str
     fields: dict[str, Any] = field(default_factory=dict)
     training: TrainingDefaults | None = None
+    weights: str | None = None  # shipped pretrained weights (``qwenvl_core.models.shipped``): copied, not drawn
 
 
 # The full-size presets are QWenVLConfig's defaults, which are the official config.json values.
@@ -95,6 +96,20 @@ PRESETS["qwen-vl-tiny-v2"] = Preset(
     "qwen-vl-tiny's shapes with init std 0.1, the starting point of the tiny pretraining recipe",
     {**PRESETS["qwen-vl-tiny"].fields, "initializer_range": 0.1},
 )
+
+# qwen-vl-tiny-v2 after the tiny pretraining recipe, shipped in qwenvl_core/assets/ (built by
+# ``python -m qwenvl_core.pretrain.ship``; its training_defaults.json is autotune.PRETRAINED_TINY): the local stack's
+# base model. ``materialize`` copies its files; the fields describe it (``qwenvl model info``).
+PRESETS["qwen-vl-tiny-seeing"] = Preset(
+    "qwen-vl-tiny-v2 pretrained on rendered image-text data (shapes, colours, places, counts, glyphs, boxes): "
+    "shipped weights, the local stack's base", PRESETS["qwen-vl-tiny-v2"].fields, weights="qwen-vl-tiny-seeing",
+)
+
+
+def shipped_weights(name: str) -> str | None:
+    """The shipped model directory preset ``name`` copies (``qwenvl_core.models.shipped``); None: random weights."""
+    preset = PRESETS.get(name)
+    return preset.weights if preset is not None else None
 
 
 def training_defaults(name: str) -> TrainingDefaults | None:

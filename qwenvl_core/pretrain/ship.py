@@ -1,0 +1,136 @@
+"""Build, and check, the pretrained tiny base shipped with the package (``qwenvl_core/assets/qwen-vl-tiny-seeing``).
+
+This module owns how the shipped directory is made: the recipe (``recipe.pretrain_base`` with ``RECIPE``, one CPU
+thread) plus the files ``qwenvl_core.models.shipped`` reads: ``training_defaults.json`` (``autotune.PRETRAINED_TINY``,
+what ``auto`` hyperparameters use on it) and ``pretraining.json`` (the recipe, the torch version, the loss curve,
+the sha256 of every file, and the fingerprint of a short exact prefix of the run: ``PREFIX`` steps of each stage,
+which the test suite re-runs in seconds to show the recipe still produces these weights).
+
+    python -m qwenvl_core.pretrain.ship --out DIR     # build into a new directory (~6 min on one thread)
+    python -m qwenvl_core.pretrain.ship --check       # rebuild in a temporary directory, compare with the shipped
+    python -m qwenvl_core.pretrain.ship --refresh-defaults DIR   # new autotune.PRETRAINED_TINY, same weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenvl_core.autotune import DEFAULTS_FILE, PRETRAINED_TINY
+from qwenvl_core.models.shipped import MANIFEST_FILE, digests, shipped_dir
+from qwenvl_core.pretrain.recipe import PretrainConfig, pretrain_base
+
+NAME = "qwen-vl-tiny-seeing"
+RECIPE = PretrainConfig()
+PREFIX = (8, 8)  # (vision warm-up steps, LM steps) of the prefix the test suite re-runs
+FINGERPRINT_RTOL = 1e-4  # the prefix's per-tensor sums and norms agree to this across CPUs and thread counts
+
+
+def fingerprint(model_dir: Path) -> dict[str, list[float]]:
+    """Per weight tensor: [sum, L2 norm] in float64: changes when any weight changes beyond rounding."""
+    from qwenvl_core.models.qwen_vl.weights import read_state_dict
+
+    return {k: [float(v.double().sum()), float(v.double().norm())]
+            for k, v in sorted(read_state_dict(model_dir).items())}
+
+
+def fingerprints_match(a: dict[str, list[float]], b: dict[str, list[float]], rtol: float = FINGERPRINT_RTOL
+                       ) -> list[str]:
+    """The tensors whose fingerprints differ (beyond ``rtol`` of the tensor's norm); [] when all agree."""
+    if set(a) != set(b):
+        return sorted(set(a) ^ set(b))
+    return [k for k in a if any(abs(x - y) > rtol * max(a[k][1], 1e-6) for x, y in zip(a[k], b[k], strict=True))]
+
+
+def one_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on one CPU thread (the shipped weights were made so), restoring the thread count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prefix_fingerprint(config: PretrainConfig = RECIPE, prefix: tuple[int, int] = PREFIX) -> dict[str, list[float]]:
+    """The fingerprint of the recipe's first ``prefix`` steps (a few seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, _ = one_thread(lambda: pretrain_base(Path(tmp) / "prefix", config, prefix=prefix))
+        return fingerprint(out)
+
+
+def build(out_dir: Path, config: PretrainConfig = RECIPE, echo: Callable[[str], None] = print) -> Path:
+    """Run the recipe into the new directory ``out_dir`` and write the shipped files there."""
+    out, log = one_thread(lambda: pretrain_base(out_dir, config, log_every=500,
+                                                on_log=lambda s, loss: echo(f"  step {s:5d}  loss {loss:.4f}")))
+    finish(out, config, {"seconds": round(log.seconds), "losses": log.losses, "vision_warmup": log.vision_warmup})
+    echo(f"wrote {out} in {log.seconds:.0f} s")
+    return out
+
+
+def finish(out: Path, config: PretrainConfig, run: dict[str, Any]) -> None:
+    """Add the training defaults and the manifest to ``out``, which ``recipe.pretrain_base(out, config)`` wrote on
+    one thread; ``run``: what the run logged (seconds, losses, vision warm-up accuracy)."""
+    PRETRAINED_TINY.write(out)
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {
+        "name": NAME, "recipe": dataclasses.asdict(config), "threads": 1, "torch": torch.__version__, **run,
+        "prefix": {"steps": list(PREFIX), "fingerprint": prefix_fingerprint(config)},
+        "files": digests(out, files),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def check(echo: Callable[[str], None] = print) -> bool:
+    """Rebuild into a temporary directory; True when every weight file is bit-equal to the shipped one."""
+    shipped = json.loads((shipped_dir(NAME) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = build(Path(tmp) / NAME, PretrainConfig(**shipped["recipe"]), echo)
+        rebuilt = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        differ = [n for n in shipped["files"] if rebuilt["files"].get(n) != shipped["files"][n]]
+        if differ:
+            tensors = fingerprints_match(fingerprint(out), fingerprint(shipped_dir(NAME)), rtol=0.0)
+            echo(f"differ from the shipped files: {', '.join(differ)}; tensors that differ: {tensors[:5]} "
+                 f"({len(tensors)} in all)")
+        else:
+            echo(f"bit-equal to {shipped_dir(NAME)}")
+        return not differ
+
+
+def refresh_defaults(model_dir: Path) -> None:
+    """Rewrite ``training_defaults.json`` of a built directory from ``autotune.PRETRAINED_TINY`` (and its sha256 in
+    the manifest): the defaults are measured after the weights, and changing them does not retrain."""
+    PRETRAINED_TINY.write(model_dir)
+    path = model_dir / MANIFEST_FILE
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["files"].update(digests(model_dir, [DEFAULTS_FILE]))
+    path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--out", type=Path, help="build into this new directory")
+    group.add_argument("--check", action="store_true", help="rebuild and compare with the shipped directory")
+    group.add_argument("--refresh-defaults", type=Path, metavar="DIR",
+                       help="rewrite DIR's training_defaults.json from autotune.PRETRAINED_TINY")
+    args = parser.parse_args(argv)
+    if args.check:
+        return 0 if check() else 1
+    if args.refresh_defaults:
+        refresh_defaults(args.refresh_defaults)
+        return 0
+    build(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
