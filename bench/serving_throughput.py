@@ -1,5 +1,7 @@
 """Multi-adapter serving benchmark: mixed-adapter batches vs one adapter vs swapping adapters per request,
-adapter cold-load latency (local disk, S3 on a local moto server), job-success-to-first-token, memory per adapter.
+adapter cold-load latency (local disk, S3 on a local moto server), job-success-to-first-token, memory per adapter;
+the engine vs static-batch ``generate``; TTFT and the longest inter-token gap of mixed image + text traffic; peak
+memory of long requests with this engine vs an earlier revision's (``--before-rev``).
 
 Generation throughput (generated tokens/s, greedy, fixed token count) of the same requests served as
 - ``mixed``: the engine, batches mixing 8 adapters (grouped LoRA in one forward);
@@ -7,8 +9,14 @@ Generation throughput (generated tokens/s, greedy, fixed token count) of the sam
 - ``swap``: peft with the 8 adapters loaded, ``set_adapter`` to each request's adapter, one request at a time
   (what a server without mixed-adapter batching does).
 
+- ``static``: the baseline of issue 13: the same requests in static batches of ``--batch`` through
+  ``generate`` (transformers' own ``generate`` for the transformers families; ``qwenvl_core.generation.generate``
+  for v1, which has no GenerationMixin), one adapter per batch as peft serves it, greedy;
+
+Any family's preset (``--preset qwen2.5-vl-small``): adapters on the family's official LoRA targets.
+
 Usage (CPU, the numbers in docs/benchmarks.md):
-    .venv/bin/python bench/serving_throughput.py
+    .venv/bin/python bench/serving_throughput.py [--preset qwen2.5-vl-small]
 GPU (full-size random weights; needs the memory for a qwen-vl-chat model):
     .venv/bin/python bench/serving_throughput.py --preset qwen-vl-chat --device cuda --dtype bfloat16
 """
@@ -25,38 +33,51 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qwenvl_core.conversation import text_message
 from qwenvl_core.generation import SamplingParams, generate
-from qwenvl_core.models.registry import get_family
+from qwenvl_core.models.registry import family_for_preset
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
 from qwenvl_core.serving.lora_batch import load_lora_weights
 from qwenvl_core.storage import open_store, upload_dir
 
 
-def make_adapters(model_dir: Path, out: Path, count: int, rank: int) -> list[Path]:
+def make_adapters(family: Any, model_dir: Path, out: Path, count: int, rank: int) -> list[Path]:
+    """``count`` random LoRA adapters (non-zero B) on the family's official language-model targets."""
     from peft import LoraConfig, get_peft_model
 
-    family = get_family("qwen-vl")
+    from qwenvl_core.specs import TargetPreset
+    from qwenvl_core.training.lora import resolve_targets
+
+    base = family.load_model(model_dir)
+    targets = resolve_targets(base, family, TargetPreset.OFFICIAL)
     dirs = []
     for i in range(count):
         torch.manual_seed(i + 1)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-                            target_modules=list(family.default_lora_targets), task_type="CAUSAL_LM")
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules=targets)
         get_peft_model(family.load_model(model_dir), config).save_pretrained(out / f"a{i}")
         dirs.append(out / f"a{i}")
     return dirs
+
+
+def _prompt(i: int) -> str:
+    return f"describe picture number {i}"
+
+
+def _fixed_length(engine: ServingEngine, tokens: int) -> SamplingParams:
+    """Greedy, exactly ``tokens`` new tokens (the family's stop tokens suppressed), as the baselines generate."""
+    return SamplingParams(max_new_tokens=tokens, suppress_token_ids=tuple(engine.family.stop_token_ids(engine.processor)))
 
 
 def engine_throughput(engine: ServingEngine, adapters: list[Path | None], requests: int, tokens: int) -> float:
     """Generated tokens/s for ``requests`` concurrent requests, request i on ``adapters[i % len]``."""
     def req(i: int) -> EngineRequest:
         a = adapters[i % len(adapters)]
-        return EngineRequest([text_message("user", f"describe picture number {i}")],
-                             SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)),
+        return EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, tokens),
                              adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
 
     async def run(n: int) -> int:
@@ -69,26 +90,149 @@ def engine_throughput(engine: ServingEngine, adapters: list[Path | None], reques
     return generated / (time.perf_counter() - start)
 
 
-def swap_throughput(model_dir: Path, adapters: list[Path], requests: int, tokens: int, dtype: torch.dtype,
-                    device: str) -> float:
+def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests: int, tokens: int,
+                    dtype: torch.dtype, device: str) -> float:
     """peft, one request at a time, ``set_adapter`` to the request's adapter before generating."""
     from peft import PeftModel
 
-    family = get_family("qwen-vl")
     processor = family.load_processor(model_dir)
-    model = PeftModel.from_pretrained(family.load_model(model_dir, dtype=dtype, device=device), adapters[0],
-                                      adapter_name=adapters[0].name)
+    base = family.forward_contract(family.load_model(model_dir, dtype=dtype, device=device))
+    model = PeftModel.from_pretrained(base, adapters[0], adapter_name=adapters[0].name)
     for a in adapters[1:]:
         model.load_adapter(a, adapter_name=a.name)
     model.eval()
     start, generated = time.perf_counter(), 0
     for i in range(requests):
         model.set_adapter(adapters[i % len(adapters)].name)
-        ids = processor.encode_chat([text_message("user", f"describe picture number {i}")]).input_ids
-        out = generate(model, [ids], pad_token_id=processor.tokenizer.eod_id,
-                       params=SamplingParams(max_new_tokens=tokens))
+        ids = processor.encode_chat([text_message("user", _prompt(i))]).input_ids
+        out = generate(model, [ids], pad_token_id=processor.pad_token_id,
+                       params=SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)))
         generated += len(out[0].token_ids)
     return generated / (time.perf_counter() - start)
+
+
+def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int, batch: int, tokens: int,
+                      dtype: torch.dtype, device: str) -> float:
+    """The baseline: static batches of ``batch`` requests (left padded) on one peft adapter, greedy, each batch run
+    to ``tokens`` new tokens: transformers' ``generate`` where the family has it, else ours."""
+    from peft import PeftModel
+
+    processor = family.load_processor(model_dir)
+    hf_class = getattr(getattr(family, "spec", None), "transformers_class", None)
+    if hf_class is not None:
+        base = hf_class("model_class").from_pretrained(model_dir, dtype=dtype).to(device)
+    else:
+        base = family.forward_contract(family.load_model(model_dir, dtype=dtype, device=device))
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    prompts = [processor.encode_chat([text_message("user", _prompt(i))]).input_ids for i in range(requests)]
+    start, generated = time.perf_counter(), 0
+    for first in range(0, requests, batch):
+        chunk = prompts[first : first + batch]
+        if hf_class is None:
+            outs = generate(model, chunk, pad_token_id=processor.pad_token_id,
+                            params=SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)))
+            generated += sum(len(o.token_ids) for o in outs)
+            continue
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[processor.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=processor.pad_token_id)
+        generated += (out.shape[1] - width) * len(chunk)
+    return generated / (time.perf_counter() - start)
+
+
+def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: int, tokens: int,
+                       image_size: int) -> dict[str, float]:
+    """``requests`` concurrent requests, every other one with an image, mixed adapters: TTFT p50 / p99 and the
+    longest gap between two tokens of any stream (a prefill of arriving requests stalls running streams)."""
+    from PIL import Image
+
+    from qwenvl_core.conversation import ImagePart, Message, TextPart
+
+    def req(i: int) -> EngineRequest:
+        parts: list = [TextPart(_prompt(i))]
+        if i % 2 == 0:
+            parts.insert(0, ImagePart(Image.new("RGB", (image_size, image_size), (i * 7 % 255, 80, 160))))
+        a = adapters[i % len(adapters)]
+        return EngineRequest([Message(role="user", parts=parts)], _fixed_length(engine, tokens),
+                             adapter_id=a.name, adapter_locator=str(a))
+
+    async def one(i: int, start: float) -> tuple[float, float]:
+        await asyncio.sleep(0.002 * i)  # arrivals spread a little, so some join a running batch
+        sent, first, gap, last = time.perf_counter(), None, 0.0, None
+        async for _event in engine.stream(req(i)):
+            now = time.perf_counter()
+            first = first if first is not None else now - sent
+            gap = gap if last is None else max(gap, now - last)
+            last = now
+        return first or float("nan"), gap
+
+    async def run() -> list[tuple[float, float]]:
+        start = time.perf_counter()
+        return await asyncio.gather(*(one(i, start) for i in range(requests)))
+
+    results = asyncio.run(run())
+    p50, p99 = percentiles([r[0] for r in results])
+    return {"ttft_p50": p50, "ttft_p99": p99, "max_gap": max(r[1] for r in results)}
+
+
+def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: int, dtype: str, device: str) -> None:
+    """(subprocess) Peak memory of ``requests`` concurrent requests of ``prompt_tokens`` prompt tokens each, on the
+    ``qwenvl_core`` found on ``sys.path`` (this tree, or an earlier revision's): prints ``PEAK <bytes>``."""
+    import resource
+
+    from qwenvl_core.serving.engine import EngineConfig as Config
+
+    family = family_for_preset(preset)
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    model_dir = family.materialize(preset, work / "model", seed=0, dtype=getattr(torch, dtype))
+    config = Config(max_batch_size=requests, max_total_tokens=prompt_tokens + tokens)
+    engine = ServingEngine.from_model_dir(model_dir, config, dtype=getattr(torch, dtype))
+    if device != "cpu":
+        engine.model.to(device)
+        torch.cuda.reset_peak_memory_stats()
+    processor = family.load_processor(model_dir)
+    words = [f"w{i % 50}" for i in range(prompt_tokens)]
+    while len(processor.encode_conversation([text_message("user", " ".join(words))],
+                                            add_generation_prompt=True).input_ids) > prompt_tokens:
+        words = words[: int(len(words) * 0.9)]
+    prompts = [" ".join(words[: len(words) - i]) for i in range(requests)]  # all about prompt_tokens long
+
+    async def run() -> None:
+        await asyncio.gather(*(engine.generate(EngineRequest(
+            [text_message("user", prompt)], SamplingParams(max_new_tokens=tokens))) for prompt in prompts))
+
+    asyncio.run(run())
+    peak = (torch.cuda.max_memory_allocated() if device != "cpu"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(f"PEAK {peak}")
+    engine.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def memory_before_after(args: argparse.Namespace) -> tuple[int, int | None]:
+    """Peak memory of the long-request workload here and, in a git worktree, at ``args.before_rev``."""
+    def peak(pythonpath: str) -> int:
+        cmd = [sys.executable, __file__, "--memory-child", "--preset", args.preset, "--dtype", args.dtype,
+               "--device", args.device, "--memory-requests", str(args.memory_requests),
+               "--memory-prompt", str(args.memory_prompt)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath},
+                             check=True).stdout
+        return int(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK ")))
+
+    root = Path(__file__).resolve().parent.parent
+    after = peak(str(root))
+    if not args.before_rev:
+        return after, None
+    tree = Path(tempfile.mkdtemp(prefix="bench-before-"))
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), args.before_rev],
+                   check=True, capture_output=True)
+    try:
+        return after, peak(str(tree))
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -159,15 +303,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--load-rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--static-batch", type=int, default=16, help="the static-batch baseline's batch size")
+    parser.add_argument("--latency-requests", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--prefill-chunk", type=int, default=64,
+                        help="the chunked engine's prefill_chunk_tokens in the latency rows (vs 0: whole prefills)")
+    parser.add_argument("--memory-requests", type=int, default=32)
+    parser.add_argument("--memory-prompt", type=int, default=2000, help="prompt tokens of each long request")
+    parser.add_argument("--before-rev", default="d30b903",
+                        help="git revision whose engine the memory row compares with ('' to skip)")
+    parser.add_argument("--skip-loads", action="store_true", help="skip cold loads and job-to-first-token")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        long_request_memory(args.preset, args.memory_requests, args.memory_prompt, 4, args.dtype, args.device)
+        return
     dtype = getattr(torch, args.dtype)
+    family = family_for_preset(args.preset)
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    model_dir = get_family("qwen-vl").materialize(args.preset, work / "model", seed=0, dtype=dtype)
-    adapters = make_adapters(model_dir, work / "adapters", args.adapters, args.rank)
-    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.batch,
+    model_dir = family.materialize(args.preset, work / "model", seed=0, dtype=dtype)
+    adapters = make_adapters(family, model_dir, work / "adapters", args.adapters, args.rank)
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.batch, device=args.device,
                                                                   max_adapters=args.adapters + 2), dtype=dtype)
-    if args.device != "cpu":
-        engine.model.to(args.device)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
           f"adapters={args.adapters} rank={args.rank} requests={args.requests} batch={args.batch} tokens={args.tokens}")
     best: dict[str, float] = {"mixed": 0.0, "single": 0.0, "base": 0.0}
@@ -176,10 +333,33 @@ def main() -> None:
         for name, chosen in scenarios.items():
             best[name] = max(best[name], engine_throughput(engine, chosen, args.requests, args.tokens))
     mixed, single, base = best["mixed"], best["single"], best["base"]
-    swap = swap_throughput(model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
-    print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f}")
-    print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.8)  mixed/swap={mixed / swap:.2f} (target >= 4)"
-          f"  mixed/base={mixed / base:.2f}")
+    swap = swap_throughput(family, model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
+    static = static_throughput(family, model_dir, adapters[0], args.static_batch * 2, args.static_batch,
+                               args.tokens, dtype, args.device)
+    engine_16 = max(engine_throughput(engine, [adapters[0]], args.static_batch, args.tokens)
+                    for _ in range(args.repeats))
+    print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f} "
+          f"engine@{args.static_batch}={engine_16:.1f} static@{args.static_batch}={static:.1f}")
+    print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.95)  mixed/swap={mixed / swap:.2f} (target >= 5)"
+          f"  mixed/base={mixed / base:.2f} (LoRA overhead, target >= 0.85)  engine/static={engine_16 / static:.2f}"
+          f" (target >= 2)")
+    for chunk in (0, args.prefill_chunk):  # whole prefills vs chunked: the stall of running streams
+        probe = ServingEngine.from_model_dir(model_dir, EngineConfig(
+            max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2,
+            prefill_chunk_tokens=chunk), dtype=dtype)
+        lat = latency_under_load(probe, adapters, args.latency_requests, args.tokens, args.image_size)
+        probe.close()
+        print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
+              f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
+              f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms")
+    after, before = memory_before_after(args)
+    row = f"after={after / 2**20:.0f} MiB" + (f" before ({args.before_rev})={before / 2**20:.0f} MiB "
+                                              f"ratio={after / before:.2f}" if before else "")
+    print(f"peak memory, {args.memory_requests} concurrent {args.memory_prompt}-token requests: {row}")
+    if args.skip_loads:
+        engine.close()
+        shutil.rmtree(work, ignore_errors=True)
+        return
     local = cold_loads(engine, [str(a) for a in adapters], args.load_rounds)
     moto, _ = start_moto()
     try:

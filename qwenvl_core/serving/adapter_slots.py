@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights
+from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, row_groups
 
 
 class AdapterSlots:
@@ -78,16 +78,17 @@ class AdapterSlots:
         if slot:
             self._pins[slot] -= 1
 
-    def plan(self, rows: torch.Tensor, adapters: Iterable[LoraWeights | None]) -> LoraPlan | None:
-        """The LoRA plan of rows whose slots are ``rows`` (a device tensor) and adapters ``adapters`` (None:
-        base): views of the stacks cut to the largest rank among them. None when no row has an adapter."""
+    def plan(self, rows: torch.Tensor, slots: Sequence[int], adapters: Iterable[LoraWeights | None]) -> LoraPlan | None:
+        """The LoRA plan of rows whose slots are ``rows`` (a device tensor; ``slots`` the same numbers on the host)
+        and adapters ``adapters`` (None: base): views of the stacks cut to the largest rank among them. None when
+        no row has an adapter."""
         distinct = tuple({id(a): a for a in adapters if a is not None}.values())
         if not distinct:
             return None
         rank = max(a.rank for a in distinct)
         stacks = {name: (a[:, :rank], b[:, :, :rank]) for name, (a, b) in self._stacks.items()
                   if any(name in adapter.modules for adapter in distinct)}
-        return LoraPlan(rows=rows, stacks=stacks, adapters=distinct)
+        return LoraPlan(rows=rows, stacks=stacks, adapters=distinct, groups=row_groups(slots, self.device))
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
         if weights.rank > self.max_rank:

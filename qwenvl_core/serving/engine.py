@@ -573,12 +573,14 @@ class ServingEngine:
         self._release_unjoined(new)
 
     def _split_long(self, new: list[_Sequence]) -> list[_Sequence]:
-        """The requests to prefill whole now; a long one becomes the chunked prefill (one at a time: later long
-        ones go back to the front of the queue, their adapter slots unpinned)."""
-        whole, back = [], []
+        """The requests to prefill whole now, together at most ``prefill_chunk_tokens`` tokens (at least one
+        request); a long one becomes the chunked prefill (one at a time). The others go back to the front of the
+        queue, their adapter slots unpinned: one step's prefill work stays bounded, so running streams do not stall."""
+        whole, back, budget = [], [], self.config.prefill_chunk_tokens
         for seq in new:
             if len(seq.chunks) <= 1:
-                whole.append(seq)
+                fits = not budget or not whole or sum(len(s.prompt_ids) for s in whole) + len(seq.prompt_ids) <= budget
+                (whole if fits else back).append(seq)
             elif self._chunking is None:
                 self._chunking = seq
             else:
@@ -639,7 +641,8 @@ class ServingEngine:
         cache.for_chunk(slot, start, end - start)
         try:
             logits = self._forward(ids, cache.chunk_mask(), seq.positions[..., start:end], images,
-                                   self.adapter_slots.plan(rows.adapter_slot[slot : slot + 1], [seq.adapter]),
+                                   self.adapter_slots.plan(rows.adapter_slot[slot : slot + 1], [seq.adapter_slot],
+                                                           [seq.adapter]),
                                    rows.prompt_len[slot : slot + 1])
         except BaseException:
             cache.abandon()
@@ -757,7 +760,7 @@ class ServingEngine:
     def _plan(self, seqs: Sequence[_Sequence], first_slot: int) -> LoraPlan | None:
         """The LoRA plan of ``seqs``, the rows of KV slots ``first_slot ..`` (views of the adapter slots)."""
         rows = self._rows.adapter_slot[first_slot : first_slot + len(seqs)]
-        return self.adapter_slots.plan(rows, (s.adapter for s in seqs))
+        return self.adapter_slots.plan(rows, [s.adapter_slot for s in seqs], (s.adapter for s in seqs))
 
     def _compact(self) -> None:
         """Drop finished and abandoned rows: the last running row moves into each leaver's slot (one row copied,

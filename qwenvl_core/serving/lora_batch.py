@@ -7,8 +7,8 @@ This module owns
   is folded into ``B`` once, at load time;
 - ``GroupedLora``: forward hooks on the base model's target ``Linear`` layers. A ``LoraPlan`` built for a batch
   (one adapter, or ``None`` for the base model, per row) stacks the *distinct* adapters' ``A`` / ``B`` of each
-  module once; in every forward each hooked layer adds ``bmm(bmm(x, A[idx]ᵀ), B[idx]ᵀ)`` to its output, where
-  ``idx`` maps a row to its adapter's slot (slot 0 is all zeros: base rows get no delta). Ranks are
+  module once; in every forward each hooked layer adds, for each adapter of the batch, ``x[rows]·Aᵀ·Bᵀ`` to its
+  rows' output (a segmented LoRA: one pair of matmuls per adapter; base rows get no delta). Ranks are
   zero-padded to the largest rank in the plan, which changes nothing numerically.
 
 The base weights are never modified, so any number of adapters share one copy of the model; an adapter's
@@ -151,7 +151,11 @@ class LoraPlan:
 
     rows: torch.Tensor  # [B] long, slot per row
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [K+1, r, in], B [K+1, out, r])
-    adapters: tuple[LoraWeights, ...]  # slot k+1 holds adapters[k]; the plan keeps them alive
+    adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
+    # (slot, its rows' indices on the device, or None when every row uses that slot), base rows left out: each
+    # hooked layer runs one pair of matmuls per adapter of the batch on that adapter's rows (a segmented LoRA), not
+    # a per-row gather of the adapters' weights
+    groups: tuple[tuple[int, torch.Tensor | None], ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -175,7 +179,18 @@ def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device 
     module_names = sorted({name for adapter in distinct for name in adapter.modules})
     for name in module_names:
         stacks[name] = _stack_module(name, distinct)
-    return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), stacks=stacks, adapters=tuple(distinct))
+    return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), stacks=stacks, adapters=tuple(distinct),
+                    groups=row_groups(rows, device))
+
+
+def row_groups(slots: Sequence[int], device: torch.device | str) -> tuple[tuple[int, torch.Tensor | None], ...]:
+    """``LoraPlan.groups`` of a batch whose row ``i`` uses adapter slot ``slots[i]`` (0: the base model)."""
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot:
+            by_slot.setdefault(slot, []).append(row)
+    return tuple((slot, None if len(rows) == len(slots) else torch.tensor(rows, dtype=torch.long, device=device))
+                 for slot, rows in by_slot.items())
 
 
 def _stack_module(name: str, adapters: Sequence[LoraWeights]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +248,15 @@ class GroupedLora:
             if x.shape[0] != plan.batch_size:
                 raise QwenVLError(f"LoRA plan is for {plan.batch_size} rows, the batch has {x.shape[0]}")
             a_stack, b_stack = plan.stacks[name]
-            hidden = torch.bmm(x.to(a_stack.dtype), a_stack[plan.rows].transpose(1, 2))  # [B, T, r]
-            delta = torch.bmm(hidden, b_stack[plan.rows].transpose(1, 2))  # [B, T, out]
-            return output + delta.to(output.dtype)
+            delta = None
+            for slot, rows in plan.groups:  # one adapter's rows at a time: x_rows · Aᵀ · (B·s)ᵀ
+                part = x if rows is None else x.index_select(0, rows)  # [b, T, in]
+                change = (part.to(a_stack.dtype) @ a_stack[slot].T) @ b_stack[slot].T  # [b, T, out]
+                if rows is None:
+                    return output + change.to(output.dtype)
+                if delta is None:
+                    delta = torch.zeros_like(output)
+                delta.index_copy_(0, rows, change.to(output.dtype))
+            return output if delta is None else output + delta
 
         return hook
