@@ -10,7 +10,8 @@
   environment), so that Serve replicas and Ray Train workers spread over several nodes as on a real cluster;
 - the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment per
   base model of ``BASE_MODELS``, each materialised into ``$QWENVL_HOME/models/<preset>`` on first start: today the
-  pretrained tiny Qwen-VL ``qwen-vl-tiny-seeing``, shipped with the package) on :8000.
+  pretrained tiny Qwen-VL ``qwen-vl-tiny-seeing``, shipped with the package, and the tiny Qwen2-VL, Qwen2.5-VL and
+  Qwen3-VL) on :8000.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
 ``$QWENVL_HOME`` is created with mode 0700 and every secret file in it with 0600.
 
@@ -46,8 +47,10 @@ from service.private_files import private_dir, write_secret
 
 # The presets the local stack offers as base models (``QWENVL_BASE_MODELS``), the first one the default (the demo
 # fine-tunes it). qwen-vl-tiny-seeing is the pretrained tiny Qwen-VL (docs/pretraining.md): the random qwen-vl-tiny
-# learns colour only, and tests that want it materialise it themselves.
-BASE_MODELS: tuple[str, ...] = ("qwen-vl-tiny-seeing",)
+# learns colour only, and tests that want it materialise it themselves. The other families' tiny bases (random
+# weights, each family's own tokenizer, chat template and processor) are served beside it, so every family can be
+# fine-tuned and chatted with locally.
+BASE_MODELS: tuple[str, ...] = ("qwen-vl-tiny-seeing", "qwen2-vl-tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny")
 BASE_MODEL = BASE_MODELS[0]
 MLFLOW_ADMIN = "admin"
 MARKER = "QWENVL_STACK_ID"
@@ -129,7 +132,7 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
         MARKER: stack_id, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token, "RAY_USAGE_STATS_ENABLED": "0",
         "QWENVL_DATA_DIR": str(home), "QWENVL_BASE_MODELS": json.dumps({k: str(v) for k, v in model_dirs.items()}),
         "QWENVL_RAY_ADDRESS": dashboard_url, "QWENVL_SCHEDULER_INTERVAL_S": "0.5",
-        "QWENVL_SERVE_NUM_CPUS": "0.5", "QWENVL_WORK_DIR": str(home / "work"),
+        "QWENVL_SERVE_NUM_CPUS": "0.25", "QWENVL_WORK_DIR": str(home / "work"),
     })
     if mlflow_url and mlflow_password:
         env.update({"QWENVL_MLFLOW_TRACKING_URI": mlflow_url, "QWENVL_MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,

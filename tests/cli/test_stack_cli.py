@@ -106,6 +106,38 @@ def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -
     assert ended.returncode == 1 and "cancelled" in ended.stdout, ended.stdout + ended.stderr
 
 
+SECOND_FAMILY = "qwen2.5-vl-tiny"
+
+
+def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: Stack, demo_data) -> None:
+    """Qwen2.5-VL through the product: its tiny base is served beside v1, `qwenvl jobs create -m qwen2.5-vl-tiny`
+    trains it on Ray Train, and the fine-tuned model answers the official openai client about an image."""
+    import base64
+
+    import openai
+
+    assert SECOND_FAMILY in BASE_MODELS
+    train = json.loads(qwenvl(stack.env, "files", "upload", str(demo_data.train_bundle), "--json").stdout)["id"]
+    created = qwenvl(stack.env, "jobs", "create", "-m", SECOND_FAMILY, "-t", train, "--max-steps", "6",
+                     "--workers", "1", "--cpus-per-worker", "0.5", "--json")
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=400)
+    assert ended.returncode == 0 and "succeeded" in ended.stdout, ended.stdout[-3000:] + ended.stderr[-2000:]
+    job = next(j for j in json.loads(qwenvl(stack.env, "jobs", "list", "--json").stdout) if j["id"] == job_id)
+    model = job["fine_tuned_model"]
+    assert model.startswith(f"ft:{SECOND_FAMILY}:")
+    status = json.loads(qwenvl(stack.env, "status", "--json").stdout)
+    client = openai.OpenAI(api_key=Path(status["api_key_file"]).read_text().strip(),
+                           base_url=f"{status['api']['url']}/v1", max_retries=0, timeout=120)
+    image = "data:image/png;base64," + base64.b64encode(demo_data.grounding_image.read_bytes()).decode()
+    answer = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                     {"type": "text", "text": demo_data.grounding_question}]}])
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.prompt_tokens > 20
+    assert answer.system_fingerprint and answer.model == model
+
+
 def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
     env = stack_env(tmp_path / "home")
     with socket.socket() as busy:
