@@ -29,6 +29,7 @@ import torch
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.registry import ModelFamily, detect_family, read_config_json
+from qwenvl_core.models.staging import staged_directory
 
 # Weight files of a model directory: written anew by ``save_model``, never copied from the base.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
@@ -108,21 +109,13 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     """Write the merged model of ``base_dir`` + ``adapter_dir`` into ``out_dir`` (new or empty); ``dtype``: the
     dtype of the merged weights (default: the base's own)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # before the (long) merge; staged_directory checks it again
         raise MergeError(f"{out}: directory exists and is not empty; choose a new output directory")
     family = detect_family(base_dir)
     model = merged_model(base_dir, adapter_dir, family, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out, MergeError) as staging:
         family.save_model(model, staging)
         copy_side_files(base_dir, staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

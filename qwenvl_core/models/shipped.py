@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qwenvl_core.errors import ConfigError, ModelLoadError
+from qwenvl_core.models.staging import staged_directory
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST_FILE = "pretraining.json"
@@ -76,19 +76,8 @@ def copy_shipped(name: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.
         raise ConfigError(f"--seed: {name} ships pretrained weights (no random draw); leave the seed at 0")
     if dtype != torch.float32:
         raise ConfigError(f"--dtype: {name} ships float32 weights; leave the dtype at float32")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: directory exists and is not empty; choose a new output directory")
     manifest = verify(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         for file in [*manifest["files"], MANIFEST_FILE]:
             shutil.copyfile(shipped_dir(name) / file, staging / file)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -8,10 +8,6 @@ complete or not at all (written to a temporary sibling, then renamed); a non-emp
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,23 +19,7 @@ from qwenvl_core.models.hf_vl.files import write_processor_files
 from qwenvl_core.models.hf_vl.spec import VISION_START_OFFSET, FamilySpec
 from qwenvl_core.models.hf_vl.tokenizer import TINY_ORDINARY_TOKENS, write_tokenizer
 from qwenvl_core.models.hf_vl.weights import save_model
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` that becomes ``out`` when the block succeeds, and vanishes otherwise."""
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: directory exists and is not empty; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+from qwenvl_core.models.staging import staged_directory
 
 
 def ordinary_tokens(config: object) -> int:
@@ -61,7 +41,7 @@ def write_random_model(
     config = build_config(spec, preset)
     n_ordinary = ordinary_tokens(config)
     ids = spec.special_token_ids(n_ordinary)
-    with _staging(out) as staging:
+    with staged_directory(out) as staging:
         write_tokenizer(spec, staging, n_ordinary)
         write_processor_files(spec, spec.presets[preset], staging)
         with torch.random.fork_rng(devices=[]), default_dtype(dtype):

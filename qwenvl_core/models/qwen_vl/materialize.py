@@ -13,8 +13,6 @@ special ids are meaningful in such a directory).
 from __future__ import annotations
 
 import base64
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from qwenvl_core.models.qwen_vl.presets import build_config, training_defaults
 from qwenvl_core.models.qwen_vl.tiny_tokenizer import train_tiny_tokenizer
 from qwenvl_core.models.qwen_vl.tokenizer import special_token_ids
 from qwenvl_core.models.qwen_vl.weights import save_model
+from qwenvl_core.models.staging import staged_directory
 
 TOKENIZER_FILE = "qwen.tiktoken"
 TINY_TOKENIZER_RANKS = 1024
@@ -66,13 +65,9 @@ def write_random_model(
     renamed into place. An existing non-empty ``out_dir`` is an error (nothing is overwritten).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: directory exists and is not empty; choose a new output directory")
     config = build_config(preset)
     n_ranks = tokenizer_ranks_for(config.visual["image_start_id"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         write_tokenizer(staging / TOKENIZER_FILE, n_ranks)
         with torch.random.fork_rng(devices=[]), default_dtype(dtype):
             torch.manual_seed(seed)
@@ -80,10 +75,4 @@ def write_random_model(
         save_model(model, staging)
         if (training := training_defaults(preset)) is not None:
             training.write(staging)  # what `auto` hyperparameters read (qwenvl_core.autotune)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
