@@ -34,6 +34,10 @@ def _long(i: int, adapter, image: bool = True) -> EngineRequest:
                          adapter_id=adapter.name if adapter else None, adapter_locator=str(adapter) if adapter else None)
 
 
+async def _all(engine: ServingEngine, requests: list[EngineRequest]) -> list:
+    return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+
 @pytest.mark.parametrize("which", ["qwen-vl", "qwen2.5-vl"])
 def test_chunked_prefill_equals_whole_prefill(which, tiny_model_dir, tiny_dirs, adapter_dirs, tmp_path):
     from tests.serving.test_engine_families import _adapter
@@ -46,10 +50,7 @@ def test_chunked_prefill_equals_whole_prefill(which, tiny_model_dir, tiny_dirs, 
         engine = ServingEngine.from_model_dir(model_dir, EngineConfig(prefill_chunk_tokens=chunk,
                                                                       max_total_tokens=1024))
         try:
-            async def run() -> list:
-                return await asyncio.gather(*(engine.generate(r) for r in requests))
-
-            results[chunk] = [r.token_ids for r in asyncio.run(run())]
+            results[chunk] = [r.token_ids for r in asyncio.run(_all(engine, requests))]
             if chunk:
                 seq = engine._prepare(requests[0], time.perf_counter())
                 assert len(seq.chunks) >= 3  # the prompt really was chunked
