@@ -25,6 +25,7 @@ from qwenvl_cli.files import upload_file, wait_processed
 from qwenvl_cli.jobs import job_body, watch_job
 from qwenvl_cli.stack import (
     BASE_MODEL,
+    BASE_MODELS,
     ApiPort,
     DashPort,
     MlflowPort,
@@ -64,9 +65,12 @@ def metrics_table(metrics: dict[str, float], task: str = "colours") -> Table:
 
 
 def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, max_steps: int | None = None,
-             ports: dict[str, int] | None = None, task: str = "colours") -> dict[str, Any]:
+             ports: dict[str, int] | None = None, task: str = "colours", model: str = BASE_MODEL) -> dict[str, Any]:
     """The demo; returns what it measured (job id, metrics, the saved picture, seconds). ``task``: the demo
-    dataset's questions (``qwenvl_cli.demo_data.TASKS``)."""
+    dataset's questions (``qwenvl_cli.demo_data.TASKS``); ``model``: the base model to fine-tune (one of the local
+    stack's ``BASE_MODELS``)."""
+    if model not in BASE_MODELS:
+        raise StackError(f"--model {model!r}: the local stack serves {', '.join(BASE_MODELS)}")
     started = time.monotonic()
     state = read_state(home)
     own_stack = state is None
@@ -78,7 +82,7 @@ def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, ma
         raise StackError(f"the stack recorded in {home} is not healthy: run `qwenvl down`, then `qwenvl demo`")
     assert state is not None
     try:
-        report = _steps(home, state, console, n_train, max_steps, task)
+        report = _steps(home, state, console, n_train, max_steps, task, model)
     finally:
         if own_stack and not keep:
             console.rule("stop the stack")
@@ -91,7 +95,7 @@ def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, ma
 
 
 def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, max_steps: int | None,
-           task: str = "colours") -> dict[str, Any]:
+           task: str = "colours", base_model: str = BASE_MODEL) -> dict[str, Any]:
     from qwenvl_cli.demo_data import write_demo_dataset
 
     console.rule("2. synthetic shapes dataset")
@@ -106,7 +110,7 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
         console.print(f"{train['id']} ({train['filename']}), {val['id']} ({val['filename']}): validated")
         console.rule("4. fine-tune with LoRA on 2 Ray Train workers")
         params = {**DEMO_JOB, **({"max_steps": max_steps} if max_steps else {})}
-        job = client.post("/v1/fine_tuning/jobs", job_body(BASE_MODEL, train["id"], validation_file=val["id"],
+        job = client.post("/v1/fine_tuning/jobs", job_body(base_model, train["id"], validation_file=val["id"],
                                                            suffix="demo", **params))
         console.print(f"job {job['id']}")
         job = watch_job(client, job["id"], console)
@@ -143,9 +147,11 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="Leave the stack runn
          json_out: Annotated[Path | None, typer.Option("--report", help="Also write the results as JSON.")] = None,
          api_port: ApiPort = 8000, mlflow_port: MlflowPort = 5000, dashboard_port: DashPort = 8265,
          task: Annotated[DemoTask, typer.Option("--task", help="The questions: colours (colour and grounding) or "
-                                                "counting (how many shapes).")] = DemoTask.COLOURS) -> None:
+                                                "counting (how many shapes).")] = DemoTask.COLOURS,
+         model: Annotated[str, typer.Option("--model", help="The base model to fine-tune: one the local stack "
+                                            f"serves ({', '.join(BASE_MODELS)}).")] = BASE_MODEL) -> None:
     """Upload, fine-tune, evaluate, serve and ask: the whole platform end to end on this machine."""
     ports = {"api_port": api_port, "mlflow_port": mlflow_port, "dashboard_port": dashboard_port}
-    report = run_demo(qwenvl_home(), keep=keep, console=Console(), ports=ports, task=task.value)
+    report = run_demo(qwenvl_home(), keep=keep, console=Console(), ports=ports, task=task.value, model=model)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))
