@@ -26,6 +26,7 @@ from qwenvl_cli.client import ApiError, ApiKeyOption, BaseUrlOption, Client, pri
 
 app = typer.Typer(help="Fine-tuning jobs (REST API).", no_args_is_help=True)
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+STOPPED = TERMINAL | {"paused"}  # where watching ends: a paused job waits for `qwenvl jobs resume`
 
 
 def job_body(model: str, training_file: str, *, validation_file: str | None = None, suffix: str | None = None,
@@ -68,7 +69,8 @@ def _parse_extra(extra: str | None) -> dict[str, Any] | None:
 
 
 def watch_job(client: Client, job_id: str, console: Console | None = None, poll_s: float = 1.0) -> dict[str, Any]:
-    """Show a live progress bar until the job ends; the final job object. KeyboardInterrupt propagates."""
+    """Show a live progress bar until the job ends or is paused; the job object then. KeyboardInterrupt
+    propagates."""
     console = console or Console()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn())
@@ -81,7 +83,7 @@ def watch_job(client: Client, job_id: str, console: Console | None = None, poll_
             eta = f"{p['eta_seconds']:.0f}s" if p.get("eta_seconds") is not None else "-"
             progress.update(task, description=f"{job_id} {job['status']}", total=p.get("total_steps") or None,
                             completed=p.get("step", 0), loss=loss, eta=eta)
-            if job["status"] in TERMINAL:
+            if job["status"] in STOPPED:
                 return job
             time.sleep(poll_s)
 
@@ -102,6 +104,8 @@ def _finish_watch(client: Client, job_id: str) -> None:
         typer.echo(f"\nstopped watching; {job_id} keeps running (`qwenvl jobs cancel {job_id}` cancels it)")
         raise typer.Exit(130) from None
     typer.echo(_summary(job))
+    if job["status"] == "paused":
+        typer.echo(f"{job_id} is paused; `qwenvl jobs resume {job_id}` continues it")
     if job["status"] != "succeeded":
         raise typer.Exit(1)
 
@@ -199,3 +203,23 @@ def cancel(
     """Cancel a job (a running job checkpoints and stops at its next step)."""
     with Client(base_url, api_key) as client:
         typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")))
+
+
+@app.command("pause")
+def pause(
+    job_id: Annotated[str, typer.Argument(help="A job id (ftjob-...).")],
+    base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
+) -> None:
+    """Pause a job (a running job checkpoints at its next step and frees its slot; `resume` continues it)."""
+    with Client(base_url, api_key) as client:
+        typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")))
+
+
+@app.command("resume")
+def resume(
+    job_id: Annotated[str, typer.Argument(help="A job id (ftjob-...).")],
+    base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
+) -> None:
+    """Resume a paused job from its checkpoint."""
+    with Client(base_url, api_key) as client:
+        typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")))

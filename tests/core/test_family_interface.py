@@ -37,8 +37,6 @@ ALLOWED = {
     ("qwenvl_cli/chat.py", f"{V1}.grounding"),  # drawing the boxes of a reply
     # The Qwen conversation *dataset* format's "Picture k: <img>path</img>" markup (one format for every family):
     ("qwenvl_core/data/formats.py", f"{V1}.chat"),
-    # The local stack materialises the v1 tiny base model:
-    ("qwenvl_cli/stack.py", f"{V1}.materialize"),
 }
 _MODULE_PATH = re.compile(r"qwenvl_core\.models\.qwen_vl(\.\w+)*(:\w+)?")
 

@@ -58,14 +58,15 @@ class FaultyEngine(ServingEngine):
         self.gate, self.held = threading.Event(), threading.Event()
         self.gate.set()
 
-    def _forward(self, ids, mask, positions, past, pixels, plan, *rest):  # type: ignore[no-untyped-def]
+    def _forward(self, ids, mask, positions, images, plan, *rest):  # type: ignore[no-untyped-def]
         if not self.gate.is_set():
             self.held.set()
             self.gate.wait(timeout=60)
         in_plan = plan is not None and any(a.adapter_id == self.faulty_id for a in plan.adapters)
-        if in_plan and (past is None) == (self.fault_at == "prefill"):
+        prefill = ids.shape[1] > 1  # a decode step feeds one token per row
+        if in_plan and prefill == (self.fault_at == "prefill"):
             raise QwenVLError("injected fault: image count mismatch in this row")
-        return super()._forward(ids, mask, positions, past, pixels, plan, *rest)
+        return super()._forward(ids, mask, positions, images, plan, *rest)
 
 
 @dataclass
