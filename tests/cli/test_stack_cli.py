@@ -88,8 +88,11 @@ def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -
                      "--workers", "1", "--cpus-per-worker", "0.5", "--json")
     assert created.returncode == 0, created.stderr
     job_id = json.loads(created.stdout)["id"]
+    # Ctrl-C as in a terminal: a shell running the tests in the background starts them with SIGINT ignored, which
+    # Python would keep (no KeyboardInterrupt); the watch gets the default disposition back, as a terminal's has.
     watch = subprocess.Popen([QWENVL, "jobs", "watch", job_id], env=stack.env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(4)
     assert watch.poll() is None, "watch ended before the job did"
     watch.send_signal(signal.SIGINT)
