@@ -195,31 +195,28 @@ def watch(
         _finish_watch(client, job_id)
 
 
-@app.command("cancel")
-def cancel(
-    job_id: Annotated[str, typer.Argument(help="A job id (ftjob-...).")],
-    base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
-) -> None:
-    """Cancel a job (a running job checkpoints and stops at its next step)."""
+JobIdArgument = Annotated[str, typer.Argument(help="A job id (ftjob-...).")]
+
+
+def _act(job_id: str, action: str, base_url: str | None, api_key: str | None) -> None:
+    """POST the job action (``cancel``, ``pause``, ``resume``) and print the job's summary line."""
     with Client(base_url, api_key) as client:
-        typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")))
+        typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/{action}")))
+
+
+@app.command("cancel")
+def cancel(job_id: JobIdArgument, base_url: BaseUrlOption = None, api_key: ApiKeyOption = None) -> None:
+    """Cancel a job (a running job checkpoints and stops at its next step)."""
+    _act(job_id, "cancel", base_url, api_key)
 
 
 @app.command("pause")
-def pause(
-    job_id: Annotated[str, typer.Argument(help="A job id (ftjob-...).")],
-    base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
-) -> None:
+def pause(job_id: JobIdArgument, base_url: BaseUrlOption = None, api_key: ApiKeyOption = None) -> None:
     """Pause a job (a running job checkpoints at its next step and frees its slot; `resume` continues it)."""
-    with Client(base_url, api_key) as client:
-        typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")))
+    _act(job_id, "pause", base_url, api_key)
 
 
 @app.command("resume")
-def resume(
-    job_id: Annotated[str, typer.Argument(help="A job id (ftjob-...).")],
-    base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
-) -> None:
+def resume(job_id: JobIdArgument, base_url: BaseUrlOption = None, api_key: ApiKeyOption = None) -> None:
     """Resume a paused job from its checkpoint."""
-    with Client(base_url, api_key) as client:
-        typer.echo(_summary(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")))
+    _act(job_id, "resume", base_url, api_key)

@@ -278,7 +278,8 @@ class ServingEngine:
         cache_dir = config.adapter_cache_dir or tempfile.mkdtemp(prefix="qwenvl-adapters-")
         self.cache = AdapterCache(
             lambda local, adapter_id: load_lora_weights(local, adapter_id, model, family,
-                                                         max_rank=config.max_lora_rank, device="cpu"),
+                                                         max_rank=config.max_lora_rank, device="cpu"),  # host tier
+                                                         # (pinned on a GPU); AdapterSlots copies to the device
             AdapterFetcher(cache_dir),
             max_adapters=config.max_adapters,
             max_bytes=config.max_adapter_bytes,

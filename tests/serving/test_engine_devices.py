@@ -20,6 +20,7 @@ from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
 
 DEVICES = [pytest.param("cpu", id="cpu"),
+           # skipped on machines without a GPU (CI's); bench/gpu_check.sh runs it where one is lent
            pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
                not torch.cuda.is_available(), reason="no CUDA device")])]
 
