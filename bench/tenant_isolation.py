@@ -17,7 +17,17 @@ It prints B's p50/p99 for both requests unloaded and per scenario, the loaded/un
 and the status codes each side got (the single scenarios show which part of the flood costs B the most). Every
 loop is bounded in time and count; nothing leaves the machine.
 
-Command: ``.venv/bin/python bench/tenant_isolation.py [--seconds 30] [--stalls 16] [--scenarios all,get]``
+Where the flood client runs (``--flood-cpus``): in a real attack tenant A's client runs on A's machines, not on the
+server's cores; here it is one Python process that builds and sends the flood, and on a 2-vCPU machine it takes a
+core's worth of CPU away from the server and from B's client (sending a 20 MB body that the server refuses costs
+the client far more than the server). ``--flood-cpus last`` (the default on machines with 2 CPUs or more) pins
+the flood process to the last CPU and the server (with its validation / estimate workers) and B to the others,
+for the unloaded measurement as well, so the ratio says what A's requests cost the server, not what A's client
+costs the machine. ``--flood-cpus shared`` runs everything on every CPU (the older measurement). The layout is
+printed with the result.
+
+Command: ``.venv/bin/python bench/tenant_isolation.py [--seconds 30] [--stalls 16] [--scenarios all,get]
+[--flood-cpus last|shared]``
 """
 
 from __future__ import annotations
@@ -193,8 +203,11 @@ async def flood_a(url: str, port: int, key: str, file_id: str, seconds: float, s
 
 
 def flood_process(url: str, port: int, key: str, file_id: str, seconds: float, stalls: int, kinds: tuple[str, ...],
-                  results: Any) -> None:
-    """``flood_a`` in its own process (its client work must not delay B's measurements); statuses to ``results``."""
+                  cpus: set[int] | None, results: Any) -> None:
+    """``flood_a`` in its own process (its client work must not delay B's measurements), on ``cpus`` (None: any);
+    statuses to ``results``."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     statuses: Counter[str] = Counter()
     asyncio.run(flood_a(url, port, key, file_id, seconds, stalls, kinds, statuses))
     results.put(dict(statuses))
@@ -210,7 +223,17 @@ def summary(unloaded: dict[str, list[float]], loaded: dict[str, list[float]]) ->
     return out
 
 
-async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[str]) -> dict[str, Any]:
+def cpu_layout(choice: str) -> tuple[set[int] | None, set[int] | None]:
+    """(CPUs of the server and B, CPUs of A's flood client) for ``--flood-cpus``: ``last`` gives the flood client
+    the last CPU and the rest to the server and B (on one CPU, or with ``shared``: everything everywhere)."""
+    available = sorted(os.sched_getaffinity(0))
+    if choice == "shared" or len(available) < 2:
+        return None, None
+    return set(available[:-1]), {available[-1]}
+
+
+async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[str],
+              flood_cpus: set[int] | None) -> dict[str, Any]:
     admin = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
         keys = {}
@@ -231,7 +254,7 @@ async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         flood = context.Process(target=flood_process, args=(url, port, keys["tenant-a"], file_id, seconds, stalls,
-                                                            kinds, results))
+                                                            kinds, flood_cpus, results))
         flood.start()
         await asyncio.sleep(4)  # let the flood build up (the process starts and encodes its bodies)
         loaded = await measure_b(url, keys["tenant-b"], seconds - 6, b_statuses)
@@ -252,6 +275,9 @@ def main() -> None:
     parser.add_argument("--scenarios", default="all," + ",".join(FLOODS),
                         help="what A floods with, one scenario each: all, or one of "
                         + ", ".join(FLOODS + EXTRA))
+    parser.add_argument("--flood-cpus", default="last", choices=("last", "shared"),
+                        help="pin A's flood client to the last CPU, the server and B to the others (default), or "
+                        "share every CPU")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -260,13 +286,18 @@ def main() -> None:
         return
     from qwenvl_core.models.qwen_vl.materialize import write_random_model
 
+    server_cpus, flood_cpus = cpu_layout(args.flood_cpus)
+    if server_cpus is not None:
+        os.sched_setaffinity(0, server_cpus)  # B's client here, and the server subprocess (it inherits the mask)
     with tempfile.TemporaryDirectory(prefix="qwenvl-isolation-") as tmp:
         model_dir = write_random_model(Path(tmp) / BASE, preset="qwen-vl-tiny", seed=0)
         proc, url = start_server(Path(tmp), model_dir)
         try:
             httpx.get(f"{url}/ready", timeout=60).raise_for_status()
-            result = asyncio.run(run(url, int(url.rsplit(":", 1)[1]), args.seconds, args.stalls,
-                                     args.scenarios.split(",")))
+            result = {"cpus": {"server and B": sorted(server_cpus) if server_cpus else "all",
+                               "A's flood client": sorted(flood_cpus) if flood_cpus else "all"}}
+            result |= asyncio.run(run(url, int(url.rsplit(":", 1)[1]), args.seconds, args.stalls,
+                                      args.scenarios.split(","), flood_cpus))
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the API and its validation / estimate workers
             proc.wait()
