@@ -13,6 +13,13 @@ The model sees the cache through the two calls both model implementations make o
 too) and ``get_seq_length()``. Before each forward the engine says what the forward is with ``for_prefill`` or
 ``for_decode`` (or ``for_chunk``: one chunk of a long prompt into its slot); the attention mask is the engine's (``decode_mask`` / ``prefill_mask``: 4-D boolean, True =
 attend), so no model derives positions or masks from the cache.
+
+No mask where plain causal attention is exact (the mask methods return None): a prefill whose rows are all one
+length (no left padding; a single-row prefill always), a prompt's first chunk, a decode step whose rows all hold
+as many tokens (no row attends to columns that are not its own). Then the attention runs SDPA's fused causal
+kernel (``is_causal``; one query: no mask at all): v1's attention decides so itself, the transformers families
+through ``create_causal_mask``, which sizes its mask from ``get_query_offset`` / ``get_mask_sizes`` and skips it
+for SDPA. ``force_masks`` (tests) passes the explicit mask every time.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class SlotKVCache:
         self.values = [torch.zeros(size, dtype=dtype, device=self.device) for _ in range(shape.layers)]
         self.lengths: list[int] = [0] * slots  # tokens stored per slot (host side: no device sync to read)
         self._mode: tuple = ("idle",)
+        self.force_masks = False  # True: an explicit mask for every forward, also where causal is exact (tests)
 
     @property
     def nbytes(self) -> int:
@@ -96,9 +104,12 @@ class SlotKVCache:
             raise QwenVLError(f"KV cache: a prompt of {start + length} tokens exceeds the slot capacity {self.capacity}")
         self._mode = ("chunk", slot, start, length)
 
-    def chunk_mask(self) -> torch.Tensor:
-        """``[1, 1, length, start + length]`` for the planned chunk: causal over the prompt so far."""
+    def chunk_mask(self) -> torch.Tensor | None:
+        """``[1, 1, length, start + length]`` for the planned chunk: causal over the prompt so far; None for the
+        first chunk (plain causal)."""
         _, _, start, length = self._mode
+        if start == 0 and not self.force_masks:
+            return None
         q_pos = torch.arange(start, start + length, device=self.device)
         k_pos = torch.arange(start + length, device=self.device)
         return (k_pos[None, :] <= q_pos[:, None])[None, None]
@@ -121,16 +132,21 @@ class SlotKVCache:
         self._mode = ("idle",)
 
     # ----- masks the engine passes to the forward -------------------------------------------------------------
-    def decode_mask(self) -> torch.Tensor:
-        """``[rows, 1, 1, attend]`` for the planned decode: each row attends to its own stored tokens and the new one."""
+    def decode_mask(self) -> torch.Tensor | None:
+        """``[rows, 1, 1, attend]`` for the planned decode: each row attends to its own stored tokens and the new one;
+        None when every row holds ``attend - 1`` tokens (each attends to all the columns)."""
         _, first, end, _, columns, attend = self._mode
+        if not self.force_masks and min(self.lengths[first:end]) == attend - 1:
+            return None
         k_pos = torch.arange(attend, device=self.device)
         return (k_pos[None, :] <= columns[:, None])[:, None, None, :]
 
-    @staticmethod
-    def prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, T, T]`` causal attention among a left-padded prefill's own tokens, padding masked (a padding
-        query sees itself, so its row stays finite)."""
+    def prefill_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """``[B, 1, T, T]`` causal attention among the planned left-padded prefill's own tokens, padding masked (a
+        padding query sees itself, so its row stays finite); None when no row is padded (from the planned prompt
+        lengths: no device sync)."""
+        if not self.force_masks and min(self._mode[2]) == attention_mask.shape[1]:
+            return None
         width = attention_mask.shape[1]
         pos = torch.arange(width, device=attention_mask.device)
         causal = pos[None, :] <= pos[:, None]
@@ -166,6 +182,15 @@ class SlotKVCache:
         """Tokens already stored for the planned forward's rows (0 at a prefill)."""
         mode = self._mode
         return {"decode": lambda: mode[5] - 1, "chunk": lambda: mode[2]}.get(mode[0], lambda: 0)()
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Position of the forward's first query among the keys it attends to (transformers' mask sizing)."""
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """``(keys attended, offset of the first)`` of the planned forward (transformers' ``create_causal_mask``;
+        only asked when the engine passes no mask)."""
+        return self.get_seq_length(layer_idx) + query_length, 0
 
     # ----- rows leaving -----------------------------------------------------------------------------------------
     def move(self, source: int, target: int) -> None:
