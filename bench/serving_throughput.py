@@ -14,6 +14,8 @@ Generation throughput (generated tokens/s, greedy, fixed token count) of the sam
   for v1, which has no GenerationMixin), one adapter per batch as peft serves it, greedy;
 
 Any family's preset (``--preset qwen2.5-vl-small``): adapters on the family's official LoRA targets.
+The LoRA rows are also given per CPU-second of this process (``time.process_time``, all its threads), whose ratios
+hold on a machine shared with other jobs; ``--lora-only`` stops after them.
 
 Usage (CPU, the numbers in docs/benchmarks.md):
     .venv/bin/python bench/serving_throughput.py [--preset qwen2.5-vl-small]
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,7 +75,19 @@ def _fixed_length(engine: ServingEngine, tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=tokens, suppress_token_ids=tuple(engine.family.stop_token_ids(engine.processor)))
 
 
-def engine_throughput(engine: ServingEngine, adapters: list[Path | None], requests: int, tokens: int) -> float:
+class Rate(NamedTuple):
+    """Generated tokens per second of wall-clock time, and per CPU-second of this process (all its threads): the
+    second is what one math thread costs whatever else the machine runs, so its ratios hold on a shared machine."""
+
+    wall: float
+    cpu: float
+
+
+def _rate(tokens: int, wall_start: float, cpu_start: float) -> Rate:
+    return Rate(tokens / (time.perf_counter() - wall_start), tokens / (time.process_time() - cpu_start))
+
+
+def engine_throughput(engine: ServingEngine, adapters: list[Path | None], requests: int, tokens: int) -> Rate:
     """Generated tokens/s for ``requests`` concurrent requests, request i on ``adapters[i % len]``."""
     def req(i: int) -> EngineRequest:
         a = adapters[i % len(adapters)]
@@ -85,13 +99,13 @@ def engine_throughput(engine: ServingEngine, adapters: list[Path | None], reques
         return sum(len(r.token_ids) for r in results)
 
     asyncio.run(run(len(adapters)))  # warm-up, adapters loaded
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     generated = asyncio.run(run(requests))
-    return generated / (time.perf_counter() - start)
+    return _rate(generated, start, cpu_start)
 
 
 def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests: int, tokens: int,
-                    dtype: torch.dtype, device: str) -> float:
+                    dtype: torch.dtype, device: str) -> Rate:
     """peft, one request at a time, ``set_adapter`` to the request's adapter before generating."""
     from peft import PeftModel
 
@@ -101,14 +115,14 @@ def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests
     for a in adapters[1:]:
         model.load_adapter(a, adapter_name=a.name)
     model.eval()
-    start, generated = time.perf_counter(), 0
+    start, cpu_start, generated = time.perf_counter(), time.process_time(), 0
     for i in range(requests):
         model.set_adapter(adapters[i % len(adapters)].name)
         ids = processor.encode_chat([text_message("user", _prompt(i))]).input_ids
         out = generate(model, [ids], pad_token_id=processor.pad_token_id,
                        params=SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)))
         generated += len(out[0].token_ids)
-    return generated / (time.perf_counter() - start)
+    return _rate(generated, start, cpu_start)
 
 
 def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int, batch: int, tokens: int,
@@ -290,6 +304,15 @@ def job_to_first_token(engine: ServingEngine, adapter: Path, uri: str) -> float:
     return asyncio.run(first_token())
 
 
+def _print_cpu_rates(runs: dict[str, list[Rate]], swap: Rate) -> None:
+    """The LoRA rows per CPU-second (best of the runs), their ratios, and every run's two rates."""
+    cpu = {name: max(r.cpu for r in rates) for name, rates in runs.items()}
+    print("per CPU-second of this process: " + " ".join(f"{n}={v:.1f}" for n, v in cpu.items())
+          + f" swap={swap.cpu:.1f}; ratios: mixed/single={cpu['mixed'] / cpu['single']:.2f} mixed/base="
+          f"{cpu['mixed'] / cpu['base']:.2f} mixed/swap={cpu['mixed'] / swap.cpu:.2f}; each run (wall | cpu): "
+          + "  ".join(f"{n} " + ",".join(f"{r.wall:.0f}|{r.cpu:.0f}" for r in rates) for n, rates in runs.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen-vl-small")
@@ -313,6 +336,8 @@ def main() -> None:
     parser.add_argument("--before-rev", default="d30b903",
                         help="git revision whose engine the memory row compares with ('' to skip)")
     parser.add_argument("--skip-loads", action="store_true", help="skip cold loads and job-to-first-token")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="only the mixed / single / base / swap rows (the LoRA ratios), then stop")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -327,22 +352,32 @@ def main() -> None:
                                                                   max_adapters=args.adapters + 2), dtype=dtype)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
           f"adapters={args.adapters} rank={args.rank} requests={args.requests} batch={args.batch} tokens={args.tokens}")
-    best: dict[str, float] = {"mixed": 0.0, "single": 0.0, "base": 0.0}
+    runs: dict[str, list[Rate]] = {"mixed": [], "single": [], "base": []}
     scenarios = {"mixed": list(adapters), "single": [adapters[0]], "base": [None]}
     for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
         for name, chosen in scenarios.items():
-            best[name] = max(best[name], engine_throughput(engine, chosen, args.requests, args.tokens))
-    mixed, single, base = best["mixed"], best["single"], best["base"]
-    swap = swap_throughput(family, model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
+            runs[name].append(engine_throughput(engine, chosen, args.requests, args.tokens))
+    mixed, single, base = (max(r.wall for r in runs[name]) for name in scenarios)
+    swap_rate = swap_throughput(family, model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
+    swap = swap_rate.wall
+    if args.lora_only:
+        print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f}")
+        print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.95)  mixed/swap={mixed / swap:.2f} (target >= 5)"
+              f"  mixed/base={mixed / base:.2f} (LoRA overhead, target >= 0.85)")
+        _print_cpu_rates(runs, swap_rate)
+        engine.close()
+        shutil.rmtree(work, ignore_errors=True)
+        return
     static = static_throughput(family, model_dir, adapters[0], args.static_batch * 2, args.static_batch,
                                args.tokens, dtype, args.device)
-    engine_16 = max(engine_throughput(engine, [adapters[0]], args.static_batch, args.tokens)
+    engine_16 = max(engine_throughput(engine, [adapters[0]], args.static_batch, args.tokens).wall
                     for _ in range(args.repeats))
     print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f} "
           f"engine@{args.static_batch}={engine_16:.1f} static@{args.static_batch}={static:.1f}")
     print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.95)  mixed/swap={mixed / swap:.2f} (target >= 5)"
           f"  mixed/base={mixed / base:.2f} (LoRA overhead, target >= 0.85)  engine/static={engine_16 / static:.2f}"
           f" (target >= 2)")
+    _print_cpu_rates(runs, swap_rate)
     for chunk in (0, args.prefill_chunk):  # whole prefills vs chunked: the stall of running streams
         probe = ServingEngine.from_model_dir(model_dir, EngineConfig(
             max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2,

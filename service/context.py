@@ -61,6 +61,8 @@ class ServiceContext:
     scheduler: Scheduler
     adapter_hooks: list[AdapterHook] = field(default_factory=list)
     deleted_hooks: list[AdapterDeletedHook] = field(default_factory=list)
+    # The base models the attached model servers deploy (``mount_chat`` sets it); None: no chat on this API.
+    served_models: Callable[[], list[str]] | None = None
 
     def notify_adapter_ready(self, event: AdapterReady) -> None:
         """Call every registered hook; a failing hook is logged and does not fail the job."""

@@ -366,6 +366,11 @@ class ModelPublic(BaseModel):
     fine_tuning_job_id: str | None = None
     parent_model: str | None = Field(None, description="The model its job continued from (continued training).")
     step_number: int | None = Field(None, description="A checkpoint's step (kind checkpoint).")
+    servable: bool | None = Field(None, description="Whether POST /v1/chat/completions can serve this model now "
+                                  "(qwenvl_core.serving.servable).")
+    unservable_reason: str | None = Field(None, description="Why not (the same reason the chat route answers).")
+    unservable_code: str | None = Field(None, description="The chat route's error code for it: "
+                                        "base_model_not_deployed, adapter_files_missing or adapter_not_supported.")
 
 
 class ModelList(BaseModel):

@@ -3,7 +3,7 @@
 The tiers of an adapter (S-LoRA / vLLM style): its files (local disk, or S3 downloaded once: ``AdapterFetcher``),
 its ``LoraWeights`` in host memory (``AdapterCache``, an LRU bounded by count and bytes), and a *device slot* here.
 Per LoRA target module the slots form two stacks allocated once on the device, ``A [slots + 1, max_rank, in]``
-and ``B [slots + 1, out, max_rank]`` (slot 0 stays zero: the base model's rows), into which an adapter is copied
+and ``(B·s)ᵀ [slots + 1, max_rank, out]`` (slot 0 stays zero: the base model's rows), into which an adapter is copied
 when a request using it joins the batch and it is not resident yet. A slot is pinned (reference counted) while a
 running row uses it and is never reused then; an unpinned slot keeps its adapter for the next request and is
 reclaimed least recently used first. When every slot is pinned, ``acquire`` answers None and the request waits
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, row_groups
+from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, row_layout, window
 
 
 class AdapterSlots:
@@ -80,15 +80,16 @@ class AdapterSlots:
 
     def plan(self, rows: torch.Tensor, slots: Sequence[int], adapters: Iterable[LoraWeights | None]) -> LoraPlan | None:
         """The LoRA plan of rows whose slots are ``rows`` (a device tensor; ``slots`` the same numbers on the host)
-        and adapters ``adapters`` (None: base): views of the stacks cut to the largest rank among them. None when
-        no row has an adapter."""
+        and adapters ``adapters`` (None: base): views of the stacks cut to the slots in use and to the largest rank
+        among them. None when no row has an adapter."""
         distinct = tuple({id(a): a for a in adapters if a is not None}.values())
-        if not distinct:
+        layout = row_layout(slots, self.device)
+        if not distinct or layout is None:
             return None
         rank = max(a.rank for a in distinct)
-        stacks = {name: (a[:, :rank], b[:, :, :rank]) for name, (a, b) in self._stacks.items()
+        stacks = {name: window(a, b, layout, rank) for name, (a, b) in self._stacks.items()
                   if any(name in adapter.modules for adapter in distinct)}
-        return LoraPlan(rows=rows, stacks=stacks, adapters=distinct, groups=row_groups(slots, self.device))
+        return LoraPlan(rows=rows, stacks=stacks, adapters=distinct, layout=layout)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
         if weights.rank > self.max_rank:
@@ -99,14 +100,14 @@ class AdapterSlots:
                 layer = self._modules[name]
                 self._stacks[name] = (
                     torch.zeros(self.slots + 1, self.max_rank, layer.in_features, device=self.device, dtype=self.dtype),
-                    torch.zeros(self.slots + 1, layer.out_features, self.max_rank, device=self.device, dtype=self.dtype),
+                    torch.zeros(self.slots + 1, self.max_rank, layer.out_features, device=self.device, dtype=self.dtype),
                 )
-        for name, (a_stack, b_stack) in self._stacks.items():
+        for name, (a_stack, bt_stack) in self._stacks.items():
             a_stack[slot].zero_()
-            b_stack[slot].zero_()
+            bt_stack[slot].zero_()
             if name in weights.modules:
                 a, b = weights.modules[name]
                 a_stack[slot, : a.shape[0]].copy_(a, non_blocking=True)
-                b_stack[slot, :, : b.shape[1]].copy_(b, non_blocking=True)
+                bt_stack[slot, : b.shape[1]].copy_(b.T, non_blocking=True)
         self._resident[slot] = weakref.ref(weights)
         self.loads += 1

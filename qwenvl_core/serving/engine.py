@@ -67,6 +67,7 @@ from qwenvl_core.serving.lora_batch import (
     load_lora_weights,
 )
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
+from qwenvl_core.serving.vision_adapters import VisionAdapters, VisionWeights, tower_order
 from qwenvl_core.vocabulary import TokenLogprob, describe_logprobs, row_vocabulary, vocabulary
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ class ServingEngine:
         self.model, self.processor, self.family, self.config = model.eval(), processor, family, config
         self.metrics = metrics
         self.lora = GroupedLora(model)
+        self.vision = VisionAdapters(model, family, max_device_copies=config.adapter_slots)
         lm_dtype, lm_device = _lm_dtype_device(model)
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, dict(model.named_modules()),
                                           lm_device, lm_dtype)
@@ -348,6 +350,7 @@ class ServingEngine:
             self._thread = None
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.lora.remove_hooks()
+        self.vision.close()
 
     def evict_adapter(self, adapter_id: str) -> bool:
         """Drop a deleted adapter: from the cache and its downloaded files (requests in flight keep their weights)."""
@@ -640,11 +643,13 @@ class ServingEngine:
         images = {} if vision is None else vision.to(device).as_kwargs()
         ids = torch.tensor([seq.prompt_ids[start:end]], device=device)
         cache.for_chunk(slot, start, end - start)
+        chunk_images = ((_tower_weights(seq), part) for part in seq.images[first_image : first_image + n_images])
         try:
-            logits = self._forward(ids, cache.chunk_mask(), seq.positions[..., start:end], images,
-                                   self.adapter_slots.plan(rows.adapter_slot[slot : slot + 1], [seq.adapter_slot],
-                                                           [seq.adapter]),
-                                   rows.prompt_len[slot : slot + 1])
+            with self.vision.encoding(chunk_images):
+                logits = self._forward(ids, cache.chunk_mask(), seq.positions[..., start:end], images,
+                                       self.adapter_slots.plan(rows.adapter_slot[slot : slot + 1], [seq.adapter_slot],
+                                                               [seq.adapter]),
+                                       rows.prompt_len[slot : slot + 1])
         except BaseException:
             cache.abandon()
             raise
@@ -665,7 +670,9 @@ class ServingEngine:
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Run the new requests' prompts (left padded together) into the slots after the running rows."""
+        """Run the new requests' prompts (left padded together) into the slots after the running rows (ordered so
+        that each adapter's images are encoded in one pass of the vision tower)."""
+        seqs = tower_order(seqs, _tower_weights)
         batch = self._batch
         first = len(batch.seqs) if batch else 0
         device, cache, rows = self.device, self.kv, self._rows
@@ -679,8 +686,9 @@ class ServingEngine:
         rows.prompt_len[new] = mask.sum(dim=1)
         rows.adapter_slot[new] = torch.tensor([s.adapter_slot for s in seqs], device=device)
         try:
-            logits = self._forward(ids, cache.prefill_mask(mask), positions, images, self._plan(seqs, first),
-                                   rows.prompt_len[new])
+            with self.vision.encoding((_tower_weights(s), part) for s in seqs for part in s.images):
+                logits = self._forward(ids, cache.prefill_mask(mask), positions, images, self._plan(seqs, first),
+                                       rows.prompt_len[new])
         except BaseException:
             cache.abandon()
             raise
@@ -742,13 +750,14 @@ class ServingEngine:
     def _forward(
         self,
         ids: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         positions: torch.Tensor,
         images: dict[str, torch.Tensor],
         plan: LoraPlan | None,
         prompt_lengths: torch.Tensor,
     ) -> torch.Tensor:
-        """One forward through the KV cache (planned by the caller); the last position's logits ``[B, V]``."""
+        """One forward through the KV cache (planned by the caller); the last position's logits ``[B, V]``. ``mask``
+        None: plain causal attention is exact (``SlotKVCache``'s mask methods), the fused kernel runs."""
         self.stats.forwards += 1
         self.stats.max_rows = max(self.stats.max_rows, ids.shape[0])
         self.stats.max_adapters_in_forward = max(self.stats.max_adapters_in_forward,
@@ -862,6 +871,11 @@ def _allocate_cache(model: torch.nn.Module, config: EngineConfig) -> SlotKVCache
                           f"{config.max_total_tokens} ({slot_bytes} bytes each); raise kv_cache_bytes or lower "
                           "max_total_tokens")
     return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device)
+
+
+def _tower_weights(seq: _Sequence) -> VisionWeights | None:
+    """The vision-tower weights ``seq``'s images are encoded with (None: the base tower)."""
+    return seq.adapter.vision if seq.adapter is not None else None
 
 
 def _lm_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:

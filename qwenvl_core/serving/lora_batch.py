@@ -6,16 +6,21 @@ This module owns
   the scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA, per-module ``rank_pattern`` / ``alpha_pattern``)
   is folded into ``B`` once, at load time;
 - ``GroupedLora``: forward hooks on the base model's target ``Linear`` layers. A ``LoraPlan`` built for a batch
-  (one adapter, or ``None`` for the base model, per row) stacks the *distinct* adapters' ``A`` / ``B`` of each
-  module once; in every forward each hooked layer adds, for each adapter of the batch, ``x[rows]·Aᵀ·Bᵀ`` to its
-  rows' output (a segmented LoRA: one pair of matmuls per adapter; base rows get no delta). Ranks are
-  zero-padded to the largest rank in the plan, which changes nothing numerically.
+  (one adapter, or ``None`` for the base model, per row) holds, per module, a window of the adapter slot stacks
+  (``Aᵀ [G, in, r]``, ``(B·s)ᵀ [G, r, out]``: views of stacks kept as ``A [slots, R, in]`` and ``(B·s)ᵀ
+  [slots, R, out]``, layouts whose views ``torch.bmm`` takes without copying) and a ``RowLayout`` (index tensors built
+  once per plan on the device). In every forward each hooked layer gathers the rows into one padded block per
+  slot, runs one batched pair of matmuls for all the adapters of the batch (``torch.bmm``: the same few kernels
+  whether the batch mixes one adapter or eight), takes each adapter row's result back and adds it (base rows get
+  no delta, the padding's results are never read). Ranks are zero-padded to the largest rank in the plan, which
+  changes nothing numerically.
 
 The base weights are never modified, so any number of adapters share one copy of the model; an adapter's
 tensors live as long as someone (the cache, or a plan of requests in flight) holds its ``LoraWeights``.
-Limits (checked at load, ``AdapterError``): LoRA only (no DoRA, no ``modules_to_save``, no LoRA bias), targets
-must be ``Linear`` layers of the language model (the vision tower's batch is images, not rows), rank at most
-``max_rank``.
+Limits (checked at load, ``AdapterError``): LoRA only (no DoRA, no LoRA bias), targets must be ``Linear`` layers
+of the language model, rank at most ``max_rank``. The vision tower's weights (LoRA on its encoder, full weights of
+its modules: ``modules_to_save``) are taken out at load and applied per image by ``vision_adapters`` (the tower's
+batch is images, not rows).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -35,9 +40,10 @@ from torch import nn
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.registry import ModelFamily
+from qwenvl_core.serving.servable import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, config_refusal
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+if TYPE_CHECKING:
+    from qwenvl_core.serving.vision_adapters import VisionWeights
 
 
 class AdapterError(QwenVLError):
@@ -46,30 +52,33 @@ class AdapterError(QwenVLError):
 
 @dataclass
 class LoraWeights:
-    """One adapter's weights per target module: ``A [r, in]`` and ``B·scaling [out, r]``."""
+    """One adapter's weights per target module: ``A [r, in]`` and ``B·scaling [out, r]`` (language model; rank 0
+    when it has none), and its vision tower's weights, applied per image (``vision_adapters``)."""
 
     adapter_id: str
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
+    vision: VisionWeights | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        own = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        return own + (self.vision.nbytes if self.vision is not None else 0)
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """The adapter's ``adapter_config.json``, checked for options this server cannot apply."""
+def read_adapter_config(adapter_dir: str | Path, family: str | None = None) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json``, checked for what this server cannot apply on a base of ``family``
+    (``servable.config_refusal``: the rule ``GET /v1/models`` and the chat route apply too)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterError(f"{path}: missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    for option in ("use_dora", "lora_bias"):
-        if config.get(option):
-            raise AdapterError(f"{path}: {option}=true is not supported by the serving engine")
-    if config.get("modules_to_save"):
-        raise AdapterError(f"{path}: modules_to_save is not supported by the serving engine")
+    meta_path = Path(adapter_dir) / ADAPTER_META
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    trained = meta.get("family") if isinstance(meta, dict) else None
+    reason = config_refusal(config, family, trained if isinstance(trained, str) else None)
+    if reason:
+        raise AdapterError(f"{path}: {reason}")
     return config
 
 
@@ -86,11 +95,15 @@ def _module_scaling(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+# A PEFT LoRA key: ``[base_model.model.]<module>.lora_A|lora_B[.<adapter name>].weight``.
+LORA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight")
+
+
 def _group_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name: {"A": ..., "B": ...}}`` from PEFT's saved keys."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight", key)
+        match = LORA_KEY.fullmatch(key)
         if match is None:
             raise AdapterError(f"{path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
         grouped.setdefault(match["module"], {})[match["ab"]] = tensor
@@ -111,7 +124,7 @@ def load_lora_weights(
     model's); tensors in the model's dtype and on its device unless ``dtype`` / ``device`` say otherwise (the
     serving engine keeps them on the CPU, its host tier, pinned when the model is on a GPU)."""
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir, str(family.name))
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{path}: missing adapter weights")
@@ -119,51 +132,114 @@ def load_lora_weights(
     dtype = dtype or param.dtype
     device = torch.device(device) if device is not None else param.device
     pin = device.type == "cpu" and param.device.type == "cuda"
+    from qwenvl_core.serving.vision_adapters import take_vision_weights  # (it imports this module)
+
+    tensors = load_file(str(path))
+    vision = take_vision_weights(tensors, config, path, adapter_id, model, family, max_rank=max_rank, device=device,
+                                 pin=pin)
     linears = dict(model.named_modules())
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, pair in _group_tensors(load_file(str(path)), path).items():
+    for name, pair in _group_tensors(tensors, path).items():
         layer = linears.get(name)
         language = family.component_of(name + ".weight") == "language"
         if not language or layer is None or not hasattr(layer, "in_features"):
             raise AdapterError(f"{path}: target {name!r} is not a Linear layer of the language model")
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{path}: module {name!r} lacks lora_A or lora_B")
-        a, b = pair["A"], pair["B"]
-        rank = a.shape[0]
-        if a.shape != (rank, layer.in_features) or b.shape != (layer.out_features, rank):
-            raise AdapterError(
-                f"{path}: {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, which do not fit "
-                f"in={layer.in_features} out={layer.out_features}"
-            )
-        if rank > max_rank:
-            raise AdapterError(f"{path}: rank {rank} of {name} exceeds the server's max rank {max_rank}")
-        scaled_b = b.float() * _module_scaling(config, name, rank)
-        a, b = a.to(device, dtype).contiguous(), scaled_b.to(device, dtype).contiguous()
-        modules[name] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
-    if not modules:
+        modules[name] = lora_pair(name, pair, layer, config, path, max_rank=max_rank, dtype=dtype, device=device,
+                                  pin=pin)
+    if not modules and vision is None:
         raise AdapterError(f"{path}: no LoRA weights")
-    return LoraWeights(adapter_id=adapter_id, modules=modules, rank=max(a.shape[0] for a, _ in modules.values()))
+    return LoraWeights(adapter_id=adapter_id, modules=modules, vision=vision,
+                       rank=max((a.shape[0] for a, _ in modules.values()), default=0))
+
+
+def lora_pair(name: str, pair: dict[str, torch.Tensor], layer: nn.Module, config: dict[str, Any], path: Path, *,
+              max_rank: int, dtype: torch.dtype, device: torch.device, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B·scaling)`` of target ``name`` checked against its ``Linear`` ``layer``, in ``dtype`` on ``device``."""
+    if set(pair) != {"A", "B"}:
+        raise AdapterError(f"{path}: module {name!r} lacks lora_A or lora_B")
+    a, b = pair["A"], pair["B"]
+    rank = a.shape[0]
+    if a.shape != (rank, layer.in_features) or b.shape != (layer.out_features, rank):
+        raise AdapterError(
+            f"{path}: {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, which do not fit "
+            f"in={layer.in_features} out={layer.out_features}"
+        )
+    if rank > max_rank:
+        raise AdapterError(f"{path}: rank {rank} of {name} exceeds the server's max rank {max_rank}")
+    scaled_b = b.float() * _module_scaling(config, name, rank)
+    a, b = a.to(device, dtype).contiguous(), scaled_b.to(device, dtype).contiguous()
+    return (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row of a batch goes in the padded ``[G, M, ...]`` block of a plan's slot window, and back.
+
+    Window slot ``g`` (adapter slot ``first + g``) owns block positions ``g·M .. g·M + M - 1``: its rows, then
+    padding (any row; its results are never read). ``gather`` is the row of each block position (None: the block
+    is the batch as it is), ``take`` the block position of each adapter row in row order (None: the block is
+    already in that order) and ``rows`` those rows (None: every row has an adapter)."""
+
+    first: int
+    groups: int
+    gather: torch.Tensor | None
+    take: torch.Tensor | None
+    rows: torch.Tensor | None
+
+
+def row_layout(slots: Sequence[int], device: torch.device | str) -> RowLayout | None:
+    """The ``RowLayout`` of a batch whose row ``i`` uses adapter slot ``slots[i]`` (0: the base model); None when
+    no row has an adapter."""
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot:
+            by_slot.setdefault(slot, []).append(row)
+    if not by_slot:
+        return None
+    first, groups = min(by_slot), max(by_slot) - min(by_slot) + 1
+    width = max(len(rows) for rows in by_slot.values())
+    gather: list[int] = []
+    position: dict[int, int] = {}
+    for slot in range(first, first + groups):
+        rows = by_slot.get(slot, [])
+        position.update((row, len(gather) + j) for j, row in enumerate(rows))
+        gather += rows + [rows[0] if rows else 0] * (width - len(rows))
+    adapter_rows = sorted(position)
+    take = [position[row] for row in adapter_rows]
+
+    def on_device(values: list[int], identity: list[int]) -> torch.Tensor | None:
+        return None if values == identity else torch.tensor(values, dtype=torch.long, device=device)
+
+    return RowLayout(first=first, groups=groups, gather=on_device(gather, list(range(len(slots)))),
+                     take=on_device(take, list(range(len(gather)))), rows=on_device(adapter_rows, list(range(len(slots)))))
 
 
 @dataclass
 class LoraPlan:
-    """Stacked weights of the distinct adapters of one batch, and each row's slot (0 = base, no delta)."""
+    """The adapters of one batch: each row's slot, the slot window's weights per module and the row layout."""
 
-    rows: torch.Tensor  # [B] long, slot per row
-    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [K+1, r, in], B [K+1, out, r])
+    rows: torch.Tensor  # [B] long, slot per row (0 = base, no delta)
+    # module -> (Aᵀ [G, in, r], (B·s)ᵀ [G, r, out]) of adapter slots layout.first .. layout.first + G - 1
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
-    # (slot, its rows' indices on the device, or None when every row uses that slot), base rows left out: each
-    # hooked layer runs one pair of matmuls per adapter of the batch on that adapter's rows (a segmented LoRA), not
-    # a per-row gather of the adapters' weights
-    groups: tuple[tuple[int, torch.Tensor | None], ...] = ()
+    layout: RowLayout
 
     @property
     def batch_size(self) -> int:
         return int(self.rows.numel())
 
 
-def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device | str = "cpu") -> LoraPlan:
-    """A plan for a batch whose row ``i`` uses ``row_adapters[i]`` (``None`` = the base model)."""
+def window(a_stack: torch.Tensor, bt_stack: torch.Tensor, layout: RowLayout,
+           rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LoraPlan.stacks`` entry: views of slot stacks ``A [slots, R, in]`` and ``(B·s)ᵀ [slots, R, out]`` cut to the
+    layout's window of slots and to ``rank``: ``(Aᵀ [G, in, r], (B·s)ᵀ [G, r, out])``."""
+    cut = slice(layout.first, layout.first + layout.groups)
+    return a_stack[cut, :rank].mT, bt_stack[cut, :rank]
+
+
+def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device | str = "cpu") -> LoraPlan | None:
+    """A plan for a batch whose row ``i`` uses ``row_adapters[i]`` (``None`` = the base model); None when no row
+    has an adapter. (The engine's plans are views of its ``AdapterSlots``; this one stacks the adapters itself.)"""
     distinct: list[LoraWeights] = []
     slot_of: dict[int, int] = {}
     rows = []
@@ -175,37 +251,29 @@ def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device 
             distinct.append(adapter)
             slot_of[id(adapter)] = len(distinct)
         rows.append(slot_of[id(adapter)])
-    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layout = row_layout(rows, device)
+    if layout is None:
+        return None
     module_names = sorted({name for adapter in distinct for name in adapter.modules})
-    for name in module_names:
-        stacks[name] = _stack_module(name, distinct)
+    rank = max(adapter.rank for adapter in distinct)
+    stacks = {name: window(*_stack_module(name, distinct), layout, rank) for name in module_names}
     return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), stacks=stacks, adapters=tuple(distinct),
-                    groups=row_groups(rows, device))
-
-
-def row_groups(slots: Sequence[int], device: torch.device | str) -> tuple[tuple[int, torch.Tensor | None], ...]:
-    """``LoraPlan.groups`` of a batch whose row ``i`` uses adapter slot ``slots[i]`` (0: the base model)."""
-    by_slot: dict[int, list[int]] = {}
-    for row, slot in enumerate(slots):
-        if slot:
-            by_slot.setdefault(slot, []).append(row)
-    return tuple((slot, None if len(rows) == len(slots) else torch.tensor(rows, dtype=torch.long, device=device))
-                 for slot, rows in by_slot.items())
+                    layout=layout)
 
 
 def _stack_module(name: str, adapters: Sequence[LoraWeights]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [K+1, r, in], B [K+1, out, r])`` with zeros for slot 0 and for adapters that skip ``name``."""
+    """``(A [K+1, r, in], (B·s)ᵀ [K+1, r, out])`` with zeros for slot 0 and for adapters that skip ``name``."""
     present = [adapter.modules[name] for adapter in adapters if name in adapter.modules]
     a_ref, b_ref = present[0]
     rank = max(a.shape[0] for a, _ in present)
     a_stack = a_ref.new_zeros(len(adapters) + 1, rank, a_ref.shape[1])
-    b_stack = b_ref.new_zeros(len(adapters) + 1, b_ref.shape[0], rank)
+    bt_stack = b_ref.new_zeros(len(adapters) + 1, rank, b_ref.shape[0])
     for slot, adapter in enumerate(adapters, start=1):
         if name in adapter.modules:
             a, b = adapter.modules[name]
             a_stack[slot, : a.shape[0]] = a
-            b_stack[slot, :, : b.shape[1]] = b
-    return a_stack, b_stack
+            bt_stack[slot, : b.shape[1]] = b.T
+    return a_stack, bt_stack
 
 
 class GroupedLora:
@@ -247,16 +315,21 @@ class GroupedLora:
             x = args[0]  # [B, T, in]
             if x.shape[0] != plan.batch_size:
                 raise QwenVLError(f"LoRA plan is for {plan.batch_size} rows, the batch has {x.shape[0]}")
-            a_stack, b_stack = plan.stacks[name]
-            delta = None
-            for slot, rows in plan.groups:  # one adapter's rows at a time: x_rows · Aᵀ · (B·s)ᵀ
-                part = x if rows is None else x.index_select(0, rows)  # [b, T, in]
-                change = (part.to(a_stack.dtype) @ a_stack[slot].T) @ b_stack[slot].T  # [b, T, out]
-                if rows is None:
-                    return output + change.to(output.dtype)
-                if delta is None:
-                    delta = torch.zeros_like(output)
-                delta.index_copy_(0, rows, change.to(output.dtype))
-            return output if delta is None else output + delta
+            a_t, b_t = plan.stacks[name]
+            layout = plan.layout
+            block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
+            if layout.gather is not None:
+                block = block.index_select(0, layout.gather)  # [G·M, T, in]: each slot's rows, padded
+            if layout.groups == 1:  # one adapter: plain matmuls on the block as it is
+                change = (block @ a_t[0]) @ b_t[0]
+            else:  # every adapter of the batch in one pair of batched matmuls: [G, M·T, in] · Aᵀ · (B·s)ᵀ
+                change = torch.bmm(torch.bmm(block.reshape(layout.groups, -1, block.shape[-1]), a_t), b_t)
+                change = change.view(*block.shape[:-1], b_t.shape[-1])
+            if change.dtype != output.dtype:
+                change = change.to(output.dtype)
+            if layout.take is not None:
+                change = change.index_select(0, layout.take)  # the adapter rows' results, in row order
+            # in place: the layer's output is a new tensor of this forward, used by nothing else yet
+            return output.add_(change) if layout.rows is None else output.index_add_(0, layout.rows, change)
 
         return hook

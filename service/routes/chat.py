@@ -58,6 +58,7 @@ from qwenvl_core.serving.engine import (
 )
 from qwenvl_core.serving.inline_images import InlineImages, split_inline_images
 from qwenvl_core.serving.lora_batch import AdapterError
+from qwenvl_core.serving.servable import Refusal, adapter_refusal
 from qwenvl_core.storage import CHUNK_BYTES
 from service.context import AdapterDeleted
 from service.errors import (
@@ -71,6 +72,10 @@ from service.errors import (
 )
 
 FILE_ID_PREFIX = "file-"
+
+# An adapter's servability (``qwenvl_core.serving.servable``: None when it can be served), checked before it is
+# sent to the model servers; ``GET /v1/models`` shows the same decision (``service.routes.models.serving_refusal``).
+AdapterCheck = Callable[[AdapterLocator], Refusal | None]
 
 
 class GenerationFailed(ApiError):
@@ -137,20 +142,30 @@ def create_chat_router(
     image_resolver: ImageResolver | None = None,
     metrics_dependency: Callable[..., Any] | None = None,
     limits: ChatLimits = DEFAULT_CHAT_LIMITS,
+    adapter_check: AdapterCheck | None = None,
 ) -> APIRouter:
     """The chat routes; ``tenant_dependency`` is a FastAPI dependency giving the caller's tenant (id or row).
+
+    ``adapter_check``: why an adapter cannot be served (400 with that reason and code); by default
+    ``servable.adapter_refusal`` on the backend's base models (their families unknown here).
 
     ``metrics_dependency`` guards ``GET /metrics`` (e.g. the admin key); ``None`` leaves it open, as Prometheus
     scrapers usually expect on a private network.
     """
     router = APIRouter(tags=["chat"], route_class=InlineImageRoute)
+    check = adapter_check or (lambda locator: adapter_refusal(locator.base_model, locator.uri,
+                                                              dict.fromkeys(backend.base_models())))
 
     async def target(model: str, tenant_id: str) -> tuple[str, AdapterLocator | None]:
         if model in backend.base_models():
             return model, None
         locator = await run_in_threadpool(adapter_resolver, model, tenant_id)
-        if locator is None or locator.base_model not in backend.base_models():
+        if locator is None:
             raise NotFound(f"the model {model!r} does not exist", param="model", code="model_not_found")
+        refusal = await run_in_threadpool(check, locator)
+        if refusal is not None:
+            raise InvalidRequest(f"the model {model!r} cannot be served: {refusal.reason}", param="model",
+                                 code=refusal.code)
         return locator.base_model, locator
 
     @router.post("/v1/chat/completions", operation_id="chat-completions", response_model=ChatCompletion)
@@ -257,12 +272,15 @@ def chat_limits(settings: Any) -> ChatLimits:
 def mount_chat(app: FastAPI, backend: ChatBackend) -> None:
     """Add the chat route to the control-plane app (``service.main.create_app``), with its auth and database."""
     from service.deps import current_tenant, require_admin
+    from service.routes.models import serving_refusal
 
     ctx = app.state.ctx
+    ctx.served_models = backend.base_models
     app.include_router(create_chat_router(backend, adapter_resolver=service_adapter_resolver(ctx),
                                           tenant_dependency=current_tenant,
                                           image_resolver=service_image_resolver(ctx),
-                                          metrics_dependency=require_admin, limits=chat_limits(ctx.settings)))
+                                          metrics_dependency=require_admin, limits=chat_limits(ctx.settings),
+                                          adapter_check=lambda loc: serving_refusal(ctx, loc.base_model, loc.uri)))
     ctx.deleted_hooks.append(eviction_hook(backend))
 
 

@@ -2,7 +2,11 @@
 (``format=merged``) as the base model with the adapter merged in (``service.merged_export``).
 
 A job's checkpoints are models too (``ft:…:ckpt-step-N``, ``service.lineage``): retrieved and downloaded like an
-adapter, not listed (a job's checkpoints list is ``/v1/fine_tuning/jobs/{id}/checkpoints``), not deletable."""
+adapter, not listed (a job's checkpoints list is ``/v1/fine_tuning/jobs/{id}/checkpoints``), not deletable.
+
+Every model object says whether the chat route can serve it now (``servable``) and, when not, why
+(``unservable_reason`` / ``unservable_code``): ``serving_refusal``, the decision the chat route applies too
+(``mount_chat``), over ``qwenvl_core.serving.servable``."""
 
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from qwenvl_core.serving import servable
 from qwenvl_core.storage import iter_chunks
 from service import lineage, merged_export
 from service import repository as repo
-from service.context import AdapterDeleted
+from service.context import AdapterDeleted, ServiceContext
 from service.deps import Ctx, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.errors import InvalidRequest, PermissionDenied
 from service.models import Tenant
@@ -31,14 +36,31 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 _BASE_CREATED = 1_700_000_000
 
 
-def _base(model_id: str) -> ModelPublic:
-    return ModelPublic(id=model_id, created=_BASE_CREATED, owned_by="system", kind="base")
+def serving_refusal(ctx: ServiceContext, base_model: str, adapter_uri: str | None = None) -> servable.Refusal | None:
+    """Why the base model (``adapter_uri`` None) or the adapter stored at ``adapter_uri`` on ``base_model`` cannot
+    be served now by the model servers attached to this API (``ctx.served_models``); None when it can."""
+    deployed = ctx.served_models() if ctx.served_models is not None else None
+    if adapter_uri is None:
+        return servable.base_refusal(base_model, deployed)
+    families = None if deployed is None else servable.deployed_families(deployed, ctx.settings.base_models)
+    return servable.adapter_refusal(base_model, adapter_uri, families)
+
+
+def _with_servability(model: ModelPublic, refusal: servable.Refusal | None) -> ModelPublic:
+    return model.model_copy(update={"servable": refusal is None, "unservable_reason": refusal and refusal.reason,
+                                    "unservable_code": refusal and refusal.code})
+
+
+def _base(ctx: ServiceContext, model_id: str) -> ModelPublic:
+    return _with_servability(ModelPublic(id=model_id, created=_BASE_CREATED, owned_by="system", kind="base"),
+                             serving_refusal(ctx, model_id))
 
 
 @router.get("", operation_id="models-list")
-def list_models(tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> ModelList:
-    adapters = [model_public(m, tenant.name) for m in repo.list_models(session, tenant_id=tenant.id)]
-    return ModelList(data=[_base(m) for m in settings.base_models] + adapters)
+def list_models(tenant: TenantDep, session: SessionDep, settings: SettingsDep, ctx: Ctx) -> ModelList:
+    adapters = [_with_servability(model_public(m, tenant.name), serving_refusal(ctx, m.base_model, m.adapter_uri))
+                for m in repo.list_models(session, tenant_id=tenant.id)]
+    return ModelList(data=[_base(ctx, m) for m in settings.base_models] + adapters)
 
 
 ExportFormat = Annotated[Literal["peft", "merged"], Query(
@@ -92,13 +114,14 @@ def _stream(archive: IO[bytes]) -> Iterator[bytes]:
 
 
 @router.get("/{model_id:path}", operation_id="models-retrieve")
-def get_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> ModelPublic:
+def get_model(model_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep, ctx: Ctx) -> ModelPublic:
     if model_id in settings.base_models:
-        return _base(model_id)
+        return _base(ctx, model_id)
     found = lineage.find(session, tenant.id, model_id)
-    return ModelPublic(id=found.id, created=found.created_at, owned_by=tenant.name,
-                       kind="adapter" if found.step is None else "checkpoint", base_model=found.base_model,
-                       fine_tuning_job_id=found.job_id, parent_model=found.parent_model, step_number=found.step)
+    model = ModelPublic(id=found.id, created=found.created_at, owned_by=tenant.name,
+                        kind="adapter" if found.step is None else "checkpoint", base_model=found.base_model,
+                        fine_tuning_job_id=found.job_id, parent_model=found.parent_model, step_number=found.step)
+    return _with_servability(model, serving_refusal(ctx, found.base_model, found.adapter_uri))
 
 
 @router.delete("/{model_id:path}", operation_id="models-delete")
