@@ -27,16 +27,20 @@ TUNED = {"max_steps": 1000, "batch_size": 8, "learning_rate": 1e-2, "lora": {"r"
 DEMO_TASKS = ("colours", "counting")
 
 
-def task_files(task: str, out: Path, n_train: int, seed: int) -> tuple[Path, Path, int]:
-    """(training file, held-out file, held-out samples) of ``task``."""
+def task_files(task: str, out: Path, n_train: int, seed: int, n_validation: int | None = None
+               ) -> tuple[Path, Path, int]:
+    """(training file, held-out file, held-out samples) of ``task``; ``n_validation``: the held-out size (default:
+    the demo's, or ``FineTuneCheck``'s)."""
     if task in DEMO_TASKS:
         from qwenvl_cli.demo_data import write_demo_dataset
 
-        data = write_demo_dataset(out, n_train=n_train, task=task, seed=seed)
+        extra = {} if n_validation is None else {"n_validation": n_validation}
+        data = write_demo_dataset(out, n_train=n_train, task=task, seed=seed, **extra)
         return data.train_bundle, data.validation_bundle, data.validation_samples
     from qwenvl_core.pretrain.recipe import FineTuneCheck, write_task_files
 
-    check = FineTuneCheck(task, n_train=n_train, seed=seed)
+    check = FineTuneCheck(task, n_train=n_train, seed=seed,
+                          **({} if n_validation is None else {"n_validation": n_validation}))
     train, val = write_task_files(out, check)
     return train, val, check.n_validation
 
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("auto", "tuned"), default="auto")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers the job would run on (the demo's 2)")
     parser.add_argument("--n-train", type=int, default=600)
+    parser.add_argument("--n-validation", type=int, default=None, help="held-out samples (default: the task's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -61,7 +66,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train, val, n_val = task_files(args.task, root / "data", args.n_train, args.seed)
+        train, val, n_val = task_files(args.task, root / "data", args.n_train, args.seed,
+                                        args.n_validation)
         stats = validate_file(train).to_dict()["stats"]  # what the service stores for an upload
         defaults, source = autotune.base_defaults(args.base)
         if args.mode == "auto":

@@ -10,6 +10,7 @@ box drawn, prints the MLflow UI and API docs URLs, and stops the stack it starte
 from __future__ import annotations
 
 import json
+import math
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -55,6 +56,22 @@ class DemoTask(StrEnum):
     COUNTING = "counting"
 
 
+def binomial_p_value(hits: int, n: int, p: float) -> float:
+    """One-sided binomial test: the probability of ``hits`` or more successes in ``n`` trials at rate ``p``."""
+    return min(1.0, sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(hits, n + 1)))
+
+
+def grounding_summary(metrics: dict[str, float], boxes: int, chance: float | None) -> dict[str, Any] | None:
+    """The held-out boxes against chance: hits of the fine-tuned and of the base model, chance (``demo_data.
+    mean_box_chance``) and the one-sided binomial p-value of the fine-tuned hits at chance; None without boxes."""
+    if not boxes or chance is None or "eval/grounding_accuracy" not in metrics:
+        return None
+    hits = round(metrics["eval/grounding_accuracy"] * boxes)
+    base = round(metrics.get("eval_base/grounding_accuracy", 0.0) * boxes)
+    return {"boxes": boxes, "hits": hits, "base_hits": base, "chance": chance,
+            "p_value": binomial_p_value(hits, boxes, chance)}
+
+
 def metrics_table(metrics: dict[str, float], task: str = "colours") -> Table:
     table = Table("held-out validation", "base model", "fine-tuned (LoRA)", title="base vs fine-tuned")
     for key, template in METRICS:
@@ -65,10 +82,12 @@ def metrics_table(metrics: dict[str, float], task: str = "colours") -> Table:
 
 
 def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, max_steps: int | None = None,
-             ports: dict[str, int] | None = None, task: str = "colours", model: str = BASE_MODEL) -> dict[str, Any]:
+             ports: dict[str, int] | None = None, task: str = "colours", model: str = BASE_MODEL,
+             job: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo; returns what it measured (job id, metrics, the saved picture, seconds). ``task``: the demo
     dataset's questions (``qwenvl_cli.demo_data.TASKS``); ``model``: the base model to fine-tune (one of the local
-    stack's ``BASE_MODELS``)."""
+    stack's ``BASE_MODELS``); ``job``: ``jobs.job_body`` arguments that replace the demo's ``auto`` ones (a bench
+    compares hand-set hyperparameters this way: bench/demo_tasks.py)."""
     if model not in BASE_MODELS:
         raise StackError(f"--model {model!r}: the local stack serves {', '.join(BASE_MODELS)}")
     started = time.monotonic()
@@ -82,7 +101,7 @@ def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, ma
         raise StackError(f"the stack recorded in {home} is not healthy: run `qwenvl down`, then `qwenvl demo`")
     assert state is not None
     try:
-        report = _steps(home, state, console, n_train, max_steps, task, model)
+        report = _steps(home, state, console, n_train, max_steps, task, model, job)
     finally:
         if own_stack and not keep:
             console.rule("stop the stack")
@@ -95,7 +114,8 @@ def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, ma
 
 
 def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, max_steps: int | None,
-           task: str = "colours", base_model: str = BASE_MODEL) -> dict[str, Any]:
+           task: str = "colours", base_model: str = BASE_MODEL, job_args: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
     from qwenvl_cli.demo_data import write_demo_dataset
 
     console.rule("2. synthetic shapes dataset")
@@ -109,7 +129,7 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
         val = wait_processed(client, upload_file(client, data.validation_bundle)["id"])
         console.print(f"{train['id']} ({train['filename']}), {val['id']} ({val['filename']}): validated")
         console.rule("4. fine-tune with LoRA on 2 Ray Train workers")
-        params = {**DEMO_JOB, **({"max_steps": max_steps} if max_steps else {})}
+        params = {**DEMO_JOB, **({"max_steps": max_steps} if max_steps else {}), **(job_args or {})}
         job = client.post("/v1/fine_tuning/jobs", job_body(base_model, train["id"], validation_file=val["id"],
                                                            suffix="demo", **params))
         console.print(f"job {job['id']}")
@@ -120,6 +140,11 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
         metrics = result["metrics"]
         console.rule("5. base vs fine-tuned on held-out questions")
         console.print(metrics_table(metrics, task))
+        grounding = grounding_summary(metrics, data.validation_boxes, data.grounding_chance)
+        if grounding is not None:
+            console.print(f"boxes: {grounding['hits']} of {grounding['boxes']} held-out boxes with IoU >= 0.5 (base "
+                          f"{grounding['base_hits']}); chance (the mean training box) {grounding['chance']:.3f}; "
+                          f"one-sided binomial p = {grounding['p_value']:.1e}")
         console.rule("6. ask the adapter a grounding question")
         model = job["fine_tuned_model"]
         picture: Path | None = None
@@ -138,7 +163,7 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
     console.rule("7. where to look")
     console.print(f"MLflow UI  {state['mlflow_url']}  (user admin, password in {home / 'mlflow' / 'admin_password'})")
     console.print(f"API docs   {state['api_url']}/docs")
-    return {"job_id": job["id"], "model": model, "metrics": metrics, "answer": answer,
+    return {"job_id": job["id"], "model": model, "metrics": metrics, "answer": answer, "grounding": grounding,
             "hyperparameters": job["method"]["supervised"]["hyperparameters"],
             "picture": str(picture) if picture else None, "mlflow_run_id": result.get("mlflow_run_id")}
 

@@ -7,7 +7,8 @@ box, scored by IoU >= 0.5). The lone shape of these questions is drawn large (a 
 side, instead of a sixth to a quarter): the frozen vision tower of a random model passes colour on only as a small
 shift of its mostly image-independent output, and a small shape makes that shift too faint to learn in the demo's
 budget (measured: exact match stayed at chance after 1,000 steps with small shapes, 0.92 with large ones).
-Everything is a deterministic function of the seed.
+It also gives grounding's chance level (``mean_box_chance``: the mean training box), which the demo reports its
+held-out boxes against. Everything is a deterministic function of the seed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from pathlib import Path
 from qwenvl_core.data.bundle import write_bundle
 from qwenvl_core.data.formats import Sample, to_qwen_record
 from qwenvl_core.data.synth import generate_count_samples, generate_samples
+from qwenvl_core.grounding.geometry import iou
+from qwenvl_core.models.qwen_vl.grounding import parse_grounding
 
 # generate_samples cycles through: colour, shape, count, position, grounding, compare.
 _KINDS = ("colour", "shape", "count", "position", "grounding", "compare")
 LONE_SHAPE_SIZE = (1 / 3, 1 / 2)  # side of the one shape in a picture, as fractions of the picture's side
+# Held-out questions: half of them boxes (96), enough to tell a grounding rate of ~0.15 from chance (~0.04) with a
+# binomial test (48 questions, 24 boxes, could not); evaluating them is seconds of the demo's minutes.
+N_VALIDATION = 192
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,24 @@ class DemoData:
     validation_samples: int
     grounding_image: Path | None  # a held-out image with a grounding question (None without grounding)
     grounding_question: str | None
+    validation_boxes: int = 0  # held-out grounding questions
+    grounding_chance: float | None = None  # ``mean_box_chance``: what a model that ignores the picture scores
+
+
+def _box(sample: Sample) -> tuple[int, int, int, int] | None:
+    objects = parse_grounding(sample.messages[-1].text)
+    return (objects[0].box.x1, objects[0].box.y1, objects[0].box.x2, objects[0].box.y2) if objects else None
+
+
+def mean_box_chance(train: list[Sample], validation: list[Sample]) -> float:
+    """Chance for grounding: the share of held-out boxes that the mean training box (the best constant answer a
+    model can learn without looking) overlaps with IoU >= 0.5 (0-1000 grid: IoU does not depend on the frame)."""
+    train_boxes = [b for b in map(_box, train) if b is not None]
+    val_boxes = [b for b in map(_box, validation) if b is not None]
+    if not train_boxes or not val_boxes:
+        return 0.0
+    mean = [sum(b[i] for b in train_boxes) / len(train_boxes) for i in range(4)]
+    return sum(iou(b, mean) >= 0.5 for b in val_boxes) / len(val_boxes)
 
 
 def _select(samples: list[Sample], kinds: tuple[str, ...]) -> list[Sample]:
@@ -49,7 +73,7 @@ def _write(out: Path, name: str, samples: list[Sample]) -> Path:
     return write_bundle(path, out / f"{name}.zip", images)
 
 
-def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int = 48, seed: int = 0,
+def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int = N_VALIDATION, seed: int = 0,
                        kinds: tuple[str, ...] = ("colour", "grounding"), task: str = "colours") -> DemoData:
     """Write ``train.zip`` and ``validation.zip`` (held-out images and questions) into ``out_dir``.
 
@@ -73,5 +97,6 @@ def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int =
     grounding = next((s for s in val if s.messages[-1].text.startswith("<ref>")), None)
     question = grounding.messages[0].text if grounding else None
     image = Path(str(grounding.messages[0].images[0].source)) if grounding else None
+    boxes = sum(_box(s) is not None for s in val)
     return DemoData(_write(out_dir, "train", train), _write(out_dir, "validation", val), len(train), len(val),
-                    image, question)
+                    image, question, boxes, mean_box_chance(train, val) if boxes else None)

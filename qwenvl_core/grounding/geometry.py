@@ -7,7 +7,7 @@ and written values are clipped to ``[0, max]``. The 0-1000 grids of Qwen2-VL and
 converters do (Qwen3-VL repo, ``qwen-vl-finetune/tools/process_bbox.ipynb``); reading maps ``v / units * size``
 without rounding (the cookbooks truncate with ``int()`` only to draw) and clips to the image.
 
-This module also checks pixel boxes / points that dataset authors give (``pixel_problems``).
+``iou`` compares two boxes. This module also checks pixel boxes / points that dataset authors give (``pixel_problems``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ GRID_1000 = Frame(1000, 1000, 1000, 1000)
 
 def _clip(value: float, low: float, high: float) -> float:
     return min(max(value, low), high)
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes ``(x1, y1, x2, y2)`` in the same frame (pixels, or a 0-1000 grid)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / area if area > 0 else 0.0
 
 
 def write_box(frame: Frame, box: Sequence[float], image_size: ImageSize) -> tuple[int, int, int, int]:

@@ -54,6 +54,8 @@ class PretrainConfig:
     max_grad_norm: float = 1.0
     position_init_std: float = 1.0
     vision_warmup_steps: int = 1000
+    vision_warmup_targets: tuple[str, ...] = ("shape", "colour", "region")  # plus "box": a corner regression
+    vision_warmup_side: tuple[int, int] = (18, 40)  # the warm-up objects' side in pixels
     train_vision_with_lm: bool = False  # stage 2 also trains the tower (measured: it then loses position)
     tasks: tuple[str, ...] = tuple(PRETRAIN_TASKS)
     device: str = "cpu"  # where the model trains ("cuda" on a GPU); the recipe's figures were measured on the CPU
@@ -94,13 +96,14 @@ def init_for_pretraining(model: QWenLMHeadModel, config: PretrainConfig) -> None
 
 def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: PretrainConfig,
              log_every: int = 100, on_log: Callable[[int, float], None] | None = None,
-             stop_after: int | None = None) -> PretrainLog:
+             stop_after: int | None = None, tower: torch.nn.Module | None = None) -> PretrainLog:
     """Stage 2: train ``model`` in place on the rendered mix for ``config.steps`` steps with the model's own loss;
     the vision tower stays as stage 1 left it unless ``config.train_vision_with_lm``. Returns the loss curve.
-    ``stop_after``: stop after that many steps of the same run (same schedule): an exact prefix of it."""
+    ``stop_after``: stop after that many steps of the same run (same schedule): an exact prefix of it.
+    ``tower``: the vision tower of a model that is not v1's (``family.vision_tower(model)``)."""
     hp = config.hyperparameters()
     torch.manual_seed(config.seed)
-    tower = model.transformer.visual
+    tower = model.transformer.visual if tower is None else tower
     frozen = [] if config.train_vision_with_lm else [p for p in tower.parameters() if p.requires_grad]
     for param in frozen:
         param.requires_grad_(False)
@@ -149,7 +152,8 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig = PretrainConfig()
         init_for_pretraining(model, config)
         start = time.monotonic()
         warmup_steps = config.vision_warmup_steps if prefix is None else min(prefix[0], config.vision_warmup_steps)
-        warmup = warm_up_vision(model.transformer.visual, processor.image_size, warmup_steps, seed=config.seed)
+        warmup = warm_up_vision(model.transformer.visual, processor.image_size, warmup_steps, seed=config.seed,
+                                targets=tuple(config.vision_warmup_targets), side=tuple(config.vision_warmup_side))
         warmup_seconds = time.monotonic() - start
         log = pretrain(model, processor, config, log_every, on_log, stop_after=None if prefix is None else prefix[1])
         log.vision_warmup, log.seconds = warmup, log.seconds + warmup_seconds

@@ -7,7 +7,8 @@ writing samples as a dataset in the platform's official (Qwen) format (``write_d
 
 Two families of tasks:
 - ``PRETRAIN_TASKS``, the pretraining mix: captions, shape / colour / position / count questions, reading a
-  glyph, and v1-style grounding ``<ref>the red star</ref><box>(x1,y1),(x2,y2)</box>``;
+  glyph, and v1-style grounding ``<ref>the red star</ref><box>(x1,y1),(x2,y2)</box>``; ``GROUNDING_TASKS`` adds
+  grounding of a lone object of any size (``ground_one``), a candidate mix;
 - ``HELD_OUT_TASKS``, never in the pretraining mix, for measuring what a fine-tune on top of the pretrained base
   learns: a new question about known shapes (``corners``), a new visual concept (``line``: is the shape above or
   below a line), and grounding of a new object kind (``ground_arrow``: arrows are never drawn in pretraining).
@@ -217,6 +218,12 @@ def task_ground(rng: random.Random) -> list[Message]:
     return _qa(Scene(things), f"Where is the {target.name}?", _ref(target, f"the {target.name}"))
 
 
+def task_ground_one(rng: random.Random) -> list[Message]:
+    """Grounding of a lone object of any size from small to half the picture (``task_ground``'s are 16-30 px)."""
+    thing = place(rng, [rng.choice(SHAPES)], [rng.choice(list(COLOURS))], side=(16, 60))[0]
+    return _qa(Scene((thing,)), f"Where is the {thing.name}?", _ref(thing, f"the {thing.name}"))
+
+
 def task_grounded_caption(rng: random.Random) -> list[Message]:
     things = _distinct(rng, rng.randint(1, 2))
     text = " and ".join(_ref(t, f"a {t.name}") for t in things)
@@ -253,8 +260,11 @@ PRETRAIN_TASKS: dict[str, Task] = {
     "caption": task_caption, "shape": task_shape, "colour": task_colour, "region": task_region,
     "count": task_count, "glyph": task_glyph, "ground": task_ground, "grounded_caption": task_grounded_caption,
 }
+# A candidate mix with a larger share of grounding, of objects of every size (measured, not shipped:
+# docs/pretraining.md section 5; ``bench/pretrain_grounding.py``).
+GROUNDING_TASKS: dict[str, Task] = {**PRETRAIN_TASKS, "ground_one": task_ground_one}
 HELD_OUT_TASKS: dict[str, Task] = {"corners": task_corners, "line": task_line, "ground_arrow": task_ground_arrow}
-TASKS: dict[str, Task] = {**PRETRAIN_TASKS, **HELD_OUT_TASKS}
+TASKS: dict[str, Task] = {**GROUNDING_TASKS, **HELD_OUT_TASKS}
 
 
 def sample(task: str, seed: int, index: int) -> Sample:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from qwenvl_core.data import IGNORE_INDEX, Collator, EncodedSample, Sample
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.grounding import ImageSize, PixelBox
+from qwenvl_core.grounding.geometry import iou
 from qwenvl_core.images import image_size
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
 from qwenvl_core.specs import EvalSpec
@@ -46,15 +47,6 @@ class TaskItem:
     reference: str = ""
     image_size: ImageSize | None = None  # (width, height) of the prompt's last image: the boxes' frame
     boxes: tuple[PixelBox, ...] = ()  # the reference's boxes in pixels; empty: an exact-match question
-
-
-def iou(a: PixelBox, b: PixelBox) -> float:
-    """Intersection over union of two pixel boxes ``(x1, y1, x2, y2)``."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / area if area > 0 else 0.0
 
 
 def normalise(text: str) -> str:

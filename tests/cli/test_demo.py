@@ -24,10 +24,16 @@ def test_demo_fine_tunes_the_pretrained_base_with_auto_settings_and_stops_the_st
     hp = report["hyperparameters"]
     assert all(isinstance(hp[k], int | float) for k in ("n_epochs", "batch_size", "learning_rate_multiplier")), hp
     m = report["metrics"]
-    # The pretrained base reads colour from the picture (six answers, chance 1/6) and the fine-tune keeps it; the
-    # base answers no demo box (IoU >= 0.5), the fine-tuned model some (docs/hyperparameters.md has the numbers).
+    # The pretrained base reads colour from the picture (six answers, chance 1/6) and the fine-tune keeps it.
     assert m["eval/exact_match"] >= 0.9
-    assert m["eval/grounding_accuracy"] > m["eval_base/grounding_accuracy"]
+    # Grounding is learnt, measured on 96 held-out boxes against chance (the mean training box: what a model that
+    # ignores the picture would learn, 2 of 96): a model at chance reaches p < 1e-3 (8 or more boxes) less than once
+    # in 1,000 runs; the measured fine-tune drew 14 (p ~1e-8; base 3: docs/hyperparameters.md).
+    g = report["grounding"]
+    assert g["boxes"] >= 96 and 0 < g["chance"] < 0.1, g
+    assert g["p_value"] < 1e-3 and g["hits"] > g["base_hits"], g
+    assert g["hits"] == round(m["eval/grounding_accuracy"] * g["boxes"])
+    assert f"{g['hits']} of {g['boxes']} held-out boxes" in result.stdout
     assert report["model"].startswith(f"ft:{BASE_MODEL}:default:demo:")
     assert report["answer"]
     assert "MLflow UI" in result.stdout and "/docs" in result.stdout

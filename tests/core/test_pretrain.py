@@ -98,6 +98,19 @@ def test_vision_warm_up_trains_the_tower_and_reports_held_out_accuracy(tiny_mode
     assert "conv1.weight" in changed and "attn_pool.kv_proj.weight" in changed
 
 
+def test_vision_warm_up_box_target_is_scored_by_iou(tiny_model_dir: Path) -> None:
+    from qwenvl_core.pretrain.vision_warmup import BOX, box_hits, warm_up_vision
+
+    visual = detect_family(tiny_model_dir).load_model(tiny_model_dir).transformer.visual
+    accuracy = warm_up_vision(visual, 112, steps=2, batch_size=4, targets=("colour", BOX), side=(16, 60),
+                              n_test=8)
+    assert set(accuracy) == {"colour", BOX} and 0.0 <= accuracy[BOX] <= 1.0
+    target = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.1, 0.1, 0.5, 0.5], [0.1, 0.1, 0.5, 0.5]])
+    # the same box; one shifted by a tenth of its side (IoU 0.67); one shifted by half (IoU 0.33)
+    predicted = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.14, 0.1, 0.54, 0.5], [0.3, 0.1, 0.7, 0.5]])
+    assert box_hits(predicted, target).tolist() == [True, True, False]
+
+
 def test_pretrained_base_is_a_drop_in_for_the_tiny_preset(tmp_path: Path, tiny_model_dir: Path) -> None:
     from qwenvl_core.models.qwen_vl.weights import read_state_dict
     from qwenvl_core.pretrain.recipe import pretrain_base
