@@ -109,6 +109,17 @@ PRETRAINED_TINY = TrainingDefaults(
     micro_batch_tokens=4096, lora=LoraDefaults(r=16, alpha=32.0, dropout=0.0, targets="all-linear"),
     source="measured: qwen-vl-tiny-seeing with bench/auto_tiny.py (docs/hyperparameters.md)",
 )
+# The other families' pretrained tiny bases (qwenvl_core.pretrain.families; family name -> the defaults shipped in
+# <family>-tiny-seeing): qwen-vl-tiny-seeing's values (same LM size, same pretraining), measured on qwen2.5-vl's with
+# the demo through the service (docs/pretraining.md, "The other families' tiny bases").
+PRETRAINED_TINY_FAMILIES: dict[str, TrainingDefaults] = {
+    "qwen2.5-vl": PRETRAINED_TINY.model_copy(update={
+        "source": "measured: qwen2.5-vl-tiny-seeing with `qwenvl demo --model qwen2.5-vl-tiny-seeing` "
+                  "(docs/pretraining.md)"}),
+    **{name: PRETRAINED_TINY.model_copy(update={
+        "source": f"qwen-vl-tiny-seeing's measured defaults, not re-measured on {name}-tiny-seeing "
+                  "(docs/pretraining.md)"}) for name in ("qwen2-vl", "qwen3-vl")},
+}
 FAMILY_DEFAULTS: dict[str, TrainingDefaults] = {  # config.json model_type -> defaults of official checkpoints
     "qwen": V1_OFFICIAL,
     "qwen2_vl": LLAMA_FACTORY_LORA,

@@ -9,6 +9,10 @@ which the test suite re-runs in seconds to show the recipe still produces these 
     python -m qwenvl_core.pretrain.ship --out DIR     # build into a new directory (~6 min on one thread)
     python -m qwenvl_core.pretrain.ship --check       # rebuild in a temporary directory, compare with the shipped
     python -m qwenvl_core.pretrain.ship --refresh-defaults DIR   # new autotune.PRETRAINED_TINY, same weights
+
+``--family NAME`` (qwen2-vl, qwen2.5-vl, qwen3-vl) does the same for that family's tiny base,
+``qwenvl_core/assets/NAME-tiny-seeing`` (``pretrain.families``: the same recipe through the family's processor and
+forward; its defaults are ``autotune.PRETRAINED_TINY_FAMILIES[NAME]``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from typing import Any
 
 import torch
 
-from qwenvl_core.autotune import DEFAULTS_FILE, PRETRAINED_TINY
+from qwenvl_core.autotune import DEFAULTS_FILE, PRETRAINED_TINY, PRETRAINED_TINY_FAMILIES, TrainingDefaults
 from qwenvl_core.models.shipped import MANIFEST_FILE, digests, shipped_dir
-from qwenvl_core.pretrain.recipe import PretrainConfig, pretrain_base
+from qwenvl_core.pretrain.families import SEEING, pretrain_family_base, recipe_of
+from qwenvl_core.pretrain.recipe import PretrainConfig, PretrainLog, pretrain_base
 
 NAME = "qwen-vl-tiny-seeing"
 RECIPE = PretrainConfig()
@@ -60,55 +65,85 @@ def one_thread(fn: Callable[[], Any]) -> Any:
         torch.set_num_threads(threads)
 
 
-def prefix_fingerprint(config: PretrainConfig = RECIPE, prefix: tuple[int, int] = PREFIX) -> dict[str, list[float]]:
+def _run(out_dir: Path, config: PretrainConfig, family: str | None, **kwargs: Any) -> tuple[Path, PretrainLog]:
+    """v1's recipe (``family`` None) or a transformers family's (``families.pretrain_family_base``)."""
+    if family is None:
+        return pretrain_base(out_dir, config, **kwargs)
+    return pretrain_family_base(family, out_dir, config, **kwargs)
+
+
+def name_of(family: str | None) -> str:
+    """The shipped directory of v1's base (``family`` None) or of ``family``'s."""
+    return NAME if family is None else SEEING[family]
+
+
+def defaults_of(family: str | None) -> TrainingDefaults:
+    """The ``auto`` defaults shipped with v1's base (``family`` None) or with ``family``'s."""
+    return PRETRAINED_TINY if family is None else PRETRAINED_TINY_FAMILIES[family]
+
+
+def prefix_fingerprint(config: PretrainConfig = RECIPE, prefix: tuple[int, int] = PREFIX,
+                       family: str | None = None) -> dict[str, list[float]]:
     """The fingerprint of the recipe's first ``prefix`` steps (a few seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out, _ = one_thread(lambda: pretrain_base(Path(tmp) / "prefix", config, prefix=prefix))
+        out, _ = one_thread(lambda: _run(Path(tmp) / "prefix", config, family, prefix=prefix))
         return fingerprint(out)
 
 
-def build(out_dir: Path, config: PretrainConfig = RECIPE, echo: Callable[[str], None] = print) -> Path:
+def build(out_dir: Path, config: PretrainConfig = RECIPE, echo: Callable[[str], None] = print,
+          family: str | None = None) -> Path:
     """Run the recipe into the new directory ``out_dir`` and write the shipped files there."""
-    out, log = one_thread(lambda: pretrain_base(out_dir, config, log_every=500,
-                                                on_log=lambda s, loss: echo(f"  step {s:5d}  loss {loss:.4f}")))
-    finish(out, config, {"seconds": round(log.seconds), "losses": log.losses, "vision_warmup": log.vision_warmup})
+    out, log = one_thread(lambda: _run(out_dir, config, family, log_every=500,
+                                       on_log=lambda s, loss: echo(f"  step {s:5d}  loss {loss:.4f}")))
+    finish(out, config, {"seconds": round(log.seconds), "losses": log.losses, "vision_warmup": log.vision_warmup},
+           family)
     echo(f"wrote {out} in {log.seconds:.0f} s")
     return out
 
 
-def finish(out: Path, config: PretrainConfig, run: dict[str, Any]) -> None:
-    """Add the training defaults and the manifest to ``out``, which ``recipe.pretrain_base(out, config)`` wrote on
-    one thread; ``run``: what the run logged (seconds, losses, vision warm-up accuracy)."""
-    PRETRAINED_TINY.write(out)
+def finish(out: Path, config: PretrainConfig, run: dict[str, Any], family: str | None = None) -> None:
+    """Add the training defaults and the manifest to ``out``, which ``recipe.pretrain_base(out, config)`` (or
+    ``families.pretrain_family_base(family, out, config)``) wrote on one thread; ``run``: what the run logged
+    (seconds, losses, vision warm-up accuracy)."""
+    defaults_of(family).write(out)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
     manifest = {
-        "name": NAME, "recipe": dataclasses.asdict(config), "threads": 1, "torch": torch.__version__, **run,
-        "prefix": {"steps": list(PREFIX), "fingerprint": prefix_fingerprint(config)},
+        "name": name_of(family), "recipe": dataclasses.asdict(config), "threads": 1, "torch": torch.__version__,
+        **run, "prefix": {"steps": list(PREFIX), "fingerprint": prefix_fingerprint(config, family=family)},
         "files": digests(out, files),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
-def check(echo: Callable[[str], None] = print) -> bool:
+def shipped_recipe(family: str | None = None) -> PretrainConfig:
+    """The recipe recorded in the shipped manifest of v1's base (``family`` None) or of ``family``'s."""
+    shipped = json.loads((shipped_dir(name_of(family)) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    recipe = shipped["recipe"]
+    return PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
+
+
+def check(echo: Callable[[str], None] = print, family: str | None = None) -> bool:
     """Rebuild into a temporary directory; True when every weight file is bit-equal to the shipped one."""
-    shipped = json.loads((shipped_dir(NAME) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    name = name_of(family)
+    shipped = json.loads((shipped_dir(name) / MANIFEST_FILE).read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
-        out = build(Path(tmp) / NAME, PretrainConfig(**shipped["recipe"]), echo)
+        out = build(Path(tmp) / name, shipped_recipe(family), echo, family)
         rebuilt = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
         differ = [n for n in shipped["files"] if rebuilt["files"].get(n) != shipped["files"][n]]
         if differ:
-            tensors = fingerprints_match(fingerprint(out), fingerprint(shipped_dir(NAME)), rtol=0.0)
+            tensors = fingerprints_match(fingerprint(out), fingerprint(shipped_dir(name)), rtol=0.0)
             echo(f"differ from the shipped files: {', '.join(differ)}; tensors that differ: {tensors[:5]} "
                  f"({len(tensors)} in all)")
         else:
-            echo(f"bit-equal to {shipped_dir(NAME)}")
+            echo(f"bit-equal to {shipped_dir(name)}")
         return not differ
 
 
-def refresh_defaults(model_dir: Path) -> None:
-    """Rewrite ``training_defaults.json`` of a built directory from ``autotune.PRETRAINED_TINY`` (and its sha256 in
-    the manifest): the defaults are measured after the weights, and changing them does not retrain."""
-    PRETRAINED_TINY.write(model_dir)
+def refresh_defaults(model_dir: Path, family: str | None = None) -> None:
+    """Rewrite ``training_defaults.json`` of a built directory from ``autotune.PRETRAINED_TINY`` (or the family's
+    ``PRETRAINED_TINY_FAMILIES`` entry) and its sha256 in the manifest: the defaults are measured after the weights,
+    and changing them does not retrain."""
+    defaults_of(family).write(model_dir)
     path = model_dir / MANIFEST_FILE
     manifest = json.loads(path.read_text(encoding="utf-8"))
     manifest["files"].update(digests(model_dir, [DEFAULTS_FILE]))
@@ -122,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--check", action="store_true", help="rebuild and compare with the shipped directory")
     group.add_argument("--refresh-defaults", type=Path, metavar="DIR",
                        help="rewrite DIR's training_defaults.json from autotune.PRETRAINED_TINY")
+    parser.add_argument("--family", choices=sorted(SEEING),
+                        help="the tiny base of this transformers family (default: v1's qwen-vl-tiny-seeing)")
     args = parser.parse_args(argv)
     if args.check:
-        return 0 if check() else 1
+        return 0 if check(family=args.family) else 1
     if args.refresh_defaults:
-        refresh_defaults(args.refresh_defaults)
+        refresh_defaults(args.refresh_defaults, args.family)
         return 0
-    build(args.out)
+    build(args.out, RECIPE if args.family is None else recipe_of(args.family), family=args.family)
     return 0
 
 

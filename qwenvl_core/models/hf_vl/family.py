@@ -125,4 +125,9 @@ class HFVisionLanguageFamily:
     ) -> Path:
         from qwenvl_core.models.hf_vl.materialize import write_random_model
 
+        found = self.spec.presets.get(preset)
+        if found is not None and found.weights is not None:  # a pretrained preset: its shipped files
+            from qwenvl_core.models.shipped import copy_shipped
+
+            return copy_shipped(found.weights, out_dir, seed=seed, dtype=dtype)
         return write_random_model(self.spec, preset, out_dir, seed=seed, dtype=dtype)

@@ -43,6 +43,8 @@ class Preset:
     # Training defaults written next to the weights (training_defaults.json, read by `auto` hyperparameters:
     # qwenvl_core.autotune); None: the family's defaults apply (official checkpoints).
     training: TrainingDefaults | None = None
+    # Shipped pretrained weights (``qwenvl_core.models.shipped``): ``materialize`` copies them, nothing is drawn.
+    weights: str | None = None
 
 
 @dataclass(frozen=True)

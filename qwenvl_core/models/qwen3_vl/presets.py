@@ -121,3 +121,13 @@ PRESETS: dict[str, Preset] = {
         training=RANDOM_TINY,  # qwen-vl-tiny's measured defaults: a random LM of the same size
     ),
 }
+
+# The starting point of the tiny pretraining recipe (qwenvl_core/pretrain/families.py): qwen3-vl-tiny's shapes with
+# init std 0.1 in the LM and the ViT (as qwen-vl-tiny-v2 is v1's: at 0.02 the tiny tower learns no shape or place).
+_TINY = PRESETS["qwen3-vl-tiny"]
+PRESETS["qwen3-vl-tiny-v2"] = Preset(
+    "qwen3-vl-tiny's shapes with init std 0.1, the starting point of the tiny pretraining recipe",
+    {**_TINY.config, "text_config": {**_TINY.config["text_config"], "initializer_range": 0.1},
+     "vision_config": {**_TINY.config["vision_config"], "initializer_range": 0.1}},
+    image_processor=_TINY.image_processor,
+)
