@@ -46,7 +46,7 @@ DEMO_JOB: dict[str, Any] = {
 }
 METRICS = (("loss", "eval loss (lower is better)"), ("token_accuracy", "answer-token accuracy"),
            ("exact_match", "exact match: {task} questions"), ("grounding_accuracy", "grounding: box IoU >= 0.5"))
-TASK_WORDS = {"colours": "colour", "counting": "counting"}
+TASK_WORDS = {"colours": "colour", "counting": "counting", "line": "above / below the line"}
 
 
 class DemoTask(StrEnum):
@@ -54,6 +54,7 @@ class DemoTask(StrEnum):
 
     COLOURS = "colours"
     COUNTING = "counting"
+    LINE = "line"
 
 
 def binomial_p_value(hits: int, n: int, p: float) -> float:
@@ -171,8 +172,9 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
 def demo(keep: Annotated[bool, typer.Option("--keep", help="Leave the stack running afterwards.")] = False,
          json_out: Annotated[Path | None, typer.Option("--report", help="Also write the results as JSON.")] = None,
          api_port: ApiPort = 8000, mlflow_port: MlflowPort = 5000, dashboard_port: DashPort = 8265,
-         task: Annotated[DemoTask, typer.Option("--task", help="The questions: colours (colour and grounding) or "
-                                                "counting (how many shapes).")] = DemoTask.COLOURS,
+         task: Annotated[DemoTask, typer.Option("--task", help="The questions: colours (colour and grounding), "
+                                                "counting (how many shapes) or line (is the shape above or below "
+                                                "the line: a concept the pretrained base never saw).")] = DemoTask.COLOURS,
          model: Annotated[str, typer.Option("--model", help="The base model to fine-tune: one the local stack "
                                             f"serves ({', '.join(BASE_MODELS)}).")] = BASE_MODEL) -> None:
     """Upload, fine-tune, evaluate, serve and ask: the whole platform end to end on this machine."""

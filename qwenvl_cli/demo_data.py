@@ -73,20 +73,34 @@ def _write(out: Path, name: str, samples: list[Sample]) -> Path:
     return write_bundle(path, out / f"{name}.zip", images)
 
 
+def _rendered_bundle(data_file: Path, out: Path) -> Path:
+    """``render.write_dataset``'s data file and its ``images/`` as one bundle."""
+    return write_bundle(data_file, out, sorted((data_file.parent / "images").glob("*.png")))
+
+
 def write_demo_dataset(out_dir: Path, *, n_train: int = 600, n_validation: int = N_VALIDATION, seed: int = 0,
                        kinds: tuple[str, ...] = ("colour", "grounding"), task: str = "colours") -> DemoData:
     """Write ``train.zip`` and ``validation.zip`` (held-out images and questions) into ``out_dir``.
 
-    ``task``: ``colours`` (the ``kinds`` above) or ``counting`` (``synth.generate_count_samples``: "How many shapes
-    are there?", 1 to 4, chance 1/4; no grounding question)."""
+    ``task``: ``colours`` (the ``kinds`` above), ``counting`` (``synth.generate_count_samples``: "How many shapes
+    are there?", 1 to 4, chance 1/4; no grounding question) or ``line`` (``pretrain.render.task_line``: "Is the
+    hexagon above or below the line?", a visual concept never in the pretrained base's mix, chance 1/2)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if task == "line":
+        from qwenvl_core.pretrain.render import mixture, write_dataset
+
+        # Training and held-out pictures from disjoint seeds (as ``pretrain.recipe.write_task_files``).
+        train, val = mixture((task,), 100 + seed, 0, n_train), mixture((task,), 200 + seed, 0, n_validation)
+        bundles = [_rendered_bundle(write_dataset(out_dir / name, samples, name), out_dir / f"{name}.zip")
+                   for name, samples in (("train", train), ("validation", val))]
+        return DemoData(bundles[0], bundles[1], len(train), len(val), None, None)
     if task == "counting":
         train = generate_count_samples(n_train, seed, out_dir / "images-train")
         val = generate_count_samples(n_validation, seed + 1, out_dir / "images-val")
         return DemoData(_write(out_dir, "train", train), _write(out_dir, "validation", val), len(train), len(val),
                         None, None)
     if task != "colours":
-        raise ValueError(f"unknown demo task {task!r}; known: colours, counting")
+        raise ValueError(f"unknown demo task {task!r}; known: colours, counting, line")
     per_cycle = len(kinds)
     cycles_train = -(-n_train // per_cycle)
     cycles_val = -(-n_validation // per_cycle)
