@@ -47,6 +47,33 @@ class Preset:
     weights: str | None = None
 
 
+def tiny_pretraining_presets(family: str, tiny: Preset, lm_config: str | None = None,
+                             shipped: bool = True) -> dict[str, Preset]:
+    """The tiny pretraining recipe's presets of ``family`` (``qwenvl_core.pretrain.families``).
+
+    ``<family>-tiny-v2``: ``tiny``'s shapes with init std 0.1 in the LM (its sub-config ``lm_config``, None: the
+    top level) and the ViT -- the recipe's starting point (as qwen-vl-tiny-v2 is v1's: at 0.02 the tiny tower learns
+    no shape or place). With ``shipped``, ``<family>-tiny-seeing``: that model after the recipe, its weights shipped
+    in ``qwenvl_core/assets/`` (built by ``python -m qwenvl_core.pretrain.ship --family <family>``; its
+    training_defaults.json is ``autotune.PRETRAINED_TINY_FAMILIES[family]``), the local stack's base of the family;
+    ``materialize`` copies its files.
+    """
+    config = {**tiny.config, "vision_config": {**tiny.config["vision_config"], "initializer_range": 0.1}}
+    if lm_config is None:
+        config["initializer_range"] = 0.1
+    else:
+        config[lm_config] = {**config[lm_config], "initializer_range": 0.1}
+    presets = {f"{family}-tiny-v2": Preset(
+        f"{family}-tiny's shapes with init std 0.1, the starting point of the tiny pretraining recipe", config,
+        image_processor=tiny.image_processor)}
+    if shipped:
+        presets[f"{family}-tiny-seeing"] = Preset(
+            f"{family}-tiny-v2 pretrained on rendered image-text data (shapes, colours, places, counts, glyphs, "
+            f"boxes): shipped weights, the local stack's {family} base", config, image_processor=tiny.image_processor,
+            weights=f"{family}-tiny-seeing")
+    return presets
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Everything that differs between the transformers-native Qwen VL families."""

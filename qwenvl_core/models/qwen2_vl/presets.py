@@ -14,7 +14,7 @@ Our counts (meta device, tied weights once): 2,208,985,600 and 8,291,375,616.
 from __future__ import annotations
 
 from qwenvl_core.autotune import RANDOM_TINY
-from qwenvl_core.models.hf_vl.spec import Preset, config_token_ids
+from qwenvl_core.models.hf_vl.spec import Preset, config_token_ids, tiny_pretraining_presets
 from qwenvl_core.models.hf_vl.tokenizer import TINY_ORDINARY_TOKENS
 
 OFFICIAL_ORDINARY_TOKENS = 151643
@@ -87,20 +87,7 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# The starting point of the tiny pretraining recipe (qwenvl_core/pretrain/families.py): qwen2-vl-tiny's shapes with
-# init std 0.1 in the LM and the ViT (as qwen-vl-tiny-v2 is v1's: at 0.02 the tiny tower learns no shape or place).
-PRESETS["qwen2-vl-tiny-v2"] = Preset(
-    "qwen2-vl-tiny's shapes with init std 0.1, the starting point of the tiny pretraining recipe",
-    {**PRESETS["qwen2-vl-tiny"].config, "initializer_range": 0.1,
-     "vision_config": {**PRESETS["qwen2-vl-tiny"].config["vision_config"], "initializer_range": 0.1}},
-    image_processor=PRESETS["qwen2-vl-tiny"].image_processor,
-)
 
-# qwen2-vl-tiny-v2 after the tiny pretraining recipe, shipped in qwenvl_core/assets/ (built by
-# ``python -m qwenvl_core.pretrain.ship --family qwen2-vl``; its training_defaults.json is
-# autotune.PRETRAINED_TINY_FAMILIES["qwen2-vl"]): the local stack's qwen2-vl base. ``materialize`` copies its files.
-PRESETS["qwen2-vl-tiny-seeing"] = Preset(
-    "qwen2-vl-tiny-v2 pretrained on rendered image-text data (shapes, colours, places, counts, glyphs, boxes): "
-    "shipped weights, the local stack's qwen2-vl base", PRESETS["qwen2-vl-tiny-v2"].config,
-    image_processor=PRESETS["qwen2-vl-tiny-v2"].image_processor, weights="qwen2-vl-tiny-seeing",
-)
+# The tiny pretraining recipe's presets (qwenvl_core/pretrain/families.py): qwen2-vl-tiny-v2, its starting point, and
+# qwen2-vl-tiny-seeing, the shipped result (the local stack's qwen2-vl base).
+PRESETS.update(tiny_pretraining_presets("qwen2-vl", PRESETS["qwen2-vl-tiny"]))
