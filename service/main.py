@@ -10,6 +10,7 @@ is read, per-tenant rate and concurrency limits, the slow-body timeout, and the 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,9 @@ ASGIApp = Callable[..., Any]
 def _lifespan(ctx: ServiceContext) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        switch = sys.getswitchinterval()
+        if ctx.settings.gil_switch_interval_s > 0:  # see the setting: short requests wait less behind busy threads
+            sys.setswitchinterval(ctx.settings.gil_switch_interval_s)
         if ctx.settings.scheduler_enabled:
             ctx.scheduler.start()
         try:
@@ -46,6 +50,7 @@ def _lifespan(ctx: ServiceContext) -> Callable[[FastAPI], Any]:
             if ctx.settings.scheduler_enabled:
                 ctx.scheduler.stop()
             ctx.validator.shutdown()
+            sys.setswitchinterval(switch)
 
     return lifespan
 

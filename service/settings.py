@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one API process works on at once: Ray "
                                       "Serve's max_ongoing_requests of the ingress, uvicorn's limit_concurrency "
                                       "(which counts open connections too) for python -m service; 503 above.")
+    gil_switch_interval_s: float = Field(0.0005, ge=0, description="The API process's GIL switch interval while the "
+                                         "app runs (sys.setswitchinterval; 0: Python's default, 5 ms). Its request "
+                                         "handlers, body parsing and image decoding share one interpreter: at 5 ms a "
+                                         "busy thread (another tenant's flood) makes a short request wait up to 5 ms "
+                                         "per hand-over; 0.5 ms cut the other tenant's p99 under a flood "
+                                         "(bench/tenant_isolation.py, docs/benchmarks.md).")
     body_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body "
                                        "(408 request_timeout after it; the request's slot is freed).")
     tenant_requests_per_second: float = Field(50.0, ge=0, description="Per tenant and API process: sustained "
