@@ -20,8 +20,8 @@ from pathlib import Path
 from qwenvl_core.data.bundle import write_bundle
 from qwenvl_core.data.formats import Sample, to_qwen_record
 from qwenvl_core.data.synth import generate_count_samples, generate_samples
+from qwenvl_core.grounding import PixelBox, codec_for
 from qwenvl_core.grounding.geometry import iou
-from qwenvl_core.models.qwen_vl.grounding import parse_grounding
 
 # generate_samples cycles through: colour, shape, count, position, grounding, compare.
 _KINDS = ("colour", "shape", "count", "position", "grounding", "compare")
@@ -45,9 +45,10 @@ class DemoData:
     grounding_chance: float | None = None  # ``mean_box_chance``: what a model that ignores the picture scores
 
 
-def _box(sample: Sample) -> tuple[int, int, int, int] | None:
-    objects = parse_grounding(sample.messages[-1].text)
-    return (objects[0].box.x1, objects[0].box.y1, objects[0].box.x2, objects[0].box.y2) if objects else None
+def _box(sample: Sample) -> PixelBox | None:
+    """The first box of the answer (the dataset's v1 markup), on its 0-1000 grid (a 1000 x 1000 frame)."""
+    objects = codec_for("qwen-vl").parse(sample.messages[-1].text, (1000, 1000))
+    return objects[0].box if objects else None
 
 
 def mean_box_chance(train: list[Sample], validation: list[Sample]) -> float:
