@@ -3,13 +3,19 @@
 A request's session commits when the handler returns, before the response is sent (``scope="function"``: a
 client that gets a 200 for a created job can read it at once), and rolls back when it raises. ``TenantDep`` accepts
 only tenant keys; ``AdminDep`` only the admin key from settings.
+
+Dependencies that do no I/O are ``async def``: FastAPI runs every plain ``def`` dependency in its thread pool, and
+each such hop waits for a free thread, the GIL and the event loop again, which under load is most of a short
+request's latency (measured: ``bench/tenant_isolation.py``). The session is opened on the event loop (no I/O:
+SQLAlchemy connects on the first query) and committed (or rolled back) and closed in one thread-pool hop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -24,7 +30,7 @@ from service.storage import TenantStorage
 _bearer = HTTPBearer(auto_error=False, description="A tenant API key (sk-qv-...) or, for /v1/admin, the admin key.")
 
 
-def get_context(request: Request) -> ServiceContext:
+async def get_context(request: Request) -> ServiceContext:
     ctx: ServiceContext = request.app.state.ctx
     return ctx
 
@@ -32,22 +38,34 @@ def get_context(request: Request) -> ServiceContext:
 Ctx = Annotated[ServiceContext, Depends(get_context)]
 
 
-def get_settings(ctx: Ctx) -> Settings:
+async def get_settings(ctx: Ctx) -> Settings:
     return ctx.settings
 
 
-def get_storage(ctx: Ctx) -> TenantStorage:
+async def get_storage(ctx: Ctx) -> TenantStorage:
     return ctx.storage
 
 
-def get_session(ctx: Ctx) -> Iterator[Session]:
-    with ctx.sessions() as session:
-        try:
-            yield session
+async def get_session(ctx: Ctx) -> AsyncIterator[Session]:
+    session = ctx.sessions()
+    commit = False
+    try:
+        yield session
+        commit = True
+    finally:
+        with anyio.CancelScope(shield=True):  # a cancelled request (client gone) still returns its connection
+            await anyio.to_thread.run_sync(_end, session, commit)
+
+
+def _end(session: Session, commit: bool) -> None:
+    """Commit (or roll back) and close: the database I/O at the end of a request, in one thread-pool hop."""
+    try:
+        if commit:
             session.commit()
-        except BaseException:
+        else:
             session.rollback()
-            raise
+    finally:
+        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -67,7 +85,7 @@ def current_tenant(credentials: Credentials, session: SessionDep) -> Tenant:
     return tenant
 
 
-def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
+async def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
     admin = settings.admin_key.get_secret_value() if settings.admin_key else None
     if not auth.is_admin_key(_token(credentials), admin):
         raise Unauthorized("this endpoint needs the admin key", code="invalid_admin_key")

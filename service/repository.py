@@ -82,6 +82,13 @@ def get_key(s: Session, *, key_id: str) -> ApiKey | None:
     return s.get(ApiKey, key_id)
 
 
+def key_with_tenant(s: Session, *, key_id: str) -> tuple[ApiKey, Tenant] | None:
+    """The key and its tenant in one query; None when either is missing."""
+    row = s.execute(select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.id == key_id)).first()
+    return (row[0], row[1]) if row is not None else None
+
+
 def revoke_key(s: Session, *, key_id: str) -> ApiKey:
     key = s.get(ApiKey, key_id)
     if key is None:
