@@ -14,7 +14,8 @@ its rate limit, and a small text chat completion, 8 new tokens, at most 10/s), f
 - ``get``: 8 loops of ``GET`` as fast as they are answered (held to the rate limit: 429s).
 
 It prints B's p50/p99 for both requests unloaded and per scenario, the loaded/unloaded p99 ratio (target <= 3),
-and the status codes each side got (the single scenarios show which part of the flood costs B the most). Every
+the server process's CPU share while B measured (CPU seconds per second, its threads; its worker processes not
+counted), and the status codes each side got (the single scenarios show which part of the flood costs B the most). Every
 loop is bounded in time and count; nothing leaves the machine.
 
 Where the flood client runs (``--flood-cpus``): in a real attack tenant A's client runs on A's machines, not on the
@@ -213,6 +214,12 @@ def flood_process(url: str, port: int, key: str, file_id: str, seconds: float, s
     results.put(dict(statuses))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` so far, all its threads (its child processes not counted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ----- the run -----------------------------------------------------------------------------------------------------
 def summary(unloaded: dict[str, list[float]], loaded: dict[str, list[float]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -233,7 +240,7 @@ def cpu_layout(choice: str) -> tuple[set[int] | None, set[int] | None]:
 
 
 async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[str],
-              flood_cpus: set[int] | None) -> dict[str, Any]:
+              flood_cpus: set[int] | None, server_pid: int) -> dict[str, Any]:
     admin = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
         keys = {}
@@ -247,8 +254,10 @@ async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[
         file_id = resp.json()["id"]
     await measure_b(url, keys["tenant-b"], 10, Counter())  # warm-up: engine, DB, caches
     b_statuses: Counter[str] = Counter()
+    cpu_before, clock = cpu_seconds(server_pid), time.monotonic()
     unloaded = await measure_b(url, keys["tenant-b"], 20, b_statuses)
     out: dict[str, Any] = {"unloaded": {what: percentiles(unloaded[what]) for what in ("get", "chat")}}
+    out["unloaded"]["server CPU share"] = round((cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock), 2)
     for scenario in scenarios:
         kinds = FLOODS if scenario == "all" else (scenario,)
         context = multiprocessing.get_context("spawn")
@@ -257,12 +266,15 @@ async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[
                                                             kinds, flood_cpus, results))
         flood.start()
         await asyncio.sleep(4)  # let the flood build up (the process starts and encodes its bodies)
+        cpu_before, clock = cpu_seconds(server_pid), time.monotonic()
         loaded = await measure_b(url, keys["tenant-b"], seconds - 6, b_statuses)
+        cpu_share = round((cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock), 2)
         await asyncio.to_thread(flood.join, seconds + 60)
         if flood.exitcode != 0:
             raise RuntimeError(f"tenant A's flood process failed (exit code {flood.exitcode})")
         a_statuses = results.get(timeout=10)
-        out[f"A floods: {scenario}"] = {**summary(unloaded, loaded), "A": dict(sorted(a_statuses.items()))}
+        out[f"A floods: {scenario}"] = {**summary(unloaded, loaded), "server CPU share": cpu_share,
+                                        "A": dict(sorted(a_statuses.items()))}
         await asyncio.sleep(5)  # the flood's validations and estimates drain before the next scenario
     out["B statuses"] = dict(sorted(b_statuses.items()))
     return out
@@ -297,7 +309,7 @@ def main() -> None:
             result = {"cpus": {"server and B": sorted(server_cpus) if server_cpus else "all",
                                "A's flood client": sorted(flood_cpus) if flood_cpus else "all"}}
             result |= asyncio.run(run(url, int(url.rsplit(":", 1)[1]), args.seconds, args.stalls,
-                                      args.scenarios.split(","), flood_cpus))
+                                      args.scenarios.split(","), flood_cpus, proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the API and its validation / estimate workers
             proc.wait()
