@@ -6,8 +6,7 @@ public ones it checks the bearer key from the headers, before a single body byte
 - no key, a malformed, unknown or revoked key: 401 at once, and the connection is closed when a body was
   announced, so clients without a valid key cannot hold body-reading slots; ``/v1/admin/*`` needs the admin key;
 - a tenant key: the tenant's token bucket and in-flight count (``service.limits.TenantLimiter``) admit it or
-  answer 429 ``rate_limit_exceeded`` / ``too_many_concurrent_requests`` with ``Retry-After``, held back
-  ``tenant_refusal_delay_s`` first (a bounded number per tenant; see ``Admission._hold_refusal``); the in-flight slot
+  answer 429 ``rate_limit_exceeded`` / ``too_many_concurrent_requests`` with ``Retry-After``; the in-flight slot
   is held until the response has been sent (streams and uploads included). A body counts one more request per
   ``tenant_request_cost_bytes`` (its announced length up front, the rest once received; a body worth more than
   the burst takes a full bucket): receiving, parsing and decoding bodies is what a flood costs this process, so
@@ -176,7 +175,6 @@ class Admission:
             response = _too_many(rejection)
             if _declared_length(scope) > DRAIN_LIMIT_BYTES:  # not worth receiving: close instead of draining it
                 response.headers["Connection"] = "close"
-            await self._hold_refusal(caller.tenant_id, caller.limits, rejection)
             await response(scope, receive, send)  # a small body is drained: the client gets to read the 429
             return
         body = _Body(receive, self.ctx.settings.body_read_timeout_s, body_limit(self.ctx.settings, path))
@@ -185,19 +183,6 @@ class Admission:
         finally:
             self.limiter.release(caller.tenant_id)
             self.limiter.charge(caller.tenant_id, caller.limits, request_cost(body.received, unit) - cost)
-
-    async def _hold_refusal(self, tenant_id: str, limits: AdmissionLimits, rejection: Rejection) -> None:
-        """Wait ``tenant_refusal_delay_s`` (at most the Retry-After) before a 429, when fewer than the tenant's
-        concurrency cap of its refusals wait already: a client that retries at once then costs this process one
-        refusal per delay, not one per round trip (a refusal is cheap, hundreds a second are not). Nothing is
-        read meanwhile; the wait holds a connection, not a thread."""
-        delay = min(self.ctx.settings.tenant_refusal_delay_s, float(rejection.retry_after_s))
-        if delay <= 0 or not self.limiter.hold_refusal(tenant_id, limits):
-            return
-        try:
-            await anyio.sleep(delay)
-        finally:
-            self.limiter.release_refusal(tenant_id)
 
     async def _caller(self, scope: dict[str, Any]) -> Caller:
         authorization = dict(scope.get("headers", [])).get(b"authorization")

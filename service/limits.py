@@ -1,6 +1,6 @@
 """Per-tenant request limits of one API process: a token bucket (requests per second + burst; a request with a
-large body counts as several, ``request_cost``), a count of requests in flight, a count of refusals held back
-before their 429 (``hold_refusal``), and the estimate slots (one per tenant, a few in all).
+large body counts as several, ``request_cost``), a count of requests in flight, and the estimate slots (one per
+tenant, a few in all).
 
 Everything here is in-process state: with several API replicas each enforces its own limits, so a tenant may
 get up to ``replicas x`` the configured rate in all. The state is plain dicts under a ``threading.Lock`` (no
@@ -48,7 +48,6 @@ class AdmissionLimits:
 
 
 _MULTIPART_OVERHEAD = 64 * 1024
-DELAYED_REFUSALS = 32  # refusals of one tenant held back at once when its concurrency is unlimited
 
 
 def body_limit(settings: Settings, path: str) -> int:
@@ -103,7 +102,6 @@ class TenantLimiter:
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._in_flight: dict[str, int] = {}
-        self._delayed: dict[str, int] = {}  # refusals held back before their 429, per tenant
 
     def acquire(self, tenant_id: str, limits: AdmissionLimits, cost: int = 1) -> Rejection | None:
         """Admit a request worth ``cost`` requests of the rate limit (see ``request_cost``), or say why not."""
@@ -145,25 +143,6 @@ class TenantLimiter:
                 self._in_flight[tenant_id] = left
             else:
                 self._in_flight.pop(tenant_id, None)
-
-    def hold_refusal(self, tenant_id: str, limits: AdmissionLimits) -> bool:
-        """Count one more of the tenant's refusals held back (``Settings.tenant_refusal_delay_s``); False when
-        ``limits.max_concurrent_requests`` of them (``DELAYED_REFUSALS`` when unlimited) wait already."""
-        cap = limits.max_concurrent_requests or DELAYED_REFUSALS
-        with self._lock:
-            held = self._delayed.get(tenant_id, 0)
-            if held >= cap:
-                return False
-            self._delayed[tenant_id] = held + 1
-            return True
-
-    def release_refusal(self, tenant_id: str) -> None:
-        with self._lock:
-            left = self._delayed.get(tenant_id, 0) - 1
-            if left > 0:
-                self._delayed[tenant_id] = left
-            else:
-                self._delayed.pop(tenant_id, None)
 
     def in_flight(self, tenant_id: str) -> int:
         with self._lock:

@@ -131,13 +131,6 @@ class Settings(BaseSettings):
     tenant_max_concurrent_requests: int = Field(32, ge=0, description="Per tenant and API process: requests in "
                                                 "flight, uploads and chat streams included (429 "
                                                 "too_many_concurrent_requests above; 0: unlimited).")
-    tenant_refusal_delay_s: float = Field(1.0, ge=0, description="Per tenant and API process: a request refused "
-                                          "by the rate or concurrency limit gets its 429 after this many seconds "
-                                          "(at most its Retry-After; the connection is held, nothing read), so a "
-                                          "client that retries at once costs one refusal per delay, not one per "
-                                          "round trip; at most tenant_max_concurrent_requests (32 when that is 0) "
-                                          "of a tenant's refusals wait at once, the others are answered at once. "
-                                          "0: answer at once.")
     auth_cache_ttl_s: float = Field(5.0, ge=0, description="Seconds the admission check trusts a verified key "
                                     "without the database (the routes still check every request; 0: no cache).")
     estimate_timeout_s: float = Field(120.0, gt=0, description="Longest a /v1/fine_tuning/estimate may take, "

@@ -32,8 +32,7 @@ PATIENCE_S = 10.0  # how long a test waits for an answer that should come at onc
 MAX_CONCURRENT = 8
 LIMITS = {"QWENVL_BODY_READ_TIMEOUT_S": "3", "QWENVL_TENANT_REQUESTS_PER_SECOND": "5",
           "QWENVL_TENANT_REQUEST_BURST": "20", "QWENVL_TENANT_MAX_CONCURRENT_REQUESTS": str(MAX_CONCURRENT),
-          "QWENVL_TENANT_REQUEST_COST_BYTES": "100000",
-          "QWENVL_TENANT_REFUSAL_DELAY_S": "0"}  # these tests count refusals; test_refusal_delay.py holds them back
+          "QWENVL_TENANT_REQUEST_COST_BYTES": "100000"}
 BOUNDARY = "slowclientboundary"
 STUCK_HOOK = Path(__file__).with_name("stuck_worker")  # sitecustomize: workers for 'stuck-model' hang
 
