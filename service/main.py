@@ -9,7 +9,6 @@ is read, per-tenant rate and concurrency limits, the slow-body timeout, and the 
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -45,13 +44,9 @@ def _lifespan(ctx: ServiceContext) -> Callable[[FastAPI], Any]:
             sys.setswitchinterval(ctx.settings.gil_switch_interval_s)
         if ctx.settings.scheduler_enabled:
             ctx.scheduler.start()
-        if ctx.settings.gc_freeze:  # see the setting: full collections stop scanning what start-up loaded
-            gc.freeze()
         try:
             yield
         finally:
-            if ctx.settings.gc_freeze:
-                gc.unfreeze()
             if ctx.settings.scheduler_enabled:
                 ctx.scheduler.stop()
             ctx.validator.shutdown()

@@ -112,11 +112,6 @@ class Settings(BaseSettings):
                                          "busy thread (another tenant's flood) makes a short request wait up to 5 ms "
                                          "per hand-over; 0.5 ms cut the other tenant's p99 under a flood "
                                          "(bench/tenant_isolation.py, docs/benchmarks.md).")
-    gc_freeze: bool = Field(True, description="Move every object the API process holds once it has started into "
-                            "Python's permanent GC generation (gc.freeze) while the app runs: a full collection then "
-                            "scans only what requests created since, not the libraries and models loaded at start "
-                            "(one took 185-400 ms with the chat engine in process, every thread stopped meanwhile; "
-                            "bench/tenant_isolation.py, docs/benchmarks.md). Undone on shutdown.")
     body_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next chunk of a request body "
                                        "(408 request_timeout after it; the request's slot is freed).")
     tenant_requests_per_second: float = Field(50.0, ge=0, description="Per tenant and API process: sustained "
