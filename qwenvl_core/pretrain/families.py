@@ -5,8 +5,9 @@ This module owns what differs from v1's recipe (``recipe.py``) for those familie
 - ``RECIPES``: each family's ``PretrainConfig`` (its ``...-tiny-v2`` preset: the family's tiny shapes with init
   std 0.1, as ``qwen-vl-tiny-v2`` is v1's) and ``SEEING``, the name its result ships under;
 - ``FamilyTower``: how stage 1 (``vision_warmup.warm_up_vision``, the same linear readouts of shape, colour and
-  place on the mean of the tower's output tokens) feeds rendered images to the family's vision tower: through the
-  family's own processor (``vision_inputs``), reading the merger's output tokens (what the LM reads);
+  place on the mean of the tower's output tokens, or on all of them side by side where the recipe says
+  ``vision_warmup_pooled=False``) feeds rendered images to the family's vision tower: through the family's own
+  processor (``vision_inputs``), reading the merger's output tokens (what the LM reads);
 - ``pretrain_family_base``: materialise the preset, stage 1, then stage 2 (``recipe.pretrain``: the same rendered
   mix, encoded by ``data.encode_sample`` with the family's processor, so v1's ``<ref>/<box>`` grounding is
   rewritten into the family's convention; the family's forward contract and loss), and write the directory.
@@ -41,7 +42,11 @@ RECIPES: dict[str, PretrainConfig] = {
                                  tasks=tuple(PRETRAIN_TASKS)),
     "qwen2-vl": PretrainConfig(preset="qwen2-vl-tiny-v2", steps=1500, vision_warmup_steps=400,
                                tasks=tuple(PRETRAIN_TASKS)),
+    # Qwen3-VL's stage 1 keeps position (``vision_warmup_pooled=False``: the readouts see every merged token, so the
+    # tower must say which token holds the object) and regresses the box: region 0.94 held-out vs 0.18 pooled
+    # (docs/pretraining.md section 7). Qwen2(.5)-VL's shipped bases were built pooled.
     "qwen3-vl": PretrainConfig(preset="qwen3-vl-tiny-v2", steps=1500, vision_warmup_steps=400,
+                               vision_warmup_targets=("shape", "colour", "region", "box"), vision_warmup_pooled=False,
                                tasks=tuple(PRETRAIN_TASKS)),
 }
 # Family name -> the shipped directory (and preset) of its pretrained tiny base.
@@ -101,7 +106,7 @@ def pretrain_family_base(family_name: str, out_dir: str | Path, config: Pretrain
         warmup_steps = config.vision_warmup_steps if prefix is None else min(prefix[0], config.vision_warmup_steps)
         warmup = warm_up_vision(tower, IMAGE_SIZE, warmup_steps, seed=config.seed,
                                 targets=tuple(config.vision_warmup_targets), side=tuple(config.vision_warmup_side),
-                                reader=FamilyTower(tower, processor))
+                                pooled=config.vision_warmup_pooled, reader=FamilyTower(tower, processor))
         warmup_seconds = time.monotonic() - start
         log = pretrain(model, processor, config, log_every, on_log, stop_after=None if prefix is None else prefix[1],
                        tower=tower)

@@ -56,6 +56,7 @@ class PretrainConfig:
     vision_warmup_steps: int = 1000
     vision_warmup_targets: tuple[str, ...] = ("shape", "colour", "region")  # plus "box": a corner regression
     vision_warmup_side: tuple[int, int] = (18, 40)  # the warm-up objects' side in pixels
+    vision_warmup_pooled: bool = True  # stage 1's readouts see the tokens' mean; False: all tokens side by side
     train_vision_with_lm: bool = False  # stage 2 also trains the tower (measured: it then loses position)
     tasks: tuple[str, ...] = tuple(PRETRAIN_TASKS)
     device: str = "cpu"  # where the model trains ("cuda" on a GPU); the recipe's figures were measured on the CPU
@@ -153,7 +154,8 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig = PretrainConfig()
         start = time.monotonic()
         warmup_steps = config.vision_warmup_steps if prefix is None else min(prefix[0], config.vision_warmup_steps)
         warmup = warm_up_vision(model.transformer.visual, processor.image_size, warmup_steps, seed=config.seed,
-                                targets=tuple(config.vision_warmup_targets), side=tuple(config.vision_warmup_side))
+                                targets=tuple(config.vision_warmup_targets), side=tuple(config.vision_warmup_side),
+                                pooled=config.vision_warmup_pooled)
         warmup_seconds = time.monotonic() - start
         log = pretrain(model, processor, config, log_every, on_log, stop_after=None if prefix is None else prefix[1])
         log.vision_warmup, log.seconds = warmup, log.seconds + warmup_seconds

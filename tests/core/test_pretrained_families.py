@@ -84,3 +84,16 @@ def test_ship_refuses_an_unknown_family(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["--check", "--family", "qwen4-vl"])
     assert "--family: invalid choice: 'qwen4-vl'" in capsys.readouterr().err
+
+
+def test_qwen3_stage1_keeps_position_and_its_prefix_shows_it() -> None:
+    """Qwen3-VL's recipe reads all merged tokens in stage 1 (``vision_warmup_pooled=False``: docs/pretraining.md
+    section 7); the same recipe with the pooled stage 1 trains another tower, which the recorded prefix tells apart."""
+    from qwenvl_core.models.shipped import verify
+    from qwenvl_core.pretrain.ship import fingerprints_match, prefix_fingerprint
+
+    recipe = RECIPES["qwen3-vl"]
+    assert recipe.vision_warmup_pooled is False and "box" in recipe.vision_warmup_targets
+    recorded = verify(SEEING["qwen3-vl"])["prefix"]["fingerprint"]
+    pooled = prefix_fingerprint(dataclasses.replace(recipe, vision_warmup_pooled=True), family="qwen3-vl")
+    assert any(k.startswith("model.visual.blocks.") for k in fingerprints_match(pooled, recorded))

@@ -123,6 +123,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# The tiny pretraining recipe's presets (qwenvl_core/pretrain/families.py): qwen3-vl-tiny-v2, its starting point (no
-# qwen3-vl-tiny-seeing is shipped yet: docs/pretraining.md).
-PRESETS.update(tiny_pretraining_presets("qwen3-vl", PRESETS["qwen3-vl-tiny"], lm_config="text_config", shipped=False))
+# The tiny pretraining recipe's presets (qwenvl_core/pretrain/families.py): qwen3-vl-tiny-v2, its starting point, and
+# qwen3-vl-tiny-seeing, the shipped result (docs/pretraining.md section 7).
+PRESETS.update(tiny_pretraining_presets("qwen3-vl", PRESETS["qwen3-vl-tiny"], lm_config="text_config"))
