@@ -9,7 +9,8 @@ for ``colours``, the boxes against chance with a one-sided binomial p-value) per
 
 ``line`` ("Is the hexagon above or below the line?") is a visual concept outside the pretrained base's mix.
 
-Usage: .venv/bin/python bench/demo_tasks.py [--tasks counting colours line] [--modes auto tuned] [--json OUT]
+Usage: .venv/bin/python bench/demo_tasks.py [--tasks counting colours line] [--modes auto tuned] [--model PRESET]
+[--json OUT]
 (~3-5 min a run on a 2-core machine; not a suite test).
 """
 
@@ -30,6 +31,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["counting", "colours"], choices=["counting", "colours", "line"])
     parser.add_argument("--modes", nargs="+", default=["auto", "tuned"], choices=["auto", "tuned"])
     parser.add_argument("--json", type=Path, help="also write every run's report here")
+    from qwenvl_cli.stack import BASE_MODEL, BASE_MODELS
+
+    parser.add_argument("--model", default=BASE_MODEL, choices=BASE_MODELS,
+                        help="the stack's base model the demo fine-tunes (default: the stack's default)")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -50,7 +55,7 @@ def main() -> None:
             for task in args.tasks:
                 for mode in args.modes:
                     console.rule(f"{task}, {mode}")
-                    report = run_demo(home, keep=True, console=console, task=task,
+                    report = run_demo(home, keep=True, console=console, task=task, model=args.model,
                                       job=TUNED if mode == "tuned" else None)
                     reports.setdefault(task, {})[mode] = report
         finally:

@@ -10,9 +10,9 @@
   environment), so that Serve replicas and Ray Train workers spread over several nodes as on a real cluster;
 - the Serve application ``workflows.app`` (the REST API with the chat route as ingress, one model deployment per
   base model of ``BASE_MODELS``, each materialised into ``$QWENVL_HOME/models/<preset>`` on first start: today the
-  pretrained tiny Qwen-VL ``qwen-vl-tiny-seeing``, shipped with the package, the Qwen2-VL and Qwen2.5-VL tiny bases
-  pretrained the same way, ``qwen2-vl-tiny-seeing`` and ``qwen2.5-vl-tiny-seeing``, and the random ``qwen3-vl-tiny``)
-  on :8000.
+  pretrained tiny Qwen-VL ``qwen-vl-tiny-seeing``, shipped with the package, and the Qwen2-VL, Qwen2.5-VL and
+  Qwen3-VL tiny bases pretrained the same way, ``qwen2-vl-tiny-seeing``, ``qwen2.5-vl-tiny-seeing`` and
+  ``qwen3-vl-tiny-seeing``) on :8000.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
 ``$QWENVL_HOME`` is created with mode 0700 and every secret file in it with 0600.
 
@@ -48,12 +48,12 @@ from service.private_files import private_dir, write_secret
 
 # The presets the local stack offers as base models (``QWENVL_BASE_MODELS``), the first one the default (the demo
 # fine-tunes it). qwen-vl-tiny-seeing is the pretrained tiny Qwen-VL (docs/pretraining.md): the random qwen-vl-tiny
-# learns colour only, and tests that want it materialise it themselves. Qwen2-VL's and Qwen2.5-VL's tiny bases,
-# pretrained the same way (``<family>-tiny-seeing``: the family's own tokenizer, chat template, processor and weights
-# shipped in qwenvl_core/assets), and the random tiny Qwen3-VL (its pretrained base is not built yet) are served
-# beside it, so every family can be fine-tuned and chatted with locally.
+# learns colour only, and tests that want it materialise it themselves. Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's tiny
+# bases, pretrained the same way (``<family>-tiny-seeing``: the family's own tokenizer, chat template, processor and
+# weights shipped in qwenvl_core/assets), are served beside it, so every family can be fine-tuned and chatted with
+# locally (the random ``<family>-tiny`` presets stay for tests).
 BASE_MODELS: tuple[str, ...] = ("qwen-vl-tiny-seeing", "qwen2-vl-tiny-seeing", "qwen2.5-vl-tiny-seeing",
-                                "qwen3-vl-tiny")
+                                "qwen3-vl-tiny-seeing")
 BASE_MODEL = BASE_MODELS[0]
 MLFLOW_ADMIN = "admin"
 MARKER = "QWENVL_STACK_ID"
