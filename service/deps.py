@@ -5,9 +5,10 @@ client that gets a 200 for a created job can read it at once), and rolls back wh
 only tenant keys; ``AdminDep`` only the admin key from settings.
 
 Dependencies that do no I/O are ``async def``: FastAPI runs every plain ``def`` dependency in its thread pool, and
-each such hop waits for a free thread, the GIL and the event loop again, which under load is most of a short
-request's latency (measured: ``bench/tenant_isolation.py``). The session is opened on the event loop (no I/O:
-SQLAlchemy connects on the first query) and committed (or rolled back) and closed in one thread-pool hop.
+each such hop costs CPU and a wait for a free thread, the GIL and the event loop. The session is opened on the event
+loop (no I/O: SQLAlchemy connects on the first query) and committed (or rolled back) and closed in one thread-pool
+hop. With the one-query key check (``auth.tenant_of_key``) a job listing costs ~20% less CPU (docs/benchmarks.md,
+tenant isolation, fourth session).
 """
 
 from __future__ import annotations
