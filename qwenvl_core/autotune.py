@@ -112,16 +112,16 @@ PRETRAINED_TINY = TrainingDefaults(
 # The other families' pretrained tiny bases (qwenvl_core.pretrain.families; family name -> the defaults shipped in
 # <family>-tiny-seeing): qwen-vl-tiny-seeing's values (same LM size, same pretraining), measured on qwen2.5-vl's and
 # qwen3-vl's with the demo through the service (docs/pretraining.md sections 6 and 7).
+_MEASURED_ON_FAMILY_BASE = {  # family -> where its tiny base's defaults were measured (if they were)
+    "qwen2.5-vl": "measured: qwen2.5-vl-tiny-seeing with `qwenvl demo --model qwen2.5-vl-tiny-seeing` "
+                  "(docs/pretraining.md)",
+    "qwen3-vl": "measured: qwen3-vl-tiny-seeing with `bench/demo_tasks.py --tasks line colours --model "
+                "qwen3-vl-tiny-seeing` (docs/pretraining.md section 7)",
+}
 PRETRAINED_TINY_FAMILIES: dict[str, TrainingDefaults] = {
-    "qwen2.5-vl": PRETRAINED_TINY.model_copy(update={
-        "source": "measured: qwen2.5-vl-tiny-seeing with `qwenvl demo --model qwen2.5-vl-tiny-seeing` "
-                  "(docs/pretraining.md)"}),
-    "qwen3-vl": PRETRAINED_TINY.model_copy(update={
-        "source": "measured: qwen3-vl-tiny-seeing with `bench/demo_tasks.py --tasks line colours --model "
-                  "qwen3-vl-tiny-seeing` (docs/pretraining.md section 7)"}),
-    **{name: PRETRAINED_TINY.model_copy(update={
-        "source": f"qwen-vl-tiny-seeing's measured defaults, not re-measured on {name}-tiny-seeing "
-                  "(docs/pretraining.md)"}) for name in ("qwen2-vl",)},
+    name: PRETRAINED_TINY.model_copy(update={"source": _MEASURED_ON_FAMILY_BASE.get(
+        name, f"qwen-vl-tiny-seeing's measured defaults, not re-measured on {name}-tiny-seeing (docs/pretraining.md)")})
+    for name in ("qwen2.5-vl", "qwen3-vl", "qwen2-vl")
 }
 FAMILY_DEFAULTS: dict[str, TrainingDefaults] = {  # config.json model_type -> defaults of official checkpoints
     "qwen": V1_OFFICIAL,

@@ -78,10 +78,6 @@ def add_key(s: Session, *, key_id: str, tenant_id: str, key_hash: str, name: str
     return key
 
 
-def get_key(s: Session, *, key_id: str) -> ApiKey | None:
-    return s.get(ApiKey, key_id)
-
-
 def key_with_tenant(s: Session, *, key_id: str) -> tuple[ApiKey, Tenant] | None:
     """The key and its tenant in one query; None when either is missing."""
     row = s.execute(select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)

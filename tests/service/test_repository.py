@@ -50,7 +50,7 @@ def test_tenants_keys_and_revocation(sessions: sessionmaker[Session]) -> None:
         assert repo.revoke_key(s, key_id="key-000000000001").revoked_at is not None
         with pytest.raises(NotFound):
             repo.revoke_key(s, key_id="key-missing")
-        assert repo.get_key(s, key_id="key-000000000001").revoked_at is not None
+        assert repo.key_with_tenant(s, key_id="key-000000000001")[0].revoked_at is not None
 
 
 def test_files_are_tenant_scoped_paginated_and_counted(sessions: sessionmaker[Session]) -> None:
