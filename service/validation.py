@@ -3,7 +3,8 @@
 ``Validator`` owns a small thread pool; each task runs ``service.validation_worker`` in a child process (the
 data library needs torch; the API must not import it), then stores the report on the file row: status
 ``processed`` when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
-``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers stay in
+``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers are
+started from threads, never forked from the event loop (``_start_worker``). Workers stay in
 the API's process group, so stopping the group stops them too. Workers are background work: niced by
 ``WORKER_NICE`` and with one math thread each, so uploads and estimates do not take the CPU from API and chat
 requests (measured: ``bench/tenant_isolation.py``).
@@ -11,7 +12,6 @@ requests (measured: ``bench/tenant_isolation.py``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -75,13 +75,27 @@ def _worker_output(returncode: int, stdout: str, stderr: str, key: str, name: st
     return result
 
 
+def _start_worker(cmd: list[str]) -> subprocess.Popen[str]:
+    """Start a worker, niced. Called from a thread, never on the event loop: ``subprocess.Popen`` starts the child
+    with ``vfork`` (under a millisecond), while asyncio's subprocess under uvloop ``fork``s the whole API process on
+    the loop's thread (5-25 ms with the serving engine's ~2 GB mapped, every request of every tenant waiting)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
+    _lower_priority(proc.pid)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Kill a worker that still runs and reap it (its pipes close in the thread still in ``communicate``)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
 def run_worker(storage: TenantStorage, key: str, name: str, timeout_s: float, model_dir: str | None = None,
                epochs: int | None = None, tokens_per_second: float | None = None) -> dict[str, Any]:
     """The worker's JSON output for one stored object; ``Unavailable`` when the worker itself fails or runs
     longer than ``timeout_s`` (then it is killed)."""
-    cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
-    _lower_priority(proc.pid)
+    proc = _start_worker(_worker_command(storage, key, name, model_dir, epochs, tokens_per_second))
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -97,22 +111,20 @@ async def run_worker_async(storage: TenantStorage, key: str, name: str, timeout_
                            model_dir: str | None = None, epochs: int | None = None,
                            tokens_per_second: float | None = None, pixels: dict[str, int] | None = None
                            ) -> dict[str, Any]:
-    """``run_worker`` for the event loop (no thread held while it runs): ``TimeoutError`` after ``timeout_s``;
-    on timeout or cancellation (a client that went away) the worker is killed and reaped. ``pixels``: the job's
-    ``min_pixels`` / ``max_pixels`` for the base model's processor."""
+    """``run_worker`` for the event loop: ``TimeoutError`` after ``timeout_s``; on timeout or cancellation (a
+    client that went away) the worker is killed and reaped. A thread starts it and waits for its output (the
+    estimate slots bound how many run at once). ``pixels``: the job's ``min_pixels`` / ``max_pixels`` for the base
+    model's processor."""
     cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second, pixels)
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=_worker_env())
-    _lower_priority(proc.pid)
+    proc = await anyio.to_thread.run_sync(_start_worker, cmd)
     try:
         with anyio.fail_after(timeout_s):
-            stdout, stderr = await proc.communicate()
+            stdout, stderr = await anyio.to_thread.run_sync(proc.communicate, abandon_on_cancel=True)
     finally:
-        if proc.returncode is None:
-            proc.kill()
+        if proc.poll() is None:  # timed out or cancelled: the abandoned communicate() returns once it is killed
             with anyio.CancelScope(shield=True):
-                await proc.wait()
-    return _worker_output(proc.returncode or 0, stdout.decode(), stderr.decode(), key, name)
+                await anyio.to_thread.run_sync(_stop, proc)
+    return _worker_output(proc.returncode, stdout, stderr, key, name)
 
 
 class Validator:

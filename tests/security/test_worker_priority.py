@@ -27,3 +27,34 @@ def test_renicing_a_worker_that_already_exited_is_harmless() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     validation._lower_priority(proc.pid)  # no exception: the pid is gone
+
+
+def test_an_estimate_worker_is_started_off_the_event_loop_and_reports(monkeypatch, tmp_path) -> None:
+    """``python -m service`` runs on uvloop, whose subprocess support forks the whole API process on the loop's
+    thread (milliseconds per GB mapped, every request waiting): the worker must be started from a thread."""
+    import json
+    import threading
+
+    import uvloop
+
+    from service.storage import TenantStorage
+
+    storage = TenantStorage(str(tmp_path / "store"))
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    key = storage.file_key("tenant", "file-1", "train.jsonl")
+    storage.store.put_bytes(key, (line + "\n").encode() * 3)
+    started_on: list[int] = []
+    start = validation._start_worker
+
+    def recording_start(cmd: list[str]) -> subprocess.Popen[str]:
+        started_on.append(threading.get_ident())
+        return start(cmd)
+
+    monkeypatch.setattr(validation, "_start_worker", recording_start)
+
+    async def estimate() -> tuple[int, dict]:
+        return threading.get_ident(), await validation.run_worker_async(storage, key, "train.jsonl", 120)
+
+    loop_thread, out = uvloop.run(estimate())
+    assert started_on and started_on[0] != loop_thread
+    assert out["report"]["ok"] and out["report"]["valid_samples"] == 3, out
