@@ -3,8 +3,9 @@
 The API (``python -m service``'s uvicorn options, local SQLite and storage in a temp dir, the chat route over an
 in-process engine on the tiny random model) runs in a subprocess of this script, on loopback, with the default
 admission settings. Tenant B measures, one request at a time (``GET /v1/fine_tuning/jobs`` paced at 30/s, below
-its rate limit, and a small text chat completion, 8 new tokens, at most 10/s), first alone, then while tenant A floods for
-``--seconds`` (from its own process) with each scenario of ``--scenarios``: ``all`` of the following at once, then each alone:
+its rate limit, and a small text chat completion, 8 new tokens, at most 10/s), alone for ``--unloaded-seconds``, then
+while tenant A floods for ``--seconds`` (from its own process), ``--rounds`` times per scenario of ``--scenarios``
+(``all`` of the following at once, then each alone):
 
 - ``stalls``: ``--stalls`` connections that send an upload's headers and a first chunk, then stall (reopened
   when answered),
@@ -13,7 +14,9 @@ its rate limit, and a small text chat completion, 8 new tokens, at most 10/s), f
 - ``chat``: 4 chat loops, each request with one image of the largest allowed size class (a ~15 MB noise PNG),
 - ``get``: 8 loops of ``GET`` as fast as they are answered (held to the rate limit: 429s).
 
-It prints B's p50/p99 for both requests unloaded and per scenario, the loaded/unloaded p99 ratio (target <= 3),
+It prints B's p50/p99 for both requests unloaded and loaded per scenario, the loaded/unloaded p99 ratio of the
+samples pooled over the rounds (target <= 3) and of each round; the alternation puts the baseline into the same
+minutes as the load, as the state of a shared machine moves the unloaded p99 by 2-3x within an hour; also
 the server process's CPU share while B measured (CPU seconds per second, its threads; its worker processes not
 counted), and the status codes each side got (the single scenarios show which part of the flood costs B the most). Every
 loop is bounded in time and count; nothing leaves the machine.
@@ -28,7 +31,7 @@ costs the machine. ``--flood-cpus shared`` runs everything on every CPU (the old
 printed with the result.
 
 Command: ``.venv/bin/python bench/tenant_isolation.py [--seconds 30] [--stalls 16] [--scenarios all,get]
-[--flood-cpus last|shared]``
+[--rounds 3] [--unloaded-seconds 12] [--flood-cpus last|shared]``
 """
 
 from __future__ import annotations
@@ -239,8 +242,33 @@ def cpu_layout(choice: str) -> tuple[set[int] | None, set[int] | None]:
     return set(available[:-1]), {available[-1]}
 
 
-async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[str],
-              flood_cpus: set[int] | None, server_pid: int) -> dict[str, Any]:
+async def flood_round(url: str, port: int, key: str, file_id: str, seconds: float, stalls: int,
+                      kinds: tuple[str, ...], flood_cpus: set[int] | None, server_pid: int, b_key: str,
+                      b_statuses: Counter[str]) -> tuple[dict[str, list[float]], float, dict[str, int]]:
+    """One flood of ``kinds`` from its own process: B's latencies in its middle, the server's CPU share meanwhile,
+    A's status codes; returns after the flood's validations and estimates drained."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    flood = context.Process(target=flood_process, args=(url, port, key, file_id, seconds, stalls, kinds, flood_cpus,
+                                                        results))
+    flood.start()
+    await asyncio.sleep(4)  # let the flood build up (the process starts and encodes its bodies)
+    cpu_before, clock = cpu_seconds(server_pid), time.monotonic()
+    loaded = await measure_b(url, b_key, seconds - 6, b_statuses)
+    cpu_share = (cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock)
+    await asyncio.to_thread(flood.join, seconds + 60)
+    if flood.exitcode != 0:
+        raise RuntimeError(f"tenant A's flood process failed (exit code {flood.exitcode})")
+    a_statuses: dict[str, int] = results.get(timeout=10)
+    await asyncio.sleep(5)  # the flood's validations and estimates drain before B measures alone again
+    return loaded, cpu_share, a_statuses
+
+
+async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[str], rounds: int,
+              unloaded_seconds: float, flood_cpus: set[int] | None, server_pid: int) -> dict[str, Any]:
+    """Per scenario, ``rounds`` times: B alone for ``unloaded_seconds``, then B under A's flood. The ratios compare
+    the pooled samples of those rounds, so the baseline is measured in the same minutes as the load (on a shared
+    machine the unloaded p99 alone drifts by 2-3x within an hour)."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
         keys = {}
@@ -254,30 +282,50 @@ async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[
         file_id = resp.json()["id"]
     await measure_b(url, keys["tenant-b"], 10, Counter())  # warm-up: engine, DB, caches
     b_statuses: Counter[str] = Counter()
-    cpu_before, clock = cpu_seconds(server_pid), time.monotonic()
-    unloaded = await measure_b(url, keys["tenant-b"], 20, b_statuses)
-    out: dict[str, Any] = {"unloaded": {what: percentiles(unloaded[what]) for what in ("get", "chat")}}
-    out["unloaded"]["server CPU share"] = round((cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock), 2)
+    out: dict[str, Any] = {}
     for scenario in scenarios:
         kinds = FLOODS if scenario == "all" else (scenario,)
-        context = multiprocessing.get_context("spawn")
-        results = context.Queue()
-        flood = context.Process(target=flood_process, args=(url, port, keys["tenant-a"], file_id, seconds, stalls,
-                                                            kinds, flood_cpus, results))
-        flood.start()
-        await asyncio.sleep(4)  # let the flood build up (the process starts and encodes its bodies)
-        cpu_before, clock = cpu_seconds(server_pid), time.monotonic()
-        loaded = await measure_b(url, keys["tenant-b"], seconds - 6, b_statuses)
-        cpu_share = round((cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock), 2)
-        await asyncio.to_thread(flood.join, seconds + 60)
-        if flood.exitcode != 0:
-            raise RuntimeError(f"tenant A's flood process failed (exit code {flood.exitcode})")
-        a_statuses = results.get(timeout=10)
-        out[f"A floods: {scenario}"] = {**summary(unloaded, loaded), "server CPU share": cpu_share,
-                                        "A": dict(sorted(a_statuses.items()))}
-        await asyncio.sleep(5)  # the flood's validations and estimates drain before the next scenario
+        alone: dict[str, list[float]] = {"get": [], "chat": []}
+        under: dict[str, list[float]] = {"get": [], "chat": []}
+        per_round: list[dict[str, float]] = []
+        shares: list[float] = []
+        alone_shares: list[float] = []
+        a_statuses: Counter[str] = Counter()
+        for _ in range(rounds):
+            cpu_before, clock = cpu_seconds(server_pid), time.monotonic()
+            before = await measure_b(url, keys["tenant-b"], unloaded_seconds, b_statuses)
+            alone_shares.append((cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock))
+            loaded, share, statuses = await flood_round(url, port, keys["tenant-a"], file_id, seconds, stalls, kinds,
+                                                        flood_cpus, server_pid, keys["tenant-b"], b_statuses)
+            per_round.append({what: p99_ratio(before[what], loaded[what]) for what in ("get", "chat")})
+            shares.append(share)
+            a_statuses.update(statuses)
+            for what in ("get", "chat"):
+                alone[what] += before[what]
+                under[what] += loaded[what]
+        out[f"A floods: {scenario}"] = {
+            "unloaded": {what: percentiles(alone[what]) for what in ("get", "chat")} | {
+                "server CPU share": round(statistics.fmean(alone_shares), 2)},
+            **summary(alone, under),
+            "p99 ratio per round": {what: [r[what] for r in per_round] for what in ("get", "chat")},
+            "server CPU share": round(statistics.fmean(shares), 2), "A": dict(sorted(a_statuses.items()))}
     out["B statuses"] = dict(sorted(b_statuses.items()))
     return out
+
+
+def p99_ratio(unloaded: list[float], loaded: list[float]) -> float:
+    return round(percentiles(loaded)["p99_ms"] / percentiles(unloaded)["p99_ms"], 2)
+
+
+def table(result: dict[str, Any]) -> str:
+    """The ratios as one line per scenario (the JSON above has the milliseconds and status codes)."""
+    lines = ["scenario | GET p99 ratio (per round) | chat p99 ratio (per round) | target <= 3"]
+    for name, row in result.items():
+        if name.startswith("A floods: "):
+            rounds = row["p99 ratio per round"]
+            lines.append(f"{name[10:]} | {row['get']['p99_ratio']} ({', '.join(map(str, rounds['get']))}) | "
+                         f"{row['chat']['p99_ratio']} ({', '.join(map(str, rounds['chat']))})")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -287,6 +335,10 @@ def main() -> None:
     parser.add_argument("--scenarios", default="all," + ",".join(FLOODS),
                         help="what A floods with, one scenario each: all, or one of "
                         + ", ".join(FLOODS + EXTRA))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="per scenario: this many times B alone, then B under the flood (ratios of the pooled "
+                        "samples)")
+    parser.add_argument("--unloaded-seconds", type=float, default=12.0, help="B alone, per round")
     parser.add_argument("--flood-cpus", default="last", choices=("last", "shared"),
                         help="pin A's flood client to the last CPU, the server and B to the others (default), or "
                         "share every CPU")
@@ -309,11 +361,13 @@ def main() -> None:
             result = {"cpus": {"server and B": sorted(server_cpus) if server_cpus else "all",
                                "A's flood client": sorted(flood_cpus) if flood_cpus else "all"}}
             result |= asyncio.run(run(url, int(url.rsplit(":", 1)[1]), args.seconds, args.stalls,
-                                      args.scenarios.split(","), flood_cpus, proc.pid))
+                                      args.scenarios.split(","), args.rounds, args.unloaded_seconds,
+                                      flood_cpus, proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the API and its validation / estimate workers
             proc.wait()
     print(json.dumps(result, indent=1))
+    print(table(result))
 
 
 if __name__ == "__main__":
