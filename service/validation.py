@@ -57,9 +57,14 @@ def _worker_env() -> dict[str, str]:
 
 
 def _lower_priority(pid: int) -> None:
-    """Renice a worker just started (``os.setpriority`` from the parent: no ``preexec_fn`` in a threaded process)."""
+    """Make a worker just started background work (from the parent: no ``preexec_fn`` in a threaded process):
+    ``SCHED_IDLE`` where the platform has it, and reniced. A niced worker still holds the CPU for its time slice
+    (milliseconds) when an API thread wakes, at every hand-over of every request; a ``SCHED_IDLE`` one is preempted
+    at once, and runs on what the API leaves idle."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, pid) + WORKER_NICE, 19))
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
     except OSError:  # it already exited, or the platform refuses: the worker runs at normal priority
         pass
 
