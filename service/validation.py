@@ -4,10 +4,10 @@
 data library needs torch; the API must not import it), then stores the report on the file row: status
 ``processed`` when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
 ``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers are
-started from threads, never forked from the event loop (``_start_worker``). Workers stay in
-the API's process group, so stopping the group stops them too. Workers are background work: niced by
+started from threads, never forked from the event loop (``_start_worker``), and stay in the API's process group,
+so stopping the group stops them too. Workers are background work: ``SCHED_IDLE`` (Linux), niced by
 ``WORKER_NICE`` and with one math thread each, so uploads and estimates do not take the CPU from API and chat
-requests (measured: ``bench/tenant_isolation.py``).
+requests (measured: ``bench/tenant_isolation.py``, ``bench/worker_priority.py``).
 """
 
 from __future__ import annotations
