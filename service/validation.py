@@ -81,9 +81,10 @@ def _worker_output(returncode: int, stdout: str, stderr: str, key: str, name: st
 
 
 def _start_worker(cmd: list[str]) -> subprocess.Popen[str]:
-    """Start a worker, niced. Called from a thread, never on the event loop: ``subprocess.Popen`` starts the child
-    with ``vfork`` (under a millisecond), while asyncio's subprocess under uvloop ``fork``s the whole API process on
-    the loop's thread (5-25 ms with the serving engine's ~2 GB mapped, every request of every tenant waiting)."""
+    """Start a worker as background work (``_lower_priority``). Called from a thread, never on the event loop:
+    ``subprocess.Popen`` starts the child with ``vfork`` (under a millisecond), while asyncio's subprocess under
+    uvloop ``fork``s the whole API process on the loop's thread (5-25 ms with the serving engine's ~2 GB mapped,
+    every request of every tenant waiting)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
     _lower_priority(proc.pid)
     return proc
@@ -121,8 +122,8 @@ async def run_worker_async(storage: TenantStorage, key: str, name: str, timeout_
     estimate slots bound how many run at once). ``pixels``: the job's ``min_pixels`` / ``max_pixels`` for the base
     model's processor."""
     cmd = _worker_command(storage, key, name, model_dir, epochs, tokens_per_second, pixels)
-    proc = await anyio.to_thread.run_sync(_start_worker, cmd)
-    try:
+    proc = await anyio.to_thread.run_sync(_start_worker, cmd)  # a cancellation meanwhile waits for the start and
+    try:  # is raised at the next await, inside the try: the worker is killed either way
         with anyio.fail_after(timeout_s):
             stdout, stderr = await anyio.to_thread.run_sync(proc.communicate, abandon_on_cancel=True)
     finally:

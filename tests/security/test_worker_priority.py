@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from service import validation
 
 
@@ -38,9 +40,9 @@ def test_an_estimate_worker_is_started_off_the_event_loop_and_reports(monkeypatc
     import json
     import threading
 
-    import uvloop
-
     from service.storage import TenantStorage
+
+    uvloop = pytest.importorskip("uvloop")  # what uvicorn runs on where it installs (Linux, macOS)
 
     storage = TenantStorage(str(tmp_path / "store"))
     line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
@@ -61,3 +63,35 @@ def test_an_estimate_worker_is_started_off_the_event_loop_and_reports(monkeypatc
     loop_thread, out = uvloop.run(estimate())
     assert started_on and started_on[0] != loop_thread
     assert out["report"]["ok"] and out["report"]["valid_samples"] == 3, out
+
+
+def test_a_cancellation_while_the_worker_starts_still_kills_it(monkeypatch, tmp_path) -> None:
+    """A client that goes away while its estimate's worker is being started: the worker is killed and reaped, not
+    left running unowned."""
+    import time
+
+    import anyio
+
+    from service.storage import TenantStorage
+
+    storage = TenantStorage(str(tmp_path / "store"))
+    key = storage.file_key("tenant", "file-1", "train.jsonl")
+    storage.store.put_bytes(key, b'{"messages": []}\n')
+    started: list[subprocess.Popen[str]] = []
+    start = validation._start_worker
+
+    def slow_start(cmd: list[str]) -> subprocess.Popen[str]:
+        started.append(start(cmd))
+        time.sleep(0.5)  # the cancellation arrives while the thread is still in here
+        return started[-1]
+
+    monkeypatch.setattr(validation, "_start_worker", slow_start)
+
+    async def cancelled_estimate() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(validation.run_worker_async, storage, key, "train.jsonl", 120)
+            await anyio.sleep(0.1)
+            group.cancel_scope.cancel()
+
+    anyio.run(cancelled_estimate)
+    assert len(started) == 1 and started[0].poll() is not None  # killed and reaped
