@@ -297,7 +297,8 @@ async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[
             alone_shares.append((cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - clock))
             loaded, share, statuses = await flood_round(url, port, keys["tenant-a"], file_id, seconds, stalls, kinds,
                                                         flood_cpus, server_pid, keys["tenant-b"], b_statuses)
-            per_round.append({what: p99_ratio(before[what], loaded[what]) for what in ("get", "chat")})
+            this_round = summary(before, loaded)
+            per_round.append({what: this_round[what]["p99_ratio"] for what in ("get", "chat")})
             shares.append(share)
             a_statuses.update(statuses)
             for what in ("get", "chat"):
@@ -311,10 +312,6 @@ async def run(url: str, port: int, seconds: float, stalls: int, scenarios: list[
             "server CPU share": round(statistics.fmean(shares), 2), "A": dict(sorted(a_statuses.items()))}
     out["B statuses"] = dict(sorted(b_statuses.items()))
     return out
-
-
-def p99_ratio(unloaded: list[float], loaded: list[float]) -> float:
-    return round(percentiles(loaded)["p99_ms"] / percentiles(unloaded)["p99_ms"], 2)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -345,6 +342,9 @@ def main() -> None:
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.seconds <= 6 or args.rounds < 1 or args.unloaded_seconds <= 0:
+        parser.error("--seconds must exceed 6 (B measures its middle, after 4 s of build-up), --rounds be at least 1 "
+                     "and --unloaded-seconds positive")
     if args.serve is not None:
         serve(args.serve, args.model_dir)
         return
