@@ -17,15 +17,23 @@ from service.private_files import narrow, private_file
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_412_055
+# Starlette runs sync endpoints and their dependencies on anyio's worker threads, 40 by default. An SQLite file pool
+# that size keeps its connections open under load; QueuePool's default (5 kept, 10 more opened and closed again)
+# connected anew, pragmas and all, for every request above 5 at once.
+SQLITE_POOL_SIZE = 40
+SQLITE_POOL_OVERFLOW = 10
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout on every connection."""
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout on every connection, and a file
+    database a pool as large as the API's worker threads."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
         if path and path != ":memory:" and not path.startswith("file:"):
             private_database(Path(path))
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        pool = ({"pool_size": SQLITE_POOL_SIZE, "max_overflow": SQLITE_POOL_OVERFLOW}
+                if path and path != ":memory:" and "mode=memory" not in url else {})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

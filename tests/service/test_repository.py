@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository as repo
-from service.db import make_engine, migrate, session_factory
+from service.db import SQLITE_POOL_SIZE, make_engine, migrate, session_factory
 from service.errors import Conflict, NotFound
 
 
@@ -24,6 +24,31 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[session
     migrate(engine)  # idempotent: a second replica starting finds the schema current
     yield session_factory(engine)
     engine.dispose()
+
+
+def test_sqlite_keeps_a_connection_per_api_thread_instead_of_reconnecting(tmp_path: Path) -> None:
+    """Requests on many API threads at once reuse pooled SQLite connections: later bursts connect nothing new.
+    QueuePool's default kept 5, opened and closed one for every request above that (pragmas and all), and made the
+    16th request at once wait for a connection."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    connects: list[object] = []
+    event.listen(engine, "connect", lambda conn, _record: connects.append(conn))
+    at_once = min(SQLITE_POOL_SIZE, 24)
+    barrier = threading.Barrier(at_once)
+
+    def request() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            barrier.wait(timeout=10)  # every thread holds its connection at the same time
+
+    for _burst in range(3):
+        threads = [threading.Thread(target=request) for _ in range(at_once)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    engine.dispose()
+    assert len(connects) == at_once
 
 
 def _tenant(s: Session, name: str) -> str:
