@@ -132,6 +132,17 @@ def test_multiplexing_sends_an_adapter_to_the_replica_that_holds_it(serve_url):
     assert sum(s["loads"] for s in stats.values()) <= 3  # job0 (earlier test) + one load each, not one per request
 
 
+def test_replicas_freeze_their_start_up_heap_out_of_the_gc(serve_url):
+    """A full collection walks only what a replica allocated after start-up: the libraries and the model are in
+    the permanent generation (``freeze_startup_heap``), and after requests still outnumber what is tracked."""
+    _ask(serve_url, BASE)
+    stats = _replica_stats()
+    assert len(stats) == 2
+    for s in stats.values():
+        assert s["gc_frozen"] > 100_000, s  # Ray, Serve, torch, transformers and the model: hundreds of thousands
+        assert s["gc_tracked"] < s["gc_frozen"] / 4, s
+
+
 def test_adapter_published_after_start_is_served_then_deleted(serve_url, tiny_model_dir, adapter_dirs, tmp_path,
                                                                s3_server, monkeypatch):
     for key, value in s3_server.env().items():
