@@ -159,11 +159,6 @@ class Settings(BaseSettings):
                                    "answers 429 engine_overloaded with Retry-After.")
     serve_request_timeout_s: float = Field(600.0, gt=0, description="A chat request not finished this long after "
                                            "it reached its replica fails (504 generation_timeout).")
-    serve_gc_freeze: bool = Field(True, description="A model replica moves what it holds once started (Ray, torch, "
-                                  "the model) into Python's permanent GC generation (gc.freeze): a full collection, "
-                                  "which stops the engine's streams while it runs, then walks only what requests "
-                                  "allocated since (~390 ms -> ~0 ms on a 2-vCPU VM; docs/benchmarks.md). false: "
-                                  "Python's default collector.")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow server running the basic-auth app (http://mlflow:5000). With the admin "
         "credentials set, each new tenant gets an MLflow user that can read only its own experiment; None: "

@@ -49,7 +49,7 @@ def model_configs(settings: Settings) -> list[Any]:
                                   num_replicas=settings.serve_replicas, autoscaling_config=autoscaling,
                                   num_cpus=settings.serve_num_cpus, num_gpus=settings.serve_num_gpus,
                                   dtype=settings.serve_dtype, quantization=settings.serve_quantization,
-                                  gc_freeze=settings.serve_gc_freeze, engine=engine)
+                                  engine=engine)
             for model_id, model_dir in settings.base_models.items()]
 
 

@@ -9,8 +9,6 @@ This module owns
   evicts when Serve unloads); adapters are fetched on first use from local disk or S3: nothing is
   preloaded, so an adapter written after the application started is served without a restart.
   ``check_health`` (Serve's liveness probe) fails when the engine thread died; ``ready`` is the readiness call.
-  A replica freezes its start-up heap out of Python's GC (``freeze_startup_heap``) so that a full collection
-  does not stall its streams.
 - ``ServeBackend``: the ``ChatBackend`` the ingress uses; it forwards each request to the base model's deployment
   with ``DeploymentHandle.options(multiplexed_model_id=<adapter id>)`` and streams the engine events back.
 - ``build_app``: the application from an ASGI-app builder (called on the ingress replica with the backend, so
@@ -57,7 +55,6 @@ class ModelDeploymentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     dtype: str | None = None  # "bfloat16" to serve (Q-)LoRA adapters on a bf16 base
     quantization: Literal["none", "4bit"] = "none"  # "4bit": the LM in NF4, as Q-LoRA trained (see EngineConfig)
-    gc_freeze: bool = True  # freeze the start-up heap out of Python's GC (``freeze_startup_heap``)
 
     @property
     def deployment_name(self) -> str:
@@ -74,17 +71,6 @@ class _ServedAdapter:
         if not self._released:
             self._released = True
             self._engine.unload_adapter(self.adapter_id)  # keeps the downloaded copy: the adapter still exists
-
-
-def freeze_startup_heap() -> None:
-    """Move everything the replica holds once its engine has started (Ray, Serve, torch, the model, the tokenizer)
-    into Python's permanent GC generation. A full collection stops every thread, the engine's included, for as long
-    as it walks the tracked objects: ~390 ms for the ~676,000 a replica holds at start on the CI VM, every stream of
-    the replica waiting; after the freeze it walks only what requests allocated since (docs/benchmarks.md). vLLM,
-    SGLang and TensorRT-LLM freeze their serving processes the same way. The price: a cycle among objects frozen here
-    is never collected, and the replica keeps them for its life anyway."""
-    gc.collect()
-    gc.freeze()
 
 
 class ModelServerBase:
@@ -105,8 +91,6 @@ class ModelServerBase:
                                                    metrics=_replica_metrics())
         self.engine.start()
         self._locators: dict[str, str] = {}
-        if config.gc_freeze:
-            freeze_startup_heap()
 
     async def _load(self, adapter_id: str) -> _ServedAdapter:
         locator = self._locators[adapter_id]

@@ -21,7 +21,7 @@ from service.settings import Settings
 from workflows.app import model_configs
 print(json.dumps([{"base_model": c.base_model, "model_dir": c.model_dir, "replicas": c.num_replicas,
                    "autoscaling": c.autoscaling_config, "adapters": c.max_adapters_per_replica,
-                   "gpus": c.num_gpus, "cpus": c.num_cpus, "dtype": c.dtype, "gc_freeze": c.gc_freeze,
+                   "gpus": c.num_gpus, "cpus": c.num_cpus, "dtype": c.dtype,
                    "image_limits": [c.engine.max_images_per_request, c.engine.max_image_bytes,
                                     c.engine.max_image_bytes_total]}
                   for kwargs in json.load(sys.stdin) for c in model_configs(Settings(**kwargs))]))
@@ -32,14 +32,13 @@ def test_model_configs_follow_the_serve_settings():
     autoscaled = {"base_models": {"a": "/models/a", "b": "/models/b"}, "serve_replicas": 2, "serve_max_replicas": 5,
                   "serve_max_adapters_per_replica": 3, "serve_num_gpus": 1, "serve_num_cpus": 4,
                   "serve_dtype": "bfloat16", "max_chat_images": 4, "max_chat_image_bytes": 1000,
-                  "max_chat_image_bytes_total": 3000, "serve_gc_freeze": False}
+                  "max_chat_image_bytes_total": 3000}
     fixed = {"base_models": {"c": "/models/c"}, "serve_replicas": 2}
     a, b, c = run_python(_MODEL_CONFIGS, [autoscaled, fixed])  # workflows.serve_app imports Ray: own process
     assert (a["base_model"], a["model_dir"], b["base_model"]) == ("a", "/models/a", "b")
     assert (a["adapters"], a["gpus"], a["cpus"], a["dtype"]) == (3, 1, 4, "bfloat16")
     assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 8.0}
     assert c["autoscaling"] is None and c["replicas"] == 2
-    assert (a["gc_freeze"], c["gc_freeze"]) == (False, True)
     assert a["image_limits"] == [4, 1000, 3000] and c["image_limits"] == [16, 20 << 20, 50 << 20]
     with pytest.raises(ValueError, match="QWENVL_SERVE_MAX_REPLICAS"):
         Settings(serve_replicas=3, serve_max_replicas=2)
