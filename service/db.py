@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.private_files import narrow, private_file
+from service.settings import Settings
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 7_412_055
@@ -24,9 +25,11 @@ SQLITE_POOL_SIZE = 40
 SQLITE_POOL_OVERFLOW = 10
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout on every connection, and a file
-    database a pool as large as the API's worker threads."""
+def make_engine(url: str, *, postgres_pool_size: int | None = None) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, foreign keys and a busy timeout on every connection, and a file
+    database a pool as large as the API's worker threads. PostgreSQL keeps ``postgres_pool_size`` connections
+    (default: ``Settings.database_pool_size``'s) and opens no more: a connection opened above the pool and closed
+    after one request (SQLAlchemy's overflow) costs a server backend started and stopped each time."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
         if path and path != ":memory:" and not path.startswith("file:"):
@@ -36,7 +39,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    if postgres_pool_size is None:
+        postgres_pool_size = Settings.model_fields["database_pool_size"].default
+    return create_engine(url, pool_pre_ping=True, pool_size=postgres_pool_size, max_overflow=0)
 
 
 def private_database(path: Path) -> None:

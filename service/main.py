@@ -57,7 +57,7 @@ def _lifespan(ctx: ServiceContext) -> Callable[[FastAPI], Any]:
 
 def build_context(settings: Settings, launcher: Launcher | None = None) -> ServiceContext:
     """Database (migrated), storage, validator and scheduler for ``settings``."""
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, postgres_pool_size=settings.database_pool_size)
     migrate(engine)
     sessions = session_factory(engine)
     if settings.mode is Mode.LOCAL:

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///{data_dir}/qwenvl.db (WAL). PostgreSQL: "
         "postgresql+psycopg2://user@host:port/db.")
+    database_pool_size: int = Field(30, ge=1, le=1000, description="PostgreSQL: connections one API process keeps "
+                                    "open and reuses, and the most it opens (a request beyond waits for a free one; "
+                                    "none is opened and closed per request). Size PostgreSQL's max_connections for "
+                                    "this times the API processes, plus MLflow's. SQLite keeps one per API thread.")
     storage_uri: str | None = Field(None, description="Object storage root: a local path or s3://bucket/prefix; "
                                     "default {data_dir}/objects.")
     admin_key: SecretStr | None = Field(None, description="Admin bearer key (tenants, keys). Required in production.")
