@@ -66,13 +66,13 @@ def test_sqlite_keeps_a_connection_per_api_thread_instead_of_reconnecting(tmp_pa
 
 
 def test_postgres_opens_at_most_its_pool_and_reuses_it(postgres_database: str) -> None:
-    """40 requests at once (the API's threads) on a pool of 30: 30 connections are opened, once, and the other
-    requests wait for one. The old pool (10 kept, 20 overflow) started and stopped a PostgreSQL backend for each
-    request above 10 at once: 855 connections during the control-plane bench's 3,200 requests."""
+    """40 requests at once (the API's threads) on a pool of 30, three bursts: at most 30 connections are opened, once,
+    and the other requests wait for one. The old pool (10 kept, 20 overflow) started and stopped a PostgreSQL backend
+    for each request above 10 at once: 70 here, and 661-807 during the control-plane bench's 6,400 requests."""
     pool = Settings.model_fields["database_pool_size"].default
     opened = _connects_over_bursts(make_engine(postgres_database), pool + 10,
-                                   lambda conn: conn.execute(text("SELECT pg_sleep(0.05)")))
-    assert opened == pool
+                                   lambda conn: conn.execute(text("SELECT pg_sleep(0.2)")))
+    assert 10 < opened <= pool  # more than the old pool kept were in use at once, and none was opened twice
 
 
 def _tenant(s: Session, name: str) -> str:
