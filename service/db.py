@@ -32,10 +32,10 @@ def make_engine(url: str, *, postgres_pool_size: int | None = None) -> Engine:
     after one request (SQLAlchemy's overflow) costs a server backend started and stopped each time."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
-        if path and path != ":memory:" and not path.startswith("file:"):
+        in_memory = not path or path == ":memory:" or "mode=memory" in url  # SQLAlchemy's own pool for these
+        if not in_memory and not path.startswith("file:"):
             private_database(Path(path))
-        pool = ({"pool_size": SQLITE_POOL_SIZE, "max_overflow": SQLITE_POOL_OVERFLOW}
-                if path and path != ":memory:" and "mode=memory" not in url else {})
+        pool = {} if in_memory else {"pool_size": SQLITE_POOL_SIZE, "max_overflow": SQLITE_POOL_OVERFLOW}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
