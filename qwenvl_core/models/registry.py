@@ -120,9 +120,11 @@ class ModelFamily(Protocol):
         ...
 
     def materialize(
-        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> Path:
-        """Write a complete model directory with random weights, deterministically from ``seed``."""
+        """Write a complete model directory with random weights, deterministically from ``seed``, drawn on ``device``
+        (a GPU draws a full-size preset in seconds; a preset with shipped weights copies them wherever it runs)."""
         ...
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from qwenvl_core.errors import ConfigError, ModelLoadError, PresetError
 from qwenvl_core.models.qwen_vl.materialize import write_random_model
@@ -77,3 +78,25 @@ def test_component_split():
     assert family.component_of("transformer.visual.proj") == "adapter"
     assert family.component_of("transformer.h.0.attn.c_attn.weight") == "language"
     assert family.component_of("lm_head.weight") == "language"
+
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           # skipped on machines without a GPU (CI's); bench/gpu_check.sh runs it where one is lent
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preset", ["qwen-vl-tiny", "qwen2.5-vl-tiny"])
+def test_materialize_draws_on_the_given_device_deterministically_and_leaves_the_callers_random_state(
+        tmp_path, device, preset):
+    family = family_for_preset(preset)
+    cpu_state = torch.random.get_rng_state()
+    first = family.materialize(preset, tmp_path / "first", seed=0, device=device)
+    assert torch.equal(torch.random.get_rng_state(), cpu_state)
+    again = family.materialize(preset, tmp_path / "again", seed=0, device=device)
+    assert _digests(first) == _digests(again)
+    if device == "cpu":  # the default device: the same files as a directory written without naming one
+        assert _digests(first) == _digests(family.materialize(preset, tmp_path / "default", seed=0))
+    model = family.load_model(first, device=device)  # strict: every weight present with its shape
+    assert {p.device.type for p in model.parameters()} == {torch.device(device).type}

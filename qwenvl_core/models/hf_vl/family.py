@@ -121,7 +121,8 @@ class HFVisionLanguageFamily:
         return PACKING_REFUSAL
 
     def materialize(
-        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> Path:
         from qwenvl_core.models.hf_vl.materialize import write_random_model
 
@@ -130,4 +131,4 @@ class HFVisionLanguageFamily:
             from qwenvl_core.models.shipped import copy_shipped
 
             return copy_shipped(found.weights, out_dir, seed=seed, dtype=dtype)
-        return write_random_model(self.spec, preset, out_dir, seed=seed, dtype=dtype)
+        return write_random_model(self.spec, preset, out_dir, seed=seed, dtype=dtype, device=device)

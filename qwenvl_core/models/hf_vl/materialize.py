@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qwenvl_core.errors import ConfigError
-from qwenvl_core.models.dtypes import default_dtype
+from qwenvl_core.models.dtypes import seeded_init
 from qwenvl_core.models.hf_vl.config import build_config
 from qwenvl_core.models.hf_vl.files import write_processor_files
 from qwenvl_core.models.hf_vl.spec import VISION_START_OFFSET, FamilySpec
@@ -34,9 +34,11 @@ def ordinary_tokens(config: object) -> int:
 
 
 def write_random_model(
-    spec: FamilySpec, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    spec: FamilySpec, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> Path:
-    """Write a complete ``preset`` directory with random weights drawn from ``seed`` into ``out_dir``."""
+    """Write a complete ``preset`` directory with random weights drawn from ``seed`` on ``device`` (``seeded_init``)
+    into ``out_dir``."""
     out = Path(out_dir)
     config = build_config(spec, preset)
     n_ordinary = ordinary_tokens(config)
@@ -44,15 +46,14 @@ def write_random_model(
     with staged_directory(out) as staging:
         write_tokenizer(spec, staging, n_ordinary)
         write_processor_files(spec, spec.presets[preset], staging)
-        with torch.random.fork_rng(devices=[]), default_dtype(dtype):
-            torch.manual_seed(seed)
+        with seeded_init(seed, dtype, device):
             model = spec.transformers_class("model_class")(config).to(dtype)
         generation = model.generation_config
         generation.bos_token_id = ids["<|endoftext|>"]
         generation.pad_token_id = ids["<|endoftext|>"]
         generation.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
         model.config.dtype = dtype
-        save_model(model, staging)
+        save_model(model.cpu(), staging)
         if (training := spec.presets[preset].training) is not None:
             training.write(staging)  # what `auto` hyperparameters read (qwenvl_core.autotune)
     return out

@@ -111,7 +111,8 @@ class QwenVLFamily:
         return None  # segment_ids: block-diagonal attention, positions restart per segment
 
     def materialize(
-        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+        self, preset: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> Path:
         from qwenvl_core.models.qwen_vl.materialize import write_random_model
         from qwenvl_core.models.qwen_vl.presets import shipped_weights
@@ -120,4 +121,4 @@ class QwenVLFamily:
             from qwenvl_core.models.shipped import copy_shipped
 
             return copy_shipped(shipped, out_dir, seed=seed, dtype=dtype)
-        return write_random_model(out_dir, preset=preset, seed=seed, dtype=dtype)
+        return write_random_model(out_dir, preset=preset, seed=seed, dtype=dtype, device=device)

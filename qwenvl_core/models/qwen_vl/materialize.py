@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from qwenvl_core.errors import ConfigError
-from qwenvl_core.models.dtypes import default_dtype
+from qwenvl_core.models.dtypes import seeded_init
 from qwenvl_core.models.qwen_vl.modeling import QWenLMHeadModel
 from qwenvl_core.models.qwen_vl.presets import build_config, training_defaults
 from qwenvl_core.models.qwen_vl.tiny_tokenizer import train_tiny_tokenizer
@@ -57,9 +57,11 @@ def write_tokenizer(path: Path, n_ranks: int) -> None:
 
 
 def write_random_model(
-    out_dir: str | Path, *, preset: str = "qwen-vl-tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+    out_dir: str | Path, *, preset: str = "qwen-vl-tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> Path:
-    """Write ``config.json``, ``qwen.tiktoken`` and random safetensors weights for ``preset`` into ``out_dir``.
+    """Write ``config.json``, ``qwen.tiktoken`` and random safetensors weights for ``preset`` into ``out_dir``,
+    the weights drawn on ``device`` (``seeded_init``: a GPU for the full-size presets).
 
     The directory appears complete or not at all: everything is written to a temporary sibling first and
     renamed into place. An existing non-empty ``out_dir`` is an error (nothing is overwritten).
@@ -69,10 +71,9 @@ def write_random_model(
     n_ranks = tokenizer_ranks_for(config.visual["image_start_id"])
     with staged_directory(out) as staging:
         write_tokenizer(staging / TOKENIZER_FILE, n_ranks)
-        with torch.random.fork_rng(devices=[]), default_dtype(dtype):
-            torch.manual_seed(seed)
+        with seeded_init(seed, dtype, device):
             model = QWenLMHeadModel(config).to(dtype)
-        save_model(model, staging)
+        save_model(model.cpu(), staging)
         if (training := training_defaults(preset)) is not None:
             training.write(staging)  # what `auto` hyperparameters read (qwenvl_core.autotune)
     return out
