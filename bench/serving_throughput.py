@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import gc
 import os
 import shutil
 import statistics
@@ -48,22 +50,40 @@ from qwenvl_core.serving.lora_batch import load_lora_weights
 from qwenvl_core.storage import open_store, upload_dir
 
 
-def make_adapters(family: Any, model_dir: Path, out: Path, count: int, rank: int) -> list[Path]:
-    """``count`` random LoRA adapters (non-zero B) on the family's official language-model targets."""
+def make_adapters(family: Any, model_dir: Path, out: Path, count: int, rank: int, dtype: torch.dtype) -> list[Path]:
+    """``count`` random LoRA adapters (non-zero B) on the family's official language-model targets: ``out/a0`` ...,
+    all added to one host copy of the base (a full-size base is loaded once, not once per adapter)."""
     from peft import LoraConfig, get_peft_model
 
     from qwenvl_core.specs import TargetPreset
     from qwenvl_core.training.lora import resolve_targets
 
-    base = family.load_model(model_dir)
+    base = family.load_model(model_dir, dtype=dtype)
     targets = resolve_targets(base, family, TargetPreset.OFFICIAL)
-    dirs = []
+    model = None
     for i in range(count):
         torch.manual_seed(i + 1)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules=targets)
-        get_peft_model(family.load_model(model_dir), config).save_pretrained(out / f"a{i}")
-        dirs.append(out / f"a{i}")
-    return dirs
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"a{i}")
+        else:
+            model.add_adapter(f"a{i}", config)
+    model.save_pretrained(out)  # peft writes each adapter not called "default" into out/<its name>
+    return [out / f"a{i}" for i in range(count)]
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so that the clock read after it covers that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: str) -> None:
+    """Free what the finished measurement left (models, caches): collected, and on a GPU handed back by PyTorch's
+    allocator, so that the next model (or the memory measurement's own process) finds the memory free."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _prompt(i: int) -> str:
@@ -122,6 +142,7 @@ def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests
         out = generate(model, [ids], pad_token_id=processor.pad_token_id,
                        params=SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)))
         generated += len(out[0].token_ids)
+    sync(device)
     return _rate(generated, start, cpu_start)
 
 
@@ -154,6 +175,7 @@ def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                                  do_sample=False, pad_token_id=processor.pad_token_id)
         generated += (out.shape[1] - width) * len(chunk)
+    sync(device)
     return generated / (time.perf_counter() - start)
 
 
@@ -192,20 +214,26 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
     return {"ttft_p50": p50, "ttft_p99": p99, "max_gap": max(r[1] for r in results)}
 
 
-def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: int, dtype: str, device: str) -> None:
+def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: int, dtype: str, device: str,
+                        model_dir: str | None) -> None:
     """(subprocess) Peak memory of ``requests`` concurrent requests of ``prompt_tokens`` prompt tokens each, on the
-    ``qwenvl_core`` found on ``sys.path`` (this tree, or an earlier revision's): prints ``PEAK <bytes>``."""
+    ``qwenvl_core`` found on ``sys.path`` (this tree, or an earlier revision's): prints ``PEAK <bytes>``. The model:
+    ``model_dir``, or (None) a fresh ``preset`` directory written by that ``qwenvl_core``."""
     import resource
 
     from qwenvl_core.serving.engine import EngineConfig as Config
 
     family = family_for_preset(preset)
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    model_dir = family.materialize(preset, work / "model", seed=0, dtype=getattr(torch, dtype))
-    config = Config(max_batch_size=requests, max_total_tokens=prompt_tokens + tokens)
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))  # holds the model written here, if any
+    if model_dir is None:
+        model_dir = family.materialize(preset, work / "model", seed=0, dtype=getattr(torch, dtype))
+    limits = {"max_batch_size": requests, "max_total_tokens": prompt_tokens + tokens}
+    placed = "device" in {f.name for f in dataclasses.fields(Config)}  # earlier revisions loaded on the CPU only
+    config = Config(**limits, device=device) if placed else Config(**limits)
     engine = ServingEngine.from_model_dir(model_dir, config, dtype=getattr(torch, dtype))
     if device != "cpu":
-        engine.model.to(device)
+        if not placed:
+            engine.model.to(device)
         torch.cuda.reset_peak_memory_stats()
     processor = family.load_processor(model_dir)
     words = [f"w{i % 50}" for i in range(prompt_tokens)]
@@ -226,19 +254,28 @@ def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: 
     shutil.rmtree(work, ignore_errors=True)
 
 
-def memory_before_after(args: argparse.Namespace) -> tuple[int, int | None]:
-    """Peak memory of the long-request workload here and, in a git worktree, at ``args.before_rev``."""
-    def peak(pythonpath: str) -> int:
+def memory_before_after(args: argparse.Namespace, model_dir: Path) -> tuple[int, int | None]:
+    """Peak memory of the long-request workload on ``model_dir`` with this tree and, in a git worktree, at
+    ``args.before_rev`` (on a model directory that revision writes itself)."""
+    def peak(pythonpath: str, model_dir: Path | None = None) -> int:
         cmd = [sys.executable, __file__, "--memory-child", "--preset", args.preset, "--dtype", args.dtype,
                "--device", args.device, "--memory-requests", str(args.memory_requests),
-               "--memory-prompt", str(args.memory_prompt)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath},
-                             check=True).stdout
-        return int(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK ")))
+               "--memory-prompt", str(args.memory_prompt)] + (["--model-dir", str(model_dir)] if model_dir else [])
+        # The tree measured first, then whatever else the path held (the device run's carried packages).
+        others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != root]
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, *others])})
+        if done.returncode != 0:
+            raise SystemExit(f"the memory measurement ({pythonpath}) failed:\n{done.stderr[-3000:]}")
+        return int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK ")))
 
     root = Path(__file__).resolve().parent.parent
-    after = peak(str(root))
+    after = peak(str(root), model_dir)
     if not args.before_rev:
+        return after, None
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet", f"{args.before_rev}^{{commit}}"],
+                      capture_output=True).returncode != 0:
+        print(f"(no git history with {args.before_rev} here, as on the device machine: no 'before' row)")
         return after, None
     tree = Path(tempfile.mkdtemp(prefix="bench-before-"))
     subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), args.before_rev],
@@ -339,15 +376,18 @@ def main() -> None:
     parser.add_argument("--lora-only", action="store_true",
                         help="only the mixed / single / base / swap rows (the LoRA ratios), then stop")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        long_request_memory(args.preset, args.memory_requests, args.memory_prompt, 4, args.dtype, args.device)
+        long_request_memory(args.preset, args.memory_requests, args.memory_prompt, 4, args.dtype, args.device,
+                            args.model_dir)
         return
     dtype = getattr(torch, args.dtype)
     family = family_for_preset(args.preset)
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    model_dir = family.materialize(args.preset, work / "model", seed=0, dtype=dtype)
-    adapters = make_adapters(family, model_dir, work / "adapters", args.adapters, args.rank)
+    model_dir = family.materialize(args.preset, work / "model", seed=0, dtype=dtype, device=args.device)
+    adapters = make_adapters(family, model_dir, work / "adapters", args.adapters, args.rank, dtype)
+    release(args.device)
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.batch, device=args.device,
                                                                   max_adapters=args.adapters + 2), dtype=dtype)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
@@ -360,6 +400,7 @@ def main() -> None:
     mixed, single, base = (max(r.wall for r in runs[name]) for name in scenarios)
     swap_rate = swap_throughput(family, model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
     swap = swap_rate.wall
+    release(args.device)
     if args.lora_only:
         print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f}")
         print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.95)  mixed/swap={mixed / swap:.2f} (target >= 5)"
@@ -370,6 +411,7 @@ def main() -> None:
         return
     static = static_throughput(family, model_dir, adapters[0], args.static_batch * 2, args.static_batch,
                                args.tokens, dtype, args.device)
+    release(args.device)
     engine_16 = max(engine_throughput(engine, [adapters[0]], args.static_batch, args.tokens).wall
                     for _ in range(args.repeats))
     print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f} "
@@ -379,15 +421,17 @@ def main() -> None:
           f" (target >= 2)")
     _print_cpu_rates(runs, swap_rate)
     for chunk in (0, args.prefill_chunk):  # whole prefills vs chunked: the stall of running streams
-        probe = ServingEngine.from_model_dir(model_dir, EngineConfig(
-            max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2,
-            prefill_chunk_tokens=chunk), dtype=dtype)
+        # A second engine on the same model (no second copy of a full-size model): the main one is idle meanwhile.
+        probe = ServingEngine(engine.model, engine.processor, engine.family,
+                              dataclasses.replace(engine.config, prefill_chunk_tokens=chunk))
         lat = latency_under_load(probe, adapters, args.latency_requests, args.tokens, args.image_size)
-        probe.close()
+        probe.close()  # also takes its LoRA hooks off the shared model
+        del probe
+        release(args.device)
         print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
               f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
               f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms")
-    after, before = memory_before_after(args)
+    after, before = memory_before_after(args, model_dir)
     row = f"after={after / 2**20:.0f} MiB" + (f" before ({args.before_rev})={before / 2**20:.0f} MiB "
                                               f"ratio={after / before:.2f}" if before else "")
     print(f"peak memory, {args.memory_requests} concurrent {args.memory_prompt}-token requests: {row}")
