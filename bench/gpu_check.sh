@@ -1,35 +1,64 @@
 #!/usr/bin/env bash
 # The GPU checks of the platform in one run (issue 13): the `gpu` tests (engine on CUDA: greedy equals the
 # reference, every tensor on the device, seeded sampling), full-size random-weight serving of Qwen-VL v1 in bf16
-# (tokens/s with 8 adapters, TTFT), and full-size LoRA / Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak
-# memory). Prints one table (and writes it to $OUT/gpu_check.md when OUT is set). Budget: under 10 minutes on one
+# (tokens/s with 8 adapters, TTFT, the longest inter-token gap, peak memory of long requests), and full-size LoRA /
+# Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory). Prints one table (and writes it to
+# $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: under 10 minutes on one
 # H200; each check has its own time limit so one that hangs cannot eat the others'.
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
-# llguidance, bitsandbytes, ...): `bash bench/gpu_wheels.sh` here downloads them as Python 3.12 wheels into .whl/
-# (git-ignored); carry `.whl` with the run and they are installed into /tmp/site first.
+# pydantic, llguidance, bitsandbytes): `bash bench/gpu_wheels.sh` here downloads them as Python 3.12 wheels into
+# .whl/ (git-ignored); carry `.whl` with the run and they are installed into /tmp/site first. Before spending
+# device time, `bash bench/gpu_dryrun.sh` runs this same script here, on the CPU with tiny presets, in an environment
+# holding only what the device image holds.
 #   device run:  bash bench/gpu_check.sh        (carry: [".whl"], timeout_s: 600)
+# Settings (the dry run's): GPU_CHECK_DEVICE (cuda), GPU_CHECK_SMOKE=1 (tiny presets, short runs), GPU_CHECK_WHEELS
+# (.whl), GPU_CHECK_SITE (/tmp/site), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+device=${GPU_CHECK_DEVICE:-cuda}
+wheels=${GPU_CHECK_WHEELS:-.whl}
+site=${GPU_CHECK_SITE:-/tmp/site}
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PWD" || { echo "installing the carried wheels failed"; exit 1; }
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
+    && export PYTHONPATH="$site:$PWD" || { echo "installing the carried wheels failed"; exit 1; }
+fi
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
+  tests=(tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py)  # the CPU cases too
+  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --memory-requests 4
+         --memory-prompt 256 --before-rev "")
+  train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
+  [ "$device" = cpu ] && train+=(--steps-on-cpu)
+else
+  tests=(-m gpu tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py)
+  serve=(--preset qwen-vl-chat --requests 32 --tokens 32)
+  train=(--preset qwen2.5-vl-7b)
 fi
 table=${OUT:-/tmp}/gpu_check.md
 logs=${OUT:-/tmp}
+mkdir -p "$logs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
 echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
+failed=0
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS status=ok
-  timeout "$limit" "$@" > "$logs/$name.log" 2>&1 || status="FAILED ($?)"
+  timeout "$limit" "$@" > "$logs/$name.log" 2>&1 || { status="FAILED ($?)"; failed=$((failed + 1)); }
   echo "| $name | $status | $((SECONDS - start)) | $(tail -n 4 "$logs/$name.log" | tr '\n|' ' /' | cut -c1-300) |" >> "$table"
 }
-check gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests/serving/test_engine_devices.py
-check serve_v1_full_bf16 200 $PY bench/serving_throughput.py --preset qwen-vl-chat --device cuda --dtype bfloat16 \
-  --adapters 8 --requests 32 --tokens 32 --repeats 1 --load-rounds 1
-check train_qwen25vl_7b 200 $PY bench/train_families.py --device cuda --preset qwen2.5-vl-7b --rounds 1
+# What the run imports, and from where: a package the image lacks fails here in seconds, not deep inside a check.
+check environment 60 $PY -c "
+import sys, torch, transformers, peft, pydantic, llguidance, bitsandbytes, safetensors, tiktoken, PIL
+print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU',
+      *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes)))
+torch.zeros(1, device='$device')"
+check gpu_tests 120 $PY -m pytest -q -p no:cacheprovider "${tests[@]}"
+check serve_v1_full_bf16 240 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
+  --repeats 1 --skip-loads "${serve[@]}"
+check train_qwen25vl_7b 150 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
 cat "$table"
+exit "$failed"

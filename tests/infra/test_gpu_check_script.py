@@ -1,0 +1,36 @@
+"""``bench/gpu_check.sh``, the one prepared run a GPU machine gets (issue 13), in its dry-run mode here: on the CPU,
+tiny presets, short runs (``GPU_CHECK_DEVICE=cpu GPU_CHECK_SMOKE=1``). Sessions with a device are rare and the device
+time is one short lease, so the script must not rot in between: every check runs every code path of its GPU run and
+must end with its row marked ok. (``bench/gpu_dryrun.sh`` runs the same in an environment holding only what the
+device image holds; that one needs the package registry, so it is a manual step before a device run.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKS = ("environment", "gpu_tests", "serve_v1_full_bf16", "train_qwen25vl_7b")
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable,
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    out = tmp_path / "out"
+    table = (out / "gpu_check.md").read_text()
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(out.glob("*.log")))
+    rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in table.splitlines()[2:])}
+    assert rows == dict.fromkeys(CHECKS, "ok"), table + logs
+    assert done.returncode == 0, done.stdout[-3000:]
+    serve = (out / "serve_v1_full_bf16.log").read_text()
+    for row in ("throughput tok/s: mixed=", "engine/static=", "longest inter-token gap=", "peak memory, 4 concurrent"):
+        assert row in serve, serve[-3000:]
+    train = (out / "train_qwen25vl_7b.log").read_text()
+    assert "steps-lora" in train and "steps-qlora" in train, train[-3000:]
