@@ -106,8 +106,8 @@ class AdapterSlots:
             a_stack[slot].zero_()
             bt_stack[slot].zero_()
             if name in weights.modules:
-                a, b = weights.modules[name]
+                a, bt = weights.modules[name]  # contiguous (pinned on a GPU): asynchronous copies
                 a_stack[slot, : a.shape[0]].copy_(a, non_blocking=True)
-                bt_stack[slot, : b.shape[1]].copy_(b.T, non_blocking=True)
+                bt_stack[slot, : bt.shape[0]].copy_(bt, non_blocking=True)
         self._resident[slot] = weakref.ref(weights)
         self.loads += 1

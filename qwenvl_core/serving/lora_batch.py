@@ -52,8 +52,9 @@ class AdapterError(QwenVLError):
 
 @dataclass
 class LoraWeights:
-    """One adapter's weights per target module: ``A [r, in]`` and ``B·scaling [out, r]`` (language model; rank 0
-    when it has none), and its vision tower's weights, applied per image (``vision_adapters``)."""
+    """One adapter's weights per target module: ``A [r, in]`` and ``(B·scaling)ᵀ [r, out]`` (language model; rank 0
+    when it has none), each contiguous in the layout of the device slots it is copied into (``adapter_slots``), and
+    its vision tower's weights, applied per image (``vision_adapters``)."""
 
     adapter_id: str
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -62,7 +63,7 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        own = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        own = sum(a.numel() * a.element_size() + bt.numel() * bt.element_size() for a, bt in self.modules.values())
         return own + (self.vision.nbytes if self.vision is not None else 0)
 
 
@@ -154,7 +155,8 @@ def load_lora_weights(
 
 def lora_pair(name: str, pair: dict[str, torch.Tensor], layer: nn.Module, config: dict[str, Any], path: Path, *,
               max_rank: int, dtype: torch.dtype, device: torch.device, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B·scaling)`` of target ``name`` checked against its ``Linear`` ``layer``, in ``dtype`` on ``device``."""
+    """``(A, (B·scaling)ᵀ)`` of target ``name`` checked against its ``Linear`` ``layer``, in ``dtype`` on ``device``,
+    both contiguous (so that a slot write from pinned host memory is one asynchronous copy each)."""
     if set(pair) != {"A", "B"}:
         raise AdapterError(f"{path}: module {name!r} lacks lora_A or lora_B")
     a, b = pair["A"], pair["B"]
@@ -166,9 +168,9 @@ def lora_pair(name: str, pair: dict[str, torch.Tensor], layer: nn.Module, config
         )
     if rank > max_rank:
         raise AdapterError(f"{path}: rank {rank} of {name} exceeds the server's max rank {max_rank}")
-    scaled_b = b.float() * _module_scaling(config, name, rank)
-    a, b = a.to(device, dtype).contiguous(), scaled_b.to(device, dtype).contiguous()
-    return (a.pin_memory(), b.pin_memory()) if pin else (a, b)
+    scaled_bt = (b.float() * _module_scaling(config, name, rank)).T
+    a, bt = a.to(device, dtype).contiguous(), scaled_bt.to(device, dtype).contiguous()
+    return (a.pin_memory(), bt.pin_memory()) if pin else (a, bt)
 
 
 @dataclass(frozen=True)
@@ -264,15 +266,15 @@ def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device 
 def _stack_module(name: str, adapters: Sequence[LoraWeights]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A [K+1, r, in], (B·s)ᵀ [K+1, r, out])`` with zeros for slot 0 and for adapters that skip ``name``."""
     present = [adapter.modules[name] for adapter in adapters if name in adapter.modules]
-    a_ref, b_ref = present[0]
+    a_ref, bt_ref = present[0]
     rank = max(a.shape[0] for a, _ in present)
     a_stack = a_ref.new_zeros(len(adapters) + 1, rank, a_ref.shape[1])
-    bt_stack = b_ref.new_zeros(len(adapters) + 1, rank, b_ref.shape[0])
+    bt_stack = bt_ref.new_zeros(len(adapters) + 1, rank, bt_ref.shape[1])
     for slot, adapter in enumerate(adapters, start=1):
         if name in adapter.modules:
-            a, b = adapter.modules[name]
+            a, bt = adapter.modules[name]
             a_stack[slot, : a.shape[0]] = a
-            bt_stack[slot, : b.shape[1]] = b.T
+            bt_stack[slot, : bt.shape[0]] = bt
     return a_stack, bt_stack
 
 

@@ -49,7 +49,7 @@ Row = TypeVar("Row")
 class VisionWeights:
     """One adapter's vision-tower weights (names relative to the tower, as ``tower.named_modules()`` gives them)."""
 
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder Linear -> (A [r, in], B·scaling [out, r])
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder Linear -> (A [r, in], (B·scaling)ᵀ [r, out])
     tensors: dict[str, torch.Tensor]  # tower parameter -> its replacement (same shape and dtype)
 
     @property
@@ -58,8 +58,8 @@ class VisionWeights:
         return sum(t.numel() * t.element_size() for t in every)
 
     def to(self, device: torch.device) -> VisionWeights:
-        return VisionWeights({n: (a.to(device, non_blocking=True), b.to(device, non_blocking=True))
-                              for n, (a, b) in self.lora.items()},
+        return VisionWeights({n: (a.to(device, non_blocking=True), bt.to(device, non_blocking=True))
+                              for n, (a, bt) in self.lora.items()},
                              {n: t.to(device, non_blocking=True) for n, t in self.tensors.items()})
 
 
@@ -241,8 +241,8 @@ class VisionAdapters:
             lora = self._lora
             if lora is None or name not in lora:
                 return None
-            a, b = lora[name]
-            return output + ((args[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+            a, bt = lora[name]
+            return output + ((args[0].to(a.dtype) @ a.T) @ bt).to(output.dtype)
 
         return hook
 

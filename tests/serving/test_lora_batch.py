@@ -30,7 +30,8 @@ class _Tiny(nn.Module):
 
 
 def _adapter(seed: int, rank: int, modules: tuple[str, ...] = ("up", "down")) -> tuple[LoraWeights, dict]:
-    """A LoraWeights (B with its scaling folded in, as load_lora_weights stores it) and its raw (A, B, s)."""
+    """A LoraWeights (``(B·s)ᵀ``: B with its scaling folded in and transposed, as load_lora_weights stores it) and its
+    raw (A, B, s)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"up": (IN, HIDDEN), "down": (HIDDEN, OUT)}
     raw, folded = {}, {}
@@ -39,7 +40,7 @@ def _adapter(seed: int, rank: int, modules: tuple[str, ...] = ("up", "down")) ->
         a, b = torch.randn(rank, fan_in, generator=gen), torch.randn(fan_out, rank, generator=gen)
         scale = 2.0 / rank
         raw[name] = (a, b, scale)
-        folded[name] = (a, b * scale)
+        folded[name] = (a, (b * scale).T.contiguous())
     return LoraWeights(adapter_id=f"a{seed}", modules=folded, rank=rank), raw
 
 
@@ -145,3 +146,20 @@ def test_row_layout_indices():
     dense = row_layout([5, 5, 5], "cpu")  # every row on one adapter: the batch is the block, nothing gathered
     assert (dense.first, dense.groups, dense.gather, dense.take, dense.rows) == (5, 1, None, None, None)
     assert row_layout([0, 0], "cpu") is None and build_plan([None, None]) is None
+
+
+def test_loaded_adapters_are_held_in_the_layout_of_the_device_slots(tiny_model_dir, adapter_dirs):
+    """The host tier keeps each module's ``A [r, in]`` and ``(B·s)ᵀ [r, out]`` contiguous: a slot write is then a
+    plain copy per tensor (asynchronous from pinned memory on a GPU), not a transpose staged through a temporary."""
+    from qwenvl_core.models.registry import get_family
+    from qwenvl_core.serving.lora_batch import load_lora_weights
+
+    family = get_family("qwen-vl")
+    model = family.load_model(tiny_model_dir)
+    weights = load_lora_weights(adapter_dirs[9], "a9", model, family, device="cpu")
+    linears = dict(model.named_modules())
+    assert weights.modules and weights.rank == 4
+    for name, (a, bt) in weights.modules.items():
+        layer = linears[name]
+        assert a.shape == (4, layer.in_features) and bt.shape == (4, layer.out_features), name
+        assert a.is_contiguous() and bt.is_contiguous(), name
