@@ -2,9 +2,9 @@
 
 This module owns
 - ``LoraWeights``: one PEFT LoRA adapter read from its directory (``adapter_config.json`` +
-  ``adapter_model.safetensors``), as ``(A [r, in], B·scaling [out, r])`` per target module of the base model;
-  the scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA, per-module ``rank_pattern`` / ``alpha_pattern``)
-  is folded into ``B`` once, at load time;
+  ``adapter_model.safetensors``), as ``(A [r, in], (B·scaling)ᵀ [r, out])`` per target module of the base model
+  (contiguous, the layout of the device slots); the scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA,
+  per-module ``rank_pattern`` / ``alpha_pattern``) is folded into ``B`` once, at load time;
 - ``GroupedLora``: forward hooks on the base model's target ``Linear`` layers. A ``LoraPlan`` built for a batch
   (one adapter, or ``None`` for the base model, per row) holds, per module, a window of the adapter slot stacks
   (``Aᵀ [G, in, r]``, ``(B·s)ᵀ [G, r, out]``: views of stacks kept as ``A [slots, R, in]`` and ``(B·s)ᵀ

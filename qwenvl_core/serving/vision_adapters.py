@@ -4,7 +4,7 @@ Training writes two kinds of vision weights into a PEFT adapter: LoRA on the vis
 (``lora.vision_lora``) and full weights of tower modules (``lora.train_adapter``: the merger, Qwen3-VL's DeepStack
 mergers, v1's Resampler and ``ln_post``; saved as peft ``modules_to_save``). This module owns
 
-- ``VisionWeights``: that part of one adapter, names relative to the tower: ``A`` and ``B·scaling`` per encoder
+- ``VisionWeights``: that part of one adapter, names relative to the tower: ``A`` and ``(B·scaling)ᵀ`` per encoder
   ``Linear``, and replacement tensors per tower parameter. ``take_vision_weights`` moves them out of an adapter's
   tensors when ``lora_batch.load_lora_weights`` reads it (the rest is the language model's LoRA) and checks them
   against the base: a tensor that does not fit is an ``AdapterError`` naming the adapter and the key;
