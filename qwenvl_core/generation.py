@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from qwenvl_core.devices import model_device
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.processing import VisionInputs
 
@@ -357,7 +358,7 @@ def generate(
     the whole sequence at every step (a slow reference used by tests). ``vocabulary``: needed by rows with a
     ``grammar``.
     """
-    device = _model_device(model)
+    device = model_device(model)
     rows = make_rows(params, len(prompts), device, vocabulary)
     if any(p.params.stop_strings for p in rows) and decode is None:
         raise QwenVLError("stop strings need a decode function")
@@ -440,8 +441,3 @@ def _forward_full(
     return out.logits[:, -1, :]
 
 
-def _model_device(model: Callable[..., Any]) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for param in model.parameters():
-            return param.device
-    return torch.device("cpu")

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 
 from qwenvl_core.conversation import ImagePart, Message
+from qwenvl_core.devices import checked_device
 from qwenvl_core.errors import ImageError, QwenVLError
 from qwenvl_core.generation import (
     FinishReason,
@@ -312,7 +313,7 @@ class ServingEngine:
         dtype: torch.dtype | None = None,
     ) -> ServingEngine:
         """Load the base model and processor of a local model directory (LM in 4-bit if ``config.quantization``)."""
-        device = _checked_device(config.device)
+        device = checked_device(config.device, "EngineConfig.device")
         family = detect_family(model_dir)
         model = family.load_model(model_dir, dtype=dtype, device=device)
         if config.quantization == "4bit":
@@ -882,18 +883,6 @@ def _lm_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]
     """The language model's compute dtype and device: its token embeddings' (never quantized)."""
     weight = model.get_input_embeddings().weight
     return weight.dtype, weight.device
-
-
-def _checked_device(name: str) -> torch.device:
-    """``EngineConfig.device`` as a torch device; a clear error for a malformed name or a GPU that is not there."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise QwenVLError(f"EngineConfig.device {name!r}: not a device name (expected 'cpu', 'cuda' or 'cuda:N')"
-                          ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QwenVLError(f"EngineConfig.device {name!r}: no CUDA device is visible to this process")
-    return device
 
 
 class _Abandoned(Exception):

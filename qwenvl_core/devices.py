@@ -1,0 +1,40 @@
+"""Which device a component computes on: ``checked_device`` turns a configured name into a ``torch.device`` (a clear
+error naming the setting for a malformed name or a GPU this process cannot see), ``default_device`` is what a
+component uses when nothing is configured (this process's GPU when one is visible, else the CPU), ``model_device``
+is where a model's weights are (what its inputs must follow)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from qwenvl_core.errors import QwenVLError
+
+
+def checked_device(name: str | torch.device, setting: str) -> torch.device:
+    """``name`` (the value of ``setting``) as a torch device; ``QwenVLError`` naming ``setting`` when it is not a
+    device name or names a GPU while none is visible."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise QwenVLError(f"{setting} {name!r}: not a device name (expected 'cpu', 'cuda' or 'cuda:N')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QwenVLError(f"{setting} {name!r}: no CUDA device is visible to this process")
+    return device
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` (a launcher's per-process GPU; 0 without one) when CUDA is visible, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of ``model``'s first parameter; the CPU for a callable that is no module or has none."""
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")
