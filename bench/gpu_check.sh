@@ -26,13 +26,15 @@ if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$site:$PWD" || { echo "installing the carried wheels failed"; exit 1; }
 fi
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
-  tests=(tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py)  # the CPU cases too
+  tests=(tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py
+    tests/training/test_trainer_devices.py)  # the CPU cases too
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --memory-requests 4
          --memory-prompt 256 --before-rev "")
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
 else
-  tests=(-m gpu tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py)
+  tests=(-m gpu tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py
+    tests/training/test_trainer_devices.py)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32)
   train=(--preset qwen2.5-vl-7b)
 fi

@@ -51,6 +51,7 @@ from urllib.parse import urlparse
 
 import ray
 import ray.train
+import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -178,13 +179,15 @@ def train_func(config: dict[str, Any]) -> None:
         "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
     checkpoint = ray.train.get_checkpoint()  # [1] latest checkpoint after a restart, else None
     work_dir = scratch_dir(Path(os.environ.get("QWENVL_WORK_DIR", "/tmp")), spec.job_id, rank)
+    # The GPU Ray assigned this worker (compute.gpus_per_worker > 0), else the CPU.
+    device = ray.train.torch.get_device()
     try:
         try:
             if checkpoint is not None:
                 with checkpoint.as_directory() as directory:
-                    result = Trainer(spec, hooks, work_dir).run(resume_from=Path(directory))
+                    result = Trainer(spec, hooks, work_dir, device).run(resume_from=Path(directory))
             else:
-                result = Trainer(spec, hooks, work_dir).run()
+                result = Trainer(spec, hooks, work_dir, device).run()
         except BaseException:
             if tracker is not None:  # the metrics queued since the last batch still reach MLflow (best effort:
                 with contextlib.suppress(Exception):  # the training error is the one to report)

@@ -3,7 +3,8 @@
 - ``Collator`` right-pads a batch to its own longest row (optionally rounded up to a multiple), never to the
   maximum length: ``input_ids`` with the pad id (``<|endoftext|>``), ``labels`` with -100, ``attention_mask``
   0 on padding, and the tensors of all rows' ``VisionInputs`` under their names (v1: ``pixel_values``), the
-  images in order of appearance (row by row, left to right), as the model's forward contract requires.
+  images in order of appearance (row by row, left to right), as the model's forward contract requires; every
+  tensor on the collator's ``device`` (the model's).
 - ``length_grouped_batches`` shuffles, then sorts by length inside mega-batches, so rows of a batch have
   similar lengths and little padding, while the order stays random and seed-determined.
 - ``pack_samples`` concatenates whole samples into rows of at most ``max_length`` tokens with ``segment_ids``
@@ -48,6 +49,7 @@ class Collator:
 
     pad_id: int
     pad_to_multiple_of: int = 1
+    device: torch.device | str = "cpu"  # where the batch goes: the device of the model it is fed to
 
     def __call__(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -65,7 +67,9 @@ class Collator:
         vision = VisionInputs.concat(r.vision for r in rows)
         if vision is not None:
             batch |= vision.as_kwargs()  # v1: pixel_values [N_images, 3, S, S]
-        return batch
+        if torch.device(self.device).type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:

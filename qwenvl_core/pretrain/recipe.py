@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from qwenvl_core.data import Collator, encode_sample
+from qwenvl_core.devices import model_device
 from qwenvl_core.models.qwen_vl.materialize import TOKENIZER_FILE, write_random_model
 from qwenvl_core.models.qwen_vl.modeling import QWenLMHeadModel
 from qwenvl_core.models.qwen_vl.processor import QwenVLProcessor
@@ -111,13 +112,12 @@ def pretrain(model: QWenLMHeadModel, processor: QwenVLProcessor, config: Pretrai
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(named, hp)
     scheduler = build_scheduler(optimizer, hp, config.steps)
-    collator = Collator(processor.pad_token_id)
-    device = next(model.parameters()).device
+    collator = Collator(processor.pad_token_id, device=model_device(model))
     log, window, start = PretrainLog(), [], time.monotonic()
     model.train()
     last = config.steps if stop_after is None else min(stop_after, config.steps)
     for step in range(last):
-        batch = {k: v.to(device) for k, v in batch_for(step, config, processor, collator).items()}
+        batch = batch_for(step, config, processor, collator)
         loss = model(**batch, loss_only=True).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl_core.data import IGNORE_INDEX, Collator, EncodedSample, Sample
+from qwenvl_core.devices import model_device
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.grounding import ImageSize, PixelBox
 from qwenvl_core.grounding.geometry import iou
@@ -140,7 +141,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            metrics = loss_and_accuracy(model, self.rows, Collator(self.processor.pad_token_id))
+            metrics = loss_and_accuracy(model, self.rows, Collator(self.processor.pad_token_id,
+                                                                   device=model_device(model)))
             if task and self.spec.task_metrics:
                 metrics |= task_metrics(model, self.items, self.processor, self.spec.max_new_tokens, self.stop_ids)
         finally:

@@ -1,8 +1,10 @@
 """The training loop: plain PyTorch, one job spec in, a trained adapter out; Ray and MLflow only via hooks.
 
-``Trainer(spec, hooks, work_dir).run(resume_from=None)`` goes through named steps:
+``Trainer(spec, hooks, work_dir, device).run(resume_from=None)`` goes through named steps:
 
-1. ``_build``      seeds, processor, base model (Q-LoRA: NF4), LoRA, gradient checkpointing, the frozen vision
+1. ``_build``      seeds, processor, base model on the trainer's device (the one given: the Ray Train workflow
+                   passes its worker's, a GPU Ray assigned it or the CPU; else ``devices.default_device``) with
+                   every batch collated onto it (Q-LoRA: NF4), LoRA, gradient checkpointing, the frozen vision
                    tower's feature cache, data, batch plan,
                    AdamW + schedule, the strategy's engine (DDP / DeepSpeed), the evaluator;
 2. ``_resume``     optionally restores a checkpoint (engine, RNG, position in the data, counters);
@@ -31,6 +33,7 @@ import torch.distributed as dist
 
 from qwenvl_core.data import Collator
 from qwenvl_core.data.collate import Row, concat_samples, pack_groups
+from qwenvl_core.devices import checked_device, default_device
 from qwenvl_core.errors import ConfigError
 from qwenvl_core.models.processing import ProcessorOptions
 from qwenvl_core.models.registry import detect_family
@@ -82,8 +85,14 @@ def _all_reduce(values: list[float]) -> list[float]:
 class Trainer:
     """One fine-tuning run on this rank (see the module docstring)."""
 
-    def __init__(self, spec: FineTuneJobSpec, hooks: Hooks | None = None, work_dir: Path | None = None) -> None:
+    def __init__(self, spec: FineTuneJobSpec, hooks: Hooks | None = None, work_dir: Path | None = None,
+                 device: str | torch.device | None = None) -> None:
         self.spec, self.hooks = spec, hooks or Hooks()
+        self.device = default_device() if device is None else checked_device(device, "the trainer's device")
+        if self.device.type == "cuda":  # NCCL, DeepSpeed and allocations without a device: the trainer's GPU
+            self.device = torch.device("cuda", torch.cuda.current_device() if self.device.index is None
+                                       else self.device.index)
+            torch.cuda.set_device(self.device)
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix=f"qwenvl-{spec.job_id}-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.hooks.checkpoints is None:
@@ -102,7 +111,7 @@ class Trainer:
             raise ConfigError(f"hyperparameters.packing: {self.family.name}: {refusal}")
         self.processor = self.family.load_processor(  # the job's image budget (min_pixels / max_pixels)
             spec.base_model, ProcessorOptions(min_pixels=hp.min_pixels, max_pixels=hp.max_pixels))
-        base = load_base_model(spec.base_model, self.family, spec.quantization, hp.precision)
+        base = load_base_model(spec.base_model, self.family, spec.quantization, hp.precision, self.device)
         self.targets = lora_targets(base, self.family, spec.lora)
         self.model = apply_lora(base, self.family, spec.lora)
         self.model.peft_config["default"].base_model_name_or_path = str(Path(spec.base_model).resolve())
@@ -122,8 +131,8 @@ class Trainer:
         optimizer = build_optimizer(named, hp)
         scheduler = build_scheduler(optimizer, hp, self.total_steps)
         self.engine = build_engine(spec, self.model, optimizer, scheduler,
-                                   self.model.config.get_text_config().hidden_size)  # the LM's width
-        self.collator = Collator(self.processor.pad_token_id)
+                                   self.model.config.get_text_config().hidden_size, self.device)  # the LM's width
+        self.collator = Collator(self.processor.pad_token_id, device=self.device)
         self.objective = build_objective(spec, self.collator)  # SFT or DPO: what a micro-step optimises
         self.evaluator = self._evaluator()
         seed_everything(spec.seed + 1000 * self.rank)  # per-rank dropout streams

@@ -132,11 +132,11 @@ def adapter_modules(model: torch.nn.Module, family: ModelFamily) -> list[str]:
 
 
 def load_base_model(model_dir: str | Path, family: ModelFamily, quantization: Quantization,
-                    precision: Precision) -> torch.nn.Module:
-    """The base model in ``precision`` following the forward contract (``family.forward_contract``); with Q-LoRA
-    its LM linears are 4-bit NF4 (``quantize_language_model``)."""
+                    precision: Precision, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The base model in ``precision`` on ``device`` following the forward contract (``family.forward_contract``);
+    with Q-LoRA its LM linears are 4-bit NF4 (``quantize_language_model``, quantized on that device)."""
     dtype = torch_dtype(precision)
-    model = family.forward_contract(family.load_model(model_dir, dtype=dtype))
+    model = family.forward_contract(family.load_model(model_dir, dtype=dtype, device=device))
     if quantization is Quantization.NF4:
         from peft import prepare_model_for_kbit_training
 

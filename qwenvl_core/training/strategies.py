@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -125,7 +126,8 @@ class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO-2 / ZeRO-3 around the peft model; every rank saves its own shards."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any]) -> None:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any],
+                 device: torch.device) -> None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "qwenvl" / "torch_extensions"))
         import deepspeed
 
@@ -135,8 +137,11 @@ class DeepSpeedEngine(Engine):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # DeepSpeed moves the model to the device of LOCAL_RANK unless told its index: the trainer's device (where
+        # its batches go). On the CPU every index names the CPU.
+        args = SimpleNamespace(device_rank=device.index or 0)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=config)
+                                               config=config, args=args)
         self.engine = engine
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.model = engine
@@ -188,8 +193,10 @@ class DeepSpeedEngine(Engine):
 
 
 def build_engine(spec: FineTuneJobSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, hidden_size: int) -> Engine:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, hidden_size: int,
+                 device: torch.device) -> Engine:
+    """The strategy's engine around ``model``, which is on ``device`` already."""
     hp = spec.hyperparameters
     if spec.compute.strategy is Strategy.DDP:
         return Engine(model, optimizer, scheduler, hp.max_grad_norm, hp.gradient_accumulation_steps)
-    return DeepSpeedEngine(model, optimizer, scheduler, deepspeed_config(spec, hidden_size))
+    return DeepSpeedEngine(model, optimizer, scheduler, deepspeed_config(spec, hidden_size), device)

@@ -11,6 +11,7 @@ import torch
 from qwenvl_core.errors import ConfigError, ModelLoadError, PresetError
 from qwenvl_core.models.qwen_vl.materialize import write_random_model
 from qwenvl_core.models.registry import FamilyName, detect_family, family_for_preset, get_family
+from tests.devices import DEVICES
 
 
 def _digests(directory) -> dict[str, str]:
@@ -78,12 +79,6 @@ def test_component_split():
     assert family.component_of("transformer.visual.proj") == "adapter"
     assert family.component_of("transformer.h.0.attn.c_attn.weight") == "language"
     assert family.component_of("lm_head.weight") == "language"
-
-
-DEVICES = [pytest.param("cpu", id="cpu"),
-           # skipped on machines without a GPU (CI's); bench/gpu_check.sh runs it where one is lent
-           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-               not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,38 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenvl_core.conversation import ImagePart, Message, TextPart
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
-
-DEVICES = [pytest.param("cpu", id="cpu"),
-           # skipped on machines without a GPU (CI's); bench/gpu_check.sh runs it where one is lent
-           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-               not torch.cuda.is_available(), reason="no CUDA device")])]
-
-
-class _DeviceRecorder(TorchDispatchMode):
-    """While active (in this thread), records every op that reads a tensor on ``device`` and writes one
-    elsewhere: compute that left the device, or a device-to-host read (``_to_copy`` / ``_local_scalar_dense``)."""
-
-    READS = ("aten._to_copy", "aten._local_scalar_dense", "aten.copy_", "aten.item", "aten.is_nonzero")
-
-    def __init__(self, device: str) -> None:
-        super().__init__()
-        self.device = torch.device(device).type
-        self.left: list[str] = []  # ops computing off the device from device inputs
-        self.reads: list[str] = []  # device-to-host reads
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        outputs = [t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]
-        from_device = any(t.device.type == self.device for t in inputs)
-        if from_device and (not outputs or any(t.device.type != self.device for t in outputs)):
-            (self.reads if str(func).startswith(self.READS) else self.left).append(str(func))
-        return out
+from tests.devices import DEVICES, DeviceRecorder
 
 
 def _requests(adapter: Path | None) -> list[EngineRequest]:
@@ -87,7 +60,7 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
     engine.config_dir = model_dir
     try:
         requests = _requests(adapter)
-        recorder = _DeviceRecorder(device)
+        recorder = DeviceRecorder(device)
         seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
         with recorder:  # the model thread's work, run here step by step so the recorder sees it
             engine._step(seqs)

@@ -1,0 +1,39 @@
+"""What the device tests share: ``DEVICES`` (``cpu`` always, ``cuda`` marked ``gpu`` and skipped without a GPU;
+``bench/gpu_check.sh`` runs those where one is lent) and ``DeviceRecorder``, which records every op that computes
+off the configured device from tensors on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           # skipped on machines without a GPU (CI's); bench/gpu_check.sh runs it where one is lent
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+class DeviceRecorder(TorchDispatchMode):
+    """While active (in this thread), records every op that reads a tensor on ``device`` and writes one
+    elsewhere: compute that left the device, or a device-to-host read (``_to_copy`` / ``_local_scalar_dense``)."""
+
+    READS = ("aten._to_copy", "aten._local_scalar_dense", "aten.copy_", "aten.item", "aten.is_nonzero")
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = torch.device(device).type
+        self.left: list[str] = []  # ops computing off the device from device inputs
+        self.reads: list[str] = []  # device-to-host reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]  # lists too (foreach)
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outputs and func._schema.is_mutable:
+            return out  # an in-place op (e.g. the optimizer's _foreach_mul_): it wrote its own inputs
+        from_device = any(t.device.type == self.device for t in inputs)
+        if from_device and (not outputs or any(t.device.type != self.device for t in outputs)):
+            (self.reads if str(func).startswith(self.READS) else self.left).append(str(func))
+        return out

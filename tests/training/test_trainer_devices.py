@@ -1,0 +1,59 @@
+"""The trainer on the device it is given (``Trainer(..., device)``; the Ray Train workflow passes its worker's, the
+GPU Ray assigned it or the CPU): the base model, the LoRA weights, the optimizer's parameters and every collated
+batch are placed there. On the CPU the build is checked on the ``meta`` device, where no tensor of the CPU path can
+land by accident (it holds shapes, not values, so nothing is trained there); a whole run is checked on every device
+present (``cuda`` marked ``gpu``: ``bench/gpu_check.sh``): it learns, and no op computes off the device."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pytest
+import torch
+
+from qwenvl_core.devices import default_device
+from qwenvl_core.errors import QwenVLError
+from qwenvl_core.specs import JobState
+from qwenvl_core.training import Hooks, RecordingSink, Trainer
+from tests.devices import DEVICES, DeviceRecorder
+from tests.training.conftest import make_spec
+
+
+def test_the_trainer_builds_its_model_optimizer_and_batches_on_its_device(tiny_model_dir, synth_data, tmp_path):
+    trainer = Trainer(make_spec(tiny_model_dir, synth_data, tmp_path / "run"), work_dir=tmp_path / "work",
+                      device="meta")
+    with ExitStack() as stack:
+        trainer._build(stack)
+    assert {p.device.type for p in trainer.model.parameters()} == {"meta"}  # base and LoRA weights
+    optimized = [p for group in trainer.engine.optimizer.param_groups for p in group["params"]]
+    assert optimized and {p.device.type for p in optimized} == {"meta"}
+    batch = trainer.collator([trainer._row(trainer.units[i]) for i in range(2)])
+    assert "pixel_values" in batch and {t.device.type for t in batch.values()} == {"meta"}
+
+
+def test_a_device_that_is_no_device_or_not_there_is_a_clear_error(tiny_model_dir, synth_data, tmp_path):
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run")
+    with pytest.raises(QwenVLError, match="the trainer's device 'gpu-zero': not a device name"):
+        Trainer(spec, work_dir=tmp_path / "work", device="gpu-zero")
+    if not torch.cuda.is_available():
+        with pytest.raises(QwenVLError, match="no CUDA device is visible"):
+            Trainer(spec, work_dir=tmp_path / "work", device="cuda")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert default_device().type == expected == Trainer(spec, work_dir=tmp_path / "work").device.type
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_on_the_device_learns_there_and_computes_nothing_off_it(device, tiny_model_dir, synth_data, tmp_path):
+    rec = RecordingSink()
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run")
+    trainer = Trainer(spec, Hooks(progress=[rec], metrics=[rec]), tmp_path / "work", device=device)
+    recorder = DeviceRecorder(device)
+    with recorder:
+        result = trainer.run()
+    assert not recorder.left, f"ops computed off {device} from its tensors: {sorted(set(recorder.left))}"
+    assert result.state is JobState.SUCCEEDED and result.train_state.step == 12
+    assert {p.device.type for p in trainer.model.parameters()} == {torch.device(device).type}
+    losses = [p.loss for p in rec.progress]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # it learns, as the CPU run of test_loop does
+    assert result.metrics["eval/loss"] < result.metrics["eval_base/loss"] - 0.3
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
