@@ -75,8 +75,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """The sums of ``values`` over the ranks, reduced on ``device`` (NCCL reduces only tensors on the GPU)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -275,7 +276,7 @@ class Trainer:
         w = self._window
         keys = self.objective.metric_keys
         loss_sum, micro, tokens, cancel, *sums = _all_reduce([w["loss"], w["micro"], w["tokens"], cancel,
-                                                              *(w.get(k, 0.0) for k in keys)])
+                                                              *(w.get(k, 0.0) for k in keys)], self.device)
         self.state.step += 1
         self.state.tokens_seen += int(tokens)
         loss = loss_sum / max(1.0, micro)

@@ -2,14 +2,18 @@
 GPU Ray assigned it or the CPU): the base model, the LoRA weights, the optimizer's parameters and every collated
 batch are placed there. On the CPU the build is checked on the ``meta`` device, where no tensor of the CPU path can
 land by accident (it holds shapes, not values, so nothing is trained there); a whole run is checked on every device
-present (``cuda`` marked ``gpu``: ``bench/gpu_check.sh``): it learns, and no op computes off the device."""
+present (``cuda`` marked ``gpu``: ``bench/gpu_check.sh``), in a one-rank process group of the device's backend: it
+learns, its collectives work there, and no op computes off the device."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from qwenvl_core.devices import default_device
 from qwenvl_core.errors import QwenVLError
@@ -42,8 +46,24 @@ def test_a_device_that_is_no_device_or_not_there_is_a_clear_error(tiny_model_dir
     assert default_device().type == expected == Trainer(spec, work_dir=tmp_path / "work").device.type
 
 
+@pytest.fixture
+def one_rank_group(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A one-rank process group with the device's backend (gloo on the CPU, NCCL on a GPU, as Ray Train sets up),
+    so that the loop's collectives run as in a job: NCCL reduces only tensors on the GPU."""
+    backend = "nccl" if request.node.callspec.params["device"] == "cuda" else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_run_on_the_device_learns_there_and_computes_nothing_off_it(device, tiny_model_dir, synth_data, tmp_path):
+def test_a_run_on_the_device_learns_there_and_computes_nothing_off_it(device, one_rank_group, tiny_model_dir,
+                                                                      synth_data, tmp_path):
     rec = RecordingSink()
     spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run")
     trainer = Trainer(spec, Hooks(progress=[rec], metrics=[rec]), tmp_path / "work", device=device)
