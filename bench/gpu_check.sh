@@ -7,7 +7,7 @@
 # H200; each check has its own time limit so one that hangs cannot eat the others'.
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
-# pydantic, llguidance, bitsandbytes): `bash bench/gpu_wheels.sh` here downloads them as Python 3.12 wheels into
+# pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
 # .whl/ (git-ignored); carry `.whl` with the run and they are installed into /tmp/site first. Before spending
 # device time, `bash bench/gpu_dryrun.sh` runs this same script here, on the CPU with tiny presets, in an environment
 # holding only what the device image holds.
@@ -53,10 +53,10 @@ check() {  # check NAME LIMIT_S COMMAND...
 }
 # What the run imports, and from where: a package the image lacks fails here in seconds, not deep inside a check.
 check environment 60 $PY -c "
-import sys, torch, transformers, peft, pydantic, llguidance, bitsandbytes, safetensors, tiktoken, PIL
+import sys, torch, transformers, peft, pydantic, llguidance, bitsandbytes, deepspeed, safetensors, tiktoken, PIL
 print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU',
-      *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes)))
+      *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes, deepspeed)))
 torch.zeros(1, device='$device')"
 check gpu_tests 120 $PY -m pytest -q -p no:cacheprovider "${tests[@]}"
 check serve_v1_full_bf16 240 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \

@@ -8,9 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${DRYRUN_VENV:-/tmp/qwenvl-device-like}
-if [ ! -x "$venv/bin/python" ]; then
+wanted=$(sha256sum bench/device_packages.txt | cut -d' ' -f1)
+if [ "$(cat "$venv/.packages" 2>/dev/null)" != "$wanted" ]; then  # new, or the package list changed: rebuilt
+  rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --no-deps torch==2.13.0 -r bench/device_packages.txt
+  echo "$wanted" > "$venv/.packages"
 fi
 rm -rf "$venv/wheels" "$venv/site"
 bash bench/gpu_wheels.sh "$venv/wheels" 3.11 > /dev/null

@@ -20,7 +20,10 @@ for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinu
 platforms+=(--platform manylinux2014_x86_64 --platform any)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
   "${platforms[@]}" -d "$dir" transformers==5.24.0 peft==0.21.2 llguidance==1.9.1 pydantic==2.14.4 \
-  pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 bitsandbytes==0.50.2
+  pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 bitsandbytes==0.50.2 hjson==3.1.0
+# DeepSpeed (ZeRO-2 / ZeRO-3 training) ships only as a source package: built here into a pure-Python wheel (its ops
+# compile on first use, none of which our trainer needs), with the project's environment (make install) for torch.
+"${BUILD_PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" deepspeed==0.19.8
 for wheel in "$dir"/bitsandbytes-*.whl; do
   unwanted=$(python3 -m zipfile -l "$wheel" | awk '{print $1}' | grep -E '\.so$' | grep -vE '_cuda13[0-9]\.so$|_cpu\.so$' || true)
   [ -z "$unwanted" ] || zip -q -d "$wheel" $unwanted

@@ -31,8 +31,12 @@ class DeviceRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]  # lists too (foreach)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not outputs and func._schema.is_mutable:
-            return out  # an in-place op (e.g. the optimizer's _foreach_mul_): it wrote its own inputs
+        if not outputs and (func._schema.is_mutable or func.namespace == "c10d"
+                            or (isinstance(out, tuple | list) and len(out) == 0)):
+            return out  # in place (the optimizer's _foreach_mul_), a collective, or an empty tensor list (unbind
+            # of ZeRO-3's empty partitions): it wrote only its own inputs, or nothing
+        if outputs and all(t.device.type == "meta" for t in outputs):
+            return out  # shape placeholders (DeepSpeed's): no data, no compute
         from_device = any(t.device.type == self.device for t in inputs)
         if from_device and (not outputs or any(t.device.type != self.device for t in outputs)):
             (self.reads if str(func).startswith(self.READS) else self.left).append(str(func))

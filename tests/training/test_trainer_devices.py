@@ -8,6 +8,7 @@ learns, its collectives work there, and no op computes off the device."""
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -46,26 +47,35 @@ def test_a_device_that_is_no_device_or_not_there_is_a_clear_error(tiny_model_dir
     assert default_device().type == expected == Trainer(spec, work_dir=tmp_path / "work").device.type
 
 
-@pytest.fixture
-def one_rank_group(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A one-rank process group with the device's backend (gloo on the CPU, NCCL on a GPU, as Ray Train sets up),
-    so that the loop's collectives run as in a job: NCCL reduces only tensors on the GPU."""
-    backend = "nccl" if request.node.callspec.params["device"] == "cuda" else "gloo"
+@pytest.fixture(scope="module", params=DEVICES)
+def device_group(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A device with a one-rank process group of its backend (gloo on the CPU, NCCL on a GPU, as Ray Train sets up),
+    so that the loop's collectives and DeepSpeed run as in a job (NCCL reduces only tensors on the GPU). One group
+    per device for the module: DeepSpeed keeps the groups it made for the life of the process (a job's worker runs
+    one trainer), so they are forgotten when the group goes."""
+    device = request.param
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LOCAL_RANK", "0")  # what Ray Train (and every launcher) sets; DeepSpeed requires it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
     try:
-        yield
+        yield device
     finally:
         dist.destroy_process_group()
+        if (groups := sys.modules.get("deepspeed.utils.groups")) is not None:
+            groups._WORLD_GROUP = None
+        patch.undo()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_run_on_the_device_learns_there_and_computes_nothing_off_it(device, one_rank_group, tiny_model_dir,
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_a_run_on_the_device_learns_there_and_computes_nothing_off_it(device_group, strategy, tiny_model_dir,
                                                                       synth_data, tmp_path):
+    device = device_group
     rec = RecordingSink()
-    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run")
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", compute={"strategy": strategy})
     trainer = Trainer(spec, Hooks(progress=[rec], metrics=[rec]), tmp_path / "work", device=device)
     recorder = DeviceRecorder(device)
     with recorder:
