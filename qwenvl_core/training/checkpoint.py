@@ -97,8 +97,8 @@ def capture_rng() -> dict[str, Any]:
         "python": {"version": version, "state": list(mt), "gauss": gauss},
         "numpy": {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available():  # the rank's own GPU (the trainer made it current): a resumed rank may see others
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -111,7 +111,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((npy["name"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _read_rng(directory: Path, rank: int) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ learns, its collectives work there, and no op computes off the device."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from qwenvl_core.devices import default_device
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.specs import JobState
 from qwenvl_core.training import Hooks, RecordingSink, Trainer
+from qwenvl_core.training.checkpoint import capture_rng, restore_rng
 from tests.devices import DEVICES, DeviceRecorder
 from tests.training.conftest import make_spec
 
@@ -87,3 +89,14 @@ def test_a_run_on_the_device_learns_there_and_computes_nothing_off_it(device_gro
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3  # it learns, as the CPU run of test_loop does
     assert result.metrics["eval/loss"] < result.metrics["eval_base/loss"] - 0.3
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoints_random_state_replays_the_draws_on_the_device(device):
+    """What exact resume needs of the RNG files: the rank's device draws again what it drew after the capture
+    (through JSON, as the checkpoint stores it; on a GPU the rank's own device, whichever others it sees)."""
+    state = json.loads(json.dumps(capture_rng()))
+    first = torch.rand(5, device=device), torch.randn(3, device=device)
+    restore_rng(state)
+    again = torch.rand(5, device=device), torch.randn(3, device=device)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
