@@ -60,6 +60,17 @@ class ModelDeploymentConfig:
     def deployment_name(self) -> str:
         return f"model-{self.base_model}"
 
+    def replica_engine_config(self) -> EngineConfig:
+        """One replica's ``EngineConfig``: the engine limits with the adapter bound and quantization, the device
+        (Ray makes the replica's GPUs visible as cuda:0..), and on a GPU shared with other work (``num_gpus`` < 1)
+        a KV cache budget cut to the replica's share (``kv_cache_memory_fraction`` of the free memory, times
+        ``num_gpus``; a set ``kv_cache_bytes`` is taken as it is)."""
+        share = min(1.0, self.num_gpus) if self.num_gpus > 0 else 1.0
+        return EngineConfig(**{**asdict(self.engine), "max_adapters": self.max_adapters_per_replica,
+                               "quantization": self.quantization,
+                               "device": "cuda" if self.num_gpus > 0 else "cpu",
+                               "kv_cache_memory_fraction": self.engine.kv_cache_memory_fraction * share})
+
 
 class _ServedAdapter:
     """What Serve's multiplexing cache holds per adapter; Serve calls ``__del__`` when it evicts it."""
@@ -81,13 +92,9 @@ class ModelServerBase:
 
         from qwenvl_core.serving.engine import ServingEngine
 
-        engine_config = EngineConfig(**{**asdict(config.engine), "max_adapters": config.max_adapters_per_replica,
-                                        "quantization": config.quantization,
-                                        # Ray makes the replica's GPU(s) visible as cuda:0..
-                                        "device": "cuda" if config.num_gpus > 0 else "cpu"})
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.config = config
-        self.engine = ServingEngine.from_model_dir(config.model_dir, engine_config, dtype=dtype,
+        self.engine = ServingEngine.from_model_dir(config.model_dir, config.replica_engine_config(), dtype=dtype,
                                                    metrics=_replica_metrics())
         self.engine.start()
         self._locators: dict[str, str] = {}

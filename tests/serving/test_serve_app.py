@@ -206,3 +206,18 @@ def test_metrics_endpoint_gathers_every_replica(serve_url, adapter_dirs, s3_serv
     assert total("requests_total", adapter="__base__") >= 2  # the first test's base-model requests
     assert httpx.get(f"{serve_url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{serve_url}/v1/chat/ready", timeout=60).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(("num_gpus", "device", "fraction"), [(0.0, "cpu", 0.8), (0.5, "cuda", 0.4), (1.0, "cuda", 0.8),
+                                                               (2.0, "cuda", 0.8)])
+def test_a_replica_on_a_shared_gpu_plans_its_kv_cache_from_its_share(num_gpus, device, fraction):
+    """A replica's engine runs where Ray puts it, and with a fraction of a GPU (the compose file shares one with
+    training) its KV budget is that fraction of what a whole GPU's replica would take."""
+    from workflows.serve_app import ModelDeploymentConfig
+
+    config = ModelDeploymentConfig(BASE, "/models/x", max_adapters_per_replica=3, num_gpus=num_gpus,
+                                   quantization="4bit",
+                                   engine=EngineConfig(max_batch_size=8, kv_cache_memory_fraction=0.8))
+    engine = config.replica_engine_config()
+    assert (engine.device, engine.max_adapters, engine.quantization, engine.max_batch_size) == (device, 3, "4bit", 8)
+    assert engine.kv_cache_memory_fraction == pytest.approx(fraction)
