@@ -13,7 +13,8 @@
 # holding only what the device image holds.
 #   device run:  bash bench/gpu_check.sh        (carry: [".whl"], timeout_s: 600)
 # Settings (the dry run's): GPU_CHECK_DEVICE (cuda), GPU_CHECK_SMOKE=1 (tiny presets, short runs), GPU_CHECK_WHEELS
-# (.whl), GPU_CHECK_SITE (/tmp/site), PYTHON (python3).
+# (.whl), GPU_CHECK_SITE (/tmp/site), GPU_CHECK_PYTEST_MARK (smoke only: a marker the gpu_tests row selects by),
+# PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,7 +28,8 @@ if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
 fi
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
   tests=(tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py
-    tests/training/test_trainer_devices.py)  # the CPU cases too
+    tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
+  [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --memory-requests 4
          --memory-prompt 256 --before-rev "")
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)

@@ -20,7 +20,8 @@ CHECKS = ("environment", "gpu_tests", "serve_v1_full_bf16", "train_qwen25vl_7b")
 @pytest.mark.slow
 def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable,
-           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "OUT": str(tmp_path / "out")}
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "OUT": str(tmp_path / "out"),
+           "GPU_CHECK_PYTEST_MARK": "gpu"}  # the row's CPU cases run in this suite already
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=900)
     out = tmp_path / "out"
@@ -32,5 +33,6 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     serve = (out / "serve_v1_full_bf16.log").read_text()
     for row in ("throughput tok/s: mixed=", "engine/static=", "longest inter-token gap=", "peak memory, 4 concurrent"):
         assert row in serve, serve[-3000:]
+    assert "skipped" in (out / "gpu_tests.log").read_text()  # the cuda cases, collected and skipped here
     train = (out / "train_qwen25vl_7b.log").read_text()
     assert "steps-lora" in train and "steps-qlora" in train, train[-3000:]
