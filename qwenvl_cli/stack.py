@@ -252,21 +252,31 @@ def alive_nodes(dashboard_url: str, token: str) -> int | None:
         return None
 
 
-def wait_nodes(alive: Callable[[], int | None], expected: int, timeout_s: float,
-               workers: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
-    """Wait until ``alive()`` (e.g. ``alive_nodes``) counts ``expected`` nodes; a worker-node process that exits
-    meanwhile is an error."""
+def start_worker_nodes(count: int, start: Callable[[int], tuple[subprocess.Popen[bytes], Path]],
+                       alive: Callable[[], int | None], timeout_s: float, attempts: int = 3) -> None:
+    """Start worker nodes ``1..count`` with ``start(i)`` (which returns the node's process and its log) and wait
+    until ``alive()`` (e.g. ``alive_nodes``) counts the head and all of them.
+
+    A node whose process exits while starting is started again, ``attempts`` times in all: ``start`` draws fresh
+    ports each time (``ray_worker_command``), and a port drawn free can be taken by another process before the
+    node binds it, which Ray reports only as "timed out during startup" 30 s later."""
+    nodes = [start(i) for i in range(1, count + 1)]
+    tries = [1] * count
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for i, (process, log) in enumerate(workers, 1):
-            if process.poll() is not None:
-                raise StackError(f"Ray worker node {i} exited with status {process.returncode} while starting; "
-                                 f"see {log}")
-        if alive() == expected:
+        for i, (process, log) in enumerate(nodes):
+            if process.poll() is None:
+                continue
+            if tries[i] == attempts:
+                raise StackError(f"Ray worker node {i + 1} exited with status {process.returncode} while starting, "
+                                 f"{attempts} times (each time on fresh ports); see {log}{log_tail(log)}")
+            tries[i] += 1
+            nodes[i] = start(i + 1)
+        if alive() == 1 + count:
             return
         time.sleep(0.5)
-    raise StackError(f"the Ray cluster does not have {expected} alive nodes after {timeout_s:.0f} s; see "
-                     f"{workers[-1][1].parent}")
+    raise StackError(f"the Ray cluster does not have {1 + count} alive nodes after {timeout_s:.0f} s; see "
+                     f"{nodes[-1][1]}{log_tail(nodes[-1][1])}")
 
 
 def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -385,15 +395,16 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
                   headers=ray_auth_header(ray_token))
         if worker_nodes:
             echo(f"starting {worker_nodes} Ray worker node(s) ...")
-            workers = []
-            for i in range(1, worker_nodes + 1):
+
+            def start_worker(i: int) -> tuple[subprocess.Popen[bytes], Path]:
                 log = logs / f"ray-worker-{i}.log"
                 node = _popen(ray_worker_command(gcs_address=state.gcs_address, temp_dir=temp_dir,
                                                  num_cpus=num_cpus), env, log)
                 state.pids[f"ray_worker_{i}"] = node.pid
-                workers.append((node, log))
-            _write_state(home, state)
-            wait_nodes(lambda: alive_nodes(dashboard_url, ray_token), 1 + worker_nodes, timeout_s, workers)
+                _write_state(home, state)
+                return node, log
+
+            start_worker_nodes(worker_nodes, start_worker, lambda: alive_nodes(dashboard_url, ray_token), timeout_s)
         wait_http(f"{mlflow_url}/health", timeout_s, "MLflow", logs / "mlflow.log", process=mlflow)
         echo("deploying the API and the model (Ray Serve) ...")
         _deploy(env, state.gcs_address, api_port, logs, timeout_s, ray_head, echo)

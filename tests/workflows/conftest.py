@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_cli.stack import wait_nodes
+from qwenvl_cli.stack import ray_worker_command, start_worker_nodes
 from qwenvl_core.specs import FineTuneJobSpec
 from tests.fixtures.net import free_port, wait_for_port
 
@@ -33,23 +33,24 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     head = [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
             f"--temp-dir={root}", "--disable-usage-stats"]
-    ports = [free_port() for _ in range(6)]
-    worker = [RAY, "start", "--block", f"--address={address}", "--num-cpus=2", f"--temp-dir={root}",
-              f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-              f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-              f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}"]
     nodes = [subprocess.Popen(head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+
+    def start_worker(i: int) -> tuple[subprocess.Popen[bytes], Path]:
+        log = root / f"worker-node-{i}.log"
+        with log.open("ab") as out:
+            nodes.append(subprocess.Popen(ray_worker_command(gcs_address=address, temp_dir=root, num_cpus=2),
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+        return nodes[-1], log
+
     try:
         wait_for_port(port, nodes[0], timeout=120)
-        log = root / "worker-node.log"
-        with log.open("wb") as out:
-            nodes.append(subprocess.Popen(worker, env=env, stdout=out, stderr=subprocess.STDOUT))
-        wait_nodes(lambda: _alive_nodes(address, env), 2, 120, [(nodes[1], log)])
+        start_worker_nodes(1, start_worker, lambda: _alive_nodes(address, env), 240)
         yield address
     finally:
         for node in reversed(nodes):
-            node.send_signal(signal.SIGTERM)
-            node.wait(timeout=60)
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+                node.wait(timeout=60)
 
 
 _COUNT_ALIVE = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
