@@ -8,7 +8,6 @@ learns, its collectives work there, and no op computes off the device."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -23,6 +22,7 @@ from qwenvl_core.specs import JobState
 from qwenvl_core.training import Hooks, RecordingSink, Trainer
 from qwenvl_core.training.checkpoint import capture_rng, restore_rng
 from tests.devices import DEVICES, DeviceRecorder
+from tests.fixtures.net import free_port
 from tests.training.conftest import make_spec
 
 
@@ -58,10 +58,7 @@ def device_group(request: pytest.FixtureRequest) -> Iterator[str]:
     device = request.param
     patch = pytest.MonkeyPatch()
     patch.setenv("LOCAL_RANK", "0")  # what Ray Train (and every launcher) sets; DeepSpeed requires it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
         yield device
