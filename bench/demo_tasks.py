@@ -41,7 +41,8 @@ def main() -> None:
 
     from qwenvl_cli.client import read_state
     from qwenvl_cli.demo import run_demo
-    from qwenvl_cli.stack import free_port, start_stack, stop_stack
+    from qwenvl_cli.ports import free_port
+    from qwenvl_cli.stack import start_stack, stop_stack
 
     console = Console()
     reports: dict[str, dict[str, dict]] = {}

@@ -29,7 +29,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ import httpx
 import typer
 
 from qwenvl_cli.client import STATE_FILE, ApiError, qwenvl_home, read_state
+from qwenvl_cli.ports import RAY_WORKER_PORTS, free_port, port_busy
 from service.mlflow_tenants import basic_auth_ini
 from service.private_files import private_dir, write_secret
 
@@ -88,23 +88,6 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)  # the project's own executables, never others on PATH
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_busy(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _secret(path: Path, make: Any) -> str:
     if not path.is_file():
         write_secret(path, make())
@@ -146,7 +129,6 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     return env
 
 
-RAY_WORKER_PORTS = (10002, 19999)  # ``ray start``'s default --min-worker-port / --max-worker-port
 
 
 def ray_head_command(*, gcs_port: int, dashboard_port: int, temp_dir: Path, num_cpus: int) -> list[str]:
