@@ -4,8 +4,8 @@ A port found free is bound later by another process (Ray, MLflow, uvicorn, Postg
 may take it. The usual way to find one, binding port 0, draws from the kernel's ephemeral range, where every
 outgoing connection on the machine also gets its local port, so the gap races with all the connections a starting
 cluster opens (seen in CI: a Ray worker node whose port was taken exited after Ray's 30 s registration timeout).
-``free_port`` therefore draws outside the ephemeral range and outside the range Ray keeps for its worker
-processes, checks the port can be bound on every address, and never hands out the same port twice in a process.
+``free_port`` therefore draws between the range Ray keeps for its worker processes and the ephemeral range,
+checks the port can be bound on every address, and never hands out the same port twice in a process.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ def ephemeral_range() -> tuple[int, int]:
 
 
 def candidate_ranges() -> list[range]:
-    """Ports above Ray's worker range and outside the ephemeral range."""
-    low, high = ephemeral_range()
-    ranges = [range(LOWEST, min(low, 65536)), range(max(high + 1, LOWEST), 65536)]
-    return [each for each in ranges if len(each)]
+    """Ports above Ray's worker range and below the ephemeral range. Not above it: Ray draws its own unnamed
+    ports at random between a kernel-chosen port and 65535 (``Node._get_unused_port``)."""
+    low, _ = ephemeral_range()
+    span = range(LOWEST, min(low, 65536))
+    return [span] if len(span) else []
 
 
 def free_port() -> int:
@@ -46,7 +47,7 @@ def free_port() -> int:
         if port not in _handed_out and _bindable(port):
             _handed_out.add(port)
             return port
-    while True:  # nothing outside the ephemeral range is free (or it spans every port): let the kernel choose
+    while True:  # nothing below the ephemeral range is free (or it starts too low): let the kernel choose
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
