@@ -129,8 +129,6 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     return env
 
 
-
-
 def ray_head_command(*, gcs_port: int, dashboard_port: int, temp_dir: Path, num_cpus: int) -> list[str]:
     """``ray start --head --block`` on private ports (only the dashboard's is fixed)."""
     return [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
