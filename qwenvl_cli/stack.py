@@ -120,6 +120,9 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
         "QWENVL_RAY_ADDRESS": dashboard_url, "QWENVL_SCHEDULER_INTERVAL_S": "0.5",
         "QWENVL_SERVE_NUM_CPUS": "0.25", "QWENVL_WORK_DIR": str(home / "work"),
     })
+    # `down` stops every node at once, so there is no node left to drain Serve replicas to; Ray's drain on SIGTERM
+    # (up to 30 s) only made `down` slower (measured 26 s -> 4.5 s). A value the user set is kept.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     if mlflow_url and mlflow_password:
         env.update({"QWENVL_MLFLOW_TRACKING_URI": mlflow_url, "QWENVL_MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
                     "QWENVL_MLFLOW_ADMIN_PASSWORD": mlflow_password,
