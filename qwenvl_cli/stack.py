@@ -310,9 +310,12 @@ def _wait_gone(stack_id: str, timeout_s: float) -> list[int]:
 
 
 def stop_stack(state: dict[str, Any]) -> None:
-    """Stop every process of the stack: its process groups, then anything else carrying the marker."""
+    """Stop every process of the stack: its process groups and, at the same time, everything else carrying the
+    marker (a running job's driver is in a process group of Ray's and outlived the head; its job, stopped at
+    any point, is re-queued by the next `up` and resumes from its last checkpoint)."""
     stack_id = state["stack_id"]
     _signal(list(state.get("pids", {}).values()), signal.SIGTERM, groups=True)
+    _signal(marked_pids(stack_id), signal.SIGTERM)
     left = _wait_gone(stack_id, 20)
     _signal(left, signal.SIGTERM)
     left = _wait_gone(stack_id, 5)
