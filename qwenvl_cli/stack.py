@@ -132,10 +132,12 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     return env
 
 
-def ray_head_command(*, gcs_port: int, dashboard_port: int, temp_dir: Path, num_cpus: int) -> list[str]:
-    """``ray start --head --block`` on private ports (only the dashboard's is fixed)."""
-    return [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+def ray_head_command(*, gcs_port: int, dashboard_port: int | None, temp_dir: Path, num_cpus: int) -> list[str]:
+    """``ray start --head --block`` on private ports (only the dashboard's is fixed); no dashboard when
+    ``dashboard_port`` is None."""
+    dashboard = (["--include-dashboard=false"] if dashboard_port is None else
+                 ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"])
+    return [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-cpus={num_cpus}", *dashboard,
             f"--temp-dir={temp_dir}", "--disable-usage-stats", *_private_ports()]
 
 

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_cli.stack import ray_worker_command, start_worker_nodes
+from qwenvl_cli.stack import ray_head_command, ray_worker_command, start_worker_nodes
 from qwenvl_core.specs import FineTuneJobSpec
 from tests.fixtures.net import free_port, wait_for_port
-
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +31,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # no drain on SIGTERM: a node with leases left waits for them up to 30 s before it stops
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    head = [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-            f"--temp-dir={root}", "--disable-usage-stats"]
+    head = ray_head_command(gcs_port=port, dashboard_port=None, temp_dir=root, num_cpus=2)
     nodes = [subprocess.Popen(head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
 
     def start_worker(i: int) -> tuple[subprocess.Popen[bytes], Path]:
