@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,3 +55,14 @@ def engine_factory(tiny_model_dir: Path) -> Iterator[object]:
     yield build
     for engine in engines:
         engine.close()
+
+
+def eventually(condition: object, timeout: float = 10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` s (the model thread finishes its step after
+    its last event)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

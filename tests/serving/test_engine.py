@@ -20,6 +20,7 @@ from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.models.registry import get_family
 from qwenvl_core.serving.engine import EngineRequest, RequestError, ServingEngine, ground_boxes, safe_text_end
 from qwenvl_core.serving.lora_batch import AdapterError
+from tests.serving.conftest import eventually
 
 TOKENS = 10
 
@@ -136,8 +137,8 @@ def test_eviction_frees_the_adapter_and_concurrent_misses_load_once(engine_facto
     ref = weakref.ref(next(iter(weights.modules.values()))[0])
     del weights
     assert engine.evict_adapter("a6")
-    gc.collect()
-    assert ref() is None
+    # the model thread may still be finishing the burst's last step, whose frame holds the rows' weights
+    assert eventually(lambda: gc.collect() >= 0 and ref() is None)
 
 
 def test_deleted_adapter_in_flight_finishes_on_its_weights(engine_factory, adapter_dirs, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from qwenvl_core.generation import SamplingParams
 from qwenvl_core.models.registry import get_family
 from qwenvl_core.serving.engine import EngineOverloaded, EngineRequest, EngineTimeout, ServingEngine
 from qwenvl_core.serving.kv_cache import cache_shape_of
+from tests.serving.conftest import eventually
 
 
 def _request(i: int, tokens: int, endless: bool = False, stop_ids: tuple[int, ...] = ()) -> EngineRequest:
@@ -26,16 +26,6 @@ def _request(i: int, tokens: int, endless: bool = False, stop_ids: tuple[int, ..
 
 def _stop_ids(engine: ServingEngine) -> tuple[int, ...]:
     return tuple(engine.family.stop_token_ids(engine.processor))
-
-
-def _eventually(condition: object, timeout: float = 10.0) -> bool:
-    """Whether ``condition()`` holds within ``timeout`` s (the model thread compacts after its last event)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 class _Gate:
@@ -120,7 +110,7 @@ def test_requests_time_out_waiting_and_running(engine_factory):
     outcomes = asyncio.run(run())
     assert all(isinstance(o, EngineTimeout) for o in outcomes), outcomes
     assert asyncio.run(engine.generate(_request(5, tokens=3))).completion_tokens >= 1  # the engine still serves
-    assert _eventually(lambda: engine._batch is None) and not engine._waiting  # the timed-out rows left
+    assert eventually(lambda: engine._batch is None) and not engine._waiting  # the timed-out rows left
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -146,7 +136,7 @@ def test_a_client_that_goes_away_frees_its_slot(engine_factory, streaming):
 
     after = asyncio.run(run())
     assert engine.stats.forwards < 100 and after < 20  # the abandoned row did not run on to 400 tokens
-    assert _eventually(lambda: engine._batch is None)
+    assert eventually(lambda: engine._batch is None)
 
 
 def test_hf_family_cache_shape_follows_its_text_config(tiny_dirs):
@@ -175,7 +165,7 @@ def test_adapters_wait_for_a_device_slot_and_resident_ones_are_reused(engine_fac
     reference = [asyncio.run(roomy.generate(r)).token_ids for r in requests]
     assert [r.token_ids for r in asyncio.run(together(engine))] == reference
     assert engine.stats.max_adapters_in_forward == 2 and engine.adapter_slots.loads >= 4
-    assert _eventually(lambda: engine.adapter_slots.in_use == 0)  # every row left: nothing stays pinned
+    assert eventually(lambda: engine.adapter_slots.in_use == 0)  # every row left: nothing stays pinned
     loads = engine.adapter_slots.loads
     resident = engine.adapter_slots.resident_ids()
     assert len(resident) == 2
