@@ -30,20 +30,17 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def candidate_ranges() -> list[range]:
-    """Ports above Ray's worker range and below the ephemeral range. Not above it: Ray draws its own unnamed
-    ports at random between a kernel-chosen port and 65535 (``Node._get_unused_port``)."""
-    low, _ = ephemeral_range()
-    span = range(LOWEST, min(low, 65536))
-    return [span] if len(span) else []
+def candidate_span() -> range:
+    """Ports above Ray's worker range and below the ephemeral range (empty if that starts too low). Not above it:
+    Ray draws its own unnamed ports at random between a kernel-chosen port and 65535 (``Node._get_unused_port``)."""
+    return range(LOWEST, min(ephemeral_range()[0], 65536))
 
 
 def free_port() -> int:
     """A port no socket uses now, outside the ranges the kernel and Ray pick from, new to this process."""
-    spans = candidate_ranges()
-    size = sum(len(span) for span in spans)
-    for _ in range(200 if size else 0):
-        port = _nth(spans, secrets.randbelow(size))
+    span = candidate_span()
+    for _ in range(200 if span else 0):
+        port = span[secrets.randbelow(len(span))]
         if port not in _handed_out and _bindable(port):
             _handed_out.add(port)
             return port
@@ -54,14 +51,6 @@ def free_port() -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
-
-
-def _nth(spans: list[range], index: int) -> int:
-    for span in spans:
-        if index < len(span):
-            return span[index]
-        index -= len(span)
-    raise IndexError(index)
 
 
 def _bindable(port: int) -> bool:
