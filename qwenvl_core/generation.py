@@ -24,7 +24,8 @@ may only take the tokens its grammar allows next (all constrained rows' masks co
 alternatives (``RowState.logprobs``), from the distribution the token was chosen from after penalties,
 suppression and the grammar, before temperature / top-k / top-p (vLLM's "processed" choice is after
 temperature too; OpenAI does not document it). These all run as batched tensor operations over the rows that
-use them, with one device-to-host copy per step.
+use them, and so does sampling: temperature / top-k / top-p for all sampling rows at once, each row's noise from
+its own seeded generator. A step's choices reach the host in one copy (the logprobs records in one more).
 
 Stop strings are found in time linear in the output: the text is decoded incrementally (only the tokens after
 the last whole character are decoded again) and only the tail that can hold a new match is searched.
@@ -158,20 +159,62 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     return input_ids, attention_mask
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of one row's logits ``[V]``."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        kth_value = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_value, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, then top-k, then nucleus (top-p) filtering of logits ``[N, V]``, row ``i`` with ``params[i]``;
+    a filtered token's logit is -inf. Top-k keeps exactly k tokens (ties at the k-th in ``torch.topk``'s order).
+    Returns the filtered logits (float32) and the token ids of their columns: None when the columns are the
+    vocabulary; when every row has a top-k, only the candidates are kept: ``[N, K]`` for the largest k, in
+    descending order, with their ids ``[N, K]`` (one top-k instead of a sort of the vocabulary).
+    All rows at once; the rows' settings go to the device in one copy that does not wait for it."""
+    vocab = logits.size(-1)
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    # per row: temperature, top-k (0: none), top-p (2: none; no cumulative probability reaches it)
+    settings = to_device([[p.temperature, k, p.top_p if p.top_p < 1.0 else 2.0] for p, k in zip(params, ks,
+                                                                                                strict=True)],
+                         logits.device, torch.float32)
+    logits = logits.float() / settings[:, :1]
+    ids = None
+    if any(ks):
+        top, top_ids = torch.topk(logits, max(ks), dim=-1)  # descending
+        beyond = torch.arange(top.size(-1), device=logits.device)[None, :] >= settings[:, 1:2]
+        if all(ks):
+            logits, ids = top.masked_fill(beyond, float("-inf")), top_ids
+        else:  # rows without a top-k keep every token
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_ids, ~beyond) | (settings[:, 1:2] == 0)
+            logits = logits.masked_fill(~keep, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        sorted_logits, order = (logits, None) if ids is not None else torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already cover top_p (the first token is always kept).
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        drop = (probs.cumsum(dim=-1) - probs) >= settings[:, 2:3]
+        if order is not None:
+            drop = torch.zeros_like(drop).scatter(1, order, drop)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return logits, ids
+
+
+def to_device(values: Sequence[Any], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, copied without waiting for the device's queued work (a plain
+    ``torch.tensor(..., device="cuda")`` synchronises the stream: the host would wait for the forward pass)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def sample(filtered: torch.Tensor, generators: Sequence[torch.Generator | None],
+           widths: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column per row of ``filtered`` logits ``[N, W]``, drawn from its softmax, row ``i``'s noise from
+    ``generators[i]`` over its first ``widths[i]`` columns (default all; the columns after them must be filtered
+    out): a seeded row draws the same tokens whatever rows share its batch. Returns the columns ``[N]`` and
+    whether each row could be sampled at all ``[N]`` (False: NaN or infinite logits, or every token filtered out).
+    Exponential race: ``argmax_j p_j / E_j`` with ``E_j ~ Exp(1)`` picks ``j`` with probability ``p_j``. No sync
+    with the host, and an invalid row is reported, not asserted on the device (``torch.multinomial`` checks its
+    input with a device-side assert on CUDA, which leaves the process's CUDA context unusable: every request of
+    the replica would fail with it)."""
+    probs = torch.softmax(filtered, dim=-1)
+    noise = torch.ones_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row, : widths[row] if widths else None].exponential_(generator=generator)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a drawn 0 would make 0 / 0 = NaN, which argmax picks
+    return (probs / noise).argmax(dim=-1), ~probs.isnan().any(dim=-1)
 
 
 def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
@@ -242,20 +285,37 @@ def record_logprobs(logits: torch.Tensor, rows: Sequence[RowState], chosen: Sequ
 
 def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     """Pick each row's next token from ``logits`` ``[B, V]`` (never one of the row's suppressed ids), after each
-    row's penalties and grammar; rows that ask for logprobs get this step's record (``record_logprobs``)."""
+    row's penalties and grammar; rows that ask for logprobs get this step's record (``record_logprobs``). Greedy
+    rows take the argmax, sampling rows are filtered and drawn all at once (``filter_logits``, ``sample``), and the
+    choices reach the host in one copy. Raises ``QwenVLError`` naming the rows that cannot be sampled."""
     logits = constrain(suppress_tokens(penalize(logits, rows), rows), rows)
-    greedy = logits.argmax(dim=-1).tolist()
-    chosen: list[int] = []
-    for row_idx, state in enumerate(rows):
-        params = state.params
-        if state.done or params.greedy:
-            chosen.append(greedy[row_idx])
-            continue
-        filtered = filter_logits(logits[row_idx], params.temperature, params.top_k, params.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        chosen.append(int(torch.multinomial(probs, 1, generator=state.generator).item()))
-    record_logprobs(logits, rows, chosen)
-    return chosen
+    chosen = logits.argmax(dim=-1)
+    sampled = [r for r, state in enumerate(rows) if not state.done and not state.params.greedy]
+    if not sampled:
+        picks = chosen.tolist()
+    else:
+        invalid = torch.zeros_like(chosen)
+        vocab = logits.size(-1)
+        with_top_k = [r for r in sampled if 0 < rows[r].params.top_k < vocab]  # sampled among their candidates
+        for group in (with_top_k, [r for r in sampled if r not in with_top_k]):
+            if not group:
+                continue
+            index = to_device(group, logits.device, torch.long)
+            filtered, ids = filter_logits(logits[index], [rows[r].params for r in group])
+            column, valid = sample(filtered, [rows[r].generator for r in group],
+                                   None if ids is None else [rows[r].params.top_k for r in group])
+            drawn = column if ids is None else ids.gather(1, column[:, None])[:, 0]
+            chosen = chosen.index_copy(0, index, drawn)
+            invalid = invalid.index_copy(0, index, (~valid).long())
+        host = torch.cat([chosen, invalid]).tolist()  # one copy
+        picks = host[: len(rows)]
+        failing = [r for r, bad in enumerate(host[len(rows) :]) if bad]
+        if failing:
+            where = f" (rows {failing} of the batch)" if len(rows) > 1 else ""
+            raise QwenVLError(f"no token can be sampled: the logits are NaN or infinite, or every token is "
+                              f"excluded{where}")
+    record_logprobs(logits, rows, picks)
+    return picks
 
 
 def advance_row(state: RowState, token: int, decode: Callable[[list[int]], str] | None) -> None:
@@ -309,7 +369,7 @@ def stop_string_cut(text: str, stop_strings: Sequence[str], changed_from: int = 
 def make_rows(params: SamplingParams | Sequence[SamplingParams], batch: int,
               device: torch.device | str = "cpu", vocabulary: Vocabulary | None = None) -> list[RowState]:
     """Fresh row states (sampling rows get their own seeded generator, on ``device``: the device of the logits
-    they sample from, since ``torch.multinomial`` needs its generator there). Rows with a ``grammar`` get its
+    they sample from, where ``sample`` draws their noise). Rows with a ``grammar`` get its
     matcher over ``vocabulary`` (the tokenizer's, ``qwenvl_core.vocabulary``), ending at their stop ids."""
     per_row = [params] * batch if isinstance(params, SamplingParams) else list(params)
     if len(per_row) != batch:

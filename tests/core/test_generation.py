@@ -9,7 +9,16 @@ import torch
 
 from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.generation import SamplingParams, filter_logits, generate, left_pad
+from qwenvl_core.generation import (
+    RowState,
+    SamplingParams,
+    filter_logits,
+    generate,
+    left_pad,
+    make_rows,
+    next_tokens,
+    sample,
+)
 from qwenvl_core.models.processing import VisionInputs
 from qwenvl_core.models.registry import get_family
 
@@ -120,14 +129,95 @@ def test_sampling_is_reproducible_with_a_seed_and_rows_are_independent(loaded):
     assert generate(model, [enc.input_ids], pad_token_id=pad, params=top1)[0].token_ids == greedy.token_ids
 
 
+def _full(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``filter_logits`` over the whole vocabulary (its candidates scattered back when it returns only those)."""
+    filtered, ids = filter_logits(logits, params)
+    return filtered if ids is None else torch.full_like(logits, float("-inf")).scatter(1, ids, filtered)
+
+
+def _kept(logits: torch.Tensor, **params) -> list[bool]:
+    return torch.isfinite(_full(logits[None], [SamplingParams(do_sample=True, **params)]))[0].tolist()
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = torch.isfinite(filter_logits(logits, 1.0, top_k=2, top_p=1.0))
-    assert kept.tolist() == [True, True, False, False]
-    kept = torch.isfinite(filter_logits(logits, 1.0, top_k=0, top_p=0.7))
-    assert kept.tolist() == [True, True, False, False]
-    kept = torch.isfinite(filter_logits(logits, 1.0, top_k=0, top_p=0.1))
-    assert kept.tolist() == [True, False, False, False]
+    assert _kept(logits, top_k=2) == [True, True, False, False]
+    assert _kept(logits, top_p=0.7) == [True, True, False, False]
+    assert _kept(logits, top_p=0.1) == [True, False, False, False]
+    assert _kept(logits, top_k=3, top_p=0.7) == [True, True, False, False]
+    assert sum(_kept(torch.tensor([1.0, 2.0, 2.0, 0.0]), top_k=1)) == 1  # exactly k, ties too
+
+
+def _filter_one_row(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The filter written for one row at a time, as a reference for the batched one."""
+    logits = logits.float() / p.temperature
+    if 0 < p.top_k < logits.numel():
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(0, torch.topk(logits, p.top_k).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, (probs.cumsum(-1) - probs) >= p.top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("rows", [
+    [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 40, 0.9), (2.0, 300, 0.5), (1.0, 1, 1.0), (0.9, 299, 0.99)],
+    [(0.7, 5, 1.0), (0.5, 40, 0.9), (1.0, 1, 1.0), (0.9, 299, 0.99), (1.2, 17, 0.3)],  # all top-k: candidates only
+])
+def test_batched_filter_equals_each_row_filtered_alone(rows):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(rows), 300, generator=gen) * 3
+    params = [SamplingParams(do_sample=True, temperature=t, top_k=k, top_p=p) for t, k, p in rows]
+    batched = _full(logits, params)
+    for row, p in enumerate(params):
+        alone = _filter_one_row(logits[row], p)
+        assert torch.equal(torch.isfinite(batched[row]), torch.isfinite(alone)), p
+        assert torch.allclose(batched[row][torch.isfinite(alone)], alone[torch.isfinite(alone)])
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "expected"), [
+    (0, 0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # the vocabulary, sorted for top-p
+    (2, 1.0, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # the top-k candidates only
+])
+def test_sampling_draws_from_the_filtered_distribution_with_each_rows_own_generator(top_k, top_p, expected):
+    n = 4000
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(n, 1)
+    rows = make_rows([SamplingParams(do_sample=True, top_k=top_k, top_p=top_p, seed=i) for i in range(n)], n)
+    drawn = torch.tensor(next_tokens(logits, rows))
+    frequency = torch.bincount(drawn, minlength=4).float() / n
+    assert torch.allclose(frequency, torch.tensor(expected), atol=0.03), frequency
+    assert all(frequency[i] == 0 for i, e in enumerate(expected) if e == 0)
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_rows_share_its_batch():
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
+    mine = SamplingParams(do_sample=True, top_k=3, top_p=0.95, temperature=1.5, seed=11)
+    others = [SamplingParams(do_sample=True, top_k=40, seed=12), SamplingParams(do_sample=True, seed=13)]
+
+    def steps(params: list[SamplingParams]) -> list[int]:
+        rows = make_rows(params, len(params))
+        return [next_tokens(logits[: len(params)], rows)[0] for _ in range(20)]
+
+    alone = steps([mine])
+    assert len(set(alone)) > 1  # it does sample
+    assert steps([mine, others[0]]) == alone and steps([mine, *others]) == alone
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_rows_that_cannot_be_sampled_are_named_and_greedy_rows_are_unaffected(top_k):
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")  # every token excluded
+    sampling = SamplingParams(do_sample=True, seed=1, top_k=top_k)
+    _, valid = sample(filter_logits(logits, [sampling] * 3)[0], [r.generator for r in make_rows(sampling, 3)])
+    assert valid.tolist() == [True, False, False]
+    with pytest.raises(QwenVLError, match=r"no token can be sampled.*rows \[1, 2\] of the batch"):
+        next_tokens(logits, make_rows(sampling, 3))
+    assert len(next_tokens(logits[:1], make_rows(sampling, 1))) == 1
+    greedy = [RowState(params=SamplingParams(), generator=None) for _ in range(3)]
+    assert len(next_tokens(logits, greedy)) == 3  # an argmax always exists
 
 
 def test_left_pad_and_parameter_validation():

@@ -184,6 +184,26 @@ def test_stop_strings_seeds_and_stream_deltas(engine_factory, adapter_dirs):
     assert outs[0] == outs[1] and outs[0] != outs[2]
 
 
+def test_a_request_that_cannot_be_sampled_fails_alone_and_its_batch_goes_on(engine_factory):
+    """A row whose distribution is empty (every token suppressed) fails its request with a clear error; the
+    request decoding next to it in the same step finishes, and the engine keeps serving."""
+    from qwenvl_core.serving.engine import EngineFault
+
+    engine: ServingEngine = engine_factory()
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    empty = EngineRequest(_messages(1), SamplingParams(max_new_tokens=4, do_sample=True, seed=1,
+                                                       suppress_token_ids=tuple(range(vocab))))
+    fine = EngineRequest(_messages(2), SamplingParams(max_new_tokens=TOKENS, do_sample=True, seed=2))
+
+    async def both() -> list:
+        return await asyncio.gather(engine.generate(fine), engine.generate(empty), return_exceptions=True)
+
+    done, failed = asyncio.run(both())
+    assert isinstance(failed, EngineFault) and "no token can be sampled" in str(failed)
+    assert len(done.token_ids) > 0 and engine.alive
+    assert asyncio.run(engine.generate(_request(3, None))).token_ids
+
+
 def test_bad_input_fails_the_request_not_the_engine(engine_factory, adapter_dirs):
     engine: ServingEngine = engine_factory(max_total_tokens=64)
     with pytest.raises(ValueError, match="exceeds the limit"):
