@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the platform in one run (issue 13): the `gpu` tests (engine on CUDA: greedy equals the
 # reference, every tensor on the device, seeded sampling), full-size random-weight serving of Qwen-VL v1 in bf16
-# (tokens/s with 8 adapters, TTFT, the longest inter-token gap, peak memory of long requests), and full-size LoRA /
-# Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory). Prints one table (and writes it to
+# (tokens/s with 8 adapters, TTFT, the longest inter-token gap, peak memory of long requests), full-size LoRA /
+# Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), and one sampling step at the full vocabulary,
+# batched vs the row-by-row sampler before it (time, waits for the device). Prints one table (and writes it to
 # $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: under 10 minutes on one
 # H200; each check has its own time limit so one that hangs cannot eat the others'.
 #
@@ -34,11 +35,18 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
          --memory-prompt 256 --before-rev "")
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
+  sampling=(--vocab 1152 --repeats 3)
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32)
   train=(--preset qwen2.5-vl-7b)
+  sampling=(--greedy 16 --repeats 20)
+fi
+if [ -f "$wheels/generation-before.py" ]; then  # the sampler before it was batched (gpu_wheels.sh writes it)
+  sampling+=(--before-file "$wheels/generation-before.py")
+elif [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  sampling+=(--before-rev "")
 fi
 table=${OUT:-/tmp}/gpu_check.md
 logs=${OUT:-/tmp}
@@ -61,6 +69,7 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.
       *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes, deepspeed)))
 torch.zeros(1, device='$device')"
 check gpu_tests 120 $PY -m pytest -q -p no:cacheprovider "${tests[@]}"
+check sampling_step 30 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
 check serve_v1_full_bf16 240 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
   --repeats 1 --skip-loads "${serve[@]}"
 check train_qwen25vl_7b 150 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"

@@ -28,5 +28,7 @@ for wheel in "$dir"/bitsandbytes-*.whl; do
   unwanted=$(python3 -m zipfile -l "$wheel" | awk '{print $1}' | grep -E '\.so$' | grep -vE '_cuda13[0-9]\.so$|_cpu\.so$' || true)
   [ -z "$unwanted" ] || zip -q -d "$wheel" $unwanted
 done
+# The "before" side of bench/sampling_step.py's A/B: the device copy of the tree has no git history.
+git show c039973:qwenvl_core/generation.py > "$dir/generation-before.py"
 ls "$dir"
 du -sh "$dir"

@@ -24,9 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _old_module(name: str, rev: str, path: str, patch: tuple[str, str] | None = None) -> types.ModuleType:
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
-                            check=True).stdout
+def old_module(name: str, rev: str, path: str, patch: tuple[str, str] | None = None,
+               source: str | None = None) -> types.ModuleType:
+    """The module at ``path`` as it was at ``rev`` (``git show``; or ``source``, its text, where there is no git
+    history, as on the device machine), loaded under ``name``."""
+    if source is None:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                                check=True).stdout
     if patch:
         source = source.replace(*patch)
     module = types.ModuleType(name)
@@ -51,8 +55,8 @@ def main() -> None:
     from qwenvl_core.models.registry import family_for_preset
     from qwenvl_core.serving.engine import EngineConfig, ServingEngine
 
-    old_lb = _old_module("old_lora_batch", args.before_rev, "qwenvl_core/serving/lora_batch.py")
-    old_slots_module = _old_module("old_adapter_slots", args.before_rev, "qwenvl_core/serving/adapter_slots.py",
+    old_lb = old_module("old_lora_batch", args.before_rev, "qwenvl_core/serving/lora_batch.py")
+    old_slots_module = old_module("old_adapter_slots", args.before_rev, "qwenvl_core/serving/adapter_slots.py",
                                    ("from qwenvl_core.serving.lora_batch import", "from old_lora_batch import"))
     family = family_for_preset(args.preset)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-ab-"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKS = ("environment", "gpu_tests", "serve_v1_full_bf16", "train_qwen25vl_7b")
+CHECKS = ("environment", "gpu_tests", "sampling_step", "serve_v1_full_bf16", "train_qwen25vl_7b")
 
 
 @pytest.mark.slow
@@ -36,3 +36,4 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     assert "skipped" in (out / "gpu_tests.log").read_text()  # the cuda cases, collected and skipped here
     train = (out / "train_qwen25vl_7b.log").read_text()
     assert "steps-lora" in train and "steps-qlora" in train, train[-3000:]
+    assert "min ms per step: new=" in (out / "sampling_step.log").read_text()
