@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from qwenvl_core.devices import model_device
+from qwenvl_core.devices import host_to_device, model_device
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.processing import VisionInputs
 
@@ -169,7 +169,7 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tup
     vocab = logits.size(-1)
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     # per row: temperature, top-k (0: none), top-p (2: none; no cumulative probability reaches it)
-    settings = to_device([[p.temperature, k, p.top_p if p.top_p < 1.0 else 2.0] for p, k in zip(params, ks,
+    settings = host_to_device([[p.temperature, k, p.top_p if p.top_p < 1.0 else 2.0] for p, k in zip(params, ks,
                                                                                                 strict=True)],
                          logits.device, torch.float32)
     logits = logits.float() / settings[:, :1]
@@ -191,12 +191,6 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tup
             drop = torch.zeros_like(drop).scatter(1, order, drop)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits, ids
-
-
-def to_device(values: Sequence[Any], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list as a tensor on ``device``, copied without waiting for the device's queued work (a plain
-    ``torch.tensor(..., device="cuda")`` synchronises the stream: the host would wait for the forward pass)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def sample(filtered: torch.Tensor, generators: Sequence[torch.Generator | None],
@@ -222,7 +216,7 @@ def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
     pairs = [(r, i) for r, state in enumerate(rows) for i in state.params.suppress_token_ids if i < logits.size(-1)]
     if not pairs:
         return logits
-    index = torch.tensor(pairs, device=logits.device)  # [N, 2]: (row, token id)
+    index = host_to_device(pairs, logits.device, torch.long)  # [N, 2]: (row, token id)
     logits = logits.clone()
     logits[index[:, 0], index[:, 1]] = float("-inf")
     return logits
@@ -236,15 +230,17 @@ def penalize(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     if not index:
         return logits
     device, vocab = logits.device, logits.size(-1)
-    ids = torch.tensor([t for r in index for t in rows[r].tokens], device=device)
+    tokens = [t for r in index for t in rows[r].tokens]
+    ids = host_to_device(tokens, device, torch.long)
     which = torch.repeat_interleave(torch.arange(len(index), device=device),
-                                    torch.tensor([len(rows[r].tokens) for r in index], device=device))
-    keep = ids < vocab
+                                    host_to_device([len(rows[r].tokens) for r in index], device, torch.long),
+                                    output_size=len(tokens))  # known here: no wait for the device to count it
     counts = torch.zeros(len(index), vocab, device=device)
-    counts.index_put_((which[keep], ids[keep]), torch.ones_like(ids[keep], dtype=counts.dtype), accumulate=True)
-    frequency = torch.tensor([rows[r].params.frequency_penalty for r in index], device=device)[:, None]
-    presence = torch.tensor([rows[r].params.presence_penalty for r in index], device=device)[:, None]
-    rows_index = torch.tensor(index, device=device)
+    # ids beyond the logits (none from the model itself) count 0, without a data-dependent selection
+    counts.index_put_((which, ids.clamp(max=vocab - 1)), (ids < vocab).to(counts.dtype), accumulate=True)
+    frequency = host_to_device([rows[r].params.frequency_penalty for r in index], device, torch.float32)[:, None]
+    presence = host_to_device([rows[r].params.presence_penalty for r in index], device, torch.float32)[:, None]
+    rows_index = host_to_device(index, device, torch.long)
     logits = logits.clone()
     penalised = logits[rows_index].float() - counts * frequency - (counts > 0).float() * presence
     logits[rows_index] = penalised.to(logits.dtype)
@@ -259,7 +255,7 @@ def constrain(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     from qwenvl_core.grammar import allowed_tokens
 
     allowed = allowed_tokens([rows[r].constraint for r in index], logits.size(-1), logits.device)  # type: ignore[misc]
-    rows_index = torch.tensor(index, device=logits.device)
+    rows_index = host_to_device(index, logits.device, torch.long)
     logits = logits.clone()
     logits[rows_index] = logits[rows_index].masked_fill(~allowed, float("-inf"))
     return logits
@@ -272,8 +268,8 @@ def record_logprobs(logits: torch.Tensor, rows: Sequence[RowState], chosen: Sequ
     if not index:
         return
     device = logits.device
-    logp = torch.log_softmax(logits[torch.tensor(index, device=device)].float(), dim=-1)
-    picked = logp.gather(1, torch.tensor([[chosen[r]] for r in index], device=device))[:, 0]
+    logp = torch.log_softmax(logits[host_to_device(index, device, torch.long)].float(), dim=-1)
+    picked = logp.gather(1, host_to_device([[chosen[r]] for r in index], device, torch.long))[:, 0]
     k = min(max(rows[r].params.logprobs or 0 for r in index), logp.size(-1))
     top_values, top_ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
     host = torch.cat([picked[:, None], top_values, top_ids.to(logp.dtype)], dim=1).cpu()  # one copy (ids < 2^24)
@@ -300,7 +296,7 @@ def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
         for group in (with_top_k, [r for r in sampled if r not in with_top_k]):
             if not group:
                 continue
-            index = to_device(group, logits.device, torch.long)
+            index = host_to_device(group, logits.device, torch.long)
             filtered, ids = filter_logits(logits[index], [rows[r].params for r in group])
             column, valid = sample(filtered, [rows[r].generator for r in group],
                                    None if ids is None else [rows[r].params.top_k for r in group])

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 
 from qwenvl_core.conversation import ImagePart, Message
-from qwenvl_core.devices import checked_device
+from qwenvl_core.devices import checked_device, host_to_device
 from qwenvl_core.errors import ImageError, QwenVLError
 from qwenvl_core.generation import (
     FinishReason,
@@ -633,7 +633,7 @@ class ServingEngine:
         """One chunk of ``seq``'s prompt into KV slot ``slot``: the last position's logits after the last chunk."""
         device, rows, cache = self.device, self._rows, self.kv
         if seq.chunks_done == 0:
-            ids = torch.tensor([seq.prompt_ids], device=device)
+            ids = host_to_device([seq.prompt_ids], device, torch.long)
             vision = VisionInputs.concat(seq.images)
             images = {} if vision is None else vision.to(device).as_kwargs()
             seq.positions, seq.offset = self.family.rope_positions(self.model, ids, torch.ones_like(ids), images)
@@ -642,7 +642,7 @@ class ServingEngine:
         start, end, first_image, n_images = seq.chunks[seq.chunks_done]
         vision = VisionInputs.concat(seq.images[first_image : first_image + n_images])
         images = {} if vision is None else vision.to(device).as_kwargs()
-        ids = torch.tensor([seq.prompt_ids[start:end]], device=device)
+        ids = host_to_device([seq.prompt_ids[start:end]], device, torch.long)
         cache.for_chunk(slot, start, end - start)
         chunk_images = ((_tower_weights(seq), part) for part in seq.images[first_image : first_image + n_images])
         try:
@@ -685,7 +685,7 @@ class ServingEngine:
         cache.for_prefill(first, [len(s.prompt_ids) for s in seqs])
         new = slice(first, first + len(seqs))
         rows.prompt_len[new] = mask.sum(dim=1)
-        rows.adapter_slot[new] = torch.tensor([s.adapter_slot for s in seqs], device=device)
+        rows.adapter_slot[new] = host_to_device([s.adapter_slot for s in seqs], device, torch.long)
         try:
             with self.vision.encoding((_tower_weights(s), part) for s in seqs for part in s.images):
                 logits = self._forward(ids, cache.prefill_mask(mask), positions, images, self._plan(seqs, first),
@@ -706,7 +706,7 @@ class ServingEngine:
         batch = self._batch
         assert batch is not None
         n = len(batch.seqs)
-        step_ids = torch.tensor([[s.state.tokens[-1]] for s in batch.seqs], dtype=torch.long, device=self.device)
+        step_ids = host_to_device([[s.state.tokens[-1]] for s in batch.seqs], self.device, torch.long)
         try:
             logits = self._decode_rows(0, n, step_ids, batch.plan)
         except Exception as exc:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenvl_core.devices import host_to_device
 from qwenvl_core.errors import QwenVLError
 
 
@@ -93,7 +94,7 @@ class SlotKVCache:
         if full:
             raise QwenVLError(f"KV cache: slot {full[0]} is full ({self.capacity} tokens)")
         rows = torch.arange(first_slot, end_slot, device=self.device)
-        columns = torch.tensor(self.lengths[first_slot:end_slot], device=self.device)
+        columns = host_to_device(self.lengths[first_slot:end_slot], self.device, torch.long)
         attend = max(self.lengths[first_slot:end_slot]) + 1
         self._mode = ("decode", first_slot, end_slot, rows, columns, attend)
 

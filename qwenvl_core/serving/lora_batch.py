@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from qwenvl_core.devices import host_to_device
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.registry import ModelFamily
 from qwenvl_core.serving.servable import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, config_refusal
@@ -210,7 +211,7 @@ def row_layout(slots: Sequence[int], device: torch.device | str) -> RowLayout | 
     take = [position[row] for row in adapter_rows]
 
     def on_device(values: list[int], identity: list[int]) -> torch.Tensor | None:
-        return None if values == identity else torch.tensor(values, dtype=torch.long, device=device)
+        return None if values == identity else host_to_device(values, device, torch.long)
 
     return RowLayout(first=first, groups=groups, gather=on_device(gather, list(range(len(slots)))),
                      take=on_device(take, list(range(len(gather)))), rows=on_device(adapter_rows, list(range(len(slots)))))
@@ -259,7 +260,7 @@ def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device 
     module_names = sorted({name for adapter in distinct for name in adapter.modules})
     rank = max(adapter.rank for adapter in distinct)
     stacks = {name: window(*_stack_module(name, distinct), layout, rank) for name in module_names}
-    return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), stacks=stacks, adapters=tuple(distinct),
+    return LoraPlan(rows=host_to_device(rows, device, torch.long), stacks=stacks, adapters=tuple(distinct),
                     layout=layout)
 
 
