@@ -161,54 +161,52 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature, then top-k, then nucleus (top-p) filtering of logits ``[N, V]``, row ``i`` with ``params[i]``;
-    a filtered token's logit is -inf. Top-k keeps exactly k tokens (ties at the k-th in ``torch.topk``'s order).
-    Returns the filtered logits (float32) and the token ids of their columns: None when the columns are the
-    vocabulary; when every row has a top-k, only the candidates are kept: ``[N, K]`` for the largest k, in
-    descending order, with their ids ``[N, K]`` (one top-k instead of a sort of the vocabulary).
-    All rows at once; the rows' settings go to the device in one copy that does not wait for it."""
+    a filtered token's logit is -inf. Top-k keeps exactly k tokens (ties at the k-th in sort order).
+
+    Returns the filtered logits (float32) and the token ids of their columns. ``None``: the columns are the
+    vocabulary (temperature only). Otherwise the columns are in descending order: the vocabulary sorted (some row
+    has a top-p, or only some rows have a top-k), or, when every row has a top-k, only the candidates, ``[N, K]``
+    for the largest k (one top-k instead of a sort of the vocabulary). All rows at once; the rows' settings go to
+    the device in one copy that does not wait for it."""
     vocab = logits.size(-1)
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    nucleus = any(p.top_p < 1.0 for p in params)
     # per row: temperature, top-k (0: none), top-p (2: none; no cumulative probability reaches it)
     settings = host_to_device([[p.temperature, k, p.top_p if p.top_p < 1.0 else 2.0] for p, k in zip(params, ks,
-                                                                                                strict=True)],
-                         logits.device, torch.float32)
+                                                                                                     strict=True)],
+                              logits.device, torch.float32)
     logits = logits.float() / settings[:, :1]
-    ids = None
-    if any(ks):
-        top, top_ids = torch.topk(logits, max(ks), dim=-1)  # descending
-        beyond = torch.arange(top.size(-1), device=logits.device)[None, :] >= settings[:, 1:2]
-        if all(ks):
-            logits, ids = top.masked_fill(beyond, float("-inf")), top_ids
-        else:  # rows without a top-k keep every token
-            keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_ids, ~beyond) | (settings[:, 1:2] == 0)
-            logits = logits.masked_fill(~keep, float("-inf"))
-    if any(p.top_p < 1.0 for p in params):
-        sorted_logits, order = (logits, None) if ids is not None else torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens before it already cover top_p (the first token is always kept).
-        drop = (probs.cumsum(dim=-1) - probs) >= settings[:, 2:3]
-        if order is not None:
-            drop = torch.zeros_like(drop).scatter(1, order, drop)
-        logits = logits.masked_fill(drop, float("-inf"))
+    if all(ks):
+        logits, ids = torch.topk(logits, max(ks), dim=-1)
+    elif any(ks) or nucleus:
+        logits, ids = torch.sort(logits, dim=-1, descending=True)
+    else:
+        return logits, None
+    rank = torch.arange(logits.size(-1), device=logits.device)[None, :]
+    top_k = settings[:, 1:2]
+    logits = logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
+    if nucleus:  # drop a token when the tokens before it already cover top_p (the first one is always kept)
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill((probs.cumsum(dim=-1) - probs) >= settings[:, 2:3], float("-inf"))
     return logits, ids
 
 
-def sample(filtered: torch.Tensor, generators: Sequence[torch.Generator | None],
-           widths: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column per row of ``filtered`` logits ``[N, W]``, drawn from its softmax, row ``i``'s noise from
-    ``generators[i]`` over its first ``widths[i]`` columns (default all; the columns after them must be filtered
-    out): a seeded row draws the same tokens whatever rows share its batch. Returns the columns ``[N]`` and
-    whether each row could be sampled at all ``[N]`` (False: NaN or infinite logits, or every token filtered out).
-    Exponential race: ``argmax_j p_j / E_j`` with ``E_j ~ Exp(1)`` picks ``j`` with probability ``p_j``. No sync
-    with the host, and an invalid row is reported, not asserted on the device (``torch.multinomial`` checks its
-    input with a device-side assert on CUDA, which leaves the process's CUDA context unusable: every request of
-    the replica would fail with it)."""
+def sample(filtered: torch.Tensor, generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column per row of ``filtered`` logits ``[N, W]``, drawn from its softmax by the inverse of its
+    cumulative distribution at one uniform number from row ``i``'s own generator (one draw per row and step
+    whatever the width: a seeded row draws the same tokens whatever rows share its batch). Returns the columns
+    ``[N]`` and whether each row could be sampled at all ``[N]`` (False: NaN or infinite logits, or every token
+    filtered out). No sync with the host, and an invalid row is reported, not asserted on the device
+    (``torch.multinomial`` checks its input with a device-side assert on CUDA, which leaves the process's CUDA
+    context unusable: every request of the replica would fail with it)."""
     probs = torch.softmax(filtered, dim=-1)
-    noise = torch.ones_like(probs)
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.empty(len(generators), 1, dtype=cdf.dtype, device=cdf.device)
     for row, generator in enumerate(generators):
-        noise[row, : widths[row] if widths else None].exponential_(generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a drawn 0 would make 0 / 0 = NaN, which argmax picks
-    return (probs / noise).argmax(dim=-1), ~probs.isnan().any(dim=-1)
+        uniform[row].uniform_(generator=generator)
+    # the first column whose cumulative probability exceeds u * total: column j with probability p_j / total
+    column = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)[:, 0]
+    return column, ~probs.isnan().any(dim=-1)
 
 
 def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
@@ -298,8 +296,7 @@ def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
                 continue
             index = host_to_device(group, logits.device, torch.long)
             filtered, ids = filter_logits(logits[index], [rows[r].params for r in group])
-            column, valid = sample(filtered, [rows[r].generator for r in group],
-                                   None if ids is None else [rows[r].params.top_k for r in group])
+            column, valid = sample(filtered, [rows[r].generator for r in group])
             drawn = column if ids is None else ids.gather(1, column[:, None])[:, 0]
             chosen = chosen.index_copy(0, index, drawn)
             invalid = invalid.index_copy(0, index, (~valid).long())

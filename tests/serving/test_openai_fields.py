@@ -277,13 +277,15 @@ def test_json_schema_output_parses_and_validates(client):
 
 def test_json_object_output_is_a_json_object(client):
     messages = [{"role": "user", "content": "Answer in JSON: which shapes are there?"}]
-    out = client.chat.completions.create(model=BASE, messages=messages, max_completion_tokens=64, temperature=0.7,
-                                         seed=1, n=4, response_format={"type": "json_object"})
-    finished = [c for c in out.choices if c.finish_reason == "stop"]
+    # The random model closes its object within 64 tokens in about one sample of five: 16 samples (seeds 0..15)
+    kwargs = {"model": BASE, "messages": messages, "max_completion_tokens": 64, "temperature": 0.7, "n": 8,
+              "response_format": {"type": "json_object"}}
+    choices = [c for seed in (0, 8) for c in client.chat.completions.create(**kwargs, seed=seed).choices]
+    finished = [c for c in choices if c.finish_reason == "stop"]
     assert finished
     for choice in finished:
         assert isinstance(json.loads(choice.message.content), dict)
-    for choice in out.choices:
+    for choice in choices:
         assert choice.message.content.startswith("{")
 
 
