@@ -19,6 +19,7 @@ hold on a machine shared with other jobs; ``--lora-only`` stops after them.
 
 Usage (CPU, the numbers in docs/benchmarks.md):
     .venv/bin/python bench/serving_throughput.py [--preset qwen2.5-vl-small]
+    .venv/bin/python bench/serving_throughput.py --latency-only --prefill-chunk 64,512   (the latency rows only)
 GPU (full-size random weights; needs the memory for a qwen-vl-chat model):
     .venv/bin/python bench/serving_throughput.py --preset qwen-vl-chat --device cuda --dtype bfloat16
 """
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import itertools
 import os
 import shutil
 import statistics
@@ -182,10 +184,27 @@ def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int
 def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: int, tokens: int,
                        image_size: int) -> dict[str, float]:
     """``requests`` concurrent requests, every other one with an image, mixed adapters: TTFT p50 / p99 and the
-    longest gap between two tokens of any stream (a prefill of arriving requests stalls running streams)."""
+    longest gap between two tokens of any stream (a prefill of arriving requests stalls running streams).
+
+    Two gaps: ``max_gap`` between two tokens of a stream as the model thread produced them (the times of the
+    engine's per-step token choice for each row: what the scheduling decides), and ``max_event_gap`` between two
+    stream events as the client receives them. The second also counts tokens the engine holds back because their
+    text is not whole yet (a partial UTF-8 character, which random weights produce often): it measures the random
+    token stream as much as the engine."""
     from PIL import Image
 
     from qwenvl_core.conversation import ImagePart, Message, TextPart
+
+    produced: dict[str, list[float]] = {}
+    choose = engine._after_step  # the model thread's token choice for the rows of a step, wrapped to time it
+
+    def timed_choice(seqs: list, logits: torch.Tensor) -> None:
+        choose(seqs, logits)
+        now = time.perf_counter()
+        for seq in seqs:
+            produced.setdefault(seq.request.request_id, []).append(now)
+
+    engine._after_step = timed_choice
 
     def req(i: int) -> EngineRequest:
         parts: list = [TextPart(_prompt(i))]
@@ -195,7 +214,7 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
         return EngineRequest([Message(role="user", parts=parts)], _fixed_length(engine, tokens),
                              adapter_id=a.name, adapter_locator=str(a))
 
-    async def one(i: int, start: float) -> tuple[float, float]:
+    async def one(i: int) -> tuple[float, float]:
         await asyncio.sleep(0.002 * i)  # arrivals spread a little, so some join a running batch
         sent, first, gap, last = time.perf_counter(), None, 0.0, None
         async for _event in engine.stream(req(i)):
@@ -206,12 +225,31 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
         return first or float("nan"), gap
 
     async def run() -> list[tuple[float, float]]:
-        start = time.perf_counter()
-        return await asyncio.gather(*(one(i, start) for i in range(requests)))
+        return await asyncio.gather(*(one(i) for i in range(requests)))
 
-    results = asyncio.run(run())
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine._after_step = choose
     p50, p99 = percentiles([r[0] for r in results])
-    return {"ttft_p50": p50, "ttft_p99": p99, "max_gap": max(r[1] for r in results)}
+    token_gaps = [b - a for times in produced.values() for a, b in itertools.pairwise(times)]
+    return {"ttft_p50": p50, "ttft_p99": p99, "max_gap": max(token_gaps), "max_event_gap": max(r[1] for r in results)}
+
+
+def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Namespace) -> None:
+    """``latency_under_load`` with whole prefills and with each ``--prefill-chunk``: the stall of running streams."""
+    for chunk in (0, *(int(c) for c in args.prefill_chunk.split(","))):
+        # A second engine on the same model (no second copy of a full-size model): the main one is idle meanwhile.
+        probe = ServingEngine(engine.model, engine.processor, engine.family,
+                              dataclasses.replace(engine.config, prefill_chunk_tokens=chunk))
+        lat = latency_under_load(probe, adapters, args.latency_requests, args.tokens, args.image_size)
+        probe.close()  # also takes its LoRA hooks off the shared model
+        del probe
+        release(args.device)
+        print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
+              f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
+              f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms (between stream events, text held back "
+              f"for partial characters included: {lat['max_event_gap'] * 1000:.0f} ms)")
 
 
 def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: int, dtype: str, device: str,
@@ -366,8 +404,9 @@ def main() -> None:
     parser.add_argument("--static-batch", type=int, default=16, help="the static-batch baseline's batch size")
     parser.add_argument("--latency-requests", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--prefill-chunk", type=int, default=64,
-                        help="the chunked engine's prefill_chunk_tokens in the latency rows (vs 0: whole prefills)")
+    parser.add_argument("--prefill-chunk", default="64",
+                        help="the chunked engines' prefill_chunk_tokens in the latency rows, comma-separated (each "
+                             "against 0: whole prefills)")
     parser.add_argument("--memory-requests", type=int, default=32)
     parser.add_argument("--memory-prompt", type=int, default=2000, help="prompt tokens of each long request")
     parser.add_argument("--before-rev", default="d30b903",
@@ -375,6 +414,8 @@ def main() -> None:
     parser.add_argument("--skip-loads", action="store_true", help="skip cold loads and job-to-first-token")
     parser.add_argument("--lora-only", action="store_true",
                         help="only the mixed / single / base / swap rows (the LoRA ratios), then stop")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the latency rows (TTFT, longest gap; whole vs chunked prefills), then stop")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -392,6 +433,11 @@ def main() -> None:
                                                                   max_adapters=args.adapters + 2), dtype=dtype)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
           f"adapters={args.adapters} rank={args.rank} requests={args.requests} batch={args.batch} tokens={args.tokens}")
+    if args.latency_only:
+        latency_rows(engine, adapters, args)
+        engine.close()
+        shutil.rmtree(work, ignore_errors=True)
+        return
     runs: dict[str, list[Rate]] = {"mixed": [], "single": [], "base": []}
     scenarios = {"mixed": list(adapters), "single": [adapters[0]], "base": [None]}
     for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
@@ -420,17 +466,7 @@ def main() -> None:
           f"  mixed/base={mixed / base:.2f} (LoRA overhead, target >= 0.85)  engine/static={engine_16 / static:.2f}"
           f" (target >= 2)")
     _print_cpu_rates(runs, swap_rate)
-    for chunk in (0, args.prefill_chunk):  # whole prefills vs chunked: the stall of running streams
-        # A second engine on the same model (no second copy of a full-size model): the main one is idle meanwhile.
-        probe = ServingEngine(engine.model, engine.processor, engine.family,
-                              dataclasses.replace(engine.config, prefill_chunk_tokens=chunk))
-        lat = latency_under_load(probe, adapters, args.latency_requests, args.tokens, args.image_size)
-        probe.close()  # also takes its LoRA hooks off the shared model
-        del probe
-        release(args.device)
-        print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
-              f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
-              f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms")
+    latency_rows(engine, adapters, args)
     after, before = memory_before_after(args, model_dir)
     row = f"after={after / 2**20:.0f} MiB" + (f" before ({args.before_rev})={before / 2**20:.0f} MiB "
                                               f"ratio={after / before:.2f}" if before else "")
