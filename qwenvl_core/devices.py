@@ -1,8 +1,8 @@
 """Which device a component computes on: ``checked_device`` turns a configured name into a ``torch.device`` (a clear
 error naming the setting for a malformed name or a GPU this process cannot see), ``default_device`` is what a
 component uses when nothing is configured (this process's GPU when one is visible, else the CPU), ``model_device``
-is where a model's weights are (what its inputs must follow); ``host_to_device`` makes a small host list a device
-tensor without making the host wait for the device's queued work."""
+is where a model's weights are (what its inputs must follow); ``host_to_device`` / ``queued_copy`` move a small host
+list or tensor to the device without making the host wait for the device's queued work."""
 
 from __future__ import annotations
 
@@ -42,8 +42,16 @@ def model_device(model: Any) -> torch.device:
 
 
 def host_to_device(values: Any, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` (a small host list) as a ``dtype`` tensor on ``device``. A plain ``torch.tensor(..., device="cuda")``
-    copies and then synchronises the stream, so the host waits for every kernel queued before it (a forward pass);
-    this copy is queued behind them instead (from pageable memory CUDA stages the bytes before the call returns, so
-    the host list may go at once)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """``values`` (a small host list) as a ``dtype`` tensor on ``device``, copied by ``queued_copy``."""
+    return queued_copy(torch.tensor(values, dtype=dtype), device)
+
+
+def queued_copy(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``. A plain ``.to("cuda")`` (or ``torch.tensor(..., device="cuda")``)
+    copies and then synchronises the stream, so the host waits for every kernel queued before it (a forward pass).
+    Here the tensor goes through page-locked memory and the copy is queued behind those kernels (from pageable
+    memory CUDA may still synchronise to stage it); PyTorch's pinned-memory cache keeps the host block until the
+    copy is done."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwenvl_core.devices import queued_copy
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.vocabulary import Vocabulary
 
@@ -112,4 +113,4 @@ def allowed_tokens(constraints: Sequence[GrammarConstraint], vocab_size: int, de
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, : min(known, vocab_size)]
     allowed = torch.zeros(len(constraints), vocab_size, dtype=torch.bool)
     allowed[:, : bits.shape[1]] = torch.from_numpy(bits.astype(bool))
-    return allowed.to(device, non_blocking=True)  # queued behind the forward, not waiting for it (host_to_device)
+    return queued_copy(allowed, device)
