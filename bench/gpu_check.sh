@@ -32,14 +32,14 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
     tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --memory-requests 4
-         --memory-prompt 256 --before-rev "")
+         --memory-prompt 256 --before-rev "" --varied-tokens 2,8)
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
   sampling=(--vocab 1152 --repeats 3)
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)
-  serve=(--preset qwen-vl-chat --requests 32 --tokens 32)
+  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)
 fi

@@ -11,7 +11,9 @@ Generation throughput (generated tokens/s, greedy, fixed token count) of the sam
 
 - ``static``: the baseline of issue 13: the same requests in static batches of ``--batch`` through
   ``generate`` (transformers' own ``generate`` for the transformers families; ``qwenvl_core.generation.generate``
-  for v1, which has no GenerationMixin), one adapter per batch as peft serves it, greedy;
+  for v1, which has no GenerationMixin), one adapter per batch as peft serves it, greedy; with equal lengths, and
+  with lengths varied over ``--varied-tokens`` (a static batch runs to its longest request, the engine refills a
+  finished row's slot at the next step);
 
 Any family's preset (``--preset qwen2.5-vl-small``): adapters on the family's official LoRA targets.
 The LoRA rows are also given per CPU-second of this process (``time.process_time``, all its threads), whose ratios
@@ -109,18 +111,27 @@ def _rate(tokens: int, wall_start: float, cpu_start: float) -> Rate:
     return Rate(tokens / (time.perf_counter() - wall_start), tokens / (time.process_time() - cpu_start))
 
 
-def engine_throughput(engine: ServingEngine, adapters: list[Path | None], requests: int, tokens: int) -> Rate:
-    """Generated tokens/s for ``requests`` concurrent requests, request i on ``adapters[i % len]``."""
+def varied_lengths(requests: int, shortest: int, longest: int) -> list[int]:
+    """New-token counts spread evenly over ``shortest..longest``, in a fixed shuffled order (request i gets
+    ``[i]``): what requests of real traffic ask for, unlike the equal lengths of the other rows."""
+    return [shortest + (i * 37) % (longest - shortest + 1) for i in range(requests)]
+
+
+def engine_throughput(engine: ServingEngine, adapters: list[Path | None], requests: int,
+                      tokens: int | list[int]) -> Rate:
+    """Generated tokens/s for ``requests`` concurrent requests, request i on ``adapters[i % len]``, with
+    ``tokens`` new tokens (or ``tokens[i]``)."""
     def req(i: int) -> EngineRequest:
         a = adapters[i % len(adapters)]
-        return EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, tokens),
+        length = tokens if isinstance(tokens, int) else tokens[i]
+        return EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, length),
                              adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
 
     async def run(n: int) -> int:
         results = await asyncio.gather(*(engine.generate(req(i)) for i in range(n)))
         return sum(len(r.token_ids) for r in results)
 
-    asyncio.run(run(len(adapters)))  # warm-up, adapters loaded
+    asyncio.run(run(min(len(adapters), requests)))  # warm-up, adapters loaded
     start, cpu_start = time.perf_counter(), time.process_time()
     generated = asyncio.run(run(requests))
     return _rate(generated, start, cpu_start)
@@ -148,10 +159,12 @@ def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests
     return _rate(generated, start, cpu_start)
 
 
-def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int, batch: int, tokens: int,
-                      dtype: torch.dtype, device: str) -> float:
+def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int, batch: int,
+                      tokens: int | list[int], dtype: torch.dtype, device: str) -> float:
     """The baseline: static batches of ``batch`` requests (left padded) on one peft adapter, greedy, each batch run
-    to ``tokens`` new tokens: transformers' ``generate`` where the family has it, else ours."""
+    to ``tokens`` new tokens (with ``tokens[i]`` per request: to the longest of the batch, the shorter ones' extra
+    tokens computed and dropped, as a static-batch server does; only each request's own count is counted):
+    transformers' ``generate`` where the family has it, else ours."""
     from peft import PeftModel
 
     processor = family.load_processor(model_dir)
@@ -163,20 +176,22 @@ def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int
     model = PeftModel.from_pretrained(base, adapter).eval()
     prompts = [processor.encode_chat([text_message("user", _prompt(i))]).input_ids for i in range(requests)]
     start, generated = time.perf_counter(), 0
+    lengths = [tokens] * requests if isinstance(tokens, int) else list(tokens)
     for first in range(0, requests, batch):
-        chunk = prompts[first : first + batch]
+        chunk, wanted = prompts[first : first + batch], lengths[first : first + batch]
+        longest = max(wanted)
         if hf_class is None:
             outs = generate(model, chunk, pad_token_id=processor.pad_token_id,
-                            params=SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)))
-            generated += sum(len(o.token_ids) for o in outs)
+                            params=SamplingParams(max_new_tokens=longest, stop_token_ids=(-1,)))
+            generated += sum(min(len(o.token_ids), n) for o, n in zip(outs, wanted, strict=True))
             continue
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[processor.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                                  do_sample=False, pad_token_id=processor.pad_token_id)
-        generated += (out.shape[1] - width) * len(chunk)
+        generated += sum(min(out.shape[1] - width, n) for n in wanted)
     sync(device)
     return generated / (time.perf_counter() - start)
 
@@ -402,6 +417,8 @@ def main() -> None:
     parser.add_argument("--load-rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--static-batch", type=int, default=16, help="the static-batch baseline's batch size")
+    parser.add_argument("--varied-tokens", default="4,64",
+                        help="shortest,longest new tokens of the engine vs static row with varied lengths")
     parser.add_argument("--latency-requests", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--prefill-chunk", default="64",
@@ -460,11 +477,19 @@ def main() -> None:
     release(args.device)
     engine_16 = max(engine_throughput(engine, [adapters[0]], args.static_batch, args.tokens).wall
                     for _ in range(args.repeats))
+    varied = varied_lengths(args.static_batch * 2, *(int(n) for n in args.varied_tokens.split(",")))
+    static_varied = static_throughput(family, model_dir, adapters[0], len(varied), args.static_batch, varied, dtype,
+                                      args.device)
+    release(args.device)
+    engine_varied = max(engine_throughput(engine, [adapters[0]], len(varied), varied).wall
+                        for _ in range(args.repeats))
     print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f} "
           f"engine@{args.static_batch}={engine_16:.1f} static@{args.static_batch}={static:.1f}")
     print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.95)  mixed/swap={mixed / swap:.2f} (target >= 5)"
           f"  mixed/base={mixed / base:.2f} (LoRA overhead, target >= 0.85)  engine/static={engine_16 / static:.2f}"
           f" (target >= 2)")
+    print(f"{len(varied)} requests of {args.varied_tokens.replace(',', '-')} new tokens, batch {args.static_batch}: "
+          f"engine={engine_varied:.1f} static={static_varied:.1f} tok/s  engine/static={engine_varied / static_varied:.2f}")
     _print_cpu_rates(runs, swap_rate)
     latency_rows(engine, adapters, args)
     after, before = memory_before_after(args, model_dir)

@@ -31,7 +31,8 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     assert rows == dict.fromkeys(CHECKS, "ok"), table + logs
     assert done.returncode == 0, done.stdout[-3000:]
     serve = (out / "serve_v1_full_bf16.log").read_text()
-    for row in ("throughput tok/s: mixed=", "engine/static=", "longest inter-token gap=", "peak memory, 4 concurrent"):
+    for row in ("throughput tok/s: mixed=", "engine/static=", "32 requests of 2-8 new tokens", "longest inter-token gap=",
+                "peak memory, 4 concurrent"):
         assert row in serve, serve[-3000:]
     assert "skipped" in (out / "gpu_tests.log").read_text()  # the cuda cases, collected and skipped here
     train = (out / "train_qwen25vl_7b.log").read_text()
