@@ -24,8 +24,9 @@ may only take the tokens its grammar allows next (all constrained rows' masks co
 alternatives (``RowState.logprobs``), from the distribution the token was chosen from after penalties,
 suppression and the grammar, before temperature / top-k / top-p (vLLM's "processed" choice is after
 temperature too; OpenAI does not document it). These all run as batched tensor operations over the rows that
-use them, and so does sampling: temperature / top-k / top-p for all sampling rows at once, each row's noise from
-its own seeded generator. A step's choices reach the host in one copy (the logprobs records in one more).
+use them, and so does sampling: temperature / top-k / top-p for all sampling rows at once, each row drawing one
+uniform number per step from its own seeded generator. A step's choices reach the host in one copy (the logprobs
+records in one more).
 
 Stop strings are found in time linear in the output: the text is decoded incrementally (only the tokens after
 the last whole character are decoded again) and only the tail that can hold a new match is searched.
@@ -291,7 +292,8 @@ def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
         invalid = torch.zeros_like(chosen)
         vocab = logits.size(-1)
         with_top_k = [r for r in sampled if 0 < rows[r].params.top_k < vocab]  # sampled among their candidates
-        for group in (with_top_k, [r for r in sampled if r not in with_top_k]):
+        without = [r for r in sampled if not 0 < rows[r].params.top_k < vocab]
+        for group in (with_top_k, without):
             if not group:
                 continue
             index = host_to_device(group, logits.device, torch.long)
