@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 
 from qwenvl_core.conversation import ImagePart, Message
-from qwenvl_core.devices import checked_device, host_to_device
+from qwenvl_core.devices import checked_device, default_device, host_to_device
 from qwenvl_core.errors import ImageError, QwenVLError
 from qwenvl_core.generation import (
     FinishReason,
@@ -130,8 +130,9 @@ class EngineConfig:
     # the base they were trained on. "none": the base as loaded (Q-LoRA adapters then run on the unquantized base).
     quantization: Literal["none", "4bit"] = "none"
     # Where the model, its KV cache, the adapters and the sampling generators live: "cuda" (or "cuda:N") on a GPU
-    # replica (the Serve deployment sets it when Ray gives the replica a GPU), "cpu" otherwise.
-    device: str = "cpu"
+    # replica (the Serve deployment sets it when Ray gives the replica a GPU), "cpu" otherwise; None: this
+    # process's GPU when one is visible, else the CPU (``devices.default_device``, the trainer's default too).
+    device: str | None = None
     # The KV cache: one preallocated slot of ``max_total_tokens`` per running request (``kv_cache``). Its size:
     # ``kv_cache_bytes`` when set; else on a GPU ``kv_cache_memory_fraction`` of the memory free after loading
     # the model; else (CPU) ``max_batch_size`` slots. The slots it holds (at most ``max_batch_size``) bound the
@@ -313,7 +314,7 @@ class ServingEngine:
         dtype: torch.dtype | None = None,
     ) -> ServingEngine:
         """Load the base model and processor of a local model directory (LM in 4-bit if ``config.quantization``)."""
-        device = checked_device(config.device, "EngineConfig.device")
+        device = default_device() if config.device is None else checked_device(config.device, "EngineConfig.device")
         family = detect_family(model_dir)
         model = family.load_model(model_dir, dtype=dtype, device=device)
         if config.quantization == "4bit":

@@ -275,3 +275,18 @@ def test_the_engine_runs_on_its_configured_device_and_refuses_a_missing_one(tiny
     if not torch.cuda.is_available():
         with pytest.raises(QwenVLError, match="no CUDA device is visible"):
             ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cuda"))
+
+
+def test_an_engine_without_a_configured_device_takes_the_visible_gpu_like_the_trainer(tiny_model_dir):
+    """``EngineConfig()`` (no device) loads on ``devices.default_device``: this process's GPU when one is visible,
+    else the CPU; the trainer's default is the same, so a GPU box serves on its GPU without a setting."""
+    from qwenvl_core.devices import default_device
+    from qwenvl_core.serving.engine import EngineConfig
+
+    assert EngineConfig().device is None
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig())
+    try:
+        assert engine.device == default_device()
+        assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    finally:
+        engine.close()
