@@ -18,7 +18,8 @@ they are never emitted: a generated image tag would otherwise break the next ste
 
 Per row too, OpenAI's penalties and structured output: ``presence_penalty`` / ``frequency_penalty`` subtract
 ``frequency * count + presence * (count > 0)`` from the logit of every token by its count among the row's tokens
-so far (all penalised rows in one scatter), and a row with a ``grammar`` (``qwenvl_core.grammar``, llguidance)
+so far (the counts are kept per row on the device and take only each step's new tokens; all penalised rows at
+once), and a row with a ``grammar`` (``qwenvl_core.grammar``, llguidance)
 may only take the tokens its grammar allows next (all constrained rows' masks computed at once). A row with
 ``logprobs`` records, for each token it takes, the token's log-probability and its ``logprobs`` most likely
 alternatives (``RowState.logprobs``), from the distribution the token was chosen from after penalties,
@@ -129,6 +130,8 @@ class RowState:
     only the tokens after them are decoded again at each step (``advance_row``). ``logprobs``: one record per
     token of ``tokens`` when ``params.logprobs`` is set (``pending_logprobs``: the record of the token chosen
     this step, until ``advance_row`` takes it). ``constraint``: the row's grammar state when ``params.grammar``.
+    ``counts`` (penalised rows): each vocabulary token's count among ``tokens[:counted]``, ``[V]`` on the device
+    of the logits, kept up to date by ``penalize`` (only the tokens added since its last step are counted).
     """
 
     params: SamplingParams
@@ -141,6 +144,8 @@ class RowState:
     logprobs: list[StepLogprobs] = field(default_factory=list)
     pending_logprobs: StepLogprobs | None = None
     constraint: GrammarConstraint | None = None
+    counts: torch.Tensor | None = None
+    counted: int = 0
 
     @property
     def done(self) -> bool:
@@ -224,26 +229,37 @@ def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
 def penalize(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     """OpenAI's presence / frequency penalties: each penalised row's logit of token ``j`` minus
     ``frequency_penalty * c[j] + presence_penalty * (c[j] > 0)``, ``c[j]`` the count of ``j`` among the row's
-    tokens so far. One scatter for all penalised rows (a copy; the input is untouched)."""
+    tokens so far. All penalised rows at once (a copy; the input is untouched): their counts (``RowState.counts``)
+    are stacked and only the tokens each row added since its previous step are counted into them, so a step
+    costs the same at the thousandth token as at the first."""
     index = [r for r, state in enumerate(rows) if state.params.penalised and state.tokens and not state.done]
     if not index:
         return logits
     device, vocab = logits.device, logits.size(-1)
-    tokens = [t for r in index for t in rows[r].tokens]
-    ids = host_to_device(tokens, device, torch.long)
-    which = torch.repeat_interleave(torch.arange(len(index), device=device),
-                                    host_to_device([len(rows[r].tokens) for r in index], device, torch.long),
-                                    output_size=len(tokens))  # known here: no wait for the device to count it
-    counts = torch.zeros(len(index), vocab, device=device)
-    # ids beyond the logits (none from the model itself) count 0, without a data-dependent selection
-    counts.index_put_((which, ids.clamp(max=vocab - 1)), (ids < vocab).to(counts.dtype), accumulate=True)
+    for r in index:  # a row new to penalties (or to this vocabulary) is counted from its first token
+        state = rows[r]
+        if state.counts is None or state.counts.shape != (vocab,) or state.counts.device != device:
+            state.counts, state.counted = None, 0
+    zeros = logits.new_zeros(vocab, dtype=torch.float32)
+    counts = torch.stack([zeros if rows[r].counts is None else rows[r].counts for r in index])  # [N, V], a copy
+    added = [rows[r].tokens[rows[r].counted :] for r in index]
+    tokens = [t for new in added for t in new]
+    if tokens:
+        ids = host_to_device(tokens, device, torch.long)
+        which = torch.repeat_interleave(torch.arange(len(index), device=device),
+                                        host_to_device([len(new) for new in added], device, torch.long),
+                                        output_size=len(tokens))  # known here: no wait for the device to count it
+        # ids beyond the logits (none from the model itself) count 0, without a data-dependent selection
+        counts.index_put_((which, ids.clamp(max=vocab - 1)), (ids < vocab).to(counts.dtype), accumulate=True)
+    for j, r in enumerate(index):
+        rows[r].counts, rows[r].counted = counts[j], len(rows[r].tokens)
     frequency = host_to_device([rows[r].params.frequency_penalty for r in index], device, torch.float32)[:, None]
     presence = host_to_device([rows[r].params.presence_penalty for r in index], device, torch.float32)[:, None]
     rows_index = host_to_device(index, device, torch.long)
-    logits = logits.clone()
-    penalised = logits[rows_index].float() - counts * frequency - (counts > 0).float() * presence
-    logits[rows_index] = penalised.to(logits.dtype)
-    return logits
+    penalised = logits.index_select(0, rows_index).float()  # in place from here: each [N, V] pass costs
+    penalised.addcmul_(counts, frequency, value=-1.0)
+    penalised.addcmul_(counts.clamp(max=1.0), presence, value=-1.0)  # counts are whole: min(c, 1) is (c > 0)
+    return logits.index_copy(0, rows_index, penalised.to(logits.dtype))
 
 
 def constrain(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:

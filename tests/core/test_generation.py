@@ -17,6 +17,7 @@ from qwenvl_core.generation import (
     left_pad,
     make_rows,
     next_tokens,
+    penalize,
     sample,
 )
 from qwenvl_core.models.processing import VisionInputs
@@ -203,6 +204,44 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_rows_share_its_batch():
     alone = steps([mine])
     assert len(set(alone)) > 1  # it does sample
     assert steps([mine, others[0]]) == alone and steps([mine, *others]) == alone
+
+
+def _penalised_by_formula(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """OpenAI's formula from each row's whole token list: logit - frequency * count - presence * (count > 0)."""
+    expected = logits.clone()
+    for r, state in enumerate(rows):
+        if state.done or not state.params.penalised:
+            continue
+        for token in set(state.tokens):
+            count = state.tokens.count(token)
+            expected[r, token] -= state.params.frequency_penalty * count + state.params.presence_penalty
+    return expected
+
+
+def test_penalty_counts_kept_across_steps_equal_a_count_of_every_token():
+    """``penalize`` keeps each row's counts and adds only the tokens of the steps since; whatever joins, finishes
+    or changes between steps, the result is the formula over all the row's tokens (and the input is untouched)."""
+    draw = random.Random(3)
+    vocab = 50
+    penalties = [SamplingParams(frequency_penalty=0.7, presence_penalty=0.4),
+                 SamplingParams(frequency_penalty=-0.5), SamplingParams(presence_penalty=1.5), SamplingParams()]
+    rows = [RowState(params=p, generator=None) for p in penalties]
+    for step in range(12):
+        if step == 4:  # a row joins the batch with tokens of its own (a request that was decoding elsewhere)
+            rows.append(RowState(params=penalties[0], generator=None, tokens=[1, 1, 2]))
+        if step == 7:
+            rows[1].finish_reason = "stop"
+        for state in rows:
+            if not state.done:
+                state.tokens += [draw.randrange(vocab) for _ in range(1 if step % 3 else 2)]
+        logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(step))
+        before = logits.clone()
+        assert torch.allclose(penalize(logits, rows), _penalised_by_formula(logits, rows), atol=1e-5), step
+        assert torch.equal(logits, before)
+    assert rows[0].counted == len(rows[0].tokens) and rows[3].counts is None  # an unpenalised row is not counted
+    wider = torch.zeros(len(rows), vocab + 7)  # other logits (another vocabulary): counted again from the start
+    assert torch.allclose(penalize(wider, rows), _penalised_by_formula(wider, rows), atol=1e-5)
+    assert rows[0].counts.shape == (vocab + 7,)
 
 
 @pytest.mark.parametrize("top_k", [0, 2])
