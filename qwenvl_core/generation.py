@@ -14,7 +14,9 @@ Each row may carry its own ``SamplingParams`` (greedy or sampling with temperatu
 seed), stop token ids, stop strings and suppressed token ids: serving batches requests from different users
 together. Suppressed ids (the image-span structure, which callers take from ``processor.image_token_ids``; for
 Qwen-VL ``<img>``, ``</img>``, ``<imgpad>``) get a logit of -inf before greedy or sampled choice, so
-they are never emitted: a generated image tag would otherwise break the next step (no pixels for it).
+they are never emitted: a generated image tag would otherwise break the next step (no pixels for it). A row's
+``logit_bias`` (OpenAI's: token id -> a value in [-100, 100] added to its logit) is added in the same scatter, so
+no bias brings a suppressed id back.
 
 Per row too, OpenAI's penalties and structured output: ``presence_penalty`` / ``frequency_penalty`` subtract
 ``frequency * count + presence * (count > 0)`` from the logit of every token by its count among the row's tokens
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length"]
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none recorded; k: each token's log-probability and its k top alternatives
     grammar: str | None = None  # an llguidance grammar the output follows (``qwenvl_core.grammar.json_grammar``)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit), OpenAI's ``logit_bias``
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -94,6 +98,12 @@ class SamplingParams:
                 raise QwenVLError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise QwenVLError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise QwenVLError(f"logit_bias: token ids must be >= 0 and values in [-{MAX_LOGIT_BIAS:g}, "
+                                  f"{MAX_LOGIT_BIAS:g}], got {token}: {bias}")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            raise QwenVLError("logit_bias: a token id appears twice")
 
     @property
     def penalised(self) -> bool:
@@ -215,15 +225,18 @@ def sample(filtered: torch.Tensor, generators: Sequence[torch.Generator | None])
     return column, ~probs.isnan().any(dim=-1)
 
 
-def suppress_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
-    """``logits`` ``[B, V]`` with each row's ``suppress_token_ids`` set to -inf (a copy; the input is untouched)."""
-    pairs = [(r, i) for r, state in enumerate(rows) for i in state.params.suppress_token_ids if i < logits.size(-1)]
-    if not pairs:
+def bias_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """``logits`` ``[B, V]`` plus each row's ``logit_bias``, with its ``suppress_token_ids`` at -inf whatever their
+    bias (a copy; the input is untouched). One scatter that adds: a suppressed id's -inf absorbs any bias."""
+    vocab = logits.size(-1)
+    entries = [(r, i, bias) for r, state in enumerate(rows) if not state.done
+               for i, bias in (*state.params.logit_bias, *((i, float("-inf")) for i in state.params.suppress_token_ids))
+               if i < vocab]
+    if not entries:
         return logits
-    index = host_to_device(pairs, logits.device, torch.long)  # [N, 2]: (row, token id)
-    logits = logits.clone()
-    logits[index[:, 0], index[:, 1]] = float("-inf")
-    return logits
+    index = host_to_device([(r, i) for r, i, _ in entries], logits.device, torch.long)  # [N, 2]: (row, token id)
+    values = host_to_device([bias for _, _, bias in entries], logits.device, logits.dtype)
+    return logits.index_put((index[:, 0], index[:, 1]), values, accumulate=True)
 
 
 def penalize(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
@@ -299,7 +312,7 @@ def next_tokens(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     row's penalties and grammar; rows that ask for logprobs get this step's record (``record_logprobs``). Greedy
     rows take the argmax, sampling rows are filtered and drawn all at once (``filter_logits``, ``sample``), and the
     choices reach the host in one copy. Raises ``QwenVLError`` naming the rows that cannot be sampled."""
-    logits = constrain(suppress_tokens(penalize(logits, rows), rows), rows)
+    logits = constrain(bias_tokens(penalize(logits, rows), rows), rows)
     chosen = logits.argmax(dim=-1)
     sampled = [r for r, state in enumerate(rows) if not state.done and not state.params.greedy]
     if not sampled:

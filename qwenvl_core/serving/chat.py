@@ -3,11 +3,12 @@
 This module owns
 - the request / response schemas (pydantic) of ``POST /v1/chat/completions``: messages with ``text`` and
   ``image_url`` parts (several images per message), sampling fields (``temperature``, ``top_p``, ``top_k``,
-  ``seed``, ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``presence_penalty`` / ``frequency_penalty``),
+  ``seed``, ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``presence_penalty`` / ``frequency_penalty``,
+  ``logit_bias``),
   ``n`` choices, ``logprobs`` / ``top_logprobs``, ``response_format`` (``text``, ``json_object``, ``json_schema``
   through ``qwenvl_core.grammar``), ``stream`` + ``stream_options``, ``usage``, ``system_fingerprint``, and the
   extension field ``grounding`` on each choice: the boxes of the answer in pixels of each input image;
-- refusing what is not supported: any other field with a value (``tools``, ``logit_bias``, ``audio``...), also
+- refusing what is not supported: any other field with a value (``tools``, ``audio``, ``prediction``...), also
   inside a message, is a ``ChatRequestError`` naming it (null-valued ones ask for nothing and are let through);
 - converting a request into engine messages within ``ChatLimits``, cheapest checks first: the number of
   images on the parsed request, then each image's size and their total (``data:`` URLs from their length;
@@ -16,7 +17,9 @@ This module owns
   references read, never more than the per-image limit + 1 bytes. ``data:`` URLs are decoded by the engine,
   except large ones that the HTTP route took out of the body before parsing it (``inline_images``): their
   payloads are base64-decoded here, in slices;
-- the sampling fields' limits (at most 4 stop strings of at most ``MAX_STOP_CHARS`` characters each);
+- the sampling fields' limits (at most 4 stop strings of at most ``MAX_STOP_CHARS`` characters each; at most
+  ``MAX_LOGIT_BIAS_TOKENS`` ``logit_bias`` entries, keys token ids in decimal; the engine refuses an id beyond the
+  model's vocabulary);
 - the ``ChatBackend`` protocol the HTTP route depends on, ``AdapterLocator`` / ``AdapterResolver`` (model id +
   tenant -> the adapter to load, or None), and ``InProcessBackend`` (engines in this process: local use, tests).
   The Ray Serve backend lives in ``workflows/serve_app.py``;
@@ -42,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwenvl_core.conversation import ImagePart, Message, Part, TextPart
 from qwenvl_core.errors import ImageError, QwenVLError
-from qwenvl_core.generation import MAX_TOP_LOGPROBS, SamplingParams
+from qwenvl_core.generation import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from qwenvl_core.grammar import GrammarError, json_grammar
 from qwenvl_core.images import data_url_size
 from qwenvl_core.serving.engine import (
@@ -63,13 +66,14 @@ from qwenvl_core.vocabulary import TokenLogprob
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
 # Below this a temperature is greedy decoding (as vLLM does): dividing logits by it would overflow to inf / NaN.
 MIN_SAMPLING_TEMPERATURE = 1e-5
 MIB = 1 << 20
 # OpenAI fields this server does not implement, with what they are: a request that sets one gets a 400 naming it.
 UNSUPPORTED_FIELDS = {
     "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
-    "functions": "function calling", "function_call": "function calling", "logit_bias": "logit_bias",
+    "functions": "function calling", "function_call": "function calling",
     "audio": "audio output", "modalities": "output modalities other than text", "prediction": "predicted outputs",
     "web_search_options": "web search", "reasoning_effort": "reasoning models", "store": "stored completions",
     "metadata": "stored completions", "service_tier": "service tiers", "verbosity": "reasoning models",
@@ -174,6 +178,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
 
 
@@ -416,7 +421,30 @@ def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DE
         frequency_penalty=request.frequency_penalty or 0.0,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         grammar=response_grammar(request),
+        logit_bias=logit_bias(request.logit_bias or {}),
     )
+
+
+def logit_bias(values: dict[str, float]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token id in decimal -> a value in [-100, 100]) as ``SamplingParams.logit_bias``;
+    a ``ChatRequestError`` naming ``logit_bias`` for too many entries, a key that is no token id or a value out of
+    range. (Whether each id is in the model's vocabulary, the engine checks.)"""
+    if len(values) > MAX_LOGIT_BIAS_TOKENS:
+        raise ChatRequestError(f"logit_bias: {len(values)} entries; at most {MAX_LOGIT_BIAS_TOKENS}", "logit_bias",
+                               "invalid_value")
+    entries = []
+    for key, value in values.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ChatRequestError(f"logit_bias: key {key[:32]!r} is not a token id (a non-negative integer in "
+                                   "decimal)", "logit_bias", "invalid_value")
+        if len(key) > 9:
+            raise ChatRequestError(f"logit_bias: token id {key[:12]}... is beyond any model's vocabulary", "logit_bias",
+                                   "invalid_value")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ChatRequestError(f"logit_bias: the value of token {key} is {value}; values are in "
+                                   f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", "logit_bias", "invalid_value")
+        entries.append((int(key), float(value)))
+    return tuple(entries)
 
 
 def check_supported(request: ChatCompletionRequest) -> None:

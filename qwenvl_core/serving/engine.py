@@ -4,7 +4,7 @@ This module owns the request lifecycle inside one replica:
 1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path, cheapest
    checks first: the number of images, each image's encoded size and their total (data URLs from their
    length), the prompt's token count (image spans have a fixed length, so no pixel is decoded for it) against
-   ``max_total_tokens``; only then are images decoded (pixel limits from their headers) one at a time and
+   ``max_total_tokens``, the ``logit_bias`` token ids against the vocabulary; only then are images decoded (pixel limits from their headers) one at a time and
    preprocessed, and the adapter fetched from the ``AdapterCache`` (loaded on a miss). A refused request raises ``RequestError``
    naming the field (``messages[i].content[j]``, ``max_tokens``). The request then holds its ``LoraWeights``:
    it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile.
@@ -413,6 +413,7 @@ class ServingEngine:
         encoded = self.processor.encode_conversation(request.messages, add_generation_prompt=True)  # no pixels
         params = request.params
         self._check_tokens(len(encoded.input_ids), params.max_new_tokens)
+        self._check_bias(params.logit_bias)
         parts, sizes = self._load_images(images)
         chunks = chunk_plan(encoded.input_ids, self.config.prefill_chunk_tokens, self.processor.image_token_ids)
         params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
@@ -435,6 +436,15 @@ class ServingEngine:
             raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new_tokens}) exceeds the limit of "
                                f"{limit} tokens", "messages" if prompt_tokens >= limit else "max_tokens",
                                "context_length_exceeded")
+
+    def _check_bias(self, bias: Sequence[tuple[int, float]]) -> None:
+        """Every ``logit_bias`` token id must be one of the tokenizer's (a bias on an id the model was never trained
+        to emit, or beyond its logits, is a mistake, not a request)."""
+        size = len(vocabulary(self.processor)) if bias else 0
+        outside = sorted(token for token, _ in bias if token >= size)
+        if outside:
+            raise RequestError(f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to "
+                               f"{size - 1})", "logit_bias", "invalid_value")
 
     def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[list[VisionInputs], list[tuple[int, int]]]:
         """Decode the images one at a time (pixel limits from the header first) and reduce each to model input

@@ -1,9 +1,9 @@
 """The OpenAI chat fields people use, through the official ``openai`` client against the product's chat app
 (``standalone_app`` under uvicorn) on the tiny random model: logprobs / top_logprobs (values checked against the
 model's own forward), n choices (seed + i), presence / frequency penalties (OpenAI's formula, checked on
-crafted logits), stop, max_completion_tokens, stream_options.include_usage, system_fingerprint, response_format
-(JSON object / JSON schema through llguidance: the output parses and validates), and every field we do not
-implement refused with a 400 naming it."""
+crafted logits), logit_bias (a ban and an exclusive token), stop, max_completion_tokens,
+stream_options.include_usage, system_fingerprint, response_format (JSON object / JSON schema through llguidance:
+the output parses and validates), and every field we do not implement refused with a 400 naming it."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from qwenvl_core.conversation import text_message
+from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import RowState, SamplingParams, advance_row, next_tokens
 from qwenvl_core.serving.chat import AdapterLocator, InProcessBackend, system_fingerprint
 from qwenvl_core.serving.engine import EngineConfig, ServingEngine
@@ -84,7 +85,7 @@ def _post(server: Server, body: dict) -> httpx.Response:
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "auto"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
     ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
-    ("prediction", {"type": "content", "content": "x"}), ("logit_bias", {"50": 100}),
+    ("prediction", {"type": "content", "content": "x"}),
     ("parallel_tool_calls", True), ("made_up_field", 1),
 ])
 def test_fields_we_do_not_implement_are_refused_naming_the_field(server, field, value):
@@ -119,6 +120,12 @@ def test_a_message_field_we_do_not_implement_is_refused_and_null_fields_ask_for_
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}},
      "response_format.json_schema.name"),
+    ({"logit_bias": {"hello": 5}}, "logit_bias"),
+    ({"logit_bias": {"-3": 5}}, "logit_bias"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {"1000000": 1}}, "logit_bias"),  # beyond the model's vocabulary: the engine says so
 ])
 def test_inconsistent_or_out_of_range_values_are_refused_naming_the_field(server, body, param):
     response = _post(server, body)
@@ -242,6 +249,41 @@ def test_penalties_follow_openais_formula_per_row():
             float(torch.log_softmax(expected[row], dim=-1)[chosen[row]]))
     negative = [_row([4, 4], frequency_penalty=-2.0)]  # a negative penalty favours repeating: 0 + 4 > 2
     assert next_tokens(logits[:1], negative) == [4]
+
+
+def _token_of(server: Server, data: bytes) -> int:
+    return vocabulary(server.engine.processor).tokens.index(data)
+
+
+def test_logit_bias_bans_a_token_or_makes_it_the_only_choice(server, client):
+    """OpenAI's logit_bias: -100 keeps the greedy choice off a token, +100 makes a token win every step (the random
+    model's logits are small), in streams too; the other requests of a batch are unaffected."""
+    kwargs = {"model": BASE, "messages": HELLO, "max_completion_tokens": 4, "temperature": 0, "logprobs": True}
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    first = _token_of(server, bytes(plain.logprobs.content[0].bytes))
+    banned = client.chat.completions.create(**kwargs, logit_bias={str(first): -100}).choices[0]
+    assert bytes(banned.logprobs.content[0].bytes) != bytes(plain.logprobs.content[0].bytes)
+    letter = _token_of(server, b"a")
+    forced = client.chat.completions.create(**kwargs, logit_bias={str(letter): 100, str(first): -1.5}).choices[0]
+    assert forced.message.content == "aaaa" and forced.finish_reason == "length"
+    streamed = client.chat.completions.create(**kwargs, logit_bias={str(letter): 100}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "aaaa"
+    assert client.chat.completions.create(**kwargs).choices[0].message.content == plain.message.content
+
+
+def test_logit_bias_is_added_per_row_and_never_brings_a_suppressed_token_back():
+    logits = torch.zeros(3, 8)
+    logits[:, 2] = 1.0
+    rows = [RowState(params=SamplingParams(logit_bias=((5, 3.0),)), generator=None),
+            RowState(params=SamplingParams(logit_bias=((2, -100.0), (6, 0.5))), generator=None),
+            RowState(params=SamplingParams(logit_bias=((4, 100.0),), suppress_token_ids=(4,)), generator=None)]
+    assert next_tokens(logits, rows) == [5, 6, 2]
+    sampled = RowState(params=SamplingParams(do_sample=True, seed=0, logit_bias=((7, 100.0),)), generator=None)
+    sampled.generator = torch.Generator().manual_seed(0)
+    assert {next_tokens(logits[:1], [sampled])[0] for _ in range(10)} == {7}
+    for bad in [((1, 100.5),), ((-1, 1.0),), ((3, 1.0), (3, 2.0))]:
+        with pytest.raises(QwenVLError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
 
 
 def test_logprobs_records_follow_the_tokens_taken_not_the_stop_token():
