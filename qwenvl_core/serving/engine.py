@@ -4,9 +4,10 @@ This module owns the request lifecycle inside one replica:
 1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path, cheapest
    checks first: the number of images, each image's encoded size and their total (data URLs from their
    length), the prompt's token count (image spans have a fixed length, so no pixel is decoded for it) against
-   ``max_total_tokens``, the ``logit_bias`` token ids against the vocabulary; only then are images decoded (pixel limits from their headers) one at a time and
-   preprocessed, and the adapter fetched from the ``AdapterCache`` (loaded on a miss). A refused request raises ``RequestError``
-   naming the field (``messages[i].content[j]``, ``max_tokens``). The request then holds its ``LoraWeights``:
+   ``max_total_tokens``, the ``logit_bias`` token ids against the vocabulary; only then are images decoded
+   (pixel limits from their headers) one at a time and preprocessed, and the adapter fetched from the
+   ``AdapterCache`` (loaded on a miss). A refused request raises ``RequestError`` naming the field
+   (``messages[i].content[j]``, ``max_tokens``, ``logit_bias``). The request then holds its ``LoraWeights``:
    it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile.
 2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
    their adapters) and merged into the running batch, whose KV cache is padded on the left to a common length;
