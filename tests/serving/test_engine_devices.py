@@ -2,7 +2,8 @@
 otherwise; ``bench/gpu_check.sh`` runs them on a GPU machine). On each: greedy output of a mixed batch (v1 and a
 transformers family, with an adapter) equals the family's one-request reference on the same device, seeded sampling
 repeats, and every tensor the engine's forwards create lives on the configured device (a dispatch-mode record of
-each op's outputs)."""
+each op's outputs); the same for a batch using every per-row sampling feature at once (top-k / top-p, penalties,
+logit_bias, logprobs, a JSON grammar)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from qwenvl_core.conversation import ImagePart, Message, TextPart
 from qwenvl_core.generation import SamplingParams, generate
+from qwenvl_core.grammar import json_grammar
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
 from tests.devices import DEVICES, DeviceRecorder
 
@@ -80,5 +82,60 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
         sampled = [asyncio.run(engine.generate(EngineRequest(requests[1].messages, SamplingParams(
             max_new_tokens=5, do_sample=True, temperature=0.9, seed=7)))).token_ids for _ in range(2)]
         assert sampled[0] == sampled[1]
+    finally:
+        engine.close()
+
+
+def _feature_requests(adapter: Path) -> list[EngineRequest]:
+    """A batch whose rows use every per-row sampling feature: seeded top-k / top-p with penalties and logprobs,
+    top-p with a logit_bias and a stop string, greedy under a JSON grammar, an image row on an adapter."""
+    def req(text: str, params: SamplingParams, image: bool = False, with_adapter: bool = False) -> EngineRequest:
+        parts: list = [TextPart(text)]
+        if image:
+            parts.insert(0, ImagePart(Image.new("RGB", (56, 42), (200, 90, 40))))
+        a = adapter if with_adapter else None
+        return EngineRequest([Message(role="user", parts=parts)], params,
+                             adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
+
+    return [
+        req("tell me a story", SamplingParams(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, top_p=0.9,
+                                              seed=3, presence_penalty=0.5, frequency_penalty=0.3, logprobs=2)),
+        req("and another one", SamplingParams(max_new_tokens=5, do_sample=True, top_p=0.8, seed=4,
+                                              logit_bias=((10, 5.0), (11, -100.0)), stop_strings=("zz",))),
+        req("answer in json", SamplingParams(max_new_tokens=8, grammar=json_grammar(None), frequency_penalty=1.0,
+                                             logprobs=0)),
+        req("what is this", SamplingParams(max_new_tokens=4, logit_bias=((12, 2.0),)), image=True, with_adapter=True),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["qwen-vl", "qwen2.5-vl"])
+def test_every_sampling_feature_runs_on_the_device_and_repeats_with_its_seeds(device, which, tiny_model_dir, tiny_dirs,
+                                                                              adapter_dirs, tmp_path):
+    from tests.serving.test_engine_families import _adapter
+
+    model_dir = tiny_model_dir if which == "qwen-vl" else tiny_dirs[which]
+    adapter = adapter_dirs[0] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "a", seed=3)
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(device=device, max_total_tokens=512))
+    try:
+        requests = _feature_requests(adapter)
+        seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
+        recorder = DeviceRecorder(device)
+        with recorder:
+            engine._step(seqs)
+            while engine._batch is not None:
+                engine._step([])
+        assert not recorder.left, f"ops computed off {device} from its tensors: {sorted(set(recorder.left))}"
+        assert all(s.state.done and not s.failed for s in seqs)
+        assert [len(s.state.logprobs) for s in seqs] == [len(s.state.tokens) if s.request.params.logprobs is not None
+                                                         else 0 for s in seqs]
+        assert 11 not in seqs[1].state.tokens  # its -100
+        assert all(c.device.type == torch.device(device).type for s in seqs if (c := s.state.counts) is not None)
+
+        async def run() -> list:
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+        first, second = asyncio.run(run()), asyncio.run(run())
+        assert [r.token_ids for r in first] == [r.token_ids for r in second] == [s.state.tokens for s in seqs]
     finally:
         engine.close()
