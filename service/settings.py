@@ -66,6 +66,9 @@ class Settings(BaseSettings):
                                       "stored file, or a data URL's decoded payload); OpenAI: 20 MB.")
     max_chat_image_bytes_total: int = Field(50 << 20, ge=1, description="Encoded bytes of all images of one chat "
                                             "request together.")
+    chat_default_max_tokens: int = Field(256, ge=1, description="Output limit of a chat request that sets neither "
+                                         "max_tokens nor max_completion_tokens, cut to what serve_max_total_tokens "
+                                         "leaves after its prompt (OpenAI's default is the rest of the context).")
     default_max_active_jobs: int = Field(4, ge=0, description="New tenants: jobs not yet finished (429 above).")
     default_max_stored_bytes: int = Field(50 << 30, ge=0, description="New tenants: bytes stored (uploads and job "
                                           "outputs: checkpoints, adapters, results); 403 above.")

@@ -63,7 +63,6 @@ from qwenvl_core.serving.inline_images import InlineImages
 from qwenvl_core.serving.metrics import merge_expositions
 from qwenvl_core.vocabulary import TokenLogprob
 
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
@@ -93,6 +92,9 @@ class ChatLimits:
     max_image_bytes: int = 20 * MIB  # one encoded image: a stored file, or a data URL's decoded payload
     max_image_bytes_total: int = 50 * MIB  # all images of the request together
     max_choices: int = 8  # ``n``: each choice is its own engine request (a batch row)
+    # The output limit of a request that sets neither max_tokens nor max_completion_tokens; the engine cuts it to
+    # what the context leaves after the prompt (``EngineRequest.default_max_tokens``).
+    default_max_tokens: int = 256
 
 
 DEFAULT_CHAT_LIMITS = ChatLimits()
@@ -391,9 +393,11 @@ def _message(m_index: int, message: ChatMessage, read: dict[str, bytes]) -> Mess
     return Message(role=message.role, parts=parts)
 
 
-def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
+def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DEFAULT_CHAT_LIMITS.default_max_tokens
+                    ) -> SamplingParams:
     """OpenAI fields to ``SamplingParams`` (OpenAI defaults: temperature 1, top_p 1; temperature 0 = greedy), after
-    refusing every field this server does not implement and every inconsistent combination, naming the field."""
+    refusing every field this server does not implement and every inconsistent combination, naming the field.
+    ``default_max_tokens``: the output limit when the request sets none (``gives_max_tokens``)."""
     check_supported(request)
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
@@ -423,6 +427,11 @@ def sampling_params(request: ChatCompletionRequest, default_max_tokens: int = DE
         grammar=response_grammar(request),
         logit_bias=logit_bias(request.logit_bias or {}),
     )
+
+
+def gives_max_tokens(request: ChatCompletionRequest) -> bool:
+    """Whether the client set an output limit (``max_completion_tokens`` or its alias ``max_tokens``)."""
+    return bool(request.max_completion_tokens or request.max_tokens)
 
 
 def logit_bias(values: dict[str, float]) -> tuple[tuple[int, float], ...]:

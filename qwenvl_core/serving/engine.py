@@ -159,6 +159,10 @@ class EngineRequest:
     adapter_id: str | None = None
     adapter_locator: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # True when the client set no output limit (OpenAI: the output may run to the end of the context):
+    # ``params.max_new_tokens`` is then the server's default, cut to what ``max_total_tokens`` leaves after the
+    # prompt instead of refusing a long prompt for an output size the client never asked for.
+    default_max_tokens: bool = False
 
 
 @dataclass
@@ -413,7 +417,10 @@ class ServingEngine:
         self._check_images(images)
         encoded = self.processor.encode_conversation(request.messages, add_generation_prompt=True)  # no pixels
         params = request.params
-        self._check_tokens(len(encoded.input_ids), params.max_new_tokens)
+        room = self.config.max_total_tokens - len(encoded.input_ids)
+        if request.default_max_tokens and 0 < room < params.max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=room)
+        self._check_tokens(len(encoded.input_ids), params.max_new_tokens, request.default_max_tokens)
         self._check_bias(params.logit_bias)
         parts, sizes = self._load_images(images)
         chunks = chunk_plan(encoded.input_ids, self.config.prefill_chunk_tokens, self.processor.image_token_ids)
@@ -431,8 +438,11 @@ class ServingEngine:
         check_image_bytes(((name, encoded_size(part.source)) for name, part in images), config.max_image_bytes,
                           config.max_image_bytes_total)
 
-    def _check_tokens(self, prompt_tokens: int, max_new_tokens: int) -> None:
+    def _check_tokens(self, prompt_tokens: int, max_new_tokens: int, default: bool = False) -> None:
         limit = self.config.max_total_tokens
+        if default and prompt_tokens >= limit:
+            raise RequestError(f"the prompt ({prompt_tokens} tokens) leaves no room for output in the limit of {limit} "
+                               "tokens", "messages", "context_length_exceeded")
         if prompt_tokens + max_new_tokens > limit:
             raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new_tokens}) exceeds the limit of "
                                f"{limit} tokens", "messages" if prompt_tokens >= limit else "max_tokens",

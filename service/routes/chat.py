@@ -43,6 +43,7 @@ from qwenvl_core.serving.chat import (
     choice_params,
     collect_completion,
     first_events,
+    gives_max_tokens,
     sampling_params,
     sse_stream,
     system_fingerprint,
@@ -176,10 +177,12 @@ def create_chat_router(
         resolve = (lambda ref: image_resolver(ref, tenant_id)) if image_resolver else None
         inline: InlineImages = request.state.inline_images
         try:
-            params = choice_params(body, sampling_params(body), limits)  # one per choice (n)
+            params = choice_params(body, sampling_params(body, limits.default_max_tokens), limits)  # one per choice
             messages = await run_in_threadpool(to_messages, body, resolve, limits, inline)
             adapter = {"adapter_id": locator.adapter_id, "adapter_locator": locator.uri} if locator else {}
-            streams = [backend.stream(base, EngineRequest(messages, p, **adapter)) for p in params]
+            default = not gives_max_tokens(body)
+            streams = [backend.stream(base, EngineRequest(messages, p, **adapter, default_max_tokens=default))
+                       for p in params]
             fingerprint = system_fingerprint(base, locator.adapter_id if locator else None)
             if not body.stream:
                 return await collect_completion(body.model, streams, fingerprint=fingerprint,
@@ -264,9 +267,10 @@ def read_at_most(storage: Any, key: str, limit: int) -> bytes:
 
 
 def chat_limits(settings: Any) -> ChatLimits:
-    """The route's ``ChatLimits`` from the service settings (``max_chat_*``)."""
+    """The route's ``ChatLimits`` from the service settings (``max_chat_*``, ``chat_default_max_tokens``)."""
     return ChatLimits(max_images=settings.max_chat_images, max_image_bytes=settings.max_chat_image_bytes,
-                      max_image_bytes_total=settings.max_chat_image_bytes_total)
+                      max_image_bytes_total=settings.max_chat_image_bytes_total,
+                      default_max_tokens=settings.chat_default_max_tokens)
 
 
 def mount_chat(app: FastAPI, backend: ChatBackend) -> None:

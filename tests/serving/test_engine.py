@@ -290,3 +290,34 @@ def test_an_engine_without_a_configured_device_takes_the_visible_gpu_like_the_tr
         assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     finally:
         engine.close()
+
+
+def test_a_default_output_limit_is_cut_to_the_context_left_and_an_asked_one_is_refused(tiny_model_dir):
+    """``EngineRequest.default_max_tokens``: the client set no output limit, so the server's default is cut to what
+    ``max_total_tokens`` leaves after the prompt (OpenAI: the output runs to the end of the context); a limit the
+    client asked for that does not fit is refused naming ``max_tokens``; a prompt that fills the context is refused
+    naming ``messages`` either way."""
+    from qwenvl_core.serving.engine import EngineConfig
+
+    limit = 96
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_total_tokens=limit))
+    try:
+        messages = [text_message("user", "tell me about these words " * 3)]
+        prompt = len(engine.processor.encode_conversation(messages, add_generation_prompt=True).input_ids)
+        assert 16 < prompt < limit - 16
+        params = SamplingParams(max_new_tokens=256, suppress_token_ids=tuple(engine.family.stop_token_ids(
+            engine.processor)))  # never stops: it runs to its limit
+        out = asyncio.run(engine.generate(EngineRequest(messages, params, default_max_tokens=True)))
+        assert (out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("length", prompt, limit - prompt)
+        short = asyncio.run(engine.generate(EngineRequest(messages, SamplingParams(max_new_tokens=5),
+                                                          default_max_tokens=True)))
+        assert short.completion_tokens <= 5  # a default that fits is kept
+        with pytest.raises(RequestError, match="exceeds the limit") as asked:
+            asyncio.run(engine.generate(EngineRequest(messages, params)))
+        assert asked.value.param == "max_tokens"
+        filled = [text_message("user", "tell me about these words " * 40)]
+        with pytest.raises(RequestError, match="leaves no room for output") as full:
+            asyncio.run(engine.generate(EngineRequest(filled, params, default_max_tokens=True)))
+        assert (full.value.param, full.value.code) == ("messages", "context_length_exceeded")
+    finally:
+        engine.close()

@@ -213,6 +213,29 @@ def test_system_fingerprint_names_base_model_and_adapter(client):
     assert base[0].system_fingerprint.startswith("fp_")
 
 
+def test_without_max_tokens_a_long_prompt_gets_the_rest_of_the_context_and_a_short_one_the_default(server, client):
+    """No output limit in the request: the server's default (256), cut to what the context leaves after a long
+    prompt instead of a 400 about a max_tokens the client never sent; with max_tokens the same prompt is refused."""
+    never_stop = {str(i): -100 for i in server.engine.family.stop_token_ids(server.engine.processor)}
+    limit = server.engine.config.max_total_tokens
+    def prompt_tokens(repeats: int) -> int:
+        text = "tell me about these words " * repeats
+        return len(server.engine.processor.encode_conversation([text_message("user", text)],
+                                                               add_generation_prompt=True).input_ids)
+
+    per_repeat = prompt_tokens(101) - prompt_tokens(100)
+    repeats = 100 + (limit - 100 - prompt_tokens(100)) // per_repeat  # a prompt a little under the limit
+    long = [{"role": "user", "content": "tell me about these words " * repeats}]
+    out = client.chat.completions.create(model=BASE, messages=long, temperature=0, logit_bias=never_stop)
+    assert limit - 256 < out.usage.prompt_tokens < limit
+    assert out.choices[0].finish_reason == "length" and out.usage.total_tokens == limit
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=BASE, messages=long, temperature=0, max_tokens=256)
+    assert refused.value.body["param"] == "max_tokens"
+    short = client.chat.completions.create(model=BASE, messages=HELLO, temperature=0, logit_bias=never_stop)
+    assert short.usage.completion_tokens == 256 and short.choices[0].finish_reason == "length"
+
+
 def test_stop_list_and_max_completion_tokens(client):
     kwargs = {"model": BASE, "messages": HELLO, "temperature": 0}
     full = client.chat.completions.create(**kwargs, max_completion_tokens=12).choices[0]
