@@ -61,12 +61,13 @@ def main() -> None:
     def token(row: int, position: int) -> int:  # the same tokens for old and new, spread over the vocabulary
         return (row * 7919 + position * 104_729) % args.vocab
 
+    penalised_rows = range(len(sampling) if args.penalised_tokens else 0)
     for tag_rows in rows.values():
-        for row in range(len(sampling) if args.penalised_tokens else 0):
+        for row in penalised_rows:
             tag_rows[row].tokens = [token(row, i) for i in range(args.penalised_tokens)]
 
     def step(tag: str) -> list[int]:
-        for row in range(len(sampling) if args.penalised_tokens else 0):  # one new token per step, as in decoding
+        for row in penalised_rows:  # one new token per step, as in decoding
             tokens = rows[tag][row].tokens
             tokens.append(token(row, len(tokens)))
         return modules[tag].next_tokens(logits, rows[tag])

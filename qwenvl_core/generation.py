@@ -230,13 +230,17 @@ def bias_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     bias (a copy; the input is untouched). One scatter that adds: a suppressed id's -inf absorbs any bias."""
     vocab = logits.size(-1)
     entries = [(r, i, bias) for r, state in enumerate(rows) if not state.done
-               for i, bias in (*state.params.logit_bias, *((i, float("-inf")) for i in state.params.suppress_token_ids))
-               if i < vocab]
+               for i, bias in _token_offsets(state.params) if i < vocab]
     if not entries:
         return logits
     index = host_to_device([(r, i) for r, i, _ in entries], logits.device, torch.long)  # [N, 2]: (row, token id)
     values = host_to_device([bias for _, _, bias in entries], logits.device, logits.dtype)
     return logits.index_put((index[:, 0], index[:, 1]), values, accumulate=True)
+
+
+def _token_offsets(params: SamplingParams) -> list[tuple[int, float]]:
+    """What a row adds to its logits by token id: its ``logit_bias``, and -inf for each suppressed id."""
+    return [*params.logit_bias, *((i, float("-inf")) for i in params.suppress_token_ids)]
 
 
 def penalize(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
@@ -252,9 +256,8 @@ def penalize(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     for r in index:  # a row new to penalties (or to this vocabulary) is counted from its first token
         state = rows[r]
         if state.counts is None or state.counts.shape != (vocab,) or state.counts.device != device:
-            state.counts, state.counted = None, 0
-    zeros = logits.new_zeros(vocab, dtype=torch.float32)
-    counts = torch.stack([zeros if rows[r].counts is None else rows[r].counts for r in index])  # [N, V], a copy
+            state.counts, state.counted = logits.new_zeros(vocab, dtype=torch.float32), 0
+    counts = torch.stack([rows[r].counts for r in index])  # [N, V], a copy
     added = [rows[r].tokens[rows[r].counted :] for r in index]
     tokens = [t for new in added for t in new]
     if tokens:
