@@ -159,9 +159,9 @@ class Settings(BaseSettings):
     serve_max_total_tokens: int = Field(2048, ge=16, description="Prompt + max_tokens of one chat request; the KV "
                                         "cache reserves this many tokens per running request.")
     serve_kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size per model replica; None: 85% of "
-                                             "the GPU memory free after loading, times serve_num_gpus when below 1 "
-                                             "(GPU), max_batch_size slots (CPU); never more than max_batch_size "
-                                             "slots.")
+                                             "the GPU memory free after loading the model and its adapter slots, "
+                                             "times serve_num_gpus when below 1 (GPU), max_batch_size slots (CPU); "
+                                             "never more than max_batch_size slots.")
     serve_adapter_slots: int = Field(8, ge=1, description="Adapters resident on a replica's device at once; "
                                      "requests whose adapter finds every slot in use wait.")
     serve_max_waiting: int = Field(256, ge=1, description="Requests waiting per model replica; beyond, chat "

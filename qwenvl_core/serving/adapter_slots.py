@@ -2,9 +2,12 @@
 
 The tiers of an adapter (S-LoRA / vLLM style): its files (local disk, or S3 downloaded once: ``AdapterFetcher``),
 its ``LoraWeights`` in host memory (``AdapterCache``, an LRU bounded by count and bytes), and a *device slot* here.
-Per LoRA target module the slots form two stacks allocated once on the device, ``A [slots + 1, max_rank, in]``
-and ``(B·s)ᵀ [slots + 1, max_rank, out]`` (slot 0 stays zero: the base model's rows), into which an adapter is copied
-when a request using it joins the batch and it is not resident yet. A slot is pinned (reference counted) while a
+For every layer an adapter may target (``lora_batch.lora_targets``: the language model's linear layers) the slots
+form two stacks allocated when the engine starts, before its KV cache is sized from the free device memory, so
+that the cache never takes the memory the first adapters need: ``A [slots + 1, max_rank, in]`` and ``(B·s)ᵀ
+[slots + 1, max_rank, out]`` (slot 0 stays zero: the base model's rows; ``nbytes`` says what they hold in all,
+about ``(slots + 1) · max_rank · Σ(in + out) · itemsize``). An adapter is copied into a slot when a request using
+it joins the batch and it is not resident yet; nothing is allocated then. A slot is pinned (reference counted) while a
 running row uses it and is never reused then; an unpinned slot keeps its adapter for the next request and is
 reclaimed least recently used first. When every slot is pinned, ``acquire`` answers None and the request waits
 (in the engine's bounded queue). Rows name their slot in a device index tensor the engine keeps; a batch's plan
@@ -25,13 +28,15 @@ from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, 
 class AdapterSlots:
     """``slots`` device slots of LoRA weights up to rank ``max_rank`` (module docstring)."""
 
-    def __init__(self, slots: int, max_rank: int, modules: dict[str, torch.nn.Module], device: torch.device,
+    def __init__(self, slots: int, max_rank: int, targets: dict[str, torch.nn.Module], device: torch.device,
                  dtype: torch.dtype) -> None:
         if slots < 1:
             raise AdapterError(f"adapter slots must be >= 1, got {slots}")
         self.slots, self.max_rank, self.device, self.dtype = slots, max_rank, device, dtype
-        self._modules = modules  # name -> Linear of the base model (for in / out features)
-        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # target layer name -> (A [slots + 1, max_rank, in], (B·s)ᵀ [slots + 1, max_rank, out])
+        self._stacks = {name: (torch.zeros(slots + 1, max_rank, layer.in_features, device=device, dtype=dtype),
+                               torch.zeros(slots + 1, max_rank, layer.out_features, device=device, dtype=dtype))
+                        for name, layer in targets.items()}
         # which adapter each slot holds, weakly: an adapter evicted from the host cache and used by no request is
         # freed (its slot is then simply never matched again and is reclaimed first). Index 0 unused (base rows).
         self._resident: list[weakref.ref[LoraWeights] | None] = [None] * (slots + 1)
@@ -39,6 +44,11 @@ class AdapterSlots:
         self._last_used = [0] * (slots + 1)
         self._clock = itertools.count(1)
         self.loads = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slot stacks hold on the device (all allocated at construction)."""
+        return sum(t.numel() * t.element_size() for pair in self._stacks.values() for t in pair)
 
     @property
     def in_use(self) -> int:
@@ -87,21 +97,18 @@ class AdapterSlots:
         if not distinct or layout is None:
             return None
         rank = max(a.rank for a in distinct)
-        stacks = {name: window(a, b, layout, rank) for name, (a, b) in self._stacks.items()
-                  if any(name in adapter.modules for adapter in distinct)}
+        used = set().union(*(adapter.modules for adapter in distinct))
+        stacks = {name: window(*self._stacks[name], layout, rank) for name in sorted(used)}
         return LoraPlan(rows=rows, stacks=stacks, adapters=distinct, layout=layout)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
         if weights.rank > self.max_rank:
             raise AdapterError(f"adapter {weights.adapter_id}: rank {weights.rank} exceeds max_lora_rank "
                                f"{self.max_rank}")
-        for name in weights.modules:
-            if name not in self._stacks:
-                layer = self._modules[name]
-                self._stacks[name] = (
-                    torch.zeros(self.slots + 1, self.max_rank, layer.in_features, device=self.device, dtype=self.dtype),
-                    torch.zeros(self.slots + 1, self.max_rank, layer.out_features, device=self.device, dtype=self.dtype),
-                )
+        unknown = sorted(set(weights.modules) - set(self._stacks))
+        if unknown:
+            raise AdapterError(f"adapter {weights.adapter_id}: {unknown[0]!r} is not a layer adapters may target")
+        self._resident[slot] = None  # a write that fails midway leaves a slot that holds nothing, never half of one
         for name, (a_stack, bt_stack) in self._stacks.items():
             a_stack[slot].zero_()
             bt_stack[slot].zero_()

@@ -21,7 +21,10 @@ This module owns the request lifecycle inside one replica:
 A fault in the model thread fails only the rows it belongs to: a batched forward that raises is re-run row by
 row (prefill: each new request alone; decode: each row on its own slice of the KV cache), and a row whose
 sampling or text step raises is dropped alone; such a row's request gets ``EngineFault`` (a server-side failure,
-never the request's mistake), the others continue. ``EngineStopped`` is what requests in flight get on close.
+never the request's mistake), the others continue; so does a request whose adapter cannot be copied to its
+device slot. ``EngineStopped`` is what requests in flight get on close. A fault outside these (an engine bug, a
+device that broke) ends the model thread: every request in flight and waiting gets ``EngineFault`` at once, new
+ones ``EngineStopped``, and ``alive`` turns False (Serve's health check then replaces the replica).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from qwenvl_core.serving.lora_batch import (
     LoraPlan,
     LoraWeights,
     load_lora_weights,
+    lora_targets,
 )
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
 from qwenvl_core.serving.vision_adapters import VisionAdapters, VisionWeights, tower_order
@@ -136,7 +140,7 @@ class EngineConfig:
     device: str | None = None
     # The KV cache: one preallocated slot of ``max_total_tokens`` per running request (``kv_cache``). Its size:
     # ``kv_cache_bytes`` when set; else on a GPU ``kv_cache_memory_fraction`` of the memory free after loading
-    # the model; else (CPU) ``max_batch_size`` slots. The slots it holds (at most ``max_batch_size``) bound the
+    # the model and allocating the adapter slots (``adapter_slots``); else (CPU) ``max_batch_size`` slots. The slots it holds (at most ``max_batch_size``) bound the
     # running batch; requests beyond wait.
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.85
@@ -251,6 +255,7 @@ class EngineStats:
     max_adapters_in_forward: int = 0
     kv_slots: int = 0
     kv_cache_bytes: int = 0
+    adapter_slot_bytes: int = 0
 
 
 def safe_text_end(text: str, stop_strings: Sequence[str]) -> int:
@@ -282,7 +287,8 @@ class ServingEngine:
         self.lora = GroupedLora(model)
         self.vision = VisionAdapters(model, family, max_device_copies=config.adapter_slots)
         lm_dtype, lm_device = _lm_dtype_device(model)
-        self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, dict(model.named_modules()),
+        # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
+        self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
                                           lm_device, lm_dtype)
         cache_dir = config.adapter_cache_dir or tempfile.mkdtemp(prefix="qwenvl-adapters-")
         self.cache = AdapterCache(
@@ -298,7 +304,8 @@ class ServingEngine:
         self.kv = _allocate_cache(model, config)
         self.slots = self.kv.slots
         self._rows = _RowTensors(self.slots, self.kv.device)
-        self.stats = EngineStats(kv_slots=self.slots, kv_cache_bytes=self.kv.nbytes)
+        self.stats = EngineStats(kv_slots=self.slots, kv_cache_bytes=self.kv.nbytes,
+                                 adapter_slot_bytes=self.adapter_slots.nbytes)
         self._pad_id = processor.pad_token_id
         self._stop_ids = tuple(family.stop_token_ids(processor))
         self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
@@ -308,6 +315,7 @@ class ServingEngine:
         self._chunking: _Sequence | None = None  # the long prompt being prefilled chunk by chunk (top KV slot)
         self._cond = threading.Condition()
         self._stopping = False
+        self._broken = False  # the model thread failed: new requests are refused (``EngineStopped``)
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -381,6 +389,9 @@ class ServingEngine:
         queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
         seq.emit = _threadsafe_put(loop, queue)
         with self._cond:
+            if self._broken:
+                self._count(request.adapter_id, "error")
+                raise EngineStopped("the model server failed and is being replaced")
             if len(self._waiting) >= self.config.max_waiting:
                 self._count(request.adapter_id, "rejected")
                 raise EngineOverloaded(f"the model server has {len(self._waiting)} requests waiting (the limit); "
@@ -484,9 +495,21 @@ class ServingEngine:
 
     # ----- the model thread -----------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while (new := self._take_new()) is not None:
-            self._step(new)
-            del new  # hold no request (nor its adapter weights) while waiting for work
+        new: list[_Sequence] | None = []
+        try:
+            while (new := self._take_new()) is not None:
+                self._step(new)
+                new = []  # hold no request (nor its adapter weights) while waiting for work
+        except Exception as exc:  # outside the per-request isolation (an engine bug, a broken device): no request
+            # may wait for a thread that is gone; the replica's health check fails and Serve replaces it
+            log.error("the serving engine's model thread failed; every request in flight fails", exc_info=exc)
+            fault = EngineFault(f"the model server failed ({type(exc).__name__}); retry shortly")
+            with self._cond:
+                self._broken = True
+            for seq in new or []:
+                self._fail(seq, fault)
+            self._fail_all(fault)
+            return
         self._fail_all(EngineStopped("the serving engine stopped"))
 
     def _take_new(self) -> list[_Sequence] | None:
@@ -561,7 +584,11 @@ class ServingEngine:
         """The new requests whose adapters got a device slot; the others go back to the front of the queue."""
         placed, unplaced = [], []
         for seq in new:
-            slot = 0 if seq.adapter is None else self.adapter_slots.acquire(seq.adapter)
+            try:
+                slot = 0 if seq.adapter is None else self.adapter_slots.acquire(seq.adapter)
+            except Exception as exc:  # copying its adapter to the device failed (e.g. out of memory): it alone
+                self._fail(seq, exc)
+                continue
             if slot is None:
                 unplaced.append(seq)
             else:

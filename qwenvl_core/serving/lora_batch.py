@@ -139,12 +139,11 @@ def load_lora_weights(
     tensors = load_file(str(path))
     vision = take_vision_weights(tensors, config, path, adapter_id, model, family, max_rank=max_rank, device=device,
                                  pin=pin)
-    linears = dict(model.named_modules())
+    targets = lora_targets(model, family)
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, pair in _group_tensors(tensors, path).items():
-        layer = linears.get(name)
-        language = family.component_of(name + ".weight") == "language"
-        if not language or layer is None or not hasattr(layer, "in_features"):
+        layer = targets.get(name)
+        if layer is None:
             raise AdapterError(f"{path}: target {name!r} is not a Linear layer of the language model")
         modules[name] = lora_pair(name, pair, layer, config, path, max_rank=max_rank, dtype=dtype, device=device,
                                   pin=pin)
@@ -152,6 +151,14 @@ def load_lora_weights(
         raise AdapterError(f"{path}: no LoRA weights")
     return LoraWeights(adapter_id=adapter_id, modules=modules, vision=vision,
                        rank=max((a.shape[0] for a, _ in modules.values()), default=0))
+
+
+def lora_targets(model: nn.Module, family: ModelFamily) -> dict[str, nn.Module]:
+    """The layers a served adapter may target, by module name: the language model's linear layers (``nn.Linear``,
+    or a quantized one such as bitsandbytes' ``Linear4bit``: anything with ``in_features`` / ``out_features``)."""
+    return {name: module for name, module in model.named_modules()
+            if hasattr(module, "in_features") and hasattr(module, "out_features")
+            and family.component_of(name + ".weight") == "language"}
 
 
 def lora_pair(name: str, pair: dict[str, torch.Tensor], layer: nn.Module, config: dict[str, Any], path: Path, *,

@@ -19,6 +19,7 @@ from qwenvl_core.conversation import ImagePart, Message, TextPart
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.grammar import json_grammar
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
+from qwenvl_core.serving.lora_batch import lora_targets
 from tests.devices import DEVICES, DeviceRecorder
 
 
@@ -61,6 +62,11 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(device=device, max_total_tokens=512))
     engine.config_dir = model_dir
     try:
+        stacks = {name: (a.data_ptr(), bt.data_ptr()) for name, (a, bt) in engine.adapter_slots._stacks.items()}
+        assert set(stacks) == set(lora_targets(engine.model, engine.family))  # allocated before the KV cache
+        assert {t.device.type for pair in engine.adapter_slots._stacks.values() for t in pair} == {
+            torch.device(device).type}
+        assert engine.stats.adapter_slot_bytes == engine.adapter_slots.nbytes > 0
         requests = _requests(adapter)
         recorder = DeviceRecorder(device)
         seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
@@ -79,6 +85,8 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
         results = asyncio.run(run())
         assert [r.token_ids for r in results] == [_reference(engine, r, adapter) for r in requests]
         assert {engine.kv.keys[0].device.type, engine._rows.text_pos.device.type} == {torch.device(device).type}
+        assert {name: (a.data_ptr(), bt.data_ptr()) for name, (a, bt) in engine.adapter_slots._stacks.items()} == \
+            stacks  # adapters were copied into the slots, nothing allocated
         sampled = [asyncio.run(engine.generate(EngineRequest(requests[1].messages, SamplingParams(
             max_new_tokens=5, do_sample=True, temperature=0.9, seed=7)))).token_ids for _ in range(2)]
         assert sampled[0] == sampled[1]

@@ -29,6 +29,10 @@ class _Tiny(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
+def _targets(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
 def _adapter(seed: int, rank: int, modules: tuple[str, ...] = ("up", "down")) -> tuple[LoraWeights, dict]:
     """A LoraWeights (``(B·s)ᵀ``: B with its scaling folded in and transposed, as load_lora_weights stores it) and its
     raw (A, B, s)."""
@@ -118,7 +122,7 @@ def test_adapter_slots_plan_matches_per_row_reference(adapters, tokens, dtype):
     slots 2 and 4, so the plan's window (2..4) spans slot 3, resident but used by no row: it must add nothing."""
     torch.manual_seed(1)
     model = _Tiny().to(dtype)
-    slots = AdapterSlots(5, max_rank=8, modules=dict(model.named_modules()), device=torch.device("cpu"), dtype=dtype)
+    slots = AdapterSlots(5, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=dtype)
     resident = [slots.acquire(weights) for weights, _ in adapters]
     assert resident == [1, 2, 3, 4]
     picks = [3, None, 1, 1, 3, 1, None, 1]
@@ -134,6 +138,35 @@ def test_adapter_slots_plan_matches_per_row_reference(adapters, tokens, dtype):
     # a row of the batch size the plan was not made for is refused, not silently misapplied
     with torch.inference_mode(), lora.activate(plan), pytest.raises(QwenVLError, match="plan is for 8 rows"):
         model(x[:3])
+
+
+def test_adapter_slots_are_allocated_up_front_and_a_failed_write_leaves_the_slot_empty():
+    """Every target layer's stacks exist before any adapter arrives (the engine sizes its KV cache from the device
+    memory left after them) and adapters are only copied in; a write that fails midway (here a corrupt tensor,
+    on a GPU an out-of-memory copy) leaves the slot holding nothing, not what it held before with half of it zeroed."""
+    model = _Tiny()
+    slots = AdapterSlots(1, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=torch.float32)
+    stacks = {name: (a.data_ptr(), bt.data_ptr()) for name, (a, bt) in slots._stacks.items()}
+    assert set(stacks) == {"up", "down"}
+    assert slots.nbytes == 2 * 8 * ((IN + HIDDEN) + (HIDDEN + OUT)) * 4  # (slots + 1) · rank · Σ(in + out) · fp32
+    (kept, kept_raw), (broken, _) = _adapter(1, 4), _adapter(2, 4)
+    assert slots.acquire(kept) == 1
+    slots.release(1)
+    broken.modules["down"] = (broken.modules["down"][0][:, :-1], broken.modules["down"][1])  # A [4, in - 1]
+    with pytest.raises(RuntimeError):
+        slots.acquire(broken)
+    assert slots.resident_ids() == [] and slots.in_use == 0
+    assert slots.acquire(kept) == 1 and slots.loads == 2  # written again, whole
+    assert {name: (a.data_ptr(), bt.data_ptr()) for name, (a, bt) in slots._stacks.items()} == stacks
+    x = torch.randn(2, 3, IN)
+    lora = GroupedLora(model)
+    with torch.inference_mode(), lora.activate(slots.plan(torch.tensor([1, 0]), [1, 0], [kept, None])):
+        out = model(x)
+    _check(out, _reference(model, x, [kept_raw, None]), torch.float32)
+    unknown = LoraWeights(adapter_id="odd", modules={"elsewhere": kept.modules["up"]}, rank=4)
+    slots.release(1)
+    with pytest.raises(QwenVLError, match="'elsewhere' is not a layer adapters may target"):
+        slots.acquire(unknown)
 
 
 def test_row_layout_indices():

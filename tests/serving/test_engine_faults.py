@@ -1,0 +1,145 @@
+"""Faults in the model thread fail only what they belong to (issue 13: "out-of-memory on one request fails that
+request, never the whole batch"). A GPU runs out of memory in a forward or in an adapter's copy to its device slot;
+here the fault is raised where it would be (``torch.OutOfMemoryError`` from a forward pre-hook on the real model,
+or from the slot copy) for one request's rows only, and the other requests of the same batch must finish with
+exactly the tokens they get without the fault. A fault outside that isolation (an engine bug, a broken device)
+must not leave any request waiting on a thread that is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from qwenvl_core.conversation import text_message
+from qwenvl_core.generation import SamplingParams
+from qwenvl_core.serving.engine import EngineFault, EngineRequest, EngineStopped, ServingEngine, _Sequence
+from tests.serving.conftest import eventually
+
+
+def _request(i: int, tokens: int = 6, adapter: object = None, endless_ids: tuple[int, ...] = ()) -> EngineRequest:
+    """Request ``i``: a prompt of its own length (``i`` extra words), so its rows are known by their prompt length."""
+    return EngineRequest([text_message("user", "describe the picture " + "in detail " * i)],
+                         SamplingParams(max_new_tokens=tokens, suppress_token_ids=endless_ids),
+                         adapter_id=adapter.name if adapter else None,
+                         adapter_locator=str(adapter) if adapter else None)
+
+
+class _OutOfMemory:
+    """A forward pre-hook on the model that raises ``torch.OutOfMemoryError`` whenever a row of the given prompt
+    length is in the forward and ``when(input_ids)`` holds (prefill: several positions; decode: one)."""
+
+    def __init__(self, model: torch.nn.Module, prompt_length: int, when: Callable[[torch.Tensor], bool]) -> None:
+        self.prompt_length, self.when, self.raised = prompt_length, when, 0
+        self._handle = model.register_forward_pre_hook(self._check, with_kwargs=True)
+
+    def _check(self, _module: object, _args: object, kwargs: dict) -> None:
+        if self.when(kwargs["input_ids"]) and self.prompt_length in kwargs["prompt_lengths"].tolist():
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _run(engine: ServingEngine, requests: list[EngineRequest]) -> list[_Sequence]:
+    """The requests prefilled together in one step and decoded to the end, in this thread (the model thread's
+    work, step by step), each one's events and errors kept on its sequence as ``events``."""
+    seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
+    for seq in seqs:
+        seq.events = []
+        seq.emit = seq.events.append
+    engine._step(seqs)
+    while engine._batch is not None:
+        engine._step([])
+    return seqs
+
+
+def _outcome(seq: _Sequence) -> list[int] | BaseException:
+    errors = [e for e in seq.events if isinstance(e, BaseException)]
+    return errors[0] if errors else seq.state.tokens
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_out_of_memory_in_a_forward_fails_only_the_request_whose_rows_it_hit(where, engine_factory, adapter_dirs):
+    """Prefill: the batched prefill raises, each new request is prefilled alone, the faulty one fails. Decode: the
+    batched step raises, the rows are stepped one by one on their own KV slots, the faulty one fails; the next
+    step is batched again. Either way the others' greedy tokens equal a run without the fault."""
+    engine: ServingEngine = engine_factory()
+    requests = [_request(0, adapter=adapter_dirs[0]), _request(3), _request(5, adapter=adapter_dirs[1]),
+                _request(8, tokens=4)]
+    reference = [_outcome(s) for s in _run(engine, requests)]
+    victim = 2
+    length = len(engine._prepare(requests[victim], 0.0).prompt_ids)
+    fault = _OutOfMemory(engine.model, length, (lambda ids: ids.shape[1] > 1) if where == "prefill"
+                         else (lambda ids: ids.shape[1] == 1))
+    try:
+        seqs = _run(engine, requests)
+    finally:
+        fault.remove()
+    outcomes = [_outcome(s) for s in seqs]
+    assert isinstance(outcomes[victim], EngineFault) and "OutOfMemoryError" in str(outcomes[victim])
+    assert fault.raised == 2  # the batched forward, then the victim's forward alone
+    assert [o for i, o in enumerate(outcomes) if i != victim] == [o for i, o in enumerate(reference) if i != victim]
+    if where == "decode":
+        assert len(seqs[victim].state.tokens) == 1  # its first token came from the prefill, which did not fail
+    assert engine._batch is None and engine.adapter_slots.in_use == 0 and engine.kv.lengths == [0] * engine.slots
+    assert _outcome(_run(engine, [requests[victim]])[0]) == reference[victim]  # the engine serves it again
+
+
+def test_an_adapter_that_cannot_be_copied_to_its_device_slot_fails_alone(engine_factory, adapter_dirs,
+                                                                         monkeypatch):
+    """Out of memory while an adapter is copied into a device slot fails that adapter's request; the requests
+    that join in the same step finish as they do without the fault, no slot claims the adapter, and it is
+    served once the device has room again."""
+    requests = [_request(1, adapter=adapter_dirs[2]), _request(4, adapter=adapter_dirs[3]), _request(6)]
+    reference = [_outcome(s) for s in _run(engine_factory(), requests)]
+    engine: ServingEngine = engine_factory()
+    real_write = engine.adapter_slots._write
+
+    def write(slot: int, weights: object) -> None:
+        if weights.adapter_id == adapter_dirs[2].name:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        real_write(slot, weights)
+
+    monkeypatch.setattr(engine.adapter_slots, "_write", write)
+    outcomes = [_outcome(s) for s in _run(engine, requests)]
+    assert isinstance(outcomes[0], EngineFault) and "OutOfMemoryError" in str(outcomes[0])
+    assert outcomes[1:] == reference[1:]
+    assert engine.adapter_slots.resident_ids() == [adapter_dirs[3].name] and engine.adapter_slots.in_use == 0
+    monkeypatch.undo()
+    assert [_outcome(s) for s in _run(engine, requests)] == reference
+
+
+def test_a_failed_model_thread_fails_every_request_at_once_and_refuses_new_ones(engine_factory, monkeypatch):
+    """A fault outside the per-request isolation ends the model thread: the running and the waiting request get
+    ``EngineFault`` at once (no client waits on a thread that is gone), a new request ``EngineStopped`` (HTTP 503),
+    and ``alive`` turns False, which fails the replica's health check so that Serve replaces it."""
+    engine: ServingEngine = engine_factory(max_batch_size=1)
+    stop_ids = tuple(engine.family.stop_token_ids(engine.processor))
+
+    def engine_bug() -> None:
+        raise RuntimeError("an engine bug")
+
+    async def run() -> tuple[list, BaseException | None]:
+        running = asyncio.ensure_future(engine.generate(_request(1, tokens=1500, endless_ids=stop_ids)))
+        while engine._batch is None:
+            await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(engine.generate(_request(2)))
+        while not engine._waiting:
+            await asyncio.sleep(0.005)
+        monkeypatch.setattr(engine, "_expire", engine_bug)  # the next step raises outside any request's isolation
+        outcomes = await asyncio.wait_for(asyncio.gather(running, waiting, return_exceptions=True), timeout=60)
+        try:
+            await engine.generate(_request(3))
+        except EngineStopped as refused:
+            return outcomes, refused
+        return outcomes, None
+
+    outcomes, refused = asyncio.run(run())
+    assert all(isinstance(o, EngineFault) and "RuntimeError" in str(o) for o in outcomes), outcomes
+    assert isinstance(refused, EngineStopped) and "being replaced" in str(refused)
+    assert eventually(lambda: not engine.alive)
