@@ -68,9 +68,11 @@ class LoraWeights:
         return own + (self.vision.nbytes if self.vision is not None else 0)
 
 
-def read_adapter_config(adapter_dir: str | Path, family: str | None = None) -> dict[str, Any]:
-    """The adapter's ``adapter_config.json``, checked for what this server cannot apply on a base of ``family``
-    (``servable.config_refusal``: the rule ``GET /v1/models`` and the chat route apply too)."""
+def read_adapter_config(adapter_dir: str | Path, family: str | None = None,
+                        max_rank: int | None = None) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json``, checked for what this server cannot apply on a base of ``family`` with
+    adapter slots of rank ``max_rank`` (``servable.config_refusal``: the rule ``GET /v1/models`` and the chat route
+    apply too)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterError(f"{path}: missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
@@ -78,7 +80,7 @@ def read_adapter_config(adapter_dir: str | Path, family: str | None = None) -> d
     meta_path = Path(adapter_dir) / ADAPTER_META
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     trained = meta.get("family") if isinstance(meta, dict) else None
-    reason = config_refusal(config, family, trained if isinstance(trained, str) else None)
+    reason = config_refusal(config, family, trained if isinstance(trained, str) else None, max_rank)
     if reason:
         raise AdapterError(f"{path}: {reason}")
     return config
@@ -126,7 +128,7 @@ def load_lora_weights(
     model's); tensors in the model's dtype and on its device unless ``dtype`` / ``device`` say otherwise (the
     serving engine keeps them on the CPU, its host tier, pinned when the model is on a GPU)."""
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir, str(family.name))
+    config = read_adapter_config(adapter_dir, str(family.name), max_rank)
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{path}: missing adapter weights")

@@ -4,7 +4,8 @@ an adapter (``lora_batch.read_adapter_config``), so the three never disagree. No
 
 - ``config_refusal``: what the engine cannot apply in an adapter's ``adapter_config.json`` (LoRA only: no DoRA,
   LoRA bias, ...; ``modules_to_save`` in the vision tower of its base's family only; an adapter trained for another
-  family than its base's, from the ``meta.json`` training writes next to it);
+  family than its base's, from the ``meta.json`` training writes next to it; a rank above the servers'
+  ``max_lora_rank``, the rank their adapter slots hold);
 - ``adapter_refusal``: a tenant's adapter (or checkpoint) on its base: base not deployed, files missing from
   storage, then ``config_refusal`` (reads ``adapter_config.json`` and ``meta.json``, and checks the weights file
   exists; no tensor is read);
@@ -63,15 +64,20 @@ class Refusal:
     reason: str
 
 
-def config_refusal(config: Mapping[str, Any], family: str | None = None,
-                   trained_family: str | None = None) -> str | None:
+def config_refusal(config: Mapping[str, Any], family: str | None = None, trained_family: str | None = None,
+                   max_rank: int | None = None) -> str | None:
     """Why the serving engine cannot apply an adapter with this ``adapter_config.json`` on a base of ``family``
-    (None: unknown, the family checks use ``trained_family``, the family it was trained on); None when it can."""
+    (None: unknown, the family checks use ``trained_family``, the family it was trained on) whose adapter slots hold
+    ranks up to ``max_rank`` (None: not checked); None when it can."""
     if config.get("peft_type", "LORA") != "LORA":
         return f"peft_type {config.get('peft_type')!r} is not LORA (the serving engine applies LoRA adapters only)"
     for option in _UNSUPPORTED_OPTIONS:
         if config.get(option):
             return f"{option} is set: not supported by the serving engine (plain LoRA only)"
+    rank = largest_rank(config)
+    if max_rank is not None and rank is not None and rank > max_rank:
+        return (f"its LoRA rank {rank} is above the largest rank the model servers hold (max_lora_rank {max_rank}); "
+                "train with a lower rank or raise the servers' max_lora_rank")
     if family and trained_family and family != trained_family:
         return f"the adapter was trained on a {trained_family} model, its base model is {family}"
     prefix = VISION_PREFIX.get(family or trained_family or "")
@@ -82,6 +88,15 @@ def config_refusal(config: Mapping[str, Any], family: str | None = None,
             return (f"modules_to_save {outside[0]!r} is outside the vision tower ({prefix}...): the serving engine "
                     "applies full weights of vision-tower modules only (a trained merger), not of the language model")
     return None
+
+
+def largest_rank(config: Mapping[str, Any]) -> int | None:
+    """The largest LoRA rank an ``adapter_config.json`` declares: ``r`` and its per-module ``rank_pattern`` (None
+    when it declares none as an integer; the engine checks the tensors' shapes in any case)."""
+    pattern = config.get("rank_pattern")
+    ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, Mapping) else ())]
+    ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+    return max(ranks) if ranks else None
 
 
 def base_refusal(base_model: str, deployed: Collection[str] | None) -> Refusal | None:
@@ -95,23 +110,23 @@ def base_refusal(base_model: str, deployed: Collection[str] | None) -> Refusal |
     return None
 
 
-def adapter_refusal(base_model: str, adapter_uri: str,
-                    deployed: Mapping[str, str | None] | None) -> Refusal | None:
+def adapter_refusal(base_model: str, adapter_uri: str, deployed: Mapping[str, str | None] | None,
+                    max_rank: int | None = None) -> Refusal | None:
     """Why the adapter stored at ``adapter_uri`` (a local directory or ``s3://`` prefix) on ``base_model`` cannot be
     served now; ``deployed`` maps each deployed base to its family (None: unknown), or is None without model
-    servers. Reads the adapter's config and meta, checks its weights are stored; the decision is kept for
-    ``DECISION_TTL_S``."""
+    servers; ``max_rank``: the servers' ``max_lora_rank`` (None: not checked). Reads the adapter's config and meta,
+    checks its weights are stored; the decision is kept for ``DECISION_TTL_S``."""
     refused = base_refusal(base_model, deployed)
     if refused is not None:
         return refused
     assert deployed is not None
-    key = (base_model, adapter_uri, tuple(sorted(deployed.items(), key=lambda item: item[0])))
+    key = (base_model, adapter_uri, tuple(sorted(deployed.items(), key=lambda item: item[0])), max_rank)
     now = time.monotonic()
     with _decisions_lock:
         cached = _decisions.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-    decision = _stored_adapter_refusal(base_model, adapter_uri, deployed)
+    decision = _stored_adapter_refusal(base_model, adapter_uri, deployed, max_rank)
     with _decisions_lock:
         _decisions[key] = (now + DECISION_TTL_S, decision)
         _decisions.move_to_end(key)
@@ -120,7 +135,8 @@ def adapter_refusal(base_model: str, adapter_uri: str,
     return decision
 
 
-def _stored_adapter_refusal(base_model: str, adapter_uri: str, deployed: Mapping[str, str | None]) -> Refusal | None:
+def _stored_adapter_refusal(base_model: str, adapter_uri: str, deployed: Mapping[str, str | None],
+                            max_rank: int | None) -> Refusal | None:
     """``adapter_refusal`` past the deployment check, from the stored files (uncached)."""
     try:
         store, prefix = open_store(adapter_uri)
@@ -137,7 +153,8 @@ def _stored_adapter_refusal(base_model: str, adapter_uri: str, deployed: Mapping
     parsed, trained = _json_object(config), (_json_object(meta) or {}).get("family")
     if parsed is None:
         return Refusal(NOT_SUPPORTED, f"the adapter's {ADAPTER_CONFIG} is not a JSON object")
-    reason = config_refusal(parsed, deployed.get(base_model), trained if isinstance(trained, str) else None)
+    reason = config_refusal(parsed, deployed.get(base_model), trained if isinstance(trained, str) else None,
+                            max_rank)
     return Refusal(NOT_SUPPORTED, f"the serving engine cannot apply this adapter: {reason}") if reason else None
 
 

@@ -43,7 +43,7 @@ def serving_refusal(ctx: ServiceContext, base_model: str, adapter_uri: str | Non
     if adapter_uri is None:
         return servable.base_refusal(base_model, deployed)
     families = None if deployed is None else servable.deployed_families(deployed, ctx.settings.base_models)
-    return servable.adapter_refusal(base_model, adapter_uri, families)
+    return servable.adapter_refusal(base_model, adapter_uri, families, max_rank=ctx.settings.serve_max_lora_rank)
 
 
 def _with_servability(model: ModelPublic, refusal: servable.Refusal | None) -> ModelPublic:

@@ -27,6 +27,7 @@ from tests.serving.conftest import make_adapter
 BASE = "qwen-vl-tiny"
 GONE = "qwen2-vl-gone"  # offered for training, deployed nowhere
 ADMIN = "admin-key-for-tests-0123456789"
+MAX_RANK = 8  # the servers' max_lora_rank here (the "good" adapter's rank)
 
 
 def _edited(source: Path, target: Path, config: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
@@ -54,6 +55,7 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "saved": _edited(good, root / "saved", {"modules_to_save": ["transformer.visual.attn_pool", "lm_head"]}),
         "dora": _edited(good, root / "dora", {"use_dora": True}),
         "family": _edited(good, root / "family", meta={"family": "qwen2-vl"}),
+        "rank": make_adapter(tiny_model_dir, root / "rank", seed=2, rank=MAX_RANK * 2),
     }
 
 
@@ -61,9 +63,10 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
            adapters: dict[str, Path]) -> Iterator[tuple[TestClient, str, dict[str, str]]]:
     """(client, tenant key, {adapter name: model id}) of the control plane serving BASE only."""
-    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_adapters=2))
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_adapters=2, max_lora_rank=MAX_RANK))
     settings = make_settings(tmp_path_factory.mktemp("data"), tiny_model_dir, admin_key=ADMIN,
-                             base_models={BASE: str(tiny_model_dir), GONE: str(tiny_model_dir / "absent")})
+                             base_models={BASE: str(tiny_model_dir), GONE: str(tiny_model_dir / "absent")},
+                             serve_max_lora_rank=MAX_RANK)
     app = create_app(settings)
     mount_chat(app, InProcessBackend({BASE: engine}))
     with TestClient(app) as client:
@@ -85,6 +88,8 @@ EXPECTED = {  # adapter -> (code, a phrase of the reason)
     "saved": (servable.NOT_SUPPORTED, "modules_to_save 'lm_head' is outside the vision tower"),
     "dora": (servable.NOT_SUPPORTED, "use_dora is set"),
     "family": (servable.NOT_SUPPORTED, "trained on a qwen2-vl model, its base model is qwen-vl"),
+    "rank": (servable.NOT_SUPPORTED, f"its LoRA rank {2 * MAX_RANK} is above the largest rank the model servers "
+                                     f"hold (max_lora_rank {MAX_RANK})"),
 }
 
 
@@ -124,13 +129,23 @@ def test_chat_refuses_a_listed_unservable_adapter_with_the_listed_reason(served)
 
 def test_the_engine_refuses_with_the_same_rule(adapters: dict[str, Path]) -> None:
     """The engine's own load-time check is the same function: the reason the API lists is what it raises."""
-    for name in ("saved", "dora", "family"):
-        reason = servable.adapter_refusal(BASE, str(adapters[name]), {BASE: "qwen-vl"})
+    for name in ("saved", "dora", "family", "rank"):
+        reason = servable.adapter_refusal(BASE, str(adapters[name]), {BASE: "qwen-vl"}, max_rank=MAX_RANK)
         assert reason is not None
         with pytest.raises(AdapterError) as raised:
-            read_adapter_config(adapters[name], "qwen-vl")
+            read_adapter_config(adapters[name], "qwen-vl", max_rank=MAX_RANK)
         assert reason.reason.endswith(str(raised.value).split(": ", 1)[1])
-    assert read_adapter_config(adapters["good"], "qwen-vl")["peft_type"] == "LORA"
+    assert read_adapter_config(adapters["good"], "qwen-vl", max_rank=MAX_RANK)["peft_type"] == "LORA"
+    assert read_adapter_config(adapters["rank"], "qwen-vl")["r"] == 2 * MAX_RANK  # no max_rank: not checked
+
+
+def test_the_largest_rank_counts_the_per_module_ranks() -> None:
+    assert servable.largest_rank({"r": 8, "rank_pattern": {"q_proj": 32, "v_proj": 4}}) == 32
+    assert servable.largest_rank({"r": 16}) == 16
+    assert servable.largest_rank({"r": "sixteen", "rank_pattern": None}) is None
+    refusal = servable.config_refusal({"r": 8, "rank_pattern": {"mlp.w1": 128}}, max_rank=64)
+    assert refusal is not None and "rank 128" in refusal
+    assert servable.config_refusal({"r": 64}, max_rank=64) is None
 
 
 def test_the_openai_client_still_parses_the_listing(served) -> None:
