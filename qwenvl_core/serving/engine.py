@@ -140,8 +140,8 @@ class EngineConfig:
     device: str | None = None
     # The KV cache: one preallocated slot of ``max_total_tokens`` per running request (``kv_cache``). Its size:
     # ``kv_cache_bytes`` when set; else on a GPU ``kv_cache_memory_fraction`` of the memory free after loading
-    # the model and allocating the adapter slots (``adapter_slots``); else (CPU) ``max_batch_size`` slots. The slots it holds (at most ``max_batch_size``) bound the
-    # running batch; requests beyond wait.
+    # the model and allocating the adapter slots (``adapter_slots``); else (CPU) ``max_batch_size`` slots. The
+    # slots it holds (at most ``max_batch_size``) bound the running batch; requests beyond wait.
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.85
     # Requests waiting for a slot; beyond this the engine refuses new ones (``EngineOverloaded``: HTTP 429).

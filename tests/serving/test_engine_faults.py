@@ -17,6 +17,7 @@ import torch
 from qwenvl_core.conversation import text_message
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.serving.engine import EngineFault, EngineRequest, EngineStopped, ServingEngine, _Sequence
+from tests.devices import DEVICES
 from tests.serving.conftest import eventually
 
 
@@ -63,12 +64,14 @@ def _outcome(seq: _Sequence) -> list[int] | BaseException:
     return errors[0] if errors else seq.state.tokens
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["prefill", "decode"])
-def test_out_of_memory_in_a_forward_fails_only_the_request_whose_rows_it_hit(where, engine_factory, adapter_dirs):
+def test_out_of_memory_in_a_forward_fails_only_the_request_whose_rows_it_hit(where, device, engine_factory,
+                                                                             adapter_dirs):
     """Prefill: the batched prefill raises, each new request is prefilled alone, the faulty one fails. Decode: the
     batched step raises, the rows are stepped one by one on their own KV slots, the faulty one fails; the next
-    step is batched again. Either way the others' greedy tokens equal a run without the fault."""
-    engine: ServingEngine = engine_factory()
+    step is batched again. Either way the others' greedy tokens equal a run without the fault (on each device)."""
+    engine: ServingEngine = engine_factory(device=device)
     requests = [_request(0, adapter=adapter_dirs[0]), _request(3), _request(5, adapter=adapter_dirs[1]),
                 _request(8, tokens=4)]
     reference = [_outcome(s) for s in _run(engine, requests)]
