@@ -548,9 +548,9 @@ class ServingEngine:
             if self._batch is not None:
                 self._decode()
         except Exception as exc:  # not a row's own fault (those are isolated in _decode): the batch fails
-            batch, self._batch = self._batch, None
-            for seq in batch.seqs if batch else []:
+            for seq in self._batch.seqs if self._batch else []:
                 self._fail(seq, exc)
+            self._compact()  # the failed rows leave: their KV slots and adapter slots are freed
         if self.metrics:
             running = len(self._batch.seqs) if self._batch else 0
             self.metrics.running.set(running)

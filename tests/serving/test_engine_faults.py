@@ -46,16 +46,26 @@ class _OutOfMemory:
         self._handle.remove()
 
 
-def _run(engine: ServingEngine, requests: list[EngineRequest]) -> list[_Sequence]:
-    """The requests prefilled together in one step and decoded to the end, in this thread (the model thread's
-    work, step by step), each one's events and errors kept on its sequence as ``events``."""
+def _prepared(engine: ServingEngine, requests: list[EngineRequest]) -> list[_Sequence]:
+    """The requests prepared, each one's events and errors kept on its sequence as ``events``."""
     seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
     for seq in seqs:
         seq.events = []
         seq.emit = seq.events.append
+    return seqs
+
+
+def _finish(engine: ServingEngine) -> None:
+    """The model thread's loop, in this thread, until nothing runs or waits."""
+    while engine._batch is not None or engine._chunking is not None or engine._waiting:
+        engine._step(engine._take_new())
+
+
+def _run(engine: ServingEngine, requests: list[EngineRequest]) -> list[_Sequence]:
+    """The requests admitted together in one step and run to the end, step by step in this thread."""
+    seqs = _prepared(engine, requests)
     engine._step(seqs)
-    while engine._batch is not None:
-        engine._step([])
+    _finish(engine)
     return seqs
 
 
@@ -146,3 +156,73 @@ def test_a_failed_model_thread_fails_every_request_at_once_and_refuses_new_ones(
     assert all(isinstance(o, EngineFault) and "RuntimeError" in str(o) for o in outcomes), outcomes
     assert isinstance(refused, EngineStopped) and "being replaced" in str(refused)
     assert eventually(lambda: not engine.alive)
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_out_of_memory_of_a_request_running_alone_fails_it_and_the_engine_serves_on(where, engine_factory,
+                                                                                    adapter_dirs):
+    """The same fault when the request is the only one in its prefill or decode step (no row-by-row retry is left):
+    it fails, its KV slot and adapter slot are free, and the next request is served as if nothing happened."""
+    engine: ServingEngine = engine_factory(adapter_slots=1)
+    victim, other = _request(4, adapter=adapter_dirs[7]), _request(7, adapter=adapter_dirs[8])
+    reference = _outcome(_run(engine, [other])[0])
+    length = len(engine._prepare(victim, 0.0).prompt_ids)
+    fault = _OutOfMemory(engine.model, length, (lambda ids: ids.shape[1] > 1) if where == "prefill"
+                         else (lambda ids: ids.shape[1] == 1))
+    try:
+        (seq,) = _run(engine, [victim])
+    finally:
+        fault.remove()
+    assert isinstance(_outcome(seq), EngineFault) and fault.raised == 1
+    assert engine._batch is None and engine.kv.lengths == [0] * engine.slots and engine.adapter_slots.in_use == 0
+    assert _outcome(_run(engine, [other])[0]) == reference  # (its adapter needs the one slot)
+
+
+def _chunked(engine: ServingEngine, long_request: EngineRequest, short: list[EngineRequest],
+             between: Callable[[_Sequence], None] = lambda _seq: None) -> list[_Sequence]:
+    """``short`` running while ``long_request`` arrives and is prefilled chunk by chunk; ``between(long)`` runs
+    after its first chunk."""
+    seqs = _prepared(engine, [*short, long_request])
+    engine._step(seqs[:-1])
+    engine._waiting.append(seqs[-1])
+    engine._step(engine._take_new())
+    assert engine._chunking is seqs[-1] and seqs[-1].chunks_done == 1 < len(seqs[-1].chunks)
+    assert engine._batch is not None  # rows decode between its chunks
+    between(seqs[-1])
+    _finish(engine)
+    return seqs
+
+
+@pytest.mark.parametrize("how", ["out-of-memory", "client-gone"])
+def test_a_long_prompt_that_fails_or_is_abandoned_between_its_chunks_frees_its_slot(how, engine_factory,
+                                                                                      adapter_dirs):
+    """A long prompt is prefilled a chunk per step in the top KV slot, next to running rows. If a chunk's forward
+    runs out of memory, or the client goes away between chunks, the prompt leaves: its KV slot and adapter slot are
+    freed, it gets the error (or nothing: nobody listens), and the running rows finish with their own tokens."""
+    engine: ServingEngine = engine_factory(prefill_chunk_tokens=48)
+    long_request = _request(40, adapter=adapter_dirs[5])
+    short = [_request(0, tokens=12), _request(2, tokens=12, adapter=adapter_dirs[6])]
+    reference = [_outcome(s) for s in _run(engine_factory(prefill_chunk_tokens=48), short)]
+    length = len(engine._prepare(long_request, 0.0).prompt_ids)
+    fault = None
+
+    def between(seq: _Sequence) -> None:
+        nonlocal fault
+        if how == "client-gone":
+            seq.cancelled = True
+        else:
+            fault = _OutOfMemory(engine.model, length, lambda ids: ids.shape[1] > 1)
+
+    try:
+        seqs = _chunked(engine, long_request, short, between)
+    finally:
+        if fault is not None:
+            fault.remove()
+    if how == "client-gone":
+        assert seqs[-1].events == [] and not seqs[-1].state.tokens
+    else:
+        assert isinstance(_outcome(seqs[-1]), EngineFault) and fault.raised == 1
+    assert [_outcome(s) for s in seqs[:-1]] == reference
+    assert engine._chunking is None and engine.kv.lengths == [0] * engine.slots
+    assert engine.adapter_slots.in_use == 0
+    assert _outcome(_chunked(engine, long_request, short)[-1]) == _outcome(_run(engine, [long_request])[0])
