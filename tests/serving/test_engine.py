@@ -72,6 +72,36 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_mode
         assert result.prompt_tokens > 0
 
 
+def test_per_module_ranks_alphas_and_rslora_are_scaled_as_peft_scales_them(engine_factory, tiny_model_dir, tmp_path):
+    """An adapter saved with peft's ``rank_pattern``, ``alpha_pattern`` and ``use_rslora`` (``alpha / sqrt(r)``),
+    e.g. one trained elsewhere: each module's scaling comes from its own rank and alpha, so the engine's greedy
+    tokens equal peft's, next to a plain adapter's rows."""
+    from peft import LoraConfig, get_peft_model
+
+    family = get_family("qwen-vl")
+    torch.manual_seed(11)
+    config = LoraConfig(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"c_attn": 4, "w2": 2},
+                        alpha_pattern={"w2": 64, "attn.c_proj": 3}, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=list(family.default_lora_targets), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(family.load_model(tiny_model_dir), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(8.0)
+    adapter = tmp_path / "patterned"
+    peft_model.save_pretrained(adapter)
+    engine: ServingEngine = engine_factory()
+    requests = [_request(i, adapter, image=i == 1) for i in range(3)]
+
+    async def run() -> list:
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+    results = asyncio.run(run())
+    expected = [_peft_alone(tiny_model_dir, adapter, r) for r in requests]
+    assert [r.token_ids for r in results] == expected
+    assert expected != [_peft_alone(tiny_model_dir, None, r) for r in requests]
+
+
 def test_requests_joining_a_running_batch_get_the_same_tokens(engine_factory, adapter_dirs):
     engine: ServingEngine = engine_factory()
     long_req = _request(0, adapter_dirs[3], tokens=30)
