@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the platform in one run (issue 13): the `gpu` tests (engine on CUDA: greedy equals the
-# reference, every tensor on the device, seeded sampling, an out-of-memory forward failing only its request), full-size random-weight serving of Qwen-VL v1 in bf16
+# reference, every tensor on the device, seeded sampling, an out-of-memory forward failing only its request, vision
+# adapters with their device copies), full-size random-weight serving of Qwen-VL v1 in bf16
 # (tokens/s with 8 adapters, TTFT, the longest inter-token gap, peak memory of long requests), full-size LoRA /
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), and one sampling step at the full vocabulary,
 # batched vs the row-by-row sampler before it (time, waits for the device). Prints one table (and writes it to
@@ -28,7 +29,8 @@ if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$site:$PWD" || { echo "installing the carried wheels failed"; exit 1; }
 fi
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
-  tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/core/test_registry_materialize.py
+  tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py
+    tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --memory-requests 4
@@ -38,7 +40,8 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   sampling=(--vocab 1152 --repeats 3)
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py
-    tests/core/test_registry_materialize.py tests/training/test_trainer_devices.py)
+    tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
+    tests/training/test_trainer_devices.py)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)

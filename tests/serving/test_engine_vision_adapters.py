@@ -19,6 +19,7 @@ import asyncio
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from qwenvl_core.serving.servable import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qwenvl_core.serving.vision_adapters import VisionAdapters, tower_prefix
 from qwenvl_core.specs import LoraSpec
 from tests.conftest import HF_FAMILIES
+from tests.devices import DEVICES
 from tests.serving.test_engine import _peft_alone
 from tests.serving.test_engine_families import _transformers_alone
 
@@ -265,3 +267,34 @@ def test_a_chunked_prefill_encodes_each_chunk_s_images_with_the_row_s_adapter(mo
         engine.close()
     assert engine.vision.stats.passes == 2 and engine.vision.stats.max_runs == 1  # one adapter pass per chunk image
     assert result.token_ids == _transformers_alone("qwen3-vl", model_dir, adapter, request)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vision_adapters_run_on_the_device_and_their_device_copies_are_bounded(device, model_dirs, adapters):
+    """On each device: a GPU encodes an image with a device copy of its adapter's vision weights, kept for at most
+    ``adapter_slots`` adapters (here one: the merger's copy is dropped for the ViT adapter's). Greedy
+    tokens equal peft's ``generate`` of each request alone on the same device, and no op computes off it."""
+    from tests.devices import DeviceRecorder
+    from tests.serving.test_engine_devices import _reference
+
+    family_name = "qwen2.5-vl"
+    model_dir, own = model_dirs[family_name], adapters[family_name]
+    rows = [("merger", ((56, 84),)), ("vit", ((84, 28),)), (None, ((56, 56),)), ("merger", ((28, 56),))]
+    requests = [_request(i, kind, own, sizes) for i, (kind, sizes) in enumerate(rows)]
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(device=device, max_total_tokens=512,
+                                                                  adapter_slots=1))
+    engine.config_dir = model_dir
+    try:
+        seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
+        with DeviceRecorder(device) as recorder:
+            engine._step(seqs)
+            while engine._batch is not None or engine._chunking is not None or engine._waiting:
+                engine._step(engine._take_new())
+        assert not recorder.left, f"ops computed off {device} from its tensors: {sorted(set(recorder.left))}"
+        assert all(s.state.done and not s.failed for s in seqs)
+        assert len(engine.vision._copies) <= 1 and engine.vision.stats.passes >= 2
+        expected = [_reference(engine, r, own[kind] if kind else None) for (kind, _), r in zip(rows, requests,
+                                                                                               strict=True)]
+        assert [s.state.tokens for s in seqs] == expected
+    finally:
+        engine.close()
