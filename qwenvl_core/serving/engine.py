@@ -306,6 +306,9 @@ class ServingEngine:
         self._rows = _RowTensors(self.slots, self.kv.device)
         self.stats = EngineStats(kv_slots=self.slots, kv_cache_bytes=self.kv.nbytes,
                                  adapter_slot_bytes=self.adapter_slots.nbytes)
+        log.info("serving engine on %s: KV cache of %d requests x %d tokens (%.2f GiB), %d adapter slots of rank "
+                 "%d (%.2f GiB)", self.kv.device, self.slots, config.max_total_tokens, self.kv.nbytes / 2**30,
+                 config.adapter_slots, config.max_lora_rank, self.adapter_slots.nbytes / 2**30)
         self._pad_id = processor.pad_token_id
         self._stop_ids = tuple(family.stop_token_ids(processor))
         self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
