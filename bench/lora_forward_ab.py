@@ -61,7 +61,7 @@ def main() -> None:
     family = family_for_preset(args.preset)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-ab-"))
     model_dir = family.materialize(args.preset, work / "model", seed=0, dtype=torch.float32)
-    dirs = make_adapters(family, model_dir, work / "adapters", 8, args.rank)
+    dirs = make_adapters(family, model_dir, work / "adapters", 8, args.rank, torch.float32)
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.rows, max_adapters=10))
     weights = [engine.cache.get(d.name, str(d)) for d in dirs]
     model = engine.model
