@@ -166,7 +166,8 @@ class Settings(BaseSettings):
                                      "requests whose adapter finds every slot in use wait.")
     serve_max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank the model replicas serve: "
                                      "each adapter slot holds this rank in every language-model linear layer "
-                                     "(allocated at start). Adapters of a higher rank are listed unservable.")
+                                     "(allocated at start). Adapters of a higher rank are listed unservable; a job "
+                                     "that trains one gets a warning event.")
     serve_max_waiting: int = Field(256, ge=1, description="Requests waiting per model replica; beyond, chat "
                                    "answers 429 engine_overloaded with Retry-After.")
     serve_request_timeout_s: float = Field(600.0, gt=0, description="A chat request not finished this long after "

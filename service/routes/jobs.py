@@ -112,6 +112,11 @@ def create_job(body: JobCreate, tenant: TenantDep, session: SessionDep, storage:
                           "the adapter starts from its weights", data={"parent_model": parent.id})
     if lora_auto is not None:
         add_service_event(session, job, lora_auto)
+    if spec.lora.r > ctx.settings.serve_max_lora_rank:  # trained, but not servable by this platform's servers
+        add_service_event(session, job, f"lora.r {spec.lora.r} is above the model servers' max_lora_rank "
+                          f"{ctx.settings.serve_max_lora_rank}: the fine-tuned model can be downloaded but not "
+                          "served here (train with a lower lora.r, or have the operator raise "
+                          "QWENVL_SERVE_MAX_LORA_RANK)", level="warning", data={"param": "lora.r"})
     ctx.scheduler.wake()
     return job_public(job)
 

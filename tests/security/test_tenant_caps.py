@@ -121,6 +121,11 @@ def test_values_at_the_caps_are_accepted_and_the_wall_clock_limit_is_stored(api:
         rows = s.scalars(select(Job).where(Job.id.in_([job["id"], shorter["id"]])))
         stored = {j.id: j.max_wall_clock_s for j in rows}
     assert stored == {job["id"]: 86_400, shorter["id"]: 600}
+    warnings = {j: [e["message"] for e in api.client.get(f"/v1/fine_tuning/jobs/{j}/events", headers=auth(api.key_a)
+                                                          ).json()["data"] if e["level"] == "warning"]
+                for j in (job["id"], shorter["id"])}  # r 256 trains, but the servers hold rank 64 (the default)
+    assert warnings == {job["id"]: [warnings[job["id"]][0]], shorter["id"]: []}
+    assert "lora.r 256 is above the model servers' max_lora_rank 64" in warnings[job["id"]][0]
     for job_id in (job["id"], shorter["id"]):
         api.cancel(api.key_a, job_id)
 
