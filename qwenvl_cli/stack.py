@@ -123,6 +123,11 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     # `down` stops every node at once, so there is no node left to drain Serve replicas to; Ray's drain on SIGTERM
     # (up to 30 s) only made `down` slower (measured 26 s -> 4.5 s). A value the user set is kept.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # MLflow's usage telemetry off, like Ray's: the platform sends nothing about its users' runs anywhere, and
+    # MLflow 3.17's telemetry client sets and unsets an environment variable from its own thread, which races
+    # urllib reading os.environ in another ("API request ... failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'",
+    # seen on a machine without a CI variable, where telemetry is on). A value the user set is kept.
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if mlflow_url and mlflow_password:
         env.update({"QWENVL_MLFLOW_TRACKING_URI": mlflow_url, "QWENVL_MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
                     "QWENVL_MLFLOW_ADMIN_PASSWORD": mlflow_password,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,12 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     return {name: get_family(name).materialize(f"{name}-tiny", root / name, seed=0) for name in HF_FAMILIES}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The environment ``qwenvl up`` and the images give every process (``qwenvl_cli.stack.stack_env``), for this
+    process and everything it starts: MLflow's telemetry off (its client thread races urllib on os.environ)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres", "tests.fixtures.mlflow_server",

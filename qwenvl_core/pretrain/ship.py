@@ -37,6 +37,11 @@ NAME = "qwen-vl-tiny-seeing"
 RECIPE = PretrainConfig()
 PREFIX = (8, 8)  # (vision warm-up steps, LM steps) of the prefix the test suite re-runs
 FINGERPRINT_RTOL = 1e-4  # the prefix's per-tensor sums and norms agree to this across CPUs and thread counts
+# Tensors that hold attention key biases are left out of the comparison. A key bias adds the same amount to all of a
+# query's scores, which softmax ignores, so its gradient is zero up to rounding; Adam scales that rounding noise
+# into full-size steps, and the noise differs between CPUs. On a second AMD EPYC machine these tensors differed from
+# the recorded fingerprints by 1e-5 to 3e-2 of their norm, while every other tensor agreed to within 4e-6.
+KEY_BIAS_SUFFIXES = ("k_proj.bias", "qkv.bias", "in_proj.bias", "in_proj_bias", "c_attn.bias")
 
 
 def fingerprint(model_dir: Path) -> dict[str, list[float]]:
@@ -49,10 +54,12 @@ def fingerprint(model_dir: Path) -> dict[str, list[float]]:
 
 def fingerprints_match(a: dict[str, list[float]], b: dict[str, list[float]], rtol: float = FINGERPRINT_RTOL
                        ) -> list[str]:
-    """The tensors whose fingerprints differ (beyond ``rtol`` of the tensor's norm); [] when all agree."""
+    """The tensors whose fingerprints differ (beyond ``rtol`` of the tensor's norm); [] when all agree. Tensors
+    holding attention key biases are not compared (``KEY_BIAS_SUFFIXES``)."""
     if set(a) != set(b):
         return sorted(set(a) ^ set(b))
-    return [k for k in a if any(abs(x - y) > rtol * max(a[k][1], 1e-6) for x, y in zip(a[k], b[k], strict=True))]
+    return [k for k in a if not k.endswith(KEY_BIAS_SUFFIXES)
+            and any(abs(x - y) > rtol * max(a[k][1], 1e-6) for x, y in zip(a[k], b[k], strict=True))]
 
 
 def one_thread(fn: Callable[[], Any]) -> Any:

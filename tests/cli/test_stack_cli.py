@@ -205,3 +205,19 @@ def test_up_with_a_stale_record_explains_and_down_clears_it(tmp_path: Path) -> N
     assert down.returncode == 0 and not (home / "stack.json").exists()
     status = qwenvl(env, "status", "--json")
     assert status.returncode == 1 and json.loads(status.stdout)["running"] is False
+
+
+def test_the_stack_turns_usage_telemetry_off_unless_the_user_set_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of the stack (Ray nodes, so the API, the model replicas and training jobs; MLflow) gets MLflow's
+    and Ray's telemetry off; a value the user set is kept."""
+    from qwenvl_cli.stack import stack_env as node_env
+
+    def env() -> dict[str, str]:
+        return node_env(tmp_path, stack_id="s", dashboard_url="http://127.0.0.1:1", mlflow_url=None, ray_token="t",
+                        mlflow_password=None, model_dirs={})
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    assert (env()["MLFLOW_DISABLE_TELEMETRY"], env()["RAY_USAGE_STATS_ENABLED"]) == ("true", "0")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
+    assert env()["MLFLOW_DISABLE_TELEMETRY"] == "false"
