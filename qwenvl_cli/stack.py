@@ -110,12 +110,19 @@ def ensure_base_models(home: Path, presets: tuple[str, ...] = BASE_MODELS) -> di
     return dirs
 
 
+# Usage telemetry off in every process of the stack (a value the user set is kept): the platform sends nothing about
+# its users' runs anywhere, and MLflow 3.17's telemetry client sets and unsets an environment variable from its own
+# thread, which races urllib reading os.environ in another ("API request ... failed with exception
+# '_MLFLOW_TELEMETRY_SESSION_ID'", seen on a machine without a CI variable, where its telemetry is on).
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str | None, ray_token: str,
               mlflow_password: str | None, model_dirs: dict[str, Path]) -> dict[str, str]:
     """The environment of the Ray nodes (so of the API replica and of training jobs) and of the deploy step."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({
-        MARKER: stack_id, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token, "RAY_USAGE_STATS_ENABLED": "0",
+        MARKER: stack_id, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token,
         "QWENVL_DATA_DIR": str(home), "QWENVL_BASE_MODELS": json.dumps({k: str(v) for k, v in model_dirs.items()}),
         "QWENVL_RAY_ADDRESS": dashboard_url, "QWENVL_SCHEDULER_INTERVAL_S": "0.5",
         "QWENVL_SERVE_NUM_CPUS": "0.25", "QWENVL_WORK_DIR": str(home / "work"),
@@ -123,11 +130,8 @@ def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str 
     # `down` stops every node at once, so there is no node left to drain Serve replicas to; Ray's drain on SIGTERM
     # (up to 30 s) only made `down` slower (measured 26 s -> 4.5 s). A value the user set is kept.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    # MLflow's usage telemetry off, like Ray's: the platform sends nothing about its users' runs anywhere, and
-    # MLflow 3.17's telemetry client sets and unsets an environment variable from its own thread, which races
-    # urllib reading os.environ in another ("API request ... failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'",
-    # seen on a machine without a CI variable, where telemetry is on). A value the user set is kept.
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name, value in TELEMETRY_OFF.items():
+        env.setdefault(name, value)
     if mlflow_url and mlflow_password:
         env.update({"QWENVL_MLFLOW_TRACKING_URI": mlflow_url, "QWENVL_MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
                     "QWENVL_MLFLOW_ADMIN_PASSWORD": mlflow_password,

@@ -28,9 +28,12 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The environment ``qwenvl up`` and the images give every process (``qwenvl_cli.stack.stack_env``), for this
-    process and everything it starts: MLflow's telemetry off (its client thread races urllib on os.environ)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    """What ``qwenvl up`` and the images give every process, for this process and everything it starts: usage
+    telemetry off (``qwenvl_cli.stack.TELEMETRY_OFF``; MLflow's client thread races urllib on os.environ)."""
+    from qwenvl_cli.stack import TELEMETRY_OFF
+
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
 
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres", "tests.fixtures.mlflow_server",

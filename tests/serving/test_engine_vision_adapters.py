@@ -276,6 +276,7 @@ def test_vision_adapters_run_on_the_device_and_their_device_copies_are_bounded(d
     tokens equal peft's ``generate`` of each request alone on the same device, and no op computes off it."""
     from tests.devices import DeviceRecorder
     from tests.serving.test_engine_devices import _reference
+    from tests.serving.test_engine_faults import _finish
 
     family_name = "qwen2.5-vl"
     model_dir, own = model_dirs[family_name], adapters[family_name]
@@ -288,8 +289,7 @@ def test_vision_adapters_run_on_the_device_and_their_device_copies_are_bounded(d
         seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
         with DeviceRecorder(device) as recorder:
             engine._step(seqs)
-            while engine._batch is not None or engine._chunking is not None or engine._waiting:
-                engine._step(engine._take_new())
+            _finish(engine)
         assert not recorder.left, f"ops computed off {device} from its tensors: {sorted(set(recorder.left))}"
         assert all(s.state.done and not s.failed for s in seqs)
         assert len(engine.vision._copies) <= 1 and engine.vision.stats.passes >= 2
