@@ -61,8 +61,12 @@ from qwenvl_core.runs import EVENTS_DIR, RESULT_FILE, SPEC_FILE, RunDir, checkpo
 from qwenvl_core.secret_names import looks_secret
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.storage import read_uri
-from qwenvl_core.training import EventProgress, Hooks, RunDirCancel, RunDirEvents, Trainer
+from qwenvl_core.training import EventProgress, Hooks, RunDirCancel, RunDirEvents
 
+# Ray Train V2 starts a PreemptionWatcher actor per job (one more process, seconds of imports) that only logs node
+# drains and answers ``ray.train.get_preemption_info()``, which the loop never reads: a drained node fails its workers
+# and the job resumes from its last checkpoint (``FailureConfig``) either way. Off unless the operator set it.
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 OUTCOME_FILE = "outcome.json"  # rank 0's final report to the driver (state, metrics, summary)
 # What a training worker gets from its driver's environment, by exact name (``worker_environment``).
 WORKER_ENV = frozenset({
@@ -171,7 +175,9 @@ def _process_exists(pid: int) -> bool:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """The per-worker function Ray Train runs."""
+    """The per-worker function Ray Train runs (the loop is imported here: the driver never needs its imports)."""
+    from qwenvl_core.training import Trainer
+
     spec = FineTuneJobSpec.model_validate(config["spec"])
     rank = ray.train.get_context().get_world_rank()
     hooks, tracker = _hooks(spec, rank, config)
@@ -288,6 +294,7 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
             for stale in (OUTCOME_FILE, RESULT_FILE):
                 if run.exists(stale):
                     run.store.delete(run.key(stale))
+            os.environ.setdefault(PREEMPTION_WATCHER, "0")  # read at fit and passed to the controller by Ray Train
             build_trainer(spec, fault).fit()
             final = run.read_json(OUTCOME_FILE)
         if final is None:
