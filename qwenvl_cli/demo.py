@@ -126,8 +126,9 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
     console.print(f"{data.train_samples} training and {data.validation_samples} held-out questions ({what}) in {out}")
     with Client(state["api_url"]) as client:
         console.rule("3. upload through the REST API")
-        train = wait_processed(client, upload_file(client, data.train_bundle)["id"])
-        val = wait_processed(client, upload_file(client, data.validation_bundle)["id"])
+        # both uploaded before waiting: the service validates them side by side
+        uploads = [upload_file(client, bundle)["id"] for bundle in (data.train_bundle, data.validation_bundle)]
+        train, val = (wait_processed(client, file_id) for file_id in uploads)
         console.print(f"{train['id']} ({train['filename']}), {val['id']} ({val['filename']}): validated")
         console.rule("4. fine-tune with LoRA on 2 Ray Train workers")
         params = {**DEMO_JOB, **({"max_steps": max_steps} if max_steps else {}), **(job_args or {})}
