@@ -96,7 +96,9 @@ def run_demo(home: Path, *, keep: bool, console: Console, n_train: int = 600, ma
     own_stack = state is None
     if own_stack:
         console.rule("1. start the local stack")
-        start_stack(home, echo=console.print, **(ports or {}))
+        # a stack the demo stops again serves only the base it fine-tunes (each base is a replica with its own
+        # imports and weights); one it leaves running (--keep) serves them all, as `qwenvl up` does
+        start_stack(home, echo=console.print, models=BASE_MODELS if keep else (model,), **(ports or {}))
         state = read_state(home)
     elif not stack_status(home)["running"]:
         raise StackError(f"the stack recorded in {home} is not healthy: run `qwenvl down`, then `qwenvl demo`")

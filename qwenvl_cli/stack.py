@@ -12,7 +12,8 @@
   base model of ``BASE_MODELS``, each materialised into ``$QWENVL_HOME/models/<preset>`` on first start: today the
   pretrained tiny Qwen-VL ``qwen-vl-tiny-seeing``, shipped with the package, and the Qwen2-VL, Qwen2.5-VL and
   Qwen3-VL tiny bases pretrained the same way, ``qwen2-vl-tiny-seeing``, ``qwen2.5-vl-tiny-seeing`` and
-  ``qwen3-vl-tiny-seeing``) on :8000.
+  ``qwen3-vl-tiny-seeing``; ``--models`` serves only some of them, each replica costing a process with its own
+  imports and weights) on :8000.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
 ``$QWENVL_HOME`` is created with mode 0700 and every secret file in it with 0600.
 
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -92,6 +93,28 @@ def _secret(path: Path, make: Any) -> str:
     if not path.is_file():
         write_secret(path, make())
     return path.read_text().strip()
+
+
+def parse_models(value: str | None) -> tuple[str, ...]:
+    """``--models``: comma-separated base models (all of ``BASE_MODELS`` when empty); see ``check_models``."""
+    if not value or not value.strip():
+        return BASE_MODELS
+    return check_models(name for part in value.split(",") if (name := part.strip()))
+
+
+def check_models(names: Iterable[str]) -> tuple[str, ...]:
+    """The base models to serve, each once and in the order given; a name outside ``BASE_MODELS``, or none at all,
+    is a ``StackError`` naming it and the choices."""
+    chosen: list[str] = []
+    for name in names:
+        if name not in BASE_MODELS:
+            raise StackError(f"--models: {name!r} is not a base model of the local stack; choose from "
+                             f"{', '.join(BASE_MODELS)} (comma-separated)")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise StackError(f"--models: no base model given; choose from {', '.join(BASE_MODELS)} (comma-separated)")
+    return tuple(chosen)
 
 
 def ensure_base_models(home: Path, presets: tuple[str, ...] = BASE_MODELS) -> dict[str, Path]:
@@ -341,8 +364,10 @@ def stop_stack(state: dict[str, Any]) -> None:
 # ----- commands ---------------------------------------------------------------------------------------------------
 def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, dashboard_port: int = 8265,
                 num_cpus: int = 4, worker_nodes: int = 0, timeout_s: float = 180,
-                echo: Any = typer.echo) -> StackState:
-    """Start the stack (see the module docstring); on any failure everything started is stopped again."""
+                models: tuple[str, ...] = BASE_MODELS, echo: Any = typer.echo) -> StackState:
+    """Start the stack (see the module docstring) serving the base ``models`` (some of ``BASE_MODELS``); on any
+    failure everything started is stopped again."""
+    models = check_models(models)
     if worker_nodes < 0:
         raise StackError(f"--worker-nodes must be 0 or more, not {worker_nodes}")
     if num_cpus < 1:
@@ -368,7 +393,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
     echo(f"QWENVL_HOME {home}")
-    model_dirs = ensure_base_models(home)
+    model_dirs = ensure_base_models(home, models)
     ray_token = _secret(home / "ray_auth_token", lambda: secrets.token_hex(32))
     mlflow_password = _secret(home / "mlflow" / "admin_password", lambda: secrets.token_urlsafe(18))
     stack_id = uuid.uuid4().hex
@@ -466,12 +491,16 @@ def up(api_port: ApiPort = 8000, mlflow_port: MlflowPort = 5000, dashboard_port:
        num_cpus: Annotated[int, typer.Option(help="Logical CPUs each Ray node (head, workers) offers.")] = 4,
        worker_nodes: Annotated[int, typer.Option(
            "--worker-nodes", help="Extra Ray worker nodes to start on this machine (try multi-node locally).")] = 0,
-       timeout: Annotated[float, typer.Option(help="Seconds each component may take to start.")] = 300.0) -> None:
+       timeout: Annotated[float, typer.Option(help="Seconds each component may take to start.")] = 300.0,
+       models: Annotated[str | None, typer.Option(
+           "--models", help=f"Base models to serve, comma-separated (default: all of {', '.join(BASE_MODELS)}); "
+           "each is a Serve replica of its own.")] = None) -> None:
     """Start the local stack: Ray head (dashboard), the API + model on Ray Serve, MLflow; state in QWENVL_HOME."""
     home = qwenvl_home()
     started = time.monotonic()
     state = start_stack(home, api_port=api_port, mlflow_port=mlflow_port, dashboard_port=dashboard_port,
-                        num_cpus=num_cpus, worker_nodes=worker_nodes, timeout_s=timeout)
+                        num_cpus=num_cpus, worker_nodes=worker_nodes, timeout_s=timeout,
+                        models=parse_models(models))
     typer.echo(f"stack up in {time.monotonic() - started:.0f} s")
     _print_status(stack_status(home))
     del state

@@ -14,6 +14,9 @@ import pytest
 from tests.fixtures.net import free_port
 
 QWENVL = str(Path(sys.executable).parent / "qwenvl")
+# The bases the CLI tests' stack serves (`qwenvl up --models`): the default and a second family, not all four (each
+# base is a Serve replica with its own imports, ~15 s of CPU to start on this VM, and a share of it while idle)
+STACK_MODELS = ("qwen-vl-tiny-seeing", "qwen2.5-vl-tiny-seeing")
 
 
 def stack_env(home: Path) -> dict[str, str]:
@@ -53,7 +56,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("qvhome")
     env = stack_env(home)
-    up = qwenvl(env, "up", timeout=400)
+    up = qwenvl(env, "up", "--models", ",".join(STACK_MODELS), timeout=400)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield Stack(home, env)

@@ -38,3 +38,5 @@ def test_demo_fine_tunes_the_pretrained_base_with_auto_settings_and_stops_the_st
     assert report["answer"]
     assert "MLflow UI" in result.stdout and "/docs" in result.stdout
     assert not (home / "stack.json").exists() and processes_of(home) == []
+    # the stack it started (and stopped) served only the base it fine-tuned: the only one it materialised
+    assert [p.name for p in (home / "models").iterdir()] == [BASE_MODEL]

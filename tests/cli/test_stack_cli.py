@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from qwenvl_cli.demo_data import write_demo_dataset
-from qwenvl_cli.stack import BASE_MODEL, BASE_MODELS
-from tests.cli.conftest import QWENVL, Stack, processes_of, qwenvl, stack_env
+from qwenvl_cli.stack import BASE_MODEL, BASE_MODELS, parse_models
+from tests.cli.conftest import QWENVL, STACK_MODELS, Stack, processes_of, qwenvl, stack_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_status_reports_urls_health_and_the_key_file(stack: Stack) -> None:
     key = Path(report["api_key_file"]).read_text().strip()
     assert Path(report["api_key_file"]).stat().st_mode & 0o777 == 0o600
     models = httpx.get(f"{report['api']['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
-    assert sorted(m["id"] for m in models["data"]) == sorted(BASE_MODELS)
+    assert sorted(m["id"] for m in models["data"]) == sorted(STACK_MODELS)
 
 
 def test_files_models_chat_and_api_errors(stack: Stack, demo_data, tmp_path: Path) -> None:
@@ -59,8 +59,10 @@ def test_files_models_chat_and_api_errors(stack: Stack, demo_data, tmp_path: Pat
     _one_line_error(qwenvl(stack.env, "files", "list", "--api-key", "sk-qv-wrong_key"), "401")
     _one_line_error(qwenvl(stack.env, "jobs", "create", "-m", BASE_MODEL, "-t", "file-nope"), "file-nope")
     _one_line_error(qwenvl(stack.env, "models", "delete", BASE_MODEL), "403", "base model")
+    unserved = next(m for m in BASE_MODELS if m not in STACK_MODELS)  # a base this stack was not started with
+    _one_line_error(qwenvl(stack.env, "jobs", "create", "-m", unserved, "-t", file_id), "404", unserved)
     models = qwenvl(stack.env, "models", "list", "--json")
-    assert sorted(m["id"] for m in json.loads(models.stdout)) == sorted(BASE_MODELS)
+    assert sorted(m["id"] for m in json.loads(models.stdout)) == sorted(STACK_MODELS)
     chat = qwenvl(stack.env, "chat", BASE_MODEL, demo_data.grounding_question, "--image",
                   str(demo_data.grounding_image), "--max-tokens", "4", "--json")
     assert chat.returncode == 0, chat.stderr
@@ -109,7 +111,7 @@ def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -
     assert ended.returncode == 1 and "cancelled" in ended.stdout, ended.stdout + ended.stderr
 
 
-SECOND_FAMILY = "qwen2.5-vl-tiny-seeing"
+SECOND_FAMILY = STACK_MODELS[1]  # qwen2.5-vl-tiny-seeing
 
 
 def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: Stack, demo_data,
@@ -125,7 +127,7 @@ def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: 
     from qwenvl_cli.demo_data import LONE_SHAPE_SIZE
     from qwenvl_core.data.synth import generate_samples
 
-    assert SECOND_FAMILY in BASE_MODELS
+    assert SECOND_FAMILY == "qwen2.5-vl-tiny-seeing"
     train = json.loads(qwenvl(stack.env, "files", "upload", str(demo_data.train_bundle), "--json").stdout)["id"]
     created = qwenvl(stack.env, "jobs", "create", "-m", SECOND_FAMILY, "-t", train, "--max-steps", "60",
                      "--workers", "1", "--cpus-per-worker", "0.5", "--json")
@@ -185,6 +187,20 @@ def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
         result = qwenvl(env, "up", timeout=60)
     _one_line_error(result, "already in use", "--api-port", env["QWENVL_API_PORT"])
     assert processes_of(tmp_path / "home") == []
+
+
+@pytest.mark.parametrize(("value", "needle"), [("qwen-vl-tiny", "'qwen-vl-tiny' is not a base model"),
+                                               (" , ", "no base model given")])
+def test_up_with_models_it_does_not_offer_explains(tmp_path: Path, value: str, needle: str) -> None:
+    result = qwenvl(stack_env(tmp_path / "home"), "up", "--models", value, timeout=60)
+    _one_line_error(result, "--models", needle, ", ".join(BASE_MODELS))
+    assert processes_of(tmp_path / "home") == [] and not (tmp_path / "home" / "stack.json").exists()
+
+
+def test_models_are_all_bases_by_default_else_the_ones_named_once_in_order() -> None:
+    assert parse_models(None) == parse_models("") == BASE_MODELS
+    assert parse_models("qwen3-vl-tiny-seeing, qwen-vl-tiny-seeing,qwen3-vl-tiny-seeing") == (
+        "qwen3-vl-tiny-seeing", "qwen-vl-tiny-seeing")
 
 
 def test_up_with_a_dashboard_port_ray_keeps_for_workers_explains(tmp_path: Path) -> None:
