@@ -84,7 +84,10 @@ def test_tenants_create_gives_a_working_key(stack: Stack) -> None:
     _one_line_error(qwenvl(stack.env, "tenants", "create", "x", "--admin-key", "sk-qv-admin-wrong"), "401")
 
 
-def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -> None:
+def test_ctrl_c_in_jobs_watch_leaves_the_job_running_then_pause_resume_and_cancel_it(stack: Stack, demo_data) -> None:
+    """One job through the CLI (one Ray Train launch, not one per step): Ctrl-C in `qwenvl jobs watch` leaves it
+    running; `jobs pause` pauses it, `watch` stops at the paused job and says how to go on, `resume` continues it
+    (a second resume is refused), `cancel` ends it."""
     train = json.loads(qwenvl(stack.env, "files", "upload", str(demo_data.train_bundle), "--json").stdout)["id"]
     created = qwenvl(stack.env, "jobs", "create", "-m", BASE_MODEL, "-t", train, "--max-steps", "400",
                      "--workers", "1", "--cpus-per-worker", "0.5", "--json")
@@ -105,6 +108,16 @@ def test_ctrl_c_in_jobs_watch_does_not_cancel_the_job(stack: Stack, demo_data) -
     job = json.loads(qwenvl(stack.env, "jobs", "list", "--json").stdout)
     job = next(j for j in job if j["id"] == job_id)
     assert job["status"] in ("validating_files", "queued", "running") and not job["cancel_requested"]
+
+    paused = qwenvl(stack.env, "jobs", "pause", job_id)
+    assert paused.returncode == 0, paused.stderr
+    watched = qwenvl(stack.env, "jobs", "watch", job_id, timeout=300)
+    assert watched.returncode == 1 and f"qwenvl jobs resume {job_id}" in watched.stdout, watched.stdout
+    _one_line_error(qwenvl(stack.env, "jobs", "pause", "ftjob-nope"), "404")
+    resumed = qwenvl(stack.env, "jobs", "resume", job_id)
+    assert resumed.returncode == 0 and "paused" not in resumed.stdout, resumed.stdout + resumed.stderr
+    _one_line_error(qwenvl(stack.env, "jobs", "resume", job_id), "400", "not paused")
+
     cancelled = qwenvl(stack.env, "jobs", "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
     ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=240)
@@ -159,23 +172,6 @@ def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: 
     answer = ask(demo_data.grounding_image, demo_data.grounding_question, 8)
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.prompt_tokens > 20
     assert answer.system_fingerprint and answer.model == model
-
-
-def test_jobs_pause_and_resume_through_the_cli(stack: Stack, demo_data) -> None:
-    """`qwenvl jobs pause` pauses, `watch` stops at a paused job and says how to go on, `resume` continues it."""
-    train = json.loads(qwenvl(stack.env, "files", "upload", str(demo_data.train_bundle), "--json").stdout)["id"]
-    created = qwenvl(stack.env, "jobs", "create", "-m", BASE_MODEL, "-t", train, "--max-steps", "400",
-                     "--workers", "1", "--cpus-per-worker", "0.5", "--json")
-    job_id = json.loads(created.stdout)["id"]
-    paused = qwenvl(stack.env, "jobs", "pause", job_id)
-    assert paused.returncode == 0, paused.stderr
-    watched = qwenvl(stack.env, "jobs", "watch", job_id, timeout=300)
-    assert watched.returncode == 1 and f"qwenvl jobs resume {job_id}" in watched.stdout, watched.stdout
-    _one_line_error(qwenvl(stack.env, "jobs", "pause", "ftjob-nope"), "404")
-    resumed = qwenvl(stack.env, "jobs", "resume", job_id)
-    assert resumed.returncode == 0 and "paused" not in resumed.stdout, resumed.stdout + resumed.stderr
-    _one_line_error(qwenvl(stack.env, "jobs", "resume", job_id), "400", "not paused")
-    assert qwenvl(stack.env, "jobs", "cancel", job_id).returncode == 0
 
 
 def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
