@@ -303,16 +303,51 @@ def _popen(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 # ----- processes --------------------------------------------------------------------------------------------------
+def ray_temp_dir(home: Path) -> Path:
+    """The Ray temp dir of the stack of ``home``: short, since Ray's socket paths have a length limit."""
+    return Path("/tmp") / f"qvray-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"
+
+
 def marked_pids(stack_id: str) -> list[int]:
     """Pids of live processes whose environment carries ``QWENVL_STACK_ID=stack_id``."""
     needle = f"{MARKER}={stack_id}".encode()
+    return [pid for pid, environ in _live_environments() if needle in environ]
+
+
+def marked_groups(stack_id: str) -> list[int]:
+    """Process groups of the processes carrying the marker, never this process's own. They reach the processes
+    whose environment no longer shows it: Ray's agents overwrite theirs with their process title."""
+    groups: set[int] = set()
+    for pid in marked_pids(stack_id):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    return sorted(groups - {os.getpgrp()})
+
+
+def orphan_stack_ids(home: Path) -> list[str]:
+    """Stack ids of live processes started by a stack of ``home`` (``QWENVL_DATA_DIR=home`` beside the marker):
+    how ``down`` finds a stack whose ``stack.json`` (or whole home) was deleted while it ran."""
+    data_dir, prefix = f"QWENVL_DATA_DIR={home}".encode(), f"{MARKER}=".encode()
+    found: list[str] = []
+    for _, environ in _live_environments():
+        if data_dir in environ:
+            ids = [item[len(prefix):].decode() for item in environ if item.startswith(prefix)]
+            found.extend(i for i in ids if i not in found)
+    return found
+
+
+def _live_environments() -> list[tuple[int, list[bytes]]]:
+    """(pid, environment entries) of every live process but this one that we may read."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and not _zombie(entry):
-                found.append(int(entry.name))
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if not _zombie(entry):
+                found.append((int(entry.name), environ))
         except OSError:
             continue
     return found
@@ -397,7 +432,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
     ray_token = _secret(home / "ray_auth_token", lambda: secrets.token_hex(32))
     mlflow_password = _secret(home / "mlflow" / "admin_password", lambda: secrets.token_urlsafe(18))
     stack_id = uuid.uuid4().hex
-    temp_dir = Path("/tmp") / f"qvray-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"  # short: socket paths
+    temp_dir = ray_temp_dir(home)
     mlflow_url, dashboard_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{dashboard_port}"
     gcs_port = free_port()
     env = stack_env(home, stack_id=stack_id, dashboard_url=dashboard_url, mlflow_url=mlflow_url,
@@ -511,7 +546,16 @@ def down() -> None:
     home = qwenvl_home()
     state = read_state(home)
     if state is None:
-        typer.echo(f"no stack recorded in {home}; nothing to stop")
+        orphans = orphan_stack_ids(home)
+        if not orphans:
+            typer.echo(f"no stack recorded in {home}; nothing to stop")
+            return
+        for stack_id in orphans:  # its record is gone: stop it by its marker and the process groups it marks
+            groups = marked_groups(stack_id)
+            stop_stack({"stack_id": stack_id, "pids": {f"group_{g}": g for g in groups},
+                        "ray_temp_dir": str(ray_temp_dir(home))})
+        typer.echo(f"no stack recorded in {home}, but processes of a stack started from it were running "
+                   "(its stack.json was deleted): stopped them")
         return
     stop_stack(state)
     (home / STATE_FILE).unlink(missing_ok=True)

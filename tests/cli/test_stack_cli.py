@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,6 +173,42 @@ def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: 
     answer = ask(demo_data.grounding_image, demo_data.grounding_question, 8)
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.prompt_tokens > 20
     assert answer.system_fingerprint and answer.model == model
+
+
+def test_down_stops_a_running_stack_whose_home_was_deleted(stack: Stack) -> None:
+    """`qwenvl down` finds the processes by the marker and data dir they carry, not only through `stack.json`.
+    The last test on the module's stack (it stops it): keep every test that uses `stack` above this one."""
+    assert processes_of(stack.home)
+    head_group = _group_members(json.loads((stack.home / "stack.json").read_text())["pids"]["ray_head"])
+    assert len(head_group) > 3  # the Ray head's processes: ray start, GCS, raylet, dashboard, Ray's agents
+    shutil.rmtree(stack.home, ignore_errors=True)  # the stack keeps running; files it writes meanwhile may stay
+    assert not (stack.home / "stack.json").exists()
+    down = qwenvl(stack.env, "down", timeout=120)
+    assert down.returncode == 0 and "stopped them" in down.stdout, down.stdout + down.stderr
+    assert processes_of(stack.home) == []
+    # Ray's agents overwrite their environment with their process title, so no marker finds them: the process
+    # groups of the marked processes are stopped as well
+    assert [pid for pid in head_group if _alive(pid)] == []
+    again = qwenvl(stack.env, "down", timeout=60)
+    assert again.returncode == 0 and "nothing to stop" in again.stdout, again.stdout + again.stderr
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid``."""
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _stat(int(e.name))[2:3] == [pgid]]
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
+def _stat(pid: int) -> list:
+    """``/proc/<pid>/stat`` after the command name: [state, ppid, pgrp as int, ...]; [] for a process gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+    return [fields[0], int(fields[1]), int(fields[2])]
 
 
 def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
