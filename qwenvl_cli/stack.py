@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -311,7 +311,7 @@ def ray_temp_dir(home: Path) -> Path:
 def marked_pids(stack_id: str) -> list[int]:
     """Pids of live processes whose environment carries ``QWENVL_STACK_ID=stack_id``."""
     needle = f"{MARKER}={stack_id}".encode()
-    return [pid for pid, environ in _live_environments() if needle in environ]
+    return [pid for pid, environ in _environments() if needle in environ and is_running(pid)]
 
 
 def marked_groups(stack_id: str) -> list[int]:
@@ -331,31 +331,30 @@ def orphan_stack_ids(home: Path) -> list[str]:
     how ``down`` finds a stack whose ``stack.json`` (or whole home) was deleted while it ran."""
     data_dir, prefix = f"QWENVL_DATA_DIR={home}".encode(), f"{MARKER}=".encode()
     found: list[str] = []
-    for _, environ in _live_environments():
-        if data_dir in environ:
+    for pid, environ in _environments():
+        if data_dir in environ and is_running(pid):
             ids = [item[len(prefix):].decode() for item in environ if item.startswith(prefix)]
             found.extend(i for i in ids if i not in found)
     return found
 
 
-def _live_environments() -> list[tuple[int, list[bytes]]]:
-    """(pid, environment entries) of every live process but this one that we may read."""
-    found = []
+def _environments() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, environment entries) of every process but this one whose environment we may read."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            if not _zombie(entry):
-                found.append((int(entry.name), environ))
-        except OSError:
-            continue
-    return found
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                yield int(entry.name), (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
 
 
-def _zombie(entry: Path) -> bool:
-    stat = (entry / "stat").read_text()
-    return stat[stat.rindex(")") + 2] == "Z"
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` still runs (exists and is no zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _signal(pids: list[int], sig: int, groups: bool = False) -> None:

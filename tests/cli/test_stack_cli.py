@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from qwenvl_cli.demo_data import write_demo_dataset
-from qwenvl_cli.stack import BASE_MODEL, BASE_MODELS, parse_models
+from qwenvl_cli.stack import BASE_MODEL, BASE_MODELS, is_running, parse_models
 from tests.cli.conftest import QWENVL, STACK_MODELS, Stack, processes_of, qwenvl, stack_env
 
 pytestmark = pytest.mark.slow
@@ -188,27 +189,21 @@ def test_down_stops_a_running_stack_whose_home_was_deleted(stack: Stack) -> None
     assert processes_of(stack.home) == []
     # Ray's agents overwrite their environment with their process title, so no marker finds them: the process
     # groups of the marked processes are stopped as well
-    assert [pid for pid in head_group if _alive(pid)] == []
+    assert [pid for pid in head_group if is_running(pid)] == []
     again = qwenvl(stack.env, "down", timeout=60)
     assert again.returncode == 0 and "nothing to stop" in again.stdout, again.stdout + again.stderr
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid``."""
-    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _stat(int(e.name))[2:3] == [pgid]]
-
-
-def _alive(pid: int) -> bool:
-    return _stat(pid)[:1] not in ([], ["Z"])
-
-
-def _stat(pid: int) -> list:
-    """``/proc/<pid>/stat`` after the command name: [state, ppid, pgrp as int, ...]; [] for a process gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return []
-    return [fields[0], int(fields[1]), int(fields[2])]
+    """Processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
+                members.append(int(entry.name))
+        except ProcessLookupError:
+            continue
+    return members
 
 
 def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
