@@ -200,6 +200,9 @@ class Scheduler:
                 self._fail(s, job, "model_misconfigured", f"model {job.model!r}: {exc}", "model",
                            expected="validating_files")
                 return
+            except LaunchError as exc:
+                self._fail(s, job, exc.code, exc.message, exc.param, expected="validating_files")
+                return
             if self._move(s, job, "queued", "Files validated; job queued", expected="validating_files",
                           request=request) and auto is not None:
                 add_service_event(s, job, auto.message(), data={"auto": auto.reasons, "values": auto.values})
@@ -210,8 +213,18 @@ class Scheduler:
         train = repo.file_by_id(s, file_id=job.training_file)
         stats = (train.validation or {}).get("stats") if train is not None else None
         tenant = repo.get_tenant(s, tenant_id=job.tenant_id)
-        return resolve_request(job.request, self.settings.base_models.get(job.model, job.model), stats,
-                               auto_caps(self.settings, tenant))
+        return resolve_request(job.request, self._base_dir(job), stats, auto_caps(self.settings, tenant))
+
+    def _base_dir(self, job: Job) -> str:
+        """The directory (or URI) of the job's base model. A job outlives the configuration it was created under:
+        a base dropped since (the stack restarted with fewer ``--models``, ``QWENVL_BASE_MODELS`` edited) fails
+        the job with a message that names it and what is offered, not with a model-load error inside Ray."""
+        path = self.settings.base_models.get(job.model)
+        if path is None:
+            offered = ", ".join(self.settings.base_models) or "none"
+            raise LaunchError("model_not_found", f"the base model {job.model!r} is no longer offered here (offered: "
+                              f"{offered}); create the job again on one of them", "model")
+        return path
 
     def _files_verdict(self, s: Session, job: Job) -> tuple[bool, tuple[str, str, str] | None]:
         """(all files processed, the first problem as (code, message, param) or None)."""
@@ -513,7 +526,7 @@ class Scheduler:
         train = self._input_file(s, job, "training_file", job.training_file)
         val = self._input_file(s, job, "validation_file", job.validation_file) if job.validation_file else None
         spec = build_spec(job_id=job.id, tenant_id=job.tenant_id,
-                          base_model_path=self.settings.base_models.get(job.model, job.model),
+                          base_model_path=self._base_dir(job),
                           train_uri=self.storage.uri_of_key(train.storage_key),
                           validation_uri=self.storage.uri_of_key(val.storage_key) if val else None,
                           output_uri=job.output_uri, seed=job.seed, hyperparameters=job.request["hyperparameters"],

@@ -3,7 +3,8 @@
 Deleting a file an unfinished job uses answers 409 ``file_in_use`` naming the job. A job whose file vanished
 anyway (its row removed behind the API's back, as the old delete path or a create/delete race left it), or whose
 launch fails for any other reason, fails alone with a clear error; another tenant's queued job still launches in
-the same tick. A vanished validation file fails the job instead of training without validation. Launches go to a
+the same tick. A vanished validation file fails the job instead of training without validation. A job whose base
+model a restart no longer offers fails with ``model_not_found``. Launches go to a
 launcher that records submissions (``tests/service/scheduler_harness.RecordingLauncher``).
 """
 
@@ -113,3 +114,30 @@ def test_any_launch_error_fails_only_that_job(st: Stack) -> None:
     assert a.status == "failed" and a.error is not None and a.error["code"] == "launch_failed", a.error
     assert "service log" in a.error["message"] and "not a mapping" not in a.error["message"]  # no internals leak
     assert b.status == "running" and f"{job_b}-a1" in st.launcher.submitted
+
+
+def test_jobs_on_a_base_dropped_by_a_restart_fail_clearly_and_the_others_launch(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A restart that no longer offers a base model (``qwenvl up --models``, an edited ``QWENVL_BASE_MODELS``) fails
+    that base's queued and still-validating jobs with ``model_not_found`` naming the base and what is offered,
+    instead of launching them onto a model load error inside Ray; a job on a base still offered launches."""
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    both = {"qwen-vl-tiny": str(tiny_model_dir), "qwen-vl-kept": str(tiny_model_dir)}
+    with stack(db_url, tmp_path, tiny_model_dir, base_models=both) as before:
+        tenant_id, key = before.tenant("restarted")
+        queued = before.create_job(key, before.processed_file(tenant_id))
+        kept = before.create_job(key, before.processed_file(tenant_id), model="qwen-vl-kept")
+        before.queue_without_launching()
+        assert before.job(queued).status == before.job(kept).status == "queued"
+        validating = before.create_job(key, before.processed_file(tenant_id))
+        assert before.job(validating).status == "validating_files"
+        before.scheduler.stop()  # hands the lease over, as the shutdown of a scheduling replica does
+    with stack(db_url, tmp_path, tiny_model_dir, base_models={"qwen-vl-kept": str(tiny_model_dir)}) as after:
+        assert after.scheduler.tick()
+        for job_id in (queued, validating):
+            job = after.job(job_id)
+            assert job.status == "failed" and job.error is not None, (job.status, job.error)
+            assert job.error["code"] == "model_not_found" and job.error["param"] == "model", job.error
+            assert "'qwen-vl-tiny'" in job.error["message"] and "qwen-vl-kept" in job.error["message"], job.error
+            assert not any(s.startswith(job_id) for s in after.launcher.submitted)
+        assert after.job(kept).status == "running" and f"{kept}-a1" in after.launcher.submitted
