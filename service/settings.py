@@ -164,6 +164,10 @@ class Settings(BaseSettings):
                                              "never more than max_batch_size slots.")
     serve_adapter_slots: int = Field(8, ge=1, description="Adapters resident on a replica's device at once; "
                                      "requests whose adapter finds every slot in use wait.")
+    serve_vision_adapter_bytes: int = Field(1 << 30, ge=0, description="GPU memory per model replica for copies "
+                                            "of adapters' vision-tower weights (a trained merger or Resampler, "
+                                            "vision LoRA), least recently used dropped beyond; reserved before the "
+                                            "KV cache is sized.")
     serve_max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank the model replicas serve: "
                                      "each adapter slot holds this rank in every language-model linear layer "
                                      "(allocated at start). Adapters of a higher rank are listed unservable; a job "

@@ -37,6 +37,7 @@ def model_configs(settings: Settings) -> list[Any]:
                           max_total_tokens=settings.serve_max_total_tokens,
                           kv_cache_bytes=settings.serve_kv_cache_bytes,
                           adapter_slots=settings.serve_adapter_slots,
+                          vision_adapter_bytes=settings.serve_vision_adapter_bytes,
                           max_lora_rank=settings.serve_max_lora_rank,
                           max_waiting=settings.serve_max_waiting,
                           request_timeout_s=settings.serve_request_timeout_s)

@@ -124,6 +124,10 @@ class EngineConfig:
     # running rows waits for one.
     adapter_slots: int = 8
     max_lora_rank: int = 64
+    # Device memory for copies of adapters' vision-tower weights (a trained merger / Resampler, encoder LoRA),
+    # least recently used dropped beyond (``vision_adapters.DeviceCopies``); reserved on a GPU before the KV cache
+    # is sized from free memory. Unused on the CPU, where the host weights serve directly.
+    vision_adapter_bytes: int = 1 << 30
     max_total_tokens: int = 2048
     max_images_per_request: int = 16
     max_image_bytes: int = 20 * 1024 * 1024  # one encoded image (file, bytes or data URL payload)
@@ -140,8 +144,9 @@ class EngineConfig:
     device: str | None = None
     # The KV cache: one preallocated slot of ``max_total_tokens`` per running request (``kv_cache``). Its size:
     # ``kv_cache_bytes`` when set; else on a GPU ``kv_cache_memory_fraction`` of the memory free after loading
-    # the model and allocating the adapter slots (``adapter_slots``); else (CPU) ``max_batch_size`` slots. The
-    # slots it holds (at most ``max_batch_size``) bound the running batch; requests beyond wait.
+    # the model and allocating the adapter slots (``adapter_slots``), less ``vision_adapter_bytes``; else (CPU)
+    # ``max_batch_size`` slots. The slots it holds (at most ``max_batch_size``) bound the running batch; requests
+    # beyond wait.
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.85
     # Requests waiting for a slot; beyond this the engine refuses new ones (``EngineOverloaded``: HTTP 429).
@@ -285,7 +290,7 @@ class ServingEngine:
         self.model, self.processor, self.family, self.config = model.eval(), processor, family, config
         self.metrics = metrics
         self.lora = GroupedLora(model)
-        self.vision = VisionAdapters(model, family, max_device_copies=config.adapter_slots)
+        self.vision = VisionAdapters(model, family, max_device_bytes=config.vision_adapter_bytes)
         lm_dtype, lm_device = _lm_dtype_device(model)
         # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
@@ -908,16 +913,23 @@ class ServingEngine:
         seq.emit(event)
 
 
+def kv_cache_budget(config: EngineConfig, free_device_bytes: int | None) -> int | None:
+    """The KV cache's bytes: ``kv_cache_bytes`` when set; else, on a GPU (``free_device_bytes``: free after the
+    weights and adapter slots), ``kv_cache_memory_fraction`` of that less the vision copies' reserve
+    (``vision_adapter_bytes``); None on the CPU (``max_batch_size`` slots)."""
+    if config.kv_cache_bytes is not None or free_device_bytes is None:
+        return config.kv_cache_bytes
+    return int(max(0, free_device_bytes - config.vision_adapter_bytes) * config.kv_cache_memory_fraction)
+
+
 def _allocate_cache(model: torch.nn.Module, config: EngineConfig) -> SlotKVCache:
     """The engine's KV cache on the model's device, in the dtype of its embeddings (module docstring of
     ``kv_cache``; sizing: ``EngineConfig.kv_cache_bytes``)."""
     dtype, device = _lm_dtype_device(model)
     shape = cache_shape_of(model.config)
     slot_bytes = shape.bytes_per_token(dtype) * config.max_total_tokens
-    budget = config.kv_cache_bytes
-    if budget is None and device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = int(free * config.kv_cache_memory_fraction)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" and config.kv_cache_bytes is None else None
+    budget = kv_cache_budget(config, free)
     slots = config.max_batch_size if budget is None else min(config.max_batch_size, budget // slot_bytes)
     if slots < 1:
         raise QwenVLError(f"the KV cache budget ({budget} bytes) holds no request of max_total_tokens "

@@ -18,8 +18,9 @@ mergers, v1's Resampler and ``ln_post``; saved as peft ``modules_to_save``). Thi
   ``tower_order`` sorts a prefill's rows so that each adapter's images form one run (base images share one pass).
   A batch without vision weights never enters this path: one base pass, as before.
 
-Weights live on the host with the adapter (``AdapterCache``); a pass on a GPU uses a device copy, kept for the
-``max_device_copies`` adapters used last.
+Weights live on the host with the adapter (``AdapterCache``); a pass on a GPU uses a device copy
+(``DeviceCopies``), kept for the adapters used last while their copies fit ``max_device_bytes`` (the engine reserves
+that much before it sizes its KV cache from free memory; the newest copy is kept even when it alone is larger).
 """
 
 from __future__ import annotations
@@ -61,6 +62,47 @@ class VisionWeights:
         return VisionWeights({n: (a.to(device, non_blocking=True), bt.to(device, non_blocking=True))
                               for n, (a, bt) in self.lora.items()},
                              {n: t.to(device, non_blocking=True) for n, t in self.tensors.items()})
+
+
+class DeviceCopies:
+    """Device copies of host ``VisionWeights``, least recently used dropped once their bytes pass ``max_bytes``
+    (the newest always kept). Keyed by the host weights' identity: weights the ``AdapterCache`` evicted and another
+    object reused the id of never return a stale copy."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._copies: OrderedDict[int, tuple[weakref.ref[VisionWeights], VisionWeights, int]] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, _, size in self._copies.values())
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def get(self, weights: VisionWeights, device: torch.device) -> VisionWeights:
+        """``weights`` on ``device``: themselves when already there, else a kept or a new copy."""
+        sample = next(iter(weights.tensors.values()), None)
+        if sample is None:
+            sample = next(iter(weights.lora.values()))[0]
+        if sample.device == device:
+            return weights
+        entry = self._copies.get(id(weights))
+        if entry is not None and entry[0]() is weights:
+            self._copies.move_to_end(id(weights))
+            return entry[1]
+        for key in [key for key, (ref, _, _) in self._copies.items() if ref() is None]:
+            del self._copies[key]  # the host weights are gone (evicted adapters): their copies can never be used
+        copy = weights.to(device)
+        self._copies[id(weights)] = (weakref.ref(weights), copy, copy.nbytes)
+        self._copies.move_to_end(id(weights))
+        total = self.nbytes
+        while total > self.max_bytes and len(self._copies) > 1:
+            total -= self._copies.popitem(last=False)[1][2]
+        return copy
+
+    def clear(self) -> None:
+        self._copies.clear()
 
 
 def tower_prefix(model: nn.Module, family: ModelFamily) -> tuple[nn.Module, str]:
@@ -155,15 +197,15 @@ class VisionStats:
 class VisionAdapters:
     """Per-image vision weights for one served model (module docstring); used by the engine's model thread only."""
 
-    def __init__(self, model: nn.Module, family: ModelFamily, max_device_copies: int = 8) -> None:
-        self._model, self._family, self._max_copies = model, family, max(1, max_device_copies)
+    def __init__(self, model: nn.Module, family: ModelFamily, max_device_bytes: int = 1 << 30) -> None:
+        self._model, self._family = model, family
         self._tower: nn.Module | None = None
         self._original: Callable[..., Any] | None = None
         self._declared: frozenset[str] = frozenset()  # the named parameters of the tower's forward
         self._runs: list[_Run] | None = None
         self._lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._copies: OrderedDict[int, tuple[weakref.ref[VisionWeights], VisionWeights]] = OrderedDict()
+        self.copies = DeviceCopies(max_device_bytes)
         self.stats = VisionStats()
 
     @contextmanager
@@ -181,7 +223,7 @@ class VisionAdapters:
         tower = self._install()
         device = next(tower.parameters()).device
         for run in runs:
-            run.weights = None if run.weights is None else self._on_device(run.weights, device)
+            run.weights = None if run.weights is None else self.copies.get(run.weights, device)
         self._runs = runs
         try:
             yield
@@ -196,7 +238,7 @@ class VisionAdapters:
         if self._tower is not None:
             del self._tower.forward  # the instance attribute: the class's forward again
             self._tower = self._original = None
-        self._copies.clear()
+        self.copies.clear()
 
     # ----- inside the model's forward ----------------------------------------------------------------------------
     def _install(self) -> nn.Module:
@@ -245,22 +287,6 @@ class VisionAdapters:
             return output + ((args[0].to(a.dtype) @ a.T) @ bt).to(output.dtype)
 
         return hook
-
-    def _on_device(self, weights: VisionWeights, device: torch.device) -> VisionWeights:
-        sample = next(iter(weights.tensors.values()), None)
-        if sample is None:
-            sample = next(iter(weights.lora.values()))[0]
-        if sample.device == device:
-            return weights
-        entry = self._copies.get(id(weights))
-        if entry is not None and entry[0]() is weights:
-            self._copies.move_to_end(id(weights))
-            return entry[1]
-        copy = weights.to(device)
-        self._copies[id(weights)] = (weakref.ref(weights), copy)
-        while len(self._copies) > self._max_copies:
-            self._copies.popitem(last=False)
-        return copy
 
 
 def _split(args: tuple[Any, ...], kwargs: dict[str, Any], declared: frozenset[str],

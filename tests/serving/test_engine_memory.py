@@ -73,6 +73,19 @@ def test_a_budget_too_small_for_one_request_is_a_clear_error(tiny_model_dir):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_total_tokens=512, kv_cache_bytes=1000))
 
 
+def test_a_gpu_budget_is_planned_from_free_memory_after_the_vision_copies_reserve():
+    """On a GPU (free memory known) the KV cache takes its fraction of what the vision-tower copies of adapters
+    (``vision_adapter_bytes``) leave; a configured size wins; on the CPU (no free figure) the batch size decides."""
+    from qwenvl_core.serving.engine import EngineConfig, kv_cache_budget
+
+    gib = 1 << 30
+    config = EngineConfig(vision_adapter_bytes=gib, kv_cache_memory_fraction=0.5)
+    assert kv_cache_budget(config, 9 * gib) == 4 * gib
+    assert kv_cache_budget(config, gib // 2) == 0  # nothing left: _allocate_cache's clear error
+    assert kv_cache_budget(EngineConfig(kv_cache_bytes=123, vision_adapter_bytes=gib), 9 * gib) == 123
+    assert kv_cache_budget(config, None) is None
+
+
 def test_the_waiting_queue_is_bounded(engine_factory):
     engine: ServingEngine = engine_factory(max_batch_size=1, max_waiting=2)
     engine.start()

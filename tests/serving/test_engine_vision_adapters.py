@@ -16,6 +16,7 @@ The adapters are built by training's own ``apply_lora`` and saved as training sa
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import shutil
@@ -33,7 +34,7 @@ from qwenvl_core.models.registry import get_family
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
 from qwenvl_core.serving.lora_batch import AdapterError, load_lora_weights
 from qwenvl_core.serving.servable import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from qwenvl_core.serving.vision_adapters import VisionAdapters, tower_prefix
+from qwenvl_core.serving.vision_adapters import DeviceCopies, VisionAdapters, tower_prefix
 from qwenvl_core.specs import LoraSpec
 from tests.conftest import HF_FAMILIES
 from tests.devices import DEVICES
@@ -271,8 +272,9 @@ def test_a_chunked_prefill_encodes_each_chunk_s_images_with_the_row_s_adapter(mo
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vision_adapters_run_on_the_device_and_their_device_copies_are_bounded(device, model_dirs, adapters):
-    """On each device: a GPU encodes an image with a device copy of its adapter's vision weights, kept for at most
-    ``adapter_slots`` adapters (here one: the merger's copy is dropped for the ViT adapter's). Greedy
+    """On each device: a GPU encodes an image with a device copy of its adapter's vision weights, kept while the
+    copies fit ``vision_adapter_bytes`` (here 1 byte: only the newest is kept, the merger's copy is dropped for the
+    ViT adapter's). Greedy
     tokens equal peft's ``generate`` of each request alone on the same device, and no op computes off it."""
     from tests.devices import DeviceRecorder
     from tests.serving.test_engine_devices import _reference
@@ -283,7 +285,7 @@ def test_vision_adapters_run_on_the_device_and_their_device_copies_are_bounded(d
     rows = [("merger", ((56, 84),)), ("vit", ((84, 28),)), (None, ((56, 56),)), ("merger", ((28, 56),))]
     requests = [_request(i, kind, own, sizes) for i, (kind, sizes) in enumerate(rows)]
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(device=device, max_total_tokens=512,
-                                                                  adapter_slots=1))
+                                                                  vision_adapter_bytes=1))
     engine.config_dir = model_dir
     try:
         seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
@@ -292,9 +294,45 @@ def test_vision_adapters_run_on_the_device_and_their_device_copies_are_bounded(d
             _finish(engine)
         assert not recorder.left, f"ops computed off {device} from its tensors: {sorted(set(recorder.left))}"
         assert all(s.state.done and not s.failed for s in seqs)
-        assert len(engine.vision._copies) <= 1 and engine.vision.stats.passes >= 2
+        assert len(engine.vision.copies) <= 1 and engine.vision.stats.passes >= 2
         expected = [_reference(engine, r, own[kind] if kind else None) for (kind, _), r in zip(rows, requests,
                                                                                                strict=True)]
         assert [s.state.tokens for s in seqs] == expected
     finally:
         engine.close()
+
+
+def test_device_copies_are_bounded_by_bytes_least_recently_used_first(model_dirs, adapters):
+    """``DeviceCopies`` on a device other than the host's (the meta device stands in for a GPU here: the copies'
+    sizes are real, their contents are not needed): copies are reused, the least recently used is dropped once the
+    bytes pass the bound, the newest is kept even alone above it, a copy whose host weights are gone is dropped,
+    and weights already on the device are their own copy."""
+    family_name = "qwen2.5-vl"
+    family, model_dir, own = get_family(family_name), model_dirs[family_name], adapters[family_name]
+    model = family.load_model(model_dir)
+    host = {kind: load_lora_weights(own[kind], kind, model, family).vision for kind in ("vit", "merger", "vision-only")}
+    size = {kind: weights.nbytes for kind, weights in host.items()}
+    meta = torch.device("meta")
+
+    copies = DeviceCopies(size["vit"] + max(size["merger"], size["vision-only"]))  # two copies, never three
+    vit = copies.get(host["vit"], meta)
+    assert vit is not host["vit"] and next(iter(vit.lora.values()))[0].device == meta
+    assert copies.get(host["merger"], meta) is not None and copies.nbytes == size["vit"] + size["merger"]
+    assert copies.get(host["vit"], meta) is vit  # reused, and now the most recently used
+    copies.get(host["vision-only"], meta)  # over the bound: the merger's copy (least recently used) goes
+    assert copies.nbytes <= copies.max_bytes and len(copies) == 2
+    assert copies.get(host["vit"], meta) is vit
+    assert copies.get(host["merger"], meta) is not None and copies.nbytes == size["vit"] + size["merger"]  # vision-only went
+
+    tiny = DeviceCopies(1)
+    for kind in host:
+        tiny.get(host[kind], meta)
+        assert len(tiny) == 1 and tiny.nbytes == size[kind]  # only the newest, even above the bound
+
+    roomy = DeviceCopies(1 << 40)
+    roomy.get(host["vit"], meta)
+    del host["vit"]
+    gc.collect()
+    roomy.get(host["merger"], meta)
+    assert len(roomy) == 1 and roomy.nbytes == size["merger"]  # the orphaned copy is gone
+    assert roomy.get(host["merger"], torch.device("cpu")) is host["merger"]
