@@ -288,13 +288,16 @@ class Trainer:
         if cancel > 0:
             self._checkpoint()
             return JobState.CANCELLED
-        every = self.spec.checkpoint.every_n_steps
-        if self.state.step % every == 0 or self.state.step == self.total_steps:
-            self._checkpoint()
+        # the evaluation first: a checkpoint at the same step carries its metrics, and its state (the early-stopping
+        # counters) includes it, so a resume from there does not evaluate that step again
+        outcome, evaluated = None, None
         eval_every = self.spec.evaluation.every_n_steps
         if eval_every and self.state.step % eval_every == 0 and self.state.step < self.total_steps:
-            return self._periodic_eval()
-        return None
+            outcome, evaluated = self._periodic_eval()
+        every = self.spec.checkpoint.every_n_steps
+        if outcome is not None or self.state.step % every == 0 or self.state.step == self.total_steps:
+            self._checkpoint(evaluated)
+        return outcome
 
     def _report_step(self, loss: float, tokens: float, extra: dict[str, float]) -> None:
         if self.rank != 0:
@@ -323,7 +326,10 @@ class Trainer:
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.position / max(1, self.plan.steps_per_epoch * self.plan.accum)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, evaluated: dict[str, float] | None = None) -> None:
+        """Save a resumable checkpoint with a servable adapter; its event carries OpenAI's checkpoint metrics: the
+        step's ``train_loss`` and, when ``evaluated`` (this step's periodic evaluation), ``valid_loss``,
+        ``valid_mean_token_accuracy`` (SFT) or ``valid_<metric>`` (the objective's own)."""
         directory = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.state.step}-", dir=self.work_dir))
         ckpt.save_checkpoint(directory, self.engine, self.state, self.plan.state(self.state.epoch,
                                                                                   self.state.position), self.rank)
@@ -335,11 +341,17 @@ class Trainer:
         metrics = {"step": float(self.state.step), "loss": self.state.losses[-1][1] if self.state.losses else 0.0}
         if self.hooks.checkpoints is not None:
             self.hooks.checkpoints.report(self.state.step, directory, metrics)
-        self._event("checkpoint", f"checkpoint at step {self.state.step}", {"step": self.state.step})
+        public = {"train_loss": metrics["loss"]} if self.state.losses else {}
+        for key, value in (evaluated or {}).items():
+            name = key.removeprefix("eval/")
+            public["valid_mean_token_accuracy" if name == "token_accuracy" else f"valid_{name}"] = value
+        self._event("checkpoint", f"checkpoint at step {self.state.step}", {"step": self.state.step, "metrics": public})
 
-    def _periodic_eval(self) -> JobState | None:
+    def _periodic_eval(self) -> tuple[JobState | None, dict[str, float] | None]:
+        """(SUCCEEDED when early stopping ends the run, else None; the ``eval/*`` metrics, None without an
+        evaluator)."""
         if self.evaluator is None:
-            return None
+            return None, None
         metrics = {f"eval/{k}": v for k, v in self.evaluator(self.engine.module, task=False).items()}
         self._log(metrics)
         early = self.spec.evaluation.early_stopping
@@ -351,9 +363,8 @@ class Trainer:
             self.state.evals_without_improvement += 1
         if early is not None and self.state.evals_without_improvement >= early.patience:
             self._event("message", f"early stopping at step {self.state.step}", {"step": self.state.step})
-            self._checkpoint()
-            return JobState.SUCCEEDED
-        return None
+            return JobState.SUCCEEDED, metrics
+        return None, metrics
 
     def _log(self, metrics: dict[str, float]) -> None:
         """Evaluation metrics to the metric sinks (MLflow) and, as a ``message`` event, to the job's events."""

@@ -75,11 +75,15 @@ def st(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, ray_dashb
         key = (root / "data" / "api_key").read_text().strip()
         _, other_key = new_tenant(http, ADMIN, "other")
         client = _client(http, key)
-        file_id = upload(http, key)["id"]
-        assert wait_file(http, key, file_id)["status"] == "processed"
-        job = client.fine_tuning.jobs.create(model=BASE, training_file=file_id, suffix="parent", seed=5,
+        file_id, val_id = upload(http, key)["id"], upload(http, key, name="validation.jsonl")["id"]
+        assert wait_file(http, key, file_id)["status"] == wait_file(http, key, val_id)["status"] == "processed"
+        job = client.fine_tuning.jobs.create(model=BASE, training_file=file_id, validation_file=val_id,
+                                             suffix="parent", seed=5,
                                              extra_body={"max_steps": 3, "lora": {"r": 4, "alpha": 8},
-                                                         "checkpoint": {"every_n_steps": 1, "keep": 2}, **SMALL})
+                                                         "checkpoint": {"every_n_steps": 1, "keep": 2},
+                                                         "evaluation": {"every_n_steps": 2, "max_samples": 2,
+                                                                        "task_metrics": False,
+                                                                        "compare_base": False}, **SMALL})
         st = Stack(http, client, _client(http, other_key), key, file_id, {})
         st.parent = st.wait(job.id)
         assert st.parent["status"] == "succeeded", st.parent
@@ -107,6 +111,12 @@ def test_listed_checkpoints_are_models_served_retrieved_and_downloaded(st: Stack
     # every step checkpointed; keep 2: Ray Train removed step 1's, so only the stored (servable) ones are listed
     assert [c.step_number for c in ckpts] == [3, 2]
     assert [c.fine_tuned_model_checkpoint for c in ckpts] == [f"{model}:ckpt-step-3", f"{model}:ckpt-step-2"]
+    # OpenAI's checkpoint metrics, read through the official client's model: each step's training loss, and the
+    # validation metrics where a periodic evaluation ran (every 2 steps here)
+    newest, evaluated = ckpts[0].metrics, ckpts[1].metrics
+    assert (newest.step, evaluated.step) == (3, 2) and newest.train_loss > 0 and evaluated.train_loss > 0
+    assert newest.valid_loss is None and evaluated.valid_loss > 0
+    assert 0 <= evaluated.valid_mean_token_accuracy <= 1
     gone = f"{model}:ckpt-step-1"
     assert st.http.get(f"/v1/models/{gone}", headers=auth(st.key)).json()["error"]["code"] == "model_not_found"
 

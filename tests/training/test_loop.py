@@ -141,8 +141,16 @@ def test_early_stopping_ends_the_run_when_validation_loss_stops_improving(tiny_m
     result = Trainer(spec, Hooks(progress=[rec], metrics=[rec], events=events), tmp_path / "work").run()
     assert result.state is JobState.SUCCEEDED
     assert result.train_state.step == 4 < result.total_steps == 12
-    assert any("early stopping at step 4" in e.message for e in RunDir(spec.output_uri).read_events())
+    logged = RunDir(spec.output_uri).read_events()
+    assert any("early stopping at step 4" in e.message for e in logged)
     assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    # one checkpoint where it stopped, carrying OpenAI's checkpoint metrics of that step's evaluation
+    (saved,) = [e.data for e in logged if e.type == "checkpoint"]
+    evaluated = {m["eval/loss"]: m for step, m in rec.metrics if step == 4 and "eval/loss" in m}
+    assert saved["step"] == 4 and set(saved["metrics"]) == {"train_loss", "valid_loss", "valid_mean_token_accuracy"}
+    assert saved["metrics"]["valid_loss"] in evaluated and saved["metrics"]["train_loss"] > 0
+    assert saved["metrics"]["valid_mean_token_accuracy"] == evaluated[saved["metrics"]["valid_loss"]][
+        "eval/token_accuracy"]
 
 
 def test_progress_events_carry_the_progress_fields_the_service_reads(tmp_path):
