@@ -153,6 +153,24 @@ def test_early_stopping_ends_the_run_when_validation_loss_stops_improving(tiny_m
         "eval/token_accuracy"]
 
 
+def test_a_run_resumed_from_an_evaluated_step_stops_early_where_the_uninterrupted_one_did(tiny_model_dir, synth_data,
+                                                                                            tmp_path):
+    """The checkpoint of a step that also evaluates holds that evaluation's early-stopping state: resumed from step
+    4's checkpoint, the run stops at step 6 as the uninterrupted one does (a checkpoint saved before its step's
+    evaluation would resume one evaluation behind and stop at step 8)."""
+    spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", checkpoint={"every_n_steps": 2},
+                     evaluation={"every_n_steps": 2, "max_samples": 4, "compare_base": False, "task_metrics": False,
+                                 "early_stopping": {"patience": 2, "min_delta": 100.0}})
+    whole = Trainer(spec, Hooks(), tmp_path / "whole").run()
+    assert whole.state is JobState.SUCCEEDED and whole.train_state.step == 6
+    with pytest.raises(_Stop):
+        Trainer(spec, Hooks(on_step=[_stop_after(5)]), tmp_path / "a").run()
+    latest = LocalCheckpoints(tmp_path / "a" / "checkpoints", None).latest()
+    assert latest is not None and latest.name == "step_00000004"
+    resumed = Trainer(spec, Hooks(), tmp_path / "b").run(resume_from=latest)
+    assert resumed.train_state.resumed_from_step == 4 and resumed.train_state.step == 6
+
+
 def test_progress_events_carry_the_progress_fields_the_service_reads(tmp_path):
     from qwenvl_core.specs import Progress
     from qwenvl_core.training.hooks import EventProgress
