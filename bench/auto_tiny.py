@@ -12,7 +12,7 @@ Tasks: ``colours`` and ``counting`` (the demo's data, ``qwenvl_cli.demo_data``);
 ``ground_arrow`` (rendered tasks outside the pretraining mix, ``qwenvl_core.pretrain.render``).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/auto_tiny.py --base DIR --task colours [--mode auto|tuned]
-       [--seed 0] [--n-train 600]
+       [--seed 0] [--n-train 600] [--eval-every N]
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=600)
     parser.add_argument("--n-validation", type=int, default=None, help="held-out samples (default: the task's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="also evaluate the validation loss every N steps (printed as a curve at the end)")
     args = parser.parse_args()
 
     import torch
@@ -62,7 +64,7 @@ def main() -> None:
     from qwenvl_core import autotune
     from qwenvl_core.data import validate_file
     from qwenvl_core.specs import FineTuneJobSpec
-    from qwenvl_core.training import Trainer
+    from qwenvl_core.training import Hooks, RecordingSink, Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -90,11 +92,15 @@ def main() -> None:
             "validation_file": str(val), "output_uri": str(root / "run"), "seed": args.seed, "lora": lora,
             "hyperparameters": {"max_steps": steps, "batch_size": global_batch, "micro_batch_size": global_batch,
                                 "learning_rate": lr},
-            "evaluation": {"max_new_tokens": 48, "max_samples": n_val},
+            "evaluation": {"max_new_tokens": 48, "max_samples": n_val, "every_n_steps": args.eval_every},
             "checkpoint": {"every_n_steps": 100_000},
         })
         start = time.monotonic()
-        metrics = Trainer(spec, work_dir=root / "run").run().metrics
+        curve = RecordingSink()
+        metrics = Trainer(spec, Hooks(metrics=[curve]), work_dir=root / "run").run().metrics
+        if args.eval_every:
+            print("validation loss by step: " + ", ".join(f"{step} {m['eval/loss']:.3f}" for step, m in curve.metrics
+                                                          if "eval/loss" in m and "eval_base/loss" not in m))
         keep = {k: round(v, 3) for k, v in metrics.items()
                 if k.split("/")[-1] in ("exact_match", "grounding_accuracy", "loss")}
         print(json.dumps({"task": args.task, "mode": args.mode, "steps": steps, "lr": lr,
