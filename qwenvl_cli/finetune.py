@@ -3,12 +3,15 @@
 Mounted as ``qwenvl finetune`` by ``qwenvl_cli.main``. Flags override ``--config job.yaml``
 (a ``FineTuneJobSpec`` document); the job runs on the current Ray cluster (``RAY_ADDRESS`` / a running local
 one) or a new local one, shows a progress bar fed by the run directory's events, and leaves the adapter in
-``--out``/adapter.
+``--out``/adapter. Standard output is the result only (JSON: job id, state, adapter, error, metrics); the progress
+bar and the workers' logs go to standard error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,13 +67,14 @@ def build_spec(base: Path, train: Path, val: Path | None, config: Path | None, o
 
 
 def _watch(output_uri: str, stop: threading.Event) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qwenvl_core.runs import RunDir
 
     run, seen = RunDir(output_uri), -1
     with Progress(TextColumn("[bold]finetune"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()) as bar:
+                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
         task = bar.add_task("train", total=None, loss="-")
         while not stop.wait(1.0):
             for event in run.read_events(after_seq=seen):
@@ -104,17 +108,23 @@ def finetune(
                  "lora.r": rank, "compute.num_workers": workers, "compute.strategy": strategy,
                  "tracking.tracking_uri": tracking_uri, "quantization": "4bit" if qlora else None}
     spec = build_spec(base, train, val, config, out, overrides)
+    import ray
+
     from workflows.finetune import connect, run_job
 
-    connect()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(spec.output_uri, stop), daemon=True)
-    watcher.start()
-    try:
-        result = run_job(spec)
-    finally:
-        stop.set()
-        watcher.join(timeout=5)
+    # stdout carries only the result (``qwenvl finetune ... | jq``): the progress bar and the worker logs Ray forwards
+    # to the driver go to stderr, and Ray is shut down before the result is printed, so no late log line follows it
+    with contextlib.redirect_stdout(sys.stderr):
+        connect()
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(spec.output_uri, stop), daemon=True)
+        watcher.start()
+        try:
+            result = run_job(spec)
+        finally:
+            stop.set()
+            watcher.join(timeout=5)
+            ray.shutdown()
     typer.echo(json.dumps({k: result.get(k) for k in ("job_id", "state", "adapter_uri", "error", "metrics")},
                           indent=1))
     if result["state"] == "failed":
