@@ -140,7 +140,7 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
         job = watch_job(client, job["id"], console)
         if job["status"] != "succeeded":
             raise StackError(f"job {job['id']} {job['status']}: {job.get('error')}")
-        result = json.loads(client.request("GET", f"/v1/files/{job['result_files'][0]}/content").content)
+        result = json.loads(client.request("GET", f"/v1/files/{job['result_files'][-1]}/content").content)  # result.json
         metrics = result["metrics"]
         console.rule("5. base vs fine-tuned on held-out questions")
         console.print(metrics_table(metrics, task))

@@ -29,6 +29,7 @@ CANCEL_FILE = "CANCEL"
 PAUSE_FILE = "PAUSE"
 ADAPTER_DIR = "adapter"
 RESULT_FILE = "result.json"
+RESULTS_CSV = "results.csv"  # OpenAI's per-step results file (``qwenvl_core.training.results``)
 SPEC_FILE = "spec.json"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

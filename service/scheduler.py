@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qwenvl_core import autotune
 from qwenvl_core.errors import ConfigError
-from qwenvl_core.runs import RunDir
+from qwenvl_core.runs import RESULT_FILE, RESULTS_CSV, RunDir
 from service import integrations, job_states
 from service import repository as repo
 from service.caps import auto_caps
@@ -303,7 +303,9 @@ class Scheduler:
         charge_run_storage(s, self.storage, job)  # the run's final outputs (adapter, result) are charged
         if result.get("trained_tokens") is not None:
             job.trained_tokens = int(result["trained_tokens"])
-        job.result_files = [self._result_file(s, job, run)]
+        # OpenAI's results.csv first (clients written for OpenAI read result_files[0] as it), then result.json
+        job.result_files = [self._result_file(s, job, run, name) for name in (RESULTS_CSV, RESULT_FILE)
+                            if name == RESULT_FILE or run.exists(name)]
         if state == "succeeded":  # finished, even if past a limit: the adapter is complete and kept
             self._succeed(s, job, run)
         elif state == "cancelled" or job.cancel_requested_at is not None:
@@ -314,9 +316,9 @@ class Scheduler:
             code = err.get("code", "training_failed") if isinstance(err, dict) else "training_failed"
             self._fail(s, job, code, message or "training failed", None)
 
-    def _result_file(self, s: Session, job: Job, run: RunDir) -> str:
-        key = self.storage.key_of_uri(run.uri_of("result.json"))
-        row = repo.add_file(s, file_id=repo.new_id("file"), tenant_id=job.tenant_id, filename="result.json",
+    def _result_file(self, s: Session, job: Job, run: RunDir, name: str) -> str:
+        key = self.storage.key_of_uri(run.uri_of(name))
+        row = repo.add_file(s, file_id=repo.new_id("file"), tenant_id=job.tenant_id, filename=name,
                             purpose="fine-tune-results", size=self.storage.size(key) or 0, sha256="",
                             storage_key=key, status="processed")
         return row.id

@@ -6,7 +6,7 @@ running local one, else a new local one); the REST service submits exactly this 
 ``result.json`` (written last) and the events in the run directory say which, with the error.
 
 Ray touch points are numbered: [1] the checkpoint to resume from, [2] checkpoint reports (every rank, its own
-files), [3] the final outcome (rank 0, into the run directory), [4] ``TorchTrainer.fit`` with Scaling/Run/Checkpoint/Failure configs.
+files), [3] the final outcome (rank 0, into the run directory: ``outcome.json`` and OpenAI's ``results.csv``), [4] ``TorchTrainer.fit`` with Scaling/Run/Checkpoint/Failure configs.
 
 **Restart.** Running the same command again for the same spec (the driver died: node lost, the service re-queued
 the job) continues the job. Ray Train V2 restores it by itself: ``TrainController`` builds a ``CheckpointManager``
@@ -57,11 +57,12 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.runs import EVENTS_DIR, RESULT_FILE, SPEC_FILE, RunDir, checkpoint_name
+from qwenvl_core.runs import EVENTS_DIR, RESULT_FILE, RESULTS_CSV, SPEC_FILE, RunDir, checkpoint_name
 from qwenvl_core.secret_names import looks_secret
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.storage import read_uri
 from qwenvl_core.training import EventProgress, Hooks, RunDirCancel, RunDirEvents
+from qwenvl_core.training.results import results_csv
 
 # Ray Train V2 starts a PreemptionWatcher actor per job (one more process, seconds of imports) that only logs node
 # drains and answers ``ray.train.get_preemption_info()``, which the loop never reads: a drained node fails its workers
@@ -203,6 +204,7 @@ def train_func(config: dict[str, Any]) -> None:
             run = RunDir(spec.output_uri)
             if result.adapter_dir is not None:
                 run.upload_adapter(result.adapter_dir)
+            run.store.put_bytes(run.key(RESULTS_CSV), results_csv(result.train_state).encode("utf-8"))
             version = tracker.finish(result.state, result.adapter_dir, result.train_state.losses) if tracker else None
             run.write_json(OUTCOME_FILE, {"state": result.state.value, "metrics": result.metrics,
                                           "summary": result.summary, "model_version": version,
@@ -291,7 +293,7 @@ def run_job(spec: FineTuneJobSpec, fault: dict[str, Any] | None = None) -> dict[
         events.state(JobState.RUNNING, f"job {spec.job_id} started on Ray Train")
     try:
         if final is None:
-            for stale in (OUTCOME_FILE, RESULT_FILE):
+            for stale in (OUTCOME_FILE, RESULT_FILE, RESULTS_CSV):
                 if run.exists(stale):
                     run.store.delete(run.key(stale))
             os.environ.setdefault(PREEMPTION_WATCHER, "0")  # read at fit and passed to the controller by Ray Train

@@ -54,6 +54,8 @@ class TrainState:
     tokens_seen: int = 0
     data_digest: str = ""
     losses: list[tuple[int, float]] = field(default_factory=list)
+    # the fine-tuned model's evaluations so far, periodic and final: (step, {"eval/loss": ..., ...})
+    evaluations: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     resumed_from_step: int | None = None
@@ -142,7 +144,8 @@ def load_checkpoint(directory: Path, engine: Engine, rank: int) -> tuple[TrainSt
     rng = _read_rng(directory, rank)
     if rng is not None:
         restore_rng(rng)
-    state = TrainState(**{**doc["state"], "losses": [tuple(x) for x in doc["state"]["losses"]]})
+    state = TrainState(**{**doc["state"], "losses": [tuple(x) for x in doc["state"]["losses"]],
+                          "evaluations": [tuple(x) for x in doc["state"].get("evaluations", [])]})
     state.resumed_from_step = state.step
     return state, doc["sampler"]
 

@@ -54,6 +54,7 @@ from qwenvl_core.training.lora import (
 )
 from qwenvl_core.training.objectives import build_objective
 from qwenvl_core.training.optim import build_optimizer, build_scheduler
+from qwenvl_core.training.results import valid_metrics
 from qwenvl_core.training.strategies import build_engine, rank_and_world
 
 
@@ -341,10 +342,7 @@ class Trainer:
         metrics = {"step": float(self.state.step), "loss": self.state.losses[-1][1] if self.state.losses else 0.0}
         if self.hooks.checkpoints is not None:
             self.hooks.checkpoints.report(self.state.step, directory, metrics)
-        public = {"train_loss": metrics["loss"]} if self.state.losses else {}
-        for key, value in (evaluated or {}).items():
-            name = key.removeprefix("eval/")
-            public["valid_mean_token_accuracy" if name == "token_accuracy" else f"valid_{name}"] = value
+        public = ({"train_loss": metrics["loss"]} if self.state.losses else {}) | valid_metrics(evaluated or {})
         self._event("checkpoint", f"checkpoint at step {self.state.step}", {"step": self.state.step, "metrics": public})
 
     def _periodic_eval(self) -> tuple[JobState | None, dict[str, float] | None]:
@@ -353,6 +351,7 @@ class Trainer:
         if self.evaluator is None:
             return None, None
         metrics = {f"eval/{k}": v for k, v in self.evaluator(self.engine.module, task=False).items()}
+        self.state.evaluations.append((self.state.step, metrics))
         self._log(metrics)
         early = self.spec.evaluation.early_stopping
         loss = metrics["eval/loss"]
@@ -416,6 +415,7 @@ class Trainer:
                         f"{type(exc).__name__}: {exc}", {"step": self.state.step, "error": type(exc).__name__},
                         level="warn")
             return {}
+        self.state.evaluations.append((self.state.step, {k: v for k, v in metrics.items() if k.startswith("eval/")}))
         self._log(metrics)
         return metrics
 

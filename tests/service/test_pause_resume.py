@@ -13,6 +13,7 @@ the same adapter tensors as an uninterrupted job with the same seed and data.
 
 from __future__ import annotations
 
+import csv
 import io
 import tarfile
 import threading
@@ -214,10 +215,11 @@ def _adapter(client: TestClient, key: str, model: str) -> dict[str, torch.Tensor
 
 
 def _result(client: TestClient, key: str, job: dict[str, Any]) -> dict[str, Any]:
-    return client.get(f"/v1/files/{job['result_files'][0]}/content", headers=auth(key)).json()  # type: ignore[no-any-return]
+    """The job's ``result.json`` (the last of its result files; OpenAI's ``results.csv`` comes first)."""
+    return client.get(f"/v1/files/{job['result_files'][-1]}/content", headers=auth(key)).json()  # type: ignore[no-any-return]
 
 
-def _reference_adapter(spec_uri: str, out: Path) -> dict[str, torch.Tensor]:
+def _reference_run(spec_uri: str, out: Path) -> tuple[dict[str, torch.Tensor], list[tuple[int, float]]]:
     """The uninterrupted run of the job's own spec (the one the scheduler wrote), by the same trainer in this
     process: same seed, data and hyperparameters, one worker like the job's, never stopped."""
     spec = FineTuneJobSpec.model_validate_json(Path(spec_uri).read_text())
@@ -229,7 +231,7 @@ def _reference_adapter(spec_uri: str, out: Path) -> dict[str, torch.Tensor]:
     finally:
         torch.set_num_threads(threads)
     assert result.adapter_dir is not None and result.train_state.resumed_from_step is None
-    return load_file(result.adapter_dir / "adapter_model.safetensors")
+    return load_file(result.adapter_dir / "adapter_model.safetensors"), result.train_state.losses
 
 
 @pytest.mark.slow
@@ -262,7 +264,7 @@ def test_a_paused_and_resumed_job_trains_the_same_adapter(tmp_path: Path, tiny_m
         started_s = time.monotonic() - t0
         pausing = client.fine_tuning.jobs.pause(job.id)  # the driver runs: Ray Train is still starting
         assert pausing.status == "running" and pausing.model_extra["pause_requested"] is True
-        expected = _reference_adapter(_spec_uri(http.app, job.id), tmp_path / "reference")  # meanwhile, here
+        expected, losses = _reference_run(_spec_uri(http.app, job.id), tmp_path / "reference")  # meanwhile, here
 
         paused = wait_for(lambda: http.get(url, headers=auth(key)).json(),
                           lambda d: d["status"] not in ("running", "queued"), timeout=180)
@@ -283,6 +285,15 @@ def test_a_paused_and_resumed_job_trains_the_same_adapter(tmp_path: Path, tiny_m
         assert f"resumed from step {step}" in messages()
         summary = _result(http, key, done)["summary"]
         assert summary["resumed_from_step"] == step and summary["steps"] == 6
+        # OpenAI's results.csv, first of the result files: every step, across the pause, with the uninterrupted
+        # run's losses; no validation file, so no valid_* values
+        results = client.files.retrieve(done["result_files"][0])
+        assert (results.filename, results.purpose) == ("results.csv", "fine-tune-results")
+        rows = list(csv.DictReader(io.StringIO(client.files.content(results.id).text)))
+        assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+        assert [(int(r["step"]), r["valid_loss"]) for r in rows] == [(n, "") for n in range(1, 7)]
+        torch.testing.assert_close([float(r["train_loss"]) for r in rows], [loss for _, loss in losses],
+                                   atol=1e-5, rtol=1e-4)
         got = _adapter(http, key, done["fine_tuned_model"])
         assert got.keys() == expected.keys() and got
         for name in expected:

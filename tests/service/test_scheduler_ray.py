@@ -62,7 +62,7 @@ def test_job_runs_on_ray_and_registers_its_adapter(tmp_path: Path, tiny_model_di
         archive = client.get(f"/v1/models/{model}/content", headers=auth(key))
         names = tarfile.open(fileobj=io.BytesIO(archive.content)).getnames()
         assert sorted(names) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
-        result = client.get(f"/v1/files/{done['result_files'][0]}/content", headers=auth(key)).json()
+        result = client.get(f"/v1/files/{done['result_files'][-1]}/content", headers=auth(key)).json()
         assert result["state"] == "succeeded"
         assert client.delete(f"/v1/models/{model}", headers=auth(key)).json()["deleted"] is True
         assert client.get(f"/v1/models/{model}", headers=auth(key)).status_code == 404

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from qwenvl_core.runs import RunDir
 from qwenvl_core.specs import JobState
 from qwenvl_core.training import Hooks, RecordingSink, RunDirCancel, RunDirEvents, Trainer
 from qwenvl_core.training.hooks import LocalCheckpoints
+from qwenvl_core.training.results import results_csv
 from tests.training.conftest import make_spec
 
 
@@ -169,6 +172,17 @@ def test_a_run_resumed_from_an_evaluated_step_stops_early_where_the_uninterrupte
     assert latest is not None and latest.name == "step_00000004"
     resumed = Trainer(spec, Hooks(), tmp_path / "b").run(resume_from=latest)
     assert resumed.train_state.resumed_from_step == 4 and resumed.train_state.step == 6
+    # OpenAI's results.csv: a row per step, validation columns where an evaluation ran; the resumed run's has the
+    # evaluations of before its checkpoint too, and the same numbers
+    tables = [list(csv.DictReader(io.StringIO(results_csv(r.train_state)))) for r in (whole, resumed)]
+    for table in tables:
+        assert [int(row["step"]) for row in table] == [1, 2, 3, 4, 5, 6]
+        assert [row["step"] for row in table if row["valid_loss"]] == ["2", "4", "6"]
+        assert all(row["train_accuracy"] == "" and float(row["train_loss"]) > 0 for row in table)
+    for column in ("train_loss", "valid_loss", "valid_mean_token_accuracy"):
+        torch.testing.assert_close([float(row[column] or "nan") for row in tables[1]],
+                                   [float(row[column] or "nan") for row in tables[0]], atol=1e-5, rtol=1e-4,
+                                   equal_nan=True)
 
 
 def test_progress_events_carry_the_progress_fields_the_service_reads(tmp_path):
