@@ -160,6 +160,7 @@ class Settings(BaseSettings):
                                         "cache reserves this many tokens per running request.")
     serve_kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size per model replica; None: 85% of "
                                              "the GPU memory free after loading the model and its adapter slots, "
+                                             "less serve_vision_adapter_bytes, "
                                              "times serve_num_gpus when below 1 (GPU), max_batch_size slots (CPU); "
                                              "never more than max_batch_size slots.")
     serve_adapter_slots: int = Field(8, ge=1, description="Adapters resident on a replica's device at once; "
