@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qwenvl_cli.stack import is_running, ray_temp_dir
 from tests.fixtures.net import free_port
 
 QWENVL = str(Path(sys.executable).parent / "qwenvl")
@@ -33,17 +34,37 @@ def qwenvl(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.
 
 
 def processes_of(home: Path) -> list[int]:
-    """Live processes (any, not only ours) whose environment names ``home`` as the platform's data dir."""
-    needle = f"QWENVL_DATA_DIR={home}".encode()
+    """Live processes (any, not only ours) of the stack of ``home``: those whose environment names it as the
+    platform's data dir, and those with a file open in its Ray temp dir. Ray's dashboard heads and agents overwrite
+    their environment with their process title, so only their open logs name them."""
+    needle, ray_dir = f"QWENVL_DATA_DIR={home}".encode(), str(ray_temp_dir(home))
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and is_running(int(entry.name)):
+            if needle in _read(entry / "environ").split(b"\0") or _has_open_file_under(entry, ray_dir):
+                found.append(int(entry.name))
     return found
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _has_open_file_under(process: Path, directory: str) -> bool:
+    try:
+        fds = list((process / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(directory + "/"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @dataclass
