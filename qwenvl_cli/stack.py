@@ -311,7 +311,7 @@ def ray_temp_dir(home: Path) -> Path:
 def marked_pids(stack_id: str) -> list[int]:
     """Pids of live processes whose environment carries ``QWENVL_STACK_ID=stack_id``."""
     needle = f"{MARKER}={stack_id}".encode()
-    return [pid for pid, environ in _environments() if needle in environ and is_running(pid)]
+    return [pid for pid, environ in process_environments() if needle in environ and is_running(pid)]
 
 
 def marked_groups(stack_id: str) -> list[int]:
@@ -331,14 +331,14 @@ def orphan_stack_ids(home: Path) -> list[str]:
     how ``down`` finds a stack whose ``stack.json`` (or whole home) was deleted while it ran."""
     data_dir, prefix = f"QWENVL_DATA_DIR={home}".encode(), f"{MARKER}=".encode()
     found: list[str] = []
-    for pid, environ in _environments():
+    for pid, environ in process_environments():
         if data_dir in environ and is_running(pid):
             ids = [item[len(prefix):].decode() for item in environ if item.startswith(prefix)]
             found.extend(i for i in ids if i not in found)
     return found
 
 
-def _environments() -> Iterator[tuple[int, list[bytes]]]:
+def process_environments() -> Iterator[tuple[int, list[bytes]]]:
     """(pid, environment entries) of every process but this one whose environment we may read."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_cli.stack import is_running, ray_temp_dir
+from qwenvl_cli.stack import is_running, process_environments, ray_temp_dir
 from tests.fixtures.net import free_port
 
 QWENVL = str(Path(sys.executable).parent / "qwenvl")
@@ -38,19 +38,8 @@ def processes_of(home: Path) -> list[int]:
     platform's data dir, and those with a file open in its Ray temp dir. Ray's dashboard heads and agents overwrite
     their environment with their process title, so only their open logs name them."""
     needle, ray_dir = f"QWENVL_DATA_DIR={home}".encode(), str(ray_temp_dir(home))
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and is_running(int(entry.name)):
-            if needle in _read(entry / "environ").split(b"\0") or _has_open_file_under(entry, ray_dir):
-                found.append(int(entry.name))
-    return found
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
+    return [pid for pid, environ in process_environments()
+            if (needle in environ or _has_open_file_under(Path(f"/proc/{pid}"), ray_dir)) and is_running(pid)]
 
 
 def _has_open_file_under(process: Path, directory: str) -> bool:
