@@ -303,9 +303,10 @@ class Scheduler:
         charge_run_storage(s, self.storage, job)  # the run's final outputs (adapter, result) are charged
         if result.get("trained_tokens") is not None:
             job.trained_tokens = int(result["trained_tokens"])
-        # OpenAI's results.csv first (clients written for OpenAI read result_files[0] as it), then result.json
-        job.result_files = [self._result_file(s, job, run, name) for name in (RESULTS_CSV, RESULT_FILE)
-                            if name == RESULT_FILE or run.exists(name)]
+        # OpenAI's results.csv first (clients written for OpenAI read result_files[0] as it; only a run that trained
+        # has one), then result.json
+        names = ([RESULTS_CSV] if run.exists(RESULTS_CSV) else []) + [RESULT_FILE]
+        job.result_files = [self._result_file(s, job, run, name) for name in names]
         if state == "succeeded":  # finished, even if past a limit: the adapter is complete and kept
             self._succeed(s, job, run)
         elif state == "cancelled" or job.cancel_requested_at is not None:
