@@ -1,4 +1,5 @@
-"""``qwenvl jobs create|list|show|watch|cancel``: fine-tuning jobs through the REST API (``/v1/fine_tuning``).
+"""``qwenvl jobs create|list|show|watch|pause|resume|cancel``: fine-tuning jobs through the REST API
+(``/v1/fine_tuning``).
 
 ``watch`` follows a job with a live progress bar (step, loss, ETA) until it ends; Ctrl-C only stops watching,
 the job keeps running (cancel it with ``qwenvl jobs cancel``).

@@ -53,7 +53,7 @@ _MULTIPART_OVERHEAD = 64 * 1024
 def body_limit(settings: Settings, path: str) -> int:
     """The largest request body on ``path``: uploads ``max_upload_bytes`` + multipart overhead; chat completions
     ``max_chat_request_bytes`` (inline base64 images; their count and sizes are then checked by the chat route);
-    everything else ``max_request_bytes``. ``service.main``'s body limit answers 413 above it."""
+    everything else ``max_request_bytes``. the ``Admission`` middleware answers 413 above it."""
     if path.rstrip("/") == "/v1/files":
         return settings.max_upload_bytes + _MULTIPART_OVERHEAD
     if path.rstrip("/") == "/v1/chat/completions":

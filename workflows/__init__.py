@@ -1,5 +1,6 @@
-"""workflows: orchestration on Ray (fine-tune jobs on Ray Train, the Ray Serve application, evaluation).
+"""workflows: orchestration on Ray: fine-tune jobs on Ray Train (``finetune``), MLflow tracking (``tracking``), the
+Ray Serve application (``serve_app``, and ``app``: the deployable one, with the control plane as its ingress).
 
-Not built yet: see issues 4 and 6. Ray stays at the edges; the training loop and the engine live in
+Ray stays at the edges; the training loop and the engine live in
 ``qwenvl_core``.
 """

@@ -5,7 +5,8 @@ Modules (each states what it owns): ``issues`` (locations, issues, error types),
 JSONL records), ``formats`` (official Qwen-VL and OpenAI schemas -> ``Sample``), ``checks`` (per-sample rules),
 ``bundle`` (safe archive extraction), ``validate`` (the streaming report), ``stats`` (statistics and estimates),
 ``encode`` (ChatML ids + label masks + pixels), ``collate`` (padding, length grouping, packing), ``sampler``
-(resumable samplers), ``synth`` (coloured-shape data).
+(resumable samplers), ``synth`` (coloured-shape data), ``preference`` (OpenAI's preference (DPO) format and its
+encoding).
 """
 
 from qwenvl_core.data.bundle import Bundle, BundleLimits, open_bundle, write_bundle

@@ -10,7 +10,8 @@ This module owns the request lifecycle inside one replica:
    (``messages[i].content[j]``, ``max_tokens``, ``logit_bias``). The request then holds its ``LoraWeights``:
    it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile.
 2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
-   their adapters) and merged into the running batch, whose KV cache is padded on the left to a common length;
+   their adapters) and join the running batch in the KV slots after its rows (each row stored from column 0, no
+   padding columns: ``kv_cache``);
    every step decodes one token for every running row, with each row's adapter applied in the same forward
    (``lora_batch.GroupedLora``), each row's sampling parameters, stop ids and stop strings (the per-row pieces
    of ``qwenvl_core.generation``). Finished or abandoned rows leave the batch at once.

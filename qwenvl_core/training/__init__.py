@@ -3,7 +3,9 @@
 Modules: ``lora`` (targets, Q-LoRA, peft), ``optim`` (AdamW, schedules), ``data_loading`` (job files, global
 batch plan), ``strategies`` (DDP / DeepSpeed ZeRO engines), ``checkpoint`` (exact-resume checkpoints, adapter
 directory), ``evaluate`` (loss, token accuracy, exact match, grounding), ``hooks`` (progress / metrics /
-checkpoint / cancel interfaces and run-directory implementations), ``loop`` (``Trainer``).
+checkpoint / cancel interfaces and run-directory implementations), ``objectives`` (what a micro-step optimises),
+``dpo`` (preference optimisation), ``feature_cache`` (frozen vision features reused), ``results`` (checkpoint
+metrics and ``results.csv``), ``loop`` (``Trainer``).
 
 ``Trainer`` and ``TrainResult`` are imported on first use (PEP 562): the loop pulls in peft, transformers and
 bitsandbytes (about 7 s of imports on a 2-core machine), which a job's driver and the service only need the hooks

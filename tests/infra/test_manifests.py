@@ -23,7 +23,7 @@ from tests.infra.settings_table import READER, settings_rows, valid_env_names
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
-PROJECT_PACKAGES = ("qwenvl_core.", "service.", "workflows.")
+PROJECT_PACKAGES = ("qwenvl_core.", "service.", "workflows.", "qwenvl_cli.")
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
 DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile.*"))
 SECRETS = INFRA / "k8s" / "secrets"

@@ -1,7 +1,7 @@
 """QWenLMHeadModel (transformers PreTrainedModel): QWen LM + vision tower, image features spliced into <img> spans.
 
 Owns the model forward contract of docs/architecture.md: image splicing (out-of-place masked_scatter), attention
-mask construction (padding + causal + segment ids), default position ids, tuple KV cache, loss. State-dict keys
+mask construction (padding + causal + segment ids), default position ids, the KV cache (a per-layer tuple or a transformers ``Cache``), loss. State-dict keys
 are exactly the official Qwen-VL names (no buffers are persisted).
 """
 

@@ -1,4 +1,5 @@
-"""Named Qwen-VL presets: full-size (qwen-vl, qwen-vl-chat), qwen-vl-small (benchmarks), qwen-vl-tiny (CPU tests)."""
+"""Named Qwen-VL presets: full-size (qwen-vl, qwen-vl-chat), qwen-vl-small (benchmarks), qwen-vl-tiny (CPU tests),
+qwen-vl-tiny-v2 (the tiny pretraining recipe's starting point) and qwen-vl-tiny-seeing (its result, shipped weights)."""
 
 from __future__ import annotations
 
