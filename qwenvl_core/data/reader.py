@@ -3,7 +3,8 @@
 ``iter_records`` yields one ``Record`` per sample without loading the file: JSONL is read line by line; a JSON
 list is decoded element by element with ``json.JSONDecoder.raw_decode`` over a buffer that is refilled in
 growing chunks and trimmed as elements are consumed, so memory is bounded by the largest element (capped by
-``max_record_bytes``), not by the file. A syntax error becomes a ``Record`` carrying an ``Issue`` at the right
+``max_record_bytes``), not by the file; a JSONL line longer than ``max_record_bytes`` is an issue at its line and
+is skipped unread (a line's size is otherwise only bounded by the file's). A syntax error becomes a ``Record`` carrying an ``Issue`` at the right
 line; in a JSONL file reading continues with the next line, in a JSON list it stops (the rest cannot be
 re-synchronised reliably).
 """
@@ -56,7 +57,7 @@ def iter_records(path: Path, display_name: str | None = None, max_record_bytes: 
         if detect_container(path) is Container.JSON_LIST:
             yield from _JsonListReader(f, name, max_record_bytes).records()
         else:
-            yield from _iter_jsonl(f, name)
+            yield from _iter_jsonl(f, name, max_record_bytes)
 
 
 def _syntax(name: str, line: int, message: str, index: int | None = None) -> Record:
@@ -64,9 +65,25 @@ def _syntax(name: str, line: int, message: str, index: int | None = None) -> Rec
     return Record(loc, issue=Issue("json_syntax", message, loc))
 
 
-def _iter_jsonl(f: BinaryIO, name: str) -> Iterator[Record]:
+def _lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
+    """Each line of ``f``, or None for a line longer than ``max_bytes`` (read past in chunks, never held)."""
+    while raw := f.readline(max_bytes + 1):
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            while (rest := f.readline(_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def _iter_jsonl(f: BinaryIO, name: str, max_record_bytes: int) -> Iterator[Record]:
     index = 0
-    for lineno, raw in enumerate(f, 1):
+    for lineno, raw in enumerate(_lines(f, max_record_bytes), 1):
+        if raw is None:
+            yield _syntax(name, lineno, f"the line is longer than {max_record_bytes} bytes, the limit of one sample",
+                          index)
+            index += 1
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -32,6 +32,30 @@ def test_jsonl_syntax_error_reported_at_its_line_and_reading_continues(tmp_path:
     assert recs[3].value == {"a": 3}
 
 
+@pytest.mark.parametrize("chunk", [16, 1 << 16])
+def test_a_jsonl_line_over_the_record_cap_is_an_issue_at_its_line_and_is_not_held(tmp_path: Path, monkeypatch, chunk):
+    monkeypatch.setattr(reader, "_CHUNK", chunk)
+    path = tmp_path / "d.jsonl"
+    ok = '{"t": "' + "x" * 89 + '"}'  # 100 bytes: exactly the cap, kept
+    path.write_text(f'{ok}\n{{"t": "{"y" * 250_000}"}}\n{{"a": 3}}\n{"z" * 101}', encoding="utf-8")
+    reads: list[int] = []
+    real_open = Path.open
+
+    def spying_open(self, *args, **kwargs):  # records the size of every readline of the file
+        f = real_open(self, *args, **kwargs)
+        readline = f.readline
+        f.readline = lambda size=-1: reads.append(len(line := readline(size))) or line
+        return f
+
+    monkeypatch.setattr(Path, "open", spying_open)
+    recs = _records(path, max_record_bytes=100)
+    assert [(r.location.line, r.location.index) for r in recs] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    assert recs[0].value == json.loads(ok) and recs[2].value == {"a": 3}
+    for bad in (recs[1], recs[3]):
+        assert str(bad.issue).startswith(f"d.jsonl:{bad.location.line}: ") and "longer than 100 bytes" in str(bad.issue)
+    assert max(reads) <= max(101, chunk)  # the long lines are never read whole (250 kB)
+
+
 def test_json_list_elements_have_start_line_and_index(tmp_path: Path):
     path = tmp_path / "d.json"
     path.write_text('\ufeff[\n {"a": 1},\n\n {"a":\n  2}, {"a": "三"}\n]\n', encoding="utf-8")
