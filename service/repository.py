@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, case, delete, func, insert, select, update
@@ -159,8 +159,12 @@ def existing_file_ids(s: Session, *, tenant_id: str, file_ids: Sequence[str]) ->
     return set(s.scalars(select(File.id).where(File.tenant_id == tenant_id, File.id.in_(list(file_ids)))))
 
 
-def files_to_validate(s: Session, *, limit: int = 10) -> Sequence[File]:
-    return s.scalars(select(File).where(File.status == "uploaded").order_by(File.pk).limit(limit)).all()
+def files_to_validate(s: Session, *, skip: Collection[str] = (), limit: int = 10) -> Sequence[File]:
+    """The oldest uploads still to validate, except ``skip`` (those already queued)."""
+    query = select(File).where(File.status == "uploaded")
+    if skip:
+        query = query.where(File.id.not_in(list(skip)))
+    return s.scalars(query.order_by(File.pk).limit(limit)).all()
 
 
 def set_file_validation(s: Session, *, file_id: str, status: str, report: dict[str, Any]) -> None:

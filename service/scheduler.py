@@ -173,11 +173,11 @@ class Scheduler:
 
     # ----- files and validating jobs ------------------------------------------------------------------------
     def _revalidate_stale_files(self) -> None:
-        with self.sessions() as s:
-            stale = [f.id for f in repo.files_to_validate(s) if f.created_at < repo.now() - _STALE_UPLOAD_S]
-        for file_id in stale:
-            if not self.validator.in_flight(file_id):
-                self.validator.submit(file_id)
+        with self.sessions() as s:  # the oldest uploads not waiting here yet: every tick queues a few more
+            stale = [(f.id, f.tenant_id) for f in repo.files_to_validate(s, skip=self.validator.in_flight_ids())
+                     if f.created_at < repo.now() - _STALE_UPLOAD_S]
+        for file_id, tenant_id in stale:
+            self.validator.submit(file_id, tenant_id)
 
     def _advance_one(self, job_id: str) -> None:
         with self.sessions() as s:

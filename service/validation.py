@@ -1,8 +1,10 @@
 """File validation right after upload, off the event loop and out of the API process.
 
-``Validator`` owns a small thread pool; each task runs ``service.validation_worker`` in a child process (the
-data library needs torch; the API must not import it), then stores the report on the file row: status
-``processed`` when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
+``Validator`` owns a few threads (one by default) serving a ``TurnQueue``: uploads wait per tenant and the tenants
+take turns, so one tenant's backlog of uploads never delays another tenant's next one by more than one validation
+per tenant with waiting uploads. Each validation runs ``service.validation_worker`` in a child process (the data
+library needs torch; the API must not import it), then stores the report on the file row: status ``processed``
+when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
 ``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers are
 started from threads, never forked from the event loop (``_start_worker``), and stay in the API's process group,
 so stopping the group stops them too. Workers are background work: ``SCHED_IDLE`` (Linux), niced by
@@ -18,7 +20,6 @@ import os
 import subprocess
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository as repo
 from service.errors import InvalidRequest, Unavailable
+from service.fair_queue import TurnQueue
 from service.storage import TenantStorage
 
 log = logging.getLogger(__name__)
@@ -134,25 +136,43 @@ async def run_worker_async(storage: TenantStorage, key: str, name: str, timeout_
 
 
 class Validator:
-    """Validates uploaded files in the background (one at a time by default: the machine is small)."""
+    """Validates uploaded files in the background, tenants in turn (one at a time by default: the machine is
+    small)."""
 
     def __init__(self, sessions: sessionmaker[Session], storage: TenantStorage, timeout_s: float,
                  workers: int = 1) -> None:
         self.sessions, self.storage, self.timeout_s = sessions, storage, timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwenvl-validate")
-        self._inflight: dict[str, Future[None]] = {}
+        self._queue: TurnQueue[str] = TurnQueue()
+        self._inflight: set[str] = set()  # waiting or being validated in this process
         self._lock = threading.Lock()
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
 
-    def submit(self, file_id: str) -> None:
-        """Validate ``file_id`` soon, unless it is already being validated in this process."""
+    def submit(self, file_id: str, tenant_id: str) -> None:
+        """Validate ``file_id`` (of ``tenant_id``) soon, unless it is already waiting or being validated in this
+        process. The threads start with the first upload (no work at import or app creation)."""
         with self._lock:
             if file_id in self._inflight:
                 return
-            self._inflight[file_id] = self._pool.submit(self._validate, file_id)
+            self._inflight.add(file_id)
+            if len(self._threads) < self._workers:
+                thread = threading.Thread(target=self._serve, name=f"qwenvl-validate-{len(self._threads)}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        self._queue.put(tenant_id, file_id)
 
     def in_flight(self, file_id: str) -> bool:
         with self._lock:
             return file_id in self._inflight
+
+    def in_flight_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._inflight)
+
+    def _serve(self) -> None:
+        while (file_id := self._queue.get()) is not None:
+            self._validate(file_id)
 
     def _validate(self, file_id: str) -> None:
         try:
@@ -168,7 +188,7 @@ class Validator:
             log.exception("validation of %s failed", file_id)
         finally:
             with self._lock:
-                self._inflight.pop(file_id, None)
+                self._inflight.discard(file_id)
 
     def _report(self, key: str, name: str) -> tuple[str, dict[str, Any]]:
         try:
@@ -179,4 +199,10 @@ class Validator:
         return ("processed" if report.get("ok") else "error"), report
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Drop the waiting uploads (the scheduler submits them again after a restart: they stay ``uploaded``)
+        and wait for the validations running now."""
+        for file_id in self._queue.close():
+            with self._lock:
+                self._inflight.discard(file_id)
+        for thread in self._threads:
+            thread.join()

@@ -60,7 +60,7 @@ def create_file(file: UploadFile, purpose: Annotated[str, Form()], tenant: Tenan
         if written:
             _remove_object(storage, key)
         raise
-    ctx.validator.submit(file_id)
+    ctx.validator.submit(file_id, tenant.id)
     return file_public(row)
 
 
