@@ -91,6 +91,13 @@ class RequestError(QwenVLError):
         return type(self), (str(self), self.param, self.code)
 
 
+# CUDA's errors other than out-of-memory (an illegal address, a device-side assert, a launch failure) are sticky:
+# the process's device context is unusable from then on, so they fail the model thread instead of one request
+# (out-of-memory, ``torch.OutOfMemoryError``, is not one of them and stays the request's own fault).
+DEVICE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in (getattr(torch, "AcceleratorError", None),) if error is not None)
+
+
 class EngineFault(RuntimeError):
     """A request failed inside the model thread: a server-side fault (HTTP 500), not the request's mistake."""
 
@@ -578,7 +585,11 @@ class ServingEngine:
             self._fail(seq, exc)
 
     def _fail(self, seq: _Sequence, exc: BaseException) -> None:
-        """Fail one request with a server-side error (the cause is logged, not sent); its row leaves the batch."""
+        """Fail one request with a server-side error (the cause is logged, not sent); its row leaves the batch.
+        A device error (``DEVICE_ERRORS``) is not the request's: it is raised again, so that it ends the model
+        thread (``_loop``) and the replica is replaced."""
+        if isinstance(exc, DEVICE_ERRORS):
+            raise exc
         if seq.failed:
             return
         seq.failed = True

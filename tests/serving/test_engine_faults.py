@@ -35,12 +35,14 @@ class _OutOfMemory:
 
     def __init__(self, model: torch.nn.Module, prompt_length: int, when: Callable[[torch.Tensor], bool]) -> None:
         self.prompt_length, self.when, self.raised = prompt_length, when, 0
+        self.error: Callable[[], BaseException] = lambda: torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB")
         self._handle = model.register_forward_pre_hook(self._check, with_kwargs=True)
 
     def _check(self, _module: object, _args: object, kwargs: dict) -> None:
         if self.when(kwargs["input_ids"]) and self.prompt_length in kwargs["prompt_lengths"].tolist():
             self.raised += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise self.error()
 
     def remove(self) -> None:
         self._handle.remove()
@@ -155,6 +157,38 @@ def test_a_failed_model_thread_fails_every_request_at_once_and_refuses_new_ones(
     outcomes, refused = asyncio.run(run())
     assert all(isinstance(o, EngineFault) and "RuntimeError" in str(o) for o in outcomes), outcomes
     assert isinstance(refused, EngineStopped) and "being replaced" in str(refused)
+    assert eventually(lambda: not engine.alive)
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_a_device_error_in_one_requests_forward_ends_the_model_thread(where, engine_factory):
+    """CUDA's errors other than out-of-memory (here ``torch.AcceleratorError``, raised where a forward would raise
+    it, for one request's rows) leave the device unusable: unlike out-of-memory they are not that request's fault,
+    so the model thread ends as for an engine bug: the running requests fail at once, a new one is refused and the
+    engine is no longer alive (before: the one request failed, and the replica went on failing every request with
+    a healthy health check)."""
+    engine: ServingEngine = engine_factory(max_batch_size=4)
+    requests = [_request(2, tokens=40), _request(5, tokens=40)]
+    length = len(engine._prepare(requests[1], 0.0).prompt_ids)
+    hook = _OutOfMemory(engine.model, length, (lambda ids: ids.shape[1] > 1) if where == "prefill"
+                        else (lambda ids: ids.shape[1] == 1))
+    hook.error = lambda: torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    async def run() -> tuple[list, BaseException | None]:
+        outcomes = await asyncio.wait_for(asyncio.gather(*(engine.generate(r) for r in requests),
+                                                         return_exceptions=True), timeout=60)
+        try:
+            await engine.generate(_request(3))
+        except EngineStopped as refused:
+            return outcomes, refused
+        return outcomes, None
+
+    try:
+        outcomes, refused = asyncio.run(run())
+    finally:
+        hook.remove()
+    assert all(isinstance(o, EngineFault) and "AcceleratorError" in str(o) for o in outcomes), outcomes
+    assert isinstance(refused, EngineStopped)
     assert eventually(lambda: not engine.alive)
 
 
