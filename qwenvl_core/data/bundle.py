@@ -7,20 +7,25 @@ ratio, bytes per image) while it copies, counting the bytes actually written rat
 Files are created with ``O_EXCL | O_NOFOLLOW`` below a fresh directory and their resolved paths are checked
 to stay inside it, so nothing is ever written outside the extraction directory. Only data files and images
 are extracted; other entries (``__MACOSX/``, ``.DS_Store``, ...) are skipped. Image pixel limits are enforced
-when images are decoded (``validate``), with the ``ImageLimits`` of the image loader.
+when images are decoded (``validate``), with the ``ImageLimits`` of the image loader. A damaged or unreadable
+archive (bad CRC, encryption, unsupported compression, corrupt data, a name too long for the file system) is a
+``BundleError`` naming the entry where known, never another exception.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -31,6 +36,12 @@ DATA_SUFFIXES = (".jsonl", ".json")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 _COPY_CHUNK = 1 << 20
+_SHOWN_NAME = 200  # characters of an entry name quoted in messages
+_ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
+# What opening or reading a damaged zip entry raises: bad CRC or header, encryption (RuntimeError), an
+# unsupported compression method (NotImplementedError), corrupt deflate / bzip2 / lzma data, truncated data.
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, lzma.LZMAError, EOFError,
+                    OSError)
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,8 @@ class _Extractor:
         self.skipped: list[str] = []
 
     def fail(self, name: str, message: str) -> BundleError:
-        return BundleError(f"{self.archive.name}: entry {name!r}: {message}")
+        shown = repr(name) if len(name) <= _SHOWN_NAME else f"{name[:_SHOWN_NAME]!r}... ({len(name)} characters)"
+        return BundleError(f"{self.archive.name}: entry {shown}: {message}")
 
     # -- formats -------------------------------------------------------------------------------------------
 
@@ -118,8 +130,20 @@ class _Extractor:
                 raise BundleError(f"{self.archive.name}: uncompressed size exceeds {self.limits.max_total_bytes} bytes")
             wanted = [i for i in infos if not i.is_dir() and self._wanted(i.filename, i.file_size)]
             for info in wanted:
-                with zf.open(info) as src:
-                    self._copy(info.filename, src, info.file_size)
+                if info.flag_bits & _ZIP_ENCRYPTED:
+                    raise self.fail(info.filename, "is encrypted (password-protected entries are not supported)")
+                with self._reading(info.filename):
+                    src = zf.open(info)
+                with src:
+                    self._copy(info.filename, src, info.file_size, self._reading)
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[None]:
+        """Turn the errors of reading a damaged zip entry into a ``BundleError`` naming it."""
+        try:
+            yield
+        except _ZIP_READ_ERRORS as e:
+            raise self.fail(name, f"cannot be read ({e})") from e
 
     def _check_zip_entry(self, info: zipfile.ZipInfo) -> None:
         self._parts(info.filename)
@@ -199,22 +223,35 @@ class _Extractor:
             raise BundleError(f"{self.archive.name}: compression ratio {ratio:.0f} exceeds "
                               f"{self.limits.max_ratio:g} (possible compression bomb)")
 
-    def _copy(self, name: str, src: BinaryIO, declared: int) -> None:
-        target = self._target(name)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    def _copy(self, name: str, src: BinaryIO, declared: int,
+              reading: Callable[[str], AbstractContextManager[object]] = nullcontext) -> None:
+        """Write ``src`` to the entry's file, counting the bytes; ``reading(name)`` wraps every read of ``src``."""
+        fd = self._create(name)
         written = 0
         with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(_COPY_CHUNK):
+            while True:
+                with reading(name):
+                    chunk = src.read(_COPY_CHUNK)
+                if not chunk:
+                    break
                 written += len(chunk)
                 self._count(name, len(chunk), declared, written)
                 out.write(chunk)
 
-    def _target(self, name: str) -> Path:
+    def _create(self, name: str) -> int:
+        """Create the entry's file (and its folders) exclusively, below ``dest``; its descriptor."""
         target = self.dest.joinpath(*self._parts(name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.parent.resolve().is_relative_to(self.dest) or target.exists():
-            raise self.fail(name, "duplicate entry or path outside the extraction directory")
-        return target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.resolve().is_relative_to(self.dest) or target.exists():
+                raise self.fail(name, "duplicate entry or path outside the extraction directory")
+            return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise self.fail(name, "the name is too long for the file system") from e
+            if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):  # a file where a folder goes, or back
+                raise self.fail(name, "duplicate entry or clashes with another entry's path") from e
+            raise
 
     def bundle(self) -> Bundle:
         if not self.data_files:

@@ -4,15 +4,20 @@
 list is decoded element by element with ``json.JSONDecoder.raw_decode`` over a buffer that is refilled in
 growing chunks and trimmed as elements are consumed, so memory is bounded by the largest element (capped by
 ``max_record_bytes``), not by the file; a JSONL line longer than ``max_record_bytes`` is an issue at its line and
-is skipped unread (a line's size is otherwise only bounded by the file's). A syntax error becomes a ``Record`` carrying an ``Issue`` at the right
-line; in a JSONL file reading continues with the next line, in a JSON list it stops (the rest cannot be
-re-synchronised reliably).
+is skipped unread (a line's size is otherwise only bounded by the file's). A syntax error becomes a ``Record``
+carrying an ``Issue`` at the right line; in a JSONL file reading continues with the next line, in a JSON list it
+stops (the rest cannot be re-synchronised reliably). Values Python's ``json`` accepts but the rest of the platform cannot hold are syntax
+errors too (``_decode``): nesting deeper than the recursion limit, integers longer than
+``sys.get_int_max_str_digits()``, and strings or keys with an unpaired surrogate (``"\\ud800"``), which cannot be
+encoded as UTF-8 and so could be neither stored, hashed nor reported. So every yielded value is UTF-8 clean.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,8 +28,10 @@ from qwenvl_core.data.issues import Issue, Location
 
 _CHUNK = 1 << 16
 _DEFAULT_MAX_RECORD = 64 << 20
+_DECODER = json.JSONDecoder()
 _WS = " \t\r\n"
 _CUT_SLACK = 8  # a literal or escape cut by the buffer end fails within this many characters of it
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # needed (not sufficient) for a surrogate in the value
 
 
 class Container(StrEnum):
@@ -65,6 +72,33 @@ def _syntax(name: str, line: int, message: str, index: int | None = None) -> Rec
     return Record(loc, issue=Issue("json_syntax", message, loc))
 
 
+class _Refused(Exception):
+    """A value that is valid JSON syntax but cannot be accepted; the message says why."""
+
+
+def _decode(text: str, pos: int = 0, *, whole: bool = False) -> tuple[Any, int]:
+    """Decode the JSON value at ``text[pos:]`` (all of ``text`` when ``whole``); the value and where it ends.
+
+    Syntax errors raise ``json.JSONDecodeError``; a value that decodes but cannot be accepted raises ``_Refused``.
+    The surrogate check walks the value only when the text holds a ``\\uD800``-``\\uDFFF`` escape.
+    """
+    try:
+        value, end = (json.loads(text), len(text)) if whole else _DECODER.raw_decode(text, pos)
+        if _SURROGATE_ESCAPE.search(text, pos, end):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError:
+        raise
+    except UnicodeEncodeError as e:
+        raise _Refused(f"\\u escape of an unpaired surrogate (U+{ord(e.object[e.start]):04X}), which is not "
+                       "a character") from None
+    except RecursionError:
+        raise _Refused(f"nesting too deep (lists and objects nested about {sys.getrecursionlimit()} levels or "
+                       "more)") from None
+    except ValueError:  # int() of a number longer than the interpreter's limit
+        raise _Refused(f"a number is too long (more than {sys.get_int_max_str_digits()} digits)") from None
+    return value, end
+
+
 def _lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
     """Each line of ``f``, or None for a line longer than ``max_bytes`` (read past in chunks, never held)."""
     while raw := f.readline(max_bytes + 1):
@@ -95,9 +129,11 @@ def _iter_jsonl(f: BinaryIO, name: str, max_record_bytes: int) -> Iterator[Recor
         if not text.strip():
             continue
         try:
-            value = json.loads(text)
+            value = _decode(text, whole=True)[0]
         except json.JSONDecodeError as e:
             yield _syntax(name, lineno, f"invalid JSON: {e.msg} (column {e.colno})", index)
+        except _Refused as e:
+            yield _syntax(name, lineno, f"invalid JSON: {e}", index)
         else:
             yield Record(Location(name, lineno, index), value)
         index += 1
@@ -108,7 +144,6 @@ class _JsonListReader:
 
     def __init__(self, f: BinaryIO, name: str, max_record_bytes: int) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._json = json.JSONDecoder()
         self._f, self._name, self._max = f, name, max_record_bytes
         self._buf, self._pos, self._line, self._eof = "", 0, 1, False
 
@@ -150,13 +185,15 @@ class _JsonListReader:
         start_line = self._line
         while True:
             try:
-                value, end = self._json.raw_decode(self._buf, self._pos)
+                value, end = _decode(self._buf, self._pos)
             except json.JSONDecodeError as e:
                 if self._eof or len(self._buf) - self._pos > self._max or not self._maybe_cut(e):
                     line = start_line + self._buf.count("\n", self._pos, e.pos)
                     return _syntax(self._name, line, f"invalid JSON in element {index}: {e.msg}", index)
                 self._read(max(_CHUNK, len(self._buf)))
                 continue
+            except _Refused as e:  # final: more text cannot make a value shallower, shorter or paired
+                return _syntax(self._name, start_line, f"invalid JSON in element {index}: {e}", index)
             if end == len(self._buf) and not self._eof:
                 self._read(_CHUNK)  # a number may continue in the next chunk: decode again with more text
                 continue

@@ -156,8 +156,13 @@ class IdIndex:
         return self._n
 
     def add(self, sample_id: str, line: int) -> int | None:
-        """Record ``sample_id`` at ``line``; if it was seen before, return where (and keep the first)."""
-        key = int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little") or 1
+        """Record ``sample_id`` at ``line``; if it was seen before, return where (and keep the first).
+
+        Any ``str`` is accepted: a lone surrogate (which ``reader`` refuses in data files) hashes as its
+        ``surrogatepass`` bytes instead of raising.
+        """
+        raw = sample_id.encode("utf-8", "surrogatepass")
+        key = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") or 1
         if 2 * (self._n + 1) > len(self._keys):
             self._grow()
         slot = self._find(key)

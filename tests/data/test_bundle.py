@@ -200,3 +200,75 @@ def test_not_an_archive_and_wrong_extension(tmp_path):
     with pytest.raises(BundleError, match="expected a .json, .jsonl, .zip or .tar.gz"):
         with open_bundle(txt):
             pass
+
+
+def _patch(path: Path, patch) -> Path:
+    raw = bytearray(path.read_bytes())
+    patch(raw, raw.find(b"PK\x01\x02"))  # the local header is at 0, the central one at the offset given
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _flip_data(raw: bytearray, _central: int) -> None:  # stored: the CRC no longer matches
+    raw[raw.find(DATA[:10])] ^= 0xFF
+
+
+def _encrypted(raw: bytearray, central: int) -> None:
+    raw[6] |= 1
+    raw[central + 8] |= 1
+
+
+def _method_93(raw: bytearray, central: int) -> None:  # zstandard, which zipfile cannot decompress
+    raw[8:10] = raw[central + 10:central + 12] = (93).to_bytes(2, "little")
+
+
+def _broken_deflate(raw: bytearray, _central: int) -> None:
+    start = 30 + int.from_bytes(raw[26:28], "little") + int.from_bytes(raw[28:30], "little")
+    raw[start:start + 8] = b"\xff" * 8
+
+
+@pytest.mark.parametrize(("patch", "compression", "fragment"), [
+    (_flip_data, zipfile.ZIP_STORED, "cannot be read (Bad CRC-32"),
+    (_encrypted, zipfile.ZIP_STORED, "is encrypted"),
+    (_method_93, zipfile.ZIP_STORED, "cannot be read (That compression method is not supported)"),
+    (_broken_deflate, zipfile.ZIP_DEFLATED, "cannot be read (Error -3 while decompressing data"),
+])
+def test_damaged_zip_entries_are_bundle_errors_naming_the_entry(tmp_path, patch, compression, fragment):
+    archive = tmp_path / "b.zip"
+    with zipfile.ZipFile(archive, "w", compression) as zf:
+        zf.writestr("train.jsonl", DATA * 20)
+    _patch(archive, patch)
+    report = validate_file(archive)
+    assert [(i.code, i.location.file) for i in report.issues.errors] == [("bundle", "b.zip")]
+    message = report.issues.errors[0].message
+    assert message.startswith("entry 'train.jsonl': ") and fragment in message
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+@pytest.mark.parametrize("name", ["a" * 300 + ".jsonl", "/".join(["d"] * 3000) + "/t.jsonl"])
+def test_entry_names_too_long_for_the_file_system_are_bundle_errors(sandbox, suffix, name):
+    root, dest = sandbox
+    archive = root / f"b{suffix}"
+    if suffix == ".zip":
+        _zip(archive, [(name, DATA, None)])
+    else:
+        _tar(archive, [(_file(name), DATA)])
+    with pytest.raises(BundleError) as caught:
+        extract_bundle(archive, dest, BundleLimits())
+    message = str(caught.value)
+    assert message.startswith(f"b{suffix}: entry {name[:200]!r}... ({len(name)} characters): ")
+    assert message.endswith("the name is too long for the file system") and len(message) < 400
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_an_entry_below_a_file_is_a_bundle_error(sandbox, png_bytes, suffix):
+    root, dest = sandbox
+    entries = [("train.jsonl", DATA), ("imgs/a.png", png_bytes), ("imgs/a.png/b.png", png_bytes)]
+    archive = root / f"b{suffix}"
+    if suffix == ".zip":
+        _zip(archive, [(n, d, None) for n, d in entries])
+    else:
+        _tar(archive, [(_file(n), d) for n, d in entries])
+    with pytest.raises(BundleError, match=r"entry 'imgs/a.png/b.png': duplicate entry or clashes"):
+        extract_bundle(archive, dest, BundleLimits())
+    assert _outside_files(root, dest, archive) == []

@@ -127,3 +127,50 @@ def test_json_list_with_tiny_chunks_matches_json_loads(tmp_path: Path, monkeypat
     path.write_text('[{"a": 1},\n {"a": tru },\n {"a": 3}]', "utf-8")
     broken = _records(path)[-1].issue
     assert broken is not None and broken.location.line == 2 and broken.location.index == 1
+
+
+# Values json.loads accepts but nothing downstream can hold: lone surrogates (cannot be encoded as UTF-8, so no
+# report, id hash or database row could carry them), nesting past the recursion limit, over-long integers.
+_MSG = '"messages": [{"role": "user", "content": "hi"}]'
+_REFUSED_JSONL = [
+    ('{"\\ud800": 1, ' + _MSG + "}", "unpaired surrogate (U+D800)"),
+    ('{"id": "\\ud800", ' + _MSG + "}", "unpaired surrogate (U+D800)"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "imgs/\\ud800.png"}}]}]}',
+     "unpaired surrogate (U+D800)"),
+    ('{"messages": [{"role": "user", "content": "yo\\uDFFF"}]}', "unpaired surrogate (U+DFFF)"),
+    ('{"a": "\\ude00\\ud83d"}', "unpaired surrogate (U+DE00)"),  # a pair in the wrong order is two lone halves
+    ("[" * 100_000 + "]" * 100_000, "nesting too deep"),
+    ('{"id": ' + "1" * 5000 + "}", "number is too long"),
+]
+
+
+# Accepted: a well-formed surrogate pair (as a value and as a key) and an escaped backslash before "ud800".
+_HELD = '{"e": "\\ud83d\\ude00", "\\uD83D\\uDE00": "\\\\ud800"}'
+_HELD_VALUE = {"e": "\U0001F600", "\U0001F600": "\\ud800"}
+
+
+@pytest.mark.parametrize(("line", "fragment"), _REFUSED_JSONL)
+def test_jsonl_values_that_cannot_be_held_are_syntax_issues_at_their_line(tmp_path: Path, line, fragment):
+    path = tmp_path / "d.jsonl"
+    path.write_text(f'{_HELD}\n{line}\n{{"a": 3}}\n', encoding="utf-8")
+    recs = _records(path)
+    assert [(r.location.line, r.location.index) for r in recs] == [(1, 0), (2, 1), (3, 2)]
+    assert recs[0].value == _HELD_VALUE
+    assert recs[1].value is None and recs[1].issue is not None and recs[1].issue.code == "json_syntax"
+    assert str(recs[1].issue).startswith("d.jsonl:2: invalid JSON: ") and fragment in recs[1].issue.message
+    assert recs[2].value == {"a": 3}  # reading continues
+    str(recs[1].issue).encode("utf-8")  # the message itself is storable
+
+
+@pytest.mark.parametrize("chunk", [4, 1 << 16])
+@pytest.mark.parametrize(("line", "fragment"), _REFUSED_JSONL)
+def test_json_list_values_that_cannot_be_held_stop_at_their_element(tmp_path: Path, monkeypatch, line, fragment,
+                                                                    chunk):
+    monkeypatch.setattr(reader, "_CHUNK", chunk)
+    path = tmp_path / "d.json"
+    path.write_text(f'[{_HELD},\n {line},\n {{"a": 3}}]', encoding="utf-8")
+    recs = _records(path)
+    assert recs[0].value == _HELD_VALUE and len(recs) == 2
+    issue = recs[1].issue
+    assert issue is not None and issue.code == "json_syntax" and (issue.location.line, issue.location.index) == (2, 1)
+    assert issue.message.startswith("invalid JSON in element 1: ") and fragment in issue.message

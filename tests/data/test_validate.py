@@ -246,3 +246,29 @@ def test_id_index_finds_duplicates_across_growth():
     assert len(index) == 5000
     assert index.add("id-17", 9999) == 18 and index.add("id-4999", 1) == 5000
     assert index.add("新的", 7) is None and index.add("新的", 8) == 7
+
+
+def test_id_index_accepts_any_str():
+    from qwenvl_core.data.validate import IdIndex
+
+    index = IdIndex()
+    assert index.add("\ud800", 3) is None and index.add("\ud800", 4) == 3 and index.add("\udc00", 5) is None
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ('{"\\ud800": 1, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yo"}]}',
+     "unpaired surrogate (U+D800)"),
+    ('{"id": "\\ud800", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yo"}]}',
+     "unpaired surrogate (U+D800)"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "imgs/\\ud800.png"}}]},'
+     ' {"role": "assistant", "content": "yo"}]}', "unpaired surrogate (U+D800)"),
+    ("[" * 100_000 + "]" * 100_000, "nesting too deep"),
+    ('{"messages": [], "id": ' + "1" * 5000 + "}", "number is too long"),
+])
+def test_unholdable_values_are_reported_and_the_report_is_storable(write_jsonl, line, fragment):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    report = validate_file(write_jsonl("t.jsonl", [good, line, good]))
+    assert (report.records, report.valid_samples, report.issues.error_count) == (3, 2, 1)
+    issue = report.issues.errors[0]
+    assert issue.code == "json_syntax" and issue.location.line == 2 and fragment in issue.message
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")  # what the service stores
