@@ -5,8 +5,10 @@
 # (tokens/s with 8 adapters, TTFT, the longest inter-token gap, peak memory of long requests), full-size LoRA /
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), and one sampling step at the full vocabulary,
 # batched vs the row-by-row sampler before it (time, waits for the device). Prints one table (and writes it to
-# $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: under 10 minutes on one
-# H200; each check has its own time limit so one that hangs cannot eat the others'.
+# $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: 8 minutes on one H200
+# (the limits below add up to 470 s, plus the wheels' install), inside the 600 s of one device call and with room
+# for a rerun in a 15-minute lease; each check has its own limit, so one that hangs cannot eat the others', and its
+# row says "running" until it ends, so a run cut short from outside still shows which check it was in.
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
 # pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
@@ -61,20 +63,22 @@ failed=0
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS status=ok
-  timeout "$limit" "$@" > "$logs/$name.log" 2>&1 || { status="FAILED ($?)"; failed=$((failed + 1)); }
-  echo "| $name | $status | $((SECONDS - start)) | $(tail -n 4 "$logs/$name.log" | tr '\n|' ' /' | cut -c1-300) |" >> "$table"
+  echo "| $name | running (limit $limit s) | | |" >> "$table"
+  timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1 || { status="FAILED ($?)"; failed=$((failed + 1)); }
+  local row="| $name | $status | $((SECONDS - start)) | $(tail -n 4 "$logs/$name.log" | tr '\n|' ' /' | cut -c1-300) |"
+  grep -v "^| $name | running " "$table" > "$table.tmp"; echo "$row" >> "$table.tmp"; mv "$table.tmp" "$table"
 }
 # What the run imports, and from where: a package the image lacks fails here in seconds, not deep inside a check.
-check environment 60 $PY -c "
+check environment 45 $PY -c "
 import sys, torch, transformers, peft, pydantic, llguidance, bitsandbytes, deepspeed, safetensors, tiktoken, PIL
 print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU',
       *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes, deepspeed)))
 torch.zeros(1, device='$device')"
-check gpu_tests 120 $PY -m pytest -q -p no:cacheprovider "${tests[@]}"
-check sampling_step 30 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
-check serve_v1_full_bf16 240 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
+check gpu_tests 100 $PY -m pytest -q -p no:cacheprovider "${tests[@]}"
+check sampling_step 25 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
+check serve_v1_full_bf16 180 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
   --repeats 1 --skip-loads "${serve[@]}"
-check train_qwen25vl_7b 150 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
+check train_qwen25vl_7b 120 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
 cat "$table"
 exit "$failed"

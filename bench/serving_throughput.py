@@ -326,8 +326,9 @@ def memory_before_after(args: argparse.Namespace, model_dir: Path) -> tuple[int,
     after = peak(str(root), model_dir)
     if not args.before_rev:
         return after, None
-    if subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet", f"{args.before_rev}^{{commit}}"],
-                      capture_output=True).returncode != 0:
+    if shutil.which("git") is None or subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "--quiet", f"{args.before_rev}^{{commit}}"],
+            capture_output=True).returncode != 0:
         print(f"(no git history with {args.before_rev} here, as on the device machine: no 'before' row)")
         return after, None
     tree = Path(tempfile.mkdtemp(prefix="bench-before-"))
