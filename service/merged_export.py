@@ -8,9 +8,12 @@ adapter (``{adapter}.merged.tar``, in the job's run directory, so it is charged 
 every download, this one included, streams that object. Later downloads only stream.
 
 One merge per adapter at a time and at most ``MAX_CONCURRENT_MERGES`` per API process (a merge holds the model
-in memory); a download waiting for one gives up after ``merge_timeout_s``. Failures answer without paths or
-tracebacks (those go to the log): 504 ``merge_timeout`` (the worker is killed), 503 ``merge_failed`` (out of
-memory, an adapter that does not fit its base), 503 ``base_model_unavailable``, 403 ``storage_quota_exceeded``.
+in memory), given in the order the downloads asked; a download waiting for one gives up after ``merge_timeout_s``.
+A tenant has one merge at a time, running or waiting (more downloads of that same model wait for it): a download
+of another model meanwhile answers 429 ``merge_in_progress``, so that no tenant queues merges ahead of the others'
+(nor holds more than one of the API's request threads waiting). Failures answer without paths or tracebacks (those
+go to the log): 504 ``merge_timeout`` (the worker is killed), 503 ``merge_failed`` (out of memory, an adapter that
+does not fit its base), 503 ``base_model_unavailable``, 403 ``storage_quota_exceeded``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +34,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from service import repository as repo
-from service.errors import PermissionDenied, TimedOut, Unavailable
+from service.errors import PermissionDenied, QuotaExceeded, TimedOut, Unavailable
 from service.models import Tenant
 from service.storage import TenantStorage
 from service.usage import charge_run_storage
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MERGED_SUFFIX = ".merged.tar"
 MAX_CONCURRENT_MERGES = 1
+BUSY_RETRY_AFTER_S = 30
 
 
 def cache_key(storage: TenantStorage, adapter_uri: str) -> str:
@@ -47,30 +52,67 @@ def cache_key(storage: TenantStorage, adapter_uri: str) -> str:
     return storage.key_of_uri(adapter_uri.rstrip("/")) + MERGED_SUFFIX
 
 
+class _Waiter:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
 class _Merges:
-    """The merges running in this process: one per key, at most ``MAX_CONCURRENT_MERGES`` together."""
+    """The merges of this process: one per key, at most ``MAX_CONCURRENT_MERGES`` together, started in the order
+    they were asked for; one key per tenant at a time (module docstring)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._keys: set[str] = set()
+        self._running: set[str] = set()
+        self._queue: deque[_Waiter] = deque()  # downloads waiting to merge, oldest first
+        self._tenants: dict[str, tuple[str, int]] = {}  # tenant -> (its key, its downloads waiting or merging)
+
+    def _turn_of(self, waiter: _Waiter) -> bool:
+        if len(self._running) >= MAX_CONCURRENT_MERGES:
+            return False
+        return next((w for w in self._queue if w.key not in self._running), None) is waiter
 
     @contextmanager
-    def claim(self, key: str, timeout_s: float, model_id: str) -> Iterator[None]:
+    def claim(self, key: str, tenant_id: str, timeout_s: float, model_id: str) -> Iterator[None]:
         deadline = time.monotonic() + timeout_s
+        waiter = _Waiter(key)
         with self._cond:
-            while key in self._keys or len(self._keys) >= MAX_CONCURRENT_MERGES:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimedOut(f"the merged export of {model_id} waited {timeout_s:g} s for other merges to "
-                                   "finish; retry later", param="model", code="merge_timeout")
-                self._cond.wait(remaining)
-            self._keys.add(key)
+            held = self._tenants.get(tenant_id)
+            if held is not None and held[0] != key:
+                raise QuotaExceeded(f"the merged export of another of your models is being made; merged exports are "
+                                    f"made one at a time per tenant: retry {model_id} when that one is done",
+                                    param="model", code="merge_in_progress", retry_after_s=BUSY_RETRY_AFTER_S)
+            self._tenants[tenant_id] = (key, (held[1] if held else 0) + 1)
+            self._queue.append(waiter)
+            started = False
+            try:
+                while not self._turn_of(waiter):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimedOut(f"the merged export of {model_id} waited {timeout_s:g} s for other merges "
+                                       "to finish; retry later", param="model", code="merge_timeout")
+                    self._cond.wait(remaining)
+                self._running.add(key)
+                started = True
+            finally:
+                self._queue.remove(waiter)
+                if not started:  # timed out: this download gives its place up
+                    self._release_tenant(tenant_id)
+                self._cond.notify_all()
         try:
             yield
         finally:
             with self._cond:
-                self._keys.discard(key)
+                self._running.discard(key)
+                self._release_tenant(tenant_id)
                 self._cond.notify_all()
+
+    def _release_tenant(self, tenant_id: str) -> None:
+        key, count = self._tenants[tenant_id]
+        if count > 1:
+            self._tenants[tenant_id] = (key, count - 1)
+        else:
+            del self._tenants[tenant_id]
 
 
 _MERGES = _Merges()
@@ -139,7 +181,7 @@ def ensure_merged(s: Session, storage: TenantStorage, tenant: Tenant, *, model_i
                           code="base_model_unavailable")
     _require_headroom(s, tenant, model_id)
     s.commit()  # no database transaction (or pooled connection) held open while the merge runs
-    with _MERGES.claim(key, timeout_s, model_id):
+    with _MERGES.claim(key, tenant.id, timeout_s, model_id):
         if storage.size(key) is not None:  # merged by the download this one waited for
             return key
         scratch = Path(tempfile.mkdtemp(prefix="qwenvl-merge-"))

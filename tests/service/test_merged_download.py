@@ -30,11 +30,12 @@ from qwenvl_core.models.registry import detect_family
 from qwenvl_core.specs import LoraSpec
 from qwenvl_core.training.lora import apply_lora
 from service import repository as repo
-from service.errors import TimedOut
+from service.errors import QuotaExceeded, TimedOut
 from service.main import create_app
 from service.merged_export import _Merges
 from tests.fixtures.net import free_port, wait_for_port
 from tests.service.helpers import auth, make_settings, new_tenant, upload, wait_file
+from tests.serving.conftest import eventually
 
 ADMIN = "admin-key-for-tests-0123456789"
 
@@ -220,22 +221,36 @@ def test_a_failed_merge_answers_503_and_a_slow_one_504_leaving_nothing(api, scra
     assert slow in err["message"]
 
 
-def test_merges_wait_for_each_other_and_give_up_after_the_timeout():
-    """One merge per API process at a time (the same adapter or another): a second waits, up to its timeout."""
+def test_merges_run_one_at_a_time_in_the_order_asked_one_per_tenant_and_give_up_after_the_timeout():
+    """One merge per API process at a time (the same adapter or another): the others wait, up to their timeout, and
+    start in the order they asked; a tenant with a merge running or waiting is told 429 for another model at once
+    (a tenant could queue merges ahead of everyone, each holding one of the API's request threads)."""
     merges, order = _Merges(), []
-    first, other = "tenants/t/runs/a/adapter.merged.tar", "tenants/t/runs/b/adapter.merged.tar"
+    a1, a2, b1, c1 = (f"tenants/{t}/runs/{j}/adapter.merged.tar" for t, j in (("A", 1), ("A", 2), ("B", 1), ("C", 1)))
 
-    def second() -> None:
-        with merges.claim(first, 60, "ft:a"):
-            order.append("second")
+    def later(key: str, tenant: str, name: str) -> threading.Thread:
+        def merge() -> None:
+            with merges.claim(key, tenant, 60, name):
+                order.append(name)
+        waiting = len(merges._queue)
+        thread = threading.Thread(target=merge)
+        thread.start()
+        assert eventually(lambda: len(merges._queue) == waiting + 1)
+        return thread
 
-    with merges.claim(first, 60, "ft:a"):
-        for key in (first, other):
-            with pytest.raises(TimedOut) as refused, merges.claim(key, 0.05, "ft:other"):
+    with merges.claim(a1, "A", 60, "ft:a1"):
+        for key, tenant in ((a1, "A"), (b1, "B")):
+            with pytest.raises(TimedOut) as refused, merges.claim(key, tenant, 0.05, "ft:other"):
                 pass
             assert refused.value.code == "merge_timeout" and "ft:other" in refused.value.message
-        waiter = threading.Thread(target=second)
-        waiter.start()
-        order.append("first")
-    waiter.join(timeout=60)
-    assert order == ["first", "second"]
+        with pytest.raises(QuotaExceeded) as busy, merges.claim(a2, "A", 60, "ft:a2"):
+            pass
+        assert busy.value.code == "merge_in_progress" and busy.value.retry_after_s and "ft:a2" in busy.value.message
+        waiting = [later(b1, "B", "ft:b1"), later(c1, "C", "ft:c1"), later(a1, "A", "ft:a1 again")]
+        order.append("ft:a1")
+    for thread in waiting:
+        thread.join(timeout=60)
+    assert order == ["ft:a1", "ft:b1", "ft:c1", "ft:a1 again"]
+    with merges.claim(a2, "A", 1, "ft:a2"):  # nothing of A's is left: its next model merges
+        assert merges._tenants == {"A": (a2, 1)}
+    assert merges._tenants == {} and merges._running == set()
