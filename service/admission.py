@@ -10,7 +10,9 @@ public ones it checks the bearer key from the headers, before a single body byte
   is held until the response has been sent (streams and uploads included). A body counts one more request per
   ``tenant_request_cost_bytes`` (its announced length up front, the rest once received; a body worth more than
   the burst takes a full bucket): receiving, parsing and decoding bodies is what a flood costs this process, so
-  its size is what it costs. After a 429 the server reads and discards the rest of a small body, so the client
+  its size is what it costs. A route whose request turns out to be worth several (a chat completion with ``n``
+  choices: ``n`` engine requests) takes more slots and tokens through ``hold_more`` (``RequestSlots``), held until
+  the response has been sent like the first; After a 429 the server reads and discards the rest of a small body, so the client
   gets to read the answer; a body over ``DRAIN_LIMIT_BYTES`` is not received (``Connection: close``);
 - the admin key is exempt from the tenant limits.
 
@@ -38,7 +40,7 @@ from fastapi import Request
 
 from service import auth
 from service.context import ServiceContext
-from service.errors import ApiError, Unauthorized, envelope
+from service.errors import ApiError, QuotaExceeded, Unauthorized, envelope
 from service.limits import AdmissionLimits, Rejection, TenantLimiter, body_limit, request_cost
 
 ASGIApp = Callable[..., Any]
@@ -54,6 +56,31 @@ class Caller:
 
     tenant_id: str | None
     limits: AdmissionLimits | None = None
+
+
+class RequestSlots:
+    """What admission holds for one tenant request, in ``request.state.admission``: ``hold_more`` takes more of the
+    tenant's concurrent requests and rate for a request found (once parsed) to be worth several; all of them are
+    released with the request's own slot."""
+
+    def __init__(self, limiter: TenantLimiter, caller: Caller) -> None:
+        self._limiter, self._caller, self.extra = limiter, caller, 0
+
+    def hold_more(self, count: int, why: str) -> None:
+        """``count`` more slots (and requests of the rate limit), or ``QuotaExceeded`` (429) saying ``why``."""
+        assert self._caller.tenant_id is not None and self._caller.limits is not None
+        if count <= 0:
+            return
+        rejection = self._limiter.acquire(self._caller.tenant_id, self._caller.limits, cost=count, slots=count,
+                                          worth=f"; this request counts {count + 1} ({why})")
+        if rejection is not None:
+            raise QuotaExceeded(rejection.message, code=rejection.code, retry_after_s=rejection.retry_after_s)
+        self.extra += count
+
+    def release(self) -> None:
+        if self.extra and self._caller.tenant_id is not None:
+            self._limiter.release(self._caller.tenant_id, self.extra)
+        self.extra = 0
 
 
 class _BodyRefused(Exception):
@@ -178,9 +205,12 @@ class Admission:
             await response(scope, receive, send)  # a small body is drained: the client gets to read the 429
             return
         body = _Body(receive, self.ctx.settings.body_read_timeout_s, body_limit(self.ctx.settings, path))
+        slots = RequestSlots(self.limiter, caller)
+        scope.setdefault("state", {})["admission"] = slots
         try:
             await self._run(scope, body, send)
         finally:
+            slots.release()
             self.limiter.release(caller.tenant_id)
             self.limiter.charge(caller.tenant_id, caller.limits, request_cost(body.received, unit) - cost)
 

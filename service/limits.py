@@ -103,26 +103,28 @@ class TenantLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self._in_flight: dict[str, int] = {}
 
-    def acquire(self, tenant_id: str, limits: AdmissionLimits, cost: int = 1) -> Rejection | None:
-        """Admit a request worth ``cost`` requests of the rate limit (see ``request_cost``), or say why not."""
+    def acquire(self, tenant_id: str, limits: AdmissionLimits, cost: int = 1, slots: int = 1,
+                worth: str = "") -> Rejection | None:
+        """Admit a request worth ``cost`` requests of the rate limit (see ``request_cost``) and ``slots`` of the
+        tenant's concurrent requests, or say why not (``worth``: why it counts more than one, for the message)."""
         with self._lock:
             busy = self._in_flight.get(tenant_id, 0)
             cap = limits.max_concurrent_requests
-            if cap and busy >= cap:
+            if cap and busy + slots > cap:
                 return Rejection("too_many_concurrent_requests",
                                  f"too many concurrent requests: this tenant may have {cap} requests in flight on "
-                                 "this server; wait for one to finish", 1)
+                                 f"this server{worth}; wait for one to finish", 1)
             if limits.requests_per_second > 0:
                 now = self._clock()
                 bucket = self._buckets.setdefault(tenant_id, _Bucket(limits.burst, now))
                 wait = bucket.take(limits.requests_per_second, limits.burst, now, cost)
                 if wait > 0:
-                    worth = f"; this request counts {cost} (its body's size)" if cost > 1 else ""
+                    worth = worth or (f"; this request counts {cost} (its body's size)" if cost > 1 else "")
                     return Rejection("rate_limit_exceeded",
                                      f"rate limit exceeded: {limits.requests_per_second:g} requests per second "
                                      f"(burst {limits.burst}) for this tenant{worth}; retry after {wait:.2f} s",
                                      max(1, math.ceil(wait)))
-            self._in_flight[tenant_id] = busy + 1
+            self._in_flight[tenant_id] = busy + slots
             return None
 
     def charge(self, tenant_id: str, limits: AdmissionLimits, cost: int) -> None:
@@ -136,9 +138,9 @@ class TenantLimiter:
             bucket.refill(limits.requests_per_second, limits.burst, now)
             bucket.tokens -= cost
 
-    def release(self, tenant_id: str) -> None:
+    def release(self, tenant_id: str, slots: int = 1) -> None:
         with self._lock:
-            left = self._in_flight.get(tenant_id, 0) - 1
+            left = self._in_flight.get(tenant_id, 0) - slots
             if left > 0:
                 self._in_flight[tenant_id] = left
             else:

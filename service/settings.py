@@ -131,7 +131,8 @@ class Settings(BaseSettings):
                                            "(a 1.5 MB photo counts 6; a body worth more than the burst takes a "
                                            "full bucket); 0: every request counts 1.")
     tenant_max_concurrent_requests: int = Field(32, ge=0, description="Per tenant and API process: requests in "
-                                                "flight, uploads and chat streams included (429 "
+                                                "flight, uploads and chat streams included; a chat "
+                                                "completion with n choices counts n (429 "
                                                 "too_many_concurrent_requests above; 0: unlimited).")
     auth_cache_ttl_s: float = Field(5.0, ge=0, description="Seconds the admission check trusts a verified key "
                                     "without the database (the routes still check every request; 0: no cache).")

@@ -178,6 +178,9 @@ def create_chat_router(
         inline: InlineImages = request.state.inline_images
         try:
             params = choice_params(body, sampling_params(body, limits.default_max_tokens), limits)  # one per choice
+            admission = getattr(request.state, "admission", None)  # the tenant limits (the control plane's app)
+            if admission is not None and len(params) > 1:  # each choice is an engine request: n count n
+                admission.hold_more(len(params) - 1, f"its {len(params)} choices")
             messages = await run_in_threadpool(to_messages, body, resolve, limits, inline)
             adapter = {"adapter_id": locator.adapter_id, "adapter_locator": locator.uri} if locator else {}
             default = not gives_max_tokens(body)

@@ -396,3 +396,19 @@ def test_large_inline_images_are_answered_and_checked_through_the_split_body(sta
     assert response.status_code == 400, response.text
     error = _error(response)
     assert error["code"] == "invalid_image" and error["param"] == "messages[0].content[0]", error
+
+
+def test_each_of_n_choices_counts_as_one_of_the_tenants_concurrent_requests(stack: Stack):
+    """``n`` choices are ``n`` engine requests (batch rows), so they take ``n`` of the tenant's concurrent-request
+    slots, held until the response is sent (before: one, so a tenant at its limit put 8x as many rows into the
+    replica's shared queue as it was allowed requests)."""
+    _, key = new_tenant(stack.client, ADMIN, "team-n", limits={"tenant_max_concurrent_requests": 4})
+    body = {"model": BASE, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    over = _chat(stack, key, {**body, "n": 5})
+    assert over.status_code == 429, over.text
+    assert _error(over)["code"] == "too_many_concurrent_requests" and "counts 5 (its 5 choices)" in \
+        _error(over)["message"] and over.headers["Retry-After"] == "1"
+    for _ in range(2):  # the slots come back after each response: the same request is admitted again
+        fits = _chat(stack, key, {**body, "n": 4})
+        assert fits.status_code == 200, fits.text
+        assert len(fits.json()["choices"]) == 4

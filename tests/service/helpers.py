@@ -32,7 +32,7 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def new_tenant(client: TestClient | httpx.Client, admin_key: str, name: str, **limits: int) -> tuple[str, str]:
+def new_tenant(client: TestClient | httpx.Client, admin_key: str, name: str, **limits: Any) -> tuple[str, str]:
     """(tenant id, api key) of a new tenant."""
     resp = client.post("/v1/admin/tenants", json={"name": name, **limits}, headers=auth(admin_key))
     assert resp.status_code == 201, resp.text
