@@ -1,5 +1,5 @@
 """Which device a component computes on: ``checked_device`` turns a configured name into a ``torch.device`` (a clear
-error naming the setting for a malformed name or a GPU this process cannot see), ``default_device`` is what a
+error naming the setting for a malformed name, or a GPU (or GPU index) this process cannot see), ``default_device`` is what a
 component uses when nothing is configured (this process's GPU when one is visible, else the CPU), ``model_device``
 is where a model's weights are (what its inputs must follow); ``host_to_device`` / ``queued_copy`` move a small host
 list or tensor to the device without making the host wait for the device's queued work."""
@@ -23,6 +23,8 @@ def checked_device(name: str | torch.device, setting: str) -> torch.device:
         raise QwenVLError(f"{setting} {name!r}: not a device name (expected 'cpu', 'cuda' or 'cuda:N')") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QwenVLError(f"{setting} {name!r}: no CUDA device is visible to this process")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        raise QwenVLError(f"{setting} {name!r}: this process sees {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
     return device
 
 

@@ -147,3 +147,17 @@ def test_every_sampling_feature_runs_on_the_device_and_repeats_with_its_seeds(de
         assert [r.token_ids for r in first] == [r.token_ids for r in second] == [s.state.tokens for s in seqs]
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_gpu_index_past_the_visible_ones_is_named_as_such():
+    """``serve_device`` / a job's device ``cuda:N`` beyond this process's GPUs: a clear error naming the setting and
+    what is visible, at configuration time (before: CUDA's "invalid device ordinal" at the first tensor)."""
+    from qwenvl_core.devices import checked_device
+    from qwenvl_core.errors import QwenVLError
+
+    count = torch.cuda.device_count()
+    with pytest.raises(QwenVLError, match=rf"serve_device 'cuda:{count}': this process sees {count} CUDA device"):
+        checked_device(f"cuda:{count}", "serve_device")
+    assert checked_device(f"cuda:{count - 1}", "serve_device") == torch.device("cuda", count - 1)
