@@ -242,6 +242,21 @@ def test_image_count_mismatch_is_clear_error(model):
         model(input_ids=torch.tensor([[1, 2, 3]]), pixel_values=pixels(1))
 
 
+def test_a_decode_step_reads_nothing_back_from_the_device(model):
+    """A one-token forward on the cache (the serving engine's decode step: no images, its mask None where causal
+    attention is exact) does not count image spans: on a GPU each count is a read that waits for the device (2
+    per step before)."""
+    from tests.devices import DeviceRecorder
+
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[1] + span() + [2], [2, 3] + span()]), pixel_values=pixels(2),
+                      use_cache=True).cache
+        recorder = DeviceRecorder("cpu")  # on the CPU it records the ops that would read a device tensor back
+        with recorder:
+            model(input_ids=torch.tensor([[5], [6]]), past_key_values=cache, use_cache=True)
+    assert recorder.reads == []
+
+
 # ----- KV cache, padding, packing ---------------------------------------------------------------------------
 def incremental_logits(
     m: QWenLMHeadModel, ids: torch.Tensor, mask: torch.Tensor, px: torch.Tensor, prefill: int

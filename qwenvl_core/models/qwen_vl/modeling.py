@@ -132,7 +132,13 @@ class QWenModel(QWenPreTrainedModel):
     def splice_images(
         self, input_ids: torch.Tensor, embeds: torch.Tensor, pixel_values: torch.Tensor | None
     ) -> torch.Tensor:
-        """Place image k's features at the <imgpad> positions of span k (out of place): embeds [B, T, D]."""
+        """Place image k's features at the <imgpad> positions of span k (out of place): embeds [B, T, D].
+
+        A one-token forward without images (a decode step) is not checked: no span fits in it, and counting would
+        read the device every step. Its token is embedded as it is, as the official model does after the
+        prefill."""
+        if pixel_values is None and input_ids.size(1) == 1:
+            return embeds
         n_spans = int((input_ids == self.config.image_start_id).sum())
         n_pads = int((input_ids == self.config.image_pad_id).sum())
         n_images = 0 if pixel_values is None else pixel_values.size(0)
