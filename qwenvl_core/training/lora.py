@@ -91,7 +91,8 @@ def quantize_language_model(model: torch.nn.Module, family: ModelFamily, compute
         parent = model.get_submodule(parent_name)
         old: torch.nn.Linear = getattr(parent, child)
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                                compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                device="meta")  # no throwaway init: its weight and bias are replaced just below
         # bitsandbytes' CPU path repacks the NF4 weights for inference on the first eval-mode forward and never
         # back, and training forwards after that (periodic evaluation, DPO's reference pass) fail: keep one layout.
         new.support_avx512bf16_for_cpu = False
