@@ -59,11 +59,17 @@ FinishReason = Literal["stop", "length"]
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty: [-2, 2]
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+# What a torch generator's ``manual_seed`` takes (a negative seed wraps modulo 2**64)
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+# Below this a temperature is greedy decoding (as vLLM does): dividing logits by it would overflow to inf / NaN.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one row is decoded. ``temperature == 0`` or ``do_sample=False`` means greedy."""
+    """How one row is decoded. ``do_sample=False`` or a temperature below ``MIN_SAMPLING_TEMPERATURE`` (0 among them)
+    means greedy."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -83,12 +89,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise QwenVLError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise QwenVLError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN too; logits are divided by it in float32
+            raise QwenVLError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise QwenVLError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise QwenVLError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise QwenVLError(f"seed must be in [{MIN_SEED}, {MAX_SEED}], got {self.seed}")
         if any(not s for s in self.stop_strings):
             raise QwenVLError("stop strings must not be empty")
         if any(i < 0 for i in self.suppress_token_ids):
@@ -111,7 +119,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass
@@ -201,9 +209,10 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tup
     rank = torch.arange(logits.size(-1), device=logits.device)[None, :]
     top_k = settings[:, 1:2]
     logits = logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
-    if nucleus:  # drop a token when the tokens before it already cover top_p (the first one is always kept)
+    if nucleus:  # drop a token when the tokens before it already cover top_p; the first one is always kept, even
+        # for a top_p that is 0 in float32 (min_tokens_to_keep=1, as in transformers' TopPLogitsWarper)
         probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill((probs.cumsum(dim=-1) - probs) >= settings[:, 2:3], float("-inf"))
+        logits = logits.masked_fill(((probs.cumsum(dim=-1) - probs) >= settings[:, 2:3]) & (rank > 0), float("-inf"))
     return logits, ids
 
 

@@ -19,7 +19,8 @@ This module owns
   payloads are base64-decoded here, in slices;
 - the sampling fields' limits (at most 4 stop strings of at most ``MAX_STOP_CHARS`` characters each; at most
   ``MAX_LOGIT_BIAS_TOKENS`` ``logit_bias`` entries, keys token ids in decimal; the engine refuses an id beyond the
-  model's vocabulary);
+  model's vocabulary; ``seed`` a 64-bit signed integer, as on OpenAI); a content part of another type than
+  ``text`` / ``image_url`` is a 400 naming its ``type``;
 - the ``ChatBackend`` protocol the HTTP route depends on, ``AdapterLocator`` / ``AdapterResolver`` (model id +
   tenant -> the adapter to load, or None), and ``InProcessBackend`` (engines in this process: local use, tests).
   The Ray Serve backend lives in ``workflows/serve_app.py``;
@@ -41,11 +42,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from qwenvl_core.conversation import ImagePart, Message, Part, TextPart
 from qwenvl_core.errors import ImageError, QwenVLError
-from qwenvl_core.generation import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from qwenvl_core.generation import (
+    MAX_LOGIT_BIAS,
+    MAX_TOP_LOGPROBS,
+    MIN_SAMPLING_TEMPERATURE,
+    MIN_SEED,
+    SamplingParams,
+)
 from qwenvl_core.grammar import GrammarError, json_grammar
 from qwenvl_core.images import data_url_size
 from qwenvl_core.serving.engine import (
@@ -66,8 +74,8 @@ from qwenvl_core.vocabulary import TokenLogprob
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias
-# Below this a temperature is greedy decoding (as vLLM does): dividing logits by it would overflow to inf / NaN.
-MIN_SAMPLING_TEMPERATURE = 1e-5
+# OpenAI's seed is a 64-bit signed integer; choice i's seed + i then stays within what a torch generator takes
+MAX_REQUEST_SEED = 2**63 - 1
 MIB = 1 << 20
 # OpenAI fields this server does not implement, with what they are: a request that sets one gets a 400 naming it.
 UNSUPPORTED_FIELDS = {
@@ -125,6 +133,8 @@ class ImageContent(BaseModel):
 
 
 ContentPart = Annotated[TextContent | ImageContent, Field(discriminator="type")]
+CONTENT_PART_TYPES = ("text", "image_url")
+_CONTENT_PARTS = TypeAdapter(list[ContentPart])
 
 
 class ChatMessage(BaseModel):
@@ -134,6 +144,26 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_parts(cls, value: Any) -> Any:
+        """A list is validated as content parts only, so that its errors are the parts' (the union would report
+        first that it is not a string), and a part of a type this server does not read is named by its ``type``
+        (``messages.<i>.content.<j>.type``). A ``ValidationError`` raised here adds its errors under ``content``."""
+        if not isinstance(value, list):
+            return value
+        for index, part in enumerate(value):
+            if isinstance(part, dict) and part.get("type") not in CONTENT_PART_TYPES:
+                kind = part.get("type")
+                supported = ", ".join(map(repr, CONTENT_PART_TYPES))
+                message = ("content part type {type} is not supported; supported types: {supported}" if "type" in part
+                           else "content part has no type; supported types: {supported}")
+                error = PydanticCustomError("unsupported_content_part", message,
+                                            {"type": repr(kind)[:64], "supported": supported})
+                raise ValidationError.from_exception_data(
+                    "ChatMessage", [{"type": error, "loc": (index, "type"), "input": kind}])
+        return _CONTENT_PARTS.validate_python(value)
 
 
 class StreamOptions(BaseModel):
@@ -172,7 +202,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_REQUEST_SEED)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -149,6 +149,35 @@ def test_filter_logits_top_k_and_top_p():
     assert sum(_kept(torch.tensor([1.0, 2.0, 2.0, 0.0]), top_k=1)) == 1  # exactly k, ties too
 
 
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_a_top_p_that_is_zero_in_float32_still_keeps_the_top_token(top_k):
+    """min_tokens_to_keep=1 (transformers' TopPLogitsWarper): a tiny top_p (0 once in float32) is greedy-like
+    sampling, never a row with every token excluded; batched with rows of other settings."""
+    logits = torch.log(torch.tensor([0.1, 0.5, 0.3, 0.1]))
+    for top_p in (1e-300, 5e-324, 1e-46):
+        assert _kept(logits, top_p=top_p, top_k=top_k) == [False, True, False, False]
+    params = [SamplingParams(do_sample=True, top_p=1e-300, top_k=top_k, seed=i) for i in range(3)]
+    params.append(SamplingParams(do_sample=True, top_p=0.9, seed=3))
+    assert next_tokens(logits.repeat(4, 1), make_rows(params, 4))[:3] == [1, 1, 1]
+
+
+def test_tiny_temperatures_are_greedy_and_out_of_range_settings_are_refused():
+    """A temperature that underflows float32 (or makes the logits overflow) would divide them into inf / NaN:
+    below MIN_SAMPLING_TEMPERATURE a row is greedy; a seed a torch generator cannot take is refused up front."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    for temperature in (1e-300, 1e-40, 1e-9):
+        params = SamplingParams(do_sample=True, temperature=temperature, seed=1)
+        assert params.greedy
+        assert next_tokens(logits, make_rows(params, 1)) == [1]
+    assert not SamplingParams(do_sample=True, temperature=1e-5).greedy  # MIN_SAMPLING_TEMPERATURE: sampled
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": 1e39},
+                {"seed": 2**64}, {"seed": -(2**63) - 1}):
+        with pytest.raises(QwenVLError, match=next(iter(bad))):
+            SamplingParams(do_sample=True, **bad)
+    for seed in (-(2**63), 2**64 - 1):  # the generator's whole range
+        assert len(next_tokens(logits, make_rows(SamplingParams(do_sample=True, seed=seed), 1))) == 1
+
+
 def _filter_one_row(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The filter written for one row at a time, as a reference for the batched one."""
     logits = logits.float() / p.temperature

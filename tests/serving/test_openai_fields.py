@@ -126,11 +126,40 @@ def test_a_message_field_we_do_not_implement_is_refused_and_null_fields_ask_for_
     ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"logit_bias": {"1000000": 1}}, "logit_bias"),  # beyond the model's vocabulary: the engine says so
+    ({"seed": 2**64}, "seed"),  # OpenAI's seed is a 64-bit signed integer (torch's generator takes < 2**64)
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
 ])
 def test_inconsistent_or_out_of_range_values_are_refused_naming_the_field(server, body, param):
     response = _post(server, body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("part", "says"), [
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "type 'input_audio' is not supported"),
+    ({"text": "no type"}, "has no type"),
+])
+def test_a_content_part_of_another_type_is_refused_naming_its_type(server, part, says):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]
+    response = _post(server, {"messages": messages, "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages.0.content.1.type" and says in error["message"], error
+    assert "'text', 'image_url'" in error["message"]
+    wrong = [{"role": "user", "content": [{"type": "text"}]}]  # a known part's own error, not "not a string"
+    error = _post(server, {"messages": wrong, "max_tokens": 1}).json()["error"]
+    assert error["param"].startswith("messages.0.content.0.") and "Field required" in error["message"], error
+
+
+def test_extreme_sampling_values_are_answered(server):
+    """A top_p that is 0 in float32 keeps the top token; a tiny temperature is greedy; the seeds of n choices stay
+    in a torch generator's range up to the largest 64-bit seed."""
+    for body in ({"top_p": 1e-300}, {"top_p": 5e-324, "stream": True}, {"temperature": 1e-300},
+                 {"seed": 2**63 - 1, "n": 3}, {"seed": -(2**63), "n": 2}):
+        response = _post(server, {"max_tokens": 2, **body})
+        assert response.status_code == 200, (body, response.text)
+        assert "error" not in response.text, (body, response.text)
 
 
 # ----- logprobs ---------------------------------------------------------------------------------------------------
