@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from qwenvl_cli.client import ApiError, ApiKeyOption, BaseUrlOption, Client, print_json
+from qwenvl_cli.client import ApiError, ApiKeyOption, BaseUrlOption, Client, check_finite, print_json
 
 
 def data_url(path: Path) -> str:
@@ -62,6 +62,7 @@ def chat(
     base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
 ) -> None:
     """Ask a model a question about images; prints the answer and its grounding boxes."""
+    check_finite(temperature=temperature)
     images = list(image or [])
     with Client(base_url, api_key, timeout=300) as client:
         completion = ask(client, model, question, images, max_tokens=max_tokens, temperature=temperature)

@@ -12,6 +12,7 @@ Every API error (the OpenAI error envelope), an unreachable server or a missing 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,32 @@ ApiKeyOption = Annotated[str | None, typer.Option(
 
 class ApiError(QwenVLError):
     """The API refused a request, could not be reached, or no key is available."""
+
+
+def check_finite(**flags: float | None) -> None:
+    """Refuse a NaN or infinite number option (JSON has no such numbers), naming its flag: keyword names are the
+    flags' without the dashes (``learning_rate_multiplier=...`` -> ``--learning-rate-multiplier``)."""
+    for name, value in flags.items():
+        if value is not None and not math.isfinite(value):
+            raise ApiError(f"--{name.replace('_', '-')}: expected a finite number, got {value}")
+
+
+def parse_json_option(flag: str, text: str) -> Any:
+    """``text`` as strict JSON for the option ``flag``: ``NaN`` / ``Infinity`` and numbers beyond a float (``1e999``)
+    are refused, as the API would refuse them."""
+    def finite(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise ValueError(f"{token} is not a finite number")
+        return value
+
+    def constant(token: str) -> Any:
+        raise ValueError(f"{token} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_float=finite, parse_constant=constant)
+    except ValueError as exc:  # JSONDecodeError too
+        raise ApiError(f"{flag}: not JSON ({exc})") from None
 
 
 def qwenvl_home() -> Path:
@@ -100,8 +127,15 @@ class Client:
                  timeout: float = 60.0) -> None:
         self.base_url = resolve_base_url(base_url)
         self.api_key = resolve_key(api_key, admin=admin)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
-                                  headers={"Authorization": f"Bearer {self.api_key}"})
+        if not (self.api_key.isascii() and self.api_key.isprintable()):  # it travels in an HTTP header
+            where = "--admin-key / QWENVL_ADMIN_KEY" if admin else "--api-key / QWENVL_API_KEY"
+            raise ApiError(f"the key holds a character that is not printable ASCII; check {where} or the key file")
+        try:
+            self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
+                                      headers={"Authorization": f"Bearer {self.api_key}"})
+        except httpx.InvalidURL as exc:
+            raise ApiError(f"{self.base_url!r} is not a valid API URL ({exc}); check --base-url / "
+                           "QWENVL_BASE_URL") from None
 
     def __enter__(self) -> Client:
         return self
@@ -117,6 +151,10 @@ class Client:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
             raise ApiError(f"{method} {self.base_url}{path}: timed out") from None
+        except httpx.InvalidURL as exc:
+            raise ApiError(f"{method} {self.base_url}{path}: not a valid URL ({exc})") from None
+        except ValueError as exc:  # a body JSON cannot hold (NaN, infinity): every option is checked before this
+            raise ApiError(f"{method} {self.base_url}{path}: the request cannot be sent ({exc})") from None
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the API at {self.base_url} ({exc}); is the stack running? "
                            "(`qwenvl up`, or --base-url)") from None
@@ -159,7 +197,7 @@ class Client:
                         f.write(chunk)
                         written += len(chunk)
                 tmp.replace(out)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ApiError(f"GET {self.base_url}{path}: {exc}") from None
         return written
 

@@ -117,13 +117,18 @@ def synth(
 ) -> None:
     """Write a coloured-shapes dataset: images, train/validation files and one .zip bundle per split."""
     from qwenvl_core.data.formats import DataFormat
-    from qwenvl_core.data.synth import write_synth_dataset
+    from qwenvl_core.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, write_synth_dataset
     from qwenvl_core.errors import QwenVLError
 
     if fmt not in {f.value for f in DataFormat}:
         raise QwenVLError(f"--format: expected qwen, openai or preference, got {fmt!r}")
-    result = write_synth_dataset(out, DataFormat(fmt), n=n, seed=seed, val_fraction=val_fraction,
-                                 image_size=image_size)
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise QwenVLError(f"--image-size: expected {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, got {image_size}")
+    try:
+        result = write_synth_dataset(out, DataFormat(fmt), n=n, seed=seed, val_fraction=val_fraction,
+                                     image_size=image_size)
+    except OSError as exc:  # e.g. a parent of --out is a file, or not writable
+        raise QwenVLError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     typer.echo(f"wrote {result.samples} samples with {result.images} images ({fmt} format) to {out}:")
     for path in (result.train, result.validation, result.train_bundle, result.validation_bundle):
         if path is not None:

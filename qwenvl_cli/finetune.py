@@ -26,6 +26,13 @@ class FinetuneConfigError(QwenVLError):
     """The ``--config`` file cannot be read as a job spec."""
 
 
+# The job fields the flags set (``build_spec``'s overrides), by flag
+OVERRIDE_FLAGS = {"hyperparameters.n_epochs": "--epochs", "hyperparameters.max_steps": "--max-steps",
+                  "hyperparameters.learning_rate": "--lr", "hyperparameters.batch_size": "--batch-size",
+                  "lora.r": "--rank", "compute.num_workers": "--workers", "compute.strategy": "--strategy",
+                  "tracking.tracking_uri": "--tracking-uri", "quantization": "--qlora"}
+
+
 def _load_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -33,6 +40,8 @@ def _load_config(path: Path | None) -> dict[str, Any]:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise FinetuneConfigError(f"--config {path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except (OSError, yaml.YAMLError) as e:
         raise FinetuneConfigError(f"--config {path}: {e}") from e
     if not isinstance(data, dict):
@@ -56,7 +65,11 @@ def build_spec(base: Path, train: Path, val: Path | None, config: Path | None, o
             continue
         section, _, key = dotted.partition(".")
         if key:
-            fields.setdefault(section, {})[key] = value
+            if not isinstance(fields.setdefault(section, {}), dict):
+                flag = OVERRIDE_FLAGS.get(dotted, dotted)
+                raise FinetuneConfigError(f"--config {config}: {section} must be a mapping of fields ({flag} sets "
+                                          f"{dotted}), got {type(fields[section]).__name__}")
+            fields[section][key] = value
         else:
             fields[section] = value
     try:

@@ -7,7 +7,6 @@ the job keeps running (cancel it with ``qwenvl jobs cancel``).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -23,7 +22,15 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from qwenvl_cli.client import ApiError, ApiKeyOption, BaseUrlOption, Client, print_json
+from qwenvl_cli.client import (
+    ApiError,
+    ApiKeyOption,
+    BaseUrlOption,
+    Client,
+    check_finite,
+    parse_json_option,
+    print_json,
+)
 
 app = typer.Typer(help="Fine-tuning jobs (REST API).", no_args_is_help=True)
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -60,10 +67,7 @@ def job_body(model: str, training_file: str, *, validation_file: str | None = No
 def _parse_extra(extra: str | None) -> dict[str, Any] | None:
     if not extra:
         return None
-    try:
-        value = json.loads(extra)
-    except ValueError as exc:
-        raise ApiError(f"--extra: not JSON ({exc})") from None
+    value = parse_json_option("--extra", extra)
     if not isinstance(value, dict):
         raise ApiError("--extra: expected a JSON object of job fields")
     return value
@@ -137,6 +141,7 @@ def create(
     base_url: BaseUrlOption = None, api_key: ApiKeyOption = None,
 ) -> None:
     """Create a fine-tuning job."""
+    check_finite(learning_rate_multiplier=lr_multiplier, cpus_per_worker=cpus_per_worker, lora_alpha=lora_alpha)
     body = job_body(model, training_file, validation_file=validation_file, suffix=suffix, n_epochs=n_epochs,
                     batch_size=batch_size, lr_multiplier=lr_multiplier, max_steps=max_steps,
                     micro_batch_size=micro_batch_size, workers=workers, cpus_per_worker=cpus_per_worker,

@@ -32,10 +32,20 @@ app.command("chat")(chat.chat)
 app.command("demo")(demo.demo)
 
 
+def _tolerant_output() -> None:
+    """Print what the terminal's encoding cannot hold as backslash escapes instead of failing: a lone surrogate
+    (a file name's undecodable byte, a record's escaped ``\\ud800``) or any character beyond an ASCII locale."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
     """Run the CLI; user errors become one line and exit code 1."""
     from qwenvl_core.errors import QwenVLError
 
+    _tolerant_output()
     try:
         app()
     except QwenVLError as exc:

@@ -35,8 +35,12 @@ def init(
     dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Write a complete model directory (config, tokenizer, safetensors) with random weights."""
+    from qwenvl_core.errors import QwenVLError
+    from qwenvl_core.generation import MAX_SEED, MIN_SEED
     from qwenvl_core.models.registry import family_for_preset
 
+    if not MIN_SEED <= seed <= MAX_SEED:  # what torch.manual_seed takes
+        raise QwenVLError(f"--seed: expected an integer in [{MIN_SEED}, {MAX_SEED}], got {seed}")
     family = family_for_preset(preset)
     path = family.materialize(preset, out, seed=seed, dtype=_torch_dtype(dtype))
     typer.echo(f"wrote {preset} (seed {seed}, {dtype}) to {path}")

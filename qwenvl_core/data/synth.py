@@ -37,6 +37,9 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)
 
 PixelBox = tuple[int, int, int, int]
+# The image side in pixels: the shapes of a smaller picture may never fit side by side apart (placing them would
+# not end), and a larger one only costs memory
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,11 @@ class _Generator:
         ]
 
 
+def _check_image_size(image_size: int) -> None:
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise DataError(f"image_size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, got {image_size}")
+
+
 def _qa(image: ImagePart, question: str, answer: str) -> list[Message]:
     return [Message("user", [image, TextPart(question)]), text_message("assistant", answer)]
 
@@ -183,6 +191,7 @@ def generate_samples(n: int, seed: int, image_dir: Path, image_size: int = 112,
     ``lone_size``: the side of a shape drawn alone (colour, shape and grounding questions) as (min, max) fractions
     of the image side; None, and scenes with several shapes, use 1/6 to 1/4.
     """
+    _check_image_size(image_size)
     if lone_size is not None and not 0 < lone_size[0] <= lone_size[1] <= 0.8:
         raise DataError(f"lone_size must satisfy 0 < min <= max <= 0.8, got {lone_size}")
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +207,7 @@ def generate_count_samples(n: int, seed: int, image_dir: Path, image_size: int =
     """``n`` counting questions ("How many shapes are there?", answer 1 to ``max_count``, uniform: chance
     1 / ``max_count``): equal shapes (side ``side`` of the picture's), one colour per picture, kinds mixed. The
     count is the only thing the answer depends on; a model can read it from how much of the picture is covered."""
+    _check_image_size(image_size)
     if not 1 <= max_count <= 6 or not 0 < side <= 0.3:
         raise DataError(f"need 1 <= max_count <= 6 and 0 < side <= 0.3, got {max_count}, {side}")
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -223,10 +233,13 @@ def write_synth_dataset(out_dir: str | Path, fmt: DataFormat = DataFormat.QWEN, 
                         val_fraction: float = 0.1, image_size: int = 112, bundles: bool = True) -> SynthResult:
     """Write a synthetic dataset (see the module docstring) into the new or empty directory ``out_dir``."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; choose a new output directory")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: directory exists and is not empty; choose a new output directory")
     if n < 2 or not 0 < val_fraction < 1:
         raise DataError(f"need n >= 2 and 0 < val_fraction < 1, got n={n}, val_fraction={val_fraction}")
+    _check_image_size(image_size)
     samples = generate_samples(n, seed, out / "images", image_size)
     n_val = max(1, round(n * val_fraction))
     splits = {"train": samples[n_val:], "validation": samples[:n_val]}
