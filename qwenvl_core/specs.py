@@ -21,9 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 
 class _Spec(BaseModel):
-    """Strict base: unknown fields are errors (a typo must not silently fall back to a default)."""
+    """Strict base: unknown fields are errors (a typo must not silently fall back to a default), and so is an
+    infinite or NaN number in any float field (``1e309`` or ``Infinity`` in a request, ``.inf`` in a YAML file):
+    no setting means anything with it. ``Progress`` alone takes them: it reports measurements (a diverged loss)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TargetPreset(StrEnum):
@@ -293,6 +295,10 @@ TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCE
 
 
 class Progress(_Spec):
+    """A training step as measured: a diverged run's loss is NaN or infinite and is still reported."""
+
+    model_config = ConfigDict(allow_inf_nan=True)
+
     step: int
     total_steps: int
     epoch: float

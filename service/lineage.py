@@ -73,7 +73,7 @@ def find(s: Session, tenant_id: str, model_id: str, param: str = "model") -> Ada
 def _checkpoint(s: Session, tenant_id: str, model_id: str, param: str) -> AdapterModel:
     tenant = repo.get_tenant(s, tenant_id=tenant_id)
     if model_id.startswith(CHECKPOINT_ID_PREFIX):
-        pk = _number(model_id[len(CHECKPOINT_ID_PREFIX):])
+        pk = repo.decimal_id(model_id[len(CHECKPOINT_ID_PREFIX):])
         event = repo.checkpoint_event(s, pk=pk) if pk is not None else None
         job = repo.job_by_id(s, job_id=event.job_id) if event is not None else None
         if event is None or job is None or job.tenant_id != tenant_id:
@@ -81,7 +81,7 @@ def _checkpoint(s: Session, tenant_id: str, model_id: str, param: str) -> Adapte
         step = int((event.data or {}).get("step", 0))
     else:
         fine_tuned, _, number = model_id.rpartition(CHECKPOINT_MARK)
-        job, step = _job_of(s, tenant, fine_tuned), _number(number)
+        job, step = _job_of(s, tenant, fine_tuned), repo.decimal_id(number)
         if job is None or step is None:
             raise _unknown(model_id, param)
         event = repo.checkpoint_event(s, job_id=job.id, step=step)
@@ -96,11 +96,6 @@ def _checkpoint(s: Session, tenant_id: str, model_id: str, param: str) -> Adapte
     return AdapterModel(id=canonical, base_model=job.model, job_id=job.id,
                         adapter_uri=run.checkpoint_adapter_uri(job.id, step), created_at=event.created_at, step=step,
                         parent_model=job.parent_model)
-
-
-def _number(text: str) -> int | None:
-    """A decimal id or step as it may appear in a model id (at most 18 digits: it must fit the database's BIGINT)."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def _job_of(s: Session, tenant: Tenant, fine_tuned: str) -> Job | None:

@@ -26,6 +26,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def decimal_id(text: str) -> int | None:
+    """The number of an id's decimal part (an event's or checkpoint's primary key, a checkpoint's step): ASCII
+    digits only, at most 18 of them so that it fits the database's BIGINT; None for anything else (``²``, ``٣``,
+    a 25-digit number), which callers answer as an unknown id."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def now() -> int:
     return int(time.time())
 
@@ -258,10 +265,12 @@ def next_service_seq(s: Session, *, job_id: str) -> int:
 
 
 def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types: Sequence[str] | None = None,
-                latest_per_step: bool = False, steps: Sequence[int] | None = None) -> tuple[Sequence[JobEvent], bool]:
+                latest_per_step: bool = False, steps: Sequence[int] | None = None,
+                after_as: str | None = None) -> tuple[Sequence[JobEvent], bool]:
     """Newest first. ``latest_per_step`` keeps only the newest event of a type for each ``data.step``: a job that
     restarted from an earlier checkpoint saves some steps again, and its checkpoint list names each step once.
-    ``steps`` keeps only events whose ``data.step`` is one of them."""
+    ``steps`` keeps only events whose ``data.step`` is one of them. ``after_as``: the cursor as the client gave it
+    (a checkpoint id), for the 404 of one that names nothing."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if types:
         query = query.where(JobEvent.type.in_(types))
@@ -276,7 +285,8 @@ def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types
     if after is not None:
         pk = _event_pk(after)
         if pk is None or s.scalar(select(JobEvent.pk).where(JobEvent.pk == pk, JobEvent.job_id == job_id)) is None:
-            raise NotFound(f"no event with id {after!r} in this job", param="after")
+            raise NotFound(f"no {'checkpoint' if after_as else 'event'} with id {after_as or after!r} in this job",
+                           param="after")
         query = query.where(JobEvent.pk < pk)
     rows = s.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)).all()
     return rows[:limit], len(rows) > limit
@@ -296,8 +306,7 @@ def checkpoint_event(s: Session, *, job_id: str | None = None, step: int | None 
 
 
 def _event_pk(event_id: str) -> int | None:
-    tail = event_id.removeprefix("ftevent-")
-    return int(tail) if tail.isdigit() else None
+    return decimal_id(event_id.removeprefix("ftevent-"))
 
 
 # ----- storage usage (tenants.used_bytes; see service.usage) ----------------------------------------------------

@@ -31,8 +31,40 @@ from service.settings import Settings
 Auto = Literal["auto"]
 
 
+def storable_text(value: Any) -> Any:
+    """``value`` unchanged when every string in it (dict keys too) can be stored and echoed; else a ``ValueError``.
+
+    JSON's ``\\ud800`` escapes decode to a lone surrogate, which has no UTF-8 encoding, so the database and the
+    JSON response would fail on it (a 500); PostgreSQL stores no U+0000 in text or JSON. Both are refused."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError("text must not contain U+0000 (NUL), which the database cannot store")
+            if not item.isascii():
+                bad = next((c for c in item if "\ud800" <= c <= "\udfff"), None)
+                if bad is not None:
+                    raise ValueError(f"\\u escape of an unpaired surrogate (U+{ord(bad):04X}), which is not a "
+                                     "character")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return value
+
+
 class _Strict(BaseModel):
+    """Request bodies: unknown fields are errors, and so is text that cannot be stored (``storable_text``), in any
+    field (metadata, suffix, model, integrations, key names, ...): a 400 naming the field."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, v: Any) -> Any:
+        return storable_text(v)
 
 
 # ----- errors -------------------------------------------------------------------------------------------------
@@ -250,10 +282,29 @@ class JobCreate(_Strict):
                     raise ValueError(f"metadata key {key[:64]!r}: keys <= 64 chars, values <= 512 chars")
         return v
 
+    @field_validator("hyperparameters")
+    @classmethod
+    def _one_place_for_hyperparameters(cls, v: Hyperparameters | None, info: ValidationInfo
+                                       ) -> Hyperparameters | None:
+        method = info.data.get("method")
+        chosen = None if method is None else method.dpo if method.type == "dpo" else method.supervised
+        if v is not None and chosen is not None and "hyperparameters" in chosen.model_fields_set:
+            raise ValueError(f"hyperparameters are given twice, here and in method.{method.type}.hyperparameters; "
+                             f"give them in method.{method.type}.hyperparameters only (top-level hyperparameters "
+                             "are deprecated by OpenAI)")
+        return v
+
     def effective_hyperparameters(self) -> Hyperparameters:
+        """The hyperparameters the job trains with: ``method.<type>.hyperparameters`` when given; else the
+        deprecated top-level ``hyperparameters`` (what older OpenAI clients send), also alongside a ``method``
+        without a hyperparameters block of its own, as they then conflict with nothing; else all ``auto``.
+        Both at once is a 400 naming ``hyperparameters`` (``_one_place_for_hyperparameters``), not one of them
+        silently ignored. DPO's ``beta`` is only ever in ``method.dpo.hyperparameters``."""
+        if self.hyperparameters is not None:
+            return self.hyperparameters
         if self.method is not None:
             return self.method.hyperparameters()
-        return self.hyperparameters or Hyperparameters()
+        return Hyperparameters()
 
 
 class JobError(BaseModel):
@@ -334,7 +385,8 @@ class EstimateRequest(_Strict):
     model: str = Field(min_length=1, max_length=256)
     training_file: str = Field(min_length=1, max_length=64)
     n_epochs: int = Field(1, ge=1, le=50)
-    tokens_per_second: float | None = Field(None, gt=0, description="Throughput to assume (default: settings).")
+    tokens_per_second: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                            description="Throughput to assume (default: settings).")
     min_pixels: int | None = Field(None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND,
                                    description="The job's min_pixels: image tokens are counted with it.")
     max_pixels: int | None = Field(None, ge=MIN_PIXELS_BOUND, le=MAX_PIXELS_BOUND,

@@ -19,12 +19,19 @@ from typing import IO
 from qwenvl_core.storage import CHUNK_BYTES, ObjectStore, StoredObject, join_key, open_store
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SUFFIX = re.compile(r"(?:\.[A-Za-z0-9]{1,16}){1,2}\Z")  # ".jsonl", ".tar.gz": taken from the raw name
+MAX_FILENAME = 200
 
 
 def safe_filename(name: str) -> str:
-    """The last path component of ``name`` with unusual characters replaced (never empty, never a dot file)."""
-    base = _UNSAFE.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).strip("._") or "upload"
-    return base[:200]
+    """The last path component of ``name`` with unusual characters replaced: never empty, never a dot file, at
+    most ``MAX_FILENAME`` characters. Its suffix (up to two ASCII ``.ext`` parts) is kept as given, also when the
+    stem is shortened or has no ASCII character left (``训练数据.jsonl`` -> ``upload.jsonl``)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    match = _SUFFIX.search(base)
+    suffix = match.group(0) if match else ""
+    stem = _UNSAFE.sub("_", base[: len(base) - len(suffix)]).strip("._") or "upload"
+    return stem[: MAX_FILENAME - len(suffix)].rstrip(".") + suffix
 
 
 class TenantStorage:
