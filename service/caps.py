@@ -37,9 +37,10 @@ class Cap:
 
 
 def _epochs_param(body: JobCreate) -> str:
-    method = body.method.type if body.method is not None else "supervised"
-    return (f"method.{method}.hyperparameters.n_epochs" if body.method is not None or body.hyperparameters is None
-            else "hyperparameters.n_epochs")
+    """Where the request gave ``n_epochs`` (``JobCreate.effective_hyperparameters`` reads the same place)."""
+    if body.hyperparameters is not None:
+        return "hyperparameters.n_epochs"
+    return f"method.{body.method.type if body.method is not None else 'supervised'}.hyperparameters.n_epochs"
 
 
 def _keeps_all(body: JobCreate) -> bool:

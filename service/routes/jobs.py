@@ -200,7 +200,7 @@ def list_checkpoints(fine_tuning_job_id: str, tenant: TenantDep, session: Sessio
     after_event = f"ftevent-{after.removeprefix(lineage.CHECKPOINT_ID_PREFIX)}" if after else None
     stored = RunDir(job.output_uri).checkpoint_adapter_steps(job.id)  # Ray Train removes those beyond keep
     rows, more = repo.list_events(session, job_id=job.id, limit=limit, after=after_event, types=["checkpoint"],
-                                  latest_per_step=True, steps=sorted(stored))
+                                  latest_per_step=True, steps=sorted(stored), after_as=after)
     base = lineage.fine_tuned_name(job, tenant.name)
     return CheckpointList.of([checkpoint_public(r, base) for r in rows], more)
 

@@ -144,6 +144,9 @@ def test_a_per_tenant_override_lowers_or_lifts_a_cap_for_that_tenant_only(api: A
         assert err["param"] == "method.supervised.hyperparameters.n_epochs" and "job_max_epochs = 3" in err["message"]
         err = _error(api.post_job(api.key_a, api.file_a, hyperparameters={"n_epochs": 4}), 400, "limit_exceeded")
         assert err["param"] == "hyperparameters.n_epochs"
+        err = _error(api.post_job(api.key_a, api.file_a, hyperparameters={"n_epochs": 4},  # where it was given
+                                  method={"type": "supervised"}), 400, "limit_exceeded")
+        assert err["param"] == "hyperparameters.n_epochs"
         assert api.post_job(api.key_a, api.file_a).json()["max_wall_clock_s"] == 3600  # the tenant's default
         other = api.post_job(api.key_b, api.file_b, compute={"num_workers": 3})  # tenant B keeps the global cap
         assert other.status_code == 200, other.text
