@@ -7,7 +7,7 @@ Model ids beyond the base models (a job's ``model``, a chat completion's ``model
   ``fine_tuned_model_checkpoint`` shape), stored in the run directory with the checkpoint
   (``RunDir.checkpoint_adapter_uri``); a checkpoint is a model while its adapter is stored
   (``RunDir.checkpoint_has_adapter``; Ray Train keeps a job's last ``checkpoint.keep`` checkpoints);
-- ``ftckpt-{n}``: a checkpoint's id as the checkpoints list shows it: the same checkpoint model (canonical id above).
+- ``ftckpt-{ref}``: a checkpoint's id as the checkpoints list shows it: the same checkpoint model (canonical id above).
 
 ``find`` resolves any of them for one tenant; unknown ids and other tenants' ids raise the same ``NotFound``, so an
 id never confirms that another tenant's model exists. ``parent_of`` is ``find`` for a fine-tuning job's ``model``:
@@ -73,8 +73,8 @@ def find(s: Session, tenant_id: str, model_id: str, param: str = "model") -> Ada
 def _checkpoint(s: Session, tenant_id: str, model_id: str, param: str) -> AdapterModel:
     tenant = repo.get_tenant(s, tenant_id=tenant_id)
     if model_id.startswith(CHECKPOINT_ID_PREFIX):
-        pk = repo.decimal_id(model_id[len(CHECKPOINT_ID_PREFIX):])
-        event = repo.checkpoint_event(s, pk=pk) if pk is not None else None
+        ref = repo.event_ref(model_id[len(CHECKPOINT_ID_PREFIX):])
+        event = repo.checkpoint_event(s, ref=ref) if ref is not None else None
         job = repo.job_by_id(s, job_id=event.job_id) if event is not None else None
         if event is None or job is None or job.tenant_id != tenant_id:
             raise _unknown(model_id, param)

@@ -1,11 +1,13 @@
 """SQLAlchemy 2 table models of the control plane. Only ``repository`` reads and writes them.
 
-Every tenant-owned row carries ``tenant_id``; public ids are strings (``file-…``, ``ftjob-…``), ordering uses
-the integer ``pk``. JSON columns hold documents the API returns as they are (validation reports, metrics).
+Every tenant-owned row carries ``tenant_id``; public ids are strings (``file-…``, ``ftjob-…``; an event's
+``ftevent-{ref}``), never the integer ``pk``, which only orders rows. JSON columns hold documents the API returns
+as they are (validation reports, metrics).
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from sqlalchemy import (
@@ -115,8 +117,12 @@ class JobEvent(Base):
     type: Mapped[str] = mapped_column(String(16))  # message | metrics | checkpoint | state
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The public id's tail (``ftevent-{ref}``, a checkpoint's ``ftckpt-{ref}``): random, so ids say nothing of
+    # other tenants' activity; rows from before migration 0006 have their pk in decimal
+    ref: Mapped[str | None] = mapped_column(String(24), default=lambda: secrets.token_hex(12))
     __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"),
-                      Index("ix_job_events_job_pk", "job_id", "pk"))
+                      Index("ix_job_events_job_pk", "job_id", "pk"),
+                      Index("ix_job_events_ref", "ref", unique=True))
 
 
 class Model(Base):

@@ -27,7 +27,7 @@ def new_id(prefix: str) -> str:
 
 
 def decimal_id(text: str) -> int | None:
-    """The number of an id's decimal part (an event's or checkpoint's primary key, a checkpoint's step): ASCII
+    """The number of an id's decimal part (a checkpoint model's step, ``ckpt-step-N``): ASCII
     digits only, at most 18 of them so that it fits the database's BIGINT; None for anything else (``²``, ``٣``,
     a 25-digit number), which callers answer as an unknown id."""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
@@ -283,8 +283,10 @@ def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types
             newest = newest.where(same.type.in_(types))
         query = query.where(JobEvent.pk.in_(newest.group_by(same.type, same.data["step"].as_integer())))
     if after is not None:
-        pk = _event_pk(after)
-        if pk is None or s.scalar(select(JobEvent.pk).where(JobEvent.pk == pk, JobEvent.job_id == job_id)) is None:
+        ref = event_ref(after.removeprefix("ftevent-"))
+        pk = None if ref is None else s.scalar(select(JobEvent.pk).where(JobEvent.ref == ref,
+                                                                          JobEvent.job_id == job_id))
+        if pk is None:
             raise NotFound(f"no {'checkpoint' if after_as else 'event'} with id {after_as or after!r} in this job",
                            param="after")
         query = query.where(JobEvent.pk < pk)
@@ -292,12 +294,12 @@ def list_events(s: Session, *, job_id: str, limit: int, after: str | None, types
     return rows[:limit], len(rows) > limit
 
 
-def checkpoint_event(s: Session, *, job_id: str | None = None, step: int | None = None, pk: int | None = None
+def checkpoint_event(s: Session, *, job_id: str | None = None, step: int | None = None, ref: str | None = None
                      ) -> JobEvent | None:
-    """A ``checkpoint`` event: the one with primary key ``pk``, or the newest of ``job_id`` for ``step``."""
+    """A ``checkpoint`` event: the one whose id is ``ftckpt-{ref}``, or the newest of ``job_id`` for ``step``."""
     query = select(JobEvent).where(JobEvent.type == "checkpoint")
-    if pk is not None:
-        query = query.where(JobEvent.pk == pk)
+    if ref is not None:
+        query = query.where(JobEvent.ref == ref)
     if job_id is not None:
         query = query.where(JobEvent.job_id == job_id)
     if step is not None:
@@ -305,8 +307,10 @@ def checkpoint_event(s: Session, *, job_id: str | None = None, step: int | None 
     return s.scalar(query.order_by(JobEvent.pk.desc()).limit(1))
 
 
-def _event_pk(event_id: str) -> int | None:
-    return decimal_id(event_id.removeprefix("ftevent-"))
+def event_ref(text: str) -> str | None:
+    """An event id's tail (after ``ftevent-`` / ``ftckpt-``) when it can be one (ASCII letters and digits, at most
+    24); None for anything else, which callers answer as an unknown id (nothing odd reaches the database)."""
+    return text if 0 < len(text) <= 24 and text.isascii() and text.isalnum() else None
 
 
 # ----- storage usage (tenants.used_bytes; see service.usage) ----------------------------------------------------

@@ -550,13 +550,13 @@ def method_public(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def event_public(row: JobEvent) -> EventPublic:
-    return EventPublic(id=f"ftevent-{row.pk}", created_at=row.created_at, level=row.level, message=row.message,
+    return EventPublic(id=f"ftevent-{row.ref}", created_at=row.created_at, level=row.level, message=row.message,
                        type="metrics" if row.type == "metrics" else "message", data=dict(row.data or {}, kind=row.type))
 
 
 def checkpoint_public(row: JobEvent, fine_tuned_base: str) -> CheckpointPublic:
     step = int((row.data or {}).get("step", 0))
-    return CheckpointPublic(id=f"ftckpt-{row.pk}", created_at=row.created_at,
+    return CheckpointPublic(id=f"ftckpt-{row.ref}", created_at=row.created_at,
                             fine_tuned_model_checkpoint=checkpoint_model_id(fine_tuned_base, step),
                             fine_tuning_job_id=row.job_id, step_number=step,
                             metrics=dict((row.data or {}).get("metrics", {}), step=step))

@@ -346,3 +346,38 @@ def test_migration_0002_starts_used_bytes_at_the_uploaded_bytes(database: str, r
         assert conn.execute(text("SELECT COUNT(*) FROM files")).scalar() == 3
     migrate(engine)
     engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_migration_0006_keeps_stored_event_ids_and_gives_new_events_random_ones(
+        database: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Events stored before 0006 keep the ids clients hold (``ftevent-{pk}``, ``ftckpt-{pk}``: their ``ref`` is the
+    pk); events after it get random ones, which say nothing of how many events other tenants' jobs wrote."""
+    url = (f"sqlite:///{tmp_path / 'db.sqlite'}" if database == "sqlite"
+           else request.getfixturevalue("postgres_database"))
+    engine = make_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(Path(service.db.__file__).parent / "migrations"))
+    migrate(engine)
+    sessions = service.db.session_factory(engine)
+    event = {"created_at": 1, "level": "info", "type": "checkpoint", "message": "checkpoint", "data": {"step": 2}}
+    with sessions() as s, s.begin():
+        tenant = repo.create_tenant(s, name="events-co", max_active_jobs=2, max_stored_bytes=1000).id
+        repo.add_job(s, id="ftjob-e", tenant_id=tenant, model="m", training_file="file-x", validation_file=None,
+                     suffix=None, seed=1, meta={}, request={}, output_uri="/tmp/x")
+        repo.add_events(s, job_id="ftjob-e", events=[dict(event, seq=0), dict(event, seq=1)])
+    with engine.begin() as conn:  # back to before 0006 (the column goes), and up again: the stored rows' ids
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    migrate(engine)
+    with sessions() as s, s.begin():
+        repo.add_events(s, job_id="ftjob-e", events=[dict(event, seq=2)])
+    with sessions() as s:
+        rows, _ = repo.list_events(s, job_id="ftjob-e", limit=10, after=None)
+        old, new = rows[1:], rows[0]
+        assert [r.ref for r in old] == [str(r.pk) for r in old]
+        assert len(new.ref) == 24 and new.ref != str(new.pk)
+        assert [r.seq for r in repo.list_events(s, job_id="ftjob-e", limit=10, after=f"ftevent-{old[0].pk}")[0]] == [0]
+        assert repo.checkpoint_event(s, ref=str(old[1].pk)).seq == 0
+        assert repo.checkpoint_event(s, ref=new.ref).seq == 2
+    engine.dispose()

@@ -238,7 +238,7 @@ def test_lineage_columns_and_checkpoint_lookups_on_both_databases(sessions: sess
         assert repo.get_model(s, tenant_id=tenant.id, model_id="ft:m").parent_model == "ft:x:y:z:ftjob-0"
         newest = repo.checkpoint_event(s, job_id="ftjob-p", step=2)
         assert newest is not None and newest.seq == 3
-        assert repo.checkpoint_event(s, pk=newest.pk) is not None and repo.checkpoint_event(s, job_id="ftjob-p",
+        assert repo.checkpoint_event(s, ref=newest.ref) is not None and repo.checkpoint_event(s, job_id="ftjob-p",
                                                                                              step=9) is None
         for i in (3, 2):  # what Ray Train keeps (checkpoint.keep 2): steps 3 and 2, each with its adapter
             run.write_json(f"checkpoints/ftjob-p/step_{i:08d}/adapter/adapter_config.json", {})
@@ -248,7 +248,7 @@ def test_lineage_columns_and_checkpoint_lookups_on_both_databases(sessions: sess
         rows, more = repo.list_events(s, job_id="ftjob-p", limit=10, after=None, types=["checkpoint"],
                                       latest_per_step=True, steps=sorted(run.checkpoint_adapter_steps("ftjob-p")))
         assert [(r.data["step"], r.seq) for r in rows] == [(2, 3), (3, 2)] and not more
-        found = lineage.find(s, tenant.id, f"ftckpt-{newest.pk}")
+        found = lineage.find(s, tenant.id, f"ftckpt-{newest.ref}")
         assert found.id == f"ft:{BASE}:lineage-co:s:ftjob-p:ckpt-step-2" and found.step == 2
         assert found.adapter_uri == run.checkpoint_adapter_uri("ftjob-p", 2)
         for bad in ("ftckpt-" + "9" * 40, f"ft:{BASE}:lineage-co:s:ftjob-p:ckpt-step-" + "9" * 40,

@@ -133,8 +133,11 @@ def test_jobs_events_idempotent_and_ordered(sessions: sessionmaker[Session]) -> 
     with sessions() as s:
         rows, more = repo.list_events(s, job_id="ftjob-1", limit=3, after=None)
         assert [r.seq for r in rows] == [3, 2, 1] and more
-        rest, more = repo.list_events(s, job_id="ftjob-1", limit=3, after=f"ftevent-{rows[-1].pk}")
+        rest, more = repo.list_events(s, job_id="ftjob-1", limit=3, after=f"ftevent-{rows[-1].ref}")
         assert [r.seq for r in rest] == [0] and not more
+        refs = [r.ref for r in (*rows, *rest)]  # public ids: random, not the table's global counter
+        assert len(set(refs)) == 4 and all(len(ref) == 24 and int(ref, 16) >= 0 for ref in refs)
+        assert not {str(r.pk) for r in (*rows, *rest)} & set(refs)
         assert repo.count_active_jobs(s, tenant_id=t) == 1
         assert [j.id for j in repo.list_jobs(s, tenant_id=t, limit=5, after=None, metadata={"team": "vision"})[0]] == [
             "ftjob-1"]
@@ -159,7 +162,7 @@ def test_checkpoints_list_each_step_once_after_a_restart(sessions: sessionmaker[
         assert [(r.data["step"], r.seq) for r in rows] == [(6, 3), (4, 2), (2, 0)] and not more
         first, more = repo.list_events(s, job_id="ftjob-2", limit=2, after=None, types=["checkpoint"],
                                        latest_per_step=True)
-        rest, _ = repo.list_events(s, job_id="ftjob-2", limit=2, after=f"ftevent-{first[-1].pk}",
+        rest, _ = repo.list_events(s, job_id="ftjob-2", limit=2, after=f"ftevent-{first[-1].ref}",
                                    types=["checkpoint"], latest_per_step=True)
         assert more and [r.seq for r in first + rest] == [3, 2, 0]
         assert len(repo.list_events(s, job_id="ftjob-2", limit=10, after=None, types=["checkpoint"])[0]) == 4
