@@ -15,7 +15,7 @@ This module imports only pydantic, so the API process can use it without torch.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -37,11 +37,14 @@ class TargetPreset(StrEnum):
     ALL_LINEAR = "all-linear"  # v1: official + mlp.c_proj; Qwen2/2.5/3-VL: q/k/v/o_proj + gate/up/down_proj
 
 
+ModuleName = Annotated[str, Field(min_length=1, max_length=256)]  # a module-name suffix (an empty one matches nothing)
+
+
 class LoraSpec(_Spec):
     r: int = Field(64, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    targets: TargetPreset | list[str] = Field(
+    targets: TargetPreset | list[ModuleName] = Field(
         TargetPreset.OFFICIAL, description="A named preset or an explicit list of module-name suffixes."
     )
     train_adapter: bool = Field(
@@ -56,11 +59,18 @@ class LoraSpec(_Spec):
         False, description="No LoRA on the language model: only the adapter (train_adapter) and / or the vision "
         "encoder's LoRA (vision_lora) train. lora.targets must then be left unset."
     )
-    modules_to_save: list[str] | None = Field(
+    modules_to_save: list[ModuleName] | None = Field(
         None,
         description="Modules trained fully and saved with the adapter, e.g. ['wte', 'lm_head'] for base "
         "(non-chat) models that must learn the ChatML special tokens.",
     )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _no_empty_target(cls, v: Any) -> Any:  # (checked before the union: its error would be the preset's)
+        if isinstance(v, list) and "" in v:
+            raise ValueError(f"item {v.index('')} is empty: a module-name suffix names a module (e.g. 'q_proj')")
+        return v
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> LoraSpec:

@@ -229,7 +229,7 @@ class JobCreate(_Strict):
                        "(ft:...) or checkpoints (ft:...:ckpt-step-N, ftckpt-...) to continue training from: the job "
                        "trains its base model, starting from its adapter with its LoRA configuration.")
     training_file: str = Field(min_length=1, max_length=64)
-    validation_file: str | None = Field(None, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
     seed: int | None = Field(None, ge=0, le=2147483647)
     metadata: dict[str, str] | None = None

@@ -184,3 +184,16 @@ def test_infinite_throughput_in_an_estimate_is_a_400(api: Api) -> None:
     resp = api.post_raw("/v1/fine_tuning/estimate", f'{{"model": "qwen-vl-tiny", "training_file": "{api.file}", '
                         '"tokens_per_second": Infinity}')
     _error(resp, 400, "tokens_per_second")
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"validation_file": ""}, "validation_file"),
+    ({"lora": {"targets": ["c_attn", ""]}}, "lora.targets"),
+    ({"lora": {"modules_to_save": [""]}}, "lora.modules_to_save.0"),
+])
+def test_empty_names_are_a_400_naming_the_field(api: Api, body: dict[str, Any], param: str) -> None:
+    """An empty file id or module name names nothing (an empty LoRA target matched nothing and failed the job only
+    once it trained); the request is refused where it says so."""
+    resp = api.job(**body)
+    api.cancel(resp)
+    _error(resp, 400, param)
