@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
 from qwenvl_core.storage import iter_chunks
@@ -35,7 +35,17 @@ def _check_upload(file: UploadFile, purpose: str, max_bytes: int) -> str:
     return name
 
 
-@router.post("", operation_id="files-create")
+async def _one_of_each_part(request: Request) -> None:
+    """A multipart body with two ``file`` or two ``purpose`` parts is a 400 naming the part (the form would keep
+    the last one and drop the others unsaid). The form is the one the route reads (Starlette parses it once)."""
+    form = await request.form()
+    for part in ("file", "purpose"):
+        if len(form.getlist(part)) > 1:
+            raise InvalidRequest(f"the upload has {len(form.getlist(part))} {part!r} parts; send one file per upload, "
+                                 "with one purpose", param=part, code="duplicate_part")
+
+
+@router.post("", operation_id="files-create", dependencies=[Depends(_one_of_each_part)])
 def create_file(file: UploadFile, purpose: Annotated[str, Form()], tenant: TenantDep, session: SessionDep,
                 storage: StorageDep, ctx: Ctx) -> FilePublic:
     """Upload a .jsonl/.json data file or a .zip/.tar.gz bundle; validation starts right after."""

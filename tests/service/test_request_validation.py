@@ -138,6 +138,18 @@ def test_unicode_and_long_upload_names_keep_their_suffix(api: Api, name: str, st
         assert wait_file(api.client, api.key, doc["id"])["status"] == "processed"
 
 
+def test_an_upload_with_two_files_or_two_purposes_is_a_400_naming_the_part(api: Api) -> None:
+    """The form kept the last of each and dropped the rest unsaid (two files: one stored, one lost)."""
+    before = api.client.get("/v1/files", headers=auth(api.key)).json()["data"]
+    two_files = [("file", ("a.jsonl", jsonl(SAMPLES))), ("file", ("b.jsonl", jsonl(SAMPLES)))]
+    err = _error(api.client.post("/v1/files", files=two_files, data={"purpose": "fine-tune"}, headers=auth(api.key)),
+                 400, "file")
+    assert err["code"] == "duplicate_part" and "2 'file' parts" in err["message"]
+    two_purposes = [("purpose", (None, "batch")), ("purpose", (None, "fine-tune")), ("file", ("a.jsonl", jsonl(SAMPLES)))]
+    _error(api.client.post("/v1/files", files=two_purposes, headers=auth(api.key)), 400, "purpose")
+    assert api.client.get("/v1/files", headers=auth(api.key)).json()["data"] == before
+
+
 def test_safe_filename_keeps_the_suffix_and_stays_safe() -> None:
     assert safe_filename("a/../../b.jsonl") == "b.jsonl" and safe_filename("C:\\x\\..\\.bashrc") == "upload.bashrc"
     assert safe_filename("..") == "upload" and safe_filename("") == "upload" and safe_filename(".jsonl") == "upload.jsonl"
