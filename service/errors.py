@@ -103,9 +103,26 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return envelope(400, message, "invalid_request_error", param, "invalid_value")
 
 
+_BODY_PARSE_FAILED = "There was an error parsing the body"  # FastAPI's 400 for any parse failure but JSON syntax
+
+
+def _body_problem(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body (it says only that it could not)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not valid UTF-8 (byte {cause.start + 1})"
+    if isinstance(cause, RecursionError):
+        return "its JSON is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number in its JSON is too long"
+    return f"{type(cause).__name__}: {str(cause)[:200]}" if cause is not None else "unknown reason"
+
+
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED:
+        return envelope(400, f"the request body could not be parsed: {_body_problem(exc.__cause__)}", type_, "body",
+                        "invalid_body")
     return envelope(exc.status_code, str(exc.detail), type_, None, None)
 
 

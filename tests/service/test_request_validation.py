@@ -209,3 +209,15 @@ def test_empty_names_are_a_400_naming_the_field(api: Api, body: dict[str, Any], 
     resp = api.job(**body)
     api.cancel(resp)
     _error(resp, 400, param)
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    (b'{"model": "\xff"}', "not valid UTF-8 (byte 12)"),
+    (b'{"metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+])
+def test_a_body_that_cannot_be_parsed_says_why(api: Api, raw: bytes, says: str) -> None:
+    """FastAPI answers 'There was an error parsing the body' for any parse failure but JSON syntax."""
+    resp = api.client.post("/v1/fine_tuning/jobs", content=raw,
+                           headers={**auth(api.key), "Content-Type": "application/json"})
+    err = _error(resp, 400, "body")
+    assert err["code"] == "invalid_body" and says in err["message"], err
