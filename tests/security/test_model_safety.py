@@ -107,13 +107,15 @@ def _prompts(processor) -> list[list[int]]:
     return [processor.encode_chat([text_message("user", t)]).input_ids for t in ("hi", "describe it please", "x")]
 
 
-def test_the_rigged_model_really_emits_image_tags_and_breaks_unsuppressed_decoding(rigged, processor):
+def test_the_rigged_model_really_emits_image_tags_when_decoding_is_unsuppressed(rigged, processor):
+    """Without suppression its output is image tags (decode steps embed them as plain tokens, as the official model
+    does after the prefill: no image-count check per step), which a client would read as an image span."""
     tok = processor.tokenizer
     first = generate(rigged, _prompts(processor)[:1], pad_token_id=tok.eod_id,
                      params=SamplingParams(max_new_tokens=1))[0]
     assert first.token_ids == [tok.img_pad_id]
-    with pytest.raises(QwenVLError, match="image count mismatch"):
-        generate(rigged, _prompts(processor)[:1], pad_token_id=tok.eod_id, params=SamplingParams(max_new_tokens=3))
+    more = generate(rigged, _prompts(processor)[:1], pad_token_id=tok.eod_id, params=SamplingParams(max_new_tokens=3))
+    assert set(more[0].token_ids) <= set(tok.image_token_ids) and len(more[0].token_ids) == 3
 
 
 @pytest.mark.parametrize("sampled", [False, True])
