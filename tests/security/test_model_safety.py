@@ -4,7 +4,7 @@
   prompts and in training rows; grounding tags (``<ref>``, ``<box>``) stay markup, as the official
   ``make_context`` allows them.
 - A model that prefers ``<imgpad>`` still generates (``generate`` and the serving engine) and never emits image
-  tags: the next step would otherwise fail with "image count mismatch".
+  tags, which a client (or a prompt built from the answer) would read as an image span.
 - Resuming from a checkpoint never unpickles code: a file with a pickled object is refused, nothing runs.
 """
 
