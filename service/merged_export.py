@@ -19,11 +19,9 @@ does not fit its base), 503 ``base_model_unavailable``, 403 ``storage_quota_exce
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -33,6 +31,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from qwenvl_core.scratch import ScratchDir
 from service import repository as repo
 from service.errors import PermissionDenied, QuotaExceeded, TimedOut, Unavailable
 from service.models import Tenant
@@ -184,14 +183,11 @@ def ensure_merged(s: Session, storage: TenantStorage, tenant: Tenant, *, model_i
     with _MERGES.claim(key, tenant.id, timeout_s, model_id):
         if storage.size(key) is not None:  # merged by the download this one waited for
             return key
-        scratch = Path(tempfile.mkdtemp(prefix="qwenvl-merge-"))
-        try:
+        with ScratchDir("merge") as scratch:  # a merged model is the base model's size: swept if the API dies
             archive = scratch / "model.tar"
             _run_worker(base_dir, adapter_uri, archive, timeout_s, model_id)
             with archive.open("rb") as src:
                 storage.put(key, src)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     job = repo.job_by_id(s, job_id=job_id)
     if job is not None and job.tenant_id == tenant.id:
         charge_run_storage(s, storage, job)

@@ -16,9 +16,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
+
+from qwenvl_core.scratch import ScratchDir
 
 NICENESS = 10  # the worker's CPU priority below the API process's (os.nice increment)
 
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         options = ProcessorOptions(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         processor = detect_family(args.model).load_processor(args.model, options)
-    with tempfile.TemporaryDirectory(prefix="qwenvl-validate-") as tmp:
-        local = Path(tmp) / args.name
+    with ScratchDir("validate") as tmp:  # swept by a later validation if this one is killed at its timeout
+        local = tmp / args.name
         with store.open_read(args.key) as src, local.open("wb") as out:
             shutil.copyfileobj(src, out, 8 << 20)
         report = validate_file(local, processor)

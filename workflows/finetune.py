@@ -58,6 +58,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.runs import EVENTS_DIR, RESULT_FILE, RESULTS_CSV, SPEC_FILE, RunDir, checkpoint_name
+from qwenvl_core.scratch import ScratchDir
 from qwenvl_core.secret_names import looks_secret
 from qwenvl_core.specs import FineTuneJobSpec, JobState
 from qwenvl_core.storage import read_uri
@@ -155,26 +156,6 @@ def _hooks(spec: FineTuneJobSpec, rank: int, config: dict[str, Any]) -> tuple[Ho
     return hooks, tracker
 
 
-def scratch_dir(root: Path, job_id: str, rank: int) -> Path:
-    """This worker's scratch folder under ``root`` (node-local), named after its process; first removes the folders
-    of workers that died without cleaning up (SIGKILL, OOM killer), whose process no longer exists."""
-    for stale in root.glob("qwenvl-*-rank*-pid*"):
-        pid = stale.name.rpartition("-pid")[2]
-        if pid.isdigit() and not _process_exists(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return root / f"qwenvl-{job_id}-rank{rank}-pid{os.getpid()}"
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def train_func(config: dict[str, Any]) -> None:
     """The per-worker function Ray Train runs (the loop is imported here: the driver never needs its imports)."""
     from qwenvl_core.training import Trainer
@@ -185,7 +166,9 @@ def train_func(config: dict[str, Any]) -> None:
     RunDir(spec.output_uri).write_json(f"workers/rank{rank}.json", {
         "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
     checkpoint = ray.train.get_checkpoint()  # [1] latest checkpoint after a restart, else None
-    work_dir = scratch_dir(Path(os.environ.get("QWENVL_WORK_DIR", "/tmp")), spec.job_id, rank)
+    # node-local scratch (``qwenvl_core.scratch``): the folders of workers that were killed are swept on creation
+    scratch = ScratchDir(f"train-{spec.job_id}-rank{rank}", os.environ.get("QWENVL_WORK_DIR", "/tmp"))
+    work_dir = scratch.path
     # The GPU Ray assigned this worker (compute.gpus_per_worker > 0), else the CPU.
     device = ray.train.torch.get_device()
     try:
@@ -210,7 +193,7 @@ def train_func(config: dict[str, Any]) -> None:
                                           "summary": result.summary, "model_version": version,
                                           "mlflow_run_id": tracker.run_id if tracker else None})
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        scratch.cleanup()
 
 
 def _storage(spec: FineTuneJobSpec) -> tuple[str, Any]:

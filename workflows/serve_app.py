@@ -99,6 +99,12 @@ class ModelServerBase:
         self.engine.start()
         self._locators: dict[str, str] = {}
 
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: end the model thread and remove the adapter downloads."""
+        engine = getattr(self, "engine", None)  # absent when loading the model failed
+        if engine is not None:
+            engine.close()
+
     async def _load(self, adapter_id: str) -> _ServedAdapter:
         locator = self._locators[adapter_id]
         await asyncio.to_thread(self.engine.cache.get, adapter_id, locator)

@@ -18,10 +18,8 @@ import errno
 import gzip
 import lzma
 import os
-import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from qwenvl_core.data.issues import BundleError
+from qwenvl_core.scratch import ScratchDir
 
 DATA_SUFFIXES = (".jsonl", ".json")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
@@ -83,11 +82,10 @@ def open_bundle(path: str | Path, limits: BundleLimits | None = None, workdir: P
             raise BundleError(f"{path.name}: expected a .json, .jsonl, .zip or .tar.gz file")
         yield Bundle(path, path.parent, path.name)
         return
-    dest = Path(tempfile.mkdtemp(prefix="qwenvl-bundle-", dir=workdir))
-    try:
+    with ScratchDir("bundle", workdir) as scratch:  # swept by the next one if this process is killed
+        dest = scratch / "extracted"
+        dest.mkdir()
         yield extract_bundle(path, dest, limits or BundleLimits())
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
 
 
 def extract_bundle(archive: Path, dest: Path, limits: BundleLimits) -> Bundle:

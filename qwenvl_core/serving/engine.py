@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import tempfile
 import threading
 import time
 import uuid
@@ -62,6 +61,7 @@ from qwenvl_core.grounding import PixelObject
 from qwenvl_core.images import encoded_size, load_image
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
 from qwenvl_core.models.registry import ModelFamily, detect_family
+from qwenvl_core.scratch import ScratchDir
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.adapter_slots import AdapterSlots
 from qwenvl_core.serving.kv_cache import SlotKVCache, cache_shape_of
@@ -141,7 +141,7 @@ class EngineConfig:
     max_image_bytes: int = 20 * 1024 * 1024  # one encoded image (file, bytes or data URL payload)
     max_image_bytes_total: int = 50 * 1024 * 1024  # all encoded images of one request together
     preprocess_threads: int = 2
-    adapter_cache_dir: str | None = None
+    adapter_cache_dir: str | None = None  # S3 adapters' downloads, kept; None: scratch removed on close
     # "4bit": the language model's linears (not lm_head) become bitsandbytes NF4 ``Linear4bit``, exactly as
     # Q-LoRA training quantizes them (``training.lora.quantize_language_model``): Q-LoRA adapters are served on
     # the base they were trained on. "none": the base as loaded (Q-LoRA adapters then run on the unquantized base).
@@ -303,7 +303,9 @@ class ServingEngine:
         # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
                                           lm_device, lm_dtype)
-        cache_dir = config.adapter_cache_dir or tempfile.mkdtemp(prefix="qwenvl-adapters-")
+        # downloaded S3 adapters: the configured folder (kept), or scratch removed on close or by the next sweep
+        self._scratch = None if config.adapter_cache_dir else ScratchDir("adapters")
+        cache_dir = config.adapter_cache_dir or self._scratch.name
         self.cache = AdapterCache(
             lambda local, adapter_id: load_lora_weights(local, adapter_id, model, family,
                                                          max_rank=config.max_lora_rank, device="cpu"),  # host tier
@@ -382,6 +384,8 @@ class ServingEngine:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.lora.remove_hooks()
         self.vision.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def evict_adapter(self, adapter_id: str) -> bool:
         """Drop a deleted adapter: from the cache and its downloaded files (requests in flight keep their weights)."""

@@ -14,7 +14,13 @@ import torch
 from qwenvl_core.conversation import text_message
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.models.registry import get_family
-from qwenvl_core.serving.engine import EngineOverloaded, EngineRequest, EngineTimeout, ServingEngine
+from qwenvl_core.serving.engine import (
+    EngineConfig,
+    EngineOverloaded,
+    EngineRequest,
+    EngineTimeout,
+    ServingEngine,
+)
 from qwenvl_core.serving.kv_cache import cache_shape_of
 from tests.serving.conftest import eventually
 
@@ -207,3 +213,30 @@ def test_serves_unload_keeps_the_downloaded_adapter_and_deletion_removes_it(engi
     assert engine.evict_adapter("a2") and not local.exists()
     exposition = engine.metrics.exposition().decode()
     assert "qwenvl_serving_adapter_slots_resident" in exposition and "qwenvl_serving_kv_cache_slots_used" in exposition
+
+
+def test_stopping_a_replica_removes_its_adapter_downloads_unless_a_folder_is_configured(
+        tiny_model_dir, adapter_dirs, s3_env, tmp_path):
+    """A replica downloads S3 adapters to scratch; when Serve stops it (``__del__``) the engine thread ends and the
+    downloads go (a real adapter is hundreds of MB; a replica restarts often). A configured folder is kept."""
+    from qwenvl_core.storage import open_store, upload_dir
+    from workflows.serve_app import ModelDeploymentConfig, ModelServerBase
+
+    s3_env.client().create_bucket(Bucket="replica-stop")
+    locator = "s3://replica-stop/adapters/a3"
+    store, prefix = open_store(locator)
+    upload_dir(store, adapter_dirs[3], prefix)
+    kept = tmp_path / "adapter-cache"
+    for cache_dir in (None, kept):
+        server = ModelServerBase(ModelDeploymentConfig(
+            base_model="tiny", model_dir=str(tiny_model_dir), engine=EngineConfig(
+                adapter_cache_dir=None if cache_dir is None else str(cache_dir))))
+        engine = server.engine
+        engine.cache.get("a3", locator)
+        local = engine.cache._fetcher.fetch(locator)
+        assert (local / "adapter_model.safetensors").is_file() and engine.alive
+        server.__del__()
+        assert not engine.alive
+        assert local.exists() == (cache_dir is not None)
+        if cache_dir is None:
+            assert not local.parent.exists()  # the whole scratch folder
