@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -31,6 +33,24 @@ def stack_env(home: Path) -> dict[str, str]:
 
 def qwenvl(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([QWENVL, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def entry_point(*args: str) -> subprocess.CompletedProcess[str]:
+    """``qwenvl ARGS`` through the console script's entry point (``qwenvl_cli.main.main``, what the script runs) in
+    this process: the same code without the start-up of a new interpreter (3-5 s a call here). A traceback fails the
+    test as an exception."""
+    from qwenvl_cli.main import main
+
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = ["qwenvl", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["qwenvl", *args], code, out.getvalue(), err.getvalue())
 
 
 def processes_of(home: Path) -> list[int]:

@@ -4,8 +4,6 @@ is printed escaped."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -14,29 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.conftest import entry_point
+
 QWENVL = str(Path(sys.executable).parent / "qwenvl")  # the console script of this environment
 REMOTE = ("--base-url", "http://127.0.0.1:9", "--api-key", "sk-test")  # nothing listens: refused before any call
 
 
 def _qwenvl(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The console script in a subprocess when the test sets its environment or directory; otherwise its entry point
-    (``qwenvl_cli.main.main``, what the script runs) in this process, which is the same code without the start-up of
-    a new interpreter (about 3 s a call here). A traceback in this process fails the test as an exception."""
+    in this process (``entry_point``)."""
     if env is not None or cwd is not None:
         return subprocess.run([QWENVL, *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd,
                               errors="backslashreplace")
-    from qwenvl_cli.main import main
-
-    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
-    sys.argv = ["qwenvl", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(["qwenvl", *args], code, out.getvalue(), err.getvalue())
+    return entry_point(*args)
 
 
 def _one_line_error(done: subprocess.CompletedProcess[str], *says: str) -> None:

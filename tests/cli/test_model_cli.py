@@ -1,23 +1,22 @@
-"""``qwenvl model init|info`` through the installed console script (a real subprocess)."""
+"""``qwenvl model init|info``: once through the installed console script (a real subprocess), otherwise through
+its entry point in this process (``conftest.entry_point``: the same code without an interpreter start per call)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.cli.conftest import QWENVL, entry_point
 
-def _qwenvl(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = str(Path(sys.executable).parent / "qwenvl")  # the console script of this environment
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+_qwenvl = entry_point
 
 
 def test_model_init_then_info_json(tmp_path):
     out = tmp_path / "tiny"
-    done = _qwenvl("model", "init", "--preset", "qwen-vl-tiny", "--out", str(out), "--seed", "3")
+    done = subprocess.run([QWENVL, "model", "init", "--preset", "qwen-vl-tiny", "--out", str(out), "--seed", "3"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").is_file() and (out / "qwen.tiktoken").is_file()
     info = _qwenvl("model", "info", str(out), "--json", "--keys")
