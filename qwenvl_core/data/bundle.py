@@ -41,6 +41,7 @@ _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 # unsupported compression method (NotImplementedError), corrupt deflate / bzip2 / lzma data, truncated data.
 _ZIP_READ_ERRORS = (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, lzma.LZMAError, EOFError,
                     OSError)
+_TAR_READ_ERRORS = (tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError)  # gzip's BadGzipFile: OSError
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,25 @@ class _Extractor:
             tf = tarfile.open(self.archive, mode="r|*")
         except (tarfile.TarError, OSError) as e:
             raise BundleError(f"{self.archive.name}: not a valid tar archive ({e})") from e
+        with tf:
+            members = iter(tf)
+            while True:
+                with self._tar_reading(None):  # the next header
+                    member = next(members, None)
+                if member is None:
+                    break
+                self._tar_member(tf, member)
+
+    @contextmanager
+    def _tar_reading(self, name: str | None) -> Iterator[None]:
+        """Turn the errors of reading a damaged tar stream into a ``BundleError`` naming the entry being read (not
+        those of writing it out: a full disk here is the server's problem, not the archive's)."""
         try:
-            with tf:
-                for member in tf:
-                    self._tar_member(tf, member)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise BundleError(f"{self.archive.name}: corrupt archive ({e})") from e
+            yield
+        except _TAR_READ_ERRORS as e:
+            if name is None:
+                raise BundleError(f"{self.archive.name}: corrupt archive ({e})") from e
+            raise self.fail(name, f"cannot be read (corrupt archive: {e})") from e
 
     def _tar_member(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         if member.isdir():
@@ -177,7 +191,7 @@ class _Extractor:
         if src is None:
             raise self.fail(member.name, "cannot be read")
         with src:
-            self._copy(member.name, src, member.size)
+            self._copy(member.name, src, member.size, self._tar_reading)
 
     # -- shared checks and copying ---------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import stat
 import tarfile
 import zipfile
@@ -272,3 +273,14 @@ def test_an_entry_below_a_file_is_a_bundle_error(sandbox, png_bytes, suffix):
     with pytest.raises(BundleError, match=r"entry 'imgs/a.png/b.png': duplicate entry or clashes"):
         extract_bundle(archive, dest, BundleLimits())
     assert _outside_files(root, dest, archive) == []
+
+
+def test_damaged_tar_data_is_a_bundle_error_naming_the_entry(sandbox, png_bytes):
+    root, dest = sandbox
+    noise = random.Random(0).randbytes(64 << 10)  # incompressible: most of the archive is this entry's data
+    archive = _tar(root / "b.tar.gz", [(_file("imgs/a.png"), png_bytes), (_file("train.jsonl"), DATA + noise)])
+    raw = archive.read_bytes()
+    archive.write_bytes(raw[: len(raw) * 2 // 3])  # an upload cut off in the middle of train.jsonl
+    with pytest.raises(BundleError) as caught:
+        extract_bundle(archive, dest, BundleLimits())
+    assert str(caught.value).startswith("b.tar.gz: entry 'train.jsonl': cannot be read (corrupt archive: ")
