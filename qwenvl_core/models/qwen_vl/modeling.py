@@ -139,8 +139,8 @@ class QWenModel(QWenPreTrainedModel):
         prefill."""
         if pixel_values is None and input_ids.size(1) == 1:
             return embeds
-        n_spans = int((input_ids == self.config.image_start_id).sum())
-        n_pads = int((input_ids == self.config.image_pad_id).sum())
+        n_spans, n_pads = torch.stack([(input_ids == self.config.image_start_id).sum(),  # one device read, not two
+                                       (input_ids == self.config.image_pad_id).sum()]).tolist()
         n_images = 0 if pixel_values is None else pixel_values.size(0)
         n_queries = self.config.n_queries
         if n_spans != n_images or n_pads != n_images * n_queries:
