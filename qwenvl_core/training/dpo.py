@@ -100,10 +100,10 @@ class DPOObjective:
         policy = sequence_logps(engine.model, batch)
         terms = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.beta)
         margins = terms.margins
-        sums = {"pairs": float(n), "reward_margin": float(margins.sum()),
-                "reward_accuracy": float((margins > 0).sum()), "chosen_reward": float(terms.chosen_rewards.sum()),
-                "rejected_reward": float(terms.rejected_rewards.sum())}
-        return StepOutput(terms.losses.mean(), float(batch["attention_mask"].sum()), sums)
+        sums: dict[str, torch.Tensor | float] = {
+            "pairs": float(n), "reward_margin": margins.detach().sum(), "reward_accuracy": (margins > 0).sum(),
+            "chosen_reward": terms.chosen_rewards.detach().sum(), "rejected_reward": terms.rejected_rewards.detach().sum()}
+        return StepOutput(terms.losses.mean(), batch["attention_mask"].sum(), sums)
 
     def step_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         pairs = max(1.0, sums.get("pairs", 0.0))

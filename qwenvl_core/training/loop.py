@@ -52,7 +52,7 @@ from qwenvl_core.training.lora import (
     lora_summary,
     lora_targets,
 )
-from qwenvl_core.training.objectives import build_objective
+from qwenvl_core.training.objectives import StepOutput, build_objective
 from qwenvl_core.training.optim import build_optimizer, build_scheduler
 from qwenvl_core.training.results import valid_metrics
 from qwenvl_core.training.strategies import build_engine, rank_and_world
@@ -76,12 +76,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    """The sums of ``values`` over the ranks, reduced on ``device`` (NCCL reduces only tensors on the GPU)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce(tensor: torch.Tensor) -> list[float]:
+    """The sums of ``tensor`` [N] over the ranks, reduced on its device (NCCL reduces only tensors on the GPU)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+class _StepWindow:
+    """What the micro-steps of one optimizer step add up: the loss, the tokens and the objective's sums stay on the
+    device until the step ends (reading them per micro-step would wait for each backward), the count on the host."""
+
+    def __init__(self, keys: tuple[str, ...], device: torch.device) -> None:
+        self.keys, self.micro, self.t0 = keys, 0, time.monotonic()
+        self.sums = torch.zeros(2 + len(keys), dtype=torch.float64, device=device)  # loss, tokens, *keys
+
+    def add(self, out: StepOutput) -> None:
+        """Add one micro-step's output (tensors or host numbers; neither is read back here)."""
+        values = (out.loss.detach(), out.tokens, *(out.sums.get(k, 0.0) for k in self.keys))
+        for i, value in enumerate(values):
+            self.sums[i] += value  # a 0-dim tensor on the device, or a host scalar passed to the kernel
+        self.micro += 1
+
+    def reduced(self, cancel: float) -> tuple[float, float, float, list[float], float]:
+        """``(loss sum, micro-steps, tokens, key sums, cancel)`` summed over the ranks: the step's one device read."""
+        host = torch.tensor([self.micro, cancel], dtype=torch.float64, device=self.sums.device)
+        loss, tokens, *rest = _all_reduce(torch.cat([self.sums, host]))
+        *sums, micro, cancelled = rest
+        return loss, micro, tokens, sums, cancelled
 
 
 class Trainer:
@@ -241,7 +263,7 @@ class Trainer:
     # ----- 3. train -----------------------------------------------------------------------------------------
     def _train(self) -> JobState:
         self.engine.model.train()
-        self._window = {"loss": 0.0, "micro": 0.0, "tokens": 0.0, "t0": time.monotonic()}
+        self._window = _StepWindow(self.objective.metric_keys, self.device)
         while self.state.step < self.total_steps:
             accum = self.plan.accum
             for batch in self.plan.global_batches(self.state.epoch, self.state.position):
@@ -262,11 +284,7 @@ class Trainer:
             out = self.objective.step(self.engine, rows)  # SFT: cross-entropy; DPO: the preference loss
             self.engine.backward(out.loss)
         self._grad_norm = self.engine.step(boundary)
-        self._window["loss"] += float(out.loss.detach())
-        self._window["micro"] += 1
-        self._window["tokens"] += out.tokens
-        for key, value in out.sums.items():
-            self._window[key] = self._window.get(key, 0.0) + value
+        self._window.add(out)
         ids = [self.data.train.samples[i].id for u in global_batch for i in self.units[u]]
         self.state.data_digest = update_digest(self.state.data_digest, ids)
         self.state.position += 1
@@ -274,16 +292,14 @@ class Trainer:
 
     def _after_step(self) -> JobState | None:
         cancel = float(self.rank == 0 and self.hooks.cancel is not None and self.hooks.cancel.cancelled())
-        w = self._window
         keys = self.objective.metric_keys
-        loss_sum, micro, tokens, cancel, *sums = _all_reduce([w["loss"], w["micro"], w["tokens"], cancel,
-                                                              *(w.get(k, 0.0) for k in keys)], self.device)
+        loss_sum, micro, tokens, sums, cancel = self._window.reduced(cancel)
         self.state.step += 1
         self.state.tokens_seen += int(tokens)
         loss = loss_sum / max(1.0, micro)
         self.state.losses.append((self.state.step, loss))
         self._report_step(loss, tokens, self.objective.step_metrics(dict(zip(keys, sums, strict=True))))
-        self._window = {"loss": 0.0, "micro": 0.0, "tokens": 0.0, "t0": time.monotonic()}
+        self._window = _StepWindow(keys, self.device)
         for observer in self.hooks.on_step:
             observer(self.state.step)
         if cancel > 0:
@@ -304,7 +320,7 @@ class Trainer:
         if self.rank != 0:
             return
         now = time.monotonic()
-        elapsed = max(1e-9, now - self._window["t0"])
+        elapsed = max(1e-9, now - self._window.t0)
         run_elapsed = max(1e-9, now - self._run_t0)
         done = self.state.step - (self.state.resumed_from_step or 0)
         eta = run_elapsed / max(1, done) * (self.total_steps - self.state.step)

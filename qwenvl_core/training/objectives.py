@@ -27,11 +27,12 @@ EvalFn = Callable[..., dict[str, float]]
 
 @dataclass
 class StepOutput:
-    """One micro-step: the loss to back-propagate, tokens processed, and sums of the objective's metrics."""
+    """One micro-step: the loss to back-propagate, tokens processed, and sums of the objective's metrics. Counts and
+    sums computed on the device stay tensors (0-dim): the loop reads them once per optimizer step, not per micro-step."""
 
     loss: torch.Tensor
-    tokens: float
-    sums: dict[str, float] = field(default_factory=dict)
+    tokens: torch.Tensor | float
+    sums: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class Objective(Protocol):
@@ -58,7 +59,7 @@ class SupervisedObjective:
     def step(self, engine: Any, rows: Sequence[Any]) -> StepOutput:
         batch = self.collator(rows)
         loss = engine.model(**batch, loss_only=True).loss  # LM head only where supervised
-        return StepOutput(loss, float(batch["attention_mask"].sum()))
+        return StepOutput(loss, batch["attention_mask"].sum())
 
     def step_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -97,3 +98,57 @@ def test_a_checkpoints_random_state_replays_the_draws_on_the_device(device):
     restore_rng(state)
     again = torch.rand(5, device=device), torch.randn(3, device=device)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+class _LoopReads(DeviceRecorder):
+    """``DeviceRecorder`` that also notes the device reads made by the loop and its objectives themselves (not the
+    model's or the optimizer's) while a micro-step runs."""
+
+    LOOP_FILES = ("training/loop.py", "training/objectives.py", "training/dpo.py")
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.in_micro_step = False
+        self.micro_step_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = len(self.reads)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.in_micro_step and len(self.reads) > before:
+            ours = [f for f in traceback.extract_stack() if "/qwenvl_core/" in f.filename]
+            if ours and ours[-1].filename.endswith(self.LOOP_FILES):
+                self.micro_step_reads.append(f"{ours[-1].filename.rsplit('/', 1)[1]}:{ours[-1].lineno}")
+        return out
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_the_loop_reads_the_device_once_per_optimizer_step_not_per_micro_step(
+        method, tiny_model_dir, synth_data, tmp_path, monkeypatch):
+    """The loss, token counts and DPO's reward sums stay on the device through the micro-steps (a read there waits
+    for the backward just queued, so the next batch's collation cannot overlap it); the step's all-reduce reads them."""
+    from tests.training.test_dpo import dpo_spec, write_preference_set
+
+    steps = {"max_steps": 3, "batch_size": 8, "micro_batch_size": 2}  # 4 micro-steps each
+    if method == "sft":
+        spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", hyperparameters=steps, validation_file=None)
+    else:
+        pairs = write_preference_set(tmp_path / "train.jsonl", 24, 1)
+        spec = dpo_spec(tiny_model_dir, (pairs, pairs), tmp_path / "run", validation_file=None,
+                        hyperparameters={**steps, "learning_rate": 5e-3})
+    trainer = Trainer(spec, work_dir=tmp_path / "work", device="cpu")
+    recorder = _LoopReads("cpu")
+    micro_step = Trainer._micro_step
+
+    def marked(self, *args):
+        recorder.in_micro_step = True
+        try:
+            return micro_step(self, *args)
+        finally:
+            recorder.in_micro_step = False
+
+    monkeypatch.setattr(Trainer, "_micro_step", marked)
+    with recorder:
+        result = trainer.run()
+    assert result.state is JobState.SUCCEEDED and result.train_state.step == 3
+    assert recorder.micro_step_reads == []
+    assert all(loss > 0 for _, loss in result.train_state.losses)  # the window still adds up
