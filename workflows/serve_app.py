@@ -20,6 +20,7 @@ This module owns
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,11 @@ class ModelDeploymentConfig:
                                "kv_cache_memory_fraction": self.engine.kv_cache_memory_fraction * share})
 
 
+# The locator of the adapter a request names, for Serve's multiplexed loader, which is given only the id (a
+# per-request value, not a table of every adapter the replica ever served)
+_LOCATOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("qwenvl_adapter_locator", default=None)
+
+
 class _ServedAdapter:
     """What Serve's multiplexing cache holds per adapter; Serve calls ``__del__`` when it evicts it."""
 
@@ -97,7 +103,6 @@ class ModelServerBase:
         self.engine = ServingEngine.from_model_dir(config.model_dir, config.replica_engine_config(), dtype=dtype,
                                                    metrics=_replica_metrics())
         self.engine.start()
-        self._locators: dict[str, str] = {}
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: end the model thread and remove the adapter downloads."""
@@ -106,7 +111,9 @@ class ModelServerBase:
             engine.close()
 
     async def _load(self, adapter_id: str) -> _ServedAdapter:
-        locator = self._locators[adapter_id]
+        locator = _LOCATOR.get()  # Serve's multiplexing awaits the loader in the request's own task
+        if locator is None:
+            raise ValueError(f"adapter {adapter_id}: no locator")
         await asyncio.to_thread(self.engine.cache.get, adapter_id, locator)
         return _ServedAdapter(self.engine, adapter_id)
 
@@ -114,8 +121,11 @@ class ModelServerBase:
         if request.adapter_id is not None:
             if request.adapter_locator is None:
                 raise ValueError(f"adapter {request.adapter_id}: no locator")
-            self._locators[request.adapter_id] = request.adapter_locator
-            await self.get_adapter(serve.get_multiplexed_model_id() or request.adapter_id)  # type: ignore[attr-defined]
+            token = _LOCATOR.set(request.adapter_locator)
+            try:
+                await self.get_adapter(serve.get_multiplexed_model_id() or request.adapter_id)  # type: ignore[attr-defined]
+            finally:
+                _LOCATOR.reset(token)
         async for event in self.engine.stream(request):
             yield event
 

@@ -21,8 +21,9 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,19 +34,27 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
 def safetensors_nbytes(path: str | Path, itemsize: int | None = None) -> int:
     """Total tensor bytes of a safetensors file from its header; ``itemsize`` overrides the stored dtype."""
-    with Path(path).open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    total = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        numel = 1
-        for dim in info["shape"]:
-            numel *= dim
-        total += numel * (itemsize or _DTYPE_BYTES.get(info["dtype"], 4))
+    try:
+        with Path(path).open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > _MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {header_len} bytes")
+            header = json.loads(f.read(header_len))
+        total = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            numel = 1
+            for dim in info["shape"]:
+                numel *= int(dim)
+            total += numel * (itemsize or _DTYPE_BYTES.get(info["dtype"], 4))
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError too
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from exc
     return total
 
 
@@ -95,7 +104,33 @@ class CacheStats:
     misses: int = 0
     loads: int = 0
     evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)
+    load_seconds: float = 0.0  # all loads together (the per-load times are the metrics' histogram)
+
+
+class _KeyLocks:
+    """One lock per key while some thread holds or waits for it (then dropped: the keys are unbounded)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[threading.Lock, list[int]]] = {}  # key -> (its lock, [threads using it])
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._held.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._held[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
 
 
 @dataclass
@@ -129,7 +164,7 @@ class AdapterCache:
         self._observer = observer
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
+        self._key_locks = _KeyLocks()  # one load per adapter at a time
         self.stats = CacheStats()
 
     def __contains__(self, adapter_id: str) -> bool:
@@ -151,9 +186,7 @@ class AdapterCache:
         hit = self._lookup(adapter_id)
         if hit is not None:
             return hit
-        with self._lock:
-            key_lock = self._key_locks.setdefault(adapter_id, threading.Lock())
-        with key_lock:
+        with self._key_locks.hold(adapter_id):
             hit = self._lookup(adapter_id)  # another request loaded it while we waited
             if hit is not None:
                 return hit
@@ -186,7 +219,7 @@ class AdapterCache:
         with self._lock:
             self._entries[adapter_id] = _Entry(weights, nbytes, locator)
             self.stats.loads += 1
-            self.stats.load_seconds.append(seconds)
+            self.stats.load_seconds += seconds
         self._make_room(0)  # concurrent loads of other adapters may have filled the cache meanwhile
         if self._observer:
             self._observer.adapter_loaded(adapter_id, seconds)

@@ -388,8 +388,12 @@ class ServingEngine:
             self._scratch.cleanup()
 
     def evict_adapter(self, adapter_id: str) -> bool:
-        """Drop a deleted adapter: from the cache and its downloaded files (requests in flight keep their weights)."""
-        return self.cache.evict(adapter_id, forget_files=True)
+        """Drop a deleted adapter: from the cache, its downloaded files and its metrics (requests in flight keep their
+        weights)."""
+        evicted = self.cache.evict(adapter_id, forget_files=True)
+        if self.metrics is not None:
+            self.metrics.forget(adapter_id)
+        return evicted
 
     def unload_adapter(self, adapter_id: str) -> bool:
         """Drop an adapter from the host cache but keep its downloaded files (a router moved it elsewhere)."""
@@ -511,7 +515,7 @@ class ServingEngine:
 
     def _count(self, adapter_id: str | None, outcome: str) -> None:
         if self.metrics:
-            self.metrics.requests.labels(adapter_label(adapter_id), outcome).inc()
+            self.metrics.series(self.metrics.requests, adapter_label(adapter_id), outcome).inc()
 
     # ----- the model thread -----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -907,9 +911,9 @@ class ServingEngine:
         new_ids = state.tokens[seq.sent_tokens :]
         if self.metrics:
             if seq.last_token_at is None:
-                self.metrics.ttft.labels(label).observe(now - seq.arrived)
+                self.metrics.series(self.metrics.ttft, label).observe(now - seq.arrived)
             else:
-                self.metrics.itl.labels(label).observe(now - seq.last_token_at)
+                self.metrics.series(self.metrics.itl, label).observe(now - seq.last_token_at)
         seq.last_token_at = now
         if not state.done and end <= seq.sent_chars:
             return
@@ -922,10 +926,10 @@ class ServingEngine:
             event.prompt_tokens, event.completion_tokens = len(seq.prompt_ids), seq.generated
             event.grounding = ground_boxes(self.processor, text, seq.image_sizes)
             if self.metrics:
-                self.metrics.e2e.labels(label).observe(now - seq.arrived)
-                self.metrics.prompt_tokens.labels(label).inc(len(seq.prompt_ids))
-                self.metrics.generated_tokens.labels(label).inc(seq.generated)
-                self.metrics.requests.labels(label, "ok").inc()
+                self.metrics.series(self.metrics.e2e, label).observe(now - seq.arrived)
+                self.metrics.series(self.metrics.prompt_tokens, label).inc(len(seq.prompt_ids))
+                self.metrics.series(self.metrics.generated_tokens, label).inc(seq.generated)
+                self.metrics.series(self.metrics.requests, label, "ok").inc()
         seq.emit(event)
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load
 from torch import nn
 
 from qwenvl_core.devices import host_to_device
@@ -114,6 +115,15 @@ def _group_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, di
     return grouped
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read whole first: safetensors' ``load_file`` (0.8) keeps ~65 bytes a tensor
+    per call, which a replica loading adapters for weeks would accumulate; adapters are small enough to read at once."""
+    try:
+        return load(path.read_bytes())
+    except (OSError, SafetensorError) as exc:
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 def load_lora_weights(
     adapter_dir: str | Path,
     adapter_id: str,
@@ -138,7 +148,7 @@ def load_lora_weights(
     pin = device.type == "cpu" and param.device.type == "cuda"
     from qwenvl_core.serving.vision_adapters import take_vision_weights  # (it imports this module)
 
-    tensors = load_file(str(path))
+    tensors = _read_tensors(path)
     vision = take_vision_weights(tensors, config, path, adapter_id, model, family, max_rank=max_rank, device=device,
                                  pin=pin)
     targets = lora_targets(model, family)

@@ -2,20 +2,27 @@
 
 This module owns the metric names and labels. Every metric carries ``adapter`` (the adapter id, or
 ``__base__`` for the base model); the registry is never the global one, so each engine (and each test) has its
-own. ``ServingMetrics`` also implements the adapter cache's ``CacheObserver``; ``merge_expositions`` combines
+own. A replica serves thousands of adapters over its life, so the series are bounded: those of the
+``max_adapter_series`` most recently active adapters are kept, the least recently active adapter's are removed
+beyond that (its counters restart if it comes back, which Prometheus' ``rate`` / ``increase`` read as a reset),
+and a deleted adapter's at once (``forget``). ``ServingMetrics`` also implements the adapter cache's ``CacheObserver``; ``merge_expositions`` combines
 several registries' expositions (engines, replicas) into the one a ``/metrics`` endpoint returns.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 BASE_LABEL = "__base__"
+MAX_ADAPTER_SERIES = 256  # ~17 KiB of series an adapter: ~4 MiB a replica
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -27,8 +34,12 @@ def adapter_label(adapter_id: str | None) -> str:
 class ServingMetrics:
     """Per-adapter request, latency, token and adapter-cache metrics."""
 
-    def __init__(self, registry: CollectorRegistry, namespace: str = "qwenvl_serving") -> None:
-        self.registry = registry
+    def __init__(self, registry: CollectorRegistry, namespace: str = "qwenvl_serving",
+                 max_adapter_series: int = MAX_ADAPTER_SERIES) -> None:
+        self.registry, self.max_adapter_series = registry, max_adapter_series
+        # adapter label -> the (metric, label values) series it has, least recently active first
+        self._series: OrderedDict[str, set[tuple[MetricWrapperBase, tuple[str, ...]]]] = OrderedDict()
+        self._lock = threading.Lock()
         label = ["adapter"]
         ns = {"namespace": namespace, "registry": registry}
         self.requests = Counter("requests", "Requests finished, by outcome", [*label, "outcome"], **ns)
@@ -51,22 +62,56 @@ class ServingMetrics:
         self.adapter_slots_resident = Gauge("adapter_slots_resident", "Device adapter slots holding an adapter", **ns)
         self.kv_slots_used = Gauge("kv_cache_slots_used", "KV cache slots held by running requests", **ns)
 
+    def series(self, metric: MetricWrapperBase, adapter: str, *more: str) -> MetricWrapperBase:
+        """``metric``'s child for ``adapter`` (an adapter label) and ``more`` label values; marks the adapter active
+        and removes the series of the least recently active one beyond ``max_adapter_series``. (Children are made
+        and removed under the lock, so none is left in the registry untracked; a child removed while its caller
+        still holds it only loses that caller's update.)"""
+        with self._lock:
+            known = self._series.get(adapter)
+            if known is None:
+                known = self._series[adapter] = set()
+                while len(self._series) > self.max_adapter_series:
+                    oldest = next(label for label in self._series if label != BASE_LABEL)
+                    _remove(self._series.pop(oldest))
+            else:
+                self._series.move_to_end(adapter)
+            known.add((metric, (adapter, *more)))
+            return metric.labels(adapter, *more)
+
+    def forget(self, adapter_id: str) -> None:
+        """Remove an adapter's series (it was deleted)."""
+        with self._lock:
+            _remove(self._series.pop(adapter_id, set()))
+
     # CacheObserver
     def cache_hit(self, adapter_id: str) -> None:
-        self.cache_hits.labels(adapter_id).inc()
+        self.series(self.cache_hits, adapter_id).inc()
 
     def cache_miss(self, adapter_id: str) -> None:
-        self.cache_misses.labels(adapter_id).inc()
+        self.series(self.cache_misses, adapter_id).inc()
 
     def adapter_loaded(self, adapter_id: str, seconds: float) -> None:
-        self.adapter_load.labels(adapter_id).observe(seconds)
+        self.series(self.adapter_load, adapter_id).observe(seconds)
 
     def adapter_evicted(self, adapter_id: str) -> None:
-        self.evictions.labels(adapter_id).inc()
+        """Counted on the adapter's series without marking it active (leaving the cache is not activity); not at
+        all once its series were dropped."""
+        with self._lock:
+            known = self._series.get(adapter_id)
+            if known is None:
+                return
+            known.add((self.evictions, (adapter_id,)))
+            self.evictions.labels(adapter_id).inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format (for a ``/metrics`` endpoint)."""
         return generate_latest(self.registry)
+
+
+def _remove(series: Iterable[tuple[MetricWrapperBase, tuple[str, ...]]]) -> None:
+    for metric, values in series:
+        metric.remove(*values)  # absent values are ignored
 
 
 def merge_expositions(parts: Iterable[tuple[Mapping[str, str], bytes]]) -> bytes:
