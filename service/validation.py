@@ -7,7 +7,8 @@ library needs torch; the API must not import it), then stores the report on the 
 when the report has no errors, ``error`` otherwise. The estimate endpoint runs the same worker with
 ``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers are
 started from threads, never forked from the event loop (``_start_worker``), and stay in the API's process group,
-so stopping the group stops them too. Workers are background work: ``SCHED_IDLE`` (Linux), niced by
+so stopping the group stops them too; a worker ended that way (SIGTERM, SIGINT, SIGHUP) gives no verdict: the file
+stays ``uploaded`` and is validated again (``WorkerInterrupted``), where a crash of the worker is an ``error``. Workers are background work: ``SCHED_IDLE`` (Linux), niced by
 ``WORKER_NICE`` and with one math thread each, so uploads and estimates do not take the CPU from API and chat
 requests (measured: ``bench/tenant_isolation.py``, ``bench/worker_priority.py``).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -71,7 +73,18 @@ def _lower_priority(pid: int) -> None:
         pass
 
 
+# Signals that stop processes for a restart (a process manager, a terminal), never for what the worker read
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class WorkerInterrupted(Unavailable):
+    """The worker was stopped by a restart's signal before it produced a report: no verdict on the file."""
+
+
 def _worker_output(returncode: int, stdout: str, stderr: str, key: str, name: str) -> dict[str, Any]:
+    if returncode < 0 and signal.Signals(-returncode) in _STOP_SIGNALS:
+        raise WorkerInterrupted(f"the validation of {name} was interrupted ({signal.Signals(-returncode).name}); "
+                                "try again")
     if returncode != 0:
         tail = stderr.strip().splitlines()[-1:] or ["no output"]
         if "DataError" in stderr or "QwenVLError" in stderr:
@@ -181,7 +194,11 @@ class Validator:
                 if row is None or row.status != "uploaded":
                     return
                 key, name = row.storage_key, row.filename
-            status, report = self._report(key, name)
+            verdict = self._report(key, name)
+            if verdict is None:  # interrupted (the API is being restarted): stays ``uploaded``, validated again
+                log.info("validation of %s was interrupted; it stays uploaded", file_id)
+                return
+            status, report = verdict
             with self.sessions() as s, s.begin():
                 repo.set_file_validation(s, file_id=file_id, status=status, report=report)
         except Exception:
@@ -190,9 +207,12 @@ class Validator:
             with self._lock:
                 self._inflight.discard(file_id)
 
-    def _report(self, key: str, name: str) -> tuple[str, dict[str, Any]]:
+    def _report(self, key: str, name: str) -> tuple[str, dict[str, Any]] | None:
+        """``(status, report)``, or None when the worker was interrupted (no verdict)."""
         try:
             report = run_worker(self.storage, key, name, self.timeout_s)["report"]
+        except WorkerInterrupted:
+            return None
         except (Unavailable, InvalidRequest) as exc:
             report = {"ok": False, "error_count": 1, "errors": [{"code": "validation_failed", "message": exc.message,
                                                                  "file": name, "line": None, "text": exc.message}]}
