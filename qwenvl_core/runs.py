@@ -9,6 +9,8 @@ training workflow writes it; the service reads it. It is the only channel betwee
     adapter/                  the final PEFT adapter: adapter_config.json, adapter_model.safetensors, meta.json
     checkpoints/{job_id}/step_{N:08d}/   Ray Train's checkpoint of step N (``workflows.finetune``): resume state,
                               and adapter/, the PEFT adapter of that step (servable like the final one)
+    outcome.json              rank 0's final report to the driver (state, metrics, summary), written after the adapter
+                              upload: a succeeded one means the adapter is complete even if the driver died before
     result.json               the final state and metrics (written last by the job)
     spec.json                 the FineTuneJobSpec the run was started with
 
@@ -29,6 +31,7 @@ CANCEL_FILE = "CANCEL"
 PAUSE_FILE = "PAUSE"
 ADAPTER_DIR = "adapter"
 RESULT_FILE = "result.json"
+OUTCOME_FILE = "outcome.json"
 RESULTS_CSV = "results.csv"  # OpenAI's per-step results file (``qwenvl_core.training.results``)
 SPEC_FILE = "spec.json"
 CHECKPOINTS_DIR = "checkpoints"

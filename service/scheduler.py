@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qwenvl_core import autotune
 from qwenvl_core.errors import ConfigError
-from qwenvl_core.runs import RESULT_FILE, RESULTS_CSV, RunDir
+from qwenvl_core.runs import ADAPTER_DIR, OUTCOME_FILE, RESULT_FILE, RESULTS_CSV, RunDir
 from service import integrations, job_states
 from service import repository as repo
 from service.caps import auto_caps
@@ -252,7 +252,8 @@ class Scheduler:
         submission = job.submission_id
         ray_status = self._ray_status(submission)
         run = RunDir(job.output_uri)
-        events, result = run.read_events(job.last_event_seq), run.read_result()
+        result = run.read_result()  # first: every event the driver wrote before its result is then read too
+        events = run.read_events(job.last_event_seq)
         stop = False
         with self._fenced() as s:
             job = repo.job_by_id(s, job_id=job_id)
@@ -262,7 +263,7 @@ class Scheduler:
             if result is not None:
                 self._finish(s, job, result, run)
             elif ray_status is None or ray_status in TERMINAL:
-                self._died(s, job, ray_status)
+                self._died(s, job, ray_status, run)
             else:
                 stop = self._enforce_deadlines(s, job)
         if stop and self.launcher is not None and submission:
@@ -340,8 +341,15 @@ class Scheduler:
                              adapter_uri=adapter_uri, job_id=job.id)
         self._ready.append(ready)  # told after the transaction commits (see _ingest)
 
-    def _died(self, s: Session, job: Job, ray_status: str | None) -> None:
+    def _died(self, s: Session, job: Job, ray_status: str | None, run: RunDir) -> None:
         what = f"Ray job {job.submission_id} ended ({ray_status or 'does not exist'}) without a result"
+        outcome = run.read_json(OUTCOME_FILE)
+        if isinstance(outcome, dict) and outcome.get("state") == "succeeded":
+            # trained, adapter uploaded, then the driver died before its result: finished, not run again (nor
+            # failed on a last attempt); as the driver would have recorded it
+            log.warning("%s; its training had finished: recording the outcome", what)
+            self._finish(s, job, {"job_id": job.id, **outcome, "adapter_uri": run.uri_of(ADAPTER_DIR)}, run)
+            return
         if job.cancel_requested_at is not None:
             self._cancelled(s, job, f"Job cancelled ({what})")
         elif job.pause_requested_at is not None:

@@ -57,7 +57,15 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.runs import EVENTS_DIR, RESULT_FILE, RESULTS_CSV, SPEC_FILE, RunDir, checkpoint_name
+from qwenvl_core.runs import (
+    EVENTS_DIR,
+    OUTCOME_FILE,
+    RESULT_FILE,
+    RESULTS_CSV,
+    SPEC_FILE,
+    RunDir,
+    checkpoint_name,
+)
 from qwenvl_core.scratch import ScratchDir
 from qwenvl_core.secret_names import looks_secret
 from qwenvl_core.specs import FineTuneJobSpec, JobState
@@ -69,7 +77,6 @@ from qwenvl_core.training.results import results_csv
 # drains and answers ``ray.train.get_preemption_info()``, which the loop never reads: a drained node fails its workers
 # and the job resumes from its last checkpoint (``FailureConfig``) either way. Off unless the operator set it.
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-OUTCOME_FILE = "outcome.json"  # rank 0's final report to the driver (state, metrics, summary)
 # What a training worker gets from its driver's environment, by exact name (``worker_environment``).
 WORKER_ENV = frozenset({
     # storage access for the run directory (data, checkpoints, adapter)

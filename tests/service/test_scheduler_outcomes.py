@@ -1,0 +1,75 @@
+"""What the scheduler makes of a run's directory when the driver dies at the worst moments: a run that finished
+training (``outcome.json`` says succeeded, the adapter is uploaded) before its driver died is recorded as succeeded,
+on any attempt, not failed or trained again; and the events a driver writes just before its ``result.json`` are
+ingested even when they land between the scheduler's reads. Real app, recording launcher (no cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qwenvl_core.runs import OUTCOME_FILE, RunDir
+from qwenvl_core.specs import JobState
+from qwenvl_core.training import RunDirEvents
+from tests.service.scheduler_harness import Stack, stack
+
+
+@pytest.fixture(scope="module")
+def st(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("outcomes")
+    with stack(f"sqlite:///{root / 'db.sqlite'}", root, tiny_model_dir, max_running_jobs=8, max_job_attempts=1) as st:
+        yield st
+
+
+def _running(st: Stack, name: str) -> tuple[str, RunDir]:
+    tenant_id, key = st.tenant(name)
+    job_id = st.create_job(key, st.processed_file(tenant_id))
+    assert st.scheduler.tick()
+    job = st.job(job_id)
+    assert job.status == "running"
+    return job_id, RunDir(job.output_uri)
+
+
+def test_a_driver_that_died_after_its_run_finished_leaves_a_succeeded_job(st: Stack) -> None:
+    job_id, run = _running(st, "finished-then-died")
+    run.write_json("adapter/adapter_config.json", {"peft_type": "LORA", "r": 8})  # rank 0 uploaded the adapter,
+    run.write_json(OUTCOME_FILE, {"state": "succeeded", "metrics": {"train/loss": 0.5}, "summary": {}})  # then this
+    st.launcher.statuses[f"{job_id}-a1"] = "FAILED"  # and the driver died before result.json
+    assert st.scheduler.tick()
+    job = st.job(job_id)
+    assert job.status == "succeeded" and job.fine_tuned_model and job.fine_tuned_model.endswith(job_id), job.error
+    assert st.launcher.submitted.count(f"{job_id}-a2") == 0  # its last attempt: not failed, not run again
+
+
+def test_a_driver_that_died_mid_run_on_its_last_attempt_still_fails(st: Stack) -> None:
+    job_id, run = _running(st, "died-mid-run")
+    run.write_json(OUTCOME_FILE, {"state": "failed", "metrics": {}, "summary": {}})
+    st.launcher.statuses[f"{job_id}-a1"] = "FAILED"
+    assert st.scheduler.tick()
+    job = st.job(job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "job_died"
+
+
+def test_events_written_just_before_the_result_are_ingested(st: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id, run = _running(st, "last-words")
+    events = RunDirEvents(run)
+    events.state(JobState.RUNNING, "started")
+    read_events = RunDir.read_events
+
+    def driver_finishes_meanwhile(self: RunDir, after: int = -1):  # the driver's last event and its result land
+        found = read_events(self, after)  # right after this read
+        if self.uri == run.uri and not self.exists("result.json"):
+            events.state(JobState.SUCCEEDED, "job succeeded")
+            run.write_json("adapter/adapter_config.json", {"peft_type": "LORA", "r": 8})
+            run.write_result({"state": "succeeded"})
+        return found
+
+    monkeypatch.setattr(RunDir, "read_events", driver_finishes_meanwhile)
+    for _ in range(3):
+        assert st.scheduler.tick()
+        if st.job(job_id).status == "succeeded":
+            break
+    assert st.job(job_id).status == "succeeded"
+    assert "job succeeded" in st.messages(job_id)
