@@ -352,7 +352,8 @@ class Scheduler:
             return
         if job.cancel_requested_at is not None:
             self._cancelled(s, job, f"Job cancelled ({what})")
-        elif job.pause_requested_at is not None:
+        elif job.pause_requested_at is not None or run.pause_requested():
+            # (PAUSE without the flag: the pause route wrote it and then lost its commit; the run stopped on it)
             self._paused(s, job)
         elif self._past_deadline(job, time.time()):
             self._fail(s, job, "wall_clock_limit_exceeded", f"{what} after its wall-clock limit of "

@@ -13,6 +13,7 @@ import pytest
 from qwenvl_core.runs import OUTCOME_FILE, RunDir
 from qwenvl_core.specs import JobState
 from qwenvl_core.training import RunDirEvents
+from tests.service.helpers import auth
 from tests.service.scheduler_harness import Stack, stack
 
 
@@ -23,17 +24,18 @@ def st(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterat
         yield st
 
 
-def _running(st: Stack, name: str) -> tuple[str, RunDir]:
+def _running(st: Stack, name: str) -> tuple[str, RunDir, str]:
+    """(job id, run directory, the tenant's key) of a launched job."""
     tenant_id, key = st.tenant(name)
     job_id = st.create_job(key, st.processed_file(tenant_id))
     assert st.scheduler.tick()
     job = st.job(job_id)
     assert job.status == "running"
-    return job_id, RunDir(job.output_uri)
+    return job_id, RunDir(job.output_uri), key
 
 
 def test_a_driver_that_died_after_its_run_finished_leaves_a_succeeded_job(st: Stack) -> None:
-    job_id, run = _running(st, "finished-then-died")
+    job_id, run, _ = _running(st, "finished-then-died")
     run.write_json("adapter/adapter_config.json", {"peft_type": "LORA", "r": 8})  # rank 0 uploaded the adapter,
     run.write_json(OUTCOME_FILE, {"state": "succeeded", "metrics": {"train/loss": 0.5}, "summary": {}})  # then this
     st.launcher.statuses[f"{job_id}-a1"] = "FAILED"  # and the driver died before result.json
@@ -44,7 +46,7 @@ def test_a_driver_that_died_after_its_run_finished_leaves_a_succeeded_job(st: St
 
 
 def test_a_driver_that_died_mid_run_on_its_last_attempt_still_fails(st: Stack) -> None:
-    job_id, run = _running(st, "died-mid-run")
+    job_id, run, _ = _running(st, "died-mid-run")
     run.write_json(OUTCOME_FILE, {"state": "failed", "metrics": {}, "summary": {}})
     st.launcher.statuses[f"{job_id}-a1"] = "FAILED"
     assert st.scheduler.tick()
@@ -53,7 +55,7 @@ def test_a_driver_that_died_mid_run_on_its_last_attempt_still_fails(st: Stack) -
 
 
 def test_events_written_just_before_the_result_are_ingested(st: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    job_id, run = _running(st, "last-words")
+    job_id, run, _ = _running(st, "last-words")
     events = RunDirEvents(run)
     events.state(JobState.RUNNING, "started")
     read_events = RunDir.read_events
@@ -73,3 +75,18 @@ def test_events_written_just_before_the_result_are_ingested(st: Stack, monkeypat
             break
     assert st.job(job_id).status == "succeeded"
     assert "job succeeded" in st.messages(job_id)
+
+
+def test_a_run_stopped_by_a_pause_whose_commit_was_lost_is_paused_not_failed(st: Stack) -> None:
+    """The pause route writes ``PAUSE`` and then commits the job's flag; when that commit is lost (the API died, the
+    database refused), the run still stops on ``PAUSE``: the job is paused (and resumes), not re-run into it again
+    until its attempts are spent."""
+    job_id, run, key = _running(st, "pause-lost")
+    run.request_pause()
+    assert st.job(job_id).pause_requested_at is None
+    st.launcher.statuses[f"{job_id}-a1"] = "SUCCEEDED"  # the driver recorded the pause and ended, no result.json
+    assert st.scheduler.tick()
+    assert st.job(job_id).status == "paused"
+    resumed = st.client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=auth(key))
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued", resumed.text
+    assert not run.pause_requested()  # the relaunched run will not stop on it again
