@@ -8,9 +8,9 @@ when the report has no errors, ``error`` otherwise. The estimate endpoint runs t
 ``run_worker_async`` (awaited on the event loop, killed on timeout or when the client goes away). Workers are
 started from threads, never forked from the event loop (``_start_worker``), and stay in the API's process group,
 so stopping the group stops them too; a worker ended that way (SIGTERM, SIGINT, SIGHUP) gives no verdict: the file
-stays ``uploaded`` and is validated again (``WorkerInterrupted``), where a crash of the worker is an ``error``. Workers are background work: ``SCHED_IDLE`` (Linux), niced by
-``WORKER_NICE`` and with one math thread each, so uploads and estimates do not take the CPU from API and chat
-requests (measured: ``bench/tenant_isolation.py``, ``bench/worker_priority.py``).
+stays ``uploaded`` and is validated again (``WorkerInterrupted``), where a crash of the worker is an ``error``.
+Workers are background work: ``SCHED_IDLE`` (Linux), niced by ``WORKER_NICE`` and with one math thread each, so
+uploads and estimates do not take the CPU from API and chat requests (measured: ``bench/tenant_isolation.py``, ``bench/worker_priority.py``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _lower_priority(pid: int) -> None:
 
 
 # Signals that stop processes for a restart (a process manager, a terminal), never for what the worker read
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 class WorkerInterrupted(Unavailable):
@@ -82,7 +82,7 @@ class WorkerInterrupted(Unavailable):
 
 
 def _worker_output(returncode: int, stdout: str, stderr: str, key: str, name: str) -> dict[str, Any]:
-    if returncode < 0 and signal.Signals(-returncode) in _STOP_SIGNALS:
+    if -returncode in _STOP_SIGNALS:  # (a signal number any int may be compared with, named or not)
         raise WorkerInterrupted(f"the validation of {name} was interrupted ({signal.Signals(-returncode).name}); "
                                 "try again")
     if returncode != 0:

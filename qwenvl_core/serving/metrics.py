@@ -5,8 +5,9 @@ This module owns the metric names and labels. Every metric carries ``adapter`` (
 own. A replica serves thousands of adapters over its life, so the series are bounded: those of the
 ``max_adapter_series`` most recently active adapters are kept, the least recently active adapter's are removed
 beyond that (its counters restart if it comes back, which Prometheus' ``rate`` / ``increase`` read as a reset),
-and a deleted adapter's at once (``forget``). ``ServingMetrics`` also implements the adapter cache's ``CacheObserver``; ``merge_expositions`` combines
-several registries' expositions (engines, replicas) into the one a ``/metrics`` endpoint returns.
+and a deleted adapter's at once (``forget``). ``ServingMetrics`` also implements the adapter cache's
+``CacheObserver``; ``merge_expositions`` combines several registries' expositions (engines, replicas) into the one a
+``/metrics`` endpoint returns.
 """
 
 from __future__ import annotations
