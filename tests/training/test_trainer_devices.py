@@ -121,11 +121,13 @@ class _LoopReads(DeviceRecorder):
         return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_the_loop_reads_the_device_once_per_optimizer_step_not_per_micro_step(
-        method, tiny_model_dir, synth_data, tmp_path, monkeypatch):
+        method, device, tiny_model_dir, synth_data, tmp_path, monkeypatch):
     """The loss, token counts and DPO's reward sums stay on the device through the micro-steps (a read there waits
-    for the backward just queued, so the next batch's collation cannot overlap it); the step's all-reduce reads them."""
+    for the backward just queued, so the next batch's collation cannot overlap it); the step's all-reduce reads them.
+    (On a GPU the reads counted are real synchronisations: ``bench/gpu_check.sh`` runs the ``cuda`` case.)"""
     from tests.training.test_dpo import dpo_spec, write_preference_set
 
     steps = {"max_steps": 3, "batch_size": 8, "micro_batch_size": 2}  # 4 micro-steps each
@@ -135,8 +137,8 @@ def test_the_loop_reads_the_device_once_per_optimizer_step_not_per_micro_step(
         pairs = write_preference_set(tmp_path / "train.jsonl", 24, 1)
         spec = dpo_spec(tiny_model_dir, (pairs, pairs), tmp_path / "run", validation_file=None,
                         hyperparameters={**steps, "learning_rate": 5e-3})
-    trainer = Trainer(spec, work_dir=tmp_path / "work", device="cpu")
-    recorder = _LoopReads("cpu")
+    trainer = Trainer(spec, work_dir=tmp_path / "work", device=device)
+    recorder = _LoopReads(device)
     micro_step = Trainer._micro_step
 
     def marked(self, *args):
