@@ -79,10 +79,15 @@ class Rejection:
 class _Bucket:
     def __init__(self, burst: int, now: float) -> None:
         self.tokens, self.updated = float(burst), now
+        self.rate, self.burst = 0.0, burst  # as last used
 
     def refill(self, rate: float, burst: int, now: float) -> None:
         self.tokens = min(float(burst), self.tokens + (now - self.updated) * rate)
-        self.updated = now
+        self.updated, self.rate, self.burst = now, rate, burst
+
+    def full(self, now: float) -> bool:
+        """Refilled by ``now``: the same as a new bucket."""
+        return self.tokens + (now - self.updated) * self.rate >= self.burst
 
     def take(self, rate: float, burst: int, now: float, cost: float) -> float:
         """Take ``cost`` tokens (at most ``burst``); 0 when there were enough, else the seconds until there will be."""
@@ -95,13 +100,18 @@ class _Bucket:
 
 
 class TenantLimiter:
-    """Admits a tenant's request (``acquire``) or says why not; ``release`` when the request has finished."""
+    """Admits a tenant's request (``acquire``) or says why not; ``release`` when the request has finished. Every
+    ``prune_every`` rate-limited requests, the buckets that have refilled are dropped (a new one is the same), so the
+    process keeps buckets for the tenants active lately, not for every tenant it ever served."""
+
+    prune_every = 1024
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._in_flight: dict[str, int] = {}
+        self._takes = 0
 
     def acquire(self, tenant_id: str, limits: AdmissionLimits, cost: int = 1, slots: int = 1,
                 worth: str = "") -> Rejection | None:
@@ -116,6 +126,9 @@ class TenantLimiter:
                                  f"this server{worth}; wait for one to finish", 1)
             if limits.requests_per_second > 0:
                 now = self._clock()
+                self._takes += 1
+                if self._takes % self.prune_every == 0:
+                    self._buckets = {t: b for t, b in self._buckets.items() if not b.full(now)}
                 bucket = self._buckets.setdefault(tenant_id, _Bucket(limits.burst, now))
                 wait = bucket.take(limits.requests_per_second, limits.burst, now, cost)
                 if wait > 0:

@@ -303,3 +303,27 @@ def test_an_oversized_body_is_413_even_when_the_tenant_is_out_of_budget(client: 
     resp = client.post("/v1/fine_tuning/jobs", content=b"x" * (2 << 20),
                        headers={**auth(key), "Content-Type": "application/json"})
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large", resp.text
+
+
+def test_the_limiter_keeps_buckets_only_for_tenants_active_lately() -> None:
+    """A bucket that has refilled is the same as a new one: they are dropped as requests go by, so an API process
+    does not keep one for every tenant it ever served; a tenant still short of tokens keeps its bucket."""
+    from service.limits import AdmissionLimits, TenantLimiter
+
+    now = [0.0]
+    limiter = TenantLimiter(clock=lambda: now[0])
+    limiter.prune_every = 50
+    limits = AdmissionLimits(requests_per_second=1.0, burst=2, max_concurrent_requests=0)
+    for i in range(40):
+        assert limiter.acquire(f"tenant-{i}", limits) is None
+        limiter.release(f"tenant-{i}")
+    assert limiter.acquire("busy", limits) is None and limiter.acquire("busy", limits) is None  # empty now
+    assert len(limiter._buckets) == 41
+    now[0] += 1.5  # the 40 have refilled; "busy" has 1.5 of its 2 tokens
+    for _ in range(8):  # the 50th rate-limited request prunes
+        assert limiter.acquire("other", AdmissionLimits(requests_per_second=100.0, burst=100,
+                                                        max_concurrent_requests=0)) is None
+    assert set(limiter._buckets) == {"busy", "other"}
+    assert limiter.acquire("busy", limits) is None  # its 1.5 tokens were kept: one more fits
+    refused = limiter.acquire("busy", limits)
+    assert refused is not None and refused.code == "rate_limit_exceeded"
