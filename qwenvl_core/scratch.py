@@ -41,10 +41,6 @@ class ScratchDir:
         os.rename(claiming, self.path / OWNER)
         self._finalizer = weakref.finalize(self, _remove, self.path, fd, os.getpid())
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
     def cleanup(self) -> None:
         """Remove the folder (idempotent)."""
         self._finalizer()

@@ -304,8 +304,12 @@ class ServingEngine:
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
                                           lm_device, lm_dtype)
         # downloaded S3 adapters: the configured folder (kept), or scratch removed on close or by the next sweep
-        self._scratch = None if config.adapter_cache_dir else ScratchDir("adapters")
-        cache_dir = config.adapter_cache_dir or self._scratch.name
+        self._scratch: ScratchDir | None = None
+        if config.adapter_cache_dir:
+            cache_dir = Path(config.adapter_cache_dir)
+        else:
+            self._scratch = ScratchDir("adapters")
+            cache_dir = self._scratch.path
         self.cache = AdapterCache(
             lambda local, adapter_id: load_lora_weights(local, adapter_id, model, family,
                                                          max_rank=config.max_lora_rank, device="cpu"),  # host tier
