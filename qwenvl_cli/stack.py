@@ -44,6 +44,7 @@ import typer
 
 from qwenvl_cli.client import STATE_FILE, ApiError, qwenvl_home, read_state
 from qwenvl_cli.ports import RAY_WORKER_PORTS, free_port, port_busy
+from qwenvl_cli.telemetry import TELEMETRY_OFF
 from service.mlflow_tenants import basic_auth_ini
 from service.private_files import private_dir, write_secret
 
@@ -131,13 +132,6 @@ def ensure_base_models(home: Path, presets: tuple[str, ...] = BASE_MODELS) -> di
 
                 family_for_preset(preset).materialize(preset, model_dir, seed=0)
     return dirs
-
-
-# Usage telemetry off in every process of the stack (a value the user set is kept): the platform sends nothing about
-# its users' runs anywhere, and MLflow 3.17's telemetry client sets and unsets an environment variable from its own
-# thread, which races urllib reading os.environ in another ("API request ... failed with exception
-# '_MLFLOW_TELEMETRY_SESSION_ID'", seen on a machine without a CI variable, where its telemetry is on).
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def stack_env(home: Path, *, stack_id: str, dashboard_url: str, mlflow_url: str | None, ray_token: str,

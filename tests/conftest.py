@@ -29,8 +29,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def pytest_configure(config: pytest.Config) -> None:
     """What ``qwenvl up`` and the images give every process, for this process and everything it starts: usage
-    telemetry off (``qwenvl_cli.stack.TELEMETRY_OFF``; MLflow's client thread races urllib on os.environ)."""
-    from qwenvl_cli.stack import TELEMETRY_OFF
+    telemetry off (``qwenvl_cli.telemetry.TELEMETRY_OFF``; MLflow's client thread races urllib on os.environ)."""
+    from qwenvl_cli.telemetry import TELEMETRY_OFF
 
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
