@@ -2,13 +2,16 @@
 # The GPU checks of the platform in one run (issue 13): the `gpu` tests (engine on CUDA: greedy equals the
 # reference, every tensor on the device, seeded sampling, an out-of-memory forward failing only its request, vision
 # adapters with their device copies), full-size random-weight serving of Qwen-VL v1 in bf16
-# (tokens/s with 8 adapters, TTFT, the longest inter-token gap, peak memory of long requests), full-size LoRA /
+# (tokens/s with 8 adapters, TTFT, the longest inter-token gap; then, in a row of its own, the peak memory of 32
+# concurrent 2000-token requests), full-size LoRA /
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), and one sampling step at the full vocabulary,
 # batched vs the row-by-row sampler before it (time, waits for the device). Prints one table (and writes it to
-# $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: 8 minutes on one H200
-# (the limits below add up to 490 s, plus the wheels' install), inside the 600 s of one device call and with room
-# for a rerun in a 15-minute lease; each check has its own limit, so one that hangs cannot eat the others', and its
-# row says "running" until it ends, so a run cut short from outside still shows which check it was in.
+# $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: 9 minutes on one H200
+# (the limits below add up to 540 s, plus the wheels' install; the first run, 2026-12-04, took 314 s with the serving
+# row cut at its then 180 s before its memory part), inside the 600 s of one device call; each check has its own
+# limit, so one that hangs cannot eat the others', and its row says "running" until it ends, so a run cut short from
+# outside still shows which check it was in. A rerun in the same lease can name only the rows it needs
+# (GPU_CHECK_ONLY="gpu_tests serve_v1_memory"; the environment row always runs).
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
 # pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
@@ -16,7 +19,8 @@
 # device time, `bash bench/gpu_dryrun.sh` runs this same script here, on the CPU with tiny presets, in an environment
 # holding only what the device image holds.
 #   device run:  bash bench/gpu_check.sh        (carry: [".whl"], timeout_s: 600)
-# Settings (the dry run's): GPU_CHECK_DEVICE (cuda), GPU_CHECK_SMOKE=1 (tiny presets, short runs), GPU_CHECK_WHEELS
+# Settings (the dry run's): GPU_CHECK_ONLY (row names, space-separated; default all), GPU_CHECK_DEVICE (cuda),
+# GPU_CHECK_SMOKE=1 (tiny presets, short runs), GPU_CHECK_WHEELS
 # (.whl), GPU_CHECK_SITE (/tmp/site), GPU_CHECK_PYTEST_MARK (smoke only: a marker the gpu_tests row selects by),
 # PYTHON (python3).
 set -uo pipefail
@@ -35,8 +39,8 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
     tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
-  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --memory-requests 4
-         --memory-prompt 256 --before-rev "" --varied-tokens 2,8)
+  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8)
+  memory=(--preset qwen-vl-tiny --memory-requests 4 --memory-prompt 256)
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
   sampling=(--vocab 1152 --repeats 3)
@@ -45,6 +49,7 @@ else
     tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32)
+  memory=(--preset qwen-vl-chat --memory-requests 32 --memory-prompt 2000)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)
 fi
@@ -63,22 +68,25 @@ failed=0
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS status=ok
+  [ "$name" = environment ] || [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $name "* ]] || return 0
   echo "| $name | running (limit $limit s) | | |" >> "$table"
   timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1 || { status="FAILED ($?)"; failed=$((failed + 1)); }
   local row="| $name | $status | $((SECONDS - start)) | $(tail -n 4 "$logs/$name.log" | tr '\n|' ' /' | cut -c1-300) |"
   grep -v "^| $name | running " "$table" > "$table.tmp"; echo "$row" >> "$table.tmp"; mv "$table.tmp" "$table"
 }
 # What the run imports, and from where: a package the image lacks fails here in seconds, not deep inside a check.
-check environment 45 $PY -c "
+check environment 40 $PY -c "
 import sys, torch, transformers, peft, pydantic, llguidance, bitsandbytes, deepspeed, safetensors, tiktoken, PIL
 print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU',
       *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes, deepspeed)))
 torch.zeros(1, device='$device')"
-check gpu_tests 120 $PY -m pytest -q -p no:cacheprovider "${tests[@]}"
-check sampling_step 25 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
-check serve_v1_full_bf16 180 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
-  --repeats 1 --skip-loads "${serve[@]}"
-check train_qwen25vl_7b 120 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
+check gpu_tests 90 $PY -m pytest -q -rP -p no:cacheprovider "${tests[@]}"
+check sampling_step 20 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
+check serve_v1_full_bf16 200 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
+  --repeats 1 --skip-loads --memory-requests 0 "${serve[@]}"
+check serve_v1_memory 90 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --memory-only \
+  --before-rev "" "${memory[@]}"
+check train_qwen25vl_7b 100 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
 cat "$table"
 exit "$failed"

@@ -22,6 +22,7 @@ hold on a machine shared with other jobs; ``--lora-only`` stops after them.
 Usage (CPU, the numbers in docs/benchmarks.md):
     .venv/bin/python bench/serving_throughput.py [--preset qwen2.5-vl-small]
     .venv/bin/python bench/serving_throughput.py --latency-only --prefill-chunk 64,512   (the latency rows only)
+    .venv/bin/python bench/serving_throughput.py --memory-only --before-rev ''   (the peak-memory row only)
 GPU (full-size random weights; needs the memory for a qwen-vl-chat model):
     .venv/bin/python bench/serving_throughput.py --preset qwen-vl-chat --device cuda --dtype bfloat16
 """
@@ -307,9 +308,17 @@ def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: 
     shutil.rmtree(work, ignore_errors=True)
 
 
-def memory_before_after(args: argparse.Namespace, model_dir: Path) -> tuple[int, int | None]:
-    """Peak memory of the long-request workload on ``model_dir`` with this tree and, in a git worktree, at
-    ``args.before_rev`` (on a model directory that revision writes itself)."""
+def memory_row(args: argparse.Namespace, model_dir: Path | None) -> None:
+    """Prints the peak-memory row of the long-request workload (``memory_before_after``)."""
+    after, before = memory_before_after(args, model_dir)
+    row = f"after={after / 2**20:.0f} MiB" + (f" before ({args.before_rev})={before / 2**20:.0f} MiB "
+                                              f"ratio={after / before:.2f}" if before else "")
+    print(f"peak memory, {args.memory_requests} concurrent {args.memory_prompt}-token requests: {row}")
+
+
+def memory_before_after(args: argparse.Namespace, model_dir: Path | None) -> tuple[int, int | None]:
+    """Peak memory of the long-request workload on ``model_dir`` (None: one the measuring process writes) with this
+    tree and, in a git worktree, at ``args.before_rev`` (on a model directory that revision writes itself)."""
     def peak(pythonpath: str, model_dir: Path | None = None) -> int:
         cmd = [sys.executable, __file__, "--memory-child", "--preset", args.preset, "--dtype", args.dtype,
                "--device", args.device, "--memory-requests", str(args.memory_requests),
@@ -425,7 +434,7 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", default="64",
                         help="the chunked engines' prefill_chunk_tokens in the latency rows, comma-separated (each "
                              "against 0: whole prefills)")
-    parser.add_argument("--memory-requests", type=int, default=32)
+    parser.add_argument("--memory-requests", type=int, default=32, help="0: no memory row")
     parser.add_argument("--memory-prompt", type=int, default=2000, help="prompt tokens of each long request")
     parser.add_argument("--before-rev", default="d30b903",
                         help="git revision whose engine the memory row compares with ('' to skip)")
@@ -434,12 +443,17 @@ def main() -> None:
                         help="only the mixed / single / base / swap rows (the LoRA ratios), then stop")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the latency rows (TTFT, longest gap; whole vs chunked prefills), then stop")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak-memory row of long requests (on a model directory it writes), then stop")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         long_request_memory(args.preset, args.memory_requests, args.memory_prompt, 4, args.dtype, args.device,
                             args.model_dir)
+        return
+    if args.memory_only:
+        memory_row(args, None)
         return
     dtype = getattr(torch, args.dtype)
     family = family_for_preset(args.preset)
@@ -493,10 +507,8 @@ def main() -> None:
           f"engine={engine_varied:.1f} static={static_varied:.1f} tok/s  engine/static={engine_varied / static_varied:.2f}")
     _print_cpu_rates(runs, swap_rate)
     latency_rows(engine, adapters, args)
-    after, before = memory_before_after(args, model_dir)
-    row = f"after={after / 2**20:.0f} MiB" + (f" before ({args.before_rev})={before / 2**20:.0f} MiB "
-                                              f"ratio={after / before:.2f}" if before else "")
-    print(f"peak memory, {args.memory_requests} concurrent {args.memory_prompt}-token requests: {row}")
+    if args.memory_requests:
+        memory_row(args, model_dir)
     if args.skip_loads:
         engine.close()
         shutil.rmtree(work, ignore_errors=True)

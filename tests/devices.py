@@ -17,9 +17,12 @@ DEVICES = [pytest.param("cpu", id="cpu"),
 
 class DeviceRecorder(TorchDispatchMode):
     """While active (in this thread), records every op that reads a tensor on ``device`` and writes one
-    elsewhere: compute that left the device, or a device-to-host read (``_to_copy`` / ``_local_scalar_dense``)."""
+    elsewhere: compute that left the device, or a device-to-host read (``_to_copy`` / ``to`` / ``_local_scalar_dense``).
+    The 0-dim tensors a fused attention kernel returns on the host beside its outputs on the device (the RNG seed and
+    offset of ``_scaled_dot_product_efficient_attention`` on CUDA) are its bookkeeping, not compute that left."""
 
-    READS = ("aten._to_copy", "aten._local_scalar_dense", "aten.copy_", "aten.item", "aten.is_nonzero")
+    # ``aten.to.`` with its dot (not ``aten.topk``): on CUDA, torch 2.11 dispatches ``Tensor.cpu()`` as ``to``
+    READS = ("aten._to_copy", "aten.to.", "aten._local_scalar_dense", "aten.copy_", "aten.item", "aten.is_nonzero")
 
     def __init__(self, device: str) -> None:
         super().__init__()
@@ -38,6 +41,8 @@ class DeviceRecorder(TorchDispatchMode):
         if outputs and all(t.device.type == "meta" for t in outputs):
             return out  # shape placeholders (DeepSpeed's): no data, no compute
         from_device = any(t.device.type == self.device for t in inputs)
-        if from_device and (not outputs or any(t.device.type != self.device for t in outputs)):
+        on_device = any(t.device.type == self.device for t in outputs)
+        off_device = [t for t in outputs if t.device.type != self.device and not (on_device and t.dim() == 0)]
+        if from_device and (not outputs or off_device):
             (self.reads if str(func).startswith(self.READS) else self.left).append(str(func))
         return out
