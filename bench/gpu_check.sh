@@ -7,7 +7,7 @@
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), and one sampling step at the full vocabulary,
 # batched vs the row-by-row sampler before it (time, waits for the device). Prints one table (and writes it to
 # $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: 9 minutes on one H200
-# (the limits below add up to 540 s, plus the wheels' install; the first run, 2026-12-04, took 314 s with the serving
+# (the limits below add up to 550 s, plus the wheels' install; the first run, 2026-12-04, took 314 s with the serving
 # row cut at its then 180 s before its memory part), inside the 600 s of one device call; each check has its own
 # limit, so one that hangs cannot eat the others', and its row says "running" until it ends, so a run cut short from
 # outside still shows which check it was in. A rerun in the same lease can name only the rows it needs

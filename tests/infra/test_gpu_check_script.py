@@ -14,27 +14,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKS = ("environment", "gpu_tests", "sampling_step", "serve_v1_full_bf16", "train_qwen25vl_7b")
+CHECKS = ("environment", "gpu_tests", "sampling_step", "serve_v1_full_bf16", "serve_v1_memory", "train_qwen25vl_7b")
+
+
+def _dry_run(out: Path, **settings: str) -> tuple[subprocess.CompletedProcess, dict[str, str], str]:
+    """The script in its CPU dry-run mode: (the process, {row: result}, the table and the logs' tails)."""
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable,
+           "GPU_CHECK_WHEELS": str(out.parent / "no-wheels"), "OUT": str(out),
+           "GPU_CHECK_PYTEST_MARK": "gpu", **settings}  # the test row's CPU cases run in this suite already
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    table = (out / "gpu_check.md").read_text()
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(out.glob("*.log")))
+    rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in table.splitlines()[2:])}
+    return done, rows, table + logs
 
 
 @pytest.mark.slow
 def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
-    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable,
-           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "OUT": str(tmp_path / "out"),
-           "GPU_CHECK_PYTEST_MARK": "gpu"}  # the row's CPU cases run in this suite already
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                          timeout=900)
     out = tmp_path / "out"
-    table = (out / "gpu_check.md").read_text()
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(out.glob("*.log")))
-    rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in table.splitlines()[2:])}
-    assert rows == dict.fromkeys(CHECKS, "ok"), table + logs
+    done, rows, shown = _dry_run(out)
+    assert rows == dict.fromkeys(CHECKS, "ok"), shown
     assert done.returncode == 0, done.stdout[-3000:]
     serve = (out / "serve_v1_full_bf16.log").read_text()
-    for row in ("throughput tok/s: mixed=", "engine/static=", "32 requests of 2-8 new tokens", "longest inter-token gap=",
-                "peak memory, 4 concurrent"):
+    for row in ("throughput tok/s: mixed=", "engine/static=", "32 requests of 2-8 new tokens", "longest inter-token gap="):
         assert row in serve, serve[-3000:]
+    assert "peak memory" not in serve  # its own row
+    assert "peak memory, 4 concurrent 256-token requests: after=" in (out / "serve_v1_memory.log").read_text()
     assert "skipped" in (out / "gpu_tests.log").read_text()  # the cuda cases, collected and skipped here
     train = (out / "train_qwen25vl_7b.log").read_text()
     assert "steps-lora" in train and "steps-qlora" in train, train[-3000:]
     assert "min ms per step: new=" in (out / "sampling_step.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_runs_only_the_rows_it_names_and_the_environment(tmp_path):
+    """A lease has room for one full run and a short rerun of what failed (``GPU_CHECK_ONLY``)."""
+    out = tmp_path / "out"
+    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step")
+    assert rows == {"environment": "ok", "sampling_step": "ok"}, shown
+    assert done.returncode == 0 and sorted(p.name for p in out.glob("*.log")) == [
+        "environment.log", "sampling_step.log"], shown
