@@ -241,7 +241,8 @@ class LoraPlan:
     """The adapters of one batch: each row's slot, the slot window's weights per module and the row layout."""
 
     rows: torch.Tensor  # [B] long, slot per row (0 = base, no delta)
-    # module -> (Aᵀ [G, in, r], (B·s)ᵀ [G, r, out]) of adapter slots layout.first .. layout.first + G - 1
+    # module -> (Aᵀ [G, in, r], (B·s)ᵀ [G, r, out]) of adapter slots layout.first .. layout.first + G - 1; with one
+    # slot (G = 1) the matrices themselves, (Aᵀ [in, r], (B·s)ᵀ [r, out]), not indexed again at every forward
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
     layout: RowLayout
@@ -254,7 +255,10 @@ class LoraPlan:
 def window(a_stack: torch.Tensor, bt_stack: torch.Tensor, layout: RowLayout,
            rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``LoraPlan.stacks`` entry: views of slot stacks ``A [slots, R, in]`` and ``(B·s)ᵀ [slots, R, out]`` cut to the
-    layout's window of slots and to ``rank``: ``(Aᵀ [G, in, r], (B·s)ᵀ [G, r, out])``."""
+    layout's window of slots and to ``rank``: ``(Aᵀ [G, in, r], (B·s)ᵀ [G, r, out])``, or with one slot in the window
+    ``(Aᵀ [in, r], (B·s)ᵀ [r, out])``."""
+    if layout.groups == 1:
+        return a_stack[layout.first, :rank].mT, bt_stack[layout.first, :rank]
     cut = slice(layout.first, layout.first + layout.groups)
     return a_stack[cut, :rank].mT, bt_stack[cut, :rank]
 
@@ -343,7 +347,7 @@ class GroupedLora:
             if layout.gather is not None:
                 block = block.index_select(0, layout.gather)  # [G·M, T, in]: each slot's rows, padded
             if layout.groups == 1:  # one adapter: plain matmuls on the block as it is
-                change = (block @ a_t[0]) @ b_t[0]
+                change = (block @ a_t) @ b_t
             else:  # every adapter of the batch in one pair of batched matmuls: [G, M·T, in] · Aᵀ · (B·s)ᵀ
                 change = torch.bmm(torch.bmm(block.reshape(layout.groups, -1, block.shape[-1]), a_t), b_t)
                 change = change.view(*block.shape[:-1], b_t.shape[-1])
