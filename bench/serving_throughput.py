@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from revisions import worktree
 
 from qwenvl_core.conversation import text_message
 from qwenvl_core.generation import SamplingParams, generate
@@ -133,7 +134,11 @@ def engine_throughput(engine: ServingEngine, adapters: list[Path | None], reques
         results = await asyncio.gather(*(engine.generate(req(i)) for i in range(n)))
         return sum(len(r.token_ids) for r in results)
 
-    asyncio.run(run(min(len(adapters), requests)))  # warm-up, adapters loaded
+    # Warm-up: the same workload once, untimed: adapters loaded, and on a GPU every kernel and matmul shape of the
+    # timed run used once (lazily loaded CUDA modules, cuBLAS heuristics), so no first use is timed, whichever
+    # scenario runs first (the device run has one repeat; its first run, 2026-12-04, had an 8-request warm-up).
+    asyncio.run(run(requests))
+    sync(engine.device.type)
     start, cpu_start = time.perf_counter(), time.process_time()
     generated = asyncio.run(run(requests))
     return _rate(generated, start, cpu_start)
@@ -150,6 +155,9 @@ def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests
     for a in adapters[1:]:
         model.load_adapter(a, adapter_name=a.name)
     model.eval()
+    generate(model, [processor.encode_chat([text_message("user", _prompt(0))]).input_ids],  # warm-up, untimed
+             pad_token_id=processor.pad_token_id, params=SamplingParams(max_new_tokens=tokens, stop_token_ids=(-1,)))
+    sync(device)
     start, cpu_start, generated = time.perf_counter(), time.process_time(), 0
     for i in range(requests):
         model.set_adapter(adapters[i % len(adapters)].name)
@@ -177,23 +185,28 @@ def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int
         base = family.forward_contract(family.load_model(model_dir, dtype=dtype, device=device))
     model = PeftModel.from_pretrained(base, adapter).eval()
     prompts = [processor.encode_chat([text_message("user", _prompt(i))]).input_ids for i in range(requests)]
-    start, generated = time.perf_counter(), 0
     lengths = [tokens] * requests if isinstance(tokens, int) else list(tokens)
-    for first in range(0, requests, batch):
-        chunk, wanted = prompts[first : first + batch], lengths[first : first + batch]
+
+    def run_batch(chunk: list[list[int]], wanted: list[int]) -> int:
+        """One static batch run to its longest request: the tokens of each request's own count."""
         longest = max(wanted)
         if hf_class is None:
             outs = generate(model, chunk, pad_token_id=processor.pad_token_id,
                             params=SamplingParams(max_new_tokens=longest, stop_token_ids=(-1,)))
-            generated += sum(min(len(o.token_ids), n) for o, n in zip(outs, wanted, strict=True))
-            continue
+            return sum(min(len(o.token_ids), n) for o, n in zip(outs, wanted, strict=True))
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[processor.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                                  do_sample=False, pad_token_id=processor.pad_token_id)
-        generated += sum(min(out.shape[1] - width, n) for n in wanted)
+        return sum(min(out.shape[1] - width, n) for n in wanted)
+
+    run_batch(prompts[:batch], lengths[:batch])  # warm-up, untimed (first uses on a GPU; see engine_throughput)
+    sync(device)
+    start, generated = time.perf_counter(), 0
+    for first in range(0, requests, batch):
+        generated += run_batch(prompts[first : first + batch], lengths[first : first + batch])
     sync(device)
     return generated / (time.perf_counter() - start)
 
@@ -254,15 +267,20 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
 
 
 def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Namespace) -> None:
-    """``latency_under_load`` with whole prefills and with each ``--prefill-chunk``: the stall of running streams."""
-    for chunk in (0, *(int(c) for c in args.prefill_chunk.split(","))):
+    """``latency_under_load`` with whole prefills and with each ``--prefill-chunk``: the stall of running streams.
+    First, untimed, a few image and text requests, so that the first row does not time the vision tower's first use
+    (the throughput rows before it send text only)."""
+    for chunk in (None, 0, *(int(c) for c in args.prefill_chunk.split(","))):
         # A second engine on the same model (no second copy of a full-size model): the main one is idle meanwhile.
         probe = ServingEngine(engine.model, engine.processor, engine.family,
-                              dataclasses.replace(engine.config, prefill_chunk_tokens=chunk))
-        lat = latency_under_load(probe, adapters, args.latency_requests, args.tokens, args.image_size)
+                              dataclasses.replace(engine.config, prefill_chunk_tokens=chunk or 0))
+        lat = latency_under_load(probe, adapters, 4 if chunk is None else args.latency_requests, args.tokens,
+                                 args.image_size)
         probe.close()  # also takes its LoRA hooks off the shared model
         del probe
         release(args.device)
+        if chunk is None:  # the warm-up
+            continue
         print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
               f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
               f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms (between stream events, text held back "
@@ -338,18 +356,11 @@ def memory_before_after(args: argparse.Namespace, model_dir: Path | None) -> tup
     after = peak(str(root), model_dir)
     if not args.before_rev:
         return after, None
-    if shutil.which("git") is None or subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--verify", "--quiet", f"{args.before_rev}^{{commit}}"],
-            capture_output=True).returncode != 0:
-        print(f"(no git history with {args.before_rev} here, as on the device machine: no 'before' row)")
-        return after, None
-    tree = Path(tempfile.mkdtemp(prefix="bench-before-"))
-    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), args.before_rev],
-                   check=True, capture_output=True)
-    try:
+    with worktree(args.before_rev) as tree:
+        if tree is None:
+            print(f"(no git history with {args.before_rev} here, as on the device machine: no 'before' row)")
+            return after, None
         return after, peak(str(tree))
-    finally:
-        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
