@@ -1,0 +1,123 @@
+"""Ops dispatched per decode step of the serving engine, with no adapter, one adapter and 8 mixed adapters; this
+tree against an earlier revision's (``--before-rev``, in a git worktree) in the same run.
+
+Why: on a GPU a decode step of a 7-10B model is bound by how many ops it launches and the Python around each, not
+by the device (docs/benchmarks.md, "First runs on an H200": 34 ms per step where reading the weights takes ~4 ms),
+so the number of ops a step dispatches is what its time follows there; unlike a time it is exact and the same on
+any machine. Counted with a ``TorchDispatchMode`` over whole engine steps (the model, the LoRA hooks, sampling,
+the engine's bookkeeping), 16 rows, after the prefill; ``views`` (no kernel of their own, but still dispatched in
+Python) counted apart. Prints one line per scenario and revision, and the ratios after / before.
+
+Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from revisions import worktree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROWS, STEPS = 16, 4
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched while active: all of them, and the views among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        self.views += bool(getattr(func, "is_view", False))
+        return func(*args, **(kwargs or {}))
+
+
+def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
+    """(in the tree on ``sys.path``) ``{scenario: {"ops": per step, "views": per step}}``."""
+    from serving_throughput import _fixed_length, _prompt, make_adapters
+
+    from qwenvl_core.conversation import text_message
+    from qwenvl_core.models.registry import family_for_preset
+    from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
+
+    family = family_for_preset(preset)
+    work = Path(tempfile.mkdtemp(prefix="bench-step-ops-"))
+    model_dir = family.materialize(preset, work / "model", seed=0)
+    paths = make_adapters(family, model_dir, work / "adapters", adapters, 8, torch.float32)
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2))
+    result = {}
+    try:
+        for name, chosen in {"base": [None], "single": paths[:1], "mixed": paths}.items():
+            requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, STEPS + 4),
+                                      adapter_id=chosen[i % len(chosen)] and chosen[i % len(chosen)].name,
+                                      adapter_locator=chosen[i % len(chosen)] and str(chosen[i % len(chosen)]))
+                        for i in range(ROWS)]
+            engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
+            engine._step([])  # the first decode step (its plan and index tensors are new)
+            counter = OpCounter()
+            with counter:
+                for _ in range(STEPS):
+                    engine._step([])
+            while engine._batch is not None:
+                engine._step([])
+            result[name] = {"ops": sum(counter.ops.values()) / STEPS, "views": counter.views / STEPS}
+    finally:
+        engine.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="qwen-vl-small")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--before-rev", default="4ba4821", help="git revision to compare with ('' to skip)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # one revision's counts, as JSON on the last line
+        print(json.dumps(count(args.preset, args.adapters)))
+        return
+
+    def measured(tree: Path) -> dict[str, dict[str, float]]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), "--child", "--preset",
+                               args.preset, "--adapters", str(args.adapters)], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"counting in {tree} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    after = measured(Path(__file__).resolve().parent.parent)
+    runs = {"after": after}
+    if args.before_rev:
+        with worktree(args.before_rev) as tree:
+            if tree is None:
+                print(f"(no git history with {args.before_rev} here: no 'before' rows)")
+            else:  # this script into the old tree (it may predate it), run on that tree's qwenvl_core
+                (tree / "bench" / "step_ops.py").write_text(Path(__file__).read_text())
+                (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
+                runs["before"] = measured(tree)
+    print(f"preset={args.preset} rows={ROWS} adapters={args.adapters} steps={STEPS}; ops dispatched per decode step")
+    for label, result in runs.items():
+        rev = "working tree" if label == "after" else args.before_rev
+        print(f"{label:6} ({rev}): " + "  ".join(
+            f"{name}={r['ops']:.0f} ({r['views']:.0f} views)" for name, r in result.items())
+            + f"  single/base={result['single']['ops'] / result['base']['ops']:.2f}"
+            + f"  mixed/base={result['mixed']['ops'] / result['base']['ops']:.2f}")
+    if "before" in runs:
+        print("after/before: " + "  ".join(f"{name}={after[name]['ops'] / runs['before'][name]['ops']:.2f}"
+                                           for name in after))
+
+
+if __name__ == "__main__":
+    main()
