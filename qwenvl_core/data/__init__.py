@@ -41,6 +41,7 @@ from qwenvl_core.data.validate import (
     ValidationReport,
     iter_samples,
     read_samples,
+    validate_bundle,
     validate_file,
 )
 
@@ -51,5 +52,5 @@ __all__ = [
     "SampleRules", "Severity", "SynthResult", "TokenizedSample", "TrainingEstimate", "ValidationOptions",
     "ValidationReport", "encode_sample", "estimate_training", "iter_samples", "length_grouped_batches",
     "naive_batches", "open_bundle", "pack_samples", "padding_ratio", "read_samples", "to_openai_record",
-    "to_qwen_record", "tokenize_sample", "validate_file", "write_bundle", "write_synth_dataset",
+    "to_qwen_record", "tokenize_sample", "validate_bundle", "validate_file", "write_bundle", "write_synth_dataset",
 ]

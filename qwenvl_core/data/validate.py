@@ -107,18 +107,20 @@ def validate_file(path: str | Path, processor: FamilyProcessor | None = None,
                   options: ValidationOptions = ValidationOptions()) -> ValidationReport:
     """Validate a ``.json``/``.jsonl`` file or a ``.zip``/``.tar.gz`` bundle; never raises for bad data."""
     path = Path(path)
-    report = ValidationReport(path.name, issues=IssueCollector(options.max_issues), options=options)
     try:
         with open_bundle(path, options.bundle_limits) as bundle:
-            report.file = bundle.display_name
-            _fill_report(report, bundle, processor, options)
+            return validate_bundle(bundle, processor, options)
     except BundleError as e:
+        report = ValidationReport(path.name, issues=IssueCollector(options.max_issues), options=options)
         report.issues.add(Issue("bundle", str(e).removeprefix(f"{path.name}: "), Location(path.name)))
-    return report
+        return report
 
 
-def _fill_report(report: ValidationReport, bundle: Bundle, processor: FamilyProcessor | None,
-                 options: ValidationOptions) -> None:
+def validate_bundle(bundle: Bundle, processor: FamilyProcessor | None = None,
+                    options: ValidationOptions = ValidationOptions()) -> ValidationReport:
+    """``validate_file`` on a bundle already open (``open_bundle``), which a caller then reads without extracting it
+    again (a training job); never raises for bad data."""
+    report = ValidationReport(bundle.display_name, issues=IssueCollector(options.max_issues), options=options)
     checker = _Checker(bundle, processor, options)
     for checked in checker.run():
         report.records += 1
@@ -129,6 +131,7 @@ def _fill_report(report: ValidationReport, bundle: Bundle, processor: FamilyProc
     report.format = checker.format
     if report.records == 0 and report.issues.error_count == 0:
         report.issues.add(Issue("empty_file", "no samples in the file", Location(bundle.display_name)))
+    return report
 
 
 def iter_samples(bundle: Bundle, processor: FamilyProcessor | None = None,

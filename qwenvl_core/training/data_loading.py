@@ -21,6 +21,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from qwenvl_core.data import (
+    BundleError,
     DataFormat,
     EncodeOptions,
     LabelMask,
@@ -31,7 +32,7 @@ from qwenvl_core.data import (
     ValidationOptions,
     iter_samples,
     open_bundle,
-    validate_file,
+    validate_bundle,
 )
 from qwenvl_core.data.issues import DataError
 from qwenvl_core.data.preference import PreferenceDataset
@@ -88,11 +89,18 @@ class JobData:
 
 
 def read_split(path: str | Path, processor: FamilyProcessor, options: EncodeOptions, stack: ExitStack,
-               field_name: str, preference: bool = False) -> tuple[list[Sample], dict[str, Any]]:
-    """Validate and read one file; a bundle stays extracted until ``stack`` closes. Errors name the field.
-    ``preference``: the job is DPO, so the file must be in the preference format (and only then)."""
+               field_name: str, preference: bool = False, work_dir: Path | None = None
+               ) -> tuple[list[Sample], dict[str, Any]]:
+    """Validate and read one file; a bundle is extracted once, into ``work_dir`` (the job's scratch folder, on the
+    volume the operator gave jobs; None: the system's temporary folder), and stays there until ``stack`` closes.
+    Errors name the field. ``preference``: the job is DPO, so the file must be in the preference format (and only
+    then)."""
     voptions = ValidationOptions(encode=options)
-    report = validate_file(path, processor, voptions)
+    try:
+        bundle = stack.enter_context(open_bundle(path, voptions.bundle_limits, work_dir))
+    except BundleError as exc:
+        raise DataError(f"{field_name}: {Path(path).name} is not valid ({exc})") from exc
+    report = validate_bundle(bundle, processor, voptions)
     if not report.ok:
         first = report.issues.errors[0] if report.issues.errors else "no samples"
         raise DataError(f"{field_name}: {Path(path).name} is not valid ({report.issues.error_count} errors; "
@@ -103,19 +111,20 @@ def read_split(path: str | Path, processor: FamilyProcessor, options: EncodeOpti
                 "\"preferred_output\": [...], \"non_preferred_output\": [...]}" if preference else
                 "preference pairs train with method {\"type\": \"dpo\"}")
         raise DataError(f"{field_name}: {Path(path).name} is in the {fmt} format; {need}")
-    bundle = stack.enter_context(open_bundle(path, voptions.bundle_limits))
     return list(iter_samples(bundle, processor, voptions)), report.to_dict()
 
 
 def load_job_data(train_file: str, validation_file: str | None, processor: FamilyProcessor,
                   hp: Hyperparameters, stack: ExitStack, max_val_samples: int | None = None,
-                  preference: bool = False) -> JobData:
-    """The job's datasets; ``preference`` (method DPO): preference files, encoded as pairs."""
+                  preference: bool = False, work_dir: Path | None = None) -> JobData:
+    """The job's datasets; ``preference`` (method DPO): preference files, encoded as pairs; bundles extracted into
+    ``work_dir``."""
     options = encode_options(hp)
-    train, train_report = read_split(train_file, processor, options, stack, "train_file", preference)
+    train, train_report = read_split(train_file, processor, options, stack, "train_file", preference, work_dir)
     data = JobData(CachedDataset(train, processor, options, preference), None, {"train": train_report})
     if validation_file:
-        val, val_report = read_split(validation_file, processor, options, stack, "validation_file", preference)
+        val, val_report = read_split(validation_file, processor, options, stack, "validation_file", preference,
+                                     work_dir)
         data.validation = CachedDataset(val[:max_val_samples] if max_val_samples else val, processor, options,
                                         preference)
         data.reports["validation"] = val_report

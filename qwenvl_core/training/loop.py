@@ -145,7 +145,8 @@ class Trainer:
             self.model.activation_checkpointing_enable()
         self.feature_cache = self._feature_cache()
         self.data = load_job_data(spec.train_file, spec.validation_file, self.processor, hp, stack,
-                                  spec.evaluation.max_samples, preference=spec.method.type == "dpo")
+                                  spec.evaluation.max_samples, preference=spec.method.type == "dpo",
+                                  work_dir=self.work_dir)
         self.units = self._units()
         self.plan = BatchPlan([sum(self.lengths[i] for i in unit) for unit in self.units], hp, self.world,
                               spec.seed)
