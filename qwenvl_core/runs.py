@@ -13,6 +13,8 @@ training workflow writes it; the service reads it. It is the only channel betwee
                               upload: a succeeded one means the adapter is complete even if the driver died before
     result.json               the final state and metrics (written last by the job)
     spec.json                 the FineTuneJobSpec the run was started with
+    submissions/{id}.json     written by the service once Ray accepted submission {id}: a job Ray then says does
+                              not exist, with no such file, never reached Ray (its attempt is not counted)
 
 Every document is written atomically (``qwenvl_core.storage``), so a reader never sees half an event.
 """
@@ -35,7 +37,13 @@ OUTCOME_FILE = "outcome.json"
 RESULTS_CSV = "results.csv"  # OpenAI's per-step results file (``qwenvl_core.training.results``)
 SPEC_FILE = "spec.json"
 CHECKPOINTS_DIR = "checkpoints"
+SUBMISSIONS_DIR = "submissions"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def submission_marker(submission_id: str) -> str:
+    """The file that records that Ray accepted ``submission_id``."""
+    return f"{SUBMISSIONS_DIR}/{submission_id}.json"
 
 
 def checkpoint_name(step: int) -> str:

@@ -104,6 +104,8 @@ class Job(Base):
     paused_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     paused_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     pauses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # attempts that never reached Ray (0007): see service/migrations/versions/0007_unsubmitted_attempts.py
+    unsubmitted_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     __table_args__ = (Index("ix_jobs_tenant_pk", "tenant_id", "pk"), Index("ix_jobs_status", "status"))
 
 

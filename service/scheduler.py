@@ -11,7 +11,8 @@ Every API process runs a ``Scheduler`` thread; each tick it tries to take or ren
    end ``result.json`` -> ``succeeded`` (adapter registered as ``ft:{base}:{tenant}:{suffix}:{job_id}``, the
    ``on_adapter_ready`` hooks told) / ``failed`` / ``cancelled``;
 4. reconciles: a running job whose Ray job ended, or that Ray says does not exist, without a result is re-queued
-   while attempts remain (``max_job_attempts``; runs ended by a pause do not count), else failed; a job whose pause
+   while attempts remain (``max_job_attempts``; runs ended by a pause do not count, nor a submission Ray never
+   got: one with no ``submissions/{id}.json`` in its run, written once Ray accepted it), else failed; a job whose pause
    was requested is ``paused`` instead once its Ray job ended (its run stopped with a checkpoint: see
    ``service.pausing``); an unknown Ray status concludes nothing; a cancel not honoured within ``cancel_grace_s``
    (a pause within ``pause_grace_s``) is stopped; a job past its wall-clock limit (``max_wall_clock_s`` from its start, time spent
@@ -45,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qwenvl_core import autotune
 from qwenvl_core.errors import ConfigError
-from qwenvl_core.runs import ADAPTER_DIR, OUTCOME_FILE, RESULT_FILE, RESULTS_CSV, RunDir
+from qwenvl_core.runs import ADAPTER_DIR, OUTCOME_FILE, RESULT_FILE, RESULTS_CSV, RunDir, submission_marker
 from service import integrations, job_states
 from service import repository as repo
 from service.caps import auto_caps
@@ -77,6 +78,12 @@ class LaunchError(Exception):
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.param = code, message, param
+
+
+def _counted_attempts(job: Job) -> int:
+    """The job's runs that count against ``max_job_attempts``: not those ended by a pause, nor those that never
+    reached Ray."""
+    return job.attempt - job.pauses - job.unsubmitted_attempts
 
 
 class Scheduler:
@@ -358,11 +365,18 @@ class Scheduler:
         elif self._past_deadline(job, time.time()):
             self._fail(s, job, "wall_clock_limit_exceeded", f"{what} after its wall-clock limit of "
                        f"{job.max_wall_clock_s} s", None)
-        elif job.attempt - job.pauses < self.settings.max_job_attempts:
-            self._move(s, job, "queued", f"{what}; re-queued (attempt {job.attempt - job.pauses} of "
+        elif ray_status is None and not run.exists(submission_marker(job.submission_id or "")):
+            # A scheduler stopped between marking the job running and Ray accepting the submission: the attempt
+            # never ran, so it is not counted. The next launch takes the next submission id, not this one: the
+            # stopped scheduler's submission may still land (that scheduler then stops it).
+            self._move(s, job, "queued", f"Ray job {job.submission_id} was never submitted (the scheduler stopped "
+                       "before it); re-queued", level="warn", submission_id=None,
+                       unsubmitted_attempts=job.unsubmitted_attempts + 1)
+        elif _counted_attempts(job) < self.settings.max_job_attempts:
+            self._move(s, job, "queued", f"{what}; re-queued (attempt {_counted_attempts(job)} of "
                        f"{self.settings.max_job_attempts})", level="warn", submission_id=None)
         else:
-            self._fail(s, job, "job_died", f"{what} after {job.attempt - job.pauses} attempt(s)", None)
+            self._fail(s, job, "job_died", f"{what} after {_counted_attempts(job)} attempt(s)", None)
 
     def _paused(self, s: Session, job: Job) -> None:
         """A run stopped on its pause request (or was stopped after ``cancel_grace_s``): ``paused``, the slot free;
@@ -436,7 +450,7 @@ class Scheduler:
             return True
         if started is None:
             return True  # it moved meanwhile (a cancel won)
-        submission, spec_uri = started
+        submission, spec_uri, run_uri = started
         if self._stopped_before_submit(job_id, submission):
             return True
         self._renew()  # the submission below happens under a fresh lease
@@ -449,6 +463,7 @@ class Scheduler:
         except Exception as exc:
             self._launch_failed(job_id, exc, expected="running", submission=submission)
             return True
+        self._mark_submitted(run_uri, submission)
         try:
             self._renew()
         except LeaseLost:
@@ -459,9 +474,18 @@ class Scheduler:
             raise
         return True
 
-    def _start_attempt(self, job_id: str) -> tuple[str, str] | None:
+    @staticmethod
+    def _mark_submitted(run_uri: str, submission: str) -> None:
+        """Record in the run directory that Ray accepted ``submission`` (``_died`` tells a job Ray lost from one it
+        never got by it). Best effort: without it, a job Ray later loses is re-run without counting the attempt."""
+        try:
+            RunDir(run_uri).write_json(submission_marker(submission), {"submitted_at": time.time()})
+        except Exception as exc:  # a storage failure: the job runs all the same
+            log.warning("could not record the submission of %s: %s", submission, exc)
+
+    def _start_attempt(self, job_id: str) -> tuple[str, str, str] | None:
         """Write the spec, then move the job queued -> running (compare-and-set) *before* anything is submitted.
-        (submission id, spec URI), or None when the job is no longer queued."""
+        (submission id, spec URI, run directory URI), or None when the job is no longer queued."""
         with self.sessions() as s:
             job = repo.job_by_id(s, job_id=job_id)
             if job is None or job.status != "queued":
@@ -476,7 +500,8 @@ class Scheduler:
                     submission_id=submission, attempt=attempt, started_at=job.started_at or repo.now()):
                 return None
             self._event(s, job, f"Job started on Ray (submission {submission})")
-        return submission, spec_uri
+            run_uri = job.output_uri
+        return submission, spec_uri, run_uri
 
     def _stopped_before_submit(self, job_id: str, submission: str) -> bool:
         """A cancel or pause that found the job already running but not yet submitted: cancel or pause it here,

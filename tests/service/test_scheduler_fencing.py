@@ -77,7 +77,8 @@ def test_a_leader_that_lost_its_lease_mid_tick_writes_nothing(db_url: str, tmp_p
         assert cluster.entered.wait(30)
         writes = CommittedWrites(a.engine)  # from here on a must not write
         _wait(b.scheduler.tick, "b to take the lease over")  # a's lease runs out while it hangs
-        # b finds a's submission unknown to the cluster, re-queues the job and launches the next attempt.
+        # b finds a's submission unknown to the cluster (and unrecorded in the run), re-queues the job and launches
+        # the next attempt under the next submission id.
         _wait(lambda: b.job(job_id).submission_id == second, "b to launch the second attempt", b.scheduler.tick)
         gate.set()  # a's submission finally lands
         a_tick.join(30)
@@ -86,8 +87,9 @@ def test_a_leader_that_lost_its_lease_mid_tick_writes_nothing(db_url: str, tmp_p
         assert cluster.submitted == [second, first] and cluster.stopped == [first]  # a stopped its late submission
         job = b.job(job_id)
         assert job.status == "running" and job.submission_id == second and job.attempt == 2
+        assert job.unsubmitted_attempts == 1  # a's never reached the cluster before b looked: not counted
         messages = b.messages(job_id)
-        assert any(f"{first} ended (does not exist) without a result; re-queued" in m for m in messages), messages
+        assert any(f"Ray job {first} was never submitted" in m for m in messages), messages
         with a.ctx.sessions() as s:
             lease = s.scalar(select(Lease).where(Lease.name == LEASE))
             assert lease is not None and lease.holder == b.scheduler.holder and lease.epoch == 2

@@ -90,3 +90,46 @@ def test_a_run_stopped_by_a_pause_whose_commit_was_lost_is_paused_not_failed(st:
     resumed = st.client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=auth(key))
     assert resumed.status_code == 200 and resumed.json()["status"] == "queued", resumed.text
     assert not run.pause_requested()  # the relaunched run will not stop on it again
+
+
+class _SchedulerDied(BaseException):
+    """The scheduler's process ending at that point: nothing after it runs (not an error it could handle)."""
+
+
+def test_a_scheduler_that_died_before_submitting_a_job_does_not_use_up_its_attempt(
+        st: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job is committed ``running`` before Ray gets it; a scheduler that dies in between leaves a job Ray says
+    does not exist. It never ran: it is launched again, under the next submission id (the dead scheduler's may still
+    land), its one attempt not spent (before: failed, ``job_died``). A job Ray accepted and then lost is told apart
+    by the run's submission record and still counts."""
+    tenant_id, key = st.tenant("died-before-submit")
+    job_id = st.create_job(key, st.processed_file(tenant_id))
+
+    submit = st.launcher.submit
+
+    def dies(submission_id: str, spec_uri: str) -> None:  # at this job's submission (the stack has other jobs)
+        if submission_id.startswith(job_id):
+            raise _SchedulerDied
+        submit(submission_id, spec_uri)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(st.launcher, "submit", dies)
+        with pytest.raises(_SchedulerDied):
+            st.scheduler.tick()
+    job = st.job(job_id)
+    assert job.status == "running" and job.submission_id == f"{job_id}-a1"
+    assert f"{job_id}-a1" not in st.launcher.submitted and st.launcher.status(f"{job_id}-a1") is None
+    assert st.scheduler.tick()  # the restarted scheduler: Ray has no such job, and the run no record of it
+    assert st.scheduler.tick()
+    job, second = st.job(job_id), f"{job_id}-a2"
+    assert job.status == "running" and job.submission_id == second and job.unsubmitted_attempts == 1, \
+        st.messages(job_id)
+    assert f"{job_id}-a1" not in st.launcher.submitted and st.launcher.submitted.count(second) == 1
+    assert any("was never submitted" in m for m in st.messages(job_id))
+    assert RunDir(job.output_uri).exists(f"submissions/{second}.json")
+
+    del st.launcher.statuses[second]  # now Ray loses the job it accepted: that attempt ran, and was the last
+    assert st.scheduler.tick()
+    job = st.job(job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "job_died", st.messages(job_id)
+    assert "after 1 attempt(s)" in job.error["message"]
