@@ -270,17 +270,20 @@ def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Nam
     """``latency_under_load`` with whole prefills and with each ``--prefill-chunk``: the stall of running streams.
     First, untimed, a few image and text requests, so that the first row does not time the vision tower's first use
     (the throughput rows before it send text only)."""
-    for chunk in (None, 0, *(int(c) for c in args.prefill_chunk.split(","))):
+    def probe(chunk: int, requests: int) -> dict[str, float]:
         # A second engine on the same model (no second copy of a full-size model): the main one is idle meanwhile.
-        probe = ServingEngine(engine.model, engine.processor, engine.family,
-                              dataclasses.replace(engine.config, prefill_chunk_tokens=chunk or 0))
-        lat = latency_under_load(probe, adapters, 4 if chunk is None else args.latency_requests, args.tokens,
-                                 args.image_size)
-        probe.close()  # also takes its LoRA hooks off the shared model
-        del probe
-        release(args.device)
-        if chunk is None:  # the warm-up
-            continue
+        prober = ServingEngine(engine.model, engine.processor, engine.family,
+                               dataclasses.replace(engine.config, prefill_chunk_tokens=chunk))
+        try:
+            return latency_under_load(prober, adapters, requests, args.tokens, args.image_size)
+        finally:
+            prober.close()  # also takes its LoRA hooks off the shared model
+            del prober
+            release(args.device)
+
+    probe(0, 4)  # the warm-up
+    for chunk in (0, *(int(c) for c in args.prefill_chunk.split(","))):
+        lat = probe(chunk, args.latency_requests)
         print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
               f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
               f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms (between stream events, text held back "

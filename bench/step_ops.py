@@ -60,10 +60,10 @@ def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
     result = {}
     try:
         for name, chosen in {"base": [None], "single": paths[:1], "mixed": paths}.items():
+            rows = [chosen[i % len(chosen)] for i in range(ROWS)]
             requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, STEPS + 4),
-                                      adapter_id=chosen[i % len(chosen)] and chosen[i % len(chosen)].name,
-                                      adapter_locator=chosen[i % len(chosen)] and str(chosen[i % len(chosen)]))
-                        for i in range(ROWS)]
+                                      adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
+                        for i, a in enumerate(rows)]
             engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
             engine._step([])  # the first decode step (its plan and index tensors are new)
             counter = OpCounter()
