@@ -168,14 +168,20 @@ def test_a_device_error_in_one_requests_forward_ends_the_model_thread(where, eng
     engine is no longer alive (before: the one request failed, and the replica went on failing every request with
     a healthy health check)."""
     engine: ServingEngine = engine_factory(max_batch_size=4)
-    requests = [_request(2, tokens=40), _request(5, tokens=40)]
-    length = len(engine._prepare(requests[1], 0.0).prompt_ids)
+    stop_ids = tuple(engine.family.stop_token_ids(engine.processor))
+    faulting = _request(5, tokens=40)
+    length = len(engine._prepare(faulting, 0.0).prompt_ids)
     hook = _OutOfMemory(engine.model, length, (lambda ids: ids.shape[1] > 1) if where == "prefill"
                         else (lambda ids: ids.shape[1] == 1))
     hook.error = lambda: torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
     async def run() -> tuple[list, BaseException | None]:
-        outcomes = await asyncio.wait_for(asyncio.gather(*(engine.generate(r) for r in requests),
+        # The other request is decoding before the faulting one arrives (sent together, the two are prepared in
+        # parallel, and the one prepared second could arrive after the fault and be refused instead).
+        running = asyncio.ensure_future(engine.generate(_request(2, tokens=1500, endless_ids=stop_ids)))
+        while engine._batch is None:
+            await asyncio.sleep(0.005)
+        outcomes = await asyncio.wait_for(asyncio.gather(running, engine.generate(faulting),
                                                          return_exceptions=True), timeout=60)
         try:
             await engine.generate(_request(3))
