@@ -7,6 +7,7 @@ with this tree's ``lora_batch`` / ``adapter_slots`` (``new``) and ``--before-rev
 the ratios mixed/single and mixed/base (the LoRA overhead) of both, and the largest logit difference new vs old.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/lora_forward_ab.py [--preset qwen2.5-vl-small] [--rows 16 --tokens 1]
+       [--lora-decode dense]
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1, help="tokens per row (1: a decode step's shapes)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora-decode", default="auto", choices=["auto", "dense", "grouped"],
+                        help="this tree's way of running a decode step of several adapters (EngineConfig.lora_decode)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     from serving_throughput import make_adapters
 
     from qwenvl_core.models.registry import family_for_preset
     from qwenvl_core.serving.engine import EngineConfig, ServingEngine
+    from qwenvl_core.serving.lora_batch import lora_targets
 
     old_lb = old_module("old_lora_batch", args.before_rev, "qwenvl_core/serving/lora_batch.py")
     old_slots_module = old_module("old_adapter_slots", args.before_rev, "qwenvl_core/serving/adapter_slots.py",
@@ -62,10 +66,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-lora-ab-"))
     model_dir = family.materialize(args.preset, work / "model", seed=0, dtype=torch.float32)
     dirs = make_adapters(family, model_dir, work / "adapters", 8, args.rank, torch.float32)
-    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.rows, max_adapters=10))
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.rows, max_adapters=10,
+                                                                  lora_decode=args.lora_decode))
     weights = [engine.cache.get(d.name, str(d)) for d in dirs]
     model = engine.model
-    old_slots = old_slots_module.AdapterSlots(8, engine.config.max_lora_rank, dict(model.named_modules()),
+    old_slots = old_slots_module.AdapterSlots(8, engine.config.max_lora_rank, lora_targets(model, family),
                                               torch.device("cpu"), model.get_input_embeddings().weight.dtype)
     slot_of = {"new": [engine.adapter_slots.acquire(w) for w in weights], "old": [old_slots.acquire(w) for w in weights]}
     hooks = {"new": engine.lora, "old": old_lb.GroupedLora(model)}
@@ -93,7 +98,7 @@ def main() -> None:
             forward(*case)
             times[name] = min(times[name], time.perf_counter() - start)
     print(f"preset={args.preset} rows={args.rows} tokens={args.tokens} threads={torch.get_num_threads()} "
-          f"old={args.before_rev}; max |logits new - old| (mixed) = {difference:.2e}")
+          f"new lora_decode={args.lora_decode} old={args.before_rev}; max |logits new - old| (mixed) = {difference:.2e}")
     print("min ms: " + " ".join(f"{name}={t * 1000:.2f}" for name, t in times.items()))
     for tag in ("old", "new"):
         single, mixed = times[f"{tag} single"], times[f"{tag} mixed"]

@@ -5,7 +5,8 @@ Why: on a GPU a decode step of a 7-10B model is bound by how many ops it launche
 by the device (docs/benchmarks.md, "First runs on an H200": 34 ms per step where reading the weights takes ~4 ms),
 so the number of ops a step dispatches is what its time follows there; unlike a time it is exact and the same on
 any machine. Counted with a ``TorchDispatchMode`` over whole engine steps (the model, the LoRA hooks, sampling,
-the engine's bookkeeping), 16 rows, after the prefill; ``views`` (no kernel of their own, but still dispatched in
+the engine's bookkeeping), 16 rows, after the prefill, on the paths a GPU takes (``lora_decode="dense"`` where
+the tree has it); ``views`` (no kernel of their own, but still dispatched in
 Python) counted apart. Prints one line per scenario and revision, and the ratios after / before.
 
 Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,7 +58,9 @@ def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="bench-step-ops-"))
     model_dir = family.materialize(preset, work / "model", seed=0)
     paths = make_adapters(family, model_dir, work / "adapters", adapters, 8, torch.float32)
-    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2))
+    as_on_a_gpu = {"lora_decode": "dense"} if "lora_decode" in {f.name for f in dataclasses.fields(EngineConfig)} else {}
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2,
+                                                                  **as_on_a_gpu))
     result = {}
     try:
         for name, chosen in {"base": [None], "single": paths[:1], "mixed": paths}.items():

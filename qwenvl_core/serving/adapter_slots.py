@@ -4,14 +4,16 @@ The tiers of an adapter (S-LoRA / vLLM style): its files (local disk, or S3 down
 its ``LoraWeights`` in host memory (``AdapterCache``, an LRU bounded by count and bytes), and a *device slot* here.
 For every layer an adapter may target (``lora_batch.lora_targets``: the language model's linear layers) the slots
 form two stacks allocated when the engine starts, before its KV cache is sized from the free device memory, so
-that the cache never takes the memory the first adapters need: ``A [slots + 1, max_rank, in]`` and ``(B·s)ᵀ
-[slots + 1, max_rank, out]`` (slot 0 stays zero: the base model's rows; ``nbytes`` says what they hold in all,
+that the cache never takes the memory the first adapters need: ``A [max_rank, slots + 1, in]`` and ``(B·s)ᵀ
+[max_rank, slots + 1, out]``, rank-major (``lora_batch``; slot 0 stays zero: the base model's rows; ``nbytes`` says
+what they hold in all,
 about ``(slots + 1) · max_rank · Σ(in + out) · itemsize``). An adapter is copied into a slot when a request using
 it joins the batch and it is not resident yet; nothing is allocated then. A slot is pinned (reference counted) while a
 running row uses it and is never reused then; an unpinned slot keeps its adapter for the next request and is
 reclaimed least recently used first. When every slot is pinned, ``acquire`` answers None and the request waits
 (in the engine's bounded queue). Rows name their slot in a device index tensor the engine keeps; a batch's plan
-is views of the stacks cut to the largest rank in use, so joining and leaving re-stacks nothing.
+is views of the stacks cut to the largest rank in use (``lora_batch.plan_of``), so joining and leaving re-stacks
+nothing.
 """
 
 from __future__ import annotations
@@ -22,20 +24,22 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, row_layout, window
+from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, plan_of, row_layout
 
 
 class AdapterSlots:
-    """``slots`` device slots of LoRA weights up to rank ``max_rank`` (module docstring)."""
+    """``slots`` device slots of LoRA weights up to rank ``max_rank`` (module docstring); ``dense_decode``: plans
+    run decode steps of several adapters dense (``lora_batch``)."""
 
     def __init__(self, slots: int, max_rank: int, targets: dict[str, torch.nn.Module], device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, dense_decode: bool = False) -> None:
         if slots < 1:
             raise AdapterError(f"adapter slots must be >= 1, got {slots}")
         self.slots, self.max_rank, self.device, self.dtype = slots, max_rank, device, dtype
-        # target layer name -> (A [slots + 1, max_rank, in], (B·s)ᵀ [slots + 1, max_rank, out])
-        self._stacks = {name: (torch.zeros(slots + 1, max_rank, layer.in_features, device=device, dtype=dtype),
-                               torch.zeros(slots + 1, max_rank, layer.out_features, device=device, dtype=dtype))
+        self.dense_decode = dense_decode
+        # target layer name -> (A [max_rank, slots + 1, in], (B·s)ᵀ [max_rank, slots + 1, out])
+        self._stacks = {name: (torch.zeros(max_rank, slots + 1, layer.in_features, device=device, dtype=dtype),
+                               torch.zeros(max_rank, slots + 1, layer.out_features, device=device, dtype=dtype))
                         for name, layer in targets.items()}
         # which adapter each slot holds, weakly: an adapter evicted from the host cache and used by no request is
         # freed (its slot is then simply never matched again and is reclaimed first). Index 0 unused (base rows).
@@ -90,16 +94,15 @@ class AdapterSlots:
 
     def plan(self, rows: torch.Tensor, slots: Sequence[int], adapters: Iterable[LoraWeights | None]) -> LoraPlan | None:
         """The LoRA plan of rows whose slots are ``rows`` (a device tensor; ``slots`` the same numbers on the host)
-        and adapters ``adapters`` (None: base): views of the stacks cut to the slots in use and to the largest rank
-        among them. None when no row has an adapter."""
+        and adapters ``adapters`` (None: base): views of the stacks cut to the largest rank among them. None when no
+        row has an adapter."""
         distinct = tuple({id(a): a for a in adapters if a is not None}.values())
         layout = row_layout(slots, self.device)
         if not distinct or layout is None:
             return None
-        rank = max(a.rank for a in distinct)
         used = set().union(*(adapter.modules for adapter in distinct))
-        stacks = {name: window(*self._stacks[name], layout, rank) for name in sorted(used)}
-        return LoraPlan(rows=rows, stacks=stacks, adapters=distinct, layout=layout)
+        return plan_of(rows, slots, {name: self._stacks[name] for name in sorted(used)}, distinct, layout,
+                       self.dense_decode)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
         if weights.rank > self.max_rank:
@@ -110,11 +113,11 @@ class AdapterSlots:
             raise AdapterError(f"adapter {weights.adapter_id}: {unknown[0]!r} is not a layer adapters may target")
         self._resident[slot] = None  # a write that fails midway leaves a slot that holds nothing, never half of one
         for name, (a_stack, bt_stack) in self._stacks.items():
-            a_stack[slot].zero_()
-            bt_stack[slot].zero_()
+            a_stack[:, slot].zero_()
+            bt_stack[:, slot].zero_()
             if name in weights.modules:
                 a, bt = weights.modules[name]  # contiguous (pinned on a GPU): asynchronous copies
-                a_stack[slot, : a.shape[0]].copy_(a, non_blocking=True)
-                bt_stack[slot, : bt.shape[0]].copy_(bt, non_blocking=True)
+                a_stack[: a.shape[0], slot].copy_(a, non_blocking=True)
+                bt_stack[: bt.shape[0], slot].copy_(bt, non_blocking=True)
         self._resident[slot] = weakref.ref(weights)
         self.loads += 1

@@ -132,6 +132,11 @@ class EngineConfig:
     # running rows waits for one.
     adapter_slots: int = 8
     max_lora_rank: int = 64
+    # How a decode step applies several adapters (``lora_batch``): "dense", every slot's ranks in one pair of
+    # matmuls, a mask keeping each row's own (fewest kernels: what a decode step on a GPU is bound by); "grouped",
+    # the rows gathered per slot into batched matmuls (fewest multiply-adds: what a CPU is bound by); "auto": dense
+    # on a GPU, grouped elsewhere.
+    lora_decode: Literal["auto", "dense", "grouped"] = "auto"
     # Device memory for copies of adapters' vision-tower weights (a trained merger / Resampler, encoder LoRA),
     # least recently used dropped beyond (``vision_adapters.DeviceCopies``); reserved on a GPU before the KV cache
     # is sized from free memory. Unused on the CPU, where the host weights serve directly.
@@ -301,8 +306,11 @@ class ServingEngine:
         self.vision = VisionAdapters(model, family, max_device_bytes=config.vision_adapter_bytes)
         lm_dtype, lm_device = _lm_dtype_device(model)
         # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
+        if config.lora_decode not in ("auto", "dense", "grouped"):
+            raise QwenVLError(f"lora_decode {config.lora_decode!r}: expected 'auto', 'dense' or 'grouped'")
+        dense = config.lora_decode == "dense" or (config.lora_decode == "auto" and lm_device.type == "cuda")
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
-                                          lm_device, lm_dtype)
+                                          lm_device, lm_dtype, dense_decode=dense)
         # downloaded S3 adapters: the configured folder (kept), or scratch removed on close or by the next sweep
         self._scratch: ScratchDir | None = None
         if config.adapter_cache_dir:

@@ -6,14 +6,22 @@ This module owns
   (contiguous, the layout of the device slots); the scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA,
   per-module ``rank_pattern`` / ``alpha_pattern``) is folded into ``B`` once, at load time;
 - ``GroupedLora``: forward hooks on the base model's target ``Linear`` layers. A ``LoraPlan`` built for a batch
-  (one adapter, or ``None`` for the base model, per row) holds, per module, a window of the adapter slot stacks
-  (``Aᵀ [G, in, r]``, ``(B·s)ᵀ [G, r, out]``: views of stacks kept as ``A [slots, R, in]`` and ``(B·s)ᵀ
-  [slots, R, out]``, layouts whose views ``torch.bmm`` takes without copying) and a ``RowLayout`` (index tensors built
-  once per plan on the device). In every forward each hooked layer gathers the rows into one padded block per
-  slot, runs one batched pair of matmuls for all the adapters of the batch (``torch.bmm``: the same few kernels
-  whether the batch mixes one adapter or eight), takes each adapter row's result back and adds it (base rows get
-  no delta, the padding's results are never read). Ranks are zero-padded to the largest rank in the plan, which
-  changes nothing numerically.
+  (one adapter, or ``None`` for the base model, per row) holds, per module, views of the adapter slot stacks, kept
+  rank-major as ``A [R, slots, in]`` and ``(B·s)ᵀ [R, slots, out]`` (so that every cut below is a view that
+  ``torch.bmm`` / ``torch.mm`` take without copying), cut to ``r``, the largest rank in the plan (ranks are
+  zero-padded to it, which changes nothing numerically), and a ``RowLayout`` (index tensors built once per plan on
+  the device).
+  - A prefill forward of several adapters: each hooked layer gathers the rows into one padded block per slot of
+    the plan's window (``Aᵀ [G, in, r]``, ``(B·s)ᵀ [G, r, out]``), runs one batched pair of matmuls for all of
+    them (``torch.bmm``), takes each adapter row's result back and adds it (base rows get no delta, the padding's
+    results are never read).
+  - A decode forward (one token a row) of several adapters, in plans made ``dense`` (the serving engine's choice
+    on a GPU): ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
+    (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]``, added: four kernels a layer and no gathers.
+    A decode step on a GPU costs what it launches; the slots-fold multiply-adds of one token a row are little
+    beside that there, and the weights are read either way. On a CPU those multiply-adds are the cost, so plans
+    there are grouped as for a prefill.
+  - One adapter: ``(x · Aᵀ) · (B·s)ᵀ`` on the rows as they are.
 
 The base weights are never modified, so any number of adapters share one copy of the model; an adapter's
 tensors live as long as someone (the cache, or a plan of requests in flight) holds its ``LoraWeights``.
@@ -39,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 from torch import nn
 
-from qwenvl_core.devices import host_to_device
+from qwenvl_core.devices import host_to_device, queued_copy
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.models.registry import ModelFamily
 from qwenvl_core.serving.servable import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, config_refusal
@@ -246,6 +254,10 @@ class LoraPlan:
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
     layout: RowLayout
+    # dense plans with G > 1, for decode forwards: module -> (Aᵀ [in, r·slots], (B·s)ᵀ [r·slots, out]), every slot
+    # at rank r, and mask [B, 1, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -254,16 +266,50 @@ class LoraPlan:
 
 def window(a_stack: torch.Tensor, bt_stack: torch.Tensor, layout: RowLayout,
            rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``LoraPlan.stacks`` entry: views of slot stacks ``A [slots, R, in]`` and ``(B·s)ᵀ [slots, R, out]`` cut to the
+    """``LoraPlan.stacks`` entry: views of slot stacks ``A [R, slots, in]`` and ``(B·s)ᵀ [R, slots, out]`` cut to the
     layout's window of slots and to ``rank``: ``(Aᵀ [G, in, r], (B·s)ᵀ [G, r, out])``, or with one slot in the window
     ``(Aᵀ [in, r], (B·s)ᵀ [r, out])``."""
     if layout.groups == 1:
-        return a_stack[layout.first, :rank].mT, bt_stack[layout.first, :rank]
+        return a_stack[:rank, layout.first].T, bt_stack[:rank, layout.first]
     cut = slice(layout.first, layout.first + layout.groups)
-    return a_stack[cut, :rank].mT, bt_stack[cut, :rank]
+    return a_stack[:rank, cut].permute(1, 2, 0), bt_stack[:rank, cut].transpose(0, 1)
 
 
-def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device | str = "cpu") -> LoraPlan | None:
+def dense_window(a_stack: torch.Tensor, bt_stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LoraPlan.dense`` entry: slot stacks ``A [R, slots, in]`` and ``(B·s)ᵀ [R, slots, out]`` (contiguous) cut to
+    ``rank``, every slot: ``(Aᵀ [in, rank·slots], (B·s)ᵀ [rank·slots, out])``, views."""
+    return a_stack[:rank].flatten(0, 1).T, bt_stack[:rank].flatten(0, 1)
+
+
+def rank_mask(slots: Sequence[int], rank: int, width: int, device: torch.device | str,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``LoraPlan.mask`` of rows on ``slots`` (0: base) in stacks of ``width`` slots: ``[B, 1, rank·width]``, row ``i``
+    1 at the ``rank`` ranks of slot ``slots[i]`` (rank-major: ``k·width + slot``), 0 elsewhere (a base row: all 0);
+    copied to ``device`` once per plan."""
+    mask = torch.zeros(len(slots), rank, width, dtype=dtype)
+    for row, slot in enumerate(slots):
+        if slot:
+            mask[row, :, slot] = 1
+    return queued_copy(mask.view(len(slots), 1, rank * width), device)
+
+
+def plan_of(rows: torch.Tensor, slots: Sequence[int], whole: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            adapters: tuple[LoraWeights, ...], layout: RowLayout, dense: bool) -> LoraPlan:
+    """The plan of rows on slots ``slots`` (and ``rows``, the same on the device), laid out by ``layout``, over slot
+    stacks ``whole`` (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) cut to the largest rank among
+    ``adapters``; ``dense``: decode forwards of several adapters run dense (module docstring)."""
+    rank = max(adapter.rank for adapter in adapters)
+    stacks = {name: window(a, bt, layout, rank) for name, (a, bt) in whole.items()}
+    if layout.groups == 1 or not dense:
+        return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout)
+    a_ref = next(iter(whole.values()))[0]
+    return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout,
+                    dense={name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()},
+                    mask=rank_mask(slots, rank, a_ref.shape[1], a_ref.device, a_ref.dtype))
+
+
+def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device | str = "cpu",
+               dense: bool = False) -> LoraPlan | None:
     """A plan for a batch whose row ``i`` uses ``row_adapters[i]`` (``None`` = the base model); None when no row
     has an adapter. (The engine's plans are views of its ``AdapterSlots``; this one stacks the adapters itself.)"""
     distinct: list[LoraWeights] = []
@@ -282,23 +328,20 @@ def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device 
         return None
     module_names = sorted({name for adapter in distinct for name in adapter.modules})
     rank = max(adapter.rank for adapter in distinct)
-    stacks = {name: window(*_stack_module(name, distinct), layout, rank) for name in module_names}
-    return LoraPlan(rows=host_to_device(rows, device, torch.long), stacks=stacks, adapters=tuple(distinct),
-                    layout=layout)
+    whole = {name: _stack_module(name, distinct, rank) for name in module_names}
+    return plan_of(host_to_device(rows, device, torch.long), rows, whole, tuple(distinct), layout, dense)
 
 
-def _stack_module(name: str, adapters: Sequence[LoraWeights]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [K+1, r, in], (B·s)ᵀ [K+1, r, out])`` with zeros for slot 0 and for adapters that skip ``name``."""
-    present = [adapter.modules[name] for adapter in adapters if name in adapter.modules]
-    a_ref, bt_ref = present[0]
-    rank = max(a.shape[0] for a, _ in present)
-    a_stack = a_ref.new_zeros(len(adapters) + 1, rank, a_ref.shape[1])
-    bt_stack = bt_ref.new_zeros(len(adapters) + 1, rank, bt_ref.shape[1])
+def _stack_module(name: str, adapters: Sequence[LoraWeights], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [rank, K+1, in], (B·s)ᵀ [rank, K+1, out])`` with zeros for slot 0 and for adapters that skip ``name``."""
+    a_ref, bt_ref = next(adapter.modules[name] for adapter in adapters if name in adapter.modules)
+    a_stack = a_ref.new_zeros(rank, len(adapters) + 1, a_ref.shape[1])
+    bt_stack = bt_ref.new_zeros(rank, len(adapters) + 1, bt_ref.shape[1])
     for slot, adapter in enumerate(adapters, start=1):
         if name in adapter.modules:
             a, bt = adapter.modules[name]
-            a_stack[slot, : a.shape[0]] = a
-            bt_stack[slot, : bt.shape[0]] = bt
+            a_stack[: a.shape[0], slot] = a
+            bt_stack[: bt.shape[0], slot] = bt
     return a_stack, bt_stack
 
 
@@ -344,6 +387,10 @@ class GroupedLora:
             a_t, b_t = plan.stacks[name]
             layout = plan.layout
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
+            if plan.dense is not None and x.shape[1] == 1:  # a decode step of several adapters (module docstring)
+                a_all, b_all = plan.dense[name]
+                change = (block @ a_all).mul_(plan.mask) @ b_all
+                return output.add_(change if change.dtype == output.dtype else change.to(output.dtype))
             if layout.gather is not None:
                 block = block.index_select(0, layout.gather)  # [G·M, T, in]: each slot's rows, padded
             if layout.groups == 1:  # one adapter: plain matmuls on the block as it is

@@ -54,8 +54,11 @@ def _peft_alone(model_dir: Path, adapter: Path | None, request: EngineRequest) -
                     vision=enc.vision)[0].token_ids
 
 
-def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_model_dir, adapter_dirs):
-    engine: ServingEngine = engine_factory()
+@pytest.mark.parametrize("lora_decode", ["grouped", "dense"])
+def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_model_dir, adapter_dirs, lora_decode):
+    """Either way of applying several adapters in a decode step (``EngineConfig.lora_decode``: grouped is the
+    CPU's, dense a GPU's) gives each row its own adapter's tokens."""
+    engine: ServingEngine = engine_factory(lora_decode=lora_decode)
     choice = [adapter_dirs[0], adapter_dirs[1], None, adapter_dirs[9], adapter_dirs[0], adapter_dirs[2]]
     requests = [_request(i, a, image=i % 2 == 0) for i, a in enumerate(choice)]
 
@@ -358,8 +361,11 @@ def test_the_engine_runs_on_its_configured_device_and_refuses_a_missing_one(tiny
         seq = engine._prepare(EngineRequest(_messages(0), SamplingParams(max_new_tokens=2, do_sample=True,
                                                                           temperature=0.7, seed=1)), 0.0)
         assert seq.state.generator is not None and seq.state.generator.device == engine.device
+        assert not engine.adapter_slots.dense_decode  # lora_decode "auto": grouped on a CPU, dense on a GPU
     finally:
         engine.close()
+    with pytest.raises(QwenVLError, match="lora_decode 'fast': expected 'auto', 'dense' or 'grouped'"):
+        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", lora_decode="fast"))
     with pytest.raises(QwenVLError, match="not a device name"):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="gpu-zero"))
     if not torch.cuda.is_available():

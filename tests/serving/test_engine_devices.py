@@ -1,6 +1,6 @@
 """The engine on every device present: ``cpu`` always, ``cuda`` when there is one (marked ``gpu``, skipped
 otherwise; ``bench/gpu_check.sh`` runs them on a GPU machine). On each: greedy output of a mixed batch (v1 and a
-transformers family, with an adapter) equals the family's one-request reference on the same device, seeded sampling
+transformers family, base rows and two adapters: decode steps run dense on a GPU, grouped on a CPU) equals the family's one-request reference on the same device, seeded sampling
 repeats, and every tensor the engine's forwards create lives on the configured device (a dispatch-mode record of
 each op's outputs); the same for a batch using every per-row sampling feature at once (top-k / top-p, penalties,
 logit_bias, logprobs, a JSON grammar)."""
@@ -23,16 +23,16 @@ from qwenvl_core.serving.lora_batch import lora_targets
 from tests.devices import DEVICES, DeviceRecorder
 
 
-def _requests(adapter: Path | None) -> list[EngineRequest]:
-    def req(i: int, image: bool, tokens: int, with_adapter: bool) -> EngineRequest:
+def _requests(adapter: Path | None, other: Path | None = None) -> list[EngineRequest]:
+    """Three rows: on ``adapter``, on the base model, on ``other`` (``adapter`` when None)."""
+    def req(i: int, image: bool, tokens: int, a: Path | None) -> EngineRequest:
         parts: list = [TextPart("tell me about thing " + "and this " * i)]
         if image:
             parts.insert(0, ImagePart(Image.new("RGB", (56, 42), (40 * i, 90, 160))))
-        a = adapter if with_adapter else None
         return EngineRequest([Message(role="user", parts=parts)], SamplingParams(max_new_tokens=tokens),
                              adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
 
-    return [req(0, True, 6, True), req(2, False, 4, False), req(1, True, 5, adapter is not None)]
+    return [req(0, True, 6, adapter), req(2, False, 4, None), req(1, True, 5, other or adapter)]
 
 
 def _reference(engine: ServingEngine, request: EngineRequest, adapter: Path | None) -> list[int]:
@@ -59,6 +59,7 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
 
     model_dir = tiny_model_dir if which == "qwen-vl" else tiny_dirs[which]
     adapter = adapter_dirs[0] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "a", seed=3)
+    other = adapter_dirs[1] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "b", seed=4)
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(device=device, max_total_tokens=512))
     engine.config_dir = model_dir
     try:
@@ -67,7 +68,8 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
         assert {t.device.type for pair in engine.adapter_slots._stacks.values() for t in pair} == {
             torch.device(device).type}
         assert engine.stats.adapter_slot_bytes == engine.adapter_slots.nbytes > 0
-        requests = _requests(adapter)
+        assert engine.adapter_slots.dense_decode == (torch.device(device).type == "cuda")
+        requests = _requests(adapter, other)
         recorder = DeviceRecorder(device)
         seqs = [engine._prepare(r, time.perf_counter()) for r in requests]
         with recorder:  # the model thread's work, run here step by step so the recorder sees it
@@ -83,7 +85,9 @@ def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(devi
             return await asyncio.gather(*(engine.generate(r) for r in requests))
 
         results = asyncio.run(run())
-        assert [r.token_ids for r in results] == [_reference(engine, r, adapter) for r in requests]
+        assert engine.stats.max_adapters_in_forward == 2
+        assert [r.token_ids for r in results] == [
+            _reference(engine, r, Path(r.adapter_locator) if r.adapter_locator else None) for r in requests]
         assert {engine.kv.keys[0].device.type, engine._rows.text_pos.device.type} == {torch.device(device).type}
         assert {name: (a.data_ptr(), bt.data_ptr()) for name, (a, bt) in engine.adapter_slots._stacks.items()} == \
             stacks  # adapters were copied into the slots, nothing allocated

@@ -91,10 +91,11 @@ def adapters() -> list[tuple[LoraWeights, dict]]:
     return [_adapter(1, 4), _adapter(2, 8), _adapter(3, 2), _adapter(4, 4, ("up",))]
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["grouped", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [7, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("mix", list(MIXES), ids=list(MIXES))
-def test_build_plan_matches_per_row_reference(adapters, mix, tokens, dtype):
+def test_build_plan_matches_per_row_reference(adapters, mix, tokens, dtype, dense):
     torch.manual_seed(0)
     model = _Tiny().to(dtype)
     picks = MIXES[mix]
@@ -106,7 +107,9 @@ def test_build_plan_matches_per_row_reference(adapters, mix, tokens, dtype):
     weights = [None if p is None else by_pick.setdefault(p, w) for p, w in zip(picks, weights, strict=True)]
     x = torch.randn(len(picks), tokens, IN).to(dtype)
     lora = GroupedLora(model)
-    with torch.inference_mode(), lora.activate(build_plan(weights)):
+    plan = build_plan(weights, dense=dense)
+    assert (plan.dense is not None) == (dense and plan.layout.groups > 1)  # (decode forwards then take it)
+    with torch.inference_mode(), lora.activate(plan):
         out = model(x)
     expected = _reference(model, x, [None if p is None else _round(adapters[p][1], dtype) for p in picks])
     _check(out, expected, dtype)
@@ -115,20 +118,24 @@ def test_build_plan_matches_per_row_reference(adapters, mix, tokens, dtype):
         assert not torch.allclose(model(x).double(), expected, atol=1e-3)  # the adapters do change the output
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["grouped", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [5, 1], ids=["prefill", "decode"])
-def test_adapter_slots_plan_matches_per_row_reference(adapters, tokens, dtype):
+def test_adapter_slots_plan_matches_per_row_reference(adapters, tokens, dtype, dense):
     """The engine's path: plans are views of the device slots. Slots 1..4 hold adapters 0..3; the batch uses
-    slots 2 and 4, so the plan's window (2..4) spans slot 3, resident but used by no row: it must add nothing."""
+    slots 2 and 4, so the plan's window (2..4) spans slot 3, resident but used by no row: it must add nothing
+    (dense: neither must slots 1 and 5, outside the window)."""
     torch.manual_seed(1)
     model = _Tiny().to(dtype)
-    slots = AdapterSlots(5, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=dtype)
+    slots = AdapterSlots(5, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=dtype,
+                         dense_decode=dense)
     resident = [slots.acquire(weights) for weights, _ in adapters]
     assert resident == [1, 2, 3, 4]
     picks = [3, None, 1, 1, 3, 1, None, 1]
     row_slots = [0 if p is None else resident[p] for p in picks]
     plan = slots.plan(torch.tensor(row_slots), row_slots, [None if p is None else adapters[p][0] for p in picks])
     assert plan is not None and (plan.layout.first, plan.layout.groups) == (2, 3)
+    assert (plan.dense is not None) == dense
     x = torch.randn(len(picks), tokens, IN).to(dtype)
     lora = GroupedLora(model)
     with torch.inference_mode(), lora.activate(plan):
