@@ -1,10 +1,11 @@
 """The serving engine's key/value cache: preallocated per-row slots, written in place, never regrown.
 
-Every attention layer gets two tensors ``[slots, kv_heads, capacity, head_dim]`` allocated once, on the engine's
-device and in the model's dtype. A running request owns one slot (one row); its keys and values fill the slot's
+Every attention layer gets two tensors ``[slots, kv_heads, capacity, head_dim]``, views of one storage allocated
+once (``[2, layers, slots, ...]``), on the engine's device and in the model's dtype. A running request owns one slot (one row); its keys and values fill the slot's
 columns ``0 .. length - 1`` in order (no padding columns: a left-padded prefill is stored shifted to column 0).
 The running rows occupy slots ``0 .. n - 1``, so the rows a decode step attends to are a *view* of the storage,
-not a copy; a row that leaves is replaced by the last row (one row's columns copied), and new rows are appended
+not a copy; a row that leaves is replaced by the last row (one row's columns copied, every layer's in one copy),
+and new rows are appended
 after the last. Nothing grows per step: the old design concatenated every layer's cache every step (a full
 copy and twice the memory at the peak).
 
@@ -65,16 +66,18 @@ class SlotKVCache:
             raise QwenVLError(f"a KV cache needs at least one slot and one token per slot (got {slots}, {capacity})")
         self.shape, self.slots, self.capacity = shape, slots, capacity
         self.device = torch.device(device)
-        size = (slots, shape.kv_heads, capacity, shape.head_dim)
-        self.keys = [torch.zeros(size, dtype=dtype, device=self.device) for _ in range(shape.layers)]
-        self.values = [torch.zeros(size, dtype=dtype, device=self.device) for _ in range(shape.layers)]
+        # keys and values of every layer in one storage, so that moving a row is one copy, not two per layer
+        self._storage = torch.zeros(2, shape.layers, slots, shape.kv_heads, capacity, shape.head_dim, dtype=dtype,
+                                    device=self.device)
+        self.keys = list(self._storage[0].unbind(0))
+        self.values = list(self._storage[1].unbind(0))
         self.lengths: list[int] = [0] * slots  # tokens stored per slot (host side: no device sync to read)
         self._mode: tuple = ("idle",)
         self.force_masks = False  # True: an explicit mask for every forward, also where causal is exact (tests)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self._storage.numel() * self._storage.element_size()
 
     # ----- what the next forward is ---------------------------------------------------------------------------
     def for_prefill(self, first_slot: int, prompt_lengths: Sequence[int]) -> None:
@@ -199,8 +202,7 @@ class SlotKVCache:
         if source == target:
             return
         length = self.lengths[source]
-        for store in (*self.keys, *self.values):
-            store[target, :, :length] = store[source, :, :length]
+        self._storage[:, :, target, :, :length] = self._storage[:, :, source, :, :length]
         self.lengths[target], self.lengths[source] = length, 0
 
     def release(self, slot: int) -> None:
