@@ -24,7 +24,17 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from qwenvl_core.serving.lora_batch import AdapterError, LoraPlan, LoraWeights, plan_of, row_layout
+from qwenvl_core.serving.lora_batch import (
+    AdapterError,
+    LoraPlan,
+    LoraWeights,
+    PlanViews,
+    plan_of,
+    plan_views,
+    row_layout,
+)
+
+VIEW_CACHE_ENTRIES = 256  # windows x ranks x module sets whose plan views are kept (cleared beyond)
 
 
 class AdapterSlots:
@@ -48,6 +58,9 @@ class AdapterSlots:
         self._last_used = [0] * (slots + 1)
         self._clock = itertools.count(1)
         self.loads = 0
+        # plan_views by (window, rank, modules): a batch's plan changes with every row that joins or leaves, its
+        # views of the stacks only with the window of slots; views cost no memory but a few ops each to make
+        self._views: dict[tuple, PlanViews] = {}
 
     @property
     def nbytes(self) -> int:
@@ -100,9 +113,16 @@ class AdapterSlots:
         layout = row_layout(slots, self.device)
         if not distinct or layout is None:
             return None
-        used = set().union(*(adapter.modules for adapter in distinct))
-        return plan_of(rows, slots, {name: self._stacks[name] for name in sorted(used)}, distinct, layout,
-                       self.dense_decode)
+        used = tuple(sorted(set().union(*(adapter.modules for adapter in distinct))))
+        rank = max(a.rank for a in distinct)
+        key = (layout.first, layout.groups, rank, used)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= VIEW_CACHE_ENTRIES:
+                self._views.clear()
+            views = self._views[key] = plan_views({name: self._stacks[name] for name in used}, layout, rank,
+                                                  self.dense_decode)
+        return plan_of(rows, slots, views, distinct, layout, rank)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:
         if weights.rank > self.max_rank:

@@ -293,19 +293,30 @@ def rank_mask(slots: Sequence[int], rank: int, width: int, device: torch.device 
     return queued_copy(mask.view(len(slots), 1, rank * width), device)
 
 
-def plan_of(rows: torch.Tensor, slots: Sequence[int], whole: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            adapters: tuple[LoraWeights, ...], layout: RowLayout, dense: bool) -> LoraPlan:
-    """The plan of rows on slots ``slots`` (and ``rows``, the same on the device), laid out by ``layout``, over slot
-    stacks ``whole`` (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) cut to the largest rank among
-    ``adapters``; ``dense``: decode forwards of several adapters run dense (module docstring)."""
-    rank = max(adapter.rank for adapter in adapters)
+PlanViews = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]] | None]
+
+
+def plan_views(whole: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: RowLayout, rank: int,
+               dense: bool) -> PlanViews:
+    """A plan's weights: ``LoraPlan.stacks`` and (``dense`` and several slots) ``LoraPlan.dense``, views of slot
+    stacks ``whole`` (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and
+    ``rank``. They depend on nothing else, so a caller may keep them for the next plan of the same window."""
     stacks = {name: window(a, bt, layout, rank) for name, (a, bt) in whole.items()}
     if layout.groups == 1 or not dense:
+        return stacks, None
+    return stacks, {name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()}
+
+
+def plan_of(rows: torch.Tensor, slots: Sequence[int], views: PlanViews, adapters: tuple[LoraWeights, ...],
+            layout: RowLayout, rank: int) -> LoraPlan:
+    """The plan of rows on slots ``slots`` (and ``rows``, the same on the device), laid out by ``layout``, with
+    ``plan_views`` ``views`` at ``rank`` (the largest among ``adapters``); dense views get their row mask."""
+    stacks, dense = views
+    if dense is None:
         return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout)
-    a_ref = next(iter(whole.values()))[0]
-    return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout,
-                    dense={name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()},
-                    mask=rank_mask(slots, rank, a_ref.shape[1], a_ref.device, a_ref.dtype))
+    a_all = next(iter(dense.values()))[0]  # Aᵀ [in, rank · slots]
+    return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, dense=dense,
+                    mask=rank_mask(slots, rank, a_all.shape[1] // rank, a_all.device, a_all.dtype))
 
 
 def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device | str = "cpu",
@@ -328,8 +339,8 @@ def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device 
         return None
     module_names = sorted({name for adapter in distinct for name in adapter.modules})
     rank = max(adapter.rank for adapter in distinct)
-    whole = {name: _stack_module(name, distinct, rank) for name in module_names}
-    return plan_of(host_to_device(rows, device, torch.long), rows, whole, tuple(distinct), layout, dense)
+    views = plan_views({name: _stack_module(name, distinct, rank) for name in module_names}, layout, rank, dense)
+    return plan_of(host_to_device(rows, device, torch.long), rows, views, tuple(distinct), layout, rank)
 
 
 def _stack_module(name: str, adapters: Sequence[LoraWeights], rank: int) -> tuple[torch.Tensor, torch.Tensor]:

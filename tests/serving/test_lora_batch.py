@@ -176,6 +176,25 @@ def test_adapter_slots_are_allocated_up_front_and_a_failed_write_leaves_the_slot
         slots.acquire(unknown)
 
 
+def test_plans_of_the_same_window_share_their_views_and_see_a_rewritten_slot():
+    """A batch's plan is remade whenever a row joins or leaves; its views of the stacks are kept per window, rank
+    and modules (made once, not per plan). Views, not copies: a slot written with another adapter since is seen."""
+    model = _Tiny()
+    slots = AdapterSlots(1, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=torch.float32)
+    (first, first_raw), (second, second_raw) = _adapter(1, 4), _adapter(2, 4)
+    x = torch.randn(2, 1, IN)
+    lora = GroupedLora(model)
+    plans = []
+    for weights, raw in ((first, first_raw), (second, second_raw)):
+        assert slots.acquire(weights) == 1
+        plan = slots.plan(torch.tensor([1, 0]), [1, 0], [weights, None])
+        plans.append(plan)
+        with torch.inference_mode(), lora.activate(plan):
+            _check(model(x), _reference(model, x, [raw, None]), torch.float32)
+        slots.release(1)
+    assert plans[0] is not plans[1] and plans[0].stacks is plans[1].stacks
+
+
 def test_row_layout_indices():
     """Slots [2, 0, 3, 2]: window 2..3, two positions per slot (slot 3 padded), base row 1 left out."""
     layout = row_layout([2, 0, 3, 2], "cpu")
