@@ -11,7 +11,9 @@ This module owns the request lifecycle inside one replica:
    it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile.
 2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
    their adapters) and join the running batch in the KV slots after its rows (each row stored from column 0, no
-   padding columns: ``kv_cache``);
+   padding columns: ``kv_cache``). A running batch takes them in once a few can join together
+   (``admit_ratio``; or after ``admit_hold_steps`` steps): on a GPU a short prefill costs about what a decode step
+   does, so one prefill for several joiners instead of one per step;
    every step decodes one token for every running row, with each row's adapter applied in the same forward
    (``lora_batch.GroupedLora``), each row's sampling parameters, stop ids and stop strings (the per-row pieces
    of ``qwenvl_core.generation``). Finished or abandoned rows leave the batch at once.
@@ -170,6 +172,12 @@ class EngineConfig:
     # one chunk per engine step between the running rows' decode steps, so their streams do not stall for a whole
     # long prefill. 0: prefill every prompt whole.
     prefill_chunk_tokens: int = 512
+    # A running batch takes in waiting requests when at least ``admit_ratio`` of them per running row can join (so
+    # several share one prefill forward: on a GPU a short prefill costs about a decode step, whatever its rows),
+    # or once they have been held back ``admit_hold_steps`` decode steps; a batch not running takes them at once.
+    # 0: every step takes in whatever fits.
+    admit_ratio: float = 0.2
+    admit_hold_steps: int = 2
 
 
 @dataclass
@@ -341,6 +349,7 @@ class ServingEngine:
         self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._waiting: deque[_Sequence] = deque()
+        self._held = 0  # consecutive decode steps that held waiting requests back (admit_ratio)
         self._batch: _Batch | None = None
         self._chunking: _Sequence | None = None  # the long prompt being prefilled chunk by chunk (top KV slot)
         self._cond = threading.Condition()
@@ -555,8 +564,13 @@ class ServingEngine:
                 self._cond.wait()
             if self._stopping:
                 return None
-            room = self.slots - (len(self._batch.seqs) if self._batch else 0) - (self._chunking is not None)
-            new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            running = len(self._batch.seqs) if self._batch else 0
+            joining = min(self.slots - running - (self._chunking is not None), len(self._waiting))
+            if joining and joining < self.config.admit_ratio * running and self._held < self.config.admit_hold_steps:
+                self._held += 1  # (module docstring: fewer, larger prefills)
+                return []
+            self._held = 0
+            new = [self._waiting.popleft() for _ in range(joining)]
             return [s for s in new if not s.cancelled]
 
     def _expire(self) -> None:

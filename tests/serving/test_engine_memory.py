@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -240,3 +241,37 @@ def test_stopping_a_replica_removes_its_adapter_downloads_unless_a_folder_is_con
         assert local.exists() == (cache_dir is not None)
         if cache_dir is None:
             assert not local.parent.exists()  # the whole scratch folder
+
+
+def test_a_running_batch_takes_in_waiting_requests_a_few_at_a_time(engine_factory):
+    """``admit_ratio`` / ``admit_hold_steps``: a lone request waiting beside a large running batch is held back
+    (up to the hold) so that later ones, or rows that finish meanwhile, can share its prefill forward; enough
+    joiners at once, or no running batch, are taken in at once. Held steps still decode the running rows."""
+    engine: ServingEngine = engine_factory(max_batch_size=8, admit_ratio=0.25, admit_hold_steps=2)
+    stop_ids = _stop_ids(engine)
+
+    def arrive(*indices: int) -> list:
+        seqs = [engine._prepare(_request(i, 40, endless=True, stop_ids=stop_ids), time.perf_counter())
+                for i in indices]
+        for seq in seqs:
+            seq.emit = lambda _event: None
+        engine._waiting.extend(seqs)
+        return seqs
+
+    running = arrive(0, 1, 2, 3)
+    assert engine._take_new() == running  # nothing running: taken at once
+    engine._step(running)
+    joiner = arrive(4)
+    assert engine._take_new() == joiner  # 1 joiner >= 0.25 x 4 running rows
+    engine._step(joiner)
+    running += joiner
+    lone = arrive(5)
+    for _ in range(2):  # 1 < 0.25 x 5: held, while the running rows decode
+        generated = [s.generated for s in running]
+        assert engine._take_new() == []
+        engine._step([])
+        assert [s.generated for s in running] == [n + 1 for n in generated]
+    assert engine._take_new() == lone  # held admit_hold_steps steps: taken
+    engine._step(lone)
+    pair = arrive(6, 7)
+    assert engine._take_new() == pair  # 2 >= 0.25 x 6
