@@ -9,6 +9,11 @@ the engine's bookkeeping), 16 rows, after the prefill, on the paths a GPU takes 
 the tree has it); ``views`` (no kernel of their own, but still dispatched in
 Python) counted apart. Prints one line per scenario and revision, and the ratios after / before.
 
+Then a whole workload: 64 requests of 4-32 new tokens (``serving_throughput.varied_lengths``), one adapter, all
+queued at once, run to the end through the engine (batch 16): ops and forwards per generated token, per revision,
+against the static-batch baseline of ``serving_throughput`` (batches of 16 run to their longest request, peft)
+counted the same way: on a GPU the engine's advantage over static batching is this ratio.
+
 Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821]
 """
 
@@ -24,12 +29,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from revisions import worktree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROWS, STEPS = 16, 4
+WORKLOAD = (64, 4, 32)  # requests, fewest and most new tokens
 
 
 class OpCounter(TorchDispatchMode):
@@ -77,9 +84,53 @@ def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
             while engine._batch is not None:
                 engine._step([])
             result[name] = {"ops": sum(counter.ops.values()) / STEPS, "views": counter.views / STEPS}
+        result["workload"] = workload(engine, paths[0])
     finally:
         engine.close()
     return result
+
+
+def workload(engine: object, adapter: Path) -> dict[str, float]:
+    """The engine's ops and forwards per generated token over ``WORKLOAD`` (module docstring)."""
+    from serving_throughput import _fixed_length, _prompt, varied_lengths
+
+    from qwenvl_core.conversation import text_message
+    from qwenvl_core.serving.engine import EngineRequest
+
+    lengths = varied_lengths(*WORKLOAD)
+    seqs = [engine._prepare(EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, n),
+                                          adapter_id=adapter.name, adapter_locator=str(adapter)), time.perf_counter())
+            for i, n in enumerate(lengths)]
+    for seq in seqs:
+        seq.emit = lambda _event: None
+    engine._waiting.extend(seqs)
+    forwards, counter = engine.stats.forwards, OpCounter()
+    with counter:
+        while engine._batch is not None or engine._waiting or engine._chunking is not None:
+            engine._step(engine._take_new())
+    tokens = sum(lengths)
+    return {"ops": sum(counter.ops.values()) / tokens, "forwards": (engine.stats.forwards - forwards) / tokens}
+
+
+def static_workload(preset: str) -> float:
+    """Ops per generated token of ``serving_throughput.static_throughput`` over ``WORKLOAD``: the whole run less a
+    run of its first batch alone (loading the model and the untimed warm-up batch, counted in both)."""
+    from serving_throughput import make_adapters, static_throughput, varied_lengths
+
+    from qwenvl_core.models.registry import family_for_preset
+
+    family = family_for_preset(preset)
+    work = Path(tempfile.mkdtemp(prefix="bench-step-ops-static-"))
+    model_dir = family.materialize(preset, work / "model", seed=0)
+    (adapter,) = make_adapters(family, model_dir, work / "adapters", 1, 8, torch.float32)
+    lengths = varied_lengths(*WORKLOAD)
+    totals = []
+    for requests in (ROWS, len(lengths)):
+        counter = OpCounter()
+        with counter:
+            static_throughput(family, model_dir, adapter, requests, ROWS, lengths[:requests], torch.float32, "cpu")
+        totals.append(sum(counter.ops.values()))
+    return (totals[1] - totals[0]) / sum(lengths[ROWS:])
 
 
 def main() -> None:
@@ -88,20 +139,25 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--before-rev", default="4ba4821", help="git revision to compare with ('' to skip)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one revision's counts, as JSON on the last line
         print(json.dumps(count(args.preset, args.adapters)))
         return
+    if args.static:
+        print(json.dumps(static_workload(args.preset)))
+        return
 
-    def measured(tree: Path) -> dict[str, dict[str, float]]:
+    def measured(tree: Path, role: str = "--child") -> Any:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), "--child", "--preset",
+        done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, "--preset",
                                args.preset, "--adapters", str(args.adapters)], capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise SystemExit(f"counting in {tree} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     after = measured(Path(__file__).resolve().parent.parent)
+    static = measured(Path(__file__).resolve().parent.parent, "--static")
     runs = {"after": after}
     if args.before_rev:
         with worktree(args.before_rev) as tree:
@@ -112,15 +168,24 @@ def main() -> None:
                 (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
                 runs["before"] = measured(tree)
     print(f"preset={args.preset} rows={ROWS} adapters={args.adapters} steps={STEPS}; ops dispatched per decode step")
+    steps = ("base", "single", "mixed")
     for label, result in runs.items():
         rev = "working tree" if label == "after" else args.before_rev
         print(f"{label:6} ({rev}): " + "  ".join(
-            f"{name}={r['ops']:.0f} ({r['views']:.0f} views)" for name, r in result.items())
+            f"{name}={result[name]['ops']:.0f} ({result[name]['views']:.0f} views)" for name in steps)
             + f"  single/base={result['single']['ops'] / result['base']['ops']:.2f}"
             + f"  mixed/base={result['mixed']['ops'] / result['base']['ops']:.2f}")
     if "before" in runs:
         print("after/before: " + "  ".join(f"{name}={after[name]['ops'] / runs['before'][name]['ops']:.2f}"
-                                           for name in after))
+                                           for name in steps))
+    requests, fewest, most = WORKLOAD
+    print(f"workload: {requests} requests of {fewest}-{most} new tokens, one adapter, batch {ROWS}; per generated token:")
+    print(f"static batches: ops={static:.1f}")
+    for label, result in runs.items():
+        if "workload" in result:  # (absent from a revision whose counting predates it)
+            w = result["workload"]
+            print(f"engine {label:6}: ops={w['ops']:.1f} forwards={w['forwards']:.3f}  static/engine ops="
+                  f"{static / w['ops']:.2f}")
 
 
 if __name__ == "__main__":
