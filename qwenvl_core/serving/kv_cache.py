@@ -2,7 +2,8 @@
 
 Every attention layer gets two tensors ``[slots, kv_heads, capacity, head_dim]``, views of one storage allocated
 once (``[2, layers, slots, ...]``), on the engine's device and in the model's dtype. A running request owns one slot (one row); its keys and values fill the slot's
-columns ``0 .. length - 1`` in order (no padding columns: a left-padded prefill is stored shifted to column 0).
+columns ``0 .. length - 1`` in order (no padding columns: a left-padded prefill is stored shifted to column 0,
+its padding rotated past the row's length, where nothing reads it).
 The running rows occupy slots ``0 .. n - 1``, so the rows a decode step attends to are a *view* of the storage,
 not a copy; a row that leaves is replaced by the last row (one row's columns copied, every layer's in one copy),
 and new rows are appended
@@ -86,10 +87,17 @@ class SlotKVCache:
         end = first_slot + len(prompt_lengths)
         if end > self.slots:
             raise QwenVLError(f"KV cache: {end} rows do not fit {self.slots} slots")
-        if max(prompt_lengths) > self.capacity:
-            raise QwenVLError(f"KV cache: a prompt of {max(prompt_lengths)} tokens exceeds the slot capacity "
-                              f"{self.capacity}")
-        self._mode = ("prefill", first_slot, list(prompt_lengths))
+        width = max(prompt_lengths)
+        if width > self.capacity:
+            raise QwenVLError(f"KV cache: a prompt of {width} tokens exceeds the slot capacity {self.capacity}")
+        # Each row rotated left past its padding (column c takes the forward's column c + padding, modulo the
+        # width): all rows in one gather and one write per layer, the padding landing beyond the row's length
+        # (never attended, overwritten by its next tokens). None: no row is padded, the forward's columns as they are.
+        shift = None
+        if min(prompt_lengths) < width:
+            shift = host_to_device([[(c + width - length) % width for c in range(width)] for length in prompt_lengths],
+                                   self.device, torch.long)[:, None, :, None]
+        self._mode = ("prefill", first_slot, list(prompt_lengths), shift)
 
     def for_decode(self, first_slot: int, end_slot: int) -> None:
         """The next forward appends one token to each row of slots ``first_slot .. end_slot - 1``."""
@@ -164,11 +172,15 @@ class SlotKVCache:
         what its queries attend to."""
         keys, values, mode = self.keys[layer_idx], self.values[layer_idx], self._mode
         if mode[0] == "prefill":
-            first, lengths = mode[1], mode[2]
-            width = key_states.shape[2]
-            for i, length in enumerate(lengths):  # shifted left past the row's padding
-                keys[first + i, :, :length] = key_states[i, :, width - length:]
-                values[first + i, :, :length] = value_states[i, :, width - length:]
+            _, first, lengths, shift = mode
+            rows, width = slice(first, first + len(lengths)), key_states.shape[2]
+            if shift is None:
+                keys[rows, :, :width] = key_states
+                values[rows, :, :width] = value_states
+            else:
+                index = shift.expand(-1, key_states.shape[1], -1, key_states.shape[3])
+                keys[rows, :, :width] = key_states.gather(2, index)
+                values[rows, :, :width] = value_states.gather(2, index)
             return key_states, value_states
         if mode[0] == "chunk":
             _, slot, start, length = mode

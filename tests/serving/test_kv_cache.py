@@ -1,0 +1,38 @@
+"""``SlotKVCache`` storage on its own: a left-padded prefill stores each row from column 0 without its padding
+(all rows in one write per layer), a row moved into another slot keeps its tokens in every layer, and every
+layer's keys and values are views of one storage."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenvl_core.serving.kv_cache import CacheShape, SlotKVCache
+
+
+def test_padded_prefill_rows_are_stored_from_column_0_and_a_moved_row_keeps_them() -> None:
+    cache = SlotKVCache(CacheShape(layers=2, kv_heads=2, head_dim=3), slots=4, capacity=8, dtype=torch.float32,
+                        device="cpu")
+    lengths, width = [3, 5, 1], 5
+    states = {(layer, kind): torch.randn(3, 2, width, 3) for layer in range(2) for kind in ("k", "v")}
+    cache.for_prefill(1, lengths)
+    for layer in range(2):
+        cache.update(states[layer, "k"], states[layer, "v"], layer)
+    cache.commit()
+    assert cache.lengths == [0, 3, 5, 1]
+    for layer in range(2):
+        for row, length in enumerate(lengths):  # the row's own tokens, the last `length` columns of the forward
+            assert torch.equal(cache.keys[layer][1 + row, :, :length], states[layer, "k"][row, :, width - length:])
+            assert torch.equal(cache.values[layer][1 + row, :, :length], states[layer, "v"][row, :, width - length:])
+    cache.for_prefill(0, [2])  # one unpadded row: written as it is
+    cache.update(states[0, "k"][:1, :, :2], states[0, "v"][:1, :, :2], 0)
+    cache.update(states[1, "k"][:1, :, :2], states[1, "v"][:1, :, :2], 1)
+    cache.commit()
+    assert torch.equal(cache.keys[1][0, :, :2], states[1, "k"][0, :, :2])
+    cache.move(2, 0)  # the 5-token row into slot 0
+    assert cache.lengths == [5, 3, 0, 1]
+    for layer in range(2):
+        assert torch.equal(cache.keys[layer][0, :, :5], states[layer, "k"][1])
+        assert torch.equal(cache.values[layer][0, :, :5], states[layer, "v"][1])
+    storage = cache.keys[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in (*cache.keys, *cache.values))
+    assert cache.nbytes == 2 * 2 * 4 * 2 * 8 * 3 * 4
