@@ -302,7 +302,7 @@ def plan_views(whole: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: RowL
     stacks ``whole`` (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and
     ``rank``. They depend on nothing else, so a caller may keep them for the next plan of the same window."""
     stacks = {name: window(a, bt, layout, rank) for name, (a, bt) in whole.items()}
-    if layout.groups == 1 or not dense:
+    if layout.groups == 1 or not dense or not whole:  # (none: adapters of the vision tower only)
         return stacks, None
     return stacks, {name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()}
 

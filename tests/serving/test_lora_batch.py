@@ -195,6 +195,24 @@ def test_plans_of_the_same_window_share_their_views_and_see_a_rewritten_slot():
     assert plans[0] is not plans[1] and plans[0].stacks is plans[1].stacks
 
 
+def test_a_dense_plan_of_adapters_without_language_model_weights_is_empty():
+    """Adapters of the vision tower only (rank 0, no language-model module) get slots like any other; a plan mixing
+    them has nothing to apply, dense or not."""
+    model = _Tiny()
+    slots = AdapterSlots(2, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=torch.float32,
+                         dense_decode=True)
+    towers = [LoraWeights(adapter_id=f"tower{k}", modules={}, rank=0) for k in range(2)]
+    picks = [slots.acquire(w) for w in towers]
+    plan = slots.plan(torch.tensor(picks), picks, towers)
+    assert plan is not None and plan.stacks == {} and plan.dense is None
+    assert build_plan(towers, dense=True).dense is None
+    x = torch.randn(2, 1, IN)
+    with torch.inference_mode():
+        expected = model(x)
+        with GroupedLora(model).activate(plan):
+            assert torch.equal(model(x), expected)
+
+
 def test_row_layout_indices():
     """Slots [2, 0, 3, 2]: window 2..3, two positions per slot (slot 3 padded), base row 1 left out."""
     layout = row_layout([2, 0, 3, 2], "cpu")
