@@ -566,10 +566,11 @@ class ServingEngine:
                 return None
             running = len(self._batch.seqs) if self._batch else 0
             joining = min(self.slots - running - (self._chunking is not None), len(self._waiting))
-            if joining and joining < self.config.admit_ratio * running and self._held < self.config.admit_hold_steps:
-                self._held += 1  # (module docstring: fewer, larger prefills)
+            # (module docstring: fewer, larger prefills); the count restarts whenever nothing is held back
+            hold = 0 < joining < self.config.admit_ratio * running and self._held < self.config.admit_hold_steps
+            self._held = self._held + 1 if hold else 0
+            if hold:
                 return []
-            self._held = 0
             new = [self._waiting.popleft() for _ in range(joining)]
             return [s for s in new if not s.cancelled]
 

@@ -1,9 +1,10 @@
 """The serving engine's key/value cache: preallocated per-row slots, written in place, never regrown.
 
 Every attention layer gets two tensors ``[slots, kv_heads, capacity, head_dim]``, views of one storage allocated
-once (``[2, layers, slots, ...]``), on the engine's device and in the model's dtype. A running request owns one slot (one row); its keys and values fill the slot's
-columns ``0 .. length - 1`` in order (no padding columns: a left-padded prefill is stored shifted to column 0,
-its padding rotated past the row's length, where nothing reads it).
+once (``[2, layers, slots, ...]``), on the engine's device and in the model's dtype. A running request owns one
+slot (one row); its keys and values fill the slot's columns ``0 .. length - 1`` in order (no padding columns: a
+left-padded prefill is stored shifted to column 0, its padding rotated past the row's length, where nothing reads
+it).
 The running rows occupy slots ``0 .. n - 1``, so the rows a decode step attends to are a *view* of the storage,
 not a copy; a row that leaves is replaced by the last row (one row's columns copied, every layer's in one copy),
 and new rows are appended
