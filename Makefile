@@ -7,12 +7,15 @@
 #   TORCH_INDEX_URL  wheel index for torch; set it to a CUDA index for GPU machines, for example
 #                    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 make install
 #   PYTEST_ARGS      extra arguments for pytest (for example: PYTEST_ARGS="-k tokenizer")
+#   TEST_WORKERS     pytest-xdist worker processes (default: 2, one per core of the project's machines; 0: none).
+#                    Each runs whole groups (tests/conftest.py): the tests on a shared Ray cluster, or one module
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 PY := $(VENV)/bin/python
@@ -38,7 +41,7 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
