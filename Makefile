@@ -8,7 +8,7 @@
 #                    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 make install
 #   PYTEST_ARGS      extra arguments for pytest (for example: PYTEST_ARGS="-k tokenizer")
 #   TEST_WORKERS     pytest-xdist worker processes (default: 2, one per core of the project's machines; 0: none).
-#                    Each runs whole groups (tests/conftest.py): the tests on a shared Ray cluster, or one module
+#                    Each runs whole work units (tests/conftest.py): a shared Ray cluster's modules, or one module
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,7 +41,7 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

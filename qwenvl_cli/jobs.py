@@ -104,6 +104,7 @@ def _summary(job: dict[str, Any]) -> str:
 
 def _finish_watch(client: Client, job_id: str) -> None:
     try:
+        typer.echo(f"watching {job_id}; Ctrl-C stops watching, not the job")
         job = watch_job(client, job_id)
     except KeyboardInterrupt:
         typer.echo(f"\nstopped watching; {job_id} keeps running (`qwenvl jobs cancel {job_id}` cancels it)")

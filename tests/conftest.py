@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Qwen-VL model directories built locally (no downloads); and how `make test`'s
-xdist workers share the suite out (``pytest_collection_modifyitems``)."""
+xdist workers share the suite out (``work_unit``, ``pytest_xdist_make_scheduler``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ from pathlib import Path
 import pytest
 
 HF_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")  # the transformers-native families
-# The session's shared Ray clusters (tests.fixtures.ray_head, tests/workflows/conftest.py): every test on one of them
-# runs on the same xdist worker, so each cluster starts once
+# The session's shared Ray clusters (tests.fixtures.ray_head, tests/workflows/conftest.py) and the modules whose tests
+# use them: under `make test`, one xdist worker runs all of a cluster's modules, so each cluster starts once
+# (``work_unit``). Collection checks the list against the fixtures the tests use.
 RAY_SESSION_FIXTURES = ("ray_dashboard", "ray_cluster")
+SHARED_CLUSTER_MODULES = {
+    "tests/security/test_secrets.py": "ray_dashboard",
+    "tests/service/test_continued_training.py": "ray_dashboard",
+    "tests/service/test_dpo_job.py": "ray_dashboard",
+    "tests/service/test_pause_resume.py": "ray_dashboard",
+    "tests/service/test_scheduler_ray.py": "ray_dashboard",
+    "tests/workflows/test_finetune_ray.py": "ray_cluster",
+    "tests/workflows/test_job_restart.py": "ray_cluster",
+}
 
 
 @pytest.fixture(scope="session")
@@ -40,25 +50,45 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(name, value)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def work_unit(nodeid: str) -> str:
+    """What one xdist worker runs whole: a shared cluster's modules together, any other module by itself (its
+    module fixtures are built once)."""
+    module = nodeid.split("::")[0]
+    return SHARED_CLUSTER_MODULES.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``--dist loadscope`` (``make test``): xdist's by-scope scheduling with ``work_unit`` as the scope.
+    (``--dist loadgroup`` cannot do it: xdist marks a group in the node id, which pytest 9.2's ids no longer take.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` (``make test`` runs two xdist workers): every test goes into a group that one
-    worker runs whole, the tests on one of the session's Ray clusters together (the cluster starts once), every
-    other module by itself (its module fixtures are built once). The groups are handed out in item order (``make
-    test`` turns xdist's reordering off), so the Ray groups come first, then the modules with slow tests, then the
-    rest: the long work starts first and the short modules fill both workers at the end."""
-    if not config.getoption("loadgroup", default=False):
+    """Checks ``SHARED_CLUSTER_MODULES`` against the fixtures the tests use. In an xdist worker it also orders the
+    tests, which orders the work units (``make test`` turns xdist's own reordering off): the shared clusters' first,
+    then the modules with slow tests, then the rest, so the long work starts first and short modules fill both
+    workers at the end."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        for fixture in set(RAY_SESSION_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            if SHARED_CLUSTER_MODULES.get(module) != fixture:
+                raise pytest.UsageError(f"{module} uses the shared Ray cluster {fixture!r}: list it in "
+                                        "SHARED_CLUSTER_MODULES (tests/conftest.py), so that one xdist worker runs "
+                                        "all of that cluster's tests")
+    if not hasattr(config, "workerinput"):
         return
-
-    def group(item: pytest.Item) -> str:
-        fixtures = getattr(item, "fixturenames", ())
-        return next((name for name in RAY_SESSION_FIXTURES if name in fixtures), item.nodeid.split("::")[0])
-
-    groups = {item: group(item) for item in items}
-    slow = {groups[item] for item in items if item.get_closest_marker("slow")}
-    for item, name in groups.items():
-        item.add_marker(pytest.mark.xdist_group(name))
-    items.sort(key=lambda item: 0 if groups[item] in RAY_SESSION_FIXTURES else 1 if groups[item] in slow else 2)
+    slow = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0] in SHARED_CLUSTER_MODULES
+               else 1 if work_unit(item.nodeid) in slow else 2)
 
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.postgres", "tests.fixtures.mlflow_server",

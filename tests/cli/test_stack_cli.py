@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -100,7 +101,9 @@ def test_ctrl_c_in_jobs_watch_leaves_the_job_running_then_pause_resume_and_cance
     watch = subprocess.Popen([QWENVL, "jobs", "watch", job_id], env=stack.env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(4)
+    assert watch.stdout is not None and select.select([watch.stdout], [], [], 120)[0], "watch never started"
+    assert watch.stdout.readline().startswith(f"watching {job_id}")  # it is in its loop now (however slow to start)
+    time.sleep(2)
     assert watch.poll() is None, "watch ended before the job did"
     watch.send_signal(signal.SIGINT)
     out, err = watch.communicate(timeout=120)  # generous: a loaded machine can be slow to wind the CLI down

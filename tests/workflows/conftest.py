@@ -9,9 +9,11 @@ file (a full pipe would block it).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +25,10 @@ from tests.fixtures.net import free_port, wait_for_port
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A head node and a worker node, each a ``ray start --block`` process of ours (stopped by pid)."""
-    root = tmp_path_factory.mktemp("ray")
+def ray_cluster() -> Iterator[str]:
+    """A head node and a worker node, each a ``ray start --block`` process of ours (stopped by pid). Their temp dir is
+    short, under /tmp (Ray's socket paths there must fit in 107 bytes; pytest's, under xdist, are too long)."""
+    root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     port = free_port()
     address = f"127.0.0.1:{port}"
     # no drain on SIGTERM: a node with leases left waits for them up to 30 s before it stops
@@ -50,6 +53,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if node.poll() is None:
                 node.send_signal(signal.SIGTERM)
                 node.wait(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 _COUNT_ALIVE = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
