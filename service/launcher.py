@@ -49,6 +49,10 @@ class Launcher(Protocol):
         (the scheduler re-queues it); ``LauncherUnavailable`` when the answer is unknown (nothing is concluded)."""
         ...
     def stop(self, submission_id: str) -> None: ...
+    def live_submissions(self) -> set[str]:
+        """The submission ids of the cluster's jobs that are PENDING or RUNNING (``LauncherUnavailable`` when it
+        cannot tell)."""
+        ...
 
 
 class LauncherUnavailable(RuntimeError):
@@ -113,6 +117,16 @@ class RayJobsLauncher:
             self._jobs().stop_job(submission_id)
         except Exception as exc:
             log.warning("stop_job(%s) failed: %s", submission_id, exc)
+
+    def live_submissions(self) -> set[str]:
+        try:
+            jobs = self._jobs().list_jobs()
+        except LauncherUnavailable:
+            raise
+        except Exception as exc:
+            raise LauncherUnavailable(f"listing the cluster's jobs: {exc}") from exc
+        return {str(job.submission_id) for job in jobs
+                if job.submission_id and str(job.status.value) not in TERMINAL}
 
     def logs(self, submission_id: str) -> str:
         try:

@@ -17,7 +17,11 @@ Every API process runs a ``Scheduler`` thread; each tick it tries to take or ren
    ``service.pausing``); an unknown Ray status concludes nothing; a cancel not honoured within ``cancel_grace_s``
    (a pause within ``pause_grace_s``) is stopped; a job past its wall-clock limit (``max_wall_clock_s`` from its start, time spent
    paused not counted) is cancelled the same way and ends ``failed`` (``wall_clock_limit_exceeded``);
-5. launches queued jobs while fewer than ``max_running_jobs`` run (a paused job holds no slot), always from the tenant with the fewest
+5. stops strays (every ``stray_check_interval_s``): a Ray job named for one of our jobs (``{job_id}-a{n}``) that
+   the cluster still runs but that is not the job's current submission, the late submission of a leader that
+   stopped while submitting after the job was re-queued and launched again; it would train beside the current
+   attempt, in the same run directory;
+6. launches queued jobs while fewer than ``max_running_jobs`` run (a paused job holds no slot), always from the tenant with the fewest
    running jobs (ties: the oldest job), so one tenant's backlog cannot starve the others.
 
 Safety (see docs/architecture.md, "Job lifecycle"): every state move is a compare-and-set through
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -66,6 +71,7 @@ _PROGRESS_KEYS = ("step", "total_steps", "epoch", "loss", "learning_rate", "toke
                   "samples_per_second", "eta_seconds", "trained_tokens")
 _STALE_UPLOAD_S = 30
 _MAX_UNAVAILABLE = 2  # submissions refused by the cluster in one tick before launching waits for the next tick
+_SUBMISSION = re.compile(r"(?P<job>ftjob-[0-9a-f]+)-a[0-9]+")  # ``_start_attempt``'s submission ids
 
 
 class LeaseLost(RuntimeError):
@@ -100,6 +106,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready: list[AdapterReady] = []
+        self._next_stray_check = 0.0  # time.monotonic() of the next ``_stop_strays``
 
     # ----- loop ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +148,7 @@ class Scheduler:
             self._revalidate_stale_files()
             self._each(self._ids_in("validating_files"), self._advance_one, "advancing")
             self._each(self._ids_in("running"), self._ingest, "ingesting")
+            self._stop_strays()
             self._launch_queued()
         except LeaseLost as exc:
             log.warning("scheduler tick aborted: %s", exc)
@@ -418,6 +426,35 @@ class Scheduler:
                 or (pause is not None and now - pause > self.settings.pause_grace_s))
 
     # ----- launching ----------------------------------------------------------------------------------------
+    def _stop_strays(self) -> None:
+        """Step 5 of the module docstring. A job this database does not know is left alone (another deployment's,
+        on a shared cluster); the current submission is never touched, nor anything while the cluster cannot say
+        what runs."""
+        if self.launcher is None or time.monotonic() < self._next_stray_check:
+            return
+        self._next_stray_check = time.monotonic() + self.settings.stray_check_interval_s
+        try:
+            live = self.launcher.live_submissions()
+        except LauncherUnavailable as exc:
+            log.warning("cannot check the cluster for stray submissions: %s", exc)
+            return
+        for submission in sorted(live):
+            match = _SUBMISSION.fullmatch(submission)
+            if match is None:
+                continue
+            with self.sessions() as s:
+                job = repo.job_by_id(s, job_id=match["job"])
+                if job is None or job.submission_id == submission:
+                    continue
+            with self._fenced() as s:  # (still the leader: only the leader stops anything)
+                job = repo.job_by_id(s, job_id=match["job"])
+                if job is None or job.submission_id == submission:
+                    continue
+                self._event(s, job, f"Stopped Ray job {submission}: a late submission of an earlier launch "
+                            f"(the job's current submission is {job.submission_id or 'none'})", level="warn")
+            log.warning("stopping stray submission %s of job %s", submission, match["job"])
+            self.launcher.stop(submission)
+
     def _launch_queued(self) -> None:
         """Fair-share launching. Every job is tried at most once per tick, so a job that cannot be launched never
         holds up the others; after ``_MAX_UNAVAILABLE`` refusals by the cluster the rest waits for the next tick."""

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(15.0, gt=0, description="Leadership lease lifetime; a dead leader is replaced after it.")
     max_running_jobs: int = Field(2, ge=1, description="Jobs launched on the cluster at once (fair-shared).")
     max_job_attempts: int = Field(2, ge=1, description="Launches per job when its Ray job dies without a result.")
+    stray_check_interval_s: float = Field(60.0, gt=0, description="Seconds between the scheduler's checks for "
+                                          "Ray jobs of a job that are not its current submission (a late "
+                                          "submission of a leader that stopped mid-launch); they are stopped.")
     cancel_grace_s: float = Field(30.0, ge=0, description="Seconds a cancelled job may take before stop_job.")
     pause_grace_s: float = Field(600.0, ge=0, description="Seconds a paused running job may take to checkpoint and "
                                  "stop before stop_job (it then resumes from its latest checkpoint).")

@@ -70,6 +70,9 @@ class LocalProcessLauncher:
             proc.kill()
             proc.wait()
 
+    def live_submissions(self) -> set[str]:
+        return {submission_id for submission_id, proc in self.procs.items() if proc.poll() is None}
+
     def close(self) -> None:
         for submission_id in list(self.procs):
             self.stop(submission_id)

@@ -64,6 +64,10 @@ class RecordingLauncher:
             if submission_id in self.statuses:
                 self.statuses[submission_id] = "STOPPED"
 
+    def live_submissions(self) -> set[str]:
+        with self._lock:
+            return {sid for sid, status in self.statuses.items() if status in ("PENDING", "RUNNING")}
+
 
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """For a fixture parametrized with "sqlite" / "postgresql": a fresh database's URL."""

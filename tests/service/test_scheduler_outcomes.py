@@ -1,7 +1,9 @@
 """What the scheduler makes of a run's directory when the driver dies at the worst moments: a run that finished
 training (``outcome.json`` says succeeded, the adapter is uploaded) before its driver died is recorded as succeeded,
 on any attempt, not failed or trained again; and the events a driver writes just before its ``result.json`` are
-ingested even when they land between the scheduler's reads. Real app, recording launcher (no cluster)."""
+ingested even when they land between the scheduler's reads; a scheduler that died while submitting neither uses up
+the job's attempt nor, when its submission lands late, leaves two drivers on the run. Real app, recording launcher
+(no cluster)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from qwenvl_core.runs import OUTCOME_FILE, RunDir
 from qwenvl_core.specs import JobState
 from qwenvl_core.training import RunDirEvents
+from service.models import Job
 from tests.service.helpers import auth
 from tests.service.scheduler_harness import Stack, stack
 
@@ -20,7 +23,8 @@ from tests.service.scheduler_harness import Stack, stack
 @pytest.fixture(scope="module")
 def st(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("outcomes")
-    with stack(f"sqlite:///{root / 'db.sqlite'}", root, tiny_model_dir, max_running_jobs=8, max_job_attempts=1) as st:
+    with stack(f"sqlite:///{root / 'db.sqlite'}", root, tiny_model_dir, max_running_jobs=8, max_job_attempts=1,
+               stray_check_interval_s=0.001) as st:
         yield st
 
 
@@ -32,6 +36,39 @@ def _running(st: Stack, name: str) -> tuple[str, RunDir, str]:
     job = st.job(job_id)
     assert job.status == "running"
     return job_id, RunDir(job.output_uri), key
+
+
+class _SchedulerDied(BaseException):
+    """The scheduler's process ending at that point: nothing after it runs (not an error it could handle)."""
+
+
+def _relaunched_after_a_leader_died_while_submitting(st: Stack, tenant: str, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> tuple[str, Job, str]:
+    """A job whose first launch died between committing it ``running`` and submitting it, launched again by the next
+    ticks: (job id, the job, its second submission id)."""
+    tenant_id, key = st.tenant(tenant)
+    job_id = st.create_job(key, st.processed_file(tenant_id))
+
+    submit = st.launcher.submit
+
+    def dies(submission_id: str, spec_uri: str) -> None:  # at this job's submission (the stack has other jobs)
+        if submission_id.startswith(job_id):
+            raise _SchedulerDied
+        submit(submission_id, spec_uri)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(st.launcher, "submit", dies)
+        with pytest.raises(_SchedulerDied):
+            st.scheduler.tick()
+    job = st.job(job_id)
+    assert job.status == "running" and job.submission_id == f"{job_id}-a1"
+    assert f"{job_id}-a1" not in st.launcher.submitted and st.launcher.status(f"{job_id}-a1") is None
+    assert st.scheduler.tick()  # the restarted scheduler: Ray has no such job, and the run no record of it
+    assert st.scheduler.tick()
+    job, second = st.job(job_id), f"{job_id}-a2"
+    assert job.status == "running" and job.submission_id == second and job.unsubmitted_attempts == 1, \
+        st.messages(job_id)
+    return job_id, job, second
 
 
 def test_a_driver_that_died_after_its_run_finished_leaves_a_succeeded_job(st: Stack) -> None:
@@ -92,38 +129,13 @@ def test_a_run_stopped_by_a_pause_whose_commit_was_lost_is_paused_not_failed(st:
     assert not run.pause_requested()  # the relaunched run will not stop on it again
 
 
-class _SchedulerDied(BaseException):
-    """The scheduler's process ending at that point: nothing after it runs (not an error it could handle)."""
-
-
 def test_a_scheduler_that_died_before_submitting_a_job_does_not_use_up_its_attempt(
         st: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """The job is committed ``running`` before Ray gets it; a scheduler that dies in between leaves a job Ray says
     does not exist. It never ran: it is launched again, under the next submission id (the dead scheduler's may still
     land), its one attempt not spent (before: failed, ``job_died``). A job Ray accepted and then lost is told apart
     by the run's submission record and still counts."""
-    tenant_id, key = st.tenant("died-before-submit")
-    job_id = st.create_job(key, st.processed_file(tenant_id))
-
-    submit = st.launcher.submit
-
-    def dies(submission_id: str, spec_uri: str) -> None:  # at this job's submission (the stack has other jobs)
-        if submission_id.startswith(job_id):
-            raise _SchedulerDied
-        submit(submission_id, spec_uri)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(st.launcher, "submit", dies)
-        with pytest.raises(_SchedulerDied):
-            st.scheduler.tick()
-    job = st.job(job_id)
-    assert job.status == "running" and job.submission_id == f"{job_id}-a1"
-    assert f"{job_id}-a1" not in st.launcher.submitted and st.launcher.status(f"{job_id}-a1") is None
-    assert st.scheduler.tick()  # the restarted scheduler: Ray has no such job, and the run no record of it
-    assert st.scheduler.tick()
-    job, second = st.job(job_id), f"{job_id}-a2"
-    assert job.status == "running" and job.submission_id == second and job.unsubmitted_attempts == 1, \
-        st.messages(job_id)
+    job_id, job, second = _relaunched_after_a_leader_died_while_submitting(st, "died-before-submit", monkeypatch)
     assert f"{job_id}-a1" not in st.launcher.submitted and st.launcher.submitted.count(second) == 1
     assert any("was never submitted" in m for m in st.messages(job_id))
     assert RunDir(job.output_uri).exists(f"submissions/{second}.json")
@@ -133,3 +145,18 @@ def test_a_scheduler_that_died_before_submitting_a_job_does_not_use_up_its_attem
     job = st.job(job_id)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "job_died", st.messages(job_id)
     assert "after 1 attempt(s)" in job.error["message"]
+
+
+def test_a_late_submission_of_a_leader_that_died_while_submitting_is_stopped(
+        st: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, and then the dead leader's submission lands after all (its request was on its way): two drivers
+    would train in one run directory. The scheduler stops that one and says so on the job; the current submission,
+    a job this database does not know (another deployment's, on a shared cluster) and an id not named like ours
+    are left alone."""
+    job_id, _, second = _relaunched_after_a_leader_died_while_submitting(st, "late-submission", monkeypatch)
+    late, foreign, other = f"{job_id}-a1", "ftjob-" + "0" * 24 + "-a1", "raysubmit_0123456789"
+    st.launcher.statuses.update(dict.fromkeys((late, foreign, other), "RUNNING"))
+    assert st.scheduler.tick()
+    assert late in st.launcher.stopped and not {second, foreign, other} & set(st.launcher.stopped)
+    assert st.launcher.statuses[second] == "RUNNING" and st.job(job_id).status == "running"
+    assert any(f"Stopped Ray job {late}" in m and second in m for m in st.messages(job_id)), st.messages(job_id)

@@ -1,7 +1,7 @@
 """The scheduler end to end on a real local Ray head through Ray Jobs, with a real entrypoint
 (``fake_workflow.py``) that honours the workflow contract: success with progress, events, checkpoints, adapter
 registration and the serving hook; a Ray job dying without a result is retried; restart of the API process
-(SIGKILL) while a job runs loses nothing.
+(SIGKILL) while a job runs loses nothing; the launcher lists what the cluster runs (the scheduler stops strays).
 """
 
 from __future__ import annotations
@@ -91,6 +91,21 @@ def test_only_rays_own_answer_means_a_job_does_not_exist(ray_dashboard: str) -> 
     assert launcher.status("ftjob-never-submitted-a1") is None
     with pytest.raises(LauncherUnavailable):
         RayJobsLauncher("http://127.0.0.1:9", ENTRY, 0.1, {}).status("ftjob-never-submitted-a1")  # nobody there
+
+
+def test_the_launcher_lists_the_submissions_the_cluster_runs(ray_dashboard: str) -> None:
+    """What the scheduler's stray check reads: a submission is listed while it runs, and no longer once stopped."""
+    launcher = RayJobsLauncher(ray_dashboard, "{python} -c 'import time; time.sleep(120)' {spec}", 0.1, {})
+    submission = "ftjob-" + "1" * 24 + "-a1"
+    launcher.submit(submission, "spec-unused")
+    try:
+        wait_for(lambda: {"live": sorted(launcher.live_submissions())}, lambda doc: submission in doc["live"])
+    finally:
+        launcher.stop(submission)
+    wait_for(lambda: {"live": sorted(launcher.live_submissions())}, lambda doc: submission not in doc["live"])
+    assert launcher.status(submission) == "STOPPED"
+    with pytest.raises(LauncherUnavailable):
+        RayJobsLauncher("http://127.0.0.1:9", ENTRY, 0.1, {}).live_submissions()  # nobody there
 
 
 @pytest.fixture
