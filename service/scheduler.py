@@ -107,6 +107,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ready: list[AdapterReady] = []
         self._next_stray_check = 0.0  # time.monotonic() of the next ``_stop_strays``
+        self._strays_stopped: set[str] = set()
 
     # ----- loop ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -450,10 +451,12 @@ class Scheduler:
                 job = repo.job_by_id(s, job_id=match["job"])
                 if job is None or job.submission_id == submission:
                     continue
-                self._event(s, job, f"Stopped Ray job {submission}: a late submission of an earlier launch "
-                            f"(the job's current submission is {job.submission_id or 'none'})", level="warn")
+                if submission not in self._strays_stopped:  # (one event, however long Ray takes to stop it)
+                    self._event(s, job, f"Stopped Ray job {submission}: a late submission of an earlier launch "
+                                f"(the job's current submission is {job.submission_id or 'none'})", level="warn")
             log.warning("stopping stray submission %s of job %s", submission, match["job"])
             self.launcher.stop(submission)
+            self._strays_stopped.add(submission)
 
     def _launch_queued(self) -> None:
         """Fair-share launching. Every job is tried at most once per tick, so a job that cannot be launched never

@@ -160,3 +160,7 @@ def test_a_late_submission_of_a_leader_that_died_while_submitting_is_stopped(
     assert late in st.launcher.stopped and not {second, foreign, other} & set(st.launcher.stopped)
     assert st.launcher.statuses[second] == "RUNNING" and st.job(job_id).status == "running"
     assert any(f"Stopped Ray job {late}" in m and second in m for m in st.messages(job_id)), st.messages(job_id)
+    st.launcher.statuses[late] = "RUNNING"  # Ray is slow to stop it: stopped again, and said once
+    assert st.scheduler.tick()
+    assert st.launcher.stopped.count(late) == 2
+    assert sum(f"Stopped Ray job {late}" in m for m in st.messages(job_id)) == 1
