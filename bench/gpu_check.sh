@@ -20,7 +20,9 @@
 # holding only what the device image holds.
 #   device run:  bash bench/gpu_check.sh        (carry: [".whl"], timeout_s: 600)
 # Settings (the dry run's): GPU_CHECK_ONLY (row names, space-separated; default all), GPU_CHECK_DEVICE (cuda),
-# GPU_CHECK_SMOKE=1 (tiny presets, short runs), GPU_CHECK_WHEELS
+# GPU_CHECK_SMOKE=1 (tiny presets, short runs), GPU_CHECK_LIMIT_SCALE (each check's limit times this; 1, or 5 in
+# the dry run, where the limits only catch hangs: a loaded 2-core machine took over 40 s to import the environment
+# row's packages), GPU_CHECK_WHEELS
 # (.whl), GPU_CHECK_SITE (/tmp/site), GPU_CHECK_PYTEST_MARK (smoke only: a marker the gpu_tests row selects by),
 # PYTHON (python3).
 set -uo pipefail
@@ -34,6 +36,7 @@ if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
     && export PYTHONPATH="$site:$PWD" || { echo "installing the carried wheels failed"; exit 1; }
 fi
+scale=1
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
   tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py
     tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
@@ -44,6 +47,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
   sampling=(--vocab 1152 --repeats 3)
+  scale=5
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py
     tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
@@ -66,7 +70,7 @@ echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
 failed=0
 check() {  # check NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 * ${GPU_CHECK_LIMIT_SCALE:-$scale})); shift 2
   local start=$SECONDS status=ok
   [ "$name" = environment ] || [ -z "${GPU_CHECK_ONLY:-}" ] || [[ " $GPU_CHECK_ONLY " == *" $name "* ]] || return 0
   echo "| $name | running (limit $limit s) | | |" >> "$table"

@@ -82,7 +82,7 @@ def test_dpo_job_trains_on_ray_and_reports_preference_metrics(client: openai.Ope
     assert job.method.type == "dpo" and job.method.dpo is not None
     assert job.method.dpo.hyperparameters.beta == 0.2
     done = wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).model_dump(),
-                    lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=400)
+                    lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=600)
     assert done["status"] == "succeeded", done
     assert done["fine_tuned_model"] == f"ft:qwen-vl-tiny:default:dpo:{job.id}"
     assert done["method"]["type"] == "dpo" and done["method"]["dpo"] == {"hyperparameters": {

@@ -260,14 +260,14 @@ def test_a_paused_and_resumed_job_trains_the_same_adapter(tmp_path: Path, tiny_m
 
         wait_for(lambda: {"started": any("started on Ray Train" in m for m in messages()),
                           **http.get(url, headers=auth(key)).json()},
-                 lambda d: d["started"] or d["status"] in ("succeeded", "failed", "cancelled"), timeout=240)
+                 lambda d: d["started"] or d["status"] in ("succeeded", "failed", "cancelled"), timeout=600)
         started_s = time.monotonic() - t0
         pausing = client.fine_tuning.jobs.pause(job.id)  # the driver runs: Ray Train is still starting
         assert pausing.status == "running" and pausing.model_extra["pause_requested"] is True
         expected, losses = _reference_run(_spec_uri(http.app, job.id), tmp_path / "reference")  # meanwhile, here
 
         paused = wait_for(lambda: http.get(url, headers=auth(key)).json(),
-                          lambda d: d["status"] not in ("running", "queued"), timeout=180)
+                          lambda d: d["status"] not in ("running", "queued"), timeout=600)
         assert paused["status"] == "paused" and not paused["pause_requested"], paused
         paused_s = time.monotonic() - t0
         stop = next((m for m in messages() if "paused at step" in m), None)
@@ -278,7 +278,7 @@ def test_a_paused_and_resumed_job_trains_the_same_adapter(tmp_path: Path, tiny_m
 
         assert client.fine_tuning.jobs.resume(job.id).status == "queued"
         done = wait_for(lambda: http.get(url, headers=auth(key)).json(),
-                        lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=300)
+                        lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=600)
         assert done["status"] == "succeeded", done
         assert any(f"restarted on Ray Train after a pause; resuming from the checkpoint of step {step}" in m
                    for m in messages()), messages()

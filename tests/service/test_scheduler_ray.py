@@ -45,10 +45,10 @@ def test_job_runs_on_ray_and_registers_its_adapter(tmp_path: Path, tiny_model_di
         url = f"/v1/fine_tuning/jobs/{job['id']}"
         running = wait_for(lambda: client.get(url, headers=auth(key)).json(),
                            lambda d: (d["progress"] or {}).get("step", 0) >= 1 or d["status"] in ("succeeded", "failed"),
-                           timeout=120)
+                           timeout=600)
         assert running["status"] == "running" and running["estimated_finish"] is not None, running
         done = wait_for(lambda: client.get(url, headers=auth(key)).json(),
-                        lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=120)
+                        lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=600)
         assert done["status"] == "succeeded", done
         model = f"ft:qwen-vl-tiny:default:e2e:{job['id']}"
         assert done["fine_tuned_model"] == model and done["trained_tokens"] == 600 and done["result_files"]
@@ -77,7 +77,7 @@ def test_dead_ray_job_is_retried_then_succeeds(tmp_path: Path, tiny_model_dir: P
                                                         "max_steps": 2}, headers=auth(key)).json()
         url = f"/v1/fine_tuning/jobs/{job['id']}"
         done = wait_for(lambda: client.get(url, headers=auth(key)).json(),
-                        lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=150)
+                        lambda d: d["status"] in ("succeeded", "failed", "cancelled"), timeout=600)
         assert done["status"] == "succeeded", done
         messages = [e["message"] for e in client.get(f"{url}/events", params={"limit": 100},
                                                      headers=auth(key)).json()["data"]]
@@ -125,11 +125,11 @@ def test_restart_during_a_run_loses_nothing(api_server: ApiServer, tmp_path: Pat
         job = http.post("/v1/fine_tuning/jobs", json={"model": "qwen-vl-tiny", "training_file": file_id,
                                                       "max_steps": 8}).json()
         url = f"/v1/fine_tuning/jobs/{job['id']}"
-        wait_for(lambda: http.get(url).json(), lambda d: (d["progress"] or {}).get("step", 0) >= 1, timeout=120)
+        wait_for(lambda: http.get(url).json(), lambda d: (d["progress"] or {}).get("step", 0) >= 1, timeout=600)
     api_server.kill()  # mid-run, no graceful shutdown
     api_server.start()
     with httpx.Client(base_url=api_server.url, headers=auth(key), timeout=30) as http:
-        done = wait_for(lambda: http.get(url).json(), lambda d: d["status"] in ("succeeded", "failed"), timeout=120)
+        done = wait_for(lambda: http.get(url).json(), lambda d: d["status"] in ("succeeded", "failed"), timeout=600)
         assert done["status"] == "succeeded", (done, api_server.log_tail())
         steps = [e["data"]["step"] for e in http.get(f"{url}/events", params={"limit": 100}).json()["data"]
                  if e["type"] == "metrics"]

@@ -30,12 +30,12 @@ from workflows.finetune import announce_restart, ray_resume_step
 pytestmark = pytest.mark.slow
 
 
-def _finish(process: subprocess.Popen[bytes], tmp: Path, log: str, timeout: float = 300) -> None:
+def _finish(process: subprocess.Popen[bytes], tmp: Path, log: str, timeout: float = 600) -> None:
     process.wait(timeout=timeout)
     assert process.returncode == 0, (tmp / log).read_text(errors="replace")[-3000:]
 
 
-def _wait_for(condition, what: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 180):
+def _wait_for(condition, what: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -81,12 +81,12 @@ def test_exact_resume_after_the_driver_is_killed(ray_cluster, tiny_model_dir, sy
     ref_process = launch_workflow(reference, ray_cluster, tmp_path, "reference.log")
     # the first attempt's worker is held at step 5 (checkpoint 4 reported), so the driver surely dies mid-run
     held = tmp_path / "held"
-    hold = {"QWENVL_FAULT": json.dumps({"step": 5, "rank": 0, "marker": str(held), "delay_s": 120, "kill": False})}
+    hold = {"QWENVL_FAULT": json.dumps({"step": 5, "rank": 0, "marker": str(held), "delay_s": 600, "kill": False})}
     first = launch_workflow(spec, ray_cluster, tmp_path, "first.log", hold)
     _wait_for(lambda: any(e.type == "checkpoint" and e.data["step"] == 4 for e in run.read_events()),
               "the checkpoint event of step 4", first)
     # Ray Train collects worker reports on a ~2 s poll: kill once its snapshot holds step 4 (no blind sleep)
-    _wait_for(lambda: _committed_step(spec) == 4, "Ray Train to register checkpoint 4", first, timeout=60)
+    _wait_for(lambda: _committed_step(spec) == 4, "Ray Train to register checkpoint 4", first, timeout=180)
     assert held.exists()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
@@ -94,7 +94,7 @@ def test_exact_resume_after_the_driver_is_killed(ray_cluster, tiny_model_dir, sy
 
     # the dead driver's Ray Train worker goes away with it (Ray kills the actors of a dead driver's job)
     worker_pid = run.read_json("workers/rank0.json")["pid"]
-    _wait_for(lambda: not _alive(worker_pid), "the dead driver's worker to exit", timeout=60)
+    _wait_for(lambda: not _alive(worker_pid), "the dead driver's worker to exit", timeout=180)
     worker_gone_s = time.monotonic() - killed_at
     assert run.read_result() is None and not run.exists("outcome.json")  # it really died mid-run
     events_before = run.read_events()
