@@ -17,6 +17,7 @@ driver takes its S3 keys and the MLflow login it logs with from its node's envir
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Mapping
@@ -28,6 +29,18 @@ from qwenvl_core.secret_names import looks_secret
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+_SUBMISSION = re.compile(r"(?P<job>ftjob-[0-9a-f]+)-a[1-9][0-9]*")
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    """The Ray job id of attempt ``attempt`` (1, 2, ...) of job ``job_id``."""
+    return f"{job_id}-a{attempt}"
+
+
+def job_of_submission(submission: str) -> str | None:
+    """The job id a Ray job id names (``submission_id``'s inverse); None for a Ray job not named by us."""
+    match = _SUBMISSION.fullmatch(submission)
+    return match["job"] if match else None
 
 
 def submission_env(env: Mapping[str, str], pythonpath: str) -> dict[str, str]:

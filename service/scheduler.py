@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -57,7 +56,7 @@ from service import repository as repo
 from service.caps import auto_caps
 from service.context import AdapterReady
 from service.jobspec import build_spec, parent_adapter, resolve_request
-from service.launcher import TERMINAL, Launcher, LauncherUnavailable
+from service.launcher import TERMINAL, Launcher, LauncherUnavailable, job_of_submission, submission_id
 from service.models import File, Job
 from service.settings import Settings
 from service.storage import TenantStorage
@@ -71,7 +70,6 @@ _PROGRESS_KEYS = ("step", "total_steps", "epoch", "loss", "learning_rate", "toke
                   "samples_per_second", "eta_seconds", "trained_tokens")
 _STALE_UPLOAD_S = 30
 _MAX_UNAVAILABLE = 2  # submissions refused by the cluster in one tick before launching waits for the next tick
-_SUBMISSION = re.compile(r"(?P<job>ftjob-[0-9a-f]+)-a[0-9]+")  # ``_start_attempt``'s submission ids
 
 
 class LeaseLost(RuntimeError):
@@ -440,21 +438,21 @@ class Scheduler:
             log.warning("cannot check the cluster for stray submissions: %s", exc)
             return
         for submission in sorted(live):
-            match = _SUBMISSION.fullmatch(submission)
-            if match is None:
+            job_id = job_of_submission(submission)
+            if job_id is None:
                 continue
             with self.sessions() as s:
-                job = repo.job_by_id(s, job_id=match["job"])
+                job = repo.job_by_id(s, job_id=job_id)
                 if job is None or job.submission_id == submission:
                     continue
             with self._fenced() as s:  # (still the leader: only the leader stops anything)
-                job = repo.job_by_id(s, job_id=match["job"])
+                job = repo.job_by_id(s, job_id=job_id)
                 if job is None or job.submission_id == submission:
                     continue
                 if submission not in self._strays_stopped:  # (one event, however long Ray takes to stop it)
                     self._event(s, job, f"Stopped Ray job {submission}: a late submission of an earlier launch "
                                 f"(the job's current submission is {job.submission_id or 'none'})", level="warn")
-            log.warning("stopping stray submission %s of job %s", submission, match["job"])
+            log.warning("stopping stray submission %s of job %s", submission, job_id)
             self.launcher.stop(submission)
             self._strays_stopped.add(submission)
 
@@ -532,7 +530,7 @@ class Scheduler:
                 return None
             spec_uri = self._write_spec(s, job)
             attempt = job.attempt + 1
-        submission = f"{job_id}-a{attempt}"
+        submission = submission_id(job_id, attempt)
         with self._fenced() as s:
             job = repo.job_by_id(s, job_id=job_id)
             if job is None or not job_states.transition(

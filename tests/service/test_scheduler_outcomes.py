@@ -15,6 +15,7 @@ import pytest
 from qwenvl_core.runs import OUTCOME_FILE, RunDir
 from qwenvl_core.specs import JobState
 from qwenvl_core.training import RunDirEvents
+from service.launcher import job_of_submission, submission_id
 from service.models import Job
 from tests.service.helpers import auth
 from tests.service.scheduler_harness import Stack, stack
@@ -164,3 +165,10 @@ def test_a_late_submission_of_a_leader_that_died_while_submitting_is_stopped(
     assert st.scheduler.tick()
     assert st.launcher.stopped.count(late) == 2
     assert sum(f"Stopped Ray job {late}" in m for m in st.messages(job_id)) == 1
+
+
+@pytest.mark.parametrize("name, job", [(submission_id("ftjob-0a1b", 3), "ftjob-0a1b"), ("ftjob-0a1b-a12", "ftjob-0a1b"),
+                                       ("ftjob-0a1b-a0", None), ("ftjob-0a1b-a", None), ("ftjob-0A1B-a1", None),
+                                       ("raysubmit_0123456789", None), ("x-ftjob-0a1b-a1", None)])
+def test_a_ray_job_id_names_its_job_only_in_the_form_the_scheduler_submits(name: str, job: str | None) -> None:
+    assert job_of_submission(name) == job
