@@ -50,11 +50,14 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(name, value)
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def work_unit(nodeid: str) -> str:
     """What one xdist worker runs whole: a shared cluster's modules together, any other module by itself (its
     module fixtures are built once)."""
-    module = nodeid.split("::")[0]
-    return SHARED_CLUSTER_MODULES.get(module, module)
+    return SHARED_CLUSTER_MODULES.get(_module(nodeid), _module(nodeid))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -78,7 +81,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     then the modules with slow tests, then the rest, so the long work starts first and short modules fill both
     workers at the end."""
     for item in items:
-        module = item.nodeid.split("::")[0]
+        module = _module(item.nodeid)
         for fixture in set(RAY_SESSION_FIXTURES) & set(getattr(item, "fixturenames", ())):
             if SHARED_CLUSTER_MODULES.get(module) != fixture:
                 raise pytest.UsageError(f"{module} uses the shared Ray cluster {fixture!r}: list it in "
@@ -87,7 +90,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not hasattr(config, "workerinput"):
         return
     slow = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: 0 if item.nodeid.split("::")[0] in SHARED_CLUSTER_MODULES
+    items.sort(key=lambda item: 0 if _module(item.nodeid) in SHARED_CLUSTER_MODULES
                else 1 if work_unit(item.nodeid) in slow else 2)
 
 
