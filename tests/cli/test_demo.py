@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_demo_fine_tunes_the_pretrained_base_with_auto_settings_and_stops_the_stack(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = stack_env(home)
-    result = qwenvl(env, "demo", "--report", str(tmp_path / "report.json"), timeout=900)
+    result = qwenvl(env, "demo", "--report", str(tmp_path / "report.json"), timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     # The demo sends only the model, the files and where to run: every hyperparameter is `auto`, and the job shows

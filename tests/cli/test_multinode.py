@@ -45,7 +45,7 @@ def test_fine_tune_through_the_api_spreads_over_a_head_and_a_worker_node(tmp_pat
     home = tmp_path / "home"
     env = stack_env(home)
     data = write_demo_dataset(tmp_path / "data", n_train=16, n_validation=4)
-    up = qwenvl(env, "up", "--worker-nodes", "1", "--num-cpus", "2", "--models", BASE_MODEL, timeout=400)
+    up = qwenvl(env, "up", "--worker-nodes", "1", "--num-cpus", "2", "--models", BASE_MODEL, timeout=600)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert "nodes 2/2 alive" in up.stdout
@@ -68,7 +68,7 @@ def test_fine_tune_through_the_api_spreads_over_a_head_and_a_worker_node(tmp_pat
                 uploaded = client.post("/v1/files", files={"file": (data.train_bundle.name, f)},
                                        data={"purpose": "fine-tune"})
             assert uploaded.status_code == 200, uploaded.text
-            file = _wait(client, f"/v1/files/{uploaded.json()['id']}", ("processed", "error"), 120)
+            file = _wait(client, f"/v1/files/{uploaded.json()['id']}", ("processed", "error"), 300)
             assert file["status"] == "processed", file
             created = client.post("/v1/fine_tuning/jobs", json={
                 "model": BASE_MODEL, "training_file": file["id"], "suffix": "multinode", "max_steps": 4,
@@ -76,7 +76,7 @@ def test_fine_tune_through_the_api_spreads_over_a_head_and_a_worker_node(tmp_pat
                     "batch_size": 2, "learning_rate_multiplier": 1000}}},
                 "compute": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD"}})
             assert created.status_code == 200, created.text
-            job = _wait(client, f"/v1/fine_tuning/jobs/{created.json()['id']}", TERMINAL, 240)
+            job = _wait(client, f"/v1/fine_tuning/jobs/{created.json()['id']}", TERMINAL, 600)
             assert job["status"] == "succeeded", job
 
             run = next(home.glob(f"objects/tenants/*/runs/{job['id']}"))

@@ -116,7 +116,7 @@ def test_ctrl_c_in_jobs_watch_leaves_the_job_running_then_pause_resume_and_cance
 
     paused = qwenvl(stack.env, "jobs", "pause", job_id)
     assert paused.returncode == 0, paused.stderr
-    watched = qwenvl(stack.env, "jobs", "watch", job_id, timeout=300)
+    watched = qwenvl(stack.env, "jobs", "watch", job_id, timeout=600)
     assert watched.returncode == 1 and f"qwenvl jobs resume {job_id}" in watched.stdout, watched.stdout
     _one_line_error(qwenvl(stack.env, "jobs", "pause", "ftjob-nope"), "404")
     resumed = qwenvl(stack.env, "jobs", "resume", job_id)
@@ -125,7 +125,7 @@ def test_ctrl_c_in_jobs_watch_leaves_the_job_running_then_pause_resume_and_cance
 
     cancelled = qwenvl(stack.env, "jobs", "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
-    ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=240)
+    ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=600)
     assert ended.returncode == 1 and "cancelled" in ended.stdout, ended.stdout + ended.stderr
 
 
@@ -151,7 +151,7 @@ def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: 
                      "--workers", "1", "--cpus-per-worker", "0.5", "--json")
     assert created.returncode == 0, created.stderr
     job_id = json.loads(created.stdout)["id"]
-    ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=400)
+    ended = qwenvl(stack.env, "jobs", "watch", job_id, timeout=600)
     assert ended.returncode == 0 and "succeeded" in ended.stdout, ended.stdout[-3000:] + ended.stderr[-2000:]
     job = next(j for j in json.loads(qwenvl(stack.env, "jobs", "list", "--json").stdout) if j["id"] == job_id)
     model = job["fine_tuned_model"]

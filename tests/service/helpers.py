@@ -46,7 +46,7 @@ def upload(client: TestClient | httpx.Client, key: str, content: bytes = b"", na
     return resp.json()
 
 
-def wait_for(fetch: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
+def wait_for(fetch: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool], timeout: float = 300.0,
              step: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Poll ``fetch()`` (calling ``step()`` first, e.g. a scheduler tick) until ``done(doc)``; the last doc."""
     deadline = time.monotonic() + timeout
@@ -60,6 +60,6 @@ def wait_for(fetch: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]
     return doc
 
 
-def wait_file(client: TestClient | httpx.Client, key: str, file_id: str, timeout: float = 60.0) -> dict[str, Any]:
+def wait_file(client: TestClient | httpx.Client, key: str, file_id: str, timeout: float = 300.0) -> dict[str, Any]:
     return wait_for(lambda: client.get(f"/v1/files/{file_id}", headers=auth(key)).json(),
                     lambda d: d["status"] != "uploaded", timeout)

@@ -57,7 +57,7 @@ def processed_file(ctx: ServiceContext, tenant_id: str, name: str, records: list
     return file_id
 
 
-def launched_spec(ctx: ServiceContext, job_id: str, timeout: float = 30.0) -> FineTuneJobSpec:
+def launched_spec(ctx: ServiceContext, job_id: str, timeout: float = 120.0) -> FineTuneJobSpec:
     """Scheduler ticks until the job is launched; the spec the scheduler wrote for it."""
     deadline = time.monotonic() + timeout
     while True:

@@ -39,7 +39,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return database_url(request, tmp_path)
 
 
-def _wait(cond: Callable[[], bool], what: str, step: Callable[[], Any] | None = None, timeout: float = 30) -> None:
+def _wait(cond: Callable[[], bool], what: str, step: Callable[[], Any] | None = None, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

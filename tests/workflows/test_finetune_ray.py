@@ -124,11 +124,13 @@ def test_cancel_stops_within_seconds(ray_cluster, tiny_model_dir, synth_data, tm
     while not any(e.type == "metrics" for e in run.read_events()) and time.monotonic() < deadline:
         time.sleep(0.5)
     run.request_cancel()
-    cancelled_at = time.monotonic()
-    process.wait(timeout=120)
-    assert process.returncode == 0 and time.monotonic() - cancelled_at < 60
+    step_at_cancel = max(e.data.get("step", 0) for e in run.read_events())
+    process.wait(timeout=300)  # (a hang guard: how soon it stops is counted in steps below, not seconds)
+    assert process.returncode == 0
     result = run.read_result()
-    assert result["state"] == "cancelled" and result["summary"]["steps"] < 1000
+    # rank 0 polls CANCEL once a second (and progress events come at most every 2 s): the run stops a few seconds'
+    # steps after the request, far short of its 1000
+    assert result["state"] == "cancelled" and result["summary"]["steps"] <= step_at_cancel + 100, result["summary"]
     assert any(e.type == "checkpoint" for e in run.read_events())
     assert [e.data.get("state") for e in run.read_events() if e.type == "state"][-1] == "cancelled"
 
