@@ -180,8 +180,10 @@ def _private_ports() -> list[str]:
             f"--ray-client-server-port={free_port()}"]
 
 
-def deploy_app(env: dict[str, str], gcs_address: str, api_port: int, log: Path, timeout_s: float = 300) -> None:
-    """Run the Serve application ``workflows.app`` on the cluster (a short-lived driver; Serve keeps it)."""
+def deploy_app(env: dict[str, str], gcs_address: str, api_port: int, log: Path, timeout_s: float = 300,
+               ray_head: subprocess.Popen[bytes] | None = None) -> None:
+    """Run the Serve application ``workflows.app`` on the cluster (a short-lived driver; Serve keeps it). The driver
+    is given up at once if ``ray_head`` exits meanwhile (a driver of a dead cluster waits for it indefinitely)."""
     code = (
         "import ray; from ray import serve; import workflows.app as a; from workflows.serve_app import APP_NAME\n"
         f"ray.init(address={gcs_address!r}, logging_level='ERROR', log_to_driver=False)\n"
@@ -189,14 +191,21 @@ def deploy_app(env: dict[str, str], gcs_address: str, api_port: int, log: Path, 
         "serve.run(a.app(), name=APP_NAME, route_prefix='/')\n"
     )
     with log.open("ab") as out:
-        try:
-            done = subprocess.run([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise StackError(f"the Serve application did not start within {timeout_s:.0f} s; see {log}"
-                             f"{log_tail(log)}") from None
-    if done.returncode != 0:
-        raise StackError(f"the Serve application failed to start; see {log}{log_tail(log)}")
+        driver = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while driver.poll() is None and (ray_head is None or ray_head.poll() is None):
+            if time.monotonic() > deadline:
+                raise StackError(f"the Serve application did not start within {timeout_s:.0f} s; see {log}"
+                                 f"{log_tail(log)}")
+            time.sleep(0.5)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    if driver.returncode != 0:
+        raise StackError(f"the Serve application failed to start (its driver's exit status {driver.returncode}); "
+                         f"see {log}{log_tail(log)}")
 
 
 def _deploy(env: dict[str, str], gcs_address: str, api_port: int, logs: Path, timeout_s: float,
@@ -205,7 +214,7 @@ def _deploy(env: dict[str, str], gcs_address: str, api_port: int, logs: Path, ti
     tail either way); a head that exited is reported as such, with its own log."""
     for attempt in (1, 2):
         try:
-            deploy_app(env, gcs_address, api_port, logs / "serve.log", timeout_s)
+            deploy_app(env, gcs_address, api_port, logs / "serve.log", timeout_s, ray_head)
             return
         except StackError as exc:
             if ray_head.poll() is not None:
@@ -263,30 +272,33 @@ def alive_nodes(dashboard_url: str, token: str) -> int | None:
         return None
 
 
-def start_worker_nodes(count: int, start: Callable[[int], tuple[subprocess.Popen[bytes], Path]],
-                       alive: Callable[[], int | None], timeout_s: float, attempts: int = 3) -> None:
-    """Start worker nodes ``1..count`` with ``start(i)`` (which returns the node's process and its log) and wait
-    until ``alive()`` (e.g. ``alive_nodes``) counts the head and all of them.
+def start_nodes(count: int, start: Callable[[int], tuple[subprocess.Popen[bytes], Path]],
+                alive: Callable[[], int | None], timeout_s: float, attempts: int = 3, first: int = 1) -> None:
+    """Start nodes ``first..first+count-1`` with ``start(i)`` (which returns the node's process and its log; node 0
+    is the head, 1.. the worker nodes) and wait until ``alive()`` (e.g. ``alive_nodes``) counts ``first + count``
+    nodes: the ones started and those before them.
 
     A node whose process exits while starting is started again, ``attempts`` times in all: ``start`` draws fresh
-    ports each time (``ray_worker_command``), and a port drawn free can be taken by another process before the
-    node binds it, which Ray reports only as "timed out during startup" 30 s later."""
-    nodes = [start(i) for i in range(1, count + 1)]
+    ports each time (``ray_head_command``, ``ray_worker_command``), and a port drawn free can be taken by another
+    process before the node binds it, which Ray reports only as "timed out during startup" 30 s later (as it does
+    a raylet that a loaded machine kept from registering within Ray's fixed 30 s)."""
+    nodes = [start(i) for i in range(first, first + count)]
     tries = [1] * count
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for i, (process, log) in enumerate(nodes):
+        for k, (process, log) in enumerate(nodes):
             if process.poll() is None:
                 continue
-            if tries[i] == attempts:
-                raise StackError(f"Ray worker node {i + 1} exited with status {process.returncode} while starting, "
+            name = "the Ray head" if first + k == 0 else f"Ray worker node {first + k}"
+            if tries[k] == attempts:
+                raise StackError(f"{name} exited with status {process.returncode} while starting, "
                                  f"{attempts} times (each time on fresh ports); see {log}{log_tail(log)}")
-            tries[i] += 1
-            nodes[i] = start(i + 1)
-        if alive() == 1 + count:
+            tries[k] += 1
+            nodes[k] = start(first + k)
+        if alive() == first + count:
             return
         time.sleep(0.5)
-    raise StackError(f"the Ray cluster does not have {1 + count} alive nodes after {timeout_s:.0f} s; see "
+    raise StackError(f"the Ray cluster does not have {first + count} alive nodes after {timeout_s:.0f} s; see "
                      f"{nodes[-1][1]}{log_tail(nodes[-1][1])}")
 
 
@@ -427,22 +439,29 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
     stack_id = uuid.uuid4().hex
     temp_dir = ray_temp_dir(home)
     mlflow_url, dashboard_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{dashboard_port}"
-    gcs_port = free_port()
     env = stack_env(home, stack_id=stack_id, dashboard_url=dashboard_url, mlflow_url=mlflow_url,
                     ray_token=ray_token, mlflow_password=mlflow_password, model_dirs=model_dirs)
     state = StackState(stack_id, str(home), f"http://127.0.0.1:{api_port}", mlflow_url, dashboard_url,
-                       f"127.0.0.1:{gcs_port}", str(temp_dir), {}, time.time(), worker_nodes)
+                       "", str(temp_dir), {}, time.time(), worker_nodes)  # (gcs_address: set as the head starts)
     try:
         echo("starting MLflow ...")
         mlflow = _start_mlflow(home, env, mlflow_port, mlflow_password, logs / "mlflow.log")
         state.pids["mlflow"] = mlflow.pid
         echo("starting the Ray head ...")
-        ray_head = _popen(ray_head_command(gcs_port=gcs_port, dashboard_port=dashboard_port, temp_dir=temp_dir,
-                                           num_cpus=num_cpus), env, logs / "ray.log")
-        state.pids["ray_head"] = ray_head.pid
-        _write_state(home, state)
-        wait_http(f"{dashboard_url}/api/version", timeout_s, "the Ray head", logs / "ray.log", process=ray_head,
-                  headers=ray_auth_header(ray_token))
+        heads: list[subprocess.Popen[bytes]] = []
+
+        def start_head(_: int) -> tuple[subprocess.Popen[bytes], Path]:
+            gcs_port = free_port()  # fresh each time, as the node's other ports
+            heads.append(_popen(ray_head_command(gcs_port=gcs_port, dashboard_port=dashboard_port,
+                                                 temp_dir=temp_dir, num_cpus=num_cpus), env, logs / "ray.log"))
+            state.gcs_address, state.pids["ray_head"] = f"127.0.0.1:{gcs_port}", heads[-1].pid
+            _write_state(home, state)
+            return heads[-1], logs / "ray.log"
+
+        # until the head node is registered (its dashboard answers before that, and a head that does not register
+        # within Ray's 30 s exits): the deploy's driver would wait on a dead head
+        start_nodes(1, start_head, lambda: alive_nodes(dashboard_url, ray_token), timeout_s, first=0)
+        ray_head = heads[-1]
         if worker_nodes:
             echo(f"starting {worker_nodes} Ray worker node(s) ...")
 
@@ -454,7 +473,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
                 _write_state(home, state)
                 return node, log
 
-            start_worker_nodes(worker_nodes, start_worker, lambda: alive_nodes(dashboard_url, ray_token), timeout_s)
+            start_nodes(worker_nodes, start_worker, lambda: alive_nodes(dashboard_url, ray_token), timeout_s)
         wait_http(f"{mlflow_url}/health", timeout_s, "MLflow", logs / "mlflow.log", process=mlflow)
         echo("deploying the API and the model (Ray Serve) ...")
         _deploy(env, state.gcs_address, api_port, logs, timeout_s, ray_head, echo)

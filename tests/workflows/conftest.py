@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenvl_cli.stack import ray_head_command, ray_worker_command, start_worker_nodes
+from qwenvl_cli.stack import ray_head_command, ray_worker_command, start_nodes
 from qwenvl_core.specs import FineTuneJobSpec
 from tests.fixtures.net import free_port, wait_for_port
 
@@ -46,7 +46,7 @@ def ray_cluster() -> Iterator[str]:
 
     try:
         wait_for_port(port, nodes[0], timeout=120)
-        start_worker_nodes(1, start_worker, lambda: _alive_nodes(address, env), 240)
+        start_nodes(1, start_worker, lambda: _alive_nodes(address, env), 240)
         yield address
     finally:
         for node in reversed(nodes):
