@@ -86,8 +86,8 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("qvhome")
     env = stack_env(home)
-    up = qwenvl(env, "up", "--models", ",".join(STACK_MODELS), timeout=600)
-    try:
+    try:  # (`down` also after an `up` that timed out: the killed CLI stopped nothing it had started)
+        up = qwenvl(env, "up", "--models", ",".join(STACK_MODELS), timeout=600)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield Stack(home, env)
     finally:

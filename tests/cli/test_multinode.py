@@ -45,8 +45,8 @@ def test_fine_tune_through_the_api_spreads_over_a_head_and_a_worker_node(tmp_pat
     home = tmp_path / "home"
     env = stack_env(home)
     data = write_demo_dataset(tmp_path / "data", n_train=16, n_validation=4)
-    up = qwenvl(env, "up", "--worker-nodes", "1", "--num-cpus", "2", "--models", BASE_MODEL, timeout=600)
-    try:
+    try:  # (`down` also after an `up` that timed out)
+        up = qwenvl(env, "up", "--worker-nodes", "1", "--num-cpus", "2", "--models", BASE_MODEL, timeout=600)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert "nodes 2/2 alive" in up.stdout
         report = qwenvl(env, "status", "--json")
