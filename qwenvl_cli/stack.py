@@ -14,6 +14,9 @@
   Qwen3-VL tiny bases pretrained the same way, ``qwen2-vl-tiny-seeing``, ``qwen2.5-vl-tiny-seeing`` and
   ``qwen3-vl-tiny-seeing``; ``--models`` serves only some of them, each replica costing a process with its own
   imports and weights) on :8000.
+Each Ray node counts as started once the dashboard lists it alive; one whose ``ray start`` exits first (a port
+taken meanwhile, or a raylet that a loaded machine kept from registering within Ray's fixed 30 s) is started again
+on fresh ports (``start_nodes``), and the deploy gives up as soon as the head exits.
 The API writes the admin key and the default tenant's key into ``$QWENVL_HOME`` (``admin_key``, ``api_key``).
 ``$QWENVL_HOME`` is created with mode 0700 and every secret file in it with 0600.
 

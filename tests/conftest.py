@@ -102,7 +102,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     cluster = SHARED_CLUSTER_MODULES.get(_module(item.nodeid))
     if cluster is None or (nextitem is not None and work_unit(nextitem.nodeid) == work_unit(item.nodeid)):
         return
-    for fixturedef in item._fixtureinfo.name2fixturedefs.get(cluster, ()):
+    # (looked up, not taken from the item's own fixtures: the unit's last test need not use the cluster)
+    for fixturedef in item.session._fixturemanager.getfixturedefs(cluster, item) or ():
         fixturedef.finish(item._request)
 
 
