@@ -230,14 +230,14 @@ def _deploy(env: dict[str, str], gcs_address: str, api_port: int, logs: Path, ti
 
 
 def wait_http(url: str, timeout_s: float, what: str, log: Path, ok: tuple[int, ...] = (200,),
-              process: subprocess.Popen[bytes] | None = None, headers: dict[str, str] | None = None) -> None:
+              process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise StackError(f"{what} exited with status {process.returncode} while starting; see {log}"
                              f"{log_tail(log)}")
         try:
-            if httpx.get(url, timeout=5, headers=headers).status_code in ok:
+            if httpx.get(url, timeout=5).status_code in ok:
                 return
         except httpx.HTTPError:
             pass
