@@ -22,7 +22,10 @@ LayerCache = Callable[[torch.Tensor, torch.Tensor], KVPair]
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a weight only; normalises in float32 and casts back to the input dtype."""
+    """RMSNorm with a weight only; normalises in float32 and casts back to the input dtype, then scales (the
+    official order). ``F.rms_norm`` computes ``x · rsqrt(mean(x²) + eps)``: on the CPU it decomposes into exactly
+    those ops (bit for bit the official formula, ``tests/core/test_rms_norm.py``); on CUDA it is one fused kernel
+    instead of six launches, as the official code's CUDA path uses flash-attn's fused ``rms_norm``."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -31,8 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]."""
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [..., dim]
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # [..., dim], float32
         return normed.type_as(x) * self.weight
 
 
