@@ -17,11 +17,13 @@ This module owns
     results are never read).
   - A decode forward (one token a row) of several adapters, in plans made ``dense`` (the serving engine's choice
     on a GPU): ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
-    (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]``, added: four kernels a layer and no gathers.
+    (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]`` accumulated into the layer's output (one
+    ``addmm``): three kernels a target and no gathers.
     A decode step on a GPU costs what it launches; the slots-fold multiply-adds of one token a row are little
     beside that there, and the weights are read either way. On a CPU those multiply-adds are the cost, so plans
     there are grouped as for a prefill.
-  - One adapter: ``(x · Aᵀ) · (B·s)ᵀ`` on the rows as they are.
+  - One adapter on every row: ``x · Aᵀ``, then ``· (B·s)ᵀ`` accumulated into the output (one ``addmm``), on the
+    rows as they are: two kernels a target.
 
 The base weights are never modified, so any number of adapters share one copy of the model; an adapter's
 tensors live as long as someone (the cache, or a plan of requests in flight) holds its ``LoraWeights``.
@@ -400,11 +402,12 @@ class GroupedLora:
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
             if plan.dense is not None and x.shape[1] == 1:  # a decode step of several adapters (module docstring)
                 a_all, b_all = plan.dense[name]
-                change = (block @ a_all).mul_(plan.mask) @ b_all
-                return output.add_(change if change.dtype == output.dtype else change.to(output.dtype))
+                return _add_product(output, (block @ a_all).mul_(plan.mask), b_all)
+            if layout.gather is None and layout.groups == 1:  # one adapter on every row: the rows as they are
+                return _add_product(output, block @ a_t, b_t)
             if layout.gather is not None:
                 block = block.index_select(0, layout.gather)  # [G·M, T, in]: each slot's rows, padded
-            if layout.groups == 1:  # one adapter: plain matmuls on the block as it is
+            if layout.groups == 1:  # one adapter on some rows
                 change = (block @ a_t) @ b_t
             else:  # every adapter of the batch in one pair of batched matmuls: [G, M·T, in] · Aᵀ · (B·s)ᵀ
                 change = torch.bmm(torch.bmm(block.reshape(layout.groups, -1, block.shape[-1]), a_t), b_t)
@@ -417,3 +420,15 @@ class GroupedLora:
             return output.add_(change) if layout.rows is None else output.index_add_(0, layout.rows, change)
 
         return hook
+
+
+def _add_product(output: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``output += left · right`` in place (``left [..., r]``, ``right [r, out]``): one ``addmm`` (one kernel: the
+    product accumulated into the layer's output) where the dtypes agree and the output is contiguous, as a
+    ``Linear``'s is; else the product, cast, then added. The layer's output is a new tensor of this forward, used by
+    nothing else yet."""
+    if output.dtype == left.dtype and output.is_contiguous():
+        output.view(-1, output.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right)
+        return output
+    change = left @ right
+    return output.add_(change if change.dtype == output.dtype else change.to(output.dtype))

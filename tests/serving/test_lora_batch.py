@@ -8,9 +8,12 @@ the device slots, including a window that spans a resident adapter no row uses).
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.adapter_slots import AdapterSlots
@@ -145,6 +148,41 @@ def test_adapter_slots_plan_matches_per_row_reference(adapters, tokens, dtype, d
     # a row of the batch size the plan was not made for is refused, not silently misapplied
     with torch.inference_mode(), lora.activate(plan), pytest.raises(QwenVLError, match="plan is for 8 rows"):
         model(x[:3])
+
+
+class _Kernels(TorchDispatchMode):
+    """The non-view ops dispatched while active, by name (on a GPU each is a kernel launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False):  # (a matmul of a [B, 1, in] input is one mm)
+            name = func.overloadpacket.__name__
+            self.ops["mm" if name == "matmul" else name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("picks", "expected"), [
+    ([0, 0, 0], {"mm": 1, "addmm_": 1}),  # one adapter on every row: x·Aᵀ, then ·(B·s)ᵀ into the output
+    ([0, 1, 0], {"mm": 1, "mul_": 1, "addmm_": 1}),  # a dense decode: x·[Aᵀ…], the rank mask, ·[(B·s)ᵀ…] into it
+], ids=["one-adapter", "dense-mixed"])
+def test_a_decode_step_adds_two_or_three_kernels_per_target(adapters, picks, expected):
+    """What a LoRA target costs a decode step on a GPU, where a step's time follows its launches: the delta is
+    accumulated into the layer's output by the second matmul (``addmm``), not computed apart and then added."""
+    model = _Tiny()
+    weights = [adapters[p][0] for p in picks]
+    x = torch.randn(len(picks), 1, IN)
+    with torch.inference_mode():
+        base = _Kernels()
+        with base:
+            model(x)
+        lora = _Kernels()
+        with GroupedLora(model).activate(build_plan(weights, dense=True)), lora:
+            model(x)
+    added = lora.ops - base.ops
+    assert dict(added) == {name: count * 2 for name, count in expected.items()}  # two targets: up, down
 
 
 def test_adapter_slots_are_allocated_up_front_and_a_failed_write_leaves_the_slot_empty():
