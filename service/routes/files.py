@@ -7,12 +7,11 @@ import os
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
-from fastapi.responses import StreamingResponse
 
-from qwenvl_core.storage import iter_chunks
 from service import repository as repo
 from service import usage
 from service.deps import Ctx, SessionDep, StorageDep, TenantDep
+from service.downloads import ObjectResponse
 from service.errors import Conflict, InvalidRequest, PayloadTooLarge
 from service.schemas import Deleted, FileList, FilePublic, file_public
 from service.storage import TenantStorage, safe_filename
@@ -100,11 +99,11 @@ def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FilePublic
 
 @router.get("/{file_id}/content", operation_id="files-content",
             responses={200: {"content": {"application/octet-stream": {}}}})
-def file_content(file_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> StreamingResponse:
+def file_content(file_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep) -> ObjectResponse:
     row = repo.get_file(session, tenant_id=tenant.id, file_id=file_id)
     stream = storage.open(row.storage_key)
     headers = {"Content-Disposition": f'attachment; filename="{row.filename}"', "Content-Length": str(row.bytes)}
-    return StreamingResponse(iter_chunks(stream), media_type="application/octet-stream", headers=headers)
+    return ObjectResponse(stream, media_type="application/octet-stream", headers=headers)
 
 
 @router.delete("/{file_id}", operation_id="files-delete")

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from qwenvl_core.serving import servable
-from qwenvl_core.storage import iter_chunks
 from service import lineage, merged_export
 from service import repository as repo
 from service.context import AdapterDeleted, ServiceContext
 from service.deps import Ctx, SessionDep, SettingsDep, StorageDep, TenantDep
+from service.downloads import ObjectResponse
 from service.errors import InvalidRequest, PermissionDenied
 from service.models import Tenant
 from service.schemas import Deleted, ModelList, ModelPublic, model_public
@@ -71,7 +69,7 @@ ExportFormat = Annotated[Literal["peft", "merged"], Query(
 @router.get("/{model_id:path}/content", operation_id="models-download",
             responses={200: {"content": {"application/gzip": {}, "application/x-tar": {}}}})
 def download_model(model_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep, settings: SettingsDep,
-                   export_format: ExportFormat = "peft") -> StreamingResponse:
+                   export_format: ExportFormat = "peft") -> ObjectResponse:
     """The adapter (or checkpoint's adapter) as ``.tar.gz`` of a PEFT directory (adapter_config.json,
     adapter_model.safetensors, ...); ``format=merged``: the merged full model as ``.tar`` (``model/``)."""
     found = lineage.find(session, tenant.id, model_id)
@@ -82,18 +80,18 @@ def download_model(model_id: str, tenant: TenantDep, session: SessionDep, storag
     size = os.fstat(archive.fileno()).st_size
     headers = {"Content-Disposition": f'attachment; filename="{name}-adapter.tar.gz"',
                "Content-Length": str(size)}
-    return StreamingResponse(_stream(archive), media_type="application/gzip", headers=headers)
+    return ObjectResponse(archive, media_type="application/gzip", headers=headers)
 
 
 def _merged(session: Session, storage: TenantStorage, settings: Settings, tenant: Tenant, found: lineage.AdapterModel,
-            name: str) -> StreamingResponse:
+            name: str) -> ObjectResponse:
     """The merged export, merged first unless already stored (``service.merged_export``), streamed from storage."""
     key = merged_export.ensure_merged(session, storage, tenant, model_id=found.id, adapter_uri=found.adapter_uri,
                                       base_dir=settings.base_models.get(found.base_model), job_id=found.job_id,
                                       timeout_s=settings.merge_timeout_s)
     headers = {"Content-Disposition": f'attachment; filename="{name}-merged.tar"',
                "Content-Length": str(storage.size(key))}
-    return StreamingResponse(_stream(storage.open(key)), media_type="application/x-tar", headers=headers)
+    return ObjectResponse(storage.open(key), media_type="application/x-tar", headers=headers)
 
 
 def _archive(storage: TenantStorage, adapter_uri: str) -> IO[bytes]:
@@ -103,14 +101,9 @@ def _archive(storage: TenantStorage, adapter_uri: str) -> IO[bytes]:
     try:
         os.close(fd)
         storage.write_tar_gz(adapter_uri, Path(tmp), "adapter")
-        return open(tmp, "rb")  # closed by _stream (or, if never iterated, when collected)
+        return open(tmp, "rb")  # closed by the response (or, if never sent, when collected)
     finally:
         os.unlink(tmp)
-
-
-def _stream(archive: IO[bytes]) -> Iterator[bytes]:
-    with archive:
-        yield from iter_chunks(archive)
 
 
 @router.get("/{model_id:path}", operation_id="models-retrieve")
