@@ -99,8 +99,8 @@ class QWenRotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; rotary on the first cos.shape[-1] dims (float32), rest passed through; ``sin`` with the
-    rotate-half sign folded in (``QWenRotary``).
+    """x [..., B, H, T, D] (cos / sin [B | 1, 1, T, rot] broadcast over the leading dims); rotary on the first
+    cos.shape[-1] dims (float32), rest passed through; ``sin`` with the rotate-half sign folded in (``QWenRotary``).
 
     The official ``x * cos + rotate_half(x) * sin``, where ``rotate_half([x1, x2]) = [-x2, x1]``, as
     ``x * cos + roll(x, rot/2) * [-sin, sin]``: bit for bit the same values ((-a)·b == a·(-b) in IEEE arithmetic),
@@ -134,10 +134,6 @@ class QWenAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         self.dropout = float(config.attn_dropout_prob)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, H*hd] -> [B, H, T, hd]."""
-        return x.view(x.size(0), x.size(1), self.heads, self.head_dim).transpose(1, 2)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -148,9 +144,13 @@ class QWenAttention(nn.Module):
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, KVPair | None]:
         """hidden [B, T, hidden] -> ([B, T, hidden], present (k, v) [B, H, T_past+T, hd] or None)."""
-        q, k, v = (self._split(t) for t in self.c_attn(hidden_states).chunk(3, dim=-1))  # each [B, H, T, hd]
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # [B, H, T, hd]
+        batch, length = hidden_states.shape[:2]
+        qkv = self.c_attn(hidden_states).view(batch, length, 3, self.heads, self.head_dim)  # [B, T, 3, H, hd]
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd], a view
+        cos, sin = rotary  # [B | 1, 1, T, rot]: broadcast over q and k too
+        # q and k rotated together: one set of elementwise ops instead of two (a decode step's launches)
+        qk = apply_rotary(qkv[:2], cos, sin)  # [2, B, H, T, hd]
+        q, k, v = qk[0], qk[1], qkv[2]  # each [B, H, T, hd]
         if query_scale is not None:
             q = (q * query_scale).type_as(k)  # [B, H, T, hd]
         if callable(layer_past):  # a cache object's layer (the serving engine's): it stores and returns (k, v)
