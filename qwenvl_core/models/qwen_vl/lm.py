@@ -23,9 +23,10 @@ LayerCache = Callable[[torch.Tensor, torch.Tensor], KVPair]
 
 class RMSNorm(nn.Module):
     """RMSNorm with a weight only; normalises in float32 and casts back to the input dtype, then scales (the
-    official order). ``F.rms_norm`` computes ``x · rsqrt(mean(x²) + eps)``: on the CPU it decomposes into exactly
-    those ops (bit for bit the official formula, ``tests/core/test_rms_norm.py``); on CUDA it is one fused kernel
-    instead of six launches, as the official code's CUDA path uses flash-attn's fused ``rms_norm``."""
+    official order). ``F.rms_norm`` computes ``x · rsqrt(mean(x²) + eps)`` in float32 whatever x's dtype and returns
+    x's dtype: on the CPU it decomposes into exactly the official ops (bit for bit, forward and gradients, in fp32,
+    bf16 and fp16: ``tests/core/test_rms_norm.py``); on CUDA it is one fused kernel instead of eight launches in
+    bf16 (the casts included), as the official code's CUDA path uses flash-attn's fused ``rms_norm``."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -34,8 +35,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim]."""
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # [..., dim], float32
-        return normed.type_as(x) * self.weight
+        # in x's dtype, computed in float32 inside (as official: normalised in float32, then cast)
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight  # [..., dim]
 
 
 def ntk_alpha_for(total_len: int, seq_length: int) -> float:
