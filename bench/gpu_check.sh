@@ -4,10 +4,11 @@
 # adapters with their device copies), full-size random-weight serving of Qwen-VL v1 in bf16
 # (tokens/s with 8 adapters, TTFT, the longest inter-token gap; then, in a row of its own, the peak memory of 32
 # concurrent 2000-token requests), full-size LoRA /
-# Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), and one sampling step at the full vocabulary,
-# batched vs the row-by-row sampler before it (time, waits for the device). Prints one table (and writes it to
+# Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), one sampling step at the full vocabulary,
+# batched vs the row-by-row sampler before it (time, waits for the device), and the CUDA kernels a decode step
+# launches (`bench/step_ops.py`). Prints one table (and writes it to
 # $OUT/gpu_check.md when OUT is set), then exits with the number of failed checks. Budget: 9 minutes on one H200
-# (the limits below add up to 550 s, plus the wheels' install; the first run, 2026-12-04, took 314 s with the serving
+# (the limits below add up to 595 s, plus the wheels' install; the first run, 2026-12-04, took 314 s with the serving
 # row cut at its then 180 s before its memory part), inside the 600 s of one device call; each check has its own
 # limit, so one that hangs cannot eat the others', and its row says "running" until it ends, so a run cut short from
 # outside still shows which check it was in. A rerun in the same lease can name only the rows it needs
@@ -92,5 +93,7 @@ check serve_v1_full_bf16 200 $PY bench/serving_throughput.py --device "$device" 
 check serve_v1_memory 110 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --memory-only \
   --before-rev "" "${memory[@]}"
 check train_qwen25vl_7b 90 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
+# kernels per decode step, base / one adapter / 8 mixed (2-layer model: what a layer adds, fused rms_norm or not)
+check step_kernels 45 $PY bench/step_ops.py --device "$device" --preset qwen-vl-tiny --before-rev "" --steps-only
 cat "$table"
 exit "$failed"

@@ -14,7 +14,12 @@ queued at once, run to the end through the engine (batch 16): ops and forwards p
 against the static-batch baseline of ``serving_throughput`` (batches of 16 run to their longest request, peft)
 counted the same way: on a GPU the engine's advantage over static batching is this ratio.
 
-Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821]
+Beside the dispatched ops, what the device ran in the same steps (``torch.profiler``): on CUDA the kernels (what a
+launch-bound GPU step pays for; a composite op such as ``rms_norm`` is one fused kernel there or several), on the CPU
+the leaf ops. ``bench/gpu_check.sh`` runs it on the GPU (``--steps-only``).
+
+Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821] [--device cuda]
+[--steps-only]
 """
 
 from __future__ import annotations
@@ -53,8 +58,60 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
-    """(in the tree on ``sys.path``) ``{scenario: {"ops": per step, "views": per step}}``."""
+class KernelCounter:
+    """What the device ran while active (``torch.profiler``): on CUDA its kernels, copies and memsets, each one launch;
+    on the CPU the leaf ``aten`` ops other than views (what a composite op such as ``rms_norm`` or ``matmul``
+    decomposes into there). Unlike the dispatched ops, this is what the GPU pays per launch."""
+
+    def __init__(self, device: torch.device) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.device = device
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self._profile = profile(activities=activities)
+        self.kernels = 0
+
+    def __enter__(self) -> KernelCounter:
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torch.autograd import DeviceType
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._profile.__exit__(*exc)
+        events = self._profile.events()
+        if self.device.type == "cuda":
+            self.kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+        else:  # an op that computes, none of whose callees computes
+            self.kernels = sum(1 for e in events if e.device_type == DeviceType.CPU and _computes(e.name)
+                               and not any(_computes(d.name) for d in _callees(e)))
+
+
+# ops that only describe a tensor, or call the ops that compute (counted there): no kernel of their own
+_BOOKKEEPING = {"aten::" + name for name in ("resolve_conj", "resolve_neg", "reshape", "contiguous", "to", "type_as",
+                                              "expand_as", "view_as", "flatten", "unflatten", "detach", "alias",
+                                              "lift_fresh", "empty", "empty_like", "empty_strided", "_unsafe_view")}
+
+
+def _computes(name: str) -> bool:
+    if not name.startswith("aten::") or name in _BOOKKEEPING:
+        return False
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    overloads = packet.overloads() if packet is not None else []
+    return not (overloads and getattr(getattr(packet, overloads[0]), "is_view", False))
+
+
+def _callees(event: Any) -> Any:
+    for child in event.cpu_children:
+        yield child
+        yield from _callees(child)
+
+
+def count(preset: str, adapters: int, device: str | None = None, workload_too: bool = True) -> dict[str, dict[str, float]]:
+    """(in the tree on ``sys.path``) ``{scenario: {"ops": per step, "views": per step, "kernels": per step}}`` on
+    ``device`` (the engine's default: the GPU when one is visible)."""
     from serving_throughput import _fixed_length, _prompt, make_adapters
 
     from qwenvl_core.conversation import text_message
@@ -67,12 +124,12 @@ def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
     paths = make_adapters(family, model_dir, work / "adapters", adapters, 8, torch.float32)
     as_on_a_gpu = {"lora_decode": "dense"} if "lora_decode" in {f.name for f in dataclasses.fields(EngineConfig)} else {}
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2,
-                                                                  **as_on_a_gpu))
+                                                                  device=device, **as_on_a_gpu))
     result = {}
     try:
         for name, chosen in {"base": [None], "single": paths[:1], "mixed": paths}.items():
             rows = [chosen[i % len(chosen)] for i in range(ROWS)]
-            requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, STEPS + 4),
+            requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, 2 * STEPS + 4),
                                       adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
                         for i, a in enumerate(rows)]
             engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
@@ -81,10 +138,15 @@ def count(preset: str, adapters: int) -> dict[str, dict[str, float]]:
             with counter:
                 for _ in range(STEPS):
                     engine._step([])
+            with KernelCounter(engine.device) as kernels:  # the next steps, apart: a profiler beside the dispatch
+                for _ in range(STEPS):                     # mode would count its own ops
+                    engine._step([])
             while engine._batch is not None:
                 engine._step([])
-            result[name] = {"ops": sum(counter.ops.values()) / STEPS, "views": counter.views / STEPS}
-        result["workload"] = workload(engine, paths[0])
+            result[name] = {"ops": sum(counter.ops.values()) / STEPS, "views": counter.views / STEPS,
+                            "kernels": kernels.kernels / STEPS}
+        if workload_too:
+            result["workload"] = workload(engine, paths[0])
     finally:
         engine.close()
     return result
@@ -138,11 +200,13 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen-vl-small")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--before-rev", default="4ba4821", help="git revision to compare with ('' to skip)")
+    parser.add_argument("--device", default=None, help="the engine's device (default: the GPU when one is visible)")
+    parser.add_argument("--steps-only", action="store_true", help="the decode steps only, not the workload")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one revision's counts, as JSON on the last line
-        print(json.dumps(count(args.preset, args.adapters)))
+        print(json.dumps(count(args.preset, args.adapters, args.device, workload_too=not args.steps_only)))
         return
     if args.static:
         print(json.dumps(static_workload(args.preset)))
@@ -150,14 +214,16 @@ def main() -> None:
 
     def measured(tree: Path, role: str = "--child") -> Any:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, "--preset",
-                               args.preset, "--adapters", str(args.adapters)], capture_output=True, text=True, env=env)
+        options = ["--preset", args.preset, "--adapters", str(args.adapters)] + (["--device", args.device]
+                                                                                 if args.device else [])
+        done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, *options]
+                              + (["--steps-only"] if args.steps_only else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise SystemExit(f"counting in {tree} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     after = measured(Path(__file__).resolve().parent.parent)
-    static = measured(Path(__file__).resolve().parent.parent, "--static")
+    static = None if args.steps_only else measured(Path(__file__).resolve().parent.parent, "--static")
     runs = {"after": after}
     if args.before_rev:
         with worktree(args.before_rev) as tree:
@@ -167,17 +233,24 @@ def main() -> None:
                 (tree / "bench" / "step_ops.py").write_text(Path(__file__).read_text())
                 (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
                 runs["before"] = measured(tree)
-    print(f"preset={args.preset} rows={ROWS} adapters={args.adapters} steps={STEPS}; ops dispatched per decode step")
+    print(f"preset={args.preset} rows={ROWS} adapters={args.adapters} steps={STEPS}; per decode step: ops dispatched "
+          "(views among them), then what ran on the device ('kernels': CUDA kernels, or the CPU's leaf ops)")
     steps = ("base", "single", "mixed")
-    for label, result in runs.items():
-        rev = "working tree" if label == "after" else args.before_rev
-        print(f"{label:6} ({rev}): " + "  ".join(
-            f"{name}={result[name]['ops']:.0f} ({result[name]['views']:.0f} views)" for name in steps)
-            + f"  single/base={result['single']['ops'] / result['base']['ops']:.2f}"
-            + f"  mixed/base={result['mixed']['ops'] / result['base']['ops']:.2f}")
-    if "before" in runs:
-        print("after/before: " + "  ".join(f"{name}={after[name]['ops'] / runs['before'][name]['ops']:.2f}"
-                                           for name in steps))
+    for what in ("ops", "kernels"):
+        for label, result in runs.items():
+            if what not in result["base"]:  # (a revision whose counting predates it)
+                continue
+            rev = "working tree" if label == "after" else args.before_rev
+            print(f"{what:7} {label:6} ({rev}): " + "  ".join(
+                f"{name}={result[name][what]:.0f}" + (f" ({result[name]['views']:.0f} views)" if what == "ops" else "")
+                for name in steps)
+                  + f"  single/base={result['single'][what] / result['base'][what]:.2f}"
+                  + f"  mixed/base={result['mixed'][what] / result['base'][what]:.2f}")
+        if "before" in runs and what in runs["before"]["base"]:
+            print(f"{what} after/before: " + "  ".join(f"{name}={after[name][what] / runs['before'][name][what]:.2f}"
+                                                      for name in steps))
+    if static is None:
+        return
     requests, fewest, most = WORKLOAD
     print(f"workload: {requests} requests of {fewest}-{most} new tokens, one adapter, batch {ROWS}; per generated token:")
     print(f"static batches: ops={static:.1f}")

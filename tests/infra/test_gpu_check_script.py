@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKS = ("environment", "gpu_tests", "sampling_step", "serve_v1_full_bf16", "serve_v1_memory", "train_qwen25vl_7b")
+CHECKS = ("environment", "gpu_tests", "sampling_step", "serve_v1_full_bf16", "serve_v1_memory", "train_qwen25vl_7b",
+          "step_kernels")
 
 
 def _dry_run(out: Path, **settings: str) -> tuple[subprocess.CompletedProcess, dict[str, str], str]:
@@ -45,6 +46,8 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     train = (out / "train_qwen25vl_7b.log").read_text()
     assert "steps-lora" in train and "steps-qlora" in train, train[-3000:]
     assert "min ms per step: new=" in (out / "sampling_step.log").read_text()
+    kernels = (out / "step_kernels.log").read_text()
+    assert "kernels after  (working tree): base=" in kernels and "workload" not in kernels, kernels[-3000:]
 
 
 @pytest.mark.slow
