@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qwenvl_core.errors import ModelLoadError
+from qwenvl_core.models.hf_vl.fused_norms import fuse_rms_norms
 from qwenvl_core.models.hf_vl.spec import FamilySpec
 from qwenvl_core.models.qwen_vl.weights import _format_keys
 
@@ -42,7 +43,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """Load ``model_dir`` strictly into the family's transformers model built from ``config``; eval mode."""
+    """Load ``model_dir`` strictly into the family's transformers model built from ``config``; eval mode; its
+    RMSNorm layers computed by one fused op (``fused_norms``)."""
     from safetensors import SafetensorError
 
     directory = Path(model_dir)
@@ -73,6 +75,7 @@ def load_model(
         problems.append("; ".join(str(m) for m in report["error_msgs"]))
     if problems:
         raise ModelLoadError(f"weights in {directory} do not match its config.json: " + "; ".join(problems))
+    fuse_rms_norms(model)
     return model.eval()
 
 
