@@ -13,6 +13,7 @@ Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/lora_forward_ab.py [--preset qwe
 from __future__ import annotations
 
 import argparse
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -70,8 +71,11 @@ def main() -> None:
                                                                   lora_decode=args.lora_decode))
     weights = [engine.cache.get(d.name, str(d)) for d in dirs]
     model = engine.model
+    # the old slots decode mixed adapters the way the engine's new ones do, where the old code has that choice
+    dense = {"dense_decode": engine.adapter_slots.dense_decode} if "dense_decode" in inspect.signature(
+        old_slots_module.AdapterSlots).parameters else {}
     old_slots = old_slots_module.AdapterSlots(8, engine.config.max_lora_rank, lora_targets(model, family),
-                                              torch.device("cpu"), model.get_input_embeddings().weight.dtype)
+                                              torch.device("cpu"), model.get_input_embeddings().weight.dtype, **dense)
     slot_of = {"new": [engine.adapter_slots.acquire(w) for w in weights], "old": [old_slots.acquire(w) for w in weights]}
     hooks = {"new": engine.lora, "old": old_lb.GroupedLora(model)}
     store = {"new": engine.adapter_slots, "old": old_slots}
@@ -98,7 +102,7 @@ def main() -> None:
             forward(*case)
             times[name] = min(times[name], time.perf_counter() - start)
     print(f"preset={args.preset} rows={args.rows} tokens={args.tokens} threads={torch.get_num_threads()} "
-          f"new lora_decode={args.lora_decode} old={args.before_rev}; max |logits new - old| (mixed) = {difference:.2e}")
+          f"lora_decode={args.lora_decode} (old: {dense or 'no choice'}) old={args.before_rev}; max |logits new - old| (mixed) = {difference:.2e}")
     print("min ms: " + " ".join(f"{name}={t * 1000:.2f}" for name, t in times.items()))
     for tag in ("old", "new"):
         single, mixed = times[f"{tag} single"], times[f"{tag} mixed"]
