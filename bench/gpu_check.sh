@@ -94,6 +94,7 @@ check serve_v1_memory 110 $PY bench/serving_throughput.py --device "$device" --d
   --before-rev "" "${memory[@]}"
 check train_qwen25vl_7b 90 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
 # kernels per decode step, base / one adapter / 8 mixed (2-layer model: what a layer adds, fused rms_norm or not)
-check step_kernels 45 $PY bench/step_ops.py --device "$device" --preset qwen-vl-tiny --before-rev "" --steps-only
+check step_kernels 45 $PY bench/step_ops.py --device "$device" --dtype bfloat16 --preset qwen-vl-tiny --before-rev "" \
+  --steps-only
 cat "$table"
 exit "$failed"

@@ -19,7 +19,7 @@ launch-bound GPU step pays for; a composite op such as ``rms_norm`` is one fused
 the leaf ops. ``bench/gpu_check.sh`` runs it on the GPU (``--steps-only``).
 
 Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821] [--device cuda]
-[--steps-only]
+[--steps-only] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def _callees(event: Any) -> Any:
         yield from _callees(child)
 
 
-def count(preset: str, adapters: int, device: str | None = None, workload_too: bool = True) -> dict[str, dict[str, float]]:
+def count(preset: str, adapters: int, device: str | None = None, workload_too: bool = True,
+          dtype: str = "float32") -> dict[str, dict[str, float]]:
     """(in the tree on ``sys.path``) ``{scenario: {"ops": per step, "views": per step, "kernels": per step}}`` on
-    ``device`` (the engine's default: the GPU when one is visible)."""
+    ``device`` (the engine's default: the GPU when one is visible), the model in ``dtype``."""
     from serving_throughput import _fixed_length, _prompt, make_adapters
 
     from qwenvl_core.conversation import text_message
@@ -124,7 +125,8 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
     paths = make_adapters(family, model_dir, work / "adapters", adapters, 8, torch.float32)
     as_on_a_gpu = {"lora_decode": "dense"} if "lora_decode" in {f.name for f in dataclasses.fields(EngineConfig)} else {}
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2,
-                                                                  device=device, **as_on_a_gpu))
+                                                                  device=device, **as_on_a_gpu),
+                                          dtype=getattr(torch, dtype))
     result = {}
     try:
         for name, chosen in {"base": [None], "single": paths[:1], "mixed": paths}.items():
@@ -202,11 +204,13 @@ def main() -> None:
     parser.add_argument("--before-rev", default="4ba4821", help="git revision to compare with ('' to skip)")
     parser.add_argument("--device", default=None, help="the engine's device (default: the GPU when one is visible)")
     parser.add_argument("--steps-only", action="store_true", help="the decode steps only, not the workload")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16: the casts a GPU launches)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one revision's counts, as JSON on the last line
-        print(json.dumps(count(args.preset, args.adapters, args.device, workload_too=not args.steps_only)))
+        print(json.dumps(count(args.preset, args.adapters, args.device, workload_too=not args.steps_only,
+                               dtype=args.dtype)))
         return
     if args.static:
         print(json.dumps(static_workload(args.preset)))
@@ -214,8 +218,8 @@ def main() -> None:
 
     def measured(tree: Path, role: str = "--child") -> Any:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
-        options = ["--preset", args.preset, "--adapters", str(args.adapters)] + (["--device", args.device]
-                                                                                 if args.device else [])
+        options = ["--preset", args.preset, "--adapters", str(args.adapters), "--dtype", args.dtype] + (
+            ["--device", args.device] if args.device else [])
         done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, *options]
                               + (["--steps-only"] if args.steps_only else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -233,7 +237,8 @@ def main() -> None:
                 (tree / "bench" / "step_ops.py").write_text(Path(__file__).read_text())
                 (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
                 runs["before"] = measured(tree)
-    print(f"preset={args.preset} rows={ROWS} adapters={args.adapters} steps={STEPS}; per decode step: ops dispatched "
+    print(f"preset={args.preset} dtype={args.dtype} rows={ROWS} adapters={args.adapters} steps={STEPS}; per decode "
+          "step: ops dispatched "
           "(views among them), then what ran on the device ('kernels': CUDA kernels, or the CPU's leaf ops)")
     steps = ("base", "single", "mixed")
     for what in ("ops", "kernels"):
