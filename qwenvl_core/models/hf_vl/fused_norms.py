@@ -1,14 +1,15 @@
-"""The transformers families' RMSNorm layers computed by ``F.rms_norm``: one fused kernel on CUDA where their own
-forward launches eight in bf16 (cast to float32, square, mean, add, rsqrt, multiply, cast back, scale), with the
-same values.
+"""The transformers families' RMSNorm layers computed by ``F.rms_norm``: two kernels on CUDA (the fused norm, the
+scale) where their own forward launches eight in bf16 (cast to float32, square, mean, add, rsqrt, multiply, cast
+back, scale), with the same values.
 
 Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's text RMSNorm (and Qwen2.5-VL's vision RMSNorm) all compute
 ``weight · (x.float() · rsqrt(mean(x.float()²) + eps)).to(x.dtype)``. ``F.rms_norm(x)`` computes the same in
 float32 whatever x's dtype and returns x's dtype: on the CPU it decomposes into exactly those ops (bit for bit,
-forward and gradients: ``tests/core/families/test_fused_norms.py``); on CUDA it is one kernel, and in training it
-keeps only the per-row scale for the backward instead of the float32 copies of the activations. Qwen3-VL normalises q
-and k per head as well, so its layers have four norms. The layers are left in place (their class, weight and name:
-checkpoints, PEFT and the state dict see no difference); only their ``forward`` is replaced, on the loaded instances.
+forward and gradients: ``tests/core/families/test_fused_norms.py``); on CUDA it is one kernel, whose backward
+needs only the per-row scale, not the float32 copies of the activations (memory not measured: no device).
+Qwen3-VL normalises q and k per head as well, so its layers have four norms. The layers are left in place (their
+class, weight and name: checkpoints, PEFT and the state dict see no difference); only their ``forward`` is
+replaced, on the loaded instances.
 """
 
 from __future__ import annotations
