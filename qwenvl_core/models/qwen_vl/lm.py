@@ -25,8 +25,9 @@ class RMSNorm(nn.Module):
     """RMSNorm with a weight only; normalises in float32 and casts back to the input dtype, then scales (the
     official order). ``F.rms_norm`` computes ``x · rsqrt(mean(x²) + eps)`` in float32 whatever x's dtype and returns
     x's dtype: on the CPU it decomposes into exactly the official ops (bit for bit, forward and gradients, in fp32,
-    bf16 and fp16: ``tests/core/test_rms_norm.py``); on CUDA it is two kernels (the fused norm, the scale)
-    instead of eight launches in bf16 (the casts included), as the official code's CUDA path uses flash-attn's fused ``rms_norm``."""
+    bf16 and fp16: ``tests/core/test_rms_norm.py``); on CUDA it is two kernels (the fused norm, the scale) instead
+    of eight launches in bf16 (the casts included), as the official code's CUDA path uses flash-attn's fused
+    ``rms_norm``."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
