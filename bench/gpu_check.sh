@@ -2,7 +2,8 @@
 # The GPU checks of the platform in one run (issue 13): the `gpu` tests (engine on CUDA: greedy equals the
 # reference, every tensor on the device, seeded sampling, an out-of-memory forward failing only its request, vision
 # adapters with their device copies), full-size random-weight serving of Qwen-VL v1 in bf16
-# (tokens/s with 8 adapters, TTFT, the longest inter-token gap; then, in a row of its own, the peak memory of 32
+# (tokens/s with 8 adapters, with and without decode steps replayed from CUDA graphs, TTFT, the longest inter-token
+# gap; then, in a row of its own, the peak memory of 32
 # concurrent 2000-token requests), full-size LoRA /
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), one sampling step at the full vocabulary,
 # batched vs the row-by-row sampler before it (time, waits for the device), and the CUDA kernels a decode step
@@ -39,21 +40,21 @@ if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
 fi
 scale=1
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
-  tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py
+  tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
     tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
-  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8)
+  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8 --decode-graphs static)
   memory=(--preset qwen-vl-tiny --memory-requests 4 --memory-prompt 256)
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
   sampling=(--vocab 1152 --repeats 3)
   scale=5
 else
-  tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py
+  tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
     tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)
-  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32)
+  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda)
   memory=(--preset qwen-vl-chat --memory-requests 32 --memory-prompt 2000)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)

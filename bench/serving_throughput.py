@@ -430,6 +430,28 @@ def _print_cpu_rates(runs: dict[str, list[Rate]], swap: Rate) -> None:
           + "  ".join(f"{n} " + ",".join(f"{r.wall:.0f}|{r.cpu:.0f}" for r in rates) for n, rates in runs.items()))
 
 
+def graphs_rows(engine: ServingEngine, scenarios: dict[str, list], args: argparse.Namespace,
+                without: dict[str, float]) -> None:
+    """The mixed / single / base rows again on a second engine over the same model (no second copy of the
+    weights; a KV cache of its own, sized for these short requests) with ``EngineConfig.decode_graphs``."""
+    engine.lora.remove_hooks()  # (put back by the first engine's next plan)
+    capacity = -(-(64 + 2 * args.tokens) // 64) * 64
+    graphs = ServingEngine(engine.model, engine.processor, engine.family, EngineConfig(
+        max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2, max_total_tokens=capacity,
+        decode_graphs=args.decode_graphs))
+    try:
+        rates = {name: max(engine_throughput(graphs, chosen, args.requests, args.tokens).wall
+                           for _ in range(args.repeats)) for name, chosen in scenarios.items()}
+        shapes = len(graphs._graphs._buffers)
+    finally:
+        graphs.close()
+        graphs.lora.remove_hooks()
+    print(f"decode graphs ({args.decode_graphs}, {shapes} shapes) tok/s: " + " ".join(
+        f"{name}={rate:.1f}" for name, rate in rates.items())
+        + f"  mixed/single={rates['mixed'] / rates['single']:.2f} mixed/base={rates['mixed'] / rates['base']:.2f}"
+        + "  with/without graphs: " + " ".join(f"{name}={rates[name] / without[name]:.2f}" for name in rates))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="qwen-vl-small")
@@ -462,6 +484,8 @@ def main() -> None:
                         help="only the latency rows (TTFT, longest gap; whole vs chunked prefills), then stop")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak-memory row of long requests (on a model directory it writes), then stop")
+    parser.add_argument("--decode-graphs", default="off", choices=["off", "cuda", "static"],
+                        help="also run the mixed / single / base rows with EngineConfig.decode_graphs (A/B)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -493,6 +517,8 @@ def main() -> None:
         for name, chosen in scenarios.items():
             runs[name].append(engine_throughput(engine, chosen, args.requests, args.tokens))
     mixed, single, base = (max(r.wall for r in runs[name]) for name in scenarios)
+    if args.decode_graphs != "off":
+        graphs_rows(engine, scenarios, args, {"mixed": mixed, "single": single, "base": base})
     swap_rate = swap_throughput(family, model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
     swap = swap_rate.wall
     release(args.device)

@@ -62,6 +62,11 @@ class AdapterSlots:
         # views of the stacks only with the window of slots; views cost no memory but a few ops each to make
         self._views: dict[tuple, PlanViews] = {}
 
+    def stacks(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Target layer -> its slot stacks ``(A [max_rank, slots + 1, in], (B·s)ᵀ [max_rank, slots + 1, out])``,
+        allocated once and written in place (fixed addresses: ``decode_graphs`` reads them)."""
+        return dict(self._stacks)
+
     @property
     def nbytes(self) -> int:
         """Bytes the slot stacks hold on the device (all allocated at construction)."""

@@ -62,10 +62,11 @@ from qwenvl_core.generation import (
 from qwenvl_core.grounding import PixelObject
 from qwenvl_core.images import encoded_size, load_image
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
-from qwenvl_core.models.registry import ModelFamily, detect_family
+from qwenvl_core.models.registry import FamilyName, ModelFamily, detect_family
 from qwenvl_core.scratch import ScratchDir
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.adapter_slots import AdapterSlots
+from qwenvl_core.serving.decode_graphs import DecodeGraphs
 from qwenvl_core.serving.kv_cache import SlotKVCache, cache_shape_of
 from qwenvl_core.serving.lora_batch import (
     AdapterError,
@@ -178,6 +179,12 @@ class EngineConfig:
     # 0: every step takes in whatever fits.
     admit_ratio: float = 0.2
     admit_hold_steps: int = 2
+    # Decode steps of fixed shapes (``decode_graphs``; Qwen-VL v1 only): "cuda", replayed from CUDA graphs (one
+    # launch a step instead of ~30 a layer; captured as steps need them); "static", the same fixed shapes run
+    # without graphs (tests: it must give what "off" gives); "off", every step shaped by its rows. Not yet the
+    # default: unmeasured on a GPU.
+    decode_graphs: Literal["off", "cuda", "static"] = "off"
+    decode_graph_attend_step: int = 256  # attended keys rounded up to a multiple of this (fewer graphs, more masked)
 
 
 @dataclass
@@ -337,6 +344,7 @@ class ServingEngine:
             observer=metrics,
         )
         self.kv = _allocate_cache(model, config)
+        self._graphs = _decode_graphs(model, family, config, self.kv, self.lora, self.adapter_slots)
         self.slots = self.kv.slots
         self._rows = _RowTensors(self.slots, self.kv.device)
         self.stats = EngineStats(kv_slots=self.slots, kv_cache_bytes=self.kv.nbytes,
@@ -812,7 +820,7 @@ class ServingEngine:
         n = len(batch.seqs)
         step_ids = host_to_device([[s.state.tokens[-1]] for s in batch.seqs], self.device, torch.long)
         try:
-            logits = self._decode_rows(0, n, step_ids, batch.plan)
+            logits = self._decode_rows(0, n, step_ids, batch.plan, batch.seqs)
         except Exception as exc:
             if n == 1:
                 raise
@@ -822,14 +830,23 @@ class ServingEngine:
         self._after_step(batch.seqs, logits)
         self._compact()
 
-    def _decode_rows(self, first: int, end: int, step_ids: torch.Tensor, plan: LoraPlan | None) -> torch.Tensor:
-        """One decode step of the rows in slots ``first .. end - 1``: their next-token logits ``[rows, V]``."""
+    def _decode_rows(self, first: int, end: int, step_ids: torch.Tensor, plan: LoraPlan | None,
+                     seqs: Sequence[_Sequence] | None = None) -> torch.Tensor:
+        """One decode step of the rows in slots ``first .. end - 1``: their next-token logits ``[rows, V]``; the
+        whole batch (``seqs``) as a fixed-shape step where ``decode_graphs`` is on and the step fits one."""
         cache, rows, span = self.kv, self._rows, slice(first, end)
-        cache.for_decode(first, end)
+        positions = self.family.step_positions(rows.text_pos[span, None], rows.offset[span])
+        shape = None
+        if self._graphs is not None and seqs is not None:
+            shape = self._graphs.shape_for(end, max(cache.lengths[:end]), plan is not None)
         try:
-            logits = self._forward(step_ids, cache.decode_mask(),
-                                   self.family.step_positions(rows.text_pos[span, None], rows.offset[span]), {},
-                                   plan, rows.prompt_len[span])
+            if shape is not None:
+                self._count_forward(end, plan)
+                logits = self._graphs.run(shape, step_ids, positions, rows.prompt_len[span],
+                                          [s.adapter_slot for s in seqs])
+            else:
+                cache.for_decode(first, end)
+                logits = self._forward(step_ids, cache.decode_mask(), positions, {}, plan, rows.prompt_len[span])
         except BaseException:
             cache.abandon()
             raise
@@ -863,14 +880,17 @@ class ServingEngine:
     ) -> torch.Tensor:
         """One forward through the KV cache (planned by the caller); the last position's logits ``[B, V]``. ``mask``
         None: plain causal attention is exact (``SlotKVCache``'s mask methods), the fused kernel runs."""
-        self.stats.forwards += 1
-        self.stats.max_rows = max(self.stats.max_rows, ids.shape[0])
-        self.stats.max_adapters_in_forward = max(self.stats.max_adapters_in_forward,
-                                                 len(plan.adapters) if plan else 0)
+        self._count_forward(ids.shape[0], plan)
         with self.lora.activate(plan):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.kv,
                              use_cache=True, prompt_lengths=prompt_lengths, logits_to_keep=1, **images)
         return out.logits[:, -1, :]
+
+    def _count_forward(self, rows: int, plan: LoraPlan | None) -> None:
+        self.stats.forwards += 1
+        self.stats.max_rows = max(self.stats.max_rows, rows)
+        self.stats.max_adapters_in_forward = max(self.stats.max_adapters_in_forward,
+                                                 len(plan.adapters) if plan else 0)
 
     def _plan(self, seqs: Sequence[_Sequence], first_slot: int) -> LoraPlan | None:
         """The LoRA plan of ``seqs``, the rows of KV slots ``first_slot ..`` (views of the adapter slots)."""
@@ -982,7 +1002,24 @@ def _allocate_cache(model: torch.nn.Module, config: EngineConfig) -> SlotKVCache
         raise QwenVLError(f"the KV cache budget ({budget} bytes) holds no request of max_total_tokens "
                           f"{config.max_total_tokens} ({slot_bytes} bytes each); raise kv_cache_bytes or lower "
                           "max_total_tokens")
-    return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device)
+    return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device, spare_slot=config.decode_graphs != "off")
+
+
+def _decode_graphs(model: torch.nn.Module, family: ModelFamily, config: EngineConfig, cache: SlotKVCache,
+                   lora: GroupedLora, slots: AdapterSlots) -> DecodeGraphs | None:
+    """The fixed-shape decode steps ``EngineConfig.decode_graphs`` asks for (None: "off")."""
+    if config.decode_graphs == "off":
+        return None
+    if config.decode_graphs not in ("cuda", "static"):
+        raise QwenVLError(f"decode_graphs {config.decode_graphs!r}: expected 'off', 'cuda' or 'static'")
+    if family.name != FamilyName.QWEN_VL:
+        raise QwenVLError(f"decode_graphs {config.decode_graphs!r}: only Qwen-VL (v1) models, not {family.name}")
+    if config.decode_graph_attend_step < 1:
+        raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
+    text = model.config
+    seq_length = text.seq_length if (text.use_dynamic_ntk or text.use_logn_attn) else None
+    return DecodeGraphs(model, cache, lora, slots, seq_length, config.decode_graph_attend_step,
+                        capture=config.decode_graphs == "cuda")
 
 
 def _tower_weights(seq: _Sequence) -> VisionWeights | None:

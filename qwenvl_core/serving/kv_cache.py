@@ -63,17 +63,21 @@ class SlotKVCache:
     """Preallocated keys and values of ``slots`` rows of up to ``capacity`` tokens each (module docstring)."""
 
     def __init__(self, shape: CacheShape, slots: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, spare_slot: bool = False) -> None:
         if slots < 1 or capacity < 1:
             raise QwenVLError(f"a KV cache needs at least one slot and one token per slot (got {slots}, {capacity})")
         self.shape, self.slots, self.capacity = shape, slots, capacity
         self.device = torch.device(device)
+        # ``spare_slot``: one more slot, ``slots``, that no request owns: the padding rows of a static decode
+        # (``for_static_decode``) write their keys there
+        stored = slots + 1 if spare_slot else slots
+        self.spare_slot = slots if spare_slot else None
         # keys and values of every layer in one storage, so that moving a row is one copy, not two per layer
-        self._storage = torch.zeros(2, shape.layers, slots, shape.kv_heads, capacity, shape.head_dim, dtype=dtype,
+        self._storage = torch.zeros(2, shape.layers, stored, shape.kv_heads, capacity, shape.head_dim, dtype=dtype,
                                     device=self.device)
         self.keys = list(self._storage[0].unbind(0))
         self.values = list(self._storage[1].unbind(0))
-        self.lengths: list[int] = [0] * slots  # tokens stored per slot (host side: no device sync to read)
+        self.lengths: list[int] = [0] * stored  # tokens stored per slot (host side: no device sync to read)
         self._mode: tuple = ("idle",)
         self.force_masks = False  # True: an explicit mask for every forward, also where causal is exact (tests)
 
@@ -110,6 +114,27 @@ class SlotKVCache:
         attend = max(self.lengths[first_slot:end_slot]) + 1
         self._mode = ("decode", first_slot, end_slot, rows, columns, attend)
 
+    def for_static_decode(self, rows: int, width: int, attend: int, slot_index: torch.Tensor,
+                          columns: torch.Tensor, mask: torch.Tensor) -> None:
+        """The next forward appends one token to each of slots ``0 .. rows - 1`` in a batch padded to ``width``
+        rows, attending to ``attend`` columns whatever the rows' lengths: the shapes of a decode step that a CUDA
+        graph replays (``decode_graphs``). Fills the caller's fixed buffers in place: ``slot_index [width]`` (the
+        padding rows: the spare slot), ``columns [width]`` (where each row's token goes; padding: column 0) and
+        ``mask [width, 1, 1, attend]`` (each row its own tokens and the new one; padding: column 0)."""
+        if self.spare_slot is None:
+            raise QwenVLError("KV cache: a static decode needs the spare slot (spare_slot=True)")
+        if not 0 < rows <= width <= self.slots:
+            raise QwenVLError(f"KV cache: {rows} rows padded to {width} do not fit {self.slots} slots")
+        lengths = self.lengths[:rows]
+        if max(lengths) >= min(attend, self.capacity):
+            raise QwenVLError(f"KV cache: a row of {max(lengths)} tokens does not fit a step attending to {attend}")
+        pad = width - rows
+        slot_index.copy_(torch.tensor(list(range(rows)) + [self.spare_slot] * pad), non_blocking=True)
+        columns_host = torch.tensor(lengths + [0] * pad)
+        columns.copy_(columns_host, non_blocking=True)
+        mask.copy_((torch.arange(attend)[None, :] <= columns_host[:, None])[:, None, None, :], non_blocking=True)
+        self._mode = ("decode", 0, width, slot_index, columns, attend, rows)
+
     def for_chunk(self, slot: int, start: int, length: int) -> None:
         """The next forward prefills ``length`` tokens of one prompt into ``slot`` from column ``start`` (a chunked
         prefill: the slot holds the prompt's first ``start`` tokens)."""
@@ -135,8 +160,8 @@ class SlotKVCache:
         elif mode[0] == "prefill":
             for i, length in enumerate(mode[2]):
                 self.lengths[mode[1] + i] = length
-        elif mode[0] == "decode":
-            for slot in range(mode[1], mode[2]):
+        elif mode[0] == "decode":  # (a static decode: its padding rows store nothing that is kept)
+            for slot in range(mode[1], mode[6] if len(mode) > 6 else mode[2]):
                 self.lengths[slot] += 1
         self._mode = ("idle",)
 
@@ -148,7 +173,7 @@ class SlotKVCache:
     def decode_mask(self) -> torch.Tensor | None:
         """``[rows, 1, 1, attend]`` for the planned decode: each row attends to its own stored tokens and the new one;
         None when every row holds ``attend - 1`` tokens (each attends to all the columns)."""
-        _, first, end, _, columns, attend = self._mode
+        _, first, end, _, columns, attend = self._mode[:6]
         if not self.force_masks and min(self.lengths[first:end]) == attend - 1:
             return None
         k_pos = torch.arange(attend, device=self.device)
@@ -189,7 +214,7 @@ class SlotKVCache:
             values[slot, :, start : start + length] = value_states[0]
             return keys[slot : slot + 1, :, : start + length], values[slot : slot + 1, :, : start + length]
         if mode[0] == "decode":
-            _, first, end, rows, columns, attend = mode
+            _, first, end, rows, columns, attend = mode[:6]
             keys[rows, :, columns] = key_states[:, :, 0]
             values[rows, :, columns] = value_states[:, :, 0]
             return keys[first:end, :, :attend], values[first:end, :, :attend]

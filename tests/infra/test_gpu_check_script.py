@@ -41,6 +41,7 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     for row in ("throughput tok/s: mixed=", "engine/static=", "32 requests of 2-8 new tokens", "longest inter-token gap="):
         assert row in serve, serve[-3000:]
     assert "peak memory" not in serve  # its own row
+    assert "decode graphs (static, " in serve, serve[-3000:]  # (cuda on the device)
     assert "peak memory, 4 concurrent 256-token requests: after=" in (out / "serve_v1_memory.log").read_text()
     assert "skipped" in (out / "gpu_tests.log").read_text()  # the cuda cases, collected and skipped here
     train = (out / "train_qwen25vl_7b.log").read_text()

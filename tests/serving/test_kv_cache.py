@@ -1,11 +1,13 @@
 """``SlotKVCache`` storage on its own: a left-padded prefill stores each row from column 0 without its padding
 (all rows in one write per layer), a row moved into another slot keeps its tokens in every layer, and every
-layer's keys and values are views of one storage."""
+layer's keys and values are views of one storage; a static decode (``decode_graphs``) pads into the spare slot."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.kv_cache import CacheShape, SlotKVCache
 
 
@@ -36,3 +38,27 @@ def test_padded_prefill_rows_are_stored_from_column_0_and_a_moved_row_keeps_them
     storage = cache.keys[0].untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == storage for t in (*cache.keys, *cache.values))
     assert cache.nbytes == 2 * 2 * 4 * 2 * 8 * 3 * 4
+
+
+def test_a_static_decode_pads_into_the_spare_slot_and_advances_only_the_real_rows() -> None:
+    """Rows 0..1 of 4 slots, padded to 3 rows, attending to 8 columns: the padding row writes the spare slot (4),
+    the mask gives each row its own tokens and the new one (padding: column 0), and the commit counts 2 rows."""
+    shape = CacheShape(layers=1, kv_heads=1, head_dim=2)
+    cache = SlotKVCache(shape, slots=4, capacity=8, dtype=torch.float32, device="cpu", spare_slot=True)
+    cache.lengths[:2] = [3, 1]
+    slot_index, columns = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    mask = torch.zeros(3, 1, 1, 8, dtype=torch.bool)
+    cache.for_static_decode(2, 3, 8, slot_index, columns, mask)
+    assert slot_index.tolist() == [0, 1, 4] and columns.tolist() == [3, 1, 0]
+    assert mask[:, 0, 0].sum(-1).tolist() == [4, 2, 1]
+    states = torch.arange(6, dtype=torch.float32).view(3, 1, 1, 2) + 1
+    keys, _ = cache.update(states, -states, 0)
+    assert keys.shape == (3, 1, 8, 2)  # slots 0..2, all 8 columns (masked where not a row's own)
+    assert torch.equal(cache.keys[0][0, 0, 3], states[0, 0, 0]) and torch.equal(cache.keys[0][4, 0, 0], states[2, 0, 0])
+    assert not cache.keys[0][2].any()  # slot 2, read by the padding row, never written
+    cache.commit()
+    assert cache.lengths == [4, 2, 0, 0, 0]
+    with pytest.raises(QwenVLError, match="spare slot"):
+        SlotKVCache(shape, 4, 8, torch.float32, "cpu").for_static_decode(2, 3, 8, slot_index, columns, mask)
+    with pytest.raises(QwenVLError, match="does not fit a step attending to 4"):
+        cache.for_static_decode(2, 2, 4, slot_index[:2], columns[:2], mask[:2, ..., :4])

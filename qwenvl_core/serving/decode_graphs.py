@@ -1,0 +1,150 @@
+"""Decode steps of fixed shapes, replayed from CUDA graphs: a decode step's launches paid once, at capture.
+
+On a GPU a decode step of a 7-10B model costs what it launches, not what it computes (docs/benchmarks.md: 34 ms
+a step on an H200 where reading the weights takes ~4 ms); a CUDA graph replays all of a step's kernels with one
+launch. A graph fixes every shape and every address it reads, so a step is made to have few shapes:
+- rows padded to a bucket (1, 2, 4, 8, ... up to the cache's slots); the padding rows write their keys into the KV
+  cache's spare slot (``SlotKVCache.for_static_decode``) and their logits are dropped;
+- the keys attended to, every row's, cut at the rows' longest length rounded up to ``attend_step`` columns, the
+  rest masked (the mask a buffer like the others);
+- adapters: every device slot at full rank, each row's slot kept by the rank mask (the dense LoRA decode of
+  ``lora_batch``, over all slots, so that a plan never changes a graph's shapes or the addresses it reads: the
+  slots' stacks are written in place when an adapter comes in); a step with no adapter at all has graphs without
+  LoRA.
+So a graph is keyed by (rows bucket, attended columns, LoRA or not), captured the first time a step needs it, and
+its inputs (ids, positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay.
+
+Only Qwen-VL v1 (its forward reads nothing back from the device while attending within ``seq_length``; longer
+steps, beyond which dynamic NTK reads the rows' prompt lengths, run as usual). ``capture=False`` runs the same
+fixed-shape step without a graph (the CPU, and the tests: it must give what the usual step gives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwenvl_core.errors import QwenVLError
+from qwenvl_core.serving.adapter_slots import AdapterSlots
+from qwenvl_core.serving.kv_cache import SlotKVCache
+from qwenvl_core.serving.lora_batch import GroupedLora, LoraPlan, RowLayout, dense_window, rank_mask
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a graph is keyed by: rows (padded), keys attended to, adapters or none."""
+
+    rows: int
+    attend: int
+    lora: bool
+
+
+class _Buffers:
+    """A shape's fixed inputs (and, once captured, its graph and output)."""
+
+    def __init__(self, shape: StepShape, device: torch.device, mask_width: int, mask_dtype: torch.dtype) -> None:
+        rows = shape.rows
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.prompt_lengths = torch.ones(rows, dtype=torch.long, device=device)
+        self.slot_index = torch.zeros(rows, dtype=torch.long, device=device)
+        self.columns = torch.zeros(rows, dtype=torch.long, device=device)
+        self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)
+        self.rank_mask = torch.zeros(rows, 1, mask_width, dtype=mask_dtype, device=device) if shape.lora else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    """Fixed-shape decode steps of ``model`` through ``cache`` (module docstring); ``capture``: as CUDA graphs."""
+
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, lora: GroupedLora, slots: AdapterSlots,
+                 seq_length: int | None, attend_step: int = 256, capture: bool = True) -> None:
+        if cache.spare_slot is None:
+            raise QwenVLError("decode graphs need a KV cache with a spare slot")
+        if capture and cache.device.type != "cuda":
+            raise QwenVLError(f"CUDA graphs need a CUDA device, the engine is on {cache.device}")
+        self.model, self.cache, self.lora, self.slots = model, cache, lora, slots
+        self.attend_step, self.capture = attend_step, capture
+        # beyond seq_length v1's dynamic NTK and logn read the rows' lengths: those steps are not replayed
+        self.max_attend = min(cache.capacity, seq_length) if seq_length else cache.capacity
+        self._buffers: dict[StepShape, _Buffers] = {}
+        self._pool: tuple | None = None  # one memory pool for every graph (they never run at once)
+        self.captured = 0
+        self.steps = 0  # fixed-shape steps run (replayed, where captured)
+        # every slot's stacks at full rank, as dense LoRA views: fixed addresses, written in place by new adapters
+        self._dense = {name: dense_window(a, bt, slots.max_rank) for name, (a, bt) in slots.stacks().items()}
+        self._mask_width = slots.max_rank * (slots.slots + 1)
+        self._mask_dtype = next(iter(slots.stacks().values()))[0].dtype if self._dense else torch.float32
+
+    def shape_for(self, rows: int, longest: int, lora: bool) -> StepShape | None:
+        """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens; None: not replayable."""
+        bucket = 1 << (rows - 1).bit_length()
+        bucket = min(bucket, self.cache.slots)
+        attend = -(-(longest + 1) // self.attend_step) * self.attend_step
+        attend = min(attend, self.cache.capacity)
+        if rows > bucket or longest + 1 > attend or attend > self.max_attend:
+            return None
+        return StepShape(bucket, attend, lora and bool(self._dense))
+
+    def run(self, shape: StepShape, ids: torch.Tensor, positions: torch.Tensor, prompt_lengths: torch.Tensor,
+            row_slots: list[int]) -> torch.Tensor:
+        """One decode step of the ``len(row_slots)`` rows in cache slots ``0 ..`` (adapter slot per row, 0: base):
+        their logits ``[rows, V]``. The caller commits (or abandons) the cache afterwards."""
+        rows = len(row_slots)
+        buffers = self._buffers.get(shape)
+        if buffers is None:
+            buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self._mask_width, self._mask_dtype)
+        self.cache.for_static_decode(rows, shape.rows, shape.attend, buffers.slot_index, buffers.columns,
+                                     buffers.mask)
+        buffers.ids[:rows].copy_(ids)
+        buffers.ids[rows:].zero_()
+        buffers.positions[:rows].copy_(positions)
+        buffers.positions[rows:].zero_()
+        buffers.prompt_lengths[:rows].copy_(prompt_lengths)
+        buffers.prompt_lengths[rows:].fill_(1)
+        if buffers.rank_mask is not None:
+            padded = row_slots + [0] * (shape.rows - rows)
+            buffers.rank_mask.copy_(rank_mask(padded, self.slots.max_rank, self.slots.slots + 1,
+                                              buffers.rank_mask.device, buffers.rank_mask.dtype))
+        self.steps += 1
+        if not self.capture:
+            return self._forward(shape, buffers)[:rows]
+        if buffers.graph is None:
+            self._capture(shape, buffers)
+        assert buffers.graph is not None and buffers.logits is not None
+        buffers.graph.replay()
+        # a copy: the graph's output lives in the memory pool the other graphs share
+        return buffers.logits[:rows].clone()
+
+    def _plan(self, shape: StepShape, buffers: _Buffers) -> LoraPlan | None:
+        if buffers.rank_mask is None:
+            return None
+        rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
+        layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
+        return LoraPlan(rows=rows, stacks=self._dense, adapters=(), layout=layout, dense=self._dense,
+                        mask=buffers.rank_mask)
+
+    def _forward(self, shape: StepShape, buffers: _Buffers) -> torch.Tensor:
+        with self.lora.activate(self._plan(shape, buffers)):
+            out = self.model(input_ids=buffers.ids, attention_mask=buffers.mask, position_ids=buffers.positions,
+                             past_key_values=self.cache, use_cache=True, prompt_lengths=buffers.prompt_lengths,
+                             logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def _capture(self, shape: StepShape, buffers: _Buffers) -> None:
+        """Warm the step up on a side stream (cuBLAS workspaces, lazily loaded kernels), then capture it. Each run
+        writes this step's keys at the same places with the same values, so the warm-up changes nothing."""
+        side = torch.cuda.Stream(self.cache.device)  # (the cache stays planned for this step until its commit)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(shape, buffers)
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            buffers.logits = self._forward(shape, buffers)
+        self._pool = graph.pool()
+        buffers.graph = graph
+        self.captured += 1

@@ -1,0 +1,87 @@
+"""Fixed-shape decode steps (``decode_graphs``): what the engine generates with them is what it generates without,
+on every device present (``static`` on the CPU: the same shapes without graphs; ``cuda``: replayed CUDA graphs,
+marked ``gpu``). The batch mixes base rows and two adapters, rows of different lengths that come and go (padding
+rows, several buckets of rows and of attended keys) and a long prompt prefilled in chunks into the top slot while
+the others decode; and the fixed-shape step reads nothing back from the device (a read cannot be captured)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qwenvl_core.conversation import ImagePart, Message, TextPart
+from qwenvl_core.errors import QwenVLError
+from qwenvl_core.generation import SamplingParams
+from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
+from tests.devices import DEVICES
+
+
+def _requests(adapters: list[Path]) -> list[EngineRequest]:
+    def req(i: int, tokens: int, adapter: Path | None, image: bool = False, words: int = 1) -> EngineRequest:
+        parts: list = [TextPart(f"tell me about thing {i} " + "and this " * words)]
+        if image:
+            parts.insert(0, ImagePart(Image.new("RGB", (56, 42), (40 * i, 90, 160))))
+        return EngineRequest([Message(role="user", parts=parts)], SamplingParams(max_new_tokens=tokens),
+                             adapter_id=adapter.name if adapter else None,
+                             adapter_locator=str(adapter) if adapter else None)
+
+    a, b = adapters[:2]
+    return [req(0, 9, a, image=True), req(1, 3, None), req(2, 12, b, words=6), req(3, 5, a), req(4, 7, None),
+            req(5, 20, b, words=90)]  # the last: ~300 tokens, prefilled in chunks of 64 beside the others' decode
+
+
+class _NoHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, "a fixed-shape step read a device value"
+        return func(*args, **(kwargs or {}))
+
+
+def _generate(model_dir: Path, config: EngineConfig, requests: list[EngineRequest]) -> tuple[list, object]:
+    engine = ServingEngine.from_model_dir(model_dir, config)
+    graphs = engine._graphs
+    if graphs is not None:
+        forward = graphs._forward
+
+        def checked(*args: object) -> torch.Tensor:
+            with _NoHostReads():
+                return forward(*args)
+
+        graphs._forward = checked
+    try:
+        async def run() -> list:
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+        return [r.token_ids for r in asyncio.run(run())], graphs
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_shape_decode_steps_generate_what_the_usual_steps_do(device, tiny_model_dir, adapter_dirs):
+    requests = _requests(adapter_dirs)
+    base = dict(device=device, max_total_tokens=512, max_batch_size=8, prefill_chunk_tokens=64)
+    usual, _ = _generate(tiny_model_dir, EngineConfig(**base), requests)
+    mode = "cuda" if torch.device(device).type == "cuda" else "static"
+    fixed, graphs = _generate(tiny_model_dir, EngineConfig(**base, decode_graphs=mode, decode_graph_attend_step=32),
+                              requests)
+    assert fixed == usual
+    assert all(len(ids) > 0 for ids in fixed)
+    shapes = set(graphs._buffers)
+    assert graphs.steps > 10 and len({s.rows for s in shapes}) > 1 and len({s.attend for s in shapes}) > 1, shapes
+    assert {s.lora for s in shapes} >= {True}
+    if mode == "cuda":
+        assert graphs.captured == len(shapes)
+
+
+def test_decode_graphs_are_refused_where_they_cannot_run(tiny_model_dir, tiny_dirs):
+    with pytest.raises(QwenVLError, match="CUDA graphs need a CUDA device"):
+        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="cuda"))
+    with pytest.raises(QwenVLError, match="only Qwen-VL"):
+        ServingEngine.from_model_dir(tiny_dirs["qwen2.5-vl"], EngineConfig(device="cpu", decode_graphs="static"))
+    with pytest.raises(QwenVLError, match="expected 'off', 'cuda' or 'static'"):
+        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="always"))
