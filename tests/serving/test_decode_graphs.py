@@ -83,5 +83,8 @@ def test_decode_graphs_are_refused_where_they_cannot_run(tiny_model_dir, tiny_di
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="cuda"))
     with pytest.raises(QwenVLError, match="only Qwen-VL"):
         ServingEngine.from_model_dir(tiny_dirs["qwen2.5-vl"], EngineConfig(device="cpu", decode_graphs="static"))
+    with pytest.raises(QwenVLError, match="quantization '4bit' is not supported yet"):
+        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="static",
+                                                                  quantization="4bit"))
     with pytest.raises(QwenVLError, match="expected 'off', 'cuda' or 'static'"):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="always"))
