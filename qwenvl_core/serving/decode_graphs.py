@@ -143,7 +143,9 @@ class DecodeGraphs:
                 self._forward(shape, buffers)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the engine's other threads (image preprocessing, adapter loads pinning host memory) may
+        # call CUDA meanwhile; only this thread's calls must be capturable
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             buffers.logits = self._forward(shape, buffers)
         self._pool = graph.pool()
         buffers.graph = graph
