@@ -997,12 +997,13 @@ def _allocate_cache(model: torch.nn.Module, config: EngineConfig) -> SlotKVCache
     slot_bytes = shape.bytes_per_token(dtype) * config.max_total_tokens
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" and config.kv_cache_bytes is None else None
     budget = kv_cache_budget(config, free)
-    slots = config.max_batch_size if budget is None else min(config.max_batch_size, budget // slot_bytes)
+    spare = config.decode_graphs != "off"  # a slot more, for the padding rows of fixed-shape steps
+    slots = config.max_batch_size if budget is None else min(config.max_batch_size, budget // slot_bytes - spare)
     if slots < 1:
         raise QwenVLError(f"the KV cache budget ({budget} bytes) holds no request of max_total_tokens "
                           f"{config.max_total_tokens} ({slot_bytes} bytes each); raise kv_cache_bytes or lower "
                           "max_total_tokens")
-    return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device, spare_slot=config.decode_graphs != "off")
+    return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device, spare_slot=spare)
 
 
 def _decode_graphs(model: torch.nn.Module, family: ModelFamily, config: EngineConfig, cache: SlotKVCache,

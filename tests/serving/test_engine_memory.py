@@ -56,6 +56,10 @@ def test_kv_budget_bounds_the_batch_and_the_cache_never_regrows(engine_factory):
     per_token = cache_shape_of(probe.model.config).bytes_per_token(torch.float32)
     engine: ServingEngine = engine_factory(max_batch_size=8, max_total_tokens=96, kv_cache_bytes=3 * 96 * per_token)
     assert engine.slots == 3 and engine.stats.kv_cache_bytes == 3 * 96 * per_token
+    # fixed-shape decode steps take their padding rows' spare slot out of the same budget
+    graphs = engine_factory(max_batch_size=8, max_total_tokens=96, kv_cache_bytes=3 * 96 * per_token,
+                            decode_graphs="static")
+    assert graphs.slots == 2 and graphs.stats.kv_cache_bytes == 3 * 96 * per_token
     storage = [t.data_ptr() for t in (*engine.kv.keys, *engine.kv.values)]
     requests = [_request(i, tokens=4 + 3 * i) for i in range(7)]
 
