@@ -52,6 +52,7 @@ class _Buffers:
         self.columns = torch.zeros(rows, dtype=torch.long, device=device)
         self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)
         self.rank_mask = torch.zeros(rows, 1, mask_width, dtype=mask_dtype, device=device) if shape.lora else None
+        self.plan: LoraPlan | None = None  # the LoRA plan reading rank_mask (DecodeGraphs sets it)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -76,15 +77,12 @@ class DecodeGraphs:
         # every slot's stacks at full rank, as dense LoRA views: fixed addresses, written in place by new adapters
         self._dense = {name: dense_window(a, bt, slots.max_rank) for name, (a, bt) in slots.stacks().items()}
         self._mask_width = slots.max_rank * (slots.slots + 1)
-        self._mask_dtype = next(iter(slots.stacks().values()))[0].dtype if self._dense else torch.float32
 
     def shape_for(self, rows: int, longest: int, lora: bool) -> StepShape | None:
         """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens; None: not replayable."""
-        bucket = 1 << (rows - 1).bit_length()
-        bucket = min(bucket, self.cache.slots)
-        attend = -(-(longest + 1) // self.attend_step) * self.attend_step
-        attend = min(attend, self.cache.capacity)
-        if rows > bucket or longest + 1 > attend or attend > self.max_attend:
+        bucket = min(1 << (rows - 1).bit_length(), self.cache.slots)  # (the batch's rows fit the slots)
+        attend = min(-(-(longest + 1) // self.attend_step) * self.attend_step, self.cache.capacity)
+        if longest + 1 > attend or attend > self.max_attend:  # a full slot (refused by the usual step), or too long
             return None
         return StepShape(bucket, attend, lora and bool(self._dense))
 
@@ -95,7 +93,8 @@ class DecodeGraphs:
         rows = len(row_slots)
         buffers = self._buffers.get(shape)
         if buffers is None:
-            buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self._mask_width, self._mask_dtype)
+            buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self._mask_width, self.slots.dtype)
+            buffers.plan = self._plan(shape, buffers)
         self.cache.for_static_decode(rows, shape.rows, shape.attend, buffers.slot_index, buffers.columns,
                                      buffers.mask)
         buffers.ids[:rows].copy_(ids)
@@ -110,15 +109,16 @@ class DecodeGraphs:
                                               buffers.rank_mask.device, buffers.rank_mask.dtype))
         self.steps += 1
         if not self.capture:
-            return self._forward(shape, buffers)[:rows]
+            return self._forward(buffers)[:rows]
         if buffers.graph is None:
-            self._capture(shape, buffers)
+            self._capture(buffers)
         assert buffers.graph is not None and buffers.logits is not None
         buffers.graph.replay()
         # a copy: the graph's output lives in the memory pool the other graphs share
         return buffers.logits[:rows].clone()
 
     def _plan(self, shape: StepShape, buffers: _Buffers) -> LoraPlan | None:
+        """Dense LoRA over every slot at full rank, each row's slot kept by ``buffers.rank_mask`` (None: no LoRA)."""
         if buffers.rank_mask is None:
             return None
         rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
@@ -126,27 +126,27 @@ class DecodeGraphs:
         return LoraPlan(rows=rows, stacks=self._dense, adapters=(), layout=layout, dense=self._dense,
                         mask=buffers.rank_mask)
 
-    def _forward(self, shape: StepShape, buffers: _Buffers) -> torch.Tensor:
-        with self.lora.activate(self._plan(shape, buffers)):
+    def _forward(self, buffers: _Buffers) -> torch.Tensor:
+        with self.lora.activate(buffers.plan):
             out = self.model(input_ids=buffers.ids, attention_mask=buffers.mask, position_ids=buffers.positions,
                              past_key_values=self.cache, use_cache=True, prompt_lengths=buffers.prompt_lengths,
                              logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def _capture(self, shape: StepShape, buffers: _Buffers) -> None:
+    def _capture(self, buffers: _Buffers) -> None:
         """Warm the step up on a side stream (cuBLAS workspaces, lazily loaded kernels), then capture it. Each run
         writes this step's keys at the same places with the same values, so the warm-up changes nothing."""
         side = torch.cuda.Stream(self.cache.device)  # (the cache stays planned for this step until its commit)
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(shape, buffers)
+                self._forward(buffers)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the engine's other threads (image preprocessing, adapter loads pinning host memory) may
         # call CUDA meanwhile; only this thread's calls must be capturable
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            buffers.logits = self._forward(shape, buffers)
+            buffers.logits = self._forward(buffers)
         self._pool = graph.pool()
         buffers.graph = graph
         self.captured += 1

@@ -112,7 +112,7 @@ class SlotKVCache:
         rows = torch.arange(first_slot, end_slot, device=self.device)
         columns = host_to_device(self.lengths[first_slot:end_slot], self.device, torch.long)
         attend = max(self.lengths[first_slot:end_slot]) + 1
-        self._mode = ("decode", first_slot, end_slot, rows, columns, attend)
+        self._mode = ("decode", first_slot, end_slot, rows, columns, attend, end_slot)  # (every row is real)
 
     def for_static_decode(self, rows: int, width: int, attend: int, slot_index: torch.Tensor,
                           columns: torch.Tensor, mask: torch.Tensor) -> None:
@@ -133,7 +133,7 @@ class SlotKVCache:
         columns_host = torch.tensor(lengths + [0] * pad)
         columns.copy_(columns_host, non_blocking=True)
         mask.copy_((torch.arange(attend)[None, :] <= columns_host[:, None])[:, None, None, :], non_blocking=True)
-        self._mode = ("decode", 0, width, slot_index, columns, attend, rows)
+        self._mode = ("decode", 0, width, slot_index, columns, attend, rows)  # slots 0 .. rows - 1 are real
 
     def for_chunk(self, slot: int, start: int, length: int) -> None:
         """The next forward prefills ``length`` tokens of one prompt into ``slot`` from column ``start`` (a chunked
@@ -160,8 +160,8 @@ class SlotKVCache:
         elif mode[0] == "prefill":
             for i, length in enumerate(mode[2]):
                 self.lengths[mode[1] + i] = length
-        elif mode[0] == "decode":  # (a static decode: its padding rows store nothing that is kept)
-            for slot in range(mode[1], mode[6] if len(mode) > 6 else mode[2]):
+        elif mode[0] == "decode":  # the real rows (a static decode's padding rows store nothing that is kept)
+            for slot in range(mode[1], mode[6]):
                 self.lengths[slot] += 1
         self._mode = ("idle",)
 
@@ -173,7 +173,7 @@ class SlotKVCache:
     def decode_mask(self) -> torch.Tensor | None:
         """``[rows, 1, 1, attend]`` for the planned decode: each row attends to its own stored tokens and the new one;
         None when every row holds ``attend - 1`` tokens (each attends to all the columns)."""
-        _, first, end, _, columns, attend = self._mode[:6]
+        _, first, end, _, columns, attend, _ = self._mode
         if not self.force_masks and min(self.lengths[first:end]) == attend - 1:
             return None
         k_pos = torch.arange(attend, device=self.device)
@@ -214,7 +214,7 @@ class SlotKVCache:
             values[slot, :, start : start + length] = value_states[0]
             return keys[slot : slot + 1, :, : start + length], values[slot : slot + 1, :, : start + length]
         if mode[0] == "decode":
-            _, first, end, rows, columns, attend = mode[:6]
+            _, first, end, rows, columns, attend, _ = mode
             keys[rows, :, columns] = key_states[:, :, 0]
             values[rows, :, columns] = value_states[:, :, 0]
             return keys[first:end, :, :attend], values[first:end, :, :attend]
