@@ -87,6 +87,8 @@ def test_exact_resume_after_the_driver_is_killed(ray_cluster, tiny_model_dir, sy
               "the checkpoint event of step 4", first)
     # Ray Train collects worker reports on a ~2 s poll: kill once its snapshot holds step 4 (no blind sleep)
     _wait_for(lambda: _committed_step(spec) == 4, "Ray Train to register checkpoint 4", first, timeout=180)
+    # the snapshot can hold step 4 before the worker has reached its hold at step 5 (a loaded machine: seen once)
+    _wait_for(held.exists, "the worker to be held at step 5", first, timeout=180)
     assert held.exists()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
