@@ -14,9 +14,11 @@ launch. A graph fixes every shape and every address it reads, so a step is made 
 So a graph is keyed by (rows bucket, attended columns, LoRA or not), captured the first time a step needs it, and
 its inputs (ids, positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay.
 
-Only Qwen-VL v1 (its forward reads nothing back from the device while attending within ``seq_length``; longer
-steps, beyond which dynamic NTK reads the rows' prompt lengths, run as usual). ``capture=False`` runs the same
-fixed-shape step without a graph (the CPU, and the tests: it must give what the usual step gives).
+Every family: a decode step with the engine's prepared mask and positions reads nothing back from the device
+(Qwen-VL v1 while attending within ``seq_length``: longer steps, beyond which its dynamic NTK reads the rows'
+prompt lengths, run as usual; Qwen2/2.5/3-VL take their M-RoPE positions ``[3, rows, 1]`` as given, and a 4-D mask
+as it is). ``capture=False`` runs the same fixed-shape step without a graph (the CPU, and the tests: it must give
+what the usual step gives).
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ class StepShape:
 
 
 class _Buffers:
-    """A shape's fixed inputs (and, once captured, its graph and output)."""
+    """A shape's fixed inputs (and, once captured, its graph and output). Positions take the family's shape
+    (``[rows, 1]``, M-RoPE ``[3, rows, 1]``: the rows on the second-to-last axis) at the first step."""
 
     def __init__(self, shape: StepShape, device: torch.device, mask_width: int, mask_dtype: torch.dtype) -> None:
         rows = shape.rows
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions: torch.Tensor | None = None
         self.prompt_lengths = torch.ones(rows, dtype=torch.long, device=device)
         self.slot_index = torch.zeros(rows, dtype=torch.long, device=device)
         self.columns = torch.zeros(rows, dtype=torch.long, device=device)
@@ -99,8 +102,12 @@ class DecodeGraphs:
                                      buffers.mask)
         buffers.ids[:rows].copy_(ids)
         buffers.ids[rows:].zero_()
-        buffers.positions[:rows].copy_(positions)
-        buffers.positions[rows:].zero_()
+        if buffers.positions is None:
+            size = list(positions.shape)
+            size[-2] = shape.rows
+            buffers.positions = positions.new_zeros(size)
+        buffers.positions.narrow(-2, 0, rows).copy_(positions)
+        buffers.positions.narrow(-2, rows, shape.rows - rows).zero_()
         buffers.prompt_lengths[:rows].copy_(prompt_lengths)
         buffers.prompt_lengths[rows:].fill_(1)
         if buffers.rank_mask is not None:

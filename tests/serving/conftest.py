@@ -29,6 +29,36 @@ def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Pa
     return out_dir
 
 
+def make_family_adapter(family_name: str, model_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A random LoRA adapter (non-zero B) on a transformers family's official language-model targets, saved by
+    peft."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwenvl_core.specs import TargetPreset
+    from qwenvl_core.training.lora import resolve_targets
+
+    family = get_family(family_name)
+    model = family.load_model(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=resolve_targets(model, family, TargetPreset.OFFICIAL))
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(8.0)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def family_adapter_dirs(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """``{transformers family: two adapters (seeds 1, 2) of its tiny model}``. Read-only."""
+    root = tmp_path_factory.mktemp("family-adapters")
+    return {name: [make_family_adapter(name, model_dir, root / f"{name}-a{k}", seed=k + 1) for k in range(2)]
+            for name, model_dir in tiny_dirs.items()}
+
+
 @pytest.fixture(scope="session")
 def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Ten adapters (seeds 1..10), adapter 9 with rank 4 (mixed ranks in one batch)."""

@@ -19,27 +19,6 @@ from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngin
 from tests.conftest import HF_FAMILIES
 
 
-def _adapter(family_name: str, model_dir: Path, out_dir: Path, seed: int) -> Path:
-    """A random LoRA adapter (non-zero B) on the family's official language-model targets, saved by peft."""
-    from peft import LoraConfig, get_peft_model
-
-    from qwenvl_core.specs import TargetPreset
-    from qwenvl_core.training.lora import resolve_targets
-
-    family = get_family(family_name)
-    model = family.load_model(model_dir)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=resolve_targets(model, family, TargetPreset.OFFICIAL))
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(8.0)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
-
-
 def _request(i: int, adapter: Path | None, tokens: int, image: tuple[int, int] | None) -> EngineRequest:
     parts: list = [TextPart("describe item " + "and more " * i + str(i))]
     if image is not None:
@@ -74,9 +53,10 @@ def _transformers_alone(family_name: str, model_dir: Path, adapter: Path | None,
 
 
 @pytest.mark.parametrize("family_name", HF_FAMILIES)
-def test_engine_greedy_equals_transformers_generate_for_mixed_joining_rows(family_name, tiny_dirs, tmp_path):
+def test_engine_greedy_equals_transformers_generate_for_mixed_joining_rows(family_name, tiny_dirs,
+                                                                          family_adapter_dirs):
     model_dir = tiny_dirs[family_name]
-    adapters = [_adapter(family_name, model_dir, tmp_path / f"{family_name}-a{k}", seed=k + 1) for k in range(2)]
+    adapters = family_adapter_dirs[family_name]
     first_wave = [_request(0, adapters[0], 12, (56, 84)), _request(3, None, 5, None),
                   _request(1, adapters[1], 9, None)]
     late = [_request(2, adapters[1], 7, (112, 56)), _request(5, adapters[0], 6, (28, 28))]
