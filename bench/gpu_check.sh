@@ -93,13 +93,13 @@ print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU',
       *(f'{m.__name__} {m.__version__}' for m in (transformers, peft, pydantic, bitsandbytes, deepspeed)))
 torch.zeros(1, device='$device')"
-check gpu_tests 90 $PY -m pytest -q -rP -p no:cacheprovider "${tests[@]}"
+check gpu_tests 120 $PY -m pytest -q -rP -p no:cacheprovider "${tests[@]}"
 check sampling_step 20 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
 check serve_v1_full_bf16 200 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
   --repeats 1 --skip-loads --memory-requests 0 "${serve[@]}"
-check serve_v1_memory 110 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --memory-only \
+check serve_v1_memory 90 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --memory-only \
   --before-rev "" "${memory[@]}"
-check train_qwen25vl_7b 90 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
+check train_qwen25vl_7b 80 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
 # kernels per decode step, base / one adapter / 8 mixed (2-layer model: what a layer adds, fused rms_norm or not)
 check step_kernels 45 $PY bench/step_ops.py --device "$device" --dtype bfloat16 --preset qwen-vl-tiny --before-rev "" \
   --steps-only
