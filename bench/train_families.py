@@ -115,7 +115,7 @@ def run_steps(preset: str, device: str, dtype_name: str, qlora: bool, seq_len: i
     from qwenvl_core.models.dtypes import default_dtype
     from qwenvl_core.models.registry import family_for_preset
     from qwenvl_core.specs import Hyperparameters, LoraSpec
-    from qwenvl_core.training.lora import apply_lora, quantize_language_model
+    from qwenvl_core.training.lora import apply_lora, prepare_qlora_base
     from qwenvl_core.training.optim import build_optimizer, build_scheduler
     from qwenvl_core.training.strategies import Engine
 
@@ -127,13 +127,9 @@ def run_steps(preset: str, device: str, dtype_name: str, qlora: bool, seq_len: i
     with torch.device(device), default_dtype(dtype):
         model = family.build_model(config).to(dtype)
     # What load_base_model does after loading: the forward contract, and for Q-LoRA the NF4 language model
-    # followed by peft's k-bit preparation (which keeps non-quantised weights in fp32).
     model = family.forward_contract(model)
     if qlora:
-        from peft import prepare_model_for_kbit_training
-
-        quantize_language_model(model, family, dtype)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_qlora_base(model, family, dtype)
     model = apply_lora(model, family, LoraSpec())
     hp = Hyperparameters(learning_rate=1e-4, max_steps=warmup + steps)
     optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], hp)
@@ -172,7 +168,28 @@ def run_steps(preset: str, device: str, dtype_name: str, qlora: bool, seq_len: i
                 "max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                 "allocated_after_warmup_gib": weights_allocated / 2**30,
                 "gpu": torch.cuda.get_device_name()}
+    out["saved_bytes"] = saved_for_backward(engine.model, batch)  # (after the peak memory figures: a forward more)
     return out
+
+
+def saved_for_backward(model: Any, batch: dict[str, Any]) -> int:
+    """Bytes of the tensors one forward keeps for its backward (each storage once; the weights themselves, which
+    autograd also keeps, not counted): the step's activation memory, the same on any device."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch, loss_only=True).loss
+    del loss  # (no backward: the graph and what it kept go with it)
+    return sum(kept.values())
 
 
 def synthetic_batch(config: Any, seq_len: int, image_px: int, device: str, dtype: Any) -> dict[str, Any]:
@@ -308,11 +325,12 @@ def report_steps(results: list[list[dict[str, Any]]], args: argparse.Namespace) 
     print(f"\n## our training step: {args.preset}, {args.dtype}, {args.device}, 1 x {args.seq_len} tokens "
           f"({args.image_px} px image), {args.warmup} warm-up + {args.steps} timed steps, LoRA r 64 official targets")
     print(f"{'round':>5} {'variant':<11} {'s/it (median)':>13} {'s/it (mean)':>12} {'param GiB':>10} "
-          f"{'max alloc GiB':>14} {'max reserved GiB':>17} {'host peak RSS GiB':>18}")
+          f"{'saved for backward GiB':>22} {'max alloc GiB':>14} {'max reserved GiB':>17} {'host peak RSS GiB':>18}")
     for i, round_ in enumerate(results, 1):
         for r in round_:
             print(f"{i:>5} {r['mode']:<11} {r['s_per_it']:>13.3f} {r['s_per_it_mean']:>12.3f} "
-                  f"{r['param_bytes'] / 2**30:>10.2f} {r.get('max_allocated_gib', float('nan')):>14.2f} "
+                  f"{r['param_bytes'] / 2**30:>10.2f} {r['saved_bytes'] / 2**30:>22.3f} "
+                  f"{r.get('max_allocated_gib', float('nan')):>14.2f} "
                   f"{r.get('max_reserved_gib', float('nan')):>17.2f} {r['psutil_peak_rss_gib']:>18.2f}")
     if not args.device.startswith("cuda"):
         print("(CPU: no device memory figures; this checks the GPU command's code path)")

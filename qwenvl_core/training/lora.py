@@ -139,10 +139,21 @@ def load_base_model(model_dir: str | Path, family: ModelFamily, quantization: Qu
     dtype = torch_dtype(precision)
     model = family.forward_contract(family.load_model(model_dir, dtype=dtype, device=device))
     if quantization is Quantization.NF4:
-        from peft import prepare_model_for_kbit_training
+        prepare_qlora_base(model, family, dtype)
+    return model
 
-        quantize_language_model(model, family, dtype)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+def prepare_qlora_base(model: torch.nn.Module, family: ModelFamily, dtype: torch.dtype) -> torch.nn.Module:
+    """The base of a Q-LoRA run: its LM linears NF4 (``quantize_language_model``), every weight frozen, the others
+    left in the run's ``dtype``, as LoRA leaves them.
+
+    Not peft's ``prepare_model_for_kbit_training``, which also casts every other bf16 / fp16 weight to fp32 (the
+    embeddings, ``lm_head``, the norms, the whole vision tower): for Qwen2.5-VL-7B ~1.8B parameters, ~3.5 GB more,
+    and the fp32 embeddings and norms turn the residual stream and the norms' outputs fp32, so the activations kept
+    for backward grow too (qwen2.5-vl-small in bf16: 465 vs 384 MiB, LoRA's 384). On an H200 that made a Q-LoRA
+    step take more device memory than LoRA's (docs/benchmarks.md). The norms compute in fp32 inside either way."""
+    quantize_language_model(model, family, dtype)
+    model.requires_grad_(False)
     return model
 
 

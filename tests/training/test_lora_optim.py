@@ -67,6 +67,21 @@ def test_qlora_quantises_language_linears_only(family, tiny_model_dir):
     assert kinds["transformer.visual.transformer.resblocks.0.mlp.c_fc"] is torch.nn.Linear
 
 
+@pytest.mark.parametrize("name", ["qwen-vl", "qwen2.5-vl"])
+def test_qlora_keeps_every_unquantised_weight_frozen_in_the_run_dtype(name, tiny_model_dir, tiny_dirs):
+    """As LoRA keeps them: peft's k-bit preparation cast them to fp32 (embeddings, lm_head, norms, the vision tower),
+    which made a bf16 Q-LoRA step hold more device memory than LoRA's."""
+    import bitsandbytes as bnb
+
+    model_dir = tiny_model_dir if name == "qwen-vl" else tiny_dirs[name]
+    model = load_base_model(model_dir, get_family(name), Quantization.NF4, Precision.BF16)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    floats = {n: p.dtype for n, p in model.named_parameters() if p.dtype.is_floating_point}
+    assert any("visual" in n for n in floats) and model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert set(floats.values()) == {torch.bfloat16}, {n: d for n, d in floats.items() if d != torch.bfloat16}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_cosine_schedule_with_warmup():
     hp = Hyperparameters(warmup_ratio=0.1)
     total = 20
