@@ -33,6 +33,10 @@ from qwenvl_core.serving.kv_cache import SlotKVCache
 from qwenvl_core.serving.lora_batch import GroupedLora, LoraPlan, RowLayout, dense_window, rank_mask
 
 
+class GraphCaptureError(QwenVLError):
+    """A decode step could not be captured as a CUDA graph (the engine then decodes without graphs)."""
+
+
 @dataclass(frozen=True)
 class StepShape:
     """What a graph is keyed by: rows (padded), keys attended to, adapters or none."""
@@ -118,7 +122,10 @@ class DecodeGraphs:
         if not self.capture:
             return self._forward(buffers)[:rows]
         if buffers.graph is None:
-            self._capture(buffers)
+            try:
+                self._capture(buffers)
+            except Exception as exc:  # an op the capture refuses, or the capture's own failure
+                raise GraphCaptureError(f"capturing the decode step {shape} as a CUDA graph failed: {exc!r}") from exc
         assert buffers.graph is not None and buffers.logits is not None
         buffers.graph.replay()
         # a copy: the graph's output lives in the memory pool the other graphs share

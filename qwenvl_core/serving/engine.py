@@ -66,7 +66,7 @@ from qwenvl_core.models.registry import FamilyName, ModelFamily, detect_family
 from qwenvl_core.scratch import ScratchDir
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.adapter_slots import AdapterSlots
-from qwenvl_core.serving.decode_graphs import DecodeGraphs
+from qwenvl_core.serving.decode_graphs import DecodeGraphs, GraphCaptureError, StepShape
 from qwenvl_core.serving.kv_cache import SlotKVCache, cache_shape_of
 from qwenvl_core.serving.lora_batch import (
     AdapterError,
@@ -840,11 +840,10 @@ class ServingEngine:
         if self._graphs is not None and seqs is not None:
             shape = self._graphs.shape_for(end, max(cache.lengths[:end]), plan is not None)
         try:
+            logits = None
             if shape is not None:
-                self._count_forward(end, plan)
-                logits = self._graphs.run(shape, step_ids, positions, rows.prompt_len[span],
-                                          [s.adapter_slot for s in seqs])
-            else:
+                logits = self._graph_step(shape, end, step_ids, positions, rows.prompt_len[span], plan, seqs)
+            if logits is None:
                 cache.for_decode(first, end)
                 logits = self._forward(step_ids, cache.decode_mask(), positions, {}, plan, rows.prompt_len[span])
         except BaseException:
@@ -852,6 +851,21 @@ class ServingEngine:
             raise
         cache.commit()
         rows.text_pos[span] += 1
+        return logits
+
+    def _graph_step(self, shape: StepShape, rows: int, step_ids: torch.Tensor, positions: torch.Tensor,
+                    prompt_lengths: torch.Tensor, plan: LoraPlan | None, seqs: Sequence[_Sequence]) -> torch.Tensor | None:
+        """The fixed-shape step of ``rows`` rows; None when its CUDA graph could not be captured: graphs are then
+        off for this engine (logged once) and the caller runs the usual step (what a capture wrote lies beyond the
+        rows' lengths or in the spare slot, and is overwritten)."""
+        try:
+            logits = self._graphs.run(shape, step_ids, positions, prompt_lengths, [s.adapter_slot for s in seqs])
+        except GraphCaptureError as exc:
+            self.kv.abandon()
+            self._graphs = None
+            log.warning("%s; this engine decodes without CUDA graphs from now on", exc)
+            return None
+        self._count_forward(rows, plan)
         return logits
 
     def _decode_apart(self, batch: _Batch, step_ids: torch.Tensor) -> None:

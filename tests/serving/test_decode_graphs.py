@@ -104,3 +104,31 @@ def test_decode_graphs_are_refused_where_they_cannot_run(tiny_model_dir):
                                                                   quantization="4bit"))
     with pytest.raises(QwenVLError, match="expected 'off', 'cuda' or 'static'"):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="always"))
+
+
+def test_a_step_that_cannot_be_captured_turns_graphs_off_and_its_rows_go_on(tiny_model_dir, adapter_dirs, caplog):
+    """A capture that fails (an op CUDA graphs refuse, on some model or driver) costs the engine its graphs, not its
+    requests: that step and every later one run the usual way, and the rows generate what they would have."""
+    requests = _requests(adapter_dirs)
+    base = dict(device="cpu", max_total_tokens=512, max_batch_size=8, prefill_chunk_tokens=64)
+    usual, _ = _generate(tiny_model_dir, EngineConfig(**base), requests)
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(**base, decode_graphs="static",
+                                                                       decode_graph_attend_step=32))
+    graphs = engine._graphs
+    graphs.capture = True  # as on a GPU, where this capture fails
+
+    def refused(_buffers: object) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs._capture = refused
+    try:
+        async def run() -> list:
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+        with caplog.at_level("WARNING", logger="qwenvl_core.serving.engine"):
+            results = asyncio.run(run())
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == usual
+    assert engine._graphs is None and graphs.steps == 1 and not graphs._buffers[next(iter(graphs._buffers))].graph
+    assert "decodes without CUDA graphs from now on" in caplog.text and "operation not permitted" in caplog.text
