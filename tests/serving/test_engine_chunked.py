@@ -40,7 +40,7 @@ async def _all(engine: ServingEngine, requests: list[EngineRequest]) -> list:
 
 @pytest.mark.parametrize("which", ["qwen-vl", "qwen2.5-vl"])
 def test_chunked_prefill_equals_whole_prefill(which, tiny_model_dir, tiny_dirs, adapter_dirs, tmp_path):
-    from tests.serving.test_engine_families import _adapter
+    from tests.serving.conftest import make_family_adapter as _adapter
 
     model_dir = tiny_model_dir if which == "qwen-vl" else tiny_dirs[which]
     adapter = adapter_dirs[1] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "a", seed=5)

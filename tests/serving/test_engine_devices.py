@@ -55,7 +55,7 @@ def _reference(engine: ServingEngine, request: EngineRequest, adapter: Path | No
 @pytest.mark.parametrize("which", ["qwen-vl", "qwen2.5-vl"])
 def test_engine_on_device_matches_the_reference_and_keeps_its_tensors_there(device, which, tiny_model_dir,
                                                                             tiny_dirs, adapter_dirs, tmp_path):
-    from tests.serving.test_engine_families import _adapter
+    from tests.serving.conftest import make_family_adapter as _adapter
 
     model_dir = tiny_model_dir if which == "qwen-vl" else tiny_dirs[which]
     adapter = adapter_dirs[0] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "a", seed=3)
@@ -124,7 +124,7 @@ def _feature_requests(adapter: Path) -> list[EngineRequest]:
 @pytest.mark.parametrize("which", ["qwen-vl", "qwen2.5-vl"])
 def test_every_sampling_feature_runs_on_the_device_and_repeats_with_its_seeds(device, which, tiny_model_dir, tiny_dirs,
                                                                               adapter_dirs, tmp_path):
-    from tests.serving.test_engine_families import _adapter
+    from tests.serving.conftest import make_family_adapter as _adapter
 
     model_dir = tiny_model_dir if which == "qwen-vl" else tiny_dirs[which]
     adapter = adapter_dirs[0] if which == "qwen-vl" else _adapter(which, model_dir, tmp_path / "a", seed=3)

@@ -119,7 +119,7 @@ def _outputs(model_dir: Path, requests: list[EngineRequest], force: bool) -> tup
 def test_maskless_outputs_equal_the_masked_path(family_name: str, tiny_model_dir: Path, tiny_dirs,
                                                 tmp_path: Path) -> None:
     from tests.serving.conftest import make_adapter
-    from tests.serving.test_engine_families import _adapter
+    from tests.serving.conftest import make_family_adapter as _adapter
 
     if family_name == "qwen-vl":
         model_dir, image = tiny_model_dir, False
