@@ -34,6 +34,7 @@ def model_configs(settings: Settings) -> list[Any]:
                           max_image_bytes=settings.max_chat_image_bytes,
                           max_image_bytes_total=settings.max_chat_image_bytes_total,
                           max_batch_size=settings.serve_max_batch_size,
+                          decode_graphs=settings.serve_decode_graphs,
                           max_total_tokens=settings.serve_max_total_tokens,
                           kv_cache_bytes=settings.serve_kv_cache_bytes,
                           adapter_slots=settings.serve_adapter_slots,
