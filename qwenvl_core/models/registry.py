@@ -94,6 +94,12 @@ class ModelFamily(Protocol):
         resolves them to language-model modules only (``training.lora.resolve_targets``)."""
         ...
 
+    def lora_siblings(self) -> tuple[tuple[str, ...], ...]:
+        """Groups of language-model linear layers (module-name suffixes under one parent) that every forward calls
+        on the same input, one after the other: the serving engine computes their LoRA ``x · Aᵀ`` in one matmul
+        (``decode_graphs``)."""
+        ...
+
     def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` (as ``load_model`` returns it) with its forward following the platform's forward contract
         (``docs/architecture.md``: ``loss_only``, contract positions, ``segment_ids``), which training, evaluation and

@@ -7,7 +7,8 @@ form two stacks allocated when the engine starts, before its KV cache is sized f
 that the cache never takes the memory the first adapters need: ``A [max_rank, slots + 1, in]`` and ``(B·s)ᵀ
 [max_rank, slots + 1, out]``, rank-major (``lora_batch``; slot 0 stays zero: the base model's rows; ``nbytes`` says
 what they hold in all,
-about ``(slots + 1) · max_rank · Σ(in + out) · itemsize``). An adapter is copied into a slot when a request using
+about ``(slots + 1) · max_rank · Σ(in + out) · itemsize``; the A stacks of sibling targets, ``ModelFamily.lora_siblings``,
+are the rows of one tensor, so that a decode step can multiply by all of them at once). An adapter is copied into a slot when a request using
 it joins the batch and it is not resident yet; nothing is allocated then. A slot is pinned (reference counted) while a
 running row uses it and is never reused then; an unpinned slot keeps its adapter for the next request and is
 reclaimed least recently used first. When every slot is pinned, ``acquire`` answers None and the request waits
@@ -42,13 +43,22 @@ class AdapterSlots:
     run decode steps of several adapters dense (``lora_batch``)."""
 
     def __init__(self, slots: int, max_rank: int, targets: dict[str, torch.nn.Module], device: torch.device,
-                 dtype: torch.dtype, dense_decode: bool = False) -> None:
+                 dtype: torch.dtype, dense_decode: bool = False, siblings: Sequence[Sequence[str]] = ()) -> None:
         if slots < 1:
             raise AdapterError(f"adapter slots must be >= 1, got {slots}")
         self.slots, self.max_rank, self.device, self.dtype = slots, max_rank, device, dtype
         self.dense_decode = dense_decode
+        # sibling targets (``ModelFamily.lora_siblings``) share one A storage [members, max_rank, slots + 1, in]
+        self._siblings: list[tuple[tuple[str, ...], torch.Tensor]] = []
+        shared = {}
+        for members in sibling_groups(targets, siblings):
+            storage = torch.zeros(len(members), max_rank, slots + 1, targets[members[0]].in_features, device=device,
+                                  dtype=dtype)
+            self._siblings.append((members, storage))
+            shared.update((name, storage[m]) for m, name in enumerate(members))
         # target layer name -> (A [max_rank, slots + 1, in], (B·s)ᵀ [max_rank, slots + 1, out])
-        self._stacks = {name: (torch.zeros(max_rank, slots + 1, layer.in_features, device=device, dtype=dtype),
+        self._stacks = {name: (shared[name] if name in shared else
+                               torch.zeros(max_rank, slots + 1, layer.in_features, device=device, dtype=dtype),
                                torch.zeros(max_rank, slots + 1, layer.out_features, device=device, dtype=dtype))
                         for name, layer in targets.items()}
         # which adapter each slot holds, weakly: an adapter evicted from the host cache and used by no request is
@@ -66,6 +76,11 @@ class AdapterSlots:
         """Target layer -> its slot stacks ``(A [max_rank, slots + 1, in], (B·s)ᵀ [max_rank, slots + 1, out])``,
         allocated once and written in place (fixed addresses: ``decode_graphs`` reads them)."""
         return dict(self._stacks)
+
+    def siblings(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        """Each group of sibling targets with its members' A stacks as one tensor ``[members, max_rank, slots + 1,
+        in]`` (each member's ``stacks()`` A is its row of it)."""
+        return list(self._siblings)
 
     @property
     def nbytes(self) -> int:
@@ -146,3 +161,19 @@ class AdapterSlots:
                 bt_stack[: bt.shape[0], slot].copy_(bt, non_blocking=True)
         self._resident[slot] = weakref.ref(weights)
         self.loads += 1
+
+
+def sibling_groups(targets: dict[str, torch.nn.Module], siblings: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+    """The target names that form sibling groups: for each suffix group of ``siblings`` (``ModelFamily.lora_siblings``)
+    and each parent module holding all of its layers as targets, with one input width, their full names in order."""
+    groups = []
+    for suffixes in siblings:
+        first = suffixes[0]
+        for name in targets:
+            if not name.endswith("." + first):
+                continue
+            parent = name[: -len(first)]
+            members = tuple(parent + suffix for suffix in suffixes)
+            if all(m in targets for m in members) and len({targets[m].in_features for m in members}) == 1:
+                groups.append(members)
+    return groups

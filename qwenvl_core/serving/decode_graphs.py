@@ -9,7 +9,9 @@ launch. A graph fixes every shape and every address it reads, so a step is made 
   rest masked (the mask a buffer like the others);
 - adapters: every device slot at full rank, each row's slot kept by the rank mask (the dense LoRA decode of
   ``lora_batch``, over all slots, so that a plan never changes a graph's shapes or the addresses it reads: the
-  slots' stacks are written in place when an adapter comes in); a step with no adapter at all has graphs without
+  slots' stacks are written in place when an adapter comes in); sibling targets, which the model calls on one
+  input (``ModelFamily.lora_siblings``: v1's ``w1`` / ``w2``, the newer families' q / k / v and gate / up), get
+  their ``x · Aᵀ`` from one matmul and one mask for the group; a step with no adapter at all has graphs without
   LoRA.
 So a graph is keyed by (rows bucket, attended columns, LoRA or not), captured the first time a step needs it, and
 its inputs (ids, positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay.
@@ -84,6 +86,11 @@ class DecodeGraphs:
         # every slot's stacks at full rank, as dense LoRA views: fixed addresses, written in place by new adapters
         self._dense = {name: dense_window(a, bt, slots.max_rank) for name, (a, bt) in slots.stacks().items()}
         self._mask_width = slots.max_rank * (slots.slots + 1)
+        # sibling targets: their group's Aᵀ [in, members·max_rank·slots], one matmul for the group (lora_batch)
+        self._siblings: dict[str, tuple[torch.Tensor, int]] = {}
+        for members, storage in slots.siblings():
+            group_a = storage.flatten(0, 2).T  # (one view per group: the members find their group's product by it)
+            self._siblings.update((name, (group_a, index)) for index, name in enumerate(members))
 
     def shape_for(self, rows: int, longest: int, lora: bool) -> StepShape | None:
         """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens; None: not replayable."""
@@ -138,7 +145,7 @@ class DecodeGraphs:
         rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
         layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
         return LoraPlan(rows=rows, stacks=self._dense, adapters=(), layout=layout, dense=self._dense,
-                        mask=buffers.rank_mask)
+                        mask=buffers.rank_mask, siblings=self._siblings or None)
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         with self.lora.activate(buffers.plan):

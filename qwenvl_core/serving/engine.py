@@ -325,7 +325,7 @@ class ServingEngine:
             raise QwenVLError(f"lora_decode {config.lora_decode!r}: expected 'auto', 'dense' or 'grouped'")
         dense = config.lora_decode == "dense" or (config.lora_decode == "auto" and lm_device.type == "cuda")
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
-                                          lm_device, lm_dtype, dense_decode=dense)
+                                          lm_device, lm_dtype, dense_decode=dense, siblings=family.lora_siblings())
         # downloaded S3 adapters: the configured folder (kept), or scratch removed on close or by the next sweep
         self._scratch: ScratchDir | None = None
         if config.adapter_cache_dir:

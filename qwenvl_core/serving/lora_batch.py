@@ -18,7 +18,10 @@ This module owns
   - A decode forward (one token a row) of several adapters, in plans made ``dense`` (the serving engine's choice
     on a GPU): ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
     (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]`` accumulated into the layer's output (one
-    ``addmm``): three kernels a target and no gathers.
+    ``addmm``): three kernels a target and no gathers. In the fixed-shape steps of ``decode_graphs`` (every slot at
+    full rank), sibling targets that the model calls on one input (``ModelFamily.lora_siblings``) take their
+    masked ``x · Aᵀ`` from one product for the group (``LoraPlan.siblings``): one matmul and one mask per group,
+    then one ``addmm`` per target.
     A decode step on a GPU costs what it launches; the slots-fold multiply-adds of one token a row are little
     beside that there, and the weights are read either way. On a CPU those multiply-adds are the cost, so plans
     there are grouped as for a prefill.
@@ -260,6 +263,10 @@ class LoraPlan:
     # at rank r, and mask [B, 1, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     mask: torch.Tensor | None = None
+    # dense plans at full rank (``decode_graphs``): sibling targets (``ModelFamily.lora_siblings``), module ->
+    # (its group's Aᵀ of every member and slot [in, members·r·slots], its index in the group); the first member
+    # called computes the group's product, the others take their columns of it
+    siblings: dict[str, tuple[torch.Tensor, int]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -365,6 +372,7 @@ class GroupedLora:
         self.model = model
         self._hooked: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._active: LoraPlan | None = None
+        self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (group Aᵀ, input, product)
 
     def ensure_hooks(self, module_names: Sequence[str]) -> None:
         """Install a hook on every named layer that has none yet (called before a plan uses them)."""
@@ -387,7 +395,7 @@ class GroupedLora:
         try:
             yield
         finally:
-            self._active = previous
+            self._active, self._shared = previous, None
 
     def _make_hook(self, name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
@@ -402,6 +410,9 @@ class GroupedLora:
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
             if plan.dense is not None and x.shape[1] == 1:  # a decode step of several adapters (module docstring)
                 a_all, b_all = plan.dense[name]
+                sibling = plan.siblings.get(name) if plan.siblings else None
+                if sibling is not None:
+                    return _add_product(output, self._sibling_product(sibling, x, block, plan.mask), b_all)
                 return _add_product(output, (block @ a_all).mul_(plan.mask), b_all)
             if layout.gather is None and layout.groups == 1:  # one adapter on every row: the rows as they are
                 return _add_product(output, block @ a_t, b_t)
@@ -420,6 +431,19 @@ class GroupedLora:
             return output.add_(change) if layout.rows is None else output.index_add_(0, layout.rows, change)
 
         return hook
+
+    def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+        """A sibling target's masked ``x · Aᵀ`` ``[B, 1, r·slots]``: its columns of the group's product, which the
+        first member called on this input computes for all (one matmul and one mask for the group)."""
+        group_a, index = sibling
+        shared = self._shared
+        if shared is None or shared[0] is not group_a or shared[1] is not x:
+            width = mask.shape[-1]
+            product = (block @ group_a).view(*block.shape[:-1], -1, width).mul_(mask.unsqueeze(-2))
+            shared = self._shared = (group_a, x, product.flatten(-2))
+        width = mask.shape[-1]
+        return shared[2][..., index * width : (index + 1) * width]
 
 
 def _add_product(output: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -58,12 +58,22 @@ def _generate(model_dir: Path, config: EngineConfig, requests: list[EngineReques
     graphs = engine._graphs
     if graphs is not None:
         forward = graphs._forward
+        graphs.sibling_calls = graphs.sibling_products = 0
+        product = engine.lora._sibling_product
 
         def checked(*args: object) -> torch.Tensor:
             with _NoHostReads():
                 return forward(*args)
 
+        def counted(*args: object) -> torch.Tensor:  # a sibling target's LoRA: its group's product made, or reused
+            before = engine.lora._shared
+            out = product(*args)
+            graphs.sibling_calls += 1
+            graphs.sibling_products += engine.lora._shared is not before
+            return out
+
         graphs._forward = checked
+        engine.lora._sibling_product = counted
     try:
         async def run() -> list:
             return await asyncio.gather(*(engine.generate(r) for r in requests))
@@ -92,6 +102,9 @@ def test_fixed_shape_decode_steps_generate_what_the_usual_steps_do(device, famil
     shapes = set(graphs._buffers)
     assert graphs.steps > 10 and len({s.rows for s in shapes}) > 1 and len({s.attend for s in shapes}) > 1, shapes
     assert {s.lora for s in shapes} >= {True}
+    # sibling targets (v1: w1 / w2; the others: q / k / v, gate / up) shared one product per group and step
+    members = 2 if family_name == "qwen-vl" else 2.5  # targets per group, on average
+    assert graphs.sibling_calls > 0 and graphs.sibling_products * members == graphs.sibling_calls
     if mode == "cuda":
         assert graphs.captured == len(shapes)
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.serving.adapter_slots import AdapterSlots
+from qwenvl_core.serving.adapter_slots import AdapterSlots, sibling_groups
 from qwenvl_core.serving.lora_batch import GroupedLora, LoraWeights, build_plan, row_layout
 
 IN, HIDDEN, OUT = 24, 40, 16
@@ -278,3 +278,26 @@ def test_loaded_adapters_are_held_in_the_layout_of_the_device_slots(tiny_model_d
         layer = linears[name]
         assert a.shape == (4, layer.in_features) and bt.shape == (4, layer.out_features), name
         assert a.is_contiguous() and bt.is_contiguous(), name
+
+
+def test_sibling_targets_share_one_a_storage_and_each_adapter_lands_in_its_member():
+    """Layers a forward calls on one input (``ModelFamily.lora_siblings``) get their A stacks as rows of one tensor
+    (one matmul for the group in a fixed-shape decode step); a parent lacking a member, or whose members differ in
+    input width, forms no group."""
+    layers = {"l0.attn.q": nn.Linear(8, 8), "l0.attn.k": nn.Linear(8, 4), "l0.attn.v": nn.Linear(8, 4),
+              "l1.attn.q": nn.Linear(8, 8), "l1.attn.k": nn.Linear(8, 4),  # no v: no group
+              "l2.attn.q": nn.Linear(8, 8), "l2.attn.k": nn.Linear(6, 4), "l2.attn.v": nn.Linear(8, 4),
+              "l0.mlp.up": nn.Linear(8, 16)}
+    groups = sibling_groups(layers, [("attn.q", "attn.k", "attn.v")])
+    assert groups == [("l0.attn.q", "l0.attn.k", "l0.attn.v")]
+    slots = AdapterSlots(2, max_rank=4, targets=layers, device=torch.device("cpu"), dtype=torch.float32,
+                         siblings=[("attn.q", "attn.k", "attn.v")])
+    [(members, storage)] = slots.siblings()
+    assert members == groups[0] and storage.shape == (3, 4, 3, 8)
+    stacks = slots.stacks()
+    torch.manual_seed(0)
+    modules = {name: (torch.randn(2, 8), torch.randn(2, layers[name].out_features)) for name in members}
+    slot = slots.acquire(LoraWeights(adapter_id="a", modules=modules, rank=2))
+    for index, name in enumerate(members):
+        assert stacks[name][0].data_ptr() == storage[index].data_ptr()
+        assert torch.equal(storage[index, :2, slot], modules[name][0]) and not storage[index, 2:, slot].any()

@@ -95,6 +95,10 @@ class HFVisionLanguageFamily:
         # frozen); the training code resolves the suffixes to language-model modules only.
         return {"attention": ATTENTION_LORA_TARGETS}.get(preset, self.spec.lora_targets)
 
+    def lora_siblings(self) -> tuple[tuple[str, ...], ...]:
+        # Qwen2/2.5/3-VL's text attention and MLP: q_proj / k_proj / v_proj(hidden), gate_proj / up_proj(x)
+        return (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
     def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
         from qwenvl_core.models.hf_vl.forward import install_forward_contract
 

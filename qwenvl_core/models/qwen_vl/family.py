@@ -96,6 +96,9 @@ class QwenVLFamily:
     def lora_target_preset(self, preset: str) -> tuple[str, ...]:
         return QWEN_VL_LORA_PRESETS[preset]
 
+    def lora_siblings(self) -> tuple[tuple[str, ...], ...]:
+        return (("mlp.w1", "mlp.w2"),)  # QWenMLP: w1(x) * silu(w2(x)); c_attn is q, k and v in one layer already
+
     def forward_contract(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # QWenLMHeadModel.forward is the contract
 
