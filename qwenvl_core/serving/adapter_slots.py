@@ -6,10 +6,10 @@ For every layer an adapter may target (``lora_batch.lora_targets``: the language
 form two stacks allocated when the engine starts, before its KV cache is sized from the free device memory, so
 that the cache never takes the memory the first adapters need: ``A [max_rank, slots + 1, in]`` and ``(B·s)ᵀ
 [max_rank, slots + 1, out]``, rank-major (``lora_batch``; slot 0 stays zero: the base model's rows; ``nbytes`` says
-what they hold in all,
-about ``(slots + 1) · max_rank · Σ(in + out) · itemsize``; the A stacks of sibling targets, ``ModelFamily.lora_siblings``,
-are the rows of one tensor, so that a decode step can multiply by all of them at once). An adapter is copied into a slot when a request using
-it joins the batch and it is not resident yet; nothing is allocated then. A slot is pinned (reference counted) while a
+what they hold in all, about ``(slots + 1) · max_rank · Σ(in + out) · itemsize``; the A stacks of sibling targets,
+``ModelFamily.lora_siblings``, are the rows of one tensor, so that a decode step multiplies by all of them at once).
+An adapter is copied into a slot when a request using it joins the batch and it is not resident yet; nothing is
+allocated then. A slot is pinned (reference counted) while a
 running row uses it and is never reused then; an unpinned slot keeps its adapter for the next request and is
 reclaimed least recently used first. When every slot is pinned, ``acquire`` answers None and the request waits
 (in the engine's bounded queue). Rows name their slot in a device index tensor the engine keeps; a batch's plan

@@ -437,12 +437,10 @@ class GroupedLora:
         """A sibling target's masked ``x · Aᵀ`` ``[B, 1, r·slots]``: its columns of the group's product, which the
         first member called on this input computes for all (one matmul and one mask for the group)."""
         group_a, index = sibling
-        shared = self._shared
-        if shared is None or shared[0] is not group_a or shared[1] is not x:
-            width = mask.shape[-1]
+        width, shared = mask.shape[-1], self._shared
+        if shared is None or shared[0] is not group_a or shared[1] is not x:  # the group's first member
             product = (block @ group_a).view(*block.shape[:-1], -1, width).mul_(mask.unsqueeze(-2))
             shared = self._shared = (group_a, x, product.flatten(-2))
-        width = mask.shape[-1]
         return shared[2][..., index * width : (index + 1) * width]
 
 
