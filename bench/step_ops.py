@@ -110,9 +110,10 @@ def _callees(event: Any) -> Any:
 
 
 def count(preset: str, adapters: int, device: str | None = None, workload_too: bool = True,
-          dtype: str = "float32") -> dict[str, dict[str, float]]:
+          dtype: str = "float32", decode_graphs: str = "off") -> dict[str, dict[str, float]]:
     """(in the tree on ``sys.path``) ``{scenario: {"ops": per step, "views": per step, "kernels": per step}}`` on
-    ``device`` (the engine's default: the GPU when one is visible), the model in ``dtype``."""
+    ``device`` (the engine's default: the GPU when one is visible), the model in ``dtype``, the engine's decode
+    steps as ``decode_graphs`` says ("static": the fixed shapes that CUDA graphs replay, run without graphs)."""
     from serving_throughput import _fixed_length, _prompt, make_adapters
 
     from qwenvl_core.conversation import text_message
@@ -123,7 +124,12 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
     work = Path(tempfile.mkdtemp(prefix="bench-step-ops-"))
     model_dir = family.materialize(preset, work / "model", seed=0)
     paths = make_adapters(family, model_dir, work / "adapters", adapters, 8, torch.float32)
-    as_on_a_gpu = {"lora_decode": "dense"} if "lora_decode" in {f.name for f in dataclasses.fields(EngineConfig)} else {}
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    as_on_a_gpu = {"lora_decode": "dense"} if "lora_decode" in fields else {}
+    if decode_graphs != "off":
+        if "decode_graphs" not in fields:
+            raise SystemExit("this revision has no EngineConfig.decode_graphs")
+        as_on_a_gpu["decode_graphs"] = decode_graphs
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2,
                                                                   device=device, **as_on_a_gpu),
                                           dtype=getattr(torch, dtype))
@@ -205,12 +211,14 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="the engine's device (default: the GPU when one is visible)")
     parser.add_argument("--steps-only", action="store_true", help="the decode steps only, not the workload")
     parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16: the casts a GPU launches)")
+    parser.add_argument("--decode-graphs", default="off", choices=["off", "static", "cuda"],
+                        help="the engine's EngineConfig.decode_graphs (static: the fixed-shape steps, without graphs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one revision's counts, as JSON on the last line
         print(json.dumps(count(args.preset, args.adapters, args.device, workload_too=not args.steps_only,
-                               dtype=args.dtype)))
+                               dtype=args.dtype, decode_graphs=args.decode_graphs)))
         return
     if args.static:
         print(json.dumps(static_workload(args.preset)))
@@ -218,8 +226,8 @@ def main() -> None:
 
     def measured(tree: Path, role: str = "--child") -> Any:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
-        options = ["--preset", args.preset, "--adapters", str(args.adapters), "--dtype", args.dtype] + (
-            ["--device", args.device] if args.device else [])
+        options = ["--preset", args.preset, "--adapters", str(args.adapters), "--dtype", args.dtype,
+                   "--decode-graphs", args.decode_graphs] + (["--device", args.device] if args.device else [])
         done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, *options]
                               + (["--steps-only"] if args.steps_only else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -237,7 +245,8 @@ def main() -> None:
                 (tree / "bench" / "step_ops.py").write_text(Path(__file__).read_text())
                 (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
                 runs["before"] = measured(tree)
-    print(f"preset={args.preset} dtype={args.dtype} rows={ROWS} adapters={args.adapters} steps={STEPS}; per decode "
+    print(f"preset={args.preset} dtype={args.dtype} decode_graphs={args.decode_graphs} rows={ROWS} "
+          f"adapters={args.adapters} steps={STEPS}; per decode "
           "step: ops dispatched "
           "(views among them), then what ran on the device ('kernels': CUDA kernels, or the CPU's leaf ops)")
     steps = ("base", "single", "mixed")

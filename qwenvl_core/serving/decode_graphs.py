@@ -11,10 +11,13 @@ launch. A graph fixes every shape and every address it reads, so a step is made 
   ``lora_batch``, over all slots, so that a plan never changes a graph's shapes or the addresses it reads: the
   slots' stacks are written in place when an adapter comes in); sibling targets, which the model calls on one
   input (``ModelFamily.lora_siblings``: v1's ``w1`` / ``w2``, the newer families' q / k / v and gate / up), get
-  their ``x · Aᵀ`` from one matmul and one mask for the group; a step with no adapter at all has graphs without
-  LoRA.
-So a graph is keyed by (rows bucket, attended columns, LoRA or not), captured the first time a step needs it, and
-its inputs (ids, positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay.
+  their ``x · Aᵀ`` from one matmul and one mask for the group; only the layers the batch's adapters target get
+  LoRA (not every layer an adapter may target: ``lm_head`` among them), so a step with no adapter at all has
+  graphs without LoRA.
+So a graph is keyed by (rows bucket, attended columns, LoRA targets), captured the first time a step needs it (the
+adapters a deployment serves share their targets, trained with one preset: one set, or a few), and its inputs (ids,
+positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay; the rank mask only
+when rows join or leave.
 
 Every family: a decode step with the engine's prepared mask and positions reads nothing back from the device
 (Qwen-VL v1 while attending within ``seq_length``: longer steps, beyond which its dynamic NTK reads the rows'
@@ -41,11 +44,11 @@ class GraphCaptureError(QwenVLError):
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a graph is keyed by: rows (padded), keys attended to, adapters or none."""
+    """What a graph is keyed by: rows (padded), keys attended to, the layers with LoRA (sorted; none: no adapter)."""
 
     rows: int
     attend: int
-    lora: bool
+    lora: tuple[str, ...]
 
 
 class _Buffers:
@@ -62,6 +65,7 @@ class _Buffers:
         self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)
         self.rank_mask = torch.zeros(rows, 1, mask_width, dtype=mask_dtype, device=device) if shape.lora else None
         self.plan: LoraPlan | None = None  # the LoRA plan reading rank_mask (DecodeGraphs sets it)
+        self.mask_slots: list[int] | None = None  # the rows' adapter slots rank_mask holds
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -87,18 +91,16 @@ class DecodeGraphs:
         self._dense = {name: dense_window(a, bt, slots.max_rank) for name, (a, bt) in slots.stacks().items()}
         self._mask_width = slots.max_rank * (slots.slots + 1)
         # sibling targets: their group's Aᵀ [in, members·max_rank·slots], one matmul for the group (lora_batch)
-        self._siblings: dict[str, tuple[torch.Tensor, int]] = {}
-        for members, storage in slots.siblings():
-            group_a = storage.flatten(0, 2).T  # (one view per group: the members find their group's product by it)
-            self._siblings.update((name, (group_a, index)) for index, name in enumerate(members))
+        self._siblings = [(members, storage.flatten(0, 2).T) for members, storage in slots.siblings()]
 
-    def shape_for(self, rows: int, longest: int, lora: bool) -> StepShape | None:
-        """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens; None: not replayable."""
+    def shape_for(self, rows: int, longest: int, targets: tuple[str, ...]) -> StepShape | None:
+        """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens, its adapters targeting
+        ``targets`` (sorted; none: no adapter); None: not replayable."""
         bucket = min(1 << (rows - 1).bit_length(), self.cache.slots)  # (the batch's rows fit the slots)
         attend = min(-(-(longest + 1) // self.attend_step) * self.attend_step, self.cache.capacity)
         if longest + 1 > attend or attend > self.max_attend:  # a full slot (refused by the usual step), or too long
             return None
-        return StepShape(bucket, attend, lora and bool(self._dense))
+        return StepShape(bucket, attend, tuple(name for name in targets if name in self._dense))
 
     def run(self, shape: StepShape, ids: torch.Tensor, positions: torch.Tensor, prompt_lengths: torch.Tensor,
             row_slots: list[int]) -> torch.Tensor:
@@ -121,10 +123,11 @@ class DecodeGraphs:
         buffers.positions.narrow(-2, rows, shape.rows - rows).zero_()
         buffers.prompt_lengths[:rows].copy_(prompt_lengths)
         buffers.prompt_lengths[rows:].fill_(1)
-        if buffers.rank_mask is not None:
+        if buffers.rank_mask is not None and buffers.mask_slots != row_slots:  # (rows joined or left)
             padded = row_slots + [0] * (shape.rows - rows)
             buffers.rank_mask.copy_(rank_mask(padded, self.slots.max_rank, self.slots.slots + 1,
                                               buffers.rank_mask.device, buffers.rank_mask.dtype))
+            buffers.mask_slots = list(row_slots)
         self.steps += 1
         if not self.capture:
             return self._forward(buffers)[:rows]
@@ -139,13 +142,17 @@ class DecodeGraphs:
         return buffers.logits[:rows].clone()
 
     def _plan(self, shape: StepShape, buffers: _Buffers) -> LoraPlan | None:
-        """Dense LoRA over every slot at full rank, each row's slot kept by ``buffers.rank_mask`` (None: no LoRA)."""
+        """Dense LoRA on the shape's layers over every slot at full rank, each row's slot kept by
+        ``buffers.rank_mask`` (None: no LoRA); siblings share a product where the shape has the whole group."""
         if buffers.rank_mask is None:
             return None
         rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
         layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
-        return LoraPlan(rows=rows, stacks=self._dense, adapters=(), layout=layout, dense=self._dense,
-                        mask=buffers.rank_mask, siblings=self._siblings or None)
+        dense = {name: self._dense[name] for name in shape.lora}
+        siblings = {name: (group_a, index) for members, group_a in self._siblings if set(members) <= set(dense)
+                    for index, name in enumerate(members)}
+        return LoraPlan(rows=rows, stacks=dense, adapters=(), layout=layout, dense=dense, mask=buffers.rank_mask,
+                        siblings=siblings or None)
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         with self.lora.activate(buffers.plan):

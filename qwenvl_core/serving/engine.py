@@ -838,7 +838,7 @@ class ServingEngine:
         positions = self.family.step_positions(rows.text_pos[span, None], rows.offset[span])
         shape = None
         if self._graphs is not None and seqs is not None:
-            shape = self._graphs.shape_for(end, max(cache.lengths[:end]), plan is not None)
+            shape = self._graphs.shape_for(end, max(cache.lengths[:end]), tuple(plan.stacks) if plan else ())
         try:
             logits = None
             if shape is not None:

@@ -44,3 +44,13 @@ def test_a_mixed_adapter_decode_step_costs_about_what_a_single_adapter_step_does
     # rows join a running batch a few at a time (admitted at every step instead, as before: 0.105 forwards per token)
     assert workload["forwards"] < 0.1, counts
     assert workload["ops"] < static, (workload, static)
+
+
+def test_fixed_shape_steps_take_each_sibling_groups_lora_from_one_product(step_ops):
+    """``--decode-graphs static``: the steps CUDA graphs replay. qwen-vl-tiny has 2 layers, 4 LoRA targets each
+    (c_attn, attn.c_proj, w1, w2), w1 / w2 siblings: a LoRA step adds per layer 3 kernels a target (x·Aᵀ, the rank
+    mask, ·(B·s)ᵀ accumulated), less 2 for the sibling pair (one x·Aᵀ and one mask for both): 10, not 12."""
+    counts = step_ops.count(PRESET, adapters=4, workload_too=False, decode_graphs="static")
+    kernels = {name: counts[name]["kernels"] for name in ("base", "single", "mixed")}
+    assert kernels["single"] == kernels["mixed"], kernels  # every slot at full rank, whatever the rows use
+    assert kernels["mixed"] - kernels["base"] == 2 * 10, kernels

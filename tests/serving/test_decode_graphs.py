@@ -101,7 +101,7 @@ def test_fixed_shape_decode_steps_generate_what_the_usual_steps_do(device, famil
     assert all(len(ids) > 0 for ids in fixed)
     shapes = set(graphs._buffers)
     assert graphs.steps > 10 and len({s.rows for s in shapes}) > 1 and len({s.attend for s in shapes}) > 1, shapes
-    assert {s.lora for s in shapes} >= {True}
+    assert any(s.lora for s in shapes)
     # sibling targets (v1: w1 / w2; the others: q / k / v, gate / up) shared one product per group and step
     members = 2 if family_name == "qwen-vl" else 2.5  # targets per group, on average
     assert graphs.sibling_calls > 0 and graphs.sibling_products * members == graphs.sibling_calls
