@@ -12,15 +12,14 @@ import torch
 from qwenvl_core.models.registry import get_family
 
 
-def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
-    """A random (non-zero B) LoRA adapter on the official targets, saved as a PEFT directory."""
+def save_random_lora(model: torch.nn.Module, targets: list[str], out_dir: Path, seed: int, rank: int = 8) -> Path:
+    """``model`` with a random LoRA adapter (non-zero B) of ``rank`` on ``targets``, saved by peft to ``out_dir``."""
     from peft import LoraConfig, get_peft_model
 
-    family = get_family("qwen-vl")
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=list(family.default_lora_targets), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(family.load_model(model_dir), config)
+                        target_modules=targets, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():  # stronger than peft's random init, so different adapters pick different tokens
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -29,26 +28,21 @@ def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Pa
     return out_dir
 
 
+def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
+    """A random (non-zero B) LoRA adapter on v1's official targets, saved as a PEFT directory."""
+    family = get_family("qwen-vl")
+    return save_random_lora(family.load_model(model_dir), list(family.default_lora_targets), out_dir, seed, rank)
+
+
 def make_family_adapter(family_name: str, model_dir: Path, out_dir: Path, seed: int) -> Path:
     """A random LoRA adapter (non-zero B) on a transformers family's official language-model targets, saved by
     peft."""
-    from peft import LoraConfig, get_peft_model
-
     from qwenvl_core.specs import TargetPreset
     from qwenvl_core.training.lora import resolve_targets
 
     family = get_family(family_name)
     model = family.load_model(model_dir)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=resolve_targets(model, family, TargetPreset.OFFICIAL))
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(8.0)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+    return save_random_lora(model, resolve_targets(model, family, TargetPreset.OFFICIAL), out_dir, seed)
 
 
 @pytest.fixture(scope="session")

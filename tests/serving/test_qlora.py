@@ -17,6 +17,7 @@ from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngin
 from qwenvl_core.serving.lora_batch import build_plan, load_lora_weights
 from qwenvl_core.specs import Precision, Quantization, TargetPreset
 from qwenvl_core.training.lora import load_base_model, quantize_language_model, resolve_targets
+from tests.serving.conftest import save_random_lora
 
 TOKENS = 8
 PROMPTS = ["describe the first picture", "what is in the box?", "count to three"]
@@ -25,22 +26,11 @@ PROMPTS = ["describe the first picture", "what is in the box?", "count to three"
 @pytest.fixture(scope="module")
 def qlora_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Q-LoRA adapter as training makes one: peft LoRA on the NF4 base of ``load_base_model`` (random B)."""
-    from peft import LoraConfig, get_peft_model
-
     family = get_family("qwen-vl")
     base = load_base_model(tiny_model_dir, family, Quantization.NF4, Precision.FP32)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
-    torch.manual_seed(5)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
-                        target_modules=resolve_targets(base, family, TargetPreset.OFFICIAL))
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(8.0)
     out = tmp_path_factory.mktemp("qlora") / "adapter"
-    peft_model.save_pretrained(out)
-    return out
+    return save_random_lora(base, resolve_targets(base, family, TargetPreset.OFFICIAL), out, seed=5)
 
 
 def _base(model_dir: Path, quantized: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
