@@ -19,7 +19,7 @@ launch-bound GPU step pays for; a composite op such as ``rms_norm`` is one fused
 the leaf ops. ``bench/gpu_check.sh`` runs it on the GPU (``--steps-only``).
 
 Usage: .venv/bin/python bench/step_ops.py [--preset qwen-vl-small] [--before-rev 4ba4821] [--device cuda]
-[--steps-only] [--dtype bfloat16]
+[--steps-only] [--dtype bfloat16] [--decode-graphs static] [--max-lora-rank 8]
 """
 
 from __future__ import annotations
@@ -110,10 +110,12 @@ def _callees(event: Any) -> Any:
 
 
 def count(preset: str, adapters: int, device: str | None = None, workload_too: bool = True,
-          dtype: str = "float32", decode_graphs: str = "off") -> dict[str, dict[str, float]]:
+          dtype: str = "float32", decode_graphs: str = "off",
+          max_lora_rank: int | None = None) -> dict[str, dict[str, float]]:
     """(in the tree on ``sys.path``) ``{scenario: {"ops": per step, "views": per step, "kernels": per step}}`` on
     ``device`` (the engine's default: the GPU when one is visible), the model in ``dtype``, the engine's decode
-    steps as ``decode_graphs`` says ("static": the fixed shapes that CUDA graphs replay, run without graphs)."""
+    steps as ``decode_graphs`` says ("static": the fixed shapes that CUDA graphs replay, run without graphs), its
+    adapter slots of rank ``max_lora_rank`` (None: the engine's default; the adapters are of rank 8)."""
     from serving_throughput import _fixed_length, _prompt, make_adapters
 
     from qwenvl_core.conversation import text_message
@@ -130,6 +132,8 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
         if "decode_graphs" not in fields:
             raise SystemExit("this revision has no EngineConfig.decode_graphs")
         as_on_a_gpu["decode_graphs"] = decode_graphs
+    if max_lora_rank is not None:
+        as_on_a_gpu["max_lora_rank"] = max_lora_rank
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=ROWS, max_adapters=adapters + 2,
                                                                   device=device, **as_on_a_gpu),
                                           dtype=getattr(torch, dtype))
@@ -213,12 +217,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16: the casts a GPU launches)")
     parser.add_argument("--decode-graphs", default="off", choices=["off", "static", "cuda"],
                         help="the engine's EngineConfig.decode_graphs (static: the fixed-shape steps, without graphs)")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="the engine's EngineConfig.max_lora_rank (default: its default; the adapters have rank 8)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one revision's counts, as JSON on the last line
         print(json.dumps(count(args.preset, args.adapters, args.device, workload_too=not args.steps_only,
-                               dtype=args.dtype, decode_graphs=args.decode_graphs)))
+                               dtype=args.dtype, decode_graphs=args.decode_graphs, max_lora_rank=args.max_lora_rank)))
         return
     if args.static:
         print(json.dumps(static_workload(args.preset)))
@@ -227,7 +233,8 @@ def main() -> None:
     def measured(tree: Path, role: str = "--child") -> Any:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
         options = ["--preset", args.preset, "--adapters", str(args.adapters), "--dtype", args.dtype,
-                   "--decode-graphs", args.decode_graphs] + (["--device", args.device] if args.device else [])
+                   "--decode-graphs", args.decode_graphs] + (["--device", args.device] if args.device else []) \
+            + (["--max-lora-rank", str(args.max_lora_rank)] if args.max_lora_rank else [])
         done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, *options]
                               + (["--steps-only"] if args.steps_only else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -246,6 +253,7 @@ def main() -> None:
                 (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
                 runs["before"] = measured(tree)
     print(f"preset={args.preset} dtype={args.dtype} decode_graphs={args.decode_graphs} rows={ROWS} "
+          f"max_lora_rank={args.max_lora_rank or 'default'} "
           f"adapters={args.adapters} steps={STEPS}; per decode "
           "step: ops dispatched "
           "(views among them), then what ran on the device ('kernels': CUDA kernels, or the CPU's leaf ops)")

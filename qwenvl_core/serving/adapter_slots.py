@@ -141,7 +141,7 @@ class AdapterSlots:
             if len(self._views) >= VIEW_CACHE_ENTRIES:
                 self._views.clear()
             views = self._views[key] = plan_views({name: self._stacks[name] for name in used}, layout, rank,
-                                                  self.dense_decode)
+                                                  self.dense_decode, self._siblings)
         return plan_of(rows, slots, views, distinct, layout, rank)
 
     def _write(self, slot: int, weights: LoraWeights) -> None:

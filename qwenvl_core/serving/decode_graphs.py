@@ -35,7 +35,14 @@ import torch
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.adapter_slots import AdapterSlots
 from qwenvl_core.serving.kv_cache import SlotKVCache
-from qwenvl_core.serving.lora_batch import GroupedLora, LoraPlan, RowLayout, dense_window, rank_mask
+from qwenvl_core.serving.lora_batch import (
+    GroupedLora,
+    LoraPlan,
+    RowLayout,
+    dense_window,
+    rank_mask,
+    sibling_views,
+)
 
 
 class GraphCaptureError(QwenVLError):
@@ -90,8 +97,6 @@ class DecodeGraphs:
         # every slot's stacks at full rank, as dense LoRA views: fixed addresses, written in place by new adapters
         self._dense = {name: dense_window(a, bt, slots.max_rank) for name, (a, bt) in slots.stacks().items()}
         self._mask_width = slots.max_rank * (slots.slots + 1)
-        # sibling targets: their group's Aᵀ [in, members·max_rank·slots], one matmul for the group (lora_batch)
-        self._siblings = [(members, storage.flatten(0, 2).T) for members, storage in slots.siblings()]
 
     def shape_for(self, rows: int, longest: int, targets: tuple[str, ...]) -> StepShape | None:
         """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens, its adapters targeting
@@ -149,10 +154,8 @@ class DecodeGraphs:
         rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
         layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
         dense = {name: self._dense[name] for name in shape.lora}
-        siblings = {name: (group_a, index) for members, group_a in self._siblings if set(members) <= set(dense)
-                    for index, name in enumerate(members)}
         return LoraPlan(rows=rows, stacks=dense, adapters=(), layout=layout, dense=dense, mask=buffers.rank_mask,
-                        siblings=siblings or None)
+                        siblings=sibling_views(self.slots.siblings(), dense))
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         with self.lora.activate(buffers.plan):

@@ -18,10 +18,10 @@ This module owns
   - A decode forward (one token a row) of several adapters, in plans made ``dense`` (the serving engine's choice
     on a GPU): ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
     (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]`` accumulated into the layer's output (one
-    ``addmm``): three kernels a target and no gathers. In the fixed-shape steps of ``decode_graphs`` (every slot at
-    full rank), sibling targets that the model calls on one input (``ModelFamily.lora_siblings``) take their
-    masked ``x · Aᵀ`` from one product for the group (``LoraPlan.siblings``): one matmul and one mask per group,
-    then one ``addmm`` per target.
+    ``addmm``): three kernels a target and no gathers. At the slots' full rank (the fixed-shape steps of
+    ``decode_graphs``; the engine's plans where the batch's largest rank is it), sibling targets that the model
+    calls on one input (``ModelFamily.lora_siblings``) take their masked ``x · Aᵀ`` from one product for the group
+    (``LoraPlan.siblings``): one matmul and one mask per group, then one ``addmm`` per target.
     A decode step on a GPU costs what it launches; the slots-fold multiply-adds of one token a row are little
     beside that there, and the weights are read either way. On a CPU those multiply-adds are the cost, so plans
     there are grouped as for a prefill.
@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,7 +263,8 @@ class LoraPlan:
     # at rank r, and mask [B, 1, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     mask: torch.Tensor | None = None
-    # dense plans at full rank (``decode_graphs``): sibling targets (``ModelFamily.lora_siblings``), module ->
+    # dense plans at the slots' full rank (``decode_graphs``; the engine's, where the batch's largest rank is it): sibling
+    # targets (``ModelFamily.lora_siblings``), module ->
     # (its group's Aᵀ of every member and slot [in, members·r·slots], its index in the group); the first member
     # called computes the group's product, the others take their columns of it
     siblings: dict[str, tuple[torch.Tensor, int]] | None = None
@@ -302,30 +303,49 @@ def rank_mask(slots: Sequence[int], rank: int, width: int, device: torch.device 
     return queued_copy(mask.view(len(slots), 1, rank * width), device)
 
 
-PlanViews = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]] | None]
+# Sibling groups of slot stacks: (member names, the members' A stacks as one tensor [members, R, slots, in])
+SiblingStorage = Sequence[tuple[tuple[str, ...], torch.Tensor]]
+PlanViews = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                  dict[str, tuple[torch.Tensor, int]] | None]
+
+
+def sibling_views(groups: SiblingStorage, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, int]] | None:
+    """``LoraPlan.siblings`` of a dense plan at full rank on ``modules``: for each group all of whose members are
+    among them, member -> (the group's ``Aᵀ [in, members·R·slots]``, a view, and its index in the group); None if
+    no group is whole."""
+    names, views = set(modules), {}
+    for members, storage in groups:
+        if set(members) <= names:
+            group_a = storage.flatten(0, 2).T  # one object for the group: its first member called computes it
+            views.update((name, (group_a, index)) for index, name in enumerate(members))
+    return views or None
 
 
 def plan_views(whole: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: RowLayout, rank: int,
-               dense: bool) -> PlanViews:
-    """A plan's weights: ``LoraPlan.stacks`` and (``dense`` and several slots) ``LoraPlan.dense``, views of slot
-    stacks ``whole`` (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and
-    ``rank``. They depend on nothing else, so a caller may keep them for the next plan of the same window."""
+               dense: bool, siblings: SiblingStorage = ()) -> PlanViews:
+    """A plan's weights: ``LoraPlan.stacks``, and (``dense`` and several slots) ``LoraPlan.dense`` and, at the
+    stacks' full rank, ``LoraPlan.siblings`` of the groups ``siblings`` (below full rank a group's members are not
+    one matrix: each member then multiplies by its own): views of slot stacks ``whole`` (module -> ``A [R, slots,
+    in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and ``rank``. They depend on nothing else, so a
+    caller may keep them for the next plan of the same window."""
     stacks = {name: window(a, bt, layout, rank) for name, (a, bt) in whole.items()}
     if layout.groups == 1 or not dense or not whole:  # (none: adapters of the vision tower only)
-        return stacks, None
-    return stacks, {name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()}
+        return stacks, None, None
+    full_rank = next(iter(whole.values()))[0].shape[0]
+    return (stacks, {name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()},
+            sibling_views(siblings, whole) if rank == full_rank else None)
 
 
 def plan_of(rows: torch.Tensor, slots: Sequence[int], views: PlanViews, adapters: tuple[LoraWeights, ...],
             layout: RowLayout, rank: int) -> LoraPlan:
     """The plan of rows on slots ``slots`` (and ``rows``, the same on the device), laid out by ``layout``, with
     ``plan_views`` ``views`` at ``rank`` (the largest among ``adapters``); dense views get their row mask."""
-    stacks, dense = views
+    stacks, dense, siblings = views
     if dense is None:
         return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout)
     a_all = next(iter(dense.values()))[0]  # Aᵀ [in, rank · slots]
     return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, dense=dense,
-                    mask=rank_mask(slots, rank, a_all.shape[1] // rank, a_all.device, a_all.dtype))
+                    mask=rank_mask(slots, rank, a_all.shape[1] // rank, a_all.device, a_all.dtype), siblings=siblings)
 
 
 def build_plan(row_adapters: Sequence[LoraWeights | None], device: torch.device | str = "cpu",
@@ -434,23 +454,26 @@ class GroupedLora:
 
     def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
-        """A sibling target's masked ``x · Aᵀ`` ``[B, 1, r·slots]``: its columns of the group's product, which the
-        first member called on this input computes for all (one matmul and one mask for the group)."""
+        """A sibling target's masked ``x · Aᵀ`` ``[B, r·slots]`` (a view): its columns of the group's product, which
+        the first member called on this input computes for all (one matmul and one mask for the group; few views:
+        in an eager step each is dispatched, like a kernel, in Python)."""
         group_a, index = sibling
-        width, shared = mask.shape[-1], self._shared
+        shared = self._shared
         if shared is None or shared[0] is not group_a or shared[1] is not x:  # the group's first member
-            product = (block @ group_a).view(*block.shape[:-1], -1, width).mul_(mask.unsqueeze(-2))
-            shared = self._shared = (group_a, x, product.flatten(-2))
-        return shared[2][..., index * width : (index + 1) * width]
+            # [B, 1, members·width] as [B, members, width]: the mask [B, 1, width] broadcasts over the members
+            product = (block @ group_a).view(block.shape[0], -1, mask.shape[-1]).mul_(mask)
+            shared = self._shared = (group_a, x, product)
+        return shared[2].select(1, index)
 
 
 def _add_product(output: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``output += left · right`` in place (``left [..., r]``, ``right [r, out]``): one ``addmm`` (one kernel: the
-    product accumulated into the layer's output) where the dtypes agree and the output is contiguous, as a
-    ``Linear``'s is; else the product, cast, then added. The layer's output is a new tensor of this forward, used by
-    nothing else yet."""
+    """``output += left · right`` in place (``left [..., r]`` with the output's rows, ``right [r, out]``): one
+    ``addmm`` (one kernel: the product accumulated into the layer's output) where the dtypes agree and the output is
+    contiguous, as a ``Linear``'s is; else the product, cast, then added. The layer's output is a new tensor of this
+    forward, used by nothing else yet."""
     if output.dtype == left.dtype and output.is_contiguous():
-        output.view(-1, output.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right)
+        rows = left if left.dim() == 2 else left.reshape(-1, left.shape[-1])
+        output.view(-1, output.shape[-1]).addmm_(rows, right)
         return output
-    change = left @ right
+    change = (left @ right).view(output.shape)
     return output.add_(change if change.dtype == output.dtype else change.to(output.dtype))

@@ -301,3 +301,62 @@ def test_sibling_targets_share_one_a_storage_and_each_adapter_lands_in_its_membe
     for index, name in enumerate(members):
         assert stacks[name][0].data_ptr() == storage[index].data_ptr()
         assert torch.equal(storage[index, :2, slot], modules[name][0]) and not storage[index, 2:, slot].any()
+
+
+class _Siblings(nn.Module):
+    """q, k and v called on one input (sibling targets), then a layer on their product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(IN, HIDDEN), nn.Linear(IN, HIDDEN), nn.Linear(IN, HIDDEN)
+        self.o = nn.Linear(HIDDEN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.q(x) * torch.tanh(self.k(x)) + self.v(x))
+
+
+@pytest.mark.parametrize("rank", [8, 4], ids=["full-rank", "below"])
+def test_an_engine_dense_plan_at_full_rank_shares_one_product_per_sibling_group(rank):
+    """The engine's dense decode (no graphs): where the batch's largest rank is the slots' full rank, q / k / v take
+    their masked ``x · Aᵀ`` from one product for the group (one matmul and one mask instead of three each); below
+    it, each multiplies by its own (its stacks cut to the rank are not one matrix). The same output either way,
+    and the same as the model with each row's adapter merged."""
+    torch.manual_seed(2)
+    model = _Siblings()
+    names = ("q", "k", "v", "o")
+    slots = AdapterSlots(3, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=torch.float32,
+                         dense_decode=True, siblings=[("q", "k", "v")])
+    assert [members for members, _ in slots.siblings()] == []  # (top-level layers: no parent, no group)
+    slots = AdapterSlots(3, max_rank=8, targets={f"m.{n}": layer for n, layer in _targets(model).items()},
+                         device=torch.device("cpu"), dtype=torch.float32, dense_decode=True, siblings=[("q", "k", "v")])
+    wrapped = nn.Module()
+    wrapped.m = model
+    adapters = []
+    for seed, r in ((1, rank), (2, 2)):
+        gen = torch.Generator().manual_seed(seed)
+        modules = {f"m.{n}": (torch.randn(r, getattr(model, n).in_features, generator=gen),
+                              torch.randn(r, getattr(model, n).out_features, generator=gen) / r) for n in names}
+        adapters.append(LoraWeights(adapter_id=f"a{seed}", modules=modules, rank=r))
+    row_slots = [slots.acquire(adapters[0]), 0, slots.acquire(adapters[1]), 1]
+    rows = [adapters[0], None, adapters[1], adapters[0]]
+    plan = slots.plan(torch.tensor(row_slots), row_slots, rows)
+    assert plan.dense is not None
+    assert (plan.siblings is not None) == (rank == 8)
+    if plan.siblings:
+        assert {name: index for name, (_, index) in plan.siblings.items()} == {"m.q": 0, "m.k": 1, "m.v": 2}
+    x = torch.randn(len(rows), 1, IN)
+    lora, kernels = GroupedLora(wrapped), _Kernels()
+    with torch.inference_mode():
+        with lora.activate(plan), kernels:
+            out = model(x)
+        with lora.activate(slots.plan(torch.tensor(row_slots), row_slots, rows)):
+            assert torch.equal(model(x), out)  # (a plan's group product is not kept into the next forward)
+        for i, weights in enumerate(rows):
+            merged = _Siblings()
+            merged.load_state_dict(model.state_dict())
+            for n in names if weights is not None else ():
+                a, bt = weights.modules[f"m.{n}"]
+                getattr(merged, n).weight += (a.T @ bt).T
+            torch.testing.assert_close(out[i], merged(x[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    products = 1 + 1 if plan.siblings else 4  # x·Aᵀ: the group's and o's, or every target's
+    assert kernels.ops["mm"] == products and kernels.ops["mul_"] == products and kernels.ops["addmm_"] == 4
