@@ -26,7 +26,7 @@ This module owns
     beside that there, and the weights are read either way. On a CPU those multiply-adds are the cost, so plans
     there are grouped as for a prefill.
   - One adapter on every row: ``x · Aᵀ``, then ``· (B·s)ᵀ`` accumulated into the output (one ``addmm``), on the
-    rows as they are: two kernels a target.
+    rows as they are: two kernels a target; at the slots' full rank siblings share one ``x · Aᵀ`` here too.
 
 The base weights are never modified, so any number of adapters share one copy of the model; an adapter's
 tensors live as long as someone (the cache, or a plan of requests in flight) holds its ``LoraWeights``.
@@ -263,9 +263,9 @@ class LoraPlan:
     # at rank r, and mask [B, 1, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     mask: torch.Tensor | None = None
-    # dense plans at the slots' full rank (``decode_graphs``; the engine's, where the batch's largest rank is it): sibling
-    # targets (``ModelFamily.lora_siblings``), module ->
-    # (its group's Aᵀ of every member and slot [in, members·r·slots], its index in the group); the first member
+    # plans at the slots' full rank R (``decode_graphs``; the engine's where the batch's largest rank is R), dense or
+    # of one slot: sibling targets (``ModelFamily.lora_siblings``), module -> (its group's Aᵀ of every member,
+    # [in, members·R·slots] (dense) or [in, members·R] (the one slot), and its index in the group); the first member
     # called computes the group's product, the others take their columns of it
     siblings: dict[str, tuple[torch.Tensor, int]] | None = None
 
@@ -309,31 +309,35 @@ PlanViews = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[
                   dict[str, tuple[torch.Tensor, int]] | None]
 
 
-def sibling_views(groups: SiblingStorage, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, int]] | None:
-    """``LoraPlan.siblings`` of a dense plan at full rank on ``modules``: for each group all of whose members are
-    among them, member -> (the group's ``Aᵀ [in, members·R·slots]``, a view, and its index in the group); None if
-    no group is whole."""
+def sibling_views(groups: SiblingStorage, modules: Iterable[str],
+                  slot: int | None = None) -> dict[str, tuple[torch.Tensor, int]] | None:
+    """``LoraPlan.siblings`` of a plan at full rank on ``modules``: for each group all of whose members are among
+    them, member -> (the group's ``Aᵀ``, a view: ``[in, members·R·slots]`` for a dense plan, ``[in, members·R]``
+    for one ``slot``; and its index in the group); None if no group is whole."""
     names, views = set(modules), {}
     for members, storage in groups:
         if set(members) <= names:
-            group_a = storage.flatten(0, 2).T  # one object for the group: its first member called computes it
+            # one object for the group: its first member called computes the product
+            group_a = (storage.flatten(0, 2) if slot is None else storage[:, :, slot].flatten(0, 1)).T
             views.update((name, (group_a, index)) for index, name in enumerate(members))
     return views or None
 
 
 def plan_views(whole: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: RowLayout, rank: int,
                dense: bool, siblings: SiblingStorage = ()) -> PlanViews:
-    """A plan's weights: ``LoraPlan.stacks``, and (``dense`` and several slots) ``LoraPlan.dense`` and, at the
-    stacks' full rank, ``LoraPlan.siblings`` of the groups ``siblings`` (below full rank a group's members are not
-    one matrix: each member then multiplies by its own): views of slot stacks ``whole`` (module -> ``A [R, slots,
-    in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and ``rank``. They depend on nothing else, so a
-    caller may keep them for the next plan of the same window."""
+    """A plan's weights: ``LoraPlan.stacks``, and (``dense`` and several slots) ``LoraPlan.dense``, and at the
+    stacks' full rank (one slot, or dense) ``LoraPlan.siblings`` of the groups ``siblings`` (below full rank a
+    group's members are not one matrix: each member then multiplies by its own): views of slot stacks ``whole``
+    (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and ``rank``. They depend
+    on nothing else, so a caller may keep them for the next plan of the same window."""
     stacks = {name: window(a, bt, layout, rank) for name, (a, bt) in whole.items()}
-    if layout.groups == 1 or not dense or not whole:  # (none: adapters of the vision tower only)
+    full_rank = bool(whole) and rank == next(iter(whole.values()))[0].shape[0]
+    if layout.groups == 1:
+        return stacks, None, sibling_views(siblings, whole, layout.first) if full_rank else None
+    if not dense or not whole:  # (none: adapters of the vision tower only)
         return stacks, None, None
-    full_rank = next(iter(whole.values()))[0].shape[0]
     return (stacks, {name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()},
-            sibling_views(siblings, whole) if rank == full_rank else None)
+            sibling_views(siblings, whole) if full_rank else None)
 
 
 def plan_of(rows: torch.Tensor, slots: Sequence[int], views: PlanViews, adapters: tuple[LoraWeights, ...],
@@ -342,7 +346,7 @@ def plan_of(rows: torch.Tensor, slots: Sequence[int], views: PlanViews, adapters
     ``plan_views`` ``views`` at ``rank`` (the largest among ``adapters``); dense views get their row mask."""
     stacks, dense, siblings = views
     if dense is None:
-        return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout)
+        return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, siblings=siblings)
     a_all = next(iter(dense.values()))[0]  # Aᵀ [in, rank · slots]
     return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, dense=dense,
                     mask=rank_mask(slots, rank, a_all.shape[1] // rank, a_all.device, a_all.dtype), siblings=siblings)
@@ -428,13 +432,16 @@ class GroupedLora:
             a_t, b_t = plan.stacks[name]
             layout = plan.layout
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
+            sibling = plan.siblings.get(name) if plan.siblings else None
             if plan.dense is not None and x.shape[1] == 1:  # a decode step of several adapters (module docstring)
                 a_all, b_all = plan.dense[name]
-                sibling = plan.siblings.get(name) if plan.siblings else None
                 if sibling is not None:
-                    return _add_product(output, self._sibling_product(sibling, x, block, plan.mask), b_all)
+                    return _add_product(output, self._sibling_product(sibling, x, block, a_all.shape[1], plan.mask),
+                                        b_all)
                 return _add_product(output, (block @ a_all).mul_(plan.mask), b_all)
             if layout.gather is None and layout.groups == 1:  # one adapter on every row: the rows as they are
+                if sibling is not None:
+                    return _add_product(output, self._sibling_product(sibling, x, block, a_t.shape[1]), b_t)
                 return _add_product(output, block @ a_t, b_t)
             if layout.gather is not None:
                 block = block.index_select(0, layout.gather)  # [G·M, T, in]: each slot's rows, padded
@@ -452,17 +459,17 @@ class GroupedLora:
 
         return hook
 
-    def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
-        """A sibling target's masked ``x · Aᵀ`` ``[B, r·slots]`` (a view): its columns of the group's product, which
-        the first member called on this input computes for all (one matmul and one mask for the group; few views:
-        in an eager step each is dispatched, like a kernel, in Python)."""
+    def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor, width: int,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A sibling target's ``x · Aᵀ`` ``[B·T, width]`` (a view; masked by a dense plan's ``mask``): its columns of
+        the group's product, which the first member called on this input computes for all (one matmul, and one
+        mask, for the group; few views: in an eager step each is dispatched, like a kernel, in Python)."""
         group_a, index = sibling
         shared = self._shared
         if shared is None or shared[0] is not group_a or shared[1] is not x:  # the group's first member
-            # [B, 1, members·width] as [B, members, width]: the mask [B, 1, width] broadcasts over the members
-            product = (block @ group_a).view(block.shape[0], -1, mask.shape[-1]).mul_(mask)
-            shared = self._shared = (group_a, x, product)
+            # [B, T, members·width] as [B·T, members, width]: a mask [B, 1, width] (T = 1) broadcasts over members
+            product = (block @ group_a).view(-1, group_a.shape[1] // width, width)
+            shared = self._shared = (group_a, x, product if mask is None else product.mul_(mask))
         return shared[2].select(1, index)
 
 

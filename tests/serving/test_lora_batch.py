@@ -315,12 +315,15 @@ class _Siblings(nn.Module):
         return self.o(self.q(x) * torch.tanh(self.k(x)) + self.v(x))
 
 
+@pytest.mark.parametrize(("rows", "tokens"), [("mixed", 1), ("one-adapter", 1), ("one-adapter", 5)],
+                         ids=["mixed-decode", "one-adapter-decode", "one-adapter-prefill"])
 @pytest.mark.parametrize("rank", [8, 4], ids=["full-rank", "below"])
-def test_an_engine_dense_plan_at_full_rank_shares_one_product_per_sibling_group(rank):
-    """The engine's dense decode (no graphs): where the batch's largest rank is the slots' full rank, q / k / v take
-    their masked ``x · Aᵀ`` from one product for the group (one matmul and one mask instead of three each); below
-    it, each multiplies by its own (its stacks cut to the rank are not one matrix). The same output either way,
-    and the same as the model with each row's adapter merged."""
+def test_engine_plans_at_full_rank_share_one_product_per_sibling_group(rank, rows, tokens):
+    """The engine's plans (no graphs): where the batch's largest rank is the slots' full rank, q / k / v take their
+    ``x · Aᵀ`` from one product for the group: a dense decode of several adapters (one matmul and one mask instead
+    of three each) and one adapter on every row (one matmul instead of three, prefill or decode); below it, each
+    multiplies by its own (its stacks cut to the rank are not one matrix). The same output either way, and the same
+    as the model with each row's adapter merged."""
     torch.manual_seed(2)
     model = _Siblings()
     names = ("q", "k", "v", "o")
@@ -337,21 +340,24 @@ def test_an_engine_dense_plan_at_full_rank_shares_one_product_per_sibling_group(
         modules = {f"m.{n}": (torch.randn(r, getattr(model, n).in_features, generator=gen),
                               torch.randn(r, getattr(model, n).out_features, generator=gen) / r) for n in names}
         adapters.append(LoraWeights(adapter_id=f"a{seed}", modules=modules, rank=r))
-    row_slots = [slots.acquire(adapters[0]), 0, slots.acquire(adapters[1]), 1]
-    rows = [adapters[0], None, adapters[1], adapters[0]]
-    plan = slots.plan(torch.tensor(row_slots), row_slots, rows)
-    assert plan.dense is not None
+    first, second = slots.acquire(adapters[0]), slots.acquire(adapters[1])
+    if rows == "mixed":
+        row_slots, batch = [first, 0, second, first], [adapters[0], None, adapters[1], adapters[0]]
+    else:
+        row_slots, batch = [first] * 3, [adapters[0]] * 3
+    plan = slots.plan(torch.tensor(row_slots), row_slots, batch)
+    assert (plan.dense is not None) == (rows == "mixed")
     assert (plan.siblings is not None) == (rank == 8)
     if plan.siblings:
         assert {name: index for name, (_, index) in plan.siblings.items()} == {"m.q": 0, "m.k": 1, "m.v": 2}
-    x = torch.randn(len(rows), 1, IN)
+    x = torch.randn(len(batch), tokens, IN)
     lora, kernels = GroupedLora(wrapped), _Kernels()
     with torch.inference_mode():
         with lora.activate(plan), kernels:
             out = model(x)
-        with lora.activate(slots.plan(torch.tensor(row_slots), row_slots, rows)):
+        with lora.activate(slots.plan(torch.tensor(row_slots), row_slots, batch)):
             assert torch.equal(model(x), out)  # (a plan's group product is not kept into the next forward)
-        for i, weights in enumerate(rows):
+        for i, weights in enumerate(batch):
             merged = _Siblings()
             merged.load_state_dict(model.state_dict())
             for n in names if weights is not None else ():
@@ -359,4 +365,5 @@ def test_an_engine_dense_plan_at_full_rank_shares_one_product_per_sibling_group(
                 getattr(merged, n).weight += (a.T @ bt).T
             torch.testing.assert_close(out[i], merged(x[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     products = 1 + 1 if plan.siblings else 4  # x·Aᵀ: the group's and o's, or every target's
-    assert kernels.ops["mm"] == products and kernels.ops["mul_"] == products and kernels.ops["addmm_"] == 4
+    masks = products if rows == "mixed" else 0
+    assert kernels.ops["mm"] == products and kernels.ops["mul_"] == masks and kernels.ops["addmm_"] == 4
