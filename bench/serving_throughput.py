@@ -438,7 +438,7 @@ def graphs_rows(engine: ServingEngine, scenarios: dict[str, list], args: argpars
     capacity = -(-(64 + 2 * args.tokens) // 64) * 64
     graphs = ServingEngine(engine.model, engine.processor, engine.family, EngineConfig(
         max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2, max_total_tokens=capacity,
-        decode_graphs=args.decode_graphs))
+        decode_graphs=args.decode_graphs, max_lora_rank=args.max_lora_rank))
     try:
         rates = {name: max(engine_throughput(graphs, chosen, args.requests, args.tokens).wall
                            for _ in range(args.repeats)) for name, chosen in scenarios.items()}
@@ -459,6 +459,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, default=EngineConfig.max_lora_rank,
+                        help="the engine's adapter slots' rank (a deployment whose adapters share a rank sets it to "
+                             "that rank: at it, sibling targets share one product)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--batch", type=int, default=EngineConfig.max_batch_size,
                         help="the engine's max batch size (default: EngineConfig's, the configuration we ship)")
@@ -503,9 +506,10 @@ def main() -> None:
     adapters = make_adapters(family, model_dir, work / "adapters", args.adapters, args.rank, dtype)
     release(args.device)
     engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.batch, device=args.device,
-                                                                  max_adapters=args.adapters + 2), dtype=dtype)
+                                                                  max_adapters=args.adapters + 2,
+                                                                  max_lora_rank=args.max_lora_rank), dtype=dtype)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
-          f"adapters={args.adapters} rank={args.rank} requests={args.requests} batch={args.batch} tokens={args.tokens}")
+          f"adapters={args.adapters} rank={args.rank} max_lora_rank={args.max_lora_rank} requests={args.requests} batch={args.batch} tokens={args.tokens}")
     if args.latency_only:
         latency_rows(engine, adapters, args)
         engine.close()
