@@ -1,7 +1,7 @@
 """Autoregressive generation with a KV cache, for any model that follows the forward contract.
 
-The contract (``docs/architecture.md``): ``model(input_ids, attention_mask, position_ids, past_key_values,
-use_cache=True, prompt_lengths, **vision.as_kwargs(), **model_kwargs)`` returns an object with ``logits``
+The contract (``docs/architecture.md``): ``model(input_ids, attention_mask, position_ids, cache (the KV cache:
+transformers 5's name, which v1 also takes), use_cache=True, prompt_lengths, **vision.as_kwargs(), **model_kwargs)`` returns an object with ``logits``
 ``[B, T, V]`` and the new KV cache in ``cache`` (the transformers 5 name of ``past_key_values`` on model outputs). Prompts of
 different lengths are batched with **left padding**, so every row's next token is read from the last column and
 positions are ``cumsum(attention_mask) - 1`` (padding does not shift them). ``prompt_lengths`` ``[B]`` (each
@@ -511,7 +511,7 @@ def _forward_cached(
         input_ids=step_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past,
+        cache=past,
         use_cache=True,
         **(images if past is None else {}),
         **extra,

@@ -160,7 +160,7 @@ class DecodeGraphs:
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         with self.lora.activate(buffers.plan):
             out = self.model(input_ids=buffers.ids, attention_mask=buffers.mask, position_ids=buffers.positions,
-                             past_key_values=self.cache, use_cache=True, prompt_lengths=buffers.prompt_lengths,
+                             cache=self.cache, use_cache=True, prompt_lengths=buffers.prompt_lengths,
                              logits_to_keep=1)
         return out.logits[:, -1, :]
 

@@ -896,7 +896,7 @@ class ServingEngine:
         None: plain causal attention is exact (``SlotKVCache``'s mask methods), the fused kernel runs."""
         self._count_forward(ids.shape[0], plan)
         with self.lora.activate(plan):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.kv,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.kv,
                              use_cache=True, prompt_lengths=prompt_lengths, logits_to_keep=1, **images)
         return out.logits[:, -1, :]
 
