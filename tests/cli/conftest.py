@@ -84,10 +84,14 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """``qwenvl up`` with the CLI tests' bases on two Ray nodes (the head and one worker node, 2 CPUs each: what
+    the default single node offers, over two processes), so one stack serves the single-node commands and the
+    multi-node path; ``qwenvl down`` afterwards, which must leave no process."""
     home = tmp_path_factory.mktemp("qvhome")
     env = stack_env(home)
     try:  # (`down` also after an `up` that timed out: the killed CLI stopped nothing it had started)
-        up = qwenvl(env, "up", "--models", ",".join(STACK_MODELS), timeout=600)
+        up = qwenvl(env, "up", "--models", ",".join(STACK_MODELS), "--worker-nodes", "1", "--num-cpus", "2",
+                    timeout=600)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         yield Stack(home, env)
     finally:

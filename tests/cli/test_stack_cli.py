@@ -1,4 +1,9 @@
-"""The ``qwenvl`` remote commands against a real local stack (``qwenvl up``): subprocesses and real HTTP."""
+"""The ``qwenvl`` remote commands against a real local stack (``qwenvl up``): subprocesses and real HTTP.
+
+The stack runs on two Ray nodes (``qwenvl up --worker-nodes 1``: a head and a worker node as separate processes),
+so its tests also show the multi-node path: the whole application deployed on that cluster, a fine-tune submitted
+through the REST API putting its two Ray Train workers on the two nodes, a worker node that goes away reported by
+``qwenvl status``, and ``qwenvl down`` leaving no process of either node behind."""
 
 from __future__ import annotations
 
@@ -40,7 +45,11 @@ def test_status_reports_urls_health_and_the_key_file(stack: Stack) -> None:
     result = qwenvl(stack.env, "status", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["running"] is True
+    assert report["running"] is True and report["ray_nodes"] == {"alive": 2, "expected": 2}
+    state = json.loads((stack.home / "stack.json").read_text())
+    assert set(state["pids"]) == {"mlflow", "ray_head", "ray_worker_1"} and state["worker_nodes"] == 1
+    shown = qwenvl(stack.env, "status")
+    assert shown.returncode == 0 and "nodes 2/2 alive" in shown.stdout, shown.stdout + shown.stderr
     assert report["api"]["url"] == f"http://127.0.0.1:{stack.env['QWENVL_API_PORT']}"
     assert report["mlflow"]["healthy"] and report["ray_dashboard"]["healthy"]
     key = Path(report["api_key_file"]).read_text().strip()
@@ -179,6 +188,78 @@ def test_a_second_family_fine_tunes_on_ray_and_answers_the_openai_client(stack: 
     assert answer.system_fingerprint and answer.model == model
 
 
+def _nodes(stack: Stack) -> list[dict]:
+    """The cluster's nodes as the Ray dashboard's state API lists them (with the stack's Ray auth token)."""
+    status = json.loads(qwenvl(stack.env, "status", "--json").stdout)
+    token = (stack.home / "ray_auth_token").read_text().strip()
+    response = httpx.get(f"{status['ray_dashboard']['url']}/api/v0/nodes", params={"limit": 100},
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return [n for n in response.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
+def _wait(client: httpx.Client, path: str, done: tuple[str, ...], timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = client.get(path).raise_for_status().json()
+        if body["status"] in done or time.monotonic() > deadline:
+            return body
+        time.sleep(1)
+
+
+def test_a_fine_tune_through_the_api_spreads_over_the_head_and_the_worker_node(stack: Stack, demo_data) -> None:
+    nodes = _nodes(stack)
+    head = {n["node_id"] for n in nodes if n["is_head_node"]}
+    worker = {n["node_id"] for n in nodes if not n["is_head_node"]}
+    assert len(head) == 1 and len(worker) == 1
+    status = json.loads(qwenvl(stack.env, "status", "--json").stdout)
+    key = Path(status["api_key_file"]).read_text().strip()
+    with httpx.Client(base_url=status["api"]["url"], headers={"Authorization": f"Bearer {key}"},
+                      timeout=60) as client:
+        with demo_data.validation_bundle.open("rb") as f:  # (12 samples: enough for 4 steps of 2)
+            uploaded = client.post("/v1/files", files={"file": (demo_data.validation_bundle.name, f)},
+                                   data={"purpose": "fine-tune"})
+        assert uploaded.status_code == 200, uploaded.text
+        file = _wait(client, f"/v1/files/{uploaded.json()['id']}", ("processed", "error"), 300)
+        assert file["status"] == "processed", file
+        created = client.post("/v1/fine_tuning/jobs", json={
+            "model": BASE_MODEL, "training_file": file["id"], "suffix": "multinode", "max_steps": 4,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "batch_size": 2, "learning_rate_multiplier": 1000}}},
+            "compute": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD"}})
+        assert created.status_code == 200, created.text
+        job = _wait(client, f"/v1/fine_tuning/jobs/{created.json()['id']}", ("succeeded", "failed", "cancelled"),
+                    600)
+        assert job["status"] == "succeeded", job
+
+        run = next(stack.home.glob(f"objects/tenants/*/runs/{job['id']}"))
+        ranks = [json.loads((run / "workers" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)]
+        assert ranks[0] != ranks[1]
+        assert set(ranks) == head | worker  # one worker on the head, one on the worker node
+
+        model = job["fine_tuned_model"]
+        assert model.startswith(f"ft:{BASE_MODEL}:") and model.endswith(job["id"])
+        answer = client.post("/v1/chat/completions", json={
+            "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "What colour is the circle?"}]})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == model and body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert body["usage"]["completion_tokens"] >= 1
+
+
+def test_a_worker_node_that_goes_away_is_reported(stack: Stack) -> None:
+    """`qwenvl status` counts the alive nodes against the expected ones. It leaves the stack on one node: only the
+    test of `down` comes after it."""
+    state = json.loads((stack.home / "stack.json").read_text())
+    os.killpg(state["pids"]["ray_worker_1"], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while (status := json.loads(qwenvl(stack.env, "status", "--json").stdout))["ray_nodes"]["alive"] != 1:
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    after = qwenvl(stack.env, "status")
+    assert after.returncode == 1 and "nodes 1/2 alive" in after.stdout, after.stdout
+
+
 def test_down_stops_a_running_stack_whose_home_was_deleted(stack: Stack) -> None:
     """`qwenvl down` finds the processes by the marker and data dir they carry, not only through `stack.json`.
     The last test on the module's stack (it stops it): keep every test that uses `stack` above this one."""
@@ -218,6 +299,16 @@ def test_up_on_a_busy_port_explains(tmp_path: Path) -> None:
         result = qwenvl(env, "up", timeout=60)
     _one_line_error(result, "already in use", "--api-port", env["QWENVL_API_PORT"])
     assert processes_of(tmp_path / "home") == []
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--worker-nodes", "-1"), ("--num-cpus", "0")])
+def test_up_with_an_impossible_node_shape_explains(tmp_path: Path, flag: str, value: str) -> None:
+    home = tmp_path / "home"
+    result = qwenvl(stack_env(home), "up", flag, value, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    minimum = 0 if flag == "--worker-nodes" else 1
+    assert result.stderr.strip() == f"error: {flag} must be {minimum} or more, not {value}"
+    assert processes_of(home) == [] and not (home / "stack.json").exists()
 
 
 @pytest.mark.parametrize(("value", "needle"), [("qwen-vl-tiny", "'qwen-vl-tiny' is not a base model"),
