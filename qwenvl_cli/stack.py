@@ -170,10 +170,13 @@ def ray_head_command(*, gcs_port: int, dashboard_port: int | None, temp_dir: Pat
             f"--temp-dir={temp_dir}", "--disable-usage-stats", *_private_ports()]
 
 
-def ray_worker_command(*, gcs_address: str, temp_dir: Path, num_cpus: int) -> list[str]:
-    """``ray start --block`` joining ``gcs_address`` as a worker node (on this machine: private ports)."""
+def ray_worker_command(*, gcs_address: str, cluster_temp_dir: Path, node: int, num_cpus: int) -> list[str]:
+    """``ray start --block`` joining ``gcs_address`` as worker node ``node`` (1, 2, ...; on this machine: private
+    ports). Its temp dir is its own, ``cluster_temp_dir/node-<node>``, not the head's: each node's log monitor
+    forwards every worker log under its temp dir to the drivers, so nodes sharing one printed each line of a job's
+    log once per node."""
     return [_bin("ray"), "start", "--block", f"--address={gcs_address}", f"--num-cpus={num_cpus}",
-            f"--temp-dir={temp_dir}", *_private_ports(), f"--node-manager-port={free_port()}",
+            f"--temp-dir={cluster_temp_dir / f'node-{node}'}", *_private_ports(), f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}"]
 
 
@@ -470,7 +473,7 @@ def start_stack(home: Path, *, api_port: int = 8000, mlflow_port: int = 5000, da
 
             def start_worker(i: int) -> tuple[subprocess.Popen[bytes], Path]:
                 log = logs / f"ray-worker-{i}.log"
-                node = _popen(ray_worker_command(gcs_address=state.gcs_address, temp_dir=temp_dir,
+                node = _popen(ray_worker_command(gcs_address=state.gcs_address, cluster_temp_dir=temp_dir, node=i,
                                                  num_cpus=num_cpus), env, log)
                 state.pids[f"ray_worker_{i}"] = node.pid
                 _write_state(home, state)

@@ -40,7 +40,8 @@ def ray_cluster() -> Iterator[str]:
     def start_worker(i: int) -> tuple[subprocess.Popen[bytes], Path]:
         log = root / f"worker-node-{i}.log"
         with log.open("ab") as out:
-            nodes.append(subprocess.Popen(ray_worker_command(gcs_address=address, temp_dir=root, num_cpus=2),
+            nodes.append(subprocess.Popen(ray_worker_command(gcs_address=address, cluster_temp_dir=root, node=i,
+                                                             num_cpus=2),
                                           env=env, stdout=out, stderr=subprocess.STDOUT))
         return nodes[-1], log
 

@@ -46,16 +46,18 @@ def ddp_run(ray_cluster, tiny_model_dir, synth_data, mlflow_server, tmp_path_fac
     spec = make_spec(tiny_model_dir, synth_data, tmp / "run", job_id="ddp-job",
                      compute={"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD"},
                      tracking={"tracking_uri": mlflow_server, "experiment": "tests", "registered_model": "tiny"})
-    return spec, _run(spec, ray_cluster, tmp)
+    return spec, _run(spec, ray_cluster, tmp), (tmp / f"{spec.job_id}.log").read_text()
 
 
 def test_ddp_on_two_nodes_learns(ddp_run):
-    spec, result = ddp_run
+    spec, result, log = ddp_run
     _assert_learned(result)
     assert result["summary"]["world_size"] == 2
     run = RunDir(spec.output_uri)
     nodes = {run.read_json(f"workers/rank{r}.json")["node_id"] for r in (0, 1)}
     assert len(nodes) == 2  # SPREAD put one worker on each node
+    # each line of the job's log once: every node has a temp dir (and so a log monitor) of its own
+    assert log.count("Started training worker group of size 2") == 1, log[-3000:]
     assert {"adapter_config.json", "adapter_model.safetensors", "meta.json"} <= set(run.list_names("adapter"))
     assert [e.data.get("state") for e in run.read_events() if e.type == "state"] == ["running", "succeeded"]
 
@@ -63,7 +65,7 @@ def test_ddp_on_two_nodes_learns(ddp_run):
 def test_mlflow_has_params_metrics_artifacts_and_a_registered_version(ddp_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    spec, result = ddp_run
+    spec, result, _ = ddp_run
     client = MlflowClient(mlflow_server)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "ddp-job" and run.info.status == "FINISHED"
@@ -84,7 +86,7 @@ def test_mlflow_has_params_metrics_artifacts_and_a_registered_version(ddp_run, m
 
 
 def test_exact_resume_after_a_killed_worker(ddp_run, ray_cluster, tiny_model_dir, synth_data, tmp_path):  # noqa: F811
-    spec, full = ddp_run
+    spec, full, _ = ddp_run
     resumed_spec = make_spec(tiny_model_dir, synth_data, tmp_path / "run", job_id="killed-job",
                              compute={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1})
     marker = tmp_path / "killed"
