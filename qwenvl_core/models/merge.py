@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from qwenvl_core.errors import QwenVLError
+from qwenvl_core.models.peft_warnings import quiet_peft
 from qwenvl_core.models.registry import ModelFamily, detect_family, read_config_json
 from qwenvl_core.models.staging import staged_directory
 
@@ -61,7 +62,8 @@ def merged_model(base_dir: str | Path, adapter_dir: str | Path, family: ModelFam
     family = family or detect_family(base_dir)
     base = family.load_model(base_dir, dtype=dtype or base_dtype(base_dir))
     try:
-        peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except (ValueError, RuntimeError, KeyError, OSError) as err:
         message = " ".join(str(err).split())[:2000]
         raise MergeError(f"the adapter in {adapter} does not fit the base model {base_dir}: {message}") from None

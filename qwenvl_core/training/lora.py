@@ -33,6 +33,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from qwenvl_core.errors import QwenVLError
+from qwenvl_core.models.peft_warnings import quiet_peft
 from qwenvl_core.models.registry import ModelFamily
 from qwenvl_core.specs import LoraSpec, Precision, Quantization, TargetPreset
 
@@ -181,7 +182,8 @@ def apply_lora(model: torch.nn.Module, family: ModelFamily, spec: LoraSpec) -> P
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
                         target_modules=targets or placeholder,
                         modules_to_save=_modules_to_save(model, family, spec), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if placeholder and "lora_" in name:
             param.requires_grad_(False)  # the identity LoRA of an adapter-only run (module docstring)
