@@ -15,7 +15,8 @@
 # limit, so one that hangs cannot eat the others', and its row says "running" until it ends, so a run cut short from
 # outside still shows which check it was in. A rerun in the same lease can name only the rows it needs
 # (GPU_CHECK_ONLY="gpu_tests serve_v1_memory"; the environment row always runs). Rows beyond the budget run only
-# when named: serve_qwen25vl_7b (Qwen2.5-VL-7B's LoRA rows with and without decode graphs; a second call, 240 s).
+# when named: serve_qwen25vl_7b (Qwen2.5-VL-7B's LoRA rows with and without decode graphs; a second call, 240 s),
+# fused_siblings (decode-step time of a small Qwen2.5-VL with its sibling layers fused and apart; 90 s).
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
 # pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
@@ -52,6 +53,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
   sampling=(--vocab 1152 --repeats 3)
+  fused=(--preset qwen2.5-vl-tiny --rounds 1 --steps 2)
   scale=5
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
@@ -62,6 +64,7 @@ else
   memory=(--preset qwen-vl-chat --memory-requests 32 --memory-prompt 2000)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)
+  fused=(--preset qwen2.5-vl-small --dtype bfloat16 --rounds 5 --steps 32)
 fi
 if [ -f "$wheels/generation-before.py" ]; then  # the sampler before it was batched (gpu_wheels.sh writes it)
   sampling+=(--before-file "$wheels/generation-before.py")
@@ -75,7 +78,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
 failed=0
-OPT_IN="serve_qwen25vl_7b"  # rows that run only when GPU_CHECK_ONLY names them (the 600 s of one call are spent)
+OPT_IN="serve_qwen25vl_7b fused_siblings"  # rows run only when GPU_CHECK_ONLY names them (one call's 600 s are spent)
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$(($2 * ${GPU_CHECK_LIMIT_SCALE:-$scale})); shift 2
   local start=$SECONDS status=ok
@@ -84,7 +87,7 @@ check() {  # check NAME LIMIT_S COMMAND...
   [ "$name" = environment ] || [ -z "${GPU_CHECK_ONLY:-}" ] || [ "$named" = 1 ] || return 0
   echo "| $name | running (limit $limit s) | | |" >> "$table"
   timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1 || { status="FAILED ($?)"; failed=$((failed + 1)); }
-  local row="| $name | $status | $((SECONDS - start)) | $(tail -n 4 "$logs/$name.log" | tr '\n|' ' /' | cut -c1-300) |"
+  local row="| $name | $status | $((SECONDS - start)) | $(tail -n 4 "$logs/$name.log" | tr '\r\n|' '  /' | cut -c1-300) |"  # (\r: progress bars)
   grep -v "^| $name | running " "$table" > "$table.tmp"; echo "$row" >> "$table.tmp"; mv "$table.tmp" "$table"
 }
 # What the run imports, and from where: a package the image lacks fails here in seconds, not deep inside a check.
@@ -107,5 +110,7 @@ check step_kernels 45 $PY bench/step_ops.py --device "$device" --dtype bfloat16 
 # opt-in (a second call of the lease): Qwen2.5-VL-7B serving, 8 adapters, with and without decode graphs
 check serve_qwen25vl_7b 240 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
   --rank 16 --max-lora-rank 16 --repeats 1 --skip-loads --memory-requests 0 --lora-only "${serve_family[@]}"
+# opt-in: decode-step time with the base's sibling layers as one matmul per group vs apart (fuse_siblings on / off)
+check fused_siblings 90 $PY bench/fused_siblings.py --device "$device" "${fused[@]}"
 cat "$table"
 exit "$failed"

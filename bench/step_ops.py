@@ -5,8 +5,8 @@ Why: on a GPU a decode step of a 7-10B model is bound by how many ops it launche
 by the device (docs/benchmarks.md, "First runs on an H200": 34 ms per step where reading the weights takes ~4 ms),
 so the number of ops a step dispatches is what its time follows there; unlike a time it is exact and the same on
 any machine. Counted with a ``TorchDispatchMode`` over whole engine steps (the model, the LoRA hooks, sampling,
-the engine's bookkeeping), 16 rows, after the prefill, on the paths a GPU takes (``lora_decode="dense"`` where
-the tree has it); ``views`` (no kernel of their own, but still dispatched in
+the engine's bookkeeping), 16 rows, after the prefill, on the paths a GPU takes (``lora_decode="dense"``,
+``fuse_siblings="on"`` where the tree has them); ``views`` (no kernel of their own, but still dispatched in
 Python) counted apart. Prints one line per scenario and revision, and the ratios after / before.
 
 Then a whole workload: 64 requests of 4-32 new tokens (``serving_throughput.varied_lengths``), one adapter, all
@@ -128,6 +128,8 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
     paths = make_adapters(family, model_dir, work / "adapters", adapters, 8, torch.float32)
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     as_on_a_gpu = {"lora_decode": "dense"} if "lora_decode" in fields else {}
+    if "fuse_siblings" in fields:
+        as_on_a_gpu["fuse_siblings"] = "on"
     if decode_graphs != "off":
         if "decode_graphs" not in fields:
             raise SystemExit("this revision has no EngineConfig.decode_graphs")

@@ -67,6 +67,7 @@ from qwenvl_core.scratch import ScratchDir
 from qwenvl_core.serving.adapter_cache import AdapterCache, AdapterFetcher
 from qwenvl_core.serving.adapter_slots import AdapterSlots
 from qwenvl_core.serving.decode_graphs import DecodeGraphs, GraphCaptureError, StepShape
+from qwenvl_core.serving.fused_siblings import fuse_sibling_linears
 from qwenvl_core.serving.kv_cache import SlotKVCache, cache_shape_of
 from qwenvl_core.serving.lora_batch import (
     AdapterError,
@@ -140,6 +141,11 @@ class EngineConfig:
     # the rows gathered per slot into batched matmuls (fewest multiply-adds: what a CPU is bound by); "auto": dense
     # on a GPU, grouped elsewhere.
     lora_decode: Literal["auto", "dense", "grouped"] = "auto"
+    # The base model's sibling layers (``fused_siblings``: q / k / v, gate / up, v1's w1 / w2) as one matmul per
+    # group: "on" (3 launches fewer a Qwen2/2.5-VL layer, 1 a v1 layer: what a decode step on a GPU is bound by),
+    # "off" (on this project's CPU the fused matmuls ran slower: Qwen2.5-VL's decode step 2-5%), "auto": on on a
+    # GPU, off elsewhere.
+    fuse_siblings: Literal["auto", "on", "off"] = "auto"
     # Device memory for copies of adapters' vision-tower weights (a trained merger / Resampler, encoder LoRA),
     # least recently used dropped beyond (``vision_adapters.DeviceCopies``); reserved on a GPU before the KV cache
     # is sized from free memory. Unused on the CPU, where the host weights serve directly.
@@ -320,6 +326,10 @@ class ServingEngine:
         self.lora = GroupedLora(model)
         self.vision = VisionAdapters(model, family, max_device_bytes=config.vision_adapter_bytes)
         lm_dtype, lm_device = _lm_dtype_device(model)
+        if config.fuse_siblings not in ("auto", "on", "off"):
+            raise QwenVLError(f"fuse_siblings {config.fuse_siblings!r}: expected 'auto', 'on' or 'off'")
+        if config.fuse_siblings == "on" or (config.fuse_siblings == "auto" and lm_device.type == "cuda"):
+            fuse_sibling_linears(model, family)
         # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
         if config.lora_decode not in ("auto", "dense", "grouped"):
             raise QwenVLError(f"lora_decode {config.lora_decode!r}: expected 'auto', 'dense' or 'grouped'")

@@ -475,12 +475,23 @@ class GroupedLora:
 
 def _add_product(output: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``output += left · right`` in place (``left [..., r]`` with the output's rows, ``right [r, out]``): one
-    ``addmm`` (one kernel: the product accumulated into the layer's output) where the dtypes agree and the output is
-    contiguous, as a ``Linear``'s is; else the product, cast, then added. The layer's output is a new tensor of this
-    forward, used by nothing else yet."""
-    if output.dtype == left.dtype and output.is_contiguous():
-        rows = left if left.dim() == 2 else left.reshape(-1, left.shape[-1])
-        output.view(-1, output.shape[-1]).addmm_(rows, right)
+    ``addmm`` (one kernel: the product accumulated into the layer's output) where the dtypes agree and the output's
+    rows view as one matrix with unit-stride columns, as a ``Linear``'s output does and a fused sibling's columns of
+    its group's output do (``fused_siblings``: BLAS writes a matrix with a row stride of its own); else the
+    product, cast, then added. The layer's output is a new tensor of this forward, used by nothing else yet."""
+    matrix = _as_matrix(output) if output.dtype == left.dtype else None
+    if matrix is not None:
+        matrix.addmm_(left if left.dim() == 2 else left.reshape(-1, left.shape[-1]), right)
         return output
     change = (left @ right).view(output.shape)
     return output.add_(change if change.dtype == output.dtype else change.to(output.dtype))
+
+
+def _as_matrix(output: torch.Tensor) -> torch.Tensor | None:
+    """``output [..., out]`` as a ``[rows, out]`` view whose columns have unit stride; None where it has none."""
+    if output.stride(-1) != 1:
+        return None
+    try:
+        return output.view(-1, output.shape[-1])
+    except RuntimeError:  # rows that one stride cannot step through
+        return None

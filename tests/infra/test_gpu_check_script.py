@@ -55,7 +55,8 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
 def test_a_rerun_runs_only_the_rows_it_names_and_the_environment(tmp_path):
     """A lease has room for one full run and a short rerun of what failed (``GPU_CHECK_ONLY``)."""
     out = tmp_path / "out"
-    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step")
-    assert rows == {"environment": "ok", "sampling_step": "ok"}, shown
+    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step fused_siblings")  # (an opt-in row too)
+    assert rows == {"environment": "ok", "sampling_step": "ok", "fused_siblings": "ok"}, shown
     assert done.returncode == 0 and sorted(p.name for p in out.glob("*.log")) == [
-        "environment.log", "sampling_step.log"], shown
+        "environment.log", "fused_siblings.log", "sampling_step.log"], shown
+    assert "fused/separate=" in (out / "fused_siblings.log").read_text()

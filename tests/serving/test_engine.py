@@ -54,14 +54,17 @@ def _peft_alone(model_dir: Path, adapter: Path | None, request: EngineRequest) -
                     vision=enc.vision)[0].token_ids
 
 
-@pytest.mark.parametrize(("lora_decode", "max_lora_rank"), [("grouped", 64), ("dense", 64), ("dense", 8)],
-                         ids=["grouped", "dense", "dense-full-rank"])
+@pytest.mark.parametrize(("lora_decode", "max_lora_rank", "fuse_siblings"),
+                         [("grouped", 64, "off"), ("dense", 64, "off"), ("dense", 8, "off"), ("dense", 8, "on")],
+                         ids=["grouped", "dense", "dense-full-rank", "dense-full-rank-fused"])
 def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_model_dir, adapter_dirs, lora_decode,
-                                                       max_lora_rank):
+                                                       max_lora_rank, fuse_siblings):
     """Either way of applying several adapters in a decode step (``EngineConfig.lora_decode``: grouped is the
     CPU's, dense a GPU's) gives each row its own adapter's tokens; dense at the slots' full rank (the largest
-    adapter rank is ``max_lora_rank``) with v1's ``w1`` / ``w2`` sharing one product."""
-    engine: ServingEngine = engine_factory(lora_decode=lora_decode, max_lora_rank=max_lora_rank)
+    adapter rank is ``max_lora_rank``) with v1's ``w1`` / ``w2`` sharing one product; and with the base's ``w1`` /
+    ``w2`` as one matmul (``fuse_siblings``, a GPU's default), the LoRA products added into their columns."""
+    engine: ServingEngine = engine_factory(lora_decode=lora_decode, max_lora_rank=max_lora_rank,
+                                           fuse_siblings=fuse_siblings)
     choice = [adapter_dirs[0], adapter_dirs[1], None, adapter_dirs[9], adapter_dirs[0], adapter_dirs[2]]
     requests = [_request(i, a, image=i % 2 == 0) for i, a in enumerate(choice)]
 

@@ -16,6 +16,7 @@ from qwenvl_core.conversation import ImagePart, Message, TextPart
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.models.registry import get_family
 from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
+from qwenvl_core.serving.fused_siblings import FUSED
 from tests.conftest import HF_FAMILIES
 
 
@@ -52,15 +53,18 @@ def _transformers_alone(family_name: str, model_dir: Path, adapter: Path | None,
     return new[: next((k for k, t in enumerate(new) if t in stop), len(new))]
 
 
+@pytest.mark.parametrize("fuse_siblings", ["off", "on"])  # (on: q / k / v and gate / up as one matmul each)
 @pytest.mark.parametrize("family_name", HF_FAMILIES)
-def test_engine_greedy_equals_transformers_generate_for_mixed_joining_rows(family_name, tiny_dirs,
+def test_engine_greedy_equals_transformers_generate_for_mixed_joining_rows(family_name, fuse_siblings, tiny_dirs,
                                                                           family_adapter_dirs):
     model_dir = tiny_dirs[family_name]
     adapters = family_adapter_dirs[family_name]
     first_wave = [_request(0, adapters[0], 12, (56, 84)), _request(3, None, 5, None),
                   _request(1, adapters[1], 9, None)]
     late = [_request(2, adapters[1], 7, (112, 56)), _request(5, adapters[0], 6, (28, 28))]
-    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=4, max_total_tokens=512))
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=4, max_total_tokens=512,
+                                                                  fuse_siblings=fuse_siblings))
+    assert any(hasattr(m, FUSED) for m in engine.model.modules()) == (fuse_siblings == "on")
     try:
         async def staggered() -> list:
             running = [asyncio.ensure_future(engine.generate(r)) for r in first_wave]
