@@ -19,7 +19,8 @@ import ray
 from ray.util.state import list_actors
 from workflows.finetune import local_cluster_options
 context = ray.init(**local_cluster_options(1), _temp_dir=sys.argv[1], logging_level="ERROR")
-print("actors", len(list_actors()))
+# this cluster's, by address: without one the state API looks for a cluster on the machine (another test's too)
+print("actors", len(list_actors(address=ray.get_runtime_context().gcs_address)))
 print("dashboard", context.dashboard_url)
 ray.shutdown()
 """
