@@ -20,30 +20,22 @@ import time
 from pathlib import Path
 
 import torch
-from serving_throughput import _fixed_length, _prompt, make_adapters
+from serving_throughput import make_adapters
+from step_ops import ROWS, finish, start_decoding
 
-from qwenvl_core.conversation import text_message
 from qwenvl_core.models.registry import family_for_preset
-from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
-
-ROWS = 16
+from qwenvl_core.serving.engine import EngineConfig, ServingEngine
 
 
 def step_ms(engine: ServingEngine, adapters: list[Path | None], steps: int) -> float:
     """Mean ms per decode step of ``ROWS`` rows (adapters round-robin), after their prefill and one untimed step.
     Each step reads its sampled tokens back from the device, so its time includes the device's work."""
-    rows = [adapters[i % len(adapters)] for i in range(ROWS)]
-    requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, steps + 2),
-                              adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
-                for i, a in enumerate(rows)]
-    engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
-    engine._step([])  # the first decode step: its plan is new
+    start_decoding(engine, adapters, steps + 2)
     start = time.perf_counter()
     for _ in range(steps):
         engine._step([])
     elapsed = (time.perf_counter() - start) / steps
-    while engine._batch is not None:
-        engine._step([])
+    finish(engine)
     return 1000 * elapsed
 
 

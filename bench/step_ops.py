@@ -109,6 +109,29 @@ def _callees(event: Any) -> Any:
         yield from _callees(child)
 
 
+def start_decoding(engine: Any, adapters: list[Path | None], tokens: int) -> None:
+    """``ROWS`` requests of ``tokens`` new tokens on ``adapters`` round-robin (None: the base) prefilled together,
+    and their first decode step taken (its plan and index tensors are new): the steps after are the ones to count or
+    time."""
+    from serving_throughput import _fixed_length, _prompt
+
+    from qwenvl_core.conversation import text_message
+    from qwenvl_core.serving.engine import EngineRequest
+
+    rows = [adapters[i % len(adapters)] for i in range(ROWS)]
+    requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, tokens),
+                              adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
+                for i, a in enumerate(rows)]
+    engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
+    engine._step([])
+
+
+def finish(engine: Any) -> None:
+    """Run the engine's batch to its end."""
+    while engine._batch is not None:
+        engine._step([])
+
+
 def count(preset: str, adapters: int, device: str | None = None, workload_too: bool = True,
           dtype: str = "float32", decode_graphs: str = "off",
           max_lora_rank: int | None = None) -> dict[str, dict[str, float]]:
@@ -116,11 +139,10 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
     ``device`` (the engine's default: the GPU when one is visible), the model in ``dtype``, the engine's decode
     steps as ``decode_graphs`` says ("static": the fixed shapes that CUDA graphs replay, run without graphs), its
     adapter slots of rank ``max_lora_rank`` (None: the engine's default; the adapters are of rank 8)."""
-    from serving_throughput import _fixed_length, _prompt, make_adapters
+    from serving_throughput import make_adapters
 
-    from qwenvl_core.conversation import text_message
     from qwenvl_core.models.registry import family_for_preset
-    from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine
+    from qwenvl_core.serving.engine import EngineConfig, ServingEngine
 
     family = family_for_preset(preset)
     work = Path(tempfile.mkdtemp(prefix="bench-step-ops-"))
@@ -142,12 +164,7 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
     result = {}
     try:
         for name, chosen in {"base": [None], "single": paths[:1], "mixed": paths}.items():
-            rows = [chosen[i % len(chosen)] for i in range(ROWS)]
-            requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, 2 * STEPS + 4),
-                                      adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
-                        for i, a in enumerate(rows)]
-            engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
-            engine._step([])  # the first decode step (its plan and index tensors are new)
+            start_decoding(engine, chosen, 2 * STEPS + 4)
             counter = OpCounter()
             with counter:
                 for _ in range(STEPS):
@@ -155,8 +172,7 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
             with KernelCounter(engine.device) as kernels:  # the next steps, apart: a profiler beside the dispatch
                 for _ in range(STEPS):                     # mode would count its own ops
                     engine._step([])
-            while engine._batch is not None:
-                engine._step([])
+            finish(engine)
             result[name] = {"ops": sum(counter.ops.values()) / STEPS, "views": counter.views / STEPS,
                             "kernels": kernels.kernels / STEPS}
         if workload_too:

@@ -68,8 +68,9 @@ def _fusable(members: Sequence[torch.nn.Module]) -> bool:
 def fuse_sibling_linears(model: torch.nn.Module, family: ModelFamily) -> int:
     """Give each sibling group of the language model (``adapter_slots.sibling_groups`` of the layers an adapter may
     target: the parent holds all members, of one input width) one fused matmul where its members are
-    ``_fusable``; returns how many groups fused by this call. The members' weights become views of the group's weight (no extra
-    memory once the old ones are freed). The vision tower is left as it is (``vision_adapters`` swaps its weights)."""
+    ``_fusable``; returns how many groups this call fused. The members' weights become views of the group's weight
+    (no extra memory once the old ones are freed). The vision tower is left as it is (``vision_adapters`` swaps its
+    weights)."""
     targets = lora_targets(model, family)
     groups = [members for names in sibling_groups(targets, family.lora_siblings())
               if _fusable(members := [targets[name] for name in names])]
