@@ -70,7 +70,7 @@ class _Buffers:
         self.slot_index = torch.zeros(rows, dtype=torch.long, device=device)
         self.columns = torch.zeros(rows, dtype=torch.long, device=device)
         self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)
-        self.rank_mask = torch.zeros(rows, 1, mask_width, dtype=mask_dtype, device=device) if shape.lora else None
+        self.rank_mask = torch.zeros(rows, mask_width, dtype=mask_dtype, device=device) if shape.lora else None
         self.plan: LoraPlan | None = None  # the LoRA plan reading rank_mask (DecodeGraphs sets it)
         self.mask_slots: list[int] | None = None  # the rows' adapter slots rank_mask holds
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -155,7 +155,7 @@ class DecodeGraphs:
         layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
         dense = {name: self._dense[name] for name in shape.lora}
         return LoraPlan(rows=rows, stacks=dense, adapters=(), layout=layout, dense=dense, mask=buffers.rank_mask,
-                        siblings=sibling_views(self.slots.siblings(), dense))
+                        siblings=sibling_views(self.slots.siblings(), dense, self.slots.max_rank))
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         with self.lora.activate(buffers.plan):

@@ -18,15 +18,15 @@ This module owns
   - A decode forward (one token a row) of several adapters, in plans made ``dense`` (the serving engine's choice
     on a GPU): ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
     (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]`` accumulated into the layer's output (one
-    ``addmm``): three kernels a target and no gathers. At the slots' full rank (the fixed-shape steps of
-    ``decode_graphs``; the engine's plans where the batch's largest rank is it), sibling targets that the model
-    calls on one input (``ModelFamily.lora_siblings``) take their masked ``x · Aᵀ`` from one product for the group
-    (``LoraPlan.siblings``): one matmul and one mask per group, then one ``addmm`` per target.
+    ``addmm``): three kernels a target and no gathers. Sibling targets that the model calls on one input
+    (``ModelFamily.lora_siblings``) take their masked ``x · Aᵀ`` from one product for the group
+    (``LoraPlan.siblings``; their A stacks are views of one storage, so at any rank): one batched matmul and one
+    mask per group, then one ``addmm`` per target.
     A decode step on a GPU costs what it launches; the slots-fold multiply-adds of one token a row are little
     beside that there, and the weights are read either way. On a CPU those multiply-adds are the cost, so plans
     there are grouped as for a prefill.
   - One adapter on every row: ``x · Aᵀ``, then ``· (B·s)ᵀ`` accumulated into the output (one ``addmm``), on the
-    rows as they are: two kernels a target; at the slots' full rank siblings share one ``x · Aᵀ`` here too.
+    rows as they are: two kernels a target; siblings share one ``x · Aᵀ`` here too.
 
 The base weights are never modified, so any number of adapters share one copy of the model; an adapter's
 tensors live as long as someone (the cache, or a plan of requests in flight) holds its ``LoraWeights``.
@@ -260,13 +260,13 @@ class LoraPlan:
     adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
     layout: RowLayout
     # dense plans with G > 1, for decode forwards: module -> (Aᵀ [in, r·slots], (B·s)ᵀ [r·slots, out]), every slot
-    # at rank r, and mask [B, 1, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
+    # at rank r, and mask [B, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     mask: torch.Tensor | None = None
-    # plans at the slots' full rank R (``decode_graphs``; the engine's where the batch's largest rank is R), dense or
-    # of one slot: sibling targets (``ModelFamily.lora_siblings``), module -> (its group's Aᵀ of every member,
-    # [in, members·R·slots] (dense) or [in, members·R] (the one slot), and its index in the group); the first member
-    # called computes the group's product, the others take their columns of it
+    # plans on the rows as they are (dense, or one slot on every row): sibling targets
+    # (``ModelFamily.lora_siblings``), module -> (its group's Aᵀ, every member's at rank r: [members, in, r·slots]
+    # (dense) or [members, in, r] (the one slot), and its index in the group); the first member called computes the
+    # group's product, the others take their part of it
     siblings: dict[str, tuple[torch.Tensor, int]] | None = None
 
     @property
@@ -293,14 +293,14 @@ def dense_window(a_stack: torch.Tensor, bt_stack: torch.Tensor, rank: int) -> tu
 
 def rank_mask(slots: Sequence[int], rank: int, width: int, device: torch.device | str,
               dtype: torch.dtype) -> torch.Tensor:
-    """``LoraPlan.mask`` of rows on ``slots`` (0: base) in stacks of ``width`` slots: ``[B, 1, rank·width]``, row ``i``
+    """``LoraPlan.mask`` of rows on ``slots`` (0: base) in stacks of ``width`` slots: ``[B, rank·width]``, row ``i``
     1 at the ``rank`` ranks of slot ``slots[i]`` (rank-major: ``k·width + slot``), 0 elsewhere (a base row: all 0);
     copied to ``device`` once per plan."""
     mask = torch.zeros(len(slots), rank, width, dtype=dtype)
     for row, slot in enumerate(slots):
         if slot:
             mask[row, :, slot] = 1
-    return queued_copy(mask.view(len(slots), 1, rank * width), device)
+    return queued_copy(mask.view(len(slots), rank * width), device)
 
 
 # Sibling groups of slot stacks: (member names, the members' A stacks as one tensor [members, R, slots, in])
@@ -309,35 +309,35 @@ PlanViews = tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[
                   dict[str, tuple[torch.Tensor, int]] | None]
 
 
-def sibling_views(groups: SiblingStorage, modules: Iterable[str],
+def sibling_views(groups: SiblingStorage, modules: Iterable[str], rank: int,
                   slot: int | None = None) -> dict[str, tuple[torch.Tensor, int]] | None:
-    """``LoraPlan.siblings`` of a plan at full rank on ``modules``: for each group all of whose members are among
-    them, member -> (the group's ``Aᵀ``, a view: ``[in, members·R·slots]`` for a dense plan, ``[in, members·R]``
-    for one ``slot``; and its index in the group); None if no group is whole."""
+    """``LoraPlan.siblings`` of a plan at ``rank`` on ``modules``: for each group all of whose members are among
+    them, member -> (the group's ``Aᵀ`` cut to ``rank``, a view: ``[members, in, rank·slots]`` for a dense plan,
+    ``[members, in, rank]`` for one ``slot``; and its index in the group); None if no group is whole."""
     names, views = set(modules), {}
     for members, storage in groups:
         if set(members) <= names:
+            cut = storage[:, :rank]  # [members, rank, slots, in]
             # one object for the group: its first member called computes the product
-            group_a = (storage.flatten(0, 2) if slot is None else storage[:, :, slot].flatten(0, 1)).T
+            group_a = (cut.flatten(1, 2) if slot is None else cut[:, :, slot]).transpose(1, 2)
             views.update((name, (group_a, index)) for index, name in enumerate(members))
     return views or None
 
 
 def plan_views(whole: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: RowLayout, rank: int,
                dense: bool, siblings: SiblingStorage = ()) -> PlanViews:
-    """A plan's weights: ``LoraPlan.stacks``, and (``dense`` and several slots) ``LoraPlan.dense``, and at the
-    stacks' full rank (one slot, or dense) ``LoraPlan.siblings`` of the groups ``siblings`` (below full rank a
-    group's members are not one matrix: each member then multiplies by its own): views of slot stacks ``whole``
-    (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s window and ``rank``. They depend
-    on nothing else, so a caller may keep them for the next plan of the same window."""
+    """A plan's weights: ``LoraPlan.stacks``, and (``dense`` and several slots) ``LoraPlan.dense``, and where the
+    plan multiplies the rows as they are (one slot, or dense) ``LoraPlan.siblings`` of the groups ``siblings``:
+    views of slot stacks ``whole`` (module -> ``A [R, slots, in]``, ``(B·s)ᵀ [R, slots, out]``) for ``layout``'s
+    window and ``rank``. They depend on nothing else, so a caller may keep them for the next plan of the same
+    window."""
     stacks = {name: window(a, bt, layout, rank) for name, (a, bt) in whole.items()}
-    full_rank = bool(whole) and rank == next(iter(whole.values()))[0].shape[0]
     if layout.groups == 1:
-        return stacks, None, sibling_views(siblings, whole, layout.first) if full_rank else None
+        return stacks, None, sibling_views(siblings, whole, rank, layout.first)
     if not dense or not whole:  # (none: adapters of the vision tower only)
         return stacks, None, None
     return (stacks, {name: dense_window(a, bt, rank) for name, (a, bt) in whole.items()},
-            sibling_views(siblings, whole) if full_rank else None)
+            sibling_views(siblings, whole, rank))
 
 
 def plan_of(rows: torch.Tensor, slots: Sequence[int], views: PlanViews, adapters: tuple[LoraWeights, ...],
@@ -396,7 +396,8 @@ class GroupedLora:
         self.model = model
         self._hooked: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._active: LoraPlan | None = None
-        self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (group Aᵀ, input, product)
+        # the sibling group whose product was made last: (its Aᵀ, the input, each member's part of the product)
+        self._shared: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
     def ensure_hooks(self, module_names: Sequence[str]) -> None:
         """Install a hook on every named layer that has none yet (called before a plan uses them)."""
@@ -433,16 +434,16 @@ class GroupedLora:
             layout = plan.layout
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
             sibling = plan.siblings.get(name) if plan.siblings else None
+            # the two paths on the rows as they are (one matrix [B·T, in]: a view), then the paths that gather them
             if plan.dense is not None and x.shape[1] == 1:  # a decode step of several adapters (module docstring)
                 a_all, b_all = plan.dense[name]
                 if sibling is not None:
-                    return _add_product(output, self._sibling_product(sibling, x, block, a_all.shape[1], plan.mask),
-                                        b_all)
-                return _add_product(output, (block @ a_all).mul_(plan.mask), b_all)
-            if layout.gather is None and layout.groups == 1:  # one adapter on every row: the rows as they are
+                    return _add_product(output, self._sibling_product(sibling, x, block, plan.mask), b_all)
+                return _add_product(output, torch.mm(_rows(block), a_all).mul_(plan.mask), b_all)
+            if layout.gather is None and layout.groups == 1:  # one adapter on every row
                 if sibling is not None:
-                    return _add_product(output, self._sibling_product(sibling, x, block, a_t.shape[1]), b_t)
-                return _add_product(output, block @ a_t, b_t)
+                    return _add_product(output, self._sibling_product(sibling, x, block), b_t)
+                return _add_product(output, torch.mm(_rows(block), a_t), b_t)
             if layout.gather is not None:
                 block = block.index_select(0, layout.gather)  # [G·M, T, in]: each slot's rows, padded
             if layout.groups == 1:  # one adapter on some rows
@@ -459,29 +460,37 @@ class GroupedLora:
 
         return hook
 
-    def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor, width: int,
+    def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor,
                          mask: torch.Tensor | None = None) -> torch.Tensor:
-        """A sibling target's ``x · Aᵀ`` ``[B·T, width]`` (a view; masked by a dense plan's ``mask``): its columns of
-        the group's product, which the first member called on this input computes for all (one matmul, and one
-        mask, for the group; few views: in an eager step each is dispatched, like a kernel, in Python)."""
+        """A sibling target's ``x · Aᵀ`` ``[B·T, width]`` (a view; masked by a dense plan's ``mask``): its part of
+        the group's product, which the first member called on this input computes for all: one batched matmul of the
+        rows, the same for every member (an expanded view: nothing copied), by the members' ``Aᵀ`` (views of one
+        storage at any rank: ``[members, in, width]``), and one mask, for the group."""
         group_a, index = sibling
         shared = self._shared
         if shared is None or shared[0] is not group_a or shared[1] is not x:  # the group's first member
-            # [B, T, members·width] as [B·T, members, width]: a mask [B, 1, width] (T = 1) broadcasts over members
-            product = (block @ group_a).view(-1, group_a.shape[1] // width, width)
-            shared = self._shared = (group_a, x, product if mask is None else product.mul_(mask))
-        return shared[2].select(1, index)
+            product = torch.bmm(_rows(block).expand(group_a.shape[0], -1, -1), group_a)  # [members, B·T, width]
+            if mask is not None:  # [B, width] (T = 1), over every member's
+                product.mul_(mask)
+            # each member's part as a view, in one op (a view per member would dispatch one each)
+            shared = self._shared = (group_a, x, product.unbind(0))
+        return shared[2][index]
+
+
+def _rows(block: torch.Tensor) -> torch.Tensor:
+    """``block [..., in]`` as one matrix ``[rows, in]`` (a view where its strides allow)."""
+    return block.reshape(-1, block.shape[-1])
 
 
 def _add_product(output: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``output += left · right`` in place (``left [..., r]`` with the output's rows, ``right [r, out]``): one
+    """``output += left · right`` in place (``left [rows, r]``: the output's rows as one matrix, ``right [r, out]``): one
     ``addmm`` (one kernel: the product accumulated into the layer's output) where the dtypes agree and the output's
     rows view as one matrix with unit-stride columns, as a ``Linear``'s output does and a fused sibling's columns of
     its group's output do (``fused_siblings``: BLAS writes a matrix with a row stride of its own); else the
     product, cast, then added. The layer's output is a new tensor of this forward, used by nothing else yet."""
     matrix = _as_matrix(output) if output.dtype == left.dtype else None
     if matrix is not None:
-        matrix.addmm_(left if left.dim() == 2 else left.reshape(-1, left.shape[-1]), right)
+        matrix.addmm_(left, right)
         return output
     change = (left @ right).view(output.shape)
     return output.add_(change if change.dtype == output.dtype else change.to(output.dtype))

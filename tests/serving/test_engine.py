@@ -60,9 +60,10 @@ def _peft_alone(model_dir: Path, adapter: Path | None, request: EngineRequest) -
 def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_model_dir, adapter_dirs, lora_decode,
                                                        max_lora_rank, fuse_siblings):
     """Either way of applying several adapters in a decode step (``EngineConfig.lora_decode``: grouped is the
-    CPU's, dense a GPU's) gives each row its own adapter's tokens; dense at the slots' full rank (the largest
-    adapter rank is ``max_lora_rank``) with v1's ``w1`` / ``w2`` sharing one product; and with the base's ``w1`` /
-    ``w2`` as one matmul (``fuse_siblings``, a GPU's default), the LoRA products added into their columns."""
+    CPU's, dense a GPU's) gives each row its own adapter's tokens; dense with v1's ``w1`` / ``w2`` sharing one
+    product, below the slots' full rank and at it (the largest adapter rank is ``max_lora_rank``); and with the
+    base's ``w1`` / ``w2`` as one matmul (``fuse_siblings``, a GPU's default), the LoRA products added into their
+    columns."""
     engine: ServingEngine = engine_factory(lora_decode=lora_decode, max_lora_rank=max_lora_rank,
                                            fuse_siblings=fuse_siblings)
     choice = [adapter_dirs[0], adapter_dirs[1], None, adapter_dirs[9], adapter_dirs[0], adapter_dirs[2]]
@@ -74,7 +75,7 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(engine_factory, tiny_mode
     results = asyncio.run(run())
     assert engine.stats.max_adapters_in_forward >= 3  # they really shared forwards
     shared = any(siblings for _, dense, siblings in engine.adapter_slots._views.values() if dense)
-    assert shared == (lora_decode == "dense" and max_lora_rank == 8)
+    assert shared == (lora_decode == "dense")
     expected = [_peft_alone(tiny_model_dir, a, r) for a, r in zip(choice, requests, strict=True)]
     assert [r.token_ids for r in results] == expected
     assert len({tuple(e) for e in expected}) >= 5  # adapters change the output, so the check has teeth

@@ -318,12 +318,11 @@ class _Siblings(nn.Module):
 @pytest.mark.parametrize(("rows", "tokens"), [("mixed", 1), ("one-adapter", 1), ("one-adapter", 5)],
                          ids=["mixed-decode", "one-adapter-decode", "one-adapter-prefill"])
 @pytest.mark.parametrize("rank", [8, 4], ids=["full-rank", "below"])
-def test_engine_plans_at_full_rank_share_one_product_per_sibling_group(rank, rows, tokens):
-    """The engine's plans (no graphs): where the batch's largest rank is the slots' full rank, q / k / v take their
-    ``x · Aᵀ`` from one product for the group: a dense decode of several adapters (one matmul and one mask instead
-    of three each) and one adapter on every row (one matmul instead of three, prefill or decode); below it, each
-    multiplies by its own (its stacks cut to the rank are not one matrix). The same output either way, and the same
-    as the model with each row's adapter merged."""
+def test_engine_plans_share_one_product_per_sibling_group_at_any_rank(rank, rows, tokens):
+    """The engine's plans (no graphs): q / k / v take their ``x · Aᵀ`` from one product for the group, whether the
+    batch's largest rank is the slots' full rank or below it: a dense decode of several adapters (one batched
+    matmul and one mask instead of three each) and one adapter on every row (one instead of three, prefill or
+    decode). The same output as the model with each row's adapter merged."""
     torch.manual_seed(2)
     model = _Siblings()
     names = ("q", "k", "v", "o")
@@ -347,9 +346,8 @@ def test_engine_plans_at_full_rank_share_one_product_per_sibling_group(rank, row
         row_slots, batch = [first] * 3, [adapters[0]] * 3
     plan = slots.plan(torch.tensor(row_slots), row_slots, batch)
     assert (plan.dense is not None) == (rows == "mixed")
-    assert (plan.siblings is not None) == (rank == 8)
-    if plan.siblings:
-        assert {name: index for name, (_, index) in plan.siblings.items()} == {"m.q": 0, "m.k": 1, "m.v": 2}
+    assert {name: (tuple(a.shape), index) for name, (a, index) in plan.siblings.items()} == {
+        f"m.{n}": ((3, IN, rank * (4 if rows == "mixed" else 1)), i) for i, n in enumerate("qkv")}  # (4: slots + 1)
     x = torch.randn(len(batch), tokens, IN)
     lora, kernels = GroupedLora(wrapped), _Kernels()
     with torch.inference_mode():
@@ -364,6 +362,6 @@ def test_engine_plans_at_full_rank_share_one_product_per_sibling_group(rank, row
                 a, bt = weights.modules[f"m.{n}"]
                 getattr(merged, n).weight += (a.T @ bt).T
             torch.testing.assert_close(out[i], merged(x[i : i + 1])[0], atol=1e-5, rtol=1e-5)
-    products = 1 + 1 if plan.siblings else 4  # x·Aᵀ: the group's and o's, or every target's
-    masks = products if rows == "mixed" else 0
-    assert kernels.ops["mm"] == products and kernels.ops["mul_"] == masks and kernels.ops["addmm_"] == 4
+    masks = 2 if rows == "mixed" else 0  # the group's and o's
+    assert kernels.ops["bmm"] == 1 and kernels.ops["mm"] == 1  # x·Aᵀ: the group's, and o's
+    assert kernels.ops["mul_"] == masks and kernels.ops["addmm_"] == 4 and "clone" not in kernels.ops
