@@ -7,15 +7,18 @@ launch. A graph fixes every shape and every address it reads, so a step is made 
   cache's spare slot (``SlotKVCache.for_static_decode``) and their logits are dropped;
 - the keys attended to, every row's, cut at the rows' longest length rounded up to ``attend_step`` columns, the
   rest masked (the mask a buffer like the others);
-- adapters: every device slot at full rank, each row's slot kept by the rank mask (the dense LoRA decode of
-  ``lora_batch``, over all slots, so that a plan never changes a graph's shapes or the addresses it reads: the
-  slots' stacks are written in place when an adapter comes in); sibling targets, which the model calls on one
+- adapters: every device slot, cut to a rank bucket (the batch's largest adapter rank rounded up to a power of two,
+  at most the slots' ``max_rank``: a step reads no more of the stacks than the batch's ranks need), each row's slot
+  kept by the rank mask (the dense LoRA decode of ``lora_batch``, over all slots, so that a plan never changes a
+  graph's shapes or the addresses it reads: the slots' stacks are written in place when an adapter comes in);
+  sibling targets, which the model calls on one
   input (``ModelFamily.lora_siblings``: v1's ``w1`` / ``w2``, the newer families' q / k / v and gate / up), get
   their ``x · Aᵀ`` from one matmul and one mask for the group; only the layers the batch's adapters target get
   LoRA (not every layer an adapter may target: ``lm_head`` among them), so a step with no adapter at all has
   graphs without LoRA.
-So a graph is keyed by (rows bucket, attended columns, LoRA targets), captured the first time a step needs it (the
-adapters a deployment serves share their targets, trained with one preset: one set, or a few), and its inputs (ids,
+So a graph is keyed by (rows bucket, attended columns, LoRA targets, rank bucket), captured the first time a step
+needs it (the adapters a deployment serves share their targets and rank, trained with one preset: one set, or a
+few), and its inputs (ids,
 positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay; the rank mask only
 when rows join or leave.
 
@@ -51,18 +54,20 @@ class GraphCaptureError(QwenVLError):
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a graph is keyed by: rows (padded), keys attended to, the layers with LoRA (sorted; none: no adapter)."""
+    """What a graph is keyed by: rows (padded), keys attended to, the layers with LoRA (sorted; none: no adapter) and
+    the rank the slots' stacks are cut to (0: no LoRA)."""
 
     rows: int
     attend: int
     lora: tuple[str, ...]
+    rank: int = 0
 
 
 class _Buffers:
     """A shape's fixed inputs (and, once captured, its graph and output). Positions take the family's shape
     (``[rows, 1]``, M-RoPE ``[3, rows, 1]``: the rows on the second-to-last axis) at the first step."""
 
-    def __init__(self, shape: StepShape, device: torch.device, mask_width: int, mask_dtype: torch.dtype) -> None:
+    def __init__(self, shape: StepShape, device: torch.device, slots: int, mask_dtype: torch.dtype) -> None:
         rows = shape.rows
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions: torch.Tensor | None = None
@@ -70,7 +75,7 @@ class _Buffers:
         self.slot_index = torch.zeros(rows, dtype=torch.long, device=device)
         self.columns = torch.zeros(rows, dtype=torch.long, device=device)
         self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)
-        self.rank_mask = torch.zeros(rows, mask_width, dtype=mask_dtype, device=device) if shape.lora else None
+        self.rank_mask = torch.zeros(rows, shape.rank * slots, dtype=mask_dtype, device=device) if shape.lora else None
         self.plan: LoraPlan | None = None  # the LoRA plan reading rank_mask (DecodeGraphs sets it)
         self.mask_slots: list[int] | None = None  # the rows' adapter slots rank_mask holds
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -94,18 +99,19 @@ class DecodeGraphs:
         self._pool: tuple | None = None  # one memory pool for every graph (they never run at once)
         self.captured = 0
         self.steps = 0  # fixed-shape steps run (replayed, where captured)
-        # every slot's stacks at full rank, as dense LoRA views: fixed addresses, written in place by new adapters
-        self._dense = {name: dense_window(a, bt, slots.max_rank) for name, (a, bt) in slots.stacks().items()}
-        self._mask_width = slots.max_rank * (slots.slots + 1)
+        # the slots' stacks: fixed addresses, written in place by new adapters
+        self._stacks = slots.stacks()
 
-    def shape_for(self, rows: int, longest: int, targets: tuple[str, ...]) -> StepShape | None:
+    def shape_for(self, rows: int, longest: int, targets: tuple[str, ...], rank: int = 0) -> StepShape | None:
         """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens, its adapters targeting
-        ``targets`` (sorted; none: no adapter); None: not replayable."""
+        ``targets`` (sorted; none: no adapter) at ranks up to ``rank``; None: not replayable."""
         bucket = min(1 << (rows - 1).bit_length(), self.cache.slots)  # (the batch's rows fit the slots)
         attend = min(-(-(longest + 1) // self.attend_step) * self.attend_step, self.cache.capacity)
         if longest + 1 > attend or attend > self.max_attend:  # a full slot (refused by the usual step), or too long
             return None
-        return StepShape(bucket, attend, tuple(name for name in targets if name in self._dense))
+        lora = tuple(name for name in targets if name in self._stacks)
+        rank_bucket = min(1 << (max(rank, 1) - 1).bit_length(), self.slots.max_rank) if lora else 0
+        return StepShape(bucket, attend, lora, rank_bucket)
 
     def run(self, shape: StepShape, ids: torch.Tensor, positions: torch.Tensor, prompt_lengths: torch.Tensor,
             row_slots: list[int]) -> torch.Tensor:
@@ -114,7 +120,8 @@ class DecodeGraphs:
         rows = len(row_slots)
         buffers = self._buffers.get(shape)
         if buffers is None:
-            buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self._mask_width, self.slots.dtype)
+            buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self.slots.slots + 1,
+                                                      self.slots.dtype)
             buffers.plan = self._plan(shape, buffers)
         self.cache.for_static_decode(rows, shape.rows, shape.attend, buffers.slot_index, buffers.columns,
                                      buffers.mask)
@@ -130,7 +137,7 @@ class DecodeGraphs:
         buffers.prompt_lengths[rows:].fill_(1)
         if buffers.rank_mask is not None and buffers.mask_slots != row_slots:  # (rows joined or left)
             padded = row_slots + [0] * (shape.rows - rows)
-            buffers.rank_mask.copy_(rank_mask(padded, self.slots.max_rank, self.slots.slots + 1,
+            buffers.rank_mask.copy_(rank_mask(padded, shape.rank, self.slots.slots + 1,
                                               buffers.rank_mask.device, buffers.rank_mask.dtype))
             buffers.mask_slots = list(row_slots)
         self.steps += 1
@@ -147,15 +154,15 @@ class DecodeGraphs:
         return buffers.logits[:rows].clone()
 
     def _plan(self, shape: StepShape, buffers: _Buffers) -> LoraPlan | None:
-        """Dense LoRA on the shape's layers over every slot at full rank, each row's slot kept by
+        """Dense LoRA on the shape's layers over every slot at the shape's rank, each row's slot kept by
         ``buffers.rank_mask`` (None: no LoRA); siblings share a product where the shape has the whole group."""
         if buffers.rank_mask is None:
             return None
         rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
         layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
-        dense = {name: self._dense[name] for name in shape.lora}
+        dense = {name: dense_window(*self._stacks[name], shape.rank) for name in shape.lora}
         return LoraPlan(rows=rows, stacks=dense, adapters=(), layout=layout, dense=dense, mask=buffers.rank_mask,
-                        siblings=sibling_views(self.slots.siblings(), dense, self.slots.max_rank))
+                        siblings=sibling_views(self.slots.siblings(), dense, shape.rank))
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         with self.lora.activate(buffers.plan):

@@ -848,7 +848,8 @@ class ServingEngine:
         positions = self.family.step_positions(rows.text_pos[span, None], rows.offset[span])
         shape = None
         if self._graphs is not None and seqs is not None:
-            shape = self._graphs.shape_for(end, max(cache.lengths[:end]), tuple(plan.stacks) if plan else ())
+            shape = self._graphs.shape_for(end, max(cache.lengths[:end]), tuple(plan.stacks) if plan else (),
+                                           max((a.rank for a in plan.adapters), default=0) if plan else 0)
         try:
             logits = None
             if shape is not None:

@@ -102,11 +102,30 @@ def test_fixed_shape_decode_steps_generate_what_the_usual_steps_do(device, famil
     shapes = set(graphs._buffers)
     assert graphs.steps > 10 and len({s.rows for s in shapes}) > 1 and len({s.attend for s in shapes}) > 1, shapes
     assert any(s.lora for s in shapes)
+    # the adapters' rank 8 under slots of rank 64: the steps read the stacks cut to 8, not 64
+    assert {s.rank for s in shapes if s.lora} == {8} and {s.rank for s in shapes if not s.lora} <= {0}
+    width = 8 * (graphs.slots.slots + 1)
+    assert all(b.rank_mask.shape[1] == width for s, b in graphs._buffers.items() if s.lora)
     # sibling targets (v1: w1 / w2; the others: q / k / v, gate / up) shared one product per group and step
     members = 2 if family_name == "qwen-vl" else 2.5  # targets per group, on average
     assert graphs.sibling_calls > 0 and graphs.sibling_products * members == graphs.sibling_calls
     if mode == "cuda":
         assert graphs.captured == len(shapes)
+
+
+def test_a_fixed_shape_step_cuts_the_adapter_slots_to_the_batchs_rank_bucket(tiny_model_dir):
+    """A step reads the slots' stacks cut to the batch's largest rank rounded up to a power of two (at most the
+    slots' rank), so a deployment of rank-8 adapters on slots of 64 does not read 8 times what it uses; a step
+    without adapters has no LoRA and rank 0."""
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="static",
+                                                                       max_lora_rank=48))
+    try:
+        graphs, target = engine._graphs, next(iter(engine.adapter_slots.stacks()))
+        ranks = {r: graphs.shape_for(1, 5, (target,), r).rank for r in (1, 3, 8, 9, 33, 48)}
+        assert ranks == {1: 1, 3: 4, 8: 8, 9: 16, 33: 48, 48: 48}
+        assert graphs.shape_for(1, 5, (), 0).rank == 0
+    finally:
+        engine.close()
 
 
 def test_decode_graphs_are_refused_where_they_cannot_run(tiny_model_dir):
