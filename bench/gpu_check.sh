@@ -2,8 +2,8 @@
 # The GPU checks of the platform in one run (issue 13): the `gpu` tests (engine on CUDA: greedy equals the
 # reference, every tensor on the device, seeded sampling, an out-of-memory forward failing only its request, vision
 # adapters with their device copies), full-size random-weight serving of Qwen-VL v1 in bf16
-# (tokens/s with 8 adapters of rank 16 in slots of rank 16, as a deployment whose adapters share a rank sets
-# QWENVL_SERVE_MAX_LORA_RANK, with and without decode steps replayed from CUDA graphs, TTFT, the longest inter-token
+# (tokens/s with 8 adapters of rank 16 in the default slots of rank 64, which decode steps read cut to the batch's
+# rank, with and without decode steps replayed from CUDA graphs, TTFT, the longest inter-token
 # gap; then, in a row of its own, the peak memory of 32
 # concurrent 2000-token requests), full-size LoRA /
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), one sampling step at the full vocabulary,
@@ -100,7 +100,7 @@ torch.zeros(1, device='$device')"
 check gpu_tests 120 $PY -m pytest -q -rP -p no:cacheprovider "${tests[@]}"
 check sampling_step 20 $PY bench/sampling_step.py --device "$device" "${sampling[@]}"
 check serve_v1_full_bf16 200 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
-  --rank 16 --max-lora-rank 16 --repeats 1 --skip-loads --memory-requests 0 "${serve[@]}"
+  --rank 16 --repeats 1 --skip-loads --memory-requests 0 "${serve[@]}"
 check serve_v1_memory 90 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --memory-only \
   --before-rev "" "${memory[@]}"
 check train_qwen25vl_7b 80 $PY bench/train_families.py --device "$device" --rounds 1 "${train[@]}"
@@ -109,7 +109,7 @@ check step_kernels 45 $PY bench/step_ops.py --device "$device" --dtype bfloat16 
   --steps-only
 # opt-in (a second call of the lease): Qwen2.5-VL-7B serving, 8 adapters, with and without decode graphs
 check serve_qwen25vl_7b 240 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
-  --rank 16 --max-lora-rank 16 --repeats 1 --skip-loads --memory-requests 0 --lora-only "${serve_family[@]}"
+  --rank 16 --repeats 1 --skip-loads --memory-requests 0 --lora-only "${serve_family[@]}"
 # opt-in: decode-step time with the base's sibling layers as one matmul per group vs apart (fuse_siblings on / off)
 check fused_siblings 90 $PY bench/fused_siblings.py --device "$device" "${fused[@]}"
 cat "$table"

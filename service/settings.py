@@ -180,9 +180,9 @@ class Settings(BaseSettings):
     serve_max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank the model replicas serve: "
                                      "each adapter slot holds this rank in every language-model linear layer "
                                      "(allocated at start). Adapters of a higher rank are listed unservable; a job "
-                                     "that trains one gets a warning event. Deployments whose adapters share a rank "
-                                     "set it to that rank: batches at it compute sibling layers' LoRA (q/k/v, "
-                                     "gate/up) in one product, and decode graphs read no more.")
+                                     "that trains one gets a warning event. Decode steps read the slots cut to "
+                                     "the batch's largest rank (graphs: rounded up to a power of two), so a larger "
+                                     "value costs device memory, not time.")
     serve_max_waiting: int = Field(256, ge=1, description="Requests waiting per model replica; beyond, chat "
                                    "answers 429 engine_overloaded with Retry-After.")
     serve_request_timeout_s: float = Field(600.0, gt=0, description="A chat request not finished this long after "
