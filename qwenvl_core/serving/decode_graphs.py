@@ -6,21 +6,20 @@ launch. A graph fixes every shape and every address it reads, so a step is made 
 - rows padded to a bucket (1, 2, 4, 8, ... up to the cache's slots); the padding rows write their keys into the KV
   cache's spare slot (``SlotKVCache.for_static_decode``) and their logits are dropped;
 - the keys attended to, every row's, cut at the rows' longest length rounded up to ``attend_step`` columns, the
-  rest masked (the mask a buffer like the others);
+  rest masked (the mask computed in the step from the rows' cache columns: part of the graph);
 - adapters: every device slot, cut to a rank bucket (the batch's largest adapter rank rounded up to a power of two,
   at most the slots' ``max_rank``: a step reads no more of the stacks than the batch's ranks need), each row's slot
   kept by the rank mask (the dense LoRA decode of ``lora_batch``, over all slots, so that a plan never changes a
   graph's shapes or the addresses it reads: the slots' stacks are written in place when an adapter comes in);
-  sibling targets, which the model calls on one
-  input (``ModelFamily.lora_siblings``: v1's ``w1`` / ``w2``, the newer families' q / k / v and gate / up), get
-  their ``x · Aᵀ`` from one matmul and one mask for the group; only the layers the batch's adapters target get
-  LoRA (not every layer an adapter may target: ``lm_head`` among them), so a step with no adapter at all has
-  graphs without LoRA.
+  sibling targets, which the model calls on one input (``ModelFamily.lora_siblings``: v1's ``w1`` / ``w2``, the
+  newer families' q / k / v and gate / up), get their ``x · Aᵀ`` from one batched matmul and one mask for the
+  group; only the layers the batch's adapters target get LoRA (not every layer an adapter may target: ``lm_head``
+  among them), so a step with no adapter at all has graphs without LoRA.
 So a graph is keyed by (rows bucket, attended columns, LoRA targets, rank bucket), captured the first time a step
 needs it (the adapters a deployment serves share their targets and rank, trained with one preset: one set, or a
-few), and its inputs (ids,
-positions, prompt lengths, cache indices, mask, rank mask) are buffers filled before each replay; the rank mask only
-when rows join or leave.
+few), and its inputs (ids, positions, prompt lengths, the rows' cache slots and columns, rank mask) are buffers
+filled before each replay (the slots and columns in one copy from the host); the rank mask only when rows join or
+leave.
 
 Every family: a decode step with the engine's prepared mask and positions reads nothing back from the device
 (Qwen-VL v1 while attending within ``seq_length``: longer steps, beyond which its dynamic NTK reads the rows'
@@ -37,7 +36,7 @@ import torch
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.adapter_slots import AdapterSlots
-from qwenvl_core.serving.kv_cache import SlotKVCache
+from qwenvl_core.serving.kv_cache import SlotKVCache, static_decode_mask
 from qwenvl_core.serving.lora_batch import (
     GroupedLora,
     LoraPlan,
@@ -72,9 +71,9 @@ class _Buffers:
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions: torch.Tensor | None = None
         self.prompt_lengths = torch.ones(rows, dtype=torch.long, device=device)
-        self.slot_index = torch.zeros(rows, dtype=torch.long, device=device)
-        self.columns = torch.zeros(rows, dtype=torch.long, device=device)
-        self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)
+        self.cache_index = torch.zeros(2, rows, dtype=torch.long, device=device)  # each row's KV slot, and column
+        self.key_columns = torch.arange(shape.attend, device=device)
+        self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)  # made in the step
         self.rank_mask = torch.zeros(rows, shape.rank * slots, dtype=mask_dtype, device=device) if shape.lora else None
         self.plan: LoraPlan | None = None  # the LoRA plan reading rank_mask (DecodeGraphs sets it)
         self.mask_slots: list[int] | None = None  # the rows' adapter slots rank_mask holds
@@ -123,8 +122,7 @@ class DecodeGraphs:
             buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self.slots.slots + 1,
                                                       self.slots.dtype)
             buffers.plan = self._plan(shape, buffers)
-        self.cache.for_static_decode(rows, shape.rows, shape.attend, buffers.slot_index, buffers.columns,
-                                     buffers.mask)
+        self.cache.for_static_decode(rows, shape.rows, shape.attend, buffers.cache_index)
         buffers.ids[:rows].copy_(ids)
         buffers.ids[rows:].zero_()
         if buffers.positions is None:
@@ -165,6 +163,8 @@ class DecodeGraphs:
                         siblings=sibling_views(self.slots.siblings(), dense, shape.rank))
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
+        # the attention mask from the rows' columns, on the device (in the graph: no copy from the host per step)
+        static_decode_mask(buffers.key_columns, buffers.cache_index[1].view(-1, 1, 1, 1), buffers.mask)
         with self.lora.activate(buffers.plan):
             out = self.model(input_ids=buffers.ids, attention_mask=buffers.mask, position_ids=buffers.positions,
                              cache=self.cache, use_cache=True, prompt_lengths=buffers.prompt_lengths,

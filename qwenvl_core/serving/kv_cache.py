@@ -114,13 +114,12 @@ class SlotKVCache:
         attend = max(self.lengths[first_slot:end_slot]) + 1
         self._mode = ("decode", first_slot, end_slot, rows, columns, attend, end_slot)  # (every row is real)
 
-    def for_static_decode(self, rows: int, width: int, attend: int, slot_index: torch.Tensor,
-                          columns: torch.Tensor, mask: torch.Tensor) -> None:
+    def for_static_decode(self, rows: int, width: int, attend: int, index: torch.Tensor) -> None:
         """The next forward appends one token to each of slots ``0 .. rows - 1`` in a batch padded to ``width``
         rows, attending to ``attend`` columns whatever the rows' lengths: the shapes of a decode step that a CUDA
-        graph replays (``decode_graphs``). Fills the caller's fixed buffers in place: ``slot_index [width]`` (the
-        padding rows: the spare slot), ``columns [width]`` (where each row's token goes; padding: column 0) and
-        ``mask [width, 1, 1, attend]`` (each row its own tokens and the new one; padding: column 0)."""
+        graph replays (``decode_graphs``). Fills the caller's fixed buffer ``index [2, width]`` in place (one copy):
+        row 0 the slot of each row (padding rows: the spare slot), row 1 the column its token goes to (padding: 0).
+        The step's attention mask follows from row 1 on the device (``static_decode_mask``)."""
         if self.spare_slot is None:
             raise QwenVLError("KV cache: a static decode needs the spare slot (spare_slot=True)")
         if not 0 < rows <= width <= self.slots:
@@ -129,10 +128,8 @@ class SlotKVCache:
         if max(lengths) >= min(attend, self.capacity):
             raise QwenVLError(f"KV cache: a row of {max(lengths)} tokens does not fit a step attending to {attend}")
         pad = width - rows
-        slot_index.copy_(torch.tensor(list(range(rows)) + [self.spare_slot] * pad), non_blocking=True)
-        columns_host = torch.tensor(lengths + [0] * pad)
-        columns.copy_(columns_host, non_blocking=True)
-        mask.copy_((torch.arange(attend)[None, :] <= columns_host[:, None])[:, None, None, :], non_blocking=True)
+        index.copy_(torch.tensor([list(range(rows)) + [self.spare_slot] * pad, lengths + [0] * pad]), non_blocking=True)
+        slot_index, columns = index.unbind(0)
         self._mode = ("decode", 0, width, slot_index, columns, attend, rows)  # slots 0 .. rows - 1 are real
 
     def for_chunk(self, slot: int, start: int, length: int) -> None:
@@ -245,3 +242,11 @@ class SlotKVCache:
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+
+def static_decode_mask(key_columns: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The attention mask of a static decode (``SlotKVCache.for_static_decode``) into ``out [width, 1, 1, attend]``,
+    from ``key_columns`` (``arange(attend)``) and ``columns [width, 1, 1, 1]`` (where each row's token goes, on the
+    device): each row attends to its own tokens and the new one (a padding row, at column 0: column 0). One kernel,
+    no host copy: a CUDA graph captures it with the step."""
+    return torch.le(key_columns, columns, out=out)

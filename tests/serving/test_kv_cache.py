@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.serving.kv_cache import CacheShape, SlotKVCache
+from qwenvl_core.serving.kv_cache import CacheShape, SlotKVCache, static_decode_mask
 
 
 def test_padded_prefill_rows_are_stored_from_column_0_and_a_moved_row_keeps_them() -> None:
@@ -46,11 +46,11 @@ def test_a_static_decode_pads_into_the_spare_slot_and_advances_only_the_real_row
     shape = CacheShape(layers=1, kv_heads=1, head_dim=2)
     cache = SlotKVCache(shape, slots=4, capacity=8, dtype=torch.float32, device="cpu", spare_slot=True)
     cache.lengths[:2] = [3, 1]
-    slot_index, columns = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
-    mask = torch.zeros(3, 1, 1, 8, dtype=torch.bool)
-    cache.for_static_decode(2, 3, 8, slot_index, columns, mask)
-    assert slot_index.tolist() == [0, 1, 4] and columns.tolist() == [3, 1, 0]
-    assert mask[:, 0, 0].sum(-1).tolist() == [4, 2, 1]
+    index = torch.zeros(2, 3, dtype=torch.long)
+    cache.for_static_decode(2, 3, 8, index)
+    assert index.tolist() == [[0, 1, 4], [3, 1, 0]]  # each row's slot, and the column its token goes to
+    mask = static_decode_mask(torch.arange(8), index[1].view(3, 1, 1, 1), torch.zeros(3, 1, 1, 8, dtype=torch.bool))
+    assert mask[:, 0, 0].tolist() == [[c <= column for c in range(8)] for column in (3, 1, 0)]
     states = torch.arange(6, dtype=torch.float32).view(3, 1, 1, 2) + 1
     keys, _ = cache.update(states, -states, 0)
     assert keys.shape == (3, 1, 8, 2)  # slots 0..2, all 8 columns (masked where not a row's own)
@@ -59,6 +59,6 @@ def test_a_static_decode_pads_into_the_spare_slot_and_advances_only_the_real_row
     cache.commit()
     assert cache.lengths == [4, 2, 0, 0, 0]
     with pytest.raises(QwenVLError, match="spare slot"):
-        SlotKVCache(shape, 4, 8, torch.float32, "cpu").for_static_decode(2, 3, 8, slot_index, columns, mask)
+        SlotKVCache(shape, 4, 8, torch.float32, "cpu").for_static_decode(2, 3, 8, index)
     with pytest.raises(QwenVLError, match="does not fit a step attending to 4"):
-        cache.for_static_decode(2, 2, 4, slot_index[:2], columns[:2], mask[:2, ..., :4])
+        cache.for_static_decode(2, 2, 4, index[:, :2])
