@@ -160,8 +160,8 @@ class Settings(BaseSettings):
         "none", description="4bit: serve the base with its language model in NF4, as Q-LoRA adapters were trained.")
     serve_decode_graphs: Literal["off", "cuda"] = Field(
         "off", description="cuda: GPU replicas replay their decode steps from CUDA graphs (one launch a step; "
-        "needs serve_num_gpus > 0 and no serve_quantization; a step that cannot be captured turns them off for "
-        "the replica). Off until measured on GPUs.")
+        "needs serve_num_gpus > 0; a 4-bit base too; a step that cannot be captured turns them off for the "
+        "replica). Off until measured on GPUs.")
     serve_max_batch_size: int = Field(16, ge=1, description="Requests one model replica decodes together (at most; "
                                       "the KV cache budget may allow fewer).")
     serve_max_total_tokens: int = Field(2048, ge=16, description="Prompt + max_tokens of one chat request; the KV "
@@ -229,9 +229,8 @@ class Settings(BaseSettings):
     def _serving_and_mlflow_consistent(self) -> Settings:
         if self.serve_max_replicas is not None and self.serve_max_replicas < self.serve_replicas:
             raise ValueError("QWENVL_SERVE_MAX_REPLICAS must be >= QWENVL_SERVE_REPLICAS")
-        if self.serve_decode_graphs == "cuda" and (self.serve_num_gpus <= 0 or self.serve_quantization != "none"):
-            raise ValueError("QWENVL_SERVE_DECODE_GRAPHS=cuda needs GPU replicas (QWENVL_SERVE_NUM_GPUS > 0) and "
-                             "no QWENVL_SERVE_QUANTIZATION (a 4-bit base is not captured yet)")
+        if self.serve_decode_graphs == "cuda" and self.serve_num_gpus <= 0:
+            raise ValueError("QWENVL_SERVE_DECODE_GRAPHS=cuda needs GPU replicas (QWENVL_SERVE_NUM_GPUS > 0)")
         if self.mlflow_tracking_uri and not (self.mlflow_admin_username and self.mlflow_admin_password):
             raise ValueError("QWENVL_MLFLOW_TRACKING_URI is set: QWENVL_MLFLOW_ADMIN_USERNAME and "
                              "QWENVL_MLFLOW_ADMIN_PASSWORD are required too")

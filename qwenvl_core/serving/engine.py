@@ -185,7 +185,7 @@ class EngineConfig:
     # 0: every step takes in whatever fits.
     admit_ratio: float = 0.2
     admit_hold_steps: int = 2
-    # Decode steps of fixed shapes (``decode_graphs``; every family, not yet a 4-bit base): "cuda", replayed from
+    # Decode steps of fixed shapes (``decode_graphs``; every family, a 4-bit base too): "cuda", replayed from
     # CUDA graphs (one launch a step instead of ~30 a layer; captured as steps need them); "static", the same fixed
     # shapes run without graphs (tests: it must give what "off" gives); "off", every step shaped by its rows. Not
     # yet the default: unmeasured on a GPU.
@@ -1038,9 +1038,6 @@ def _decode_graphs(model: torch.nn.Module, family: ModelFamily, config: EngineCo
         return None
     if config.decode_graphs not in ("cuda", "static"):
         raise QwenVLError(f"decode_graphs {config.decode_graphs!r}: expected 'off', 'cuda' or 'static'")
-    if config.quantization != "none":  # bitsandbytes' kernels under capture: not checked on a GPU yet
-        raise QwenVLError(f"decode_graphs {config.decode_graphs!r} with quantization {config.quantization!r} is not "
-                          "supported yet; use decode_graphs 'off'")
     if config.decode_graph_attend_step < 1:
         raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
     text = model.config  # v1's length-dependent rotary (dynamic NTK, logn) reads lengths beyond seq_length

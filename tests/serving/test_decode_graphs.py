@@ -113,6 +113,24 @@ def test_fixed_shape_decode_steps_generate_what_the_usual_steps_do(device, famil
         assert graphs.captured == len(shapes)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_shape_decode_steps_on_a_4bit_base_generate_what_the_usual_steps_do(device, tiny_model_dir,
+                                                                                adapter_dirs):
+    """A Q-LoRA replica's base (bitsandbytes' 4-bit layers, ``quantization="4bit"``) in fixed-shape steps: the same
+    tokens as its usual steps, mixed adapters and base rows; on CUDA every shape captured (bitsandbytes' dequantize
+    and GEMV kernels inside the graph)."""
+    requests = _requests(adapter_dirs)
+    base = dict(device=device, max_total_tokens=512, max_batch_size=8, prefill_chunk_tokens=64, quantization="4bit")
+    usual, _ = _generate(tiny_model_dir, EngineConfig(**base), requests)
+    mode = "cuda" if torch.device(device).type == "cuda" else "static"
+    fixed, graphs = _generate(tiny_model_dir, EngineConfig(**base, decode_graphs=mode, decode_graph_attend_step=32),
+                              requests)
+    assert fixed == usual
+    assert graphs.steps > 10 and any(s.lora for s in graphs._buffers)
+    if mode == "cuda":
+        assert graphs.captured == len(graphs._buffers)
+
+
 def test_a_fixed_shape_step_cuts_the_adapter_slots_to_the_batchs_rank_bucket(tiny_model_dir):
     """A step reads the slots' stacks cut to the batch's largest rank rounded up to a power of two (at most the
     slots' rank), so a deployment of rank-8 adapters on slots of 64 does not read 8 times what it uses; a step
@@ -131,9 +149,6 @@ def test_a_fixed_shape_step_cuts_the_adapter_slots_to_the_batchs_rank_bucket(tin
 def test_decode_graphs_are_refused_where_they_cannot_run(tiny_model_dir):
     with pytest.raises(QwenVLError, match="CUDA graphs need a CUDA device"):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="cuda"))
-    with pytest.raises(QwenVLError, match="quantization '4bit' is not supported yet"):
-        ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="static",
-                                                                  quantization="4bit"))
     with pytest.raises(QwenVLError, match="expected 'off', 'cuda' or 'static'"):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(device="cpu", decode_graphs="always"))
 
