@@ -318,26 +318,28 @@ class _Siblings(nn.Module):
 @pytest.mark.parametrize(("rows", "tokens"), [("mixed", 1), ("one-adapter", 1), ("one-adapter", 5)],
                          ids=["mixed-decode", "one-adapter-decode", "one-adapter-prefill"])
 @pytest.mark.parametrize("rank", [8, 4], ids=["full-rank", "below"])
-def test_engine_plans_share_one_product_per_sibling_group_at_any_rank(rank, rows, tokens):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_engine_plans_share_one_product_per_sibling_group_at_any_rank(dtype, rank, rows, tokens):
     """The engine's plans (no graphs): q / k / v take their ``x · Aᵀ`` from one product for the group, whether the
     batch's largest rank is the slots' full rank or below it: a dense decode of several adapters (one batched
     matmul and one mask instead of three each) and one adapter on every row (one instead of three, prefill or
     decode). The same output as the model with each row's adapter merged."""
     torch.manual_seed(2)
-    model = _Siblings()
+    model = _Siblings().to(dtype)
     names = ("q", "k", "v", "o")
-    slots = AdapterSlots(3, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=torch.float32,
+    slots = AdapterSlots(3, max_rank=8, targets=_targets(model), device=torch.device("cpu"), dtype=dtype,
                          dense_decode=True, siblings=[("q", "k", "v")])
     assert [members for members, _ in slots.siblings()] == []  # (top-level layers: no parent, no group)
     slots = AdapterSlots(3, max_rank=8, targets={f"m.{n}": layer for n, layer in _targets(model).items()},
-                         device=torch.device("cpu"), dtype=torch.float32, dense_decode=True, siblings=[("q", "k", "v")])
+                         device=torch.device("cpu"), dtype=dtype, dense_decode=True, siblings=[("q", "k", "v")])
     wrapped = nn.Module()
     wrapped.m = model
     adapters = []
     for seed, r in ((1, rank), (2, 2)):
         gen = torch.Generator().manual_seed(seed)
-        modules = {f"m.{n}": (torch.randn(r, getattr(model, n).in_features, generator=gen),
-                              torch.randn(r, getattr(model, n).out_features, generator=gen) / r) for n in names}
+        modules = {f"m.{n}": (torch.randn(r, getattr(model, n).in_features, generator=gen).to(dtype),
+                              (torch.randn(r, getattr(model, n).out_features, generator=gen) / r).to(dtype))
+                   for n in names}
         adapters.append(LoraWeights(adapter_id=f"a{seed}", modules=modules, rank=r))
     first, second = slots.acquire(adapters[0]), slots.acquire(adapters[1])
     if rows == "mixed":
@@ -348,20 +350,20 @@ def test_engine_plans_share_one_product_per_sibling_group_at_any_rank(rank, rows
     assert (plan.dense is not None) == (rows == "mixed")
     assert {name: (tuple(a.shape), index) for name, (a, index) in plan.siblings.items()} == {
         f"m.{n}": ((3, IN, rank * (4 if rows == "mixed" else 1)), i) for i, n in enumerate("qkv")}  # (4: slots + 1)
-    x = torch.randn(len(batch), tokens, IN)
+    x = torch.randn(len(batch), tokens, IN).to(dtype)
     lora, kernels = GroupedLora(wrapped), _Kernels()
     with torch.inference_mode():
         with lora.activate(plan), kernels:
             out = model(x)
         with lora.activate(slots.plan(torch.tensor(row_slots), row_slots, batch)):
             assert torch.equal(model(x), out)  # (a plan's group product is not kept into the next forward)
-        for i, weights in enumerate(batch):
-            merged = _Siblings()
+        for i, weights in enumerate(batch):  # (in float64, from the weights as the plan holds them)
+            merged = _Siblings().double()
             merged.load_state_dict(model.state_dict())
             for n in names if weights is not None else ():
                 a, bt = weights.modules[f"m.{n}"]
-                getattr(merged, n).weight += (a.T @ bt).T
-            torch.testing.assert_close(out[i], merged(x[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+                getattr(merged, n).weight += (a.double().T @ bt.double()).T
+            _check(out[i : i + 1], merged(x[i : i + 1].double()), dtype)
     masks = 2 if rows == "mixed" else 0  # the group's and o's
     assert kernels.ops["bmm"] == 1 and kernels.ops["mm"] == 1  # x·Aᵀ: the group's, and o's
     assert kernels.ops["mul_"] == masks and kernels.ops["addmm_"] == 4 and "clone" not in kernels.ops
