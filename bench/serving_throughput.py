@@ -216,6 +216,11 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
     """``requests`` concurrent requests, every other one with an image, mixed adapters: TTFT p50 / p99 and the
     longest gap between two tokens of any stream (a prefill of arriving requests stalls running streams).
 
+    Where TTFT goes, p50 of each part per request: ``prepare`` (sent until the engine's checks, image decoding and
+    adapter load are done, in its thread pool), ``wait`` (queued until its prefill starts: whole, or its first
+    chunk) and ``prefill`` (until the model thread chose its first token: the prefill forward, or every chunk
+    between the running rows' decode steps).
+
     Two gaps: ``max_gap`` between two tokens of a stream as the model thread produced them (the times of the
     engine's per-step token choice for each row: what the scheduling decides), and ``max_event_gap`` between two
     stream events as the client receives them. The second also counts tokens the engine holds back because their
@@ -226,7 +231,11 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
     from qwenvl_core.conversation import ImagePart, Message, TextPart
 
     produced: dict[str, list[float]] = {}
-    choose = engine._after_step  # the model thread's token choice for the rows of a step, wrapped to time it
+    sent: dict[str, float] = {}
+    prepared: dict[str, float] = {}
+    started: dict[str, float] = {}  # its prefill (or first chunk) began
+    # the engine's steps, wrapped to time them: the token choice for a step's rows, preparation, prefills
+    choose, prepare, prefill, chunk = engine._after_step, engine._prepare, engine._prefill, engine._prefill_chunk
 
     def timed_choice(seqs: list, logits: torch.Tensor) -> None:
         choose(seqs, logits)
@@ -234,7 +243,23 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
         for seq in seqs:
             produced.setdefault(seq.request.request_id, []).append(now)
 
-    engine._after_step = timed_choice
+    def timed_prepare(request: EngineRequest, arrived: float) -> object:
+        seq = prepare(request, arrived)
+        prepared[request.request_id] = time.perf_counter()
+        return seq
+
+    def timed_prefill(seqs: list) -> None:
+        now = time.perf_counter()
+        for seq in seqs:
+            started.setdefault(seq.request.request_id, now)
+        prefill(seqs)
+
+    def timed_chunk(seq: object, slot: int) -> torch.Tensor | None:
+        started.setdefault(seq.request.request_id, time.perf_counter())
+        return chunk(seq, slot)
+
+    engine._after_step, engine._prepare = timed_choice, timed_prepare
+    engine._prefill, engine._prefill_chunk = timed_prefill, timed_chunk
 
     def req(i: int) -> EngineRequest:
         parts: list = [TextPart(_prompt(i))]
@@ -246,10 +271,12 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
 
     async def one(i: int) -> tuple[float, float]:
         await asyncio.sleep(0.002 * i)  # arrivals spread a little, so some join a running batch
-        sent, first, gap, last = time.perf_counter(), None, 0.0, None
-        async for _event in engine.stream(req(i)):
+        request = req(i)
+        start, first, gap, last = time.perf_counter(), None, 0.0, None
+        sent[request.request_id] = start
+        async for _event in engine.stream(request):
             now = time.perf_counter()
-            first = first if first is not None else now - sent
+            first = first if first is not None else now - start
             gap = gap if last is None else max(gap, now - last)
             last = now
         return first or float("nan"), gap
@@ -260,10 +287,15 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
     try:
         results = asyncio.run(run())
     finally:
-        engine._after_step = choose
+        engine._after_step, engine._prepare, engine._prefill, engine._prefill_chunk = choose, prepare, prefill, chunk
     p50, p99 = percentiles([r[0] for r in results])
     token_gaps = [b - a for times in produced.values() for a, b in itertools.pairwise(times)]
-    return {"ttft_p50": p50, "ttft_p99": p99, "max_gap": max(token_gaps), "max_event_gap": max(r[1] for r in results)}
+    parts = {"prepare": (sent, prepared), "wait": (prepared, started),
+             "prefill": (started, {rid: times[0] for rid, times in produced.items()})}
+    part_p50 = {f"{name}_p50": percentiles([end[rid] - begin[rid] for rid in sent])[0]
+                for name, (begin, end) in parts.items()}
+    return {"ttft_p50": p50, "ttft_p99": p99, "max_gap": max(token_gaps), "max_event_gap": max(r[1] for r in results),
+            **part_p50}
 
 
 def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Namespace) -> None:
@@ -285,7 +317,9 @@ def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Nam
     for chunk in (0, *(int(c) for c in args.prefill_chunk.split(","))):
         lat = probe(chunk, args.latency_requests)
         print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
-              f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms, "
+              f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms (p50 of its parts: "
+              f"prepare {lat['prepare_p50'] * 1000:.0f}, wait {lat['wait_p50'] * 1000:.0f}, prefill "
+              f"{lat['prefill_p50'] * 1000:.0f} ms), "
               f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms (between stream events, text held back "
               f"for partial characters included: {lat['max_event_gap'] * 1000:.0f} ms)")
 
