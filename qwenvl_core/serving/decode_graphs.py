@@ -101,7 +101,7 @@ class DecodeGraphs:
         # the slots' stacks: fixed addresses, written in place by new adapters
         self._stacks = slots.stacks()
 
-    def shape_for(self, rows: int, longest: int, targets: tuple[str, ...], rank: int = 0) -> StepShape | None:
+    def shape_for(self, rows: int, longest: int, targets: tuple[str, ...], rank: int) -> StepShape | None:
         """The shape of a step of ``rows`` rows whose longest holds ``longest`` tokens, its adapters targeting
         ``targets`` (sorted; none: no adapter) at ranks up to ``rank``; None: not replayable."""
         bucket = min(1 << (rows - 1).bit_length(), self.cache.slots)  # (the batch's rows fit the slots)
