@@ -44,7 +44,7 @@ fi
 scale=1
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
   tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
-    tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
+    tests/serving/test_engine_vision_adapters.py tests/serving/test_lora_batch.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8 --decode-graphs static)
@@ -57,7 +57,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   scale=5
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
-    tests/serving/test_engine_vision_adapters.py tests/core/test_registry_materialize.py
+    tests/serving/test_engine_vision_adapters.py tests/serving/test_lora_batch.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda)
   serve_family=(--preset qwen2.5-vl-7b --requests 32 --tokens 32 --decode-graphs cuda)

@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.adapter_slots import AdapterSlots, sibling_groups
-from qwenvl_core.serving.lora_batch import GroupedLora, LoraWeights, build_plan, row_layout
+from qwenvl_core.serving.lora_batch import GroupedLora, LoraWeights, build_plan, row_layout, sibling_views
+from tests.devices import DEVICES
 
 IN, HIDDEN, OUT = 24, 40, 16
 
@@ -367,3 +368,31 @@ def test_engine_plans_share_one_product_per_sibling_group_at_any_rank(dtype, ran
     masks = 2 if rows == "mixed" else 0  # the group's and o's
     assert kernels.ops["bmm"] == 1 and kernels.ops["mm"] == 1  # x·Aᵀ: the group's, and o's
     assert kernels.ops["mul_"] == masks and kernels.ops["addmm_"] == 4 and "clone" not in kernels.ops
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sibling_groups_product_is_one_matmul_of_the_rows_copying_nothing(device):
+    """A sibling group's ``x · Aᵀ`` below the slots' full rank: one batched matmul of the rows expanded over the
+    members (a stride-0 batch) by strided views of the A storage, with no copy of either first (on CUDA: no copy
+    kernel among what ran; ``bench/gpu_check.sh`` runs the ``cuda`` case); each member's part is its own product."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    members = ("m.q", "m.k", "m.v")
+    storage = torch.randn(len(members), 16, 5, IN, device=device)  # [members, max rank, slots, in]
+    views = sibling_views([(members, storage)], members, 4)  # a dense plan at rank 4 of 16
+    x = torch.randn(6, 1, IN, device=device)
+    lora = GroupedLora(nn.Module())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        parts = [lora._sibling_product(views[name], x, x) for name in members]
+        if device == "cuda":
+            torch.cuda.synchronize()
+    ops = [e.name for e in prof.events() if e.device_type == DeviceType.CPU]
+    assert ops.count("aten::bmm") == 1 and "aten::copy_" not in ops and "aten::clone" not in ops, ops
+    if device == "cuda":
+        kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+        assert kernels and not any("copy" in k.lower() for k in kernels), kernels
+    for index, part in enumerate(parts):
+        torch.testing.assert_close(part, x.reshape(-1, IN) @ storage[index, :4].flatten(0, 1).T)
