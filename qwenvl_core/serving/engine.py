@@ -321,18 +321,15 @@ class ServingEngine:
         config: EngineConfig = EngineConfig(),
         metrics: ServingMetrics | None = None,
     ) -> None:
+        _check_choices(config)  # before anything below changes the model in place (fused siblings, hooks)
         self.model, self.processor, self.family, self.config = model.eval(), processor, family, config
         self.metrics = metrics
         self.lora = GroupedLora(model)
         self.vision = VisionAdapters(model, family, max_device_bytes=config.vision_adapter_bytes)
         lm_dtype, lm_device = _lm_dtype_device(model)
-        if config.fuse_siblings not in ("auto", "on", "off"):
-            raise QwenVLError(f"fuse_siblings {config.fuse_siblings!r}: expected 'auto', 'on' or 'off'")
         if config.fuse_siblings == "on" or (config.fuse_siblings == "auto" and lm_device.type == "cuda"):
             fuse_sibling_linears(model, family)
         # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
-        if config.lora_decode not in ("auto", "dense", "grouped"):
-            raise QwenVLError(f"lora_decode {config.lora_decode!r}: expected 'auto', 'dense' or 'grouped'")
         dense = config.lora_decode == "dense" or (config.lora_decode == "auto" and lm_device.type == "cuda")
         self.adapter_slots = AdapterSlots(config.adapter_slots, config.max_lora_rank, lora_targets(model, family),
                                           lm_device, lm_dtype, dense_decode=dense, siblings=family.lora_siblings())
@@ -1031,15 +1028,24 @@ def _allocate_cache(model: torch.nn.Module, config: EngineConfig) -> SlotKVCache
     return SlotKVCache(shape, slots, config.max_total_tokens, dtype, device, spare_slot=spare)
 
 
+def _check_choices(config: EngineConfig) -> None:
+    """The settings that choose a path, each one of its values (a ``QwenVLError`` naming it otherwise)."""
+    choices = {"fuse_siblings": ("auto", "on", "off"), "lora_decode": ("auto", "dense", "grouped"),
+               "decode_graphs": ("off", "cuda", "static")}
+    for name, allowed in choices.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise QwenVLError(f"{name} {value!r}: expected " + ", ".join(repr(a) for a in allowed[:-1])
+                              + f" or {allowed[-1]!r}")
+    if config.decode_graph_attend_step < 1:
+        raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
+
+
 def _decode_graphs(model: torch.nn.Module, family: ModelFamily, config: EngineConfig, cache: SlotKVCache,
                    lora: GroupedLora, slots: AdapterSlots) -> DecodeGraphs | None:
     """The fixed-shape decode steps ``EngineConfig.decode_graphs`` asks for (None: "off")."""
     if config.decode_graphs == "off":
         return None
-    if config.decode_graphs not in ("cuda", "static"):
-        raise QwenVLError(f"decode_graphs {config.decode_graphs!r}: expected 'off', 'cuda' or 'static'")
-    if config.decode_graph_attend_step < 1:
-        raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
     text = model.config  # v1's length-dependent rotary (dynamic NTK, logn) reads lengths beyond seq_length
     length_dependent = family.name == FamilyName.QWEN_VL and (text.use_dynamic_ntk or text.use_logn_attn)
     seq_length = text.seq_length if length_dependent else None

@@ -124,3 +124,19 @@ def test_an_unknown_setting_is_refused(tiny_model_dir: Path) -> None:
 
     with pytest.raises(QwenVLError, match="fuse_siblings 'yes': expected 'auto', 'on' or 'off'"):
         ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(fuse_siblings="yes"))  # type: ignore[arg-type]
+
+
+def test_a_refused_config_leaves_the_model_as_it_was(tiny_model_dir: Path) -> None:
+    """Every setting is checked before the engine changes the model in place: a bad one beside ``fuse_siblings="on"``
+    leaves a model the caller shares (a second engine over it, as the benchmarks build) unfused."""
+    from qwenvl_core.errors import QwenVLError
+
+    engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_batch_size=2, fuse_siblings="off"))
+    try:
+        for bad in ({"lora_decode": "fast"}, {"decode_graphs": "always"}, {"decode_graph_attend_step": 0}):
+            with pytest.raises(QwenVLError, match=next(iter(bad))):
+                ServingEngine(engine.model, engine.processor, engine.family,
+                              EngineConfig(max_batch_size=2, fuse_siblings="on", **bad))  # type: ignore[arg-type]
+            assert not _members(engine.model), bad
+    finally:
+        engine.close()
