@@ -159,8 +159,8 @@ class DecodeGraphs:
         rows = torch.zeros(shape.rows, dtype=torch.long, device=self.cache.device)  # (its size: the batch's)
         layout = RowLayout(first=1, groups=self.slots.slots, gather=None, take=None, rows=None)
         dense = {name: dense_window(*self._stacks[name], shape.rank) for name in shape.lora}
-        return LoraPlan(rows=rows, stacks=dense, adapters=(), layout=layout, dense=dense, mask=buffers.rank_mask,
-                        siblings=sibling_views(self.slots.siblings(), dense, shape.rank))
+        return LoraPlan(rows=rows, stacks=dense, adapters=(), layout=layout, rank=shape.rank, dense=dense,
+                        mask=buffers.rank_mask, siblings=sibling_views(self.slots.siblings(), dense, shape.rank))
 
     def _forward(self, buffers: _Buffers) -> torch.Tensor:
         # the attention mask from the rows' columns, on the device (in the graph: no copy from the host per step)

@@ -846,7 +846,7 @@ class ServingEngine:
         shape = None
         if self._graphs is not None and seqs is not None:
             shape = self._graphs.shape_for(end, max(cache.lengths[:end]), tuple(plan.stacks) if plan else (),
-                                           max((a.rank for a in plan.adapters), default=0) if plan else 0)
+                                           plan.rank if plan else 0)
         try:
             logits = None
             if shape is not None:

@@ -259,6 +259,7 @@ class LoraPlan:
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
     layout: RowLayout
+    rank: int  # r: the largest rank among the adapters, what the views are cut to
     # dense plans with G > 1, for decode forwards: module -> (Aᵀ [in, r·slots], (B·s)ᵀ [r·slots, out]), every slot
     # at rank r, and mask [B, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -346,9 +347,9 @@ def plan_of(rows: torch.Tensor, slots: Sequence[int], views: PlanViews, adapters
     ``plan_views`` ``views`` at ``rank`` (the largest among ``adapters``); dense views get their row mask."""
     stacks, dense, siblings = views
     if dense is None:
-        return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, siblings=siblings)
+        return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, rank=rank, siblings=siblings)
     a_all = next(iter(dense.values()))[0]  # Aᵀ [in, rank · slots]
-    return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, dense=dense,
+    return LoraPlan(rows=rows, stacks=stacks, adapters=adapters, layout=layout, rank=rank, dense=dense,
                     mask=rank_mask(slots, rank, a_all.shape[1] // rank, a_all.device, a_all.dtype), siblings=siblings)
 
 
