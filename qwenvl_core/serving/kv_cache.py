@@ -79,6 +79,7 @@ class SlotKVCache:
         self.values = list(self._storage[1].unbind(0))
         self.lengths: list[int] = [0] * stored  # tokens stored per slot (host side: no device sync to read)
         self._mode: tuple = ("idle",)
+        self._attended: tuple | None = None  # the planned decode's views per layer (``_attended_views``)
         self.force_masks = False  # True: an explicit mask for every forward, also where causal is exact (tests)
 
     @property
@@ -135,11 +136,19 @@ class SlotKVCache:
     def _decode_mode(self, first: int, end: int, rows: torch.Tensor, columns: torch.Tensor, attend: int,
                      real_end: int) -> tuple:
         """A decode's plan: its slots ``first .. end - 1`` (those before ``real_end`` real), where each row's token
-        goes (``rows``, ``columns``), and what every layer attends to: each layer's keys and values of those slots
-        cut at ``attend`` columns, as views made once for all layers (a few ops a forward instead of four a
-        layer)."""
-        keys, values = self._storage[:, :, first:end, :, :attend].unbind(0)
-        return ("decode", first, end, rows, columns, attend, real_end, (keys.unbind(0), values.unbind(0)))
+        goes (``rows``, ``columns``), and how many columns it attends to (the views of them: ``_attended``)."""
+        self._attended = None
+        return ("decode", first, end, rows, columns, attend, real_end)
+
+    def _attended_views(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """What every layer of the planned decode attends to: each layer's keys and values of its slots cut at its
+        columns, made at the first layer's ``update`` for all layers (a few ops a forward instead of four a layer;
+        none when a captured graph replays the step)."""
+        if self._attended is None:
+            _, first, end, _, _, attend, _ = self._mode
+            keys, values = self._storage[:, :, first:end, :, :attend].unbind(0)
+            self._attended = keys.unbind(0), values.unbind(0)
+        return self._attended
 
     def for_chunk(self, slot: int, start: int, length: int) -> None:
         """The next forward prefills ``length`` tokens of one prompt into ``slot`` from column ``start`` (a chunked
@@ -179,7 +188,7 @@ class SlotKVCache:
     def decode_mask(self) -> torch.Tensor | None:
         """``[rows, 1, 1, attend]`` for the planned decode: each row attends to its own stored tokens and the new one;
         None when every row holds ``attend - 1`` tokens (each attends to all the columns)."""
-        _, first, end, _, columns, attend, *_ = self._mode
+        _, first, end, _, columns, attend, _ = self._mode
         if not self.force_masks and min(self.lengths[first:end]) == attend - 1:
             return None
         k_pos = torch.arange(attend, device=self.device)
@@ -220,7 +229,7 @@ class SlotKVCache:
             values[slot, :, start : start + length] = value_states[0]
             return keys[slot : slot + 1, :, : start + length], values[slot : slot + 1, :, : start + length]
         if mode[0] == "decode":
-            rows, columns, (attended_keys, attended_values) = mode[3], mode[4], mode[7]
+            rows, columns, (attended_keys, attended_values) = mode[3], mode[4], self._attended_views()
             keys[rows, :, columns] = key_states[:, :, 0]
             values[rows, :, columns] = value_states[:, :, 0]
             return attended_keys[layer_idx], attended_values[layer_idx]
