@@ -59,7 +59,8 @@ else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
     tests/serving/test_engine_vision_adapters.py tests/serving/test_lora_batch.py tests/core/test_registry_materialize.py
     tests/training/test_trainer_devices.py)
-  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda)
+  # latency rows: whole prefills, then the CPU's and the GPU's default prefill_chunk_tokens (512, 2048)
+  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda --prefill-chunk 512,2048)
   serve_family=(--preset qwen2.5-vl-7b --requests 32 --tokens 32 --decode-graphs cuda)
   memory=(--preset qwen-vl-chat --memory-requests 32 --memory-prompt 2000)
   train=(--preset qwen2.5-vl-7b)

@@ -171,6 +171,13 @@ class Settings(BaseSettings):
                                              "less serve_vision_adapter_bytes, "
                                              "times serve_num_gpus when below 1 (GPU), max_batch_size slots (CPU); "
                                              "never more than max_batch_size slots.")
+    serve_prefill_chunk_tokens: int | None = Field(None, ge=0, description="Prompt tokens one prefill forward of "
+                                                   "a replica takes: longer prompts are prefilled in chunks of about "
+                                                   "this many between the running streams' decode steps, shorter "
+                                                   "ones joining together share one forward up to it. Smaller: "
+                                                   "running streams stall less while others join; larger: fewer "
+                                                   "forwards per prompt token. 0: whole prompts, no limit; None: "
+                                                   "2048 on a GPU, 512 on a CPU.")
     serve_adapter_slots: int = Field(8, ge=1, description="Adapters resident on a replica's device at once; "
                                      "requests whose adapter finds every slot in use wait.")
     serve_vision_adapter_bytes: int = Field(1 << 30, ge=0, description="GPU memory per model replica for copies "

@@ -36,6 +36,7 @@ def model_configs(settings: Settings) -> list[Any]:
                           max_batch_size=settings.serve_max_batch_size,
                           decode_graphs=settings.serve_decode_graphs,
                           max_total_tokens=settings.serve_max_total_tokens,
+                          prefill_chunk_tokens=settings.serve_prefill_chunk_tokens,
                           kv_cache_bytes=settings.serve_kv_cache_bytes,
                           adapter_slots=settings.serve_adapter_slots,
                           vision_adapter_bytes=settings.serve_vision_adapter_bytes,

@@ -177,8 +177,13 @@ class EngineConfig:
     request_timeout_s: float | None = 600.0
     # A prompt longer than this is prefilled in chunks of about this many tokens (an image span is never split),
     # one chunk per engine step between the running rows' decode steps, so their streams do not stall for a whole
-    # long prefill. 0: prefill every prompt whole.
-    prefill_chunk_tokens: int = 512
+    # long prefill; shorter prompts joining in one step share one prefill forward of at most this many tokens.
+    # 0: every prompt whole, all that join in one forward. None: 2,048 on a GPU (a forward of fewer tokens reads
+    # every weight for little work: a 7B bf16 model on an H100 is bound by memory below ~1-2k tokens, and a
+    # replica's eager forward by launches, so small prefills cost about a whole forward each), 512 on the CPU
+    # (compute-bound: the running streams' stall grows with every token; docs/benchmarks.md, "Chunked prefill,
+    # measured per token").
+    prefill_chunk_tokens: int | None = None
     # A running batch takes in waiting requests when at least ``admit_ratio`` of them per running row can join (so
     # several share one prefill forward: on a GPU a short prefill costs about a decode step, whatever its rows),
     # or once they have been held back ``admit_hold_steps`` decode steps; a batch not running takes them at once.
@@ -191,6 +196,17 @@ class EngineConfig:
     # yet the default: unmeasured on a GPU.
     decode_graphs: Literal["off", "cuda", "static"] = "off"
     decode_graph_attend_step: int = 256  # attended keys rounded up to a multiple of this (fewer graphs, more masked)
+
+
+PREFILL_TOKENS_GPU, PREFILL_TOKENS_CPU = 2048, 512  # ``EngineConfig.prefill_chunk_tokens`` None
+
+
+def resolve_config(config: EngineConfig, device: torch.device) -> EngineConfig:
+    """``config`` with its device-dependent defaults filled in (``prefill_chunk_tokens`` None)."""
+    if config.prefill_chunk_tokens is not None:
+        return config
+    tokens = PREFILL_TOKENS_CPU if device.type == "cpu" else PREFILL_TOKENS_GPU
+    return dataclasses.replace(config, prefill_chunk_tokens=tokens)
 
 
 @dataclass
@@ -322,11 +338,12 @@ class ServingEngine:
         metrics: ServingMetrics | None = None,
     ) -> None:
         _check_choices(config)  # before anything below changes the model in place (fused siblings, hooks)
+        lm_dtype, lm_device = _lm_dtype_device(model)
+        config = resolve_config(config, lm_device)
         self.model, self.processor, self.family, self.config = model.eval(), processor, family, config
         self.metrics = metrics
         self.lora = GroupedLora(model)
         self.vision = VisionAdapters(model, family, max_device_bytes=config.vision_adapter_bytes)
-        lm_dtype, lm_device = _lm_dtype_device(model)
         if config.fuse_siblings == "on" or (config.fuse_siblings == "auto" and lm_device.type == "cuda"):
             fuse_sibling_linears(model, family)
         # the adapter slots before the KV cache: a cache sized from free GPU memory must leave them theirs
@@ -1039,6 +1056,9 @@ def _check_choices(config: EngineConfig) -> None:
                               + f" or {allowed[-1]!r}")
     if config.decode_graph_attend_step < 1:
         raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
+    if config.prefill_chunk_tokens is not None and config.prefill_chunk_tokens < 0:
+        raise QwenVLError(f"prefill_chunk_tokens must be >= 0 (0: whole prompts) or None, got "
+                          f"{config.prefill_chunk_tokens}")
 
 
 def _decode_graphs(model: torch.nn.Module, family: ModelFamily, config: EngineConfig, cache: SlotKVCache,

@@ -8,11 +8,20 @@ import asyncio
 import time
 
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl_core.conversation import ImagePart, Message, TextPart
 from qwenvl_core.generation import SamplingParams
-from qwenvl_core.serving.engine import EngineConfig, EngineRequest, ServingEngine, chunk_plan
+from qwenvl_core.serving.engine import (
+    PREFILL_TOKENS_CPU,
+    PREFILL_TOKENS_GPU,
+    EngineConfig,
+    EngineRequest,
+    ServingEngine,
+    chunk_plan,
+    resolve_config,
+)
 
 
 def test_chunks_never_split_an_image_span_and_count_their_images():
@@ -87,3 +96,20 @@ def test_running_streams_get_tokens_while_a_long_prompt_is_prefilled(engine_fact
     between = after[first : last + 1]
     assert chunks >= 5 and between.count("chunk") == chunks
     assert between.count("decode") >= chunks - 1  # a decode step of the running row after every chunk
+
+
+def test_the_prefill_budget_defaults_by_device_and_a_set_one_is_kept(engine_factory):
+    """None: 2048 prompt tokens a forward on a GPU, 512 on the CPU; what a deployment sets is kept (0 too). The
+    engine runs on its resolved budget: a prompt longer than 512 tokens is chunked on the CPU by default."""
+    assert resolve_config(EngineConfig(), torch.device("cpu")).prefill_chunk_tokens == PREFILL_TOKENS_CPU == 512
+    assert resolve_config(EngineConfig(), torch.device("cuda", 0)).prefill_chunk_tokens == PREFILL_TOKENS_GPU == 2048
+    for chosen in (0, 96, 4096):
+        config = EngineConfig(prefill_chunk_tokens=chosen)
+        assert resolve_config(config, torch.device("cuda")) is config
+    engine: ServingEngine = engine_factory(max_total_tokens=1024)
+    assert engine.config.prefill_chunk_tokens == PREFILL_TOKENS_CPU
+    words = EngineRequest([Message(role="user", parts=[TextPart("look " * 200)])], SamplingParams(max_new_tokens=2))
+    seq = engine._prepare(words, time.perf_counter())
+    assert len(seq.prompt_ids) > PREFILL_TOKENS_CPU
+    assert len(seq.chunks) == -(-len(seq.prompt_ids) // PREFILL_TOKENS_CPU)  # no image span to grow a chunk
+    assert max(end - start for start, end, _, _ in seq.chunks) <= PREFILL_TOKENS_CPU
