@@ -11,12 +11,14 @@ This module owns
   ``torch.bmm`` / ``torch.mm`` take without copying), cut to ``r``, the largest rank in the plan (ranks are
   zero-padded to it, which changes nothing numerically), and a ``RowLayout`` (index tensors built once per plan on
   the device).
-  - A prefill forward of several adapters: each hooked layer gathers the rows into one padded block per slot of
+  - A prefill forward of several adapters (where a dense plan's product would be large, ``dense_pays``; every
+    prefill of a plan not made dense): each hooked layer gathers the rows into one padded block per slot of
     the plan's window (``Aᵀ [G, in, r]``, ``(B·s)ᵀ [G, r, out]``), runs one batched pair of matmuls for all of
     them (``torch.bmm``), takes each adapter row's result back and adds it (base rows get no delta, the padding's
     results are never read).
-  - A decode forward (one token a row) of several adapters, in plans made ``dense`` (the serving engine's choice
-    on a GPU): ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
+  - A decode forward (one token a row) of several adapters, and a prefill whose product stays small
+    (``DENSE_MAX_ENTRIES``), in plans made ``dense`` (the serving engine's choice on a GPU):
+    ``x · [Aᵀ of every slot] [in, r·slots]``, each row's ranks of the slots it does not use zeroed
     (``LoraPlan.mask``), ``· [(B·s)ᵀ of every slot] [r·slots, out]`` accumulated into the layer's output (one
     ``addmm``): three kernels a target and no gathers. Sibling targets that the model calls on one input
     (``ModelFamily.lora_siblings``) take their masked ``x · Aᵀ`` from one product for the group
@@ -260,10 +262,14 @@ class LoraPlan:
     adapters: tuple[LoraWeights, ...]  # the plan keeps them alive
     layout: RowLayout
     rank: int  # r: the largest rank among the adapters, what the views are cut to
-    # dense plans with G > 1, for decode forwards: module -> (Aᵀ [in, r·slots], (B·s)ᵀ [r·slots, out]), every slot
-    # at rank r, and mask [B, r·slots]: 1 at each adapter row's own slot's ranks, 0 elsewhere
+    # dense plans with G > 1, for decode forwards and small prefills (``dense_pays``): module -> (Aᵀ [in, r·slots],
+    # (B·s)ᵀ [r·slots, out]), every slot at rank r, and mask [B, r·slots]: 1 at each adapter row's own slot's
+    # ranks (over each of its tokens), 0 elsewhere
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     mask: torch.Tensor | None = None
+    # mask over a prefill's tokens, [B·T, r·slots] (each row's repeated T times: within ``DENSE_MAX_ENTRIES``),
+    # made by the forward's first dense target for all
+    token_mask: torch.Tensor | None = None
     # plans on the rows as they are (dense, or one slot on every row): sibling targets
     # (``ModelFamily.lora_siblings``), module -> (its group's Aᵀ, every member's at rank r: [members, in, r·slots]
     # (dense) or [members, in, r] (the one slot), and its index in the group); the first member called computes the
@@ -436,11 +442,11 @@ class GroupedLora:
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
             sibling = plan.siblings.get(name) if plan.siblings else None
             # the two paths on the rows as they are (one matrix [B·T, in]: a view), then the paths that gather them
-            if plan.dense is not None and x.shape[1] == 1:  # a decode step of several adapters (module docstring)
+            if plan.dense is not None and dense_pays(x, plan.dense[name][0]):  # several adapters, every slot at once
                 a_all, b_all = plan.dense[name]
                 if sibling is not None:
-                    return _add_product(output, self._sibling_product(sibling, x, block, plan.mask), b_all)
-                return _add_product(output, torch.mm(_rows(block), a_all).mul_(plan.mask), b_all)
+                    return _add_product(output, self._sibling_product(sibling, x, block, plan), b_all)
+                return _add_product(output, _masked(torch.mm(_rows(block), a_all), plan, x), b_all)
             if layout.gather is None and layout.groups == 1:  # one adapter on every row
                 if sibling is not None:
                     return _add_product(output, self._sibling_product(sibling, x, block), b_t)
@@ -462,8 +468,8 @@ class GroupedLora:
         return hook
 
     def _sibling_product(self, sibling: tuple[torch.Tensor, int], x: torch.Tensor, block: torch.Tensor,
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
-        """A sibling target's ``x · Aᵀ`` ``[B·T, width]`` (a view; masked by a dense plan's ``mask``): its part of
+                         dense: LoraPlan | None = None) -> torch.Tensor:
+        """A sibling target's ``x · Aᵀ`` ``[B·T, width]`` (a view; masked by a ``dense`` plan's mask): its part of
         the group's product, which the first member called on this input computes for all: one batched matmul of the
         rows, the same for every member (an expanded view: nothing copied), by the members' ``Aᵀ`` (views of one
         storage at any rank: ``[members, in, width]``), and one mask, for the group."""
@@ -471,11 +477,38 @@ class GroupedLora:
         shared = self._shared
         if shared is None or shared[0] is not group_a or shared[1] is not x:  # the group's first member
             product = torch.bmm(_rows(block).expand(group_a.shape[0], -1, -1), group_a)  # [members, B·T, width]
-            if mask is not None:  # [B, width] (T = 1), over every member's
-                product.mul_(mask)
+            if dense is not None:  # over every member's
+                _masked(product, dense, x)
             # each member's part as a view, in one op (a view per member would dispatch one each)
             shared = self._shared = (group_a, x, product.unbind(0))
         return shared[2][index]
+
+
+# A dense plan multiplies a forward's rows by every slot's ``Aᵀ`` (then masks) when the product has at most this many
+# entries, (rows · tokens) x (rank · slots), and gathers the rows per slot beyond. A decode step is always below
+# (64 rows x 576 at rank 64 over 8 slots); a prefill of 4 rows x 300 tokens at rank 16 over 8 slots too (~173k).
+# At the limit a 4,096-wide layer's two dense products take ~4 GFLOP, ~7 us of an H100's bf16 matmuls at 600
+# TFLOP/s (an estimate, not measured), against the gathering path's two more launches in a launch-bound eager
+# forward (the rows gathered per slot and scattered back, ~16 us each: docs/benchmarks.md, "First runs on an
+# H200"); and the dense path shares one product per sibling group.
+DENSE_MAX_ENTRIES = 1 << 18
+
+
+def dense_pays(x: torch.Tensor, a_all: torch.Tensor) -> bool:
+    """Whether a dense plan's layer multiplies input ``x [B, T, in]`` by every slot (``a_all [in, rank·slots]``):
+    always for a decode step (T = 1), for a prefill while the product stays within ``DENSE_MAX_ENTRIES``."""
+    return x.shape[1] == 1 or x.shape[0] * x.shape[1] * a_all.shape[1] <= DENSE_MAX_ENTRIES
+
+
+def _masked(product: torch.Tensor, plan: LoraPlan, x: torch.Tensor) -> torch.Tensor:
+    """``product [..., B·T, width]`` of input ``x [B, T, in]``, each row's tokens multiplied in place by the dense
+    ``plan``'s mask row of it: one ``mul_`` (a prefill's mask over its tokens is made once per forward)."""
+    if x.shape[1] == 1:
+        return product.mul_(plan.mask)
+    tokens = x.shape[0] * x.shape[1]
+    if plan.token_mask is None or plan.token_mask.shape[0] != tokens:
+        plan.token_mask = plan.mask.unsqueeze(1).expand(-1, x.shape[1], -1).reshape(tokens, -1)
+    return product.mul_(plan.token_mask)
 
 
 def _rows(block: torch.Tensor) -> torch.Tensor:

@@ -165,16 +165,18 @@ class _Kernels(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("tokens", [1, 6], ids=["decode", "small-prefill"])
 @pytest.mark.parametrize(("picks", "expected"), [
     ([0, 0, 0], {"mm": 1, "addmm_": 1}),  # one adapter on every row: x·Aᵀ, then ·(B·s)ᵀ into the output
-    ([0, 1, 0], {"mm": 1, "mul_": 1, "addmm_": 1}),  # a dense decode: x·[Aᵀ…], the rank mask, ·[(B·s)ᵀ…] into it
+    ([0, 1, 0], {"mm": 1, "mul_": 1, "addmm_": 1}),  # dense: x·[Aᵀ…], the rank mask, ·[(B·s)ᵀ…] into it
 ], ids=["one-adapter", "dense-mixed"])
-def test_a_decode_step_adds_two_or_three_kernels_per_target(adapters, picks, expected):
-    """What a LoRA target costs a decode step on a GPU, where a step's time follows its launches: the delta is
-    accumulated into the layer's output by the second matmul (``addmm``), not computed apart and then added."""
+def test_a_decode_step_or_a_small_prefill_adds_two_or_three_kernels_per_target(adapters, picks, expected, tokens):
+    """What a LoRA target costs a forward on a GPU, where an eager forward's time follows its launches: the delta is
+    accumulated into the layer's output by the second matmul (``addmm``), not computed apart and then added; a dense
+    plan's prefill within ``DENSE_MAX_ENTRIES`` takes the decode's path, its mask over each row's tokens."""
     model = _Tiny()
     weights = [adapters[p][0] for p in picks]
-    x = torch.randn(len(picks), 1, IN)
+    x = torch.randn(len(picks), tokens, IN)
     with torch.inference_mode():
         base = _Kernels()
         with base:
@@ -184,6 +186,33 @@ def test_a_decode_step_adds_two_or_three_kernels_per_target(adapters, picks, exp
             model(x)
     added = lora.ops - base.ops
     assert dict(added) == {name: count * 2 for name, count in expected.items()}  # two targets: up, down
+
+
+def test_a_prefill_whose_dense_product_would_be_large_gathers_the_rows_per_slot(adapters, monkeypatch):
+    """Beyond ``DENSE_MAX_ENTRIES`` ((rows · tokens) x (rank · slots)) a dense plan's prefill gathers the rows per
+    slot into one batched pair of matmuls (what every row multiplied by every slot would cost more than); its decode
+    steps stay dense. Both give what the dense path gives."""
+    from qwenvl_core.serving import lora_batch
+
+    torch.manual_seed(3)
+    model = _Tiny()
+    weights = [adapters[p][0] for p in (0, 1, 0, 2)]
+    plan = build_plan(weights, dense=True)
+    width = plan.dense["up"][0].shape[1]
+    prefill, decode = torch.randn(len(weights), 5, IN), torch.randn(len(weights), 1, IN)
+    outputs, counts = {}, {}
+    small, large = lora_batch.DENSE_MAX_ENTRIES, len(weights) * 5 * width - 1  # the prefill fits, one entry over
+    for limit in (small, large):
+        monkeypatch.setattr(lora_batch, "DENSE_MAX_ENTRIES", limit)
+        for name, x in (("prefill", prefill), ("decode", decode)):
+            kernels = _Kernels()
+            with torch.inference_mode(), GroupedLora(model).activate(plan), kernels:
+                outputs[limit, name] = model(x)
+            counts[limit, name] = kernels.ops
+    assert counts[large, "prefill"]["bmm"] == 4 and counts[large, "prefill"]["index_select"] == 4  # 2 targets
+    assert "bmm" not in counts[small, "prefill"] and counts[small, "prefill"]["mul_"] == 2
+    assert counts[large, "decode"] == counts[small, "decode"]  # one token a row: dense whatever the limit
+    torch.testing.assert_close(outputs[large, "prefill"], outputs[small, "prefill"])
 
 
 def test_adapter_slots_are_allocated_up_front_and_a_failed_write_leaves_the_slot_empty():
@@ -316,15 +345,16 @@ class _Siblings(nn.Module):
         return self.o(self.q(x) * torch.tanh(self.k(x)) + self.v(x))
 
 
-@pytest.mark.parametrize(("rows", "tokens"), [("mixed", 1), ("one-adapter", 1), ("one-adapter", 5)],
-                         ids=["mixed-decode", "one-adapter-decode", "one-adapter-prefill"])
+@pytest.mark.parametrize(("rows", "tokens"), [("mixed", 1), ("mixed", 5), ("one-adapter", 1), ("one-adapter", 5)],
+                         ids=["mixed-decode", "mixed-prefill", "one-adapter-decode", "one-adapter-prefill"])
 @pytest.mark.parametrize("rank", [8, 4], ids=["full-rank", "below"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_engine_plans_share_one_product_per_sibling_group_at_any_rank(dtype, rank, rows, tokens):
     """The engine's plans (no graphs): q / k / v take their ``x · Aᵀ`` from one product for the group, whether the
     batch's largest rank is the slots' full rank or below it: a dense decode of several adapters (one batched
     matmul and one mask instead of three each) and one adapter on every row (one instead of three, prefill or
-    decode). The same output as the model with each row's adapter merged."""
+    decode). The same output as the model with each row's adapter merged. (A small prefill of several adapters takes
+    the dense path too: ``DENSE_MAX_ENTRIES``.)"""
     torch.manual_seed(2)
     model = _Siblings().to(dtype)
     names = ("q", "k", "v", "o")
