@@ -7,7 +7,10 @@ so the number of ops a step dispatches is what its time follows there; unlike a 
 any machine. Counted with a ``TorchDispatchMode`` over whole engine steps (the model, the LoRA hooks, sampling,
 the engine's bookkeeping), 16 rows, after the prefill, on the paths a GPU takes (``lora_decode="dense"``,
 ``fuse_siblings="on"`` where the tree has them); ``views`` (no kernel of their own, but still dispatched in
-Python) counted apart. Prints one line per scenario and revision, and the ratios after / before.
+Python) counted apart. Prints one line per scenario and revision, and the ratios after / before. Then the prefill
+forward of a join: ``JOIN`` requests (no adapter; or two adapters and the base, interleaved) joining a running
+batch (a forward that
+costs a GPU its launches the same way; a batch whose requests end at different times takes one every few steps).
 
 Then a whole workload: 64 requests of 4-32 new tokens (``serving_throughput.varied_lengths``), one adapter, all
 queued at once, run to the end through the engine (batch 16): ops and forwards per generated token, per revision,
@@ -41,6 +44,7 @@ from revisions import worktree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROWS, STEPS = 16, 4
+JOIN = 4  # requests that join a running batch of ROWS - JOIN rows in the join scenarios
 WORKLOAD = (64, 4, 32)  # requests, fewest and most new tokens
 
 
@@ -109,21 +113,47 @@ def _callees(event: Any) -> Any:
         yield from _callees(child)
 
 
-def start_decoding(engine: Any, adapters: list[Path | None], tokens: int) -> None:
-    """``ROWS`` requests of ``tokens`` new tokens on ``adapters`` round-robin (None: the base) prefilled together,
-    and their first decode step taken (its plan and index tensors are new): the steps after are the ones to count or
-    time."""
+def requests_on(engine: Any, adapters: list[Path | None], tokens: int, number: int, first: int = 0) -> list[Any]:
+    """``number`` prepared text requests of ``tokens`` new tokens on ``adapters`` round-robin (None: the base), their
+    prompts ``first`` onwards."""
     from serving_throughput import _fixed_length, _prompt
 
     from qwenvl_core.conversation import text_message
     from qwenvl_core.serving.engine import EngineRequest
 
-    rows = [adapters[i % len(adapters)] for i in range(ROWS)]
-    requests = [EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, tokens),
-                              adapter_id=a.name if a else None, adapter_locator=str(a) if a else None)
-                for i, a in enumerate(rows)]
-    engine._step([engine._prepare(r, time.perf_counter()) for r in requests])  # the prefill
+    rows = [adapters[i % len(adapters)] for i in range(number)]
+    return [engine._prepare(EngineRequest([text_message("user", _prompt(first + i))], _fixed_length(engine, tokens),
+                                          adapter_id=a.name if a else None, adapter_locator=str(a) if a else None),
+                            time.perf_counter())
+            for i, a in enumerate(rows)]
+
+
+def start_decoding(engine: Any, adapters: list[Path | None], tokens: int, rows: int = ROWS) -> None:
+    """``rows`` requests of ``tokens`` new tokens on ``adapters`` round-robin (None: the base) prefilled together,
+    and their first decode step taken (its plan and index tensors are new): the steps after are the ones to count or
+    time."""
+    engine._step(requests_on(engine, adapters, tokens, rows))  # the prefill
     engine._step([])
+
+
+def count_join(engine: Any, adapters: list[Path | None], counter: Any) -> None:
+    """Count (``counter``: an ``OpCounter`` or ``KernelCounter``) the prefill forward of ``JOIN`` requests on
+    ``adapters`` joining ``ROWS - JOIN`` running rows on the same adapters (the model's forward, LoRA included; not
+    the host's preparation around it, nor the decode step after it), then run the batch to its end."""
+    start_decoding(engine, adapters, 2 * STEPS, ROWS - JOIN)
+    joining = requests_on(engine, adapters, STEPS, JOIN, first=ROWS)
+    forward = engine._forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with counter:
+            return forward(*args, **kwargs)
+
+    engine._forward = counted
+    try:
+        engine._admit(joining)  # the prefill alone (an engine step would decode the batch after it)
+    finally:
+        del engine._forward  # the class's method again
+    finish(engine)
 
 
 def finish(engine: Any) -> None:
@@ -175,6 +205,13 @@ def count(preset: str, adapters: int, device: str | None = None, workload_too: b
             finish(engine)
             result[name] = {"ops": sum(counter.ops.values()) / STEPS, "views": counter.views / STEPS,
                             "kernels": kernels.kernels / STEPS}
+        # joining rows as requests arrive: adapters interleaved, a base row among them
+        for name, chosen in {"join-base": [None], "join-mixed": [paths[0], paths[1], None, paths[0]]}.items():
+            count_join(engine, chosen, OpCounter())  # the first: the plans' views are made and kept
+            counter, kernels = OpCounter(), KernelCounter(engine.device)
+            count_join(engine, chosen, counter)
+            count_join(engine, chosen, kernels)
+            result[name] = {"ops": sum(counter.ops.values()), "views": counter.views, "kernels": kernels.kernels}
         if workload_too:
             result["workload"] = workload(engine, paths[0])
     finally:
@@ -289,6 +326,13 @@ def main() -> None:
         if "before" in runs and what in runs["before"]["base"]:
             print(f"{what} after/before: " + "  ".join(f"{name}={after[name][what] / runs['before'][name][what]:.2f}"
                                                       for name in steps))
+    print(f"per join: the prefill forward of {JOIN} requests joining {ROWS - JOIN} running rows, no adapter (base) or "
+          "adapters a, b, none, a (mixed)")
+    for what in ("ops", "kernels"):
+        for label, result in runs.items():
+            rev = "working tree" if label == "after" else args.before_rev
+            base, mixed = result["join-base"][what], result["join-mixed"][what]
+            print(f"{what:7} {label:6} ({rev}): base={base:.0f}  mixed={mixed:.0f}  mixed/base={mixed / base:.2f}")
     if static is None:
         return
     requests, fewest, most = WORKLOAD

@@ -41,6 +41,11 @@ def test_a_mixed_adapter_decode_step_costs_about_what_a_single_adapter_step_does
     # the slots' 64: the pair shares at any rank)
     kernels = {name: counts[name]["kernels"] for name in ("base", "single", "mixed")}
     assert kernels["single"] - kernels["base"] == 2 * 7 and kernels["mixed"] - kernels["base"] == 2 * 10, kernels
+    # a join's prefill forward of rows on two adapters and the base, interleaved: the decode's dense path (the rows
+    # multiplied by every slot, a mask over each row's tokens, made once per forward: + 1), not a gather, two
+    # batched matmuls and a scatter per target (2 x 20 before it: 122 - 82 on the same counts)
+    joins = {name: counts[name]["kernels"] for name in ("join-base", "join-mixed")}
+    assert joins["join-mixed"] - joins["join-base"] == 2 * 10 + 1, joins
     workload = counts["workload"]
     static = step_ops.static_workload(PRESET)
     # rows join a running batch a few at a time (admitted at every step instead, as before: 0.105 forwards per token)
