@@ -36,7 +36,7 @@ import torch
 
 from qwenvl_core.errors import QwenVLError
 from qwenvl_core.serving.adapter_slots import AdapterSlots
-from qwenvl_core.serving.kv_cache import SlotKVCache, static_decode_mask
+from qwenvl_core.serving.kv_cache import SlotKVCache, mask_buffer, static_decode_mask
 from qwenvl_core.serving.lora_batch import (
     GroupedLora,
     LoraPlan,
@@ -66,14 +66,15 @@ class _Buffers:
     """A shape's fixed inputs (and, once captured, its graph and output). Positions take the family's shape
     (``[rows, 1]``, M-RoPE ``[3, rows, 1]``: the rows on the second-to-last axis) at the first step."""
 
-    def __init__(self, shape: StepShape, device: torch.device, slots: int, mask_dtype: torch.dtype) -> None:
+    def __init__(self, shape: StepShape, device: torch.device, slots: int, mask_dtype: torch.dtype,
+                 attention_dtype: torch.dtype) -> None:
         rows = shape.rows
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions: torch.Tensor | None = None
         self.prompt_lengths = torch.ones(rows, dtype=torch.long, device=device)
         self.cache_index = torch.zeros(2, rows, dtype=torch.long, device=device)  # each row's KV slot, and column
         self.key_columns = torch.arange(shape.attend, device=device)
-        self.mask = torch.zeros(rows, 1, 1, shape.attend, dtype=torch.bool, device=device)  # made in the step
+        self.mask = mask_buffer((rows, 1, 1, shape.attend), attention_dtype, device)  # made in the step
         self.rank_mask = torch.zeros(rows, shape.rank * slots, dtype=mask_dtype, device=device) if shape.lora else None
         self.plan: LoraPlan | None = None  # the LoRA plan reading rank_mask (DecodeGraphs sets it)
         self.mask_slots: list[int] | None = None  # the rows' adapter slots rank_mask holds
@@ -120,7 +121,7 @@ class DecodeGraphs:
         buffers = self._buffers.get(shape)
         if buffers is None:
             buffers = self._buffers[shape] = _Buffers(shape, self.cache.device, self.slots.slots + 1,
-                                                      self.slots.dtype)
+                                                      self.slots.dtype, self.cache.dtype)
             buffers.plan = self._plan(shape, buffers)
         self.cache.for_static_decode(rows, shape.rows, shape.attend, buffers.cache_index)
         buffers.ids[:rows].copy_(ids)

@@ -14,8 +14,11 @@ copy and twice the memory at the peak).
 The model sees the cache through the two calls both model implementations make once per layer and forward:
 ``update(key, value, layer_idx) -> (keys, values)`` (transformers' ``Cache`` protocol; v1's attention calls it
 too) and ``get_seq_length()``. Before each forward the engine says what the forward is with ``for_prefill`` or
-``for_decode`` (or ``for_chunk``: one chunk of a long prompt into its slot); the attention mask is the engine's (``decode_mask`` / ``prefill_mask``: 4-D boolean, True =
-attend), so no model derives positions or masks from the cache.
+``for_decode`` (or ``for_chunk``: one chunk of a long prompt into its slot); the attention mask is the engine's
+(``decode_mask`` / ``prefill_mask`` / ``chunk_mask``: 4-D), so no model derives positions or masks from the cache.
+The masks are additive, in the cache's dtype (0: attend, -inf: not; what SDPA turns a boolean mask into, at every
+layer, so made once a forward instead), their rows' storage padded to ``MASK_ALIGN`` columns (SDPA's
+memory-efficient CUDA kernel copies a mask whose strides are not multiples of its alignment, at every layer).
 
 No mask where plain causal attention is exact (the mask methods return None): a prefill whose rows are all one
 length (no left padding; a single-row prefill always), a prompt's first chunk, a decode step whose rows all hold
@@ -66,7 +69,7 @@ class SlotKVCache:
                  device: torch.device | str, spare_slot: bool = False) -> None:
         if slots < 1 or capacity < 1:
             raise QwenVLError(f"a KV cache needs at least one slot and one token per slot (got {slots}, {capacity})")
-        self.shape, self.slots, self.capacity = shape, slots, capacity
+        self.shape, self.slots, self.capacity, self.dtype = shape, slots, capacity, dtype
         self.device = torch.device(device)
         # ``spare_slot``: one more slot, ``slots``, that no request owns: the padding rows of a static decode
         # (``for_static_decode``) write their keys there
@@ -165,7 +168,7 @@ class SlotKVCache:
             return None
         q_pos = torch.arange(start, start + length, device=self.device)
         k_pos = torch.arange(start + length, device=self.device)
-        return (k_pos[None, :] <= q_pos[:, None])[None, None]
+        return additive_mask((k_pos[None, :] <= q_pos[:, None])[None, None], self.dtype)
 
     def commit(self) -> None:
         """The forward succeeded: the rows it wrote now hold their new tokens."""
@@ -192,7 +195,7 @@ class SlotKVCache:
         if not self.force_masks and min(self.lengths[first:end]) == attend - 1:
             return None
         k_pos = torch.arange(attend, device=self.device)
-        return (k_pos[None, :] <= columns[:, None])[:, None, None, :]
+        return additive_mask((k_pos[None, :] <= columns[:, None])[:, None, None, :], self.dtype)
 
     def prefill_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """``[B, 1, T, T]`` causal attention among the planned left-padded prefill's own tokens, padding masked (a
@@ -204,7 +207,8 @@ class SlotKVCache:
         pos = torch.arange(width, device=attention_mask.device)
         causal = pos[None, :] <= pos[:, None]
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        return mask | torch.eye(width, dtype=torch.bool, device=attention_mask.device)[None, None]
+        return additive_mask(mask | torch.eye(width, dtype=torch.bool, device=attention_mask.device)[None, None],
+                             self.dtype)
 
     # ----- the model's side (transformers' Cache protocol) ----------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -262,9 +266,26 @@ class SlotKVCache:
         self.lengths[slot] = 0
 
 
+MASK_ALIGN = 16  # columns a mask row's storage is padded to a multiple of (module docstring)
+
+
+def mask_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised additive mask of ``shape`` (last dim: keys) whose rows' storage is padded to ``MASK_ALIGN``
+    columns (a view of it)."""
+    *rows, width = shape
+    storage = torch.empty(*rows, -(-width // MASK_ALIGN) * MASK_ALIGN, dtype=dtype, device=device)
+    return storage[..., :width]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask ``allowed`` (True: attend) as an additive one (module docstring): 0 where allowed, -inf
+    elsewhere, in ``dtype``, in a ``mask_buffer``."""
+    return mask_buffer(allowed.shape, dtype, allowed.device).fill_(float("-inf")).masked_fill_(allowed, 0.0)
+
+
 def static_decode_mask(key_columns: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The attention mask of a static decode (``SlotKVCache.for_static_decode``) into ``out [width, 1, 1, attend]``,
-    from ``key_columns`` (``arange(attend)``) and ``columns [width, 1, 1, 1]`` (where each row's token goes, on the
-    device): each row attends to its own tokens and the new one (a padding row, at column 0: column 0). One kernel,
-    no host copy: a CUDA graph captures it with the step."""
-    return torch.le(key_columns, columns, out=out)
+    """The additive attention mask of a static decode (``SlotKVCache.for_static_decode``) into ``out [width, 1, 1,
+    attend]`` (a ``mask_buffer``), from ``key_columns`` (``arange(attend)``) and ``columns [width, 1, 1, 1]`` (where
+    each row's token goes, on the device): each row attends to its own tokens and the new one (a padding row, at
+    column 0: column 0). Three kernels, no host copy: a CUDA graph captures them with the step."""
+    return out.fill_(float("-inf")).masked_fill_(torch.le(key_columns, columns), 0.0)

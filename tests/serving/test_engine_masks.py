@@ -81,7 +81,7 @@ def test_the_mask_stays_where_rows_differ() -> None:
                         device="cpu")
     cache.for_prefill(0, [3, 5])
     padded = cache.prefill_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
-    assert padded is not None and padded.shape == (2, 1, 5, 5) and not bool(padded[0, 0, 4, 0])
+    assert padded is not None and padded.shape == (2, 1, 5, 5) and padded[0, 0, 4, 0] == float("-inf")  # padding
     cache.commit()
     cache.for_decode(0, 2)
     assert cache.decode_mask() is not None  # row 0 holds 3 tokens, row 1 five: row 0 must not see columns 3, 4

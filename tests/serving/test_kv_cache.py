@@ -4,11 +4,13 @@ layer's keys and values are views of one storage; a static decode (``decode_grap
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.serving.kv_cache import CacheShape, SlotKVCache, static_decode_mask
+from qwenvl_core.serving.kv_cache import MASK_ALIGN, CacheShape, SlotKVCache, mask_buffer, static_decode_mask
 
 
 def test_padded_prefill_rows_are_stored_from_column_0_and_a_moved_row_keeps_them() -> None:
@@ -49,8 +51,10 @@ def test_a_static_decode_pads_into_the_spare_slot_and_advances_only_the_real_row
     index = torch.zeros(2, 3, dtype=torch.long)
     cache.for_static_decode(2, 3, 8, index)
     assert index.tolist() == [[0, 1, 4], [3, 1, 0]]  # each row's slot, and the column its token goes to
-    mask = static_decode_mask(torch.arange(8), index[1].view(3, 1, 1, 1), torch.zeros(3, 1, 1, 8, dtype=torch.bool))
-    assert mask[:, 0, 0].tolist() == [[c <= column for c in range(8)] for column in (3, 1, 0)]
+    buffer = mask_buffer((3, 1, 1, 8), torch.bfloat16, "cpu")
+    mask = static_decode_mask(torch.arange(8), index[1].view(3, 1, 1, 1), buffer)
+    assert mask.data_ptr() == buffer.data_ptr() and mask.dtype == torch.bfloat16  # in place, additive
+    assert mask[:, 0, 0].tolist() == [[0.0 if c <= column else -math.inf for c in range(8)] for column in (3, 1, 0)]
     states = torch.arange(6, dtype=torch.float32).view(3, 1, 1, 2) + 1
     keys, _ = cache.update(states, -states, 0)
     assert keys.shape == (3, 1, 8, 2)  # slots 0..2, all 8 columns (masked where not a row's own)
@@ -62,3 +66,21 @@ def test_a_static_decode_pads_into_the_spare_slot_and_advances_only_the_real_row
         SlotKVCache(shape, 4, 8, torch.float32, "cpu").for_static_decode(2, 3, 8, index)
     with pytest.raises(QwenVLError, match="does not fit a step attending to 4"):
         cache.for_static_decode(2, 2, 4, index[:, :2])
+
+
+def test_masks_are_additive_in_the_caches_dtype_with_aligned_rows() -> None:
+    """What SDPA would turn a boolean mask into at every layer (0: attend, -inf: not, in the query's dtype), made
+    once a forward; each row's storage padded to a multiple of ``MASK_ALIGN`` columns, so that no stride of it needs
+    SDPA's memory-efficient kernel to copy it (at every layer) on CUDA."""
+    shape = CacheShape(layers=1, kv_heads=1, head_dim=2)
+    cache = SlotKVCache(shape, slots=3, capacity=40, dtype=torch.bfloat16, device="cpu")
+    cache.for_prefill(0, [2, 3])
+    prefill = cache.prefill_mask(torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    cache.commit()
+    cache.for_decode(0, 2)
+    decode = cache.decode_mask()  # rows of 2 and 3 tokens, their new ones at columns 2 and 3: row 0 must not see 3
+    for mask in (prefill, decode):
+        assert mask.dtype == torch.bfloat16 and set(mask.unique().tolist()) == {0.0, -math.inf}
+        assert all(mask.stride(d) % MASK_ALIGN == 0 for d in range(mask.dim() - 1)) and mask.stride(-1) == 1
+    assert decode[:, 0, 0].tolist() == [[0.0, 0.0, 0.0, -math.inf], [0.0, 0.0, 0.0, 0.0]]
+    assert prefill[0, 0].tolist()[0] == [0.0, -math.inf, -math.inf]  # a padding query sees itself only
