@@ -45,7 +45,8 @@ scale=1
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path, tiny models, seconds each
   tests=(tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
     tests/serving/test_engine_vision_adapters.py tests/serving/test_lora_batch.py tests/core/test_registry_materialize.py
-    tests/core/families/test_fused_rotary.py tests/training/test_trainer_devices.py)  # the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu)
+    tests/core/families/test_fused_rotary.py tests/serving/test_kv_cache.py tests/training/test_trainer_devices.py)
+  # (the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu))
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8 --decode-graphs static)
   serve_family=(--preset qwen2.5-vl-tiny --requests 8 --tokens 8 --decode-graphs static)
@@ -58,7 +59,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
     tests/serving/test_engine_vision_adapters.py tests/serving/test_lora_batch.py tests/core/test_registry_materialize.py
-    tests/core/families/test_fused_rotary.py tests/training/test_trainer_devices.py)
+    tests/core/families/test_fused_rotary.py tests/serving/test_kv_cache.py tests/training/test_trainer_devices.py)
   # latency rows: whole prefills, then the CPU's and the GPU's default prefill_chunk_tokens (512, 2048)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda --prefill-chunk 512,2048)
   serve_family=(--preset qwen2.5-vl-7b --requests 32 --tokens 32 --decode-graphs cuda)

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from qwenvl_core.errors import QwenVLError
-from qwenvl_core.serving.kv_cache import MASK_ALIGN, CacheShape, SlotKVCache, mask_buffer, static_decode_mask
+from qwenvl_core.serving.kv_cache import (
+    MASK_ALIGN,
+    CacheShape,
+    SlotKVCache,
+    additive_mask,
+    mask_buffer,
+    static_decode_mask,
+)
+from tests.devices import DEVICES
 
 
 def test_padded_prefill_rows_are_stored_from_column_0_and_a_moved_row_keeps_them() -> None:
@@ -84,3 +92,19 @@ def test_masks_are_additive_in_the_caches_dtype_with_aligned_rows() -> None:
         assert all(mask.stride(d) % MASK_ALIGN == 0 for d in range(mask.dim() - 1)) and mask.stride(-1) == 1
     assert decode[:, 0, 0].tolist() == [[0.0, 0.0, 0.0, -math.inf], [0.0, 0.0, 0.0, 0.0]]
     assert prefill[0, 0].tolist()[0] == [0.0, -math.inf, -math.inf]  # a padding query sees itself only
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sdpa_gives_the_same_bits_with_the_additive_mask_as_with_the_boolean_one(device, dtype) -> None:
+    """A decode step's and a prefill's shapes (attending to a number of keys not a multiple of 16)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for queries, keys in ((1, 37), (9, 9)):
+        q, k, v = (torch.randn(4, 8, n, 64, generator=gen).to(device, dtype) for n in (queries, keys, keys))
+        allowed = torch.rand(4, 1, queries, keys, generator=gen).to(device) > 0.3
+        allowed[..., 0] = True  # every query attends to something
+        boolean = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        additive = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(allowed, dtype))
+        assert torch.equal(boolean, additive), (queries, keys)
