@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenvl_core.models.hf_vl import fused_rotary
 from qwenvl_core.models.registry import get_family
 from tests.core.families.conftest import HF_FAMILIES
+from tests.core.families.model_runs import image_prompt, logits_and_grads
 from tests.devices import DEVICES
 
 MODULE = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
@@ -104,20 +103,8 @@ def test_the_rotarys_gradients_equal_transformers_bit_for_bit(adjacent):
     assert all(g.abs().sum() > 0 for g in grads[1])
 
 
-def _inputs(processor) -> dict:
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is it?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return dict(processor(text=[prompt], images=[image], return_tensors="pt"))
-
-
-def _run(model: torch.nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    logits = model(**inputs).logits
-    logits.float().pow(2).mean().backward()
-    watched = {name: p.grad.clone() for name, p in model.named_parameters()
-               if p.grad is not None and (".layers.0." in name or ".layers.1." in name)}
-    return {"logits": logits.detach(), **watched}
+def _watched(name: str) -> bool:
+    return ".layers.0." in name or ".layers.1." in name
 
 
 @pytest.mark.parametrize("name", HF_FAMILIES)
@@ -129,10 +116,9 @@ def test_a_loaded_model_computes_the_same_logits_and_gradients_with_either_rotar
     module = importlib.import_module(type(model).__module__)
     assert module.apply_rotary_pos_emb is fused_rotary.apply_rotary_pos_emb
     model.requires_grad_(True)
-    inputs = _inputs(family.load_processor(tiny_dirs[name]).hf)
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    fused = _run(model, inputs)
+    inputs = image_prompt(family.load_processor(tiny_dirs[name]).hf, torch.bfloat16)
+    fused = logits_and_grads(model, inputs, _watched)
     monkeypatch.setattr(module, "apply_rotary_pos_emb", fused_rotary.ORIGINALS[module.__name__])
-    own = _run(model, inputs)
+    own = logits_and_grads(model, inputs, _watched)
     assert fused.keys() == own.keys() and len(fused) > 4
     assert all(torch.equal(fused[k], own[k]) for k in fused), [k for k in fused if not torch.equal(fused[k], own[k])]
