@@ -122,3 +122,19 @@ def test_a_loaded_model_computes_the_same_logits_and_gradients_with_either_rotar
     own = logits_and_grads(model, inputs, _watched)
     assert fused.keys() == own.keys() and len(fused) > 4
     assert all(torch.equal(fused[k], own[k]) for k in fused), [k for k in fused if not torch.equal(fused[k], own[k])]
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_served_models_fused_q_and_k_are_rotated_as_one(tiny_dirs, name):
+    """The serving engine's q / k / v as one matmul (``fused_siblings``, a GPU's default) leave q and k adjacent heads
+    of one output: one rotation a layer. Qwen3-VL normalises q and k per head first (new tensors): two."""
+    from qwenvl_core.serving.fused_siblings import fuse_sibling_linears
+
+    family = get_family(name)
+    model = family.load_model(tiny_dirs[name])
+    fuse_sibling_linears(model, family)
+    layers = model.config.get_text_config().num_hidden_layers
+    kernels = _Kernels()
+    with torch.inference_mode(), kernels:
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert kernels.ops["roll"] == layers * (2 if name == "qwen3-vl" else 1), kernels.ops
