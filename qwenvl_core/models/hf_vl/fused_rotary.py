@@ -10,9 +10,9 @@ tensor), so four kernels a tensor. Where q and k are adjacent heads of one tenso
 as one matmul: ``serving.fused_siblings``) and no gradient is wanted, they are rotated as one tensor: four kernels a
 layer. v1's attention does the same (``qwen_vl.lm.apply_rotary``).
 
-``install_fused_rotary`` puts it in place of the function in those three modeling modules (their attention
-``forward`` looks it up there at each call), once, when a model of these families is loaded: a process-wide
-change, which changes no value (tested against transformers' function on every path:
+``install_fused_rotary`` puts it in place of the function in a family's modeling module (its attention ``forward``
+looks it up there at each call), once, when a model of the family is loaded: a process-wide change, which changes
+no value (tested against transformers' function on every path:
 ``tests/core/families/test_fused_rotary.py``).
 """
 
@@ -85,10 +85,13 @@ def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], *q.shape[2:]), q.stride(), q.storage_offset())
 
 
-def install_fused_rotary() -> None:
-    """Put ``apply_rotary_pos_emb`` in place of transformers' in ``ROTARY_MODULES`` (idempotent)."""
-    for name in ROTARY_MODULES:
-        module = importlib.import_module(name)
-        if module.apply_rotary_pos_emb is not apply_rotary_pos_emb:
-            ORIGINALS.setdefault(name, module.apply_rotary_pos_emb)
-            module.apply_rotary_pos_emb = apply_rotary_pos_emb
+def install_fused_rotary(module_name: str) -> bool:
+    """Put ``apply_rotary_pos_emb`` in place of transformers' in the modeling module ``module_name`` (that of a
+    loaded model's class) if it is one of ``ROTARY_MODULES``; idempotent. Whether it is in place there."""
+    if module_name not in ROTARY_MODULES:
+        return False
+    module = importlib.import_module(module_name)
+    if module.apply_rotary_pos_emb is not apply_rotary_pos_emb:
+        ORIGINALS.setdefault(module_name, module.apply_rotary_pos_emb)
+        module.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return True

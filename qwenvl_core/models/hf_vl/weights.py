@@ -78,7 +78,7 @@ def load_model(
     if problems:
         raise ModelLoadError(f"weights in {directory} do not match its config.json: " + "; ".join(problems))
     fuse_rms_norms(model)
-    install_fused_rotary()
+    install_fused_rotary(type(model).__module__)
     return model.eval()
 
 

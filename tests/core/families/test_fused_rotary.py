@@ -21,7 +21,7 @@ B, T, HQ, HK, D = 3, 5, 4, 2, 16
 
 
 def _transformers_rotary():
-    fused_rotary.install_fused_rotary()
+    assert fused_rotary.install_fused_rotary(MODULE)
     return fused_rotary.ORIGINALS[MODULE]
 
 
