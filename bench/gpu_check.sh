@@ -16,7 +16,8 @@
 # outside still shows which check it was in. A rerun in the same lease can name only the rows it needs
 # (GPU_CHECK_ONLY="gpu_tests serve_v1_memory"; the environment row always runs). Rows beyond the budget run only
 # when named: serve_qwen25vl_7b (Qwen2.5-VL-7B's LoRA rows with and without decode graphs; a second call, 240 s),
-# fused_siblings (decode-step time of a small Qwen2.5-VL with its sibling layers fused and apart; 90 s).
+# fused_siblings (decode-step time of a small Qwen2.5-VL with its sibling layers fused and apart; 90 s),
+# serve_v1_latency (the serving row's latency lines alone, if that row was cut before them; 150 s).
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
 # pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
@@ -50,6 +51,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
   serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8 --decode-graphs static)
   serve_family=(--preset qwen2.5-vl-tiny --requests 8 --tokens 8 --decode-graphs static)
+  latency=(--preset qwen-vl-tiny --latency-requests 8 --tokens 8)
   memory=(--preset qwen-vl-tiny --memory-requests 4 --memory-prompt 256)
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
@@ -63,6 +65,7 @@ else
   # latency rows: whole prefills, then the CPU's and the GPU's default prefill_chunk_tokens (512, 2048)
   serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda --prefill-chunk 512,2048)
   serve_family=(--preset qwen2.5-vl-7b --requests 32 --tokens 32 --decode-graphs cuda)
+  latency=(--preset qwen-vl-chat --latency-requests 32 --tokens 32 --prefill-chunk 512,2048)
   memory=(--preset qwen-vl-chat --memory-requests 32 --memory-prompt 2000)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)
@@ -80,7 +83,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
 failed=0
-OPT_IN="serve_qwen25vl_7b fused_siblings"  # rows run only when GPU_CHECK_ONLY names them (one call's 600 s are spent)
+OPT_IN="serve_qwen25vl_7b fused_siblings serve_v1_latency"  # rows run only when GPU_CHECK_ONLY names them (one call's
+# 600 s are spent)
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$(($2 * ${GPU_CHECK_LIMIT_SCALE:-$scale})); shift 2
   local start=$SECONDS status=ok
@@ -114,5 +118,9 @@ check serve_qwen25vl_7b 240 $PY bench/serving_throughput.py --device "$device" -
   --rank 16 --repeats 1 --skip-loads --memory-requests 0 --lora-only "${serve_family[@]}"
 # opt-in: decode-step time with the base's sibling layers as one matmul per group vs apart (fuse_siblings on / off)
 check fused_siblings 90 $PY bench/fused_siblings.py --device "$device" "${fused[@]}"
+# opt-in: the serving row's latency lines alone (TTFT and its parts, the longest gap, per prefill budget), for when
+# that row ran out of its limit before them
+check serve_v1_latency 150 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
+  --rank 16 --latency-only "${latency[@]}"
 cat "$table"
 exit "$failed"

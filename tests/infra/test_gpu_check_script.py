@@ -49,14 +49,17 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
     assert "min ms per step: new=" in (out / "sampling_step.log").read_text()
     kernels = (out / "step_kernels.log").read_text()
     assert "kernels after  (working tree): base=" in kernels and "workload" not in kernels, kernels[-3000:]
+    assert "per join: the prefill forward of 4 requests" in kernels, kernels[-3000:]
 
 
 @pytest.mark.slow
 def test_a_rerun_runs_only_the_rows_it_names_and_the_environment(tmp_path):
     """A lease has room for one full run and a short rerun of what failed (``GPU_CHECK_ONLY``)."""
     out = tmp_path / "out"
-    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step fused_siblings")  # (an opt-in row too)
-    assert rows == {"environment": "ok", "sampling_step": "ok", "fused_siblings": "ok"}, shown
+    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step fused_siblings serve_v1_latency")  # (opt-in rows)
+    assert rows == {"environment": "ok", "sampling_step": "ok", "fused_siblings": "ok", "serve_v1_latency": "ok"}, shown
     assert done.returncode == 0 and sorted(p.name for p in out.glob("*.log")) == [
-        "environment.log", "fused_siblings.log", "sampling_step.log"], shown
+        "environment.log", "fused_siblings.log", "sampling_step.log", "serve_v1_latency.log"], shown
     assert "fused/separate=" in (out / "fused_siblings.log").read_text()
+    latency = (out / "serve_v1_latency.log").read_text()
+    assert "prefill_chunk_tokens=0: TTFT p50=" in latency and "prefill_chunk_tokens=64: TTFT" in latency, latency
