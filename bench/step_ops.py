@@ -9,8 +9,8 @@ the engine's bookkeeping), 16 rows, after the prefill, on the paths a GPU takes 
 ``fuse_siblings="on"`` where the tree has them); ``views`` (no kernel of their own, but still dispatched in
 Python) counted apart. Prints one line per scenario and revision, and the ratios after / before. Then the prefill
 forward of a join: ``JOIN`` requests (no adapter; or two adapters and the base, interleaved) joining a running
-batch (a forward that
-costs a GPU its launches the same way; a batch whose requests end at different times takes one every few steps).
+batch, a forward that costs a GPU its launches the same way (a batch whose requests end at different times takes
+one every few steps).
 
 Then a whole workload: 64 requests of 4-32 new tokens (``serving_throughput.varied_lengths``), one adapter, all
 queued at once, run to the end through the engine (batch 16): ops and forwards per generated token, per revision,
