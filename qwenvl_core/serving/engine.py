@@ -1135,9 +1135,8 @@ def image_fields(messages: Sequence[Message]) -> list[tuple[str, ImagePart]]:
 
 
 def ground_boxes(processor: FamilyProcessor, text: str, sizes: Sequence[tuple[int, int]]) -> list[ImageBoxes]:
-    """The ``<box>`` markup of ``text`` in pixels of each input image of size ``(width, height)``."""
-    if "<box>" not in text:
-        return []
+    """The boxes of ``text``, in the family's grounding convention (v1's ``<box>`` markup, Qwen2-VL's box tokens,
+    Qwen2.5/3-VL's JSON), in pixels of each input image of size ``(width, height)``."""
     result = []
     for index, (width, height) in enumerate(sizes):
         objects = processor.parse_boxes(text, (width, height))

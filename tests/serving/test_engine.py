@@ -331,6 +331,23 @@ def test_safe_text_end_and_grounding_in_pixels(tiny_model_dir):
     assert ground_boxes(processor, "no boxes", [(10, 10)]) == []
 
 
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_the_newer_families_answers_are_grounded_in_their_own_convention(tiny_dirs, name):
+    """The boxes a chat completion returns come from the family's own answer format (Qwen2-VL's box tokens,
+    Qwen2.5/3-VL's JSON), not only v1's ``<box>`` markup: before, these answers returned no boxes at all."""
+    from qwenvl_core.grounding import PixelObject
+
+    processor = get_family(name).load_processor(tiny_dirs[name])
+    size = (640, 480)
+    answer = processor.codec.format([PixelObject("the cat", (64.0, 48.0, 320.0, 240.0))], size)
+    assert "<box>" not in answer
+    (boxes,) = ground_boxes(processor, answer, [size])
+    assert boxes.image_index == 0 and [o.ref for o in boxes.objects] == ["the cat"]
+    torch.testing.assert_close(torch.tensor(boxes.objects[0].box), torch.tensor([64.0, 48.0, 320.0, 240.0]),
+                               atol=size[0] / 100, rtol=0)  # (the conventions' grids round)
+    assert ground_boxes(processor, "no boxes here", [size]) == []
+
+
 def test_limits_are_checked_before_any_image_is_decoded(engine_factory):
     engine: ServingEngine = engine_factory(max_total_tokens=96, max_images_per_request=2, max_image_bytes=1000,
                                            max_image_bytes_total=1500)
