@@ -154,7 +154,9 @@ def _steps(home: Path, state: dict[str, Any], console: Console, n_train: int, ma
         picture: Path | None = None
         answer = ""
         if data.grounding_image is not None and data.grounding_question is not None:
-            completion = ask(client, model, data.grounding_question, [data.grounding_image], max_tokens=32)
+            # room for any family's box: a Qwen2/2.5/3-VL JSON answer ("```json [{"bbox_2d": [...], "label": ...}]
+            # ```") is ~40 tokens of the tiny bases' tokenizer, which 32 cut before its box
+            completion = ask(client, model, data.grounding_question, [data.grounding_image], max_tokens=64)
             choice = completion["choices"][0]
             answer = choice["message"]["content"]
             console.print(f"[bold]{model}[/bold]\nQ: {data.grounding_question}\nA: {answer}")
