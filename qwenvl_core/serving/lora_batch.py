@@ -442,8 +442,8 @@ class GroupedLora:
             block = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
             sibling = plan.siblings.get(name) if plan.siblings else None
             # the two paths on the rows as they are (one matrix [B·T, in]: a view), then the paths that gather them
-            if plan.dense is not None and dense_pays(x, plan.dense[name][0]):  # several adapters, every slot at once
-                a_all, b_all = plan.dense[name]
+            a_all, b_all = plan.dense[name] if plan.dense is not None else (None, None)
+            if a_all is not None and dense_pays(x, a_all):  # several adapters, every slot at once
                 if sibling is not None:
                     return _add_product(output, self._sibling_product(sibling, x, block, plan), b_all)
                 return _add_product(output, _masked(torch.mm(_rows(block), a_all), plan, x), b_all)
