@@ -277,10 +277,15 @@ def mask_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device |
     return storage[..., :width]
 
 
+def write_additive(out: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``out`` (in place) as the additive form of the boolean mask ``allowed`` (True: attend): 0 where allowed,
+    -inf elsewhere (module docstring)."""
+    return out.fill_(float("-inf")).masked_fill_(allowed, 0.0)
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The boolean mask ``allowed`` (True: attend) as an additive one (module docstring): 0 where allowed, -inf
-    elsewhere, in ``dtype``, in a ``mask_buffer``."""
-    return mask_buffer(allowed.shape, dtype, allowed.device).fill_(float("-inf")).masked_fill_(allowed, 0.0)
+    """``allowed`` as an additive mask in ``dtype``, in a new ``mask_buffer``."""
+    return write_additive(mask_buffer(allowed.shape, dtype, allowed.device), allowed)
 
 
 def static_decode_mask(key_columns: torch.Tensor, columns: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -288,4 +293,4 @@ def static_decode_mask(key_columns: torch.Tensor, columns: torch.Tensor, out: to
     attend]`` (a ``mask_buffer``), from ``key_columns`` (``arange(attend)``) and ``columns [width, 1, 1, 1]`` (where
     each row's token goes, on the device): each row attends to its own tokens and the new one (a padding row, at
     column 0: column 0). Three kernels, no host copy: a CUDA graph captures them with the step."""
-    return out.fill_(float("-inf")).masked_fill_(torch.le(key_columns, columns), 0.0)
+    return write_additive(out, torch.le(key_columns, columns))
