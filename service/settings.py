@@ -162,8 +162,9 @@ class Settings(BaseSettings):
         "off", description="cuda: GPU replicas replay their decode steps from CUDA graphs (one launch a step; "
         "needs serve_num_gpus > 0; a 4-bit base too; a step that cannot be captured turns them off for the "
         "replica). Off until measured on GPUs.")
-    serve_max_batch_size: int = Field(16, ge=1, description="Requests one model replica decodes together (at most; "
-                                      "the KV cache budget may allow fewer).")
+    serve_max_batch_size: int | None = Field(None, ge=1, description="Requests one model replica decodes together "
+                                             "(at most; the KV cache budget may allow fewer). None: 64 on a GPU, "
+                                             "16 on a CPU.")
     serve_max_total_tokens: int = Field(2048, ge=16, description="Prompt + max_tokens of one chat request; the KV "
                                         "cache reserves this many tokens per running request.")
     serve_kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size per model replica; None: 85% of "

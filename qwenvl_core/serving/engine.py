@@ -129,7 +129,12 @@ class EngineTimeout(RuntimeError):
 class EngineConfig:
     """Batching, cache and limit settings of one engine (one replica)."""
 
-    max_batch_size: int = 16
+    # Requests decoded together, at most (the KV cache budget may hold fewer; requests beyond wait). None: 64 on a
+    # GPU, 16 on the CPU. A decode step reads every weight whatever its rows: on a GPU its matmuls stay bound by
+    # that read up to a few hundred rows in bf16, so rows up to 64 add little more than their own attention, and
+    # fewer requests queue behind a running batch (the H200's TTFT at 32 concurrent requests and 16 rows was
+    # mostly waiting, docs/benchmarks.md); the CPU is compute-bound, a row more is a row's work more.
+    max_batch_size: int | None = None
     max_adapters: int = 8  # adapters kept loaded in host memory (``AdapterCache``), least recently used evicted
     max_adapter_bytes: int | None = None
     # Adapters resident on the device at once (``AdapterSlots``); a request whose adapter finds every slot pinned by
@@ -199,14 +204,17 @@ class EngineConfig:
 
 
 PREFILL_TOKENS_GPU, PREFILL_TOKENS_CPU = 2048, 512  # ``EngineConfig.prefill_chunk_tokens`` None
+BATCH_GPU, BATCH_CPU = 64, 16  # ``EngineConfig.max_batch_size`` None
 
 
 def resolve_config(config: EngineConfig, device: torch.device) -> EngineConfig:
-    """``config`` with its device-dependent defaults filled in (``prefill_chunk_tokens`` None)."""
-    if config.prefill_chunk_tokens is not None:
-        return config
-    tokens = PREFILL_TOKENS_CPU if device.type == "cpu" else PREFILL_TOKENS_GPU
-    return dataclasses.replace(config, prefill_chunk_tokens=tokens)
+    """``config`` with its device-dependent defaults filled in (``prefill_chunk_tokens``, ``max_batch_size``:
+    None)."""
+    cpu = device.type == "cpu"
+    defaults = {"prefill_chunk_tokens": PREFILL_TOKENS_CPU if cpu else PREFILL_TOKENS_GPU,
+                "max_batch_size": BATCH_CPU if cpu else BATCH_GPU}
+    unset = {name: value for name, value in defaults.items() if getattr(config, name) is None}
+    return dataclasses.replace(config, **unset) if unset else config
 
 
 @dataclass
@@ -1056,6 +1064,8 @@ def _check_choices(config: EngineConfig) -> None:
                               + f" or {allowed[-1]!r}")
     if config.decode_graph_attend_step < 1:
         raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
+    if config.max_batch_size is not None and config.max_batch_size < 1:
+        raise QwenVLError(f"max_batch_size must be >= 1 or None, got {config.max_batch_size}")
     if config.prefill_chunk_tokens is not None and config.prefill_chunk_tokens < 0:
         raise QwenVLError(f"prefill_chunk_tokens must be >= 0 (0: whole prompts) or None, got "
                           f"{config.prefill_chunk_tokens}")

@@ -23,7 +23,7 @@ print(json.dumps([{"base_model": c.base_model, "model_dir": c.model_dir, "replic
                    "autoscaling": c.autoscaling_config, "adapters": c.max_adapters_per_replica,
                    "gpus": c.num_gpus, "cpus": c.num_cpus, "dtype": c.dtype,
                    "graphs": c.replica_engine_config().decode_graphs,
-                   "prefill": c.engine.prefill_chunk_tokens,
+                   "prefill": c.engine.prefill_chunk_tokens, "batch": c.engine.max_batch_size,
                    "image_limits": [c.engine.max_images_per_request, c.engine.max_image_bytes,
                                     c.engine.max_image_bytes_total]}
                   for kwargs in json.load(sys.stdin) for c in model_configs(Settings(**kwargs))]))
@@ -35,13 +35,14 @@ def test_model_configs_follow_the_serve_settings():
                   "serve_max_adapters_per_replica": 3, "serve_num_gpus": 1, "serve_num_cpus": 4,
                   "serve_dtype": "bfloat16", "max_chat_images": 4, "max_chat_image_bytes": 1000,
                   "max_chat_image_bytes_total": 3000, "serve_decode_graphs": "cuda",
-                  "serve_prefill_chunk_tokens": 1024}
+                  "serve_prefill_chunk_tokens": 1024, "serve_max_batch_size": 48}
     fixed = {"base_models": {"c": "/models/c"}, "serve_replicas": 2}
     a, b, c = run_python(_MODEL_CONFIGS, [autoscaled, fixed])  # workflows.serve_app imports Ray: own process
     assert (a["base_model"], a["model_dir"], b["base_model"]) == ("a", "/models/a", "b")
     assert (a["adapters"], a["gpus"], a["cpus"], a["dtype"]) == (3, 1, 4, "bfloat16")
     assert (a["graphs"], c["graphs"]) == ("cuda", "off")
     assert (a["prefill"], c["prefill"]) == (1024, None)  # None: the replica's engine picks by its device
+    assert (a["batch"], c["batch"]) == (48, None)
     assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 8.0}
     assert c["autoscaling"] is None and c["replicas"] == 2
     assert a["image_limits"] == [4, 1000, 3000] and c["image_limits"] == [16, 20 << 20, 50 << 20]
@@ -52,6 +53,8 @@ def test_model_configs_follow_the_serve_settings():
     assert Settings(serve_decode_graphs="cuda", serve_num_gpus=1, serve_quantization="4bit").serve_quantization == "4bit"
     with pytest.raises(ValueError, match="serve_prefill_chunk_tokens"):
         Settings(serve_prefill_chunk_tokens=-1)
+    with pytest.raises(ValueError, match="serve_max_batch_size"):
+        Settings(serve_max_batch_size=0)
     with pytest.raises(ValueError, match="serve_decode_graphs"):
         Settings(serve_decode_graphs="static")  # the engine's test mode is not a deployment setting
 

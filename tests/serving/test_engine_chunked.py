@@ -14,6 +14,8 @@ from PIL import Image
 from qwenvl_core.conversation import ImagePart, Message, TextPart
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.serving.engine import (
+    BATCH_CPU,
+    BATCH_GPU,
     PREFILL_TOKENS_CPU,
     PREFILL_TOKENS_GPU,
     EngineConfig,
@@ -98,16 +100,21 @@ def test_running_streams_get_tokens_while_a_long_prompt_is_prefilled(engine_fact
     assert between.count("decode") >= chunks - 1  # a decode step of the running row after every chunk
 
 
-def test_the_prefill_budget_defaults_by_device_and_a_set_one_is_kept(engine_factory):
-    """None: 2048 prompt tokens a forward on a GPU, 512 on the CPU; what a deployment sets is kept (0 too). The
-    engine runs on its resolved budget: a prompt longer than 512 tokens is chunked on the CPU by default."""
-    assert resolve_config(EngineConfig(), torch.device("cpu")).prefill_chunk_tokens == PREFILL_TOKENS_CPU == 512
-    assert resolve_config(EngineConfig(), torch.device("cuda", 0)).prefill_chunk_tokens == PREFILL_TOKENS_GPU == 2048
+def test_the_prefill_budget_and_batch_default_by_device_and_set_ones_are_kept(engine_factory):
+    """None: 2048 prompt tokens a forward and 64 rows on a GPU, 512 and 16 on the CPU; what a deployment sets is
+    kept (a 0 budget too), each setting apart. The engine runs on its resolved values: a prompt longer than 512
+    tokens is chunked on the CPU by default."""
+    cpu, gpu = resolve_config(EngineConfig(), torch.device("cpu")), resolve_config(EngineConfig(), torch.device("cuda"))
+    assert (cpu.prefill_chunk_tokens, cpu.max_batch_size) == (PREFILL_TOKENS_CPU, BATCH_CPU) == (512, 16)
+    assert (gpu.prefill_chunk_tokens, gpu.max_batch_size) == (PREFILL_TOKENS_GPU, BATCH_GPU) == (2048, 64)
     for chosen in (0, 96, 4096):
-        config = EngineConfig(prefill_chunk_tokens=chosen)
+        config = EngineConfig(prefill_chunk_tokens=chosen, max_batch_size=chosen + 1)
         assert resolve_config(config, torch.device("cuda")) is config
+    half = resolve_config(EngineConfig(max_batch_size=8), torch.device("cuda", 0))
+    assert (half.prefill_chunk_tokens, half.max_batch_size) == (PREFILL_TOKENS_GPU, 8)
     engine: ServingEngine = engine_factory(max_total_tokens=1024)
-    assert engine.config.prefill_chunk_tokens == PREFILL_TOKENS_CPU
+    assert (engine.config.prefill_chunk_tokens, engine.config.max_batch_size) == (PREFILL_TOKENS_CPU, BATCH_CPU)
+    assert engine.kv.slots == BATCH_CPU  # the CPU's cache: max_batch_size slots
     words = EngineRequest([Message(role="user", parts=[TextPart("look " * 200)])], SamplingParams(max_new_tokens=2))
     seq = engine._prepare(words, time.perf_counter())
     assert len(seq.prompt_ids) > PREFILL_TOKENS_CPU

@@ -134,10 +134,10 @@ def test_a_refused_config_leaves_the_model_as_it_was(tiny_model_dir: Path) -> No
     engine = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_batch_size=2, fuse_siblings="off"))
     try:
         for bad in ({"lora_decode": "fast"}, {"decode_graphs": "always"}, {"decode_graph_attend_step": 0},
-                    {"prefill_chunk_tokens": -1}):
+                    {"prefill_chunk_tokens": -1}, {"max_batch_size": 0}):
             with pytest.raises(QwenVLError, match=next(iter(bad))):
                 ServingEngine(engine.model, engine.processor, engine.family,
-                              EngineConfig(max_batch_size=2, fuse_siblings="on", **bad))  # type: ignore[arg-type]
+                              EngineConfig(**{"max_batch_size": 2, "fuse_siblings": "on", **bad}))  # type: ignore[arg-type]
             assert not _members(engine.model), bad
     finally:
         engine.close()
