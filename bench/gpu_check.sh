@@ -49,9 +49,10 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
     tests/core/families/test_fused_rotary.py tests/serving/test_kv_cache.py tests/training/test_trainer_devices.py)
   # (the CPU cases too, unless GPU_CHECK_PYTEST_MARK selects (CI: gpu))
   [ -n "${GPU_CHECK_PYTEST_MARK:-}" ] && tests=(-m "$GPU_CHECK_PYTEST_MARK" "${tests[@]}")
-  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8 --decode-graphs static)
+  serve=(--preset qwen-vl-tiny --requests 8 --tokens 8 --latency-requests 8 --varied-tokens 2,8 --decode-graphs static
+    --latency-batch 4)
   serve_family=(--preset qwen2.5-vl-tiny --requests 8 --tokens 8 --decode-graphs static)
-  latency=(--preset qwen-vl-tiny --latency-requests 8 --tokens 8)
+  latency=(--preset qwen-vl-tiny --latency-requests 8 --tokens 8 --latency-batch 4)
   memory=(--preset qwen-vl-tiny --memory-requests 4 --memory-prompt 256)
   train=(--preset qwen2.5-vl-tiny --seq-len 96 --image-px 112 --steps 1 --warmup 1)
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
@@ -62,10 +63,12 @@ else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
     tests/serving/test_engine_vision_adapters.py tests/serving/test_lora_batch.py tests/core/test_registry_materialize.py
     tests/core/families/test_fused_rotary.py tests/serving/test_kv_cache.py tests/training/test_trainer_devices.py)
-  # latency rows: whole prefills, then the CPU's and the GPU's default prefill_chunk_tokens (512, 2048)
-  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda --prefill-chunk 512,2048)
+  # latency rows at the GPU's default batch (64): whole prefills, then the CPU's and the GPU's default
+  # prefill_chunk_tokens (512, 2048); then at the CPU's default batch (16, the GPU's before 2026-12-05)
+  serve=(--preset qwen-vl-chat --requests 32 --tokens 32 --varied-tokens 4,32 --decode-graphs cuda --prefill-chunk 512,2048
+    --latency-batch 16)
   serve_family=(--preset qwen2.5-vl-7b --requests 32 --tokens 32 --decode-graphs cuda)
-  latency=(--preset qwen-vl-chat --latency-requests 32 --tokens 32 --prefill-chunk 512,2048)
+  latency=(--preset qwen-vl-chat --latency-requests 32 --tokens 32 --prefill-chunk 512,2048 --latency-batch 16)
   memory=(--preset qwen-vl-chat --memory-requests 32 --memory-prompt 2000)
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)

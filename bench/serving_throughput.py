@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,6 +85,9 @@ def sync(device: str) -> None:
     """Wait for the device's queued work, so that the clock read after it covers that work."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+CONTEXT = 512  # prompt tokens the main engine's rows have room for: an image (v1: 256) and a short text
 
 
 def release(device: str) -> None:
@@ -299,24 +304,22 @@ def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: in
 
 
 def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Namespace) -> None:
-    """``latency_under_load`` with whole prefills and with each ``--prefill-chunk``: the stall of running streams.
-    First, untimed, a few image and text requests, so that the first row does not time the vision tower's first use
-    (the throughput rows before it send text only)."""
-    def probe(chunk: int, requests: int) -> dict[str, float]:
-        # A second engine on the same model (no second copy of a full-size model): the main one is idle meanwhile.
-        prober = ServingEngine(engine.model, engine.processor, engine.family,
-                               dataclasses.replace(engine.config, prefill_chunk_tokens=chunk))
-        try:
+    """``latency_under_load`` at the engine's batch size with whole prefills and with each ``--prefill-chunk``: the
+    stall of running streams; then at each ``--latency-batch`` with the engine's prefill budget: the queue. First,
+    untimed, a few image and text requests, so that the first row does not time the vision tower's first use (the
+    throughput rows before it send text only)."""
+    def probe(requests: int, **changes: int) -> dict[str, float]:
+        with sibling_engine(engine, **changes) as prober:
             return latency_under_load(prober, adapters, requests, args.tokens, args.image_size)
-        finally:
-            prober.close()  # also takes its LoRA hooks off the shared model
-            del prober
-            release(args.device)
 
-    probe(0, 4)  # the warm-up
-    for chunk in (0, *(int(c) for c in args.prefill_chunk.split(","))):
-        lat = probe(chunk, args.latency_requests)
-        print(f"{args.latency_requests} concurrent mixed image + text requests, prefill_chunk_tokens={chunk}: "
+    probe(4, prefill_chunk_tokens=0)  # the warm-up
+    batch, budget = engine.config.max_batch_size, engine.config.prefill_chunk_tokens
+    rows = [(batch, chunk) for chunk in (0, *(int(c) for c in args.prefill_chunk.split(",")))]
+    rows += [(int(b), budget) for b in args.latency_batch.split(",") if b]
+    for batch, chunk in rows:
+        lat = probe(args.latency_requests, max_batch_size=batch, prefill_chunk_tokens=chunk)
+        print(f"{args.latency_requests} concurrent mixed image + text requests, batch={batch} "
+              f"prefill_chunk_tokens={chunk}: "
               f"TTFT p50={lat['ttft_p50'] * 1000:.0f} ms p99={lat['ttft_p99'] * 1000:.0f} ms (p50 of its parts: "
               f"prepare {lat['prepare_p50'] * 1000:.0f}, wait {lat['wait_p50'] * 1000:.0f}, prefill "
               f"{lat['prefill_p50'] * 1000:.0f} ms), "
@@ -464,22 +467,31 @@ def _print_cpu_rates(runs: dict[str, list[Rate]], swap: Rate) -> None:
           + "  ".join(f"{n} " + ",".join(f"{r.wall:.0f}|{r.cpu:.0f}" for r in rates) for n, rates in runs.items()))
 
 
+@contextlib.contextmanager
+def sibling_engine(engine: ServingEngine, **changes: Any) -> Iterator[ServingEngine]:
+    """A second engine over ``engine``'s model (no second copy of a full-size model's weights; a KV cache of its
+    own), configured as ``engine`` with ``changes``. ``engine`` stays idle meanwhile; its LoRA hooks are taken off
+    the shared model (its next plan puts them back), so they do not run, as no-ops, in the sibling's forwards."""
+    engine.lora.remove_hooks()
+    sibling = ServingEngine(engine.model, engine.processor, engine.family,
+                            dataclasses.replace(engine.config, **changes))
+    try:
+        yield sibling
+    finally:
+        sibling.close()  # also takes its LoRA hooks off the shared model
+        del sibling
+        release(engine.device.type)
+
+
 def graphs_rows(engine: ServingEngine, scenarios: dict[str, list], args: argparse.Namespace,
                 without: dict[str, float]) -> None:
-    """The mixed / single / base rows again on a second engine over the same model (no second copy of the
-    weights; a KV cache of its own, sized for these short requests) with ``EngineConfig.decode_graphs``."""
-    engine.lora.remove_hooks()  # (put back by the first engine's next plan)
+    """The mixed / single / base rows again on a sibling engine (its KV cache sized for these short requests) with
+    ``EngineConfig.decode_graphs``."""
     capacity = -(-(64 + 2 * args.tokens) // 64) * 64
-    graphs = ServingEngine(engine.model, engine.processor, engine.family, EngineConfig(
-        max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2, max_total_tokens=capacity,
-        decode_graphs=args.decode_graphs, max_lora_rank=args.max_lora_rank))
-    try:
+    with sibling_engine(engine, max_total_tokens=capacity, decode_graphs=args.decode_graphs) as graphs:
         rates = {name: max(engine_throughput(graphs, chosen, args.requests, args.tokens).wall
                            for _ in range(args.repeats)) for name, chosen in scenarios.items()}
         shapes = len(graphs._graphs._buffers)
-    finally:
-        graphs.close()
-        graphs.lora.remove_hooks()
     print(f"decode graphs ({args.decode_graphs}, {shapes} shapes) tok/s: " + " ".join(
         f"{name}={rate:.1f}" for name, rate in rates.items())
         + f"  mixed/single={rates['mixed'] / rates['single']:.2f} mixed/base={rates['mixed'] / rates['base']:.2f}"
@@ -497,8 +509,8 @@ def main() -> None:
                         help="the engine's adapter slots' rank (a deployment whose adapters share a rank sets it to "
                              "that rank: at it, sibling targets share one product)")
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=EngineConfig.max_batch_size,
-                        help="the engine's max batch size (default: EngineConfig's, the configuration we ship)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="the engine's max batch size (default: EngineConfig's for the device, what we ship)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--load-rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -510,6 +522,9 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", default="64",
                         help="the chunked engines' prefill_chunk_tokens in the latency rows, comma-separated (each "
                              "against 0: whole prefills)")
+    parser.add_argument("--latency-batch", default="",
+                        help="also the latency row at these max batch sizes (comma-separated; the engine's prefill "
+                             "budget), against the engine's own")
     parser.add_argument("--memory-requests", type=int, default=32, help="0: no memory row")
     parser.add_argument("--memory-prompt", type=int, default=2000, help="prompt tokens of each long request")
     parser.add_argument("--before-rev", default="d30b903",
@@ -539,11 +554,16 @@ def main() -> None:
     model_dir = family.materialize(args.preset, work / "model", seed=0, dtype=dtype, device=args.device)
     adapters = make_adapters(family, model_dir, work / "adapters", args.adapters, args.rank, dtype)
     release(args.device)
-    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(max_batch_size=args.batch, device=args.device,
-                                                                  max_adapters=args.adapters + 2,
-                                                                  max_lora_rank=args.max_lora_rank), dtype=dtype)
+    # Each row's context fits (an image's tokens, a short prompt, the new tokens), not the default 2,048: a GPU's
+    # KV cache is sized from the memory left free, and the sibling engines of the latency and graph rows (their own
+    # caches, beside this one's) must find room for as many slots as the requests they run.
+    longest = max(args.tokens, *(int(n) for n in args.varied_tokens.split(",")))
+    engine = ServingEngine.from_model_dir(model_dir, EngineConfig(
+        max_batch_size=args.batch, device=args.device, max_adapters=args.adapters + 2,
+        max_lora_rank=args.max_lora_rank, max_total_tokens=-(-(CONTEXT + longest) // 64) * 64), dtype=dtype)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
-          f"adapters={args.adapters} rank={args.rank} max_lora_rank={args.max_lora_rank} requests={args.requests} batch={args.batch} tokens={args.tokens}")
+          f"adapters={args.adapters} rank={args.rank} max_lora_rank={args.max_lora_rank} requests={args.requests} "
+          f"batch={engine.config.max_batch_size} tokens={args.tokens}")
     if args.latency_only:
         latency_rows(engine, adapters, args)
         engine.close()
@@ -577,8 +597,9 @@ def main() -> None:
     static_varied = static_throughput(family, model_dir, adapters[0], len(varied), args.static_batch, varied, dtype,
                                       args.device)
     release(args.device)
-    engine_varied = max(engine_throughput(engine, [adapters[0]], len(varied), varied).wall
-                        for _ in range(args.repeats))
+    with sibling_engine(engine, max_batch_size=args.static_batch) as equal:  # as many rows as a static batch
+        engine_varied = max(engine_throughput(equal, [adapters[0]], len(varied), varied).wall
+                            for _ in range(args.repeats))
     print(f"throughput tok/s: mixed={mixed:.1f} single={single:.1f} base={base:.1f} swap={swap:.1f} "
           f"engine@{args.static_batch}={engine_16:.1f} static@{args.static_batch}={static:.1f}")
     print(f"ratios: mixed/single={mixed / single:.2f} (target >= 0.95)  mixed/swap={mixed / swap:.2f} (target >= 5)"
