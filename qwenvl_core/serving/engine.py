@@ -276,6 +276,7 @@ class _Sequence:
     state: RowState
     arrived: float
     emit: Callable[[EngineEvent | BaseException], None] = lambda _item: None
+    itl: Any = None  # its inter-token latency series (metrics), looked up at its first token
     sent_chars: int = 0
     sent_tokens: int = 0
     generated: int = 0
@@ -472,7 +473,7 @@ class ServingEngine:
             self._count(request.adapter_id, "error")
             raise
         queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
-        seq.emit = _threadsafe_put(loop, queue)
+        seq.emit = Outlet(loop, queue)
         with self._cond:
             if self._broken:
                 self._count(request.adapter_id, "error")
@@ -973,21 +974,27 @@ class ServingEngine:
         return self.processor.decode(ids)
 
     def _after_step(self, seqs: Sequence[_Sequence], logits: torch.Tensor) -> None:
-        """Each row's next token, text and event; a row whose part of this raises fails alone."""
+        """Each row's next token, text and event (the step's events handed over together: ``deliver``); a row whose
+        part of this raises fails alone."""
         try:
             chosen: list[int | None] = list(next_tokens(logits, [s.state for s in seqs]))
         except Exception:  # a row's sampling failed (e.g. NaN logits): choose row by row to fail only that row
             chosen = [self._choose_alone(seq, logits[i : i + 1]) for i, seq in enumerate(seqs)]
-        now = time.perf_counter()
-        for seq, token in zip(seqs, chosen, strict=True):
-            if seq.cancelled or seq.failed or token is None:
-                continue
-            try:
-                advance_row(seq.state, token, self.decode_text)
-                seq.generated += 1
-                self._emit_progress(seq, now)
-            except Exception as exc:
-                self._fail(seq, exc)
+        now, events = time.perf_counter(), []
+        try:
+            for seq, token in zip(seqs, chosen, strict=True):
+                if seq.cancelled or seq.failed or token is None:
+                    continue
+                try:
+                    advance_row(seq.state, token, self.decode_text)
+                    seq.generated += 1
+                    event = self._progress(seq, now)
+                    if event is not None:
+                        events.append((seq.emit, event))
+                except Exception as exc:
+                    self._fail(seq, exc)
+        finally:
+            deliver(events)
 
     def _choose_alone(self, seq: _Sequence, logits: torch.Tensor) -> int | None:
         # (rows sampled before the failing one drew from their generators twice in this step; seeds still hold
@@ -998,19 +1005,23 @@ class ServingEngine:
             self._fail(seq, exc)
             return None
 
-    def _emit_progress(self, seq: _Sequence, now: float) -> None:
-        state, label = seq.state, adapter_label(seq.request.adapter_id)
+    def _progress(self, seq: _Sequence, now: float) -> EngineEvent | None:
+        """The event a row's new token makes (None: its text is held back, a possible stop string's start or a
+        partial character); its metrics."""
+        state = seq.state
         text = state.text or ""
         end = len(text) if state.done else safe_text_end(text, state.params.stop_strings)
         new_ids = state.tokens[seq.sent_tokens :]
         if self.metrics:
             if seq.last_token_at is None:
+                label = adapter_label(seq.request.adapter_id)
                 self.metrics.series(self.metrics.ttft, label).observe(now - seq.arrived)
+                seq.itl = self.metrics.series(self.metrics.itl, label)
             else:
-                self.metrics.series(self.metrics.itl, label).observe(now - seq.last_token_at)
+                seq.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
         if not state.done and end <= seq.sent_chars:
-            return
+            return None
         event = EngineEvent(text=text[seq.sent_chars : end], token_ids=new_ids)
         if state.params.logprobs is not None:
             event.logprobs = describe_logprobs(vocabulary(self.processor), state.logprobs[seq.sent_tokens :])
@@ -1020,11 +1031,12 @@ class ServingEngine:
             event.prompt_tokens, event.completion_tokens = len(seq.prompt_ids), seq.generated
             event.grounding = ground_boxes(self.processor, text, seq.image_sizes)
             if self.metrics:
+                label = adapter_label(seq.request.adapter_id)
                 self.metrics.series(self.metrics.e2e, label).observe(now - seq.arrived)
                 self.metrics.series(self.metrics.prompt_tokens, label).inc(len(seq.prompt_ids))
                 self.metrics.series(self.metrics.generated_tokens, label).inc(seq.generated)
                 self.metrics.series(self.metrics.requests, label, "ok").inc()
-        seq.emit(event)
+        return event
 
 
 def kv_cache_budget(config: EngineConfig, free_device_bytes: int | None) -> int | None:
@@ -1155,13 +1167,40 @@ def ground_boxes(processor: FamilyProcessor, text: str, sizes: Sequence[tuple[in
     return result
 
 
-def _threadsafe_put(
-    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EngineEvent | BaseException]
-) -> Callable[[EngineEvent | BaseException], None]:
-    def put(item: EngineEvent | BaseException) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-            pass
+class Outlet:
+    """Where a request's events go: the queue its stream awaits, on that stream's event loop. Called, it hands one
+    item over at once (an error); ``deliver`` hands a step's events over together."""
 
-    return put
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EngineEvent | BaseException]) -> None:
+        self.loop, self.queue = loop, queue
+
+    def __call__(self, item: EngineEvent | BaseException) -> None:
+        _call_soon(self.loop, self.queue.put_nowait, item)
+
+
+def deliver(events: Sequence[tuple[Callable[[EngineEvent | BaseException], None], EngineEvent]]) -> None:
+    """Hand a step's events to their receivers in order: those of ``Outlet`` s with one call per event loop (each
+    call from this thread writes to the loop's wake-up socket and wakes it: per row and step, that was a write and
+    a wake-up for each of a GPU batch's 64 rows), any other receiver (a test's list) directly."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineEvent]]] = {}
+    for emit, event in events:
+        if isinstance(emit, Outlet):
+            by_loop.setdefault(emit.loop, []).append((emit.queue, event))
+        else:
+            emit(event)
+    for loop, items in by_loop.items():
+        _call_soon(loop, _put_each, items)
+
+
+def _put_each(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+        pass
