@@ -41,6 +41,7 @@ joining and leaving the batch, uses exactly the same sampling and stop numerics 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -237,14 +238,44 @@ def sample(filtered: torch.Tensor, generators: Sequence[torch.Generator | None])
 def bias_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     """``logits`` ``[B, V]`` plus each row's ``logit_bias``, with its ``suppress_token_ids`` at -inf whatever their
     bias (a copy; the input is untouched). One scatter that adds: a suppressed id's -inf absorbs any bias."""
-    vocab = logits.size(-1)
-    entries = [(r, i, bias) for r, state in enumerate(rows) if not state.done
-               for i, bias in _token_offsets(state.params) if i < vocab]
-    if not entries:
+    entries = _BIAS_ENTRIES.of(rows, logits)
+    if entries is None:
         return logits
-    index = host_to_device([(r, i) for r, i, _ in entries], logits.device, torch.long)  # [N, 2]: (row, token id)
-    values = host_to_device([bias for _, _, bias in entries], logits.device, logits.dtype)
+    index, values = entries
     return logits.index_put((index[:, 0], index[:, 1]), values, accumulate=True)
+
+
+class _BiasEntries:
+    """``bias_tokens``' entries on the device: (row, token id) ``[N, 2]`` and what each adds ``[N]`` (None: none).
+    The last rows' are kept: a decode loop asks for the same rows step after step (they change at a join, a leave,
+    a finish), and making them is a Python loop over every row's biased and suppressed ids (the image tokens, for
+    every request the engine serves) and a copy to the device. One entry, replaced whole, so a call from another
+    thread can only miss; the rows are held by weak references."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    def of(self, rows: Sequence[RowState], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        vocab, device, dtype = logits.size(-1), logits.device, logits.dtype
+        last = self._last
+        if last is not None:
+            (refs, *kept), entries = last
+            if kept == [vocab, device, dtype] and len(refs) == len(rows) and all(
+                    ref is None if state.done else ref is not None and ref() is state
+                    for ref, state in zip(refs, rows, strict=True)):
+                return entries
+        listed = [(r, i, bias) for r, state in enumerate(rows) if not state.done
+                  for i, bias in _token_offsets(state.params) if i < vocab]
+        entries = None
+        if listed:
+            entries = (host_to_device([(r, i) for r, i, _ in listed], device, torch.long),
+                       host_to_device([bias for _, _, bias in listed], device, dtype))
+        refs = tuple(None if state.done else weakref.ref(state) for state in rows)
+        self._last = ((refs, vocab, device, dtype), entries)
+        return entries
+
+
+_BIAS_ENTRIES = _BiasEntries()
 
 
 def _token_offsets(params: SamplingParams) -> list[tuple[int, float]]:

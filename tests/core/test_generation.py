@@ -12,6 +12,7 @@ from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import (
     RowState,
     SamplingParams,
+    bias_tokens,
     filter_logits,
     generate,
     left_pad,
@@ -359,3 +360,33 @@ def test_twenty_thousand_steps_with_long_stop_strings():
     for token in ("x" * 300 + "STOP").encode():
         advance_row(row, token, _byte_decode)
     assert row.finish_reason == "stop" and row.text.endswith("yyy\n") and len(row.text) == 20_000
+
+
+def test_bias_entries_kept_for_the_same_rows_are_remade_when_the_rows_change():
+    """``bias_tokens`` keeps the last rows' entries on the device: the same rows step after step get the same
+    result, and any change (a row finished, another row, the rows reordered, another vocabulary or dtype) is seen."""
+    def row(*bias: tuple[int, float], suppressed: tuple[int, ...] = ()) -> RowState:
+        return RowState(params=SamplingParams(logit_bias=bias, suppress_token_ids=suppressed), generator=None)
+
+    def expected(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+        out = logits.clone()
+        for r, state in enumerate(rows):
+            if not state.done:
+                for i, bias in state.params.logit_bias:
+                    out[r, i] += bias
+                out[r, list(state.params.suppress_token_ids)] = float("-inf")
+        return out
+
+    logits = torch.randn(3, 8)
+    a, b, c = row((1, 2.0)), row((2, -1.0), suppressed=(5,)), row((3, 4.0), (1, 0.5))
+    for rows in ([a, b, c], [a, b, c], [c, b, a], [a, b], [a, b, row((1, 2.0))]):
+        got = bias_tokens(logits[: len(rows)], rows)
+        assert torch.equal(got, expected(logits[: len(rows)], rows)), rows
+    b.finish_reason = "stop"  # the same objects, one of them finished since
+    assert torch.equal(bias_tokens(logits, [a, b, c]), expected(logits, [a, b, c]))
+    assert bias_tokens(logits[:, :2], [a, b, c])[0, 1] == logits[0, 1] + 2.0  # a smaller vocabulary drops id 3
+    assert bias_tokens(logits[:, :2], [a, b, c])[2, 1] == logits[2, 1] + 0.5
+    half = bias_tokens(logits.half(), [a, b, c])
+    assert half.dtype == torch.float16 and torch.equal(half, expected(logits.half(), [a, b, c]))
+    plain = [row(), row()]
+    assert torch.equal(bias_tokens(logits[:2], plain), logits[:2])  # rows without entries: the logits as they were
