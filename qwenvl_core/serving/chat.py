@@ -66,6 +66,7 @@ from qwenvl_core.serving.engine import (
     ServingEngine,
     check_image_bytes,
     check_image_count,
+    join_events,
 )
 from qwenvl_core.serving.inline_images import InlineImages
 from qwenvl_core.serving.metrics import merge_expositions
@@ -295,7 +296,8 @@ class ChatBackend(Protocol):
         ...
 
     def stream(self, base_model: str, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """Generate for ``request`` on ``base_model`` (with ``request.adapter_*`` applied)."""
+        """Generate for ``request`` on ``base_model`` (with ``request.adapter_*`` applied); the events ready when
+        the next is asked for come as one (``ServingEngine.stream``'s ``coalesce``; a backend may also space them)."""
         ...
 
     async def evict(self, base_model: str, adapter_id: str) -> None:
@@ -321,7 +323,7 @@ class InProcessBackend:
         return list(self.engines)
 
     def stream(self, base_model: str, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        return self.engines[base_model].stream(request)
+        return self.engines[base_model].stream(request, coalesce=0)
 
     async def evict(self, base_model: str, adapter_id: str) -> None:
         self.engines[base_model].evict_adapter(adapter_id)
@@ -588,19 +590,14 @@ async def all_of(awaitables: Iterable[Awaitable[T]]) -> list[T]:
 
 async def _run_choice(index: int, events: AsyncIterator[EngineEvent], logprobs: bool
                       ) -> tuple[Choice, EngineEvent]:
-    text: list[str] = []
-    entries: list[TokenLogprob] = []
-    last = None
-    async for event in events:
-        text.append(event.text)
-        entries.extend(event.logprobs)
-        last = event
-    if last is None or last.finish_reason is None:
+    received = [event async for event in events]
+    if not received or received[-1].finish_reason is None:
         raise EngineFault("generation ended without a final event")
-    choice = Choice(index=index, message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason,
-                    logprobs=_logprobs_payload(entries) if logprobs else None,
-                    grounding=grounding_payload(last.grounding))
-    return choice, last
+    whole = join_events(received)
+    choice = Choice(index=index, message=AssistantMessage(content=whole.text), finish_reason=whole.finish_reason,
+                    logprobs=_logprobs_payload(whole.logprobs) if logprobs else None,
+                    grounding=grounding_payload(whole.grounding))
+    return choice, whole
 
 
 async def collect_completion(model: str, streams: Sequence[AsyncIterator[EngineEvent]], *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import pickle
 import shutil
 import weakref
@@ -18,7 +19,14 @@ from PIL import Image
 from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.models.registry import get_family
-from qwenvl_core.serving.engine import EngineRequest, RequestError, ServingEngine, ground_boxes, safe_text_end
+from qwenvl_core.serving.engine import (
+    EngineRequest,
+    RequestError,
+    ServingEngine,
+    ground_boxes,
+    join_events,
+    safe_text_end,
+)
 from qwenvl_core.serving.lora_batch import AdapterError
 from tests.serving.conftest import eventually
 
@@ -284,6 +292,73 @@ def test_stop_strings_seeds_and_stream_deltas(engine_factory, adapter_dirs):
                                                           top_k=50, top_p=0.95, seed=s)) for s in (7, 7, 8)]
     outs = [asyncio.run(engine.generate(r)).token_ids for r in sampled]
     assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_a_lagging_consumer_gets_the_ready_events_as_one_with_nothing_lost(engine_factory):
+    """``coalesce=0``: a consumer that asks for the next event only after the engine finished gets everything after
+    its first event as one event: the same text, ids and logprobs as the events one by one, the final fields set.
+    Without it, the same consumer gets one event a step."""
+    engine: ServingEngine = engine_factory()
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(-1,), logprobs=2)  # no stop: 12 tokens, 12 steps
+
+    async def lagging(coalesce: float | None) -> list:
+        events = engine.stream(EngineRequest(_messages(4), params), coalesce=coalesce)
+        first = await anext(events)
+        while engine._batch is not None or engine._waiting:  # the model thread finishes the request meanwhile
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # its last events reach this loop
+        return [first] + [e async for e in events]
+
+    apart, joined = asyncio.run(lagging(None)), asyncio.run(lagging(0))
+    # (apart: an event a step, but a token whose text ends in a partial character is held back for the next)
+    assert len(joined) <= 2 < len(apart) and joined[-1].finish_reason == "length", (len(apart), len(joined))
+    whole, whole_joined = join_events(apart), join_events(joined)  # greedy: the same tokens
+    assert whole.completion_tokens == whole_joined.completion_tokens == len(whole.token_ids) == 12
+    assert whole_joined.token_ids == whole.token_ids and whole_joined.text == whole.text
+    assert whole.token_ids == [i for e in apart for i in e.token_ids] and whole.text == "".join(e.text for e in apart)
+    assert [r.token for r in whole_joined.logprobs] == [r.token for e in apart for r in e.logprobs]
+    assert len(whole.logprobs) == 12 and whole.prompt_tokens == whole_joined.prompt_tokens > 0
+
+
+def test_a_spaced_stream_sends_an_event_at_most_every_interval_with_nothing_lost(engine_factory):
+    """``coalesce=interval``: the first event at once, then at most one an interval, each joining the events made
+    meanwhile (what a Serve replica sends: ``stream_interval_s``); the final one without waiting for the interval."""
+    engine: ServingEngine = engine_factory()
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=(-1,))
+    interval = 0.03
+
+    async def timed(coalesce: float | None) -> list:
+        loop = asyncio.get_running_loop()
+        return [(loop.time(), event) async for event in engine.stream(EngineRequest(_messages(5), params),
+                                                                         coalesce=coalesce)]
+
+    apart, spaced = asyncio.run(timed(None)), asyncio.run(timed(interval))
+    whole, whole_spaced = join_events([e for _, e in apart]), join_events([e for _, e in spaced])
+    assert (whole_spaced.token_ids, whole_spaced.text) == (whole.token_ids, whole.text) and len(whole.token_ids) == 24
+    assert spaced[-1][1].finish_reason == "length" and all(e.finish_reason is None for _, e in spaced[:-1])
+    sent = [t for t, _ in spaced[:-1]]  # (the last goes when it is made)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert all(gap >= interval * 0.9 for gap in gaps), gaps
+
+
+def test_an_error_behind_ready_events_comes_after_them():
+    """What a coalescing stream takes from its queue: the ready events up to an error as one, then the error; up to
+    the final event, never past it."""
+    from qwenvl_core.serving.engine import EngineEvent, EngineTimeout, _ready_behind
+
+    async def drain(items: list) -> tuple:
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in items[1:]:
+            queue.put_nowait(item)
+        return (*_ready_behind(items[0], queue), queue.qsize())
+
+    a, b, c = EngineEvent("a", [1]), EngineEvent("b", [2]), EngineEvent("c", [3], finish_reason="stop")
+    error = EngineTimeout("too slow")
+    event, raised, left = asyncio.run(drain([a, b, error, c]))
+    assert (event.text, event.token_ids, event.finish_reason, raised, left) == ("ab", [1, 2], None, error, 1)
+    event, raised, left = asyncio.run(drain([a, c, b]))
+    assert (event.text, event.token_ids, event.finish_reason, raised, left) == ("ac", [1, 3], "stop", None, 1)
+    assert asyncio.run(drain([c, a]))[0] is c
 
 
 def test_a_request_that_cannot_be_sampled_fails_alone_and_its_batch_goes_on(engine_factory):
