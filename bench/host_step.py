@@ -7,10 +7,16 @@ its sampled tokens; then the host does each row's work alone before it can launc
 work grows with the rows (64 on a GPU by default) and the device idles through it, whatever the device: so it is
 measured here, on the CPU, as the step's wall time less its forward's.
 
-``--rows`` requests stream through ``ServingEngine.stream`` on one event loop, as a replica serves them (metrics on),
-``--tokens`` new tokens each, on a model with few layers (a small forward, so the host's part stands out). Per
-forward: the whole step, the forward, and the rest (the host's work, sampling's choice included). Each revision runs
-in its own process, ``--rounds`` times alternately; the best round of each is printed, then after / before.
+``--rows`` requests stream through ``ServingEngine.stream`` on one event loop, as a replica serves them (metrics on;
+read as a Serve replica reads them, ``--coalesce-ms``), ``--tokens`` new tokens each, on a model with few layers (a
+small forward, so the host's part stands out). Per forward: the whole step, the forward, and the rest (the host's
+work, sampling's choice included). Each revision runs in its own process, ``--rounds`` times alternately; the best
+round of each is printed, then after / before.
+
+The event loop's thread shares the GIL with the engine's: a reader woken for every event (``--coalesce-ms none`` or
+``0``) resumes ``--rows`` coroutines a step, and on this 2-vCPU VM whether that work lands beside the forward's
+kernels (which release the GIL) or between the engine's Python is a matter of phase: such runs come out bimodal
+(docs/benchmarks.md).
 
 Usage: .venv/bin/python bench/host_step.py [--preset qwen-vl-tiny] [--rows 64] [--before-rev 8ec8255]
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -32,9 +39,10 @@ from typing import Any
 from revisions import worktree
 
 
-def measure(preset: str, rows: int, tokens: int) -> dict[str, float]:
+def measure(preset: str, rows: int, tokens: int, coalesce_ms: float | None) -> dict[str, float]:
     """(in the tree on ``sys.path``) ms per forward of the engine's steps while ``rows`` streams run: step, forward,
-    host (step less forward)."""
+    host (step less forward). The streams are read as ``stream(coalesce=coalesce_ms / 1000)`` where the tree's
+    engine has that, else event by event."""
     from prometheus_client import CollectorRegistry
     from serving_throughput import _fixed_length, _prompt
 
@@ -60,11 +68,14 @@ def measure(preset: str, rows: int, tokens: int) -> dict[str, float]:
         return run
 
     engine._step, engine._forward = timed("step", engine._step), timed("forward", engine._forward)
+    reading = {}
+    if coalesce_ms is not None and "coalesce" in inspect.signature(engine.stream).parameters:
+        reading["coalesce"] = coalesce_ms / 1000
 
     async def stream_all(new_tokens: int) -> None:
         async def one(i: int) -> None:
             request = EngineRequest([text_message("user", _prompt(i))], _fixed_length(engine, new_tokens))
-            async for _event in engine.stream(request):
+            async for _event in engine.stream(request, **reading):
                 pass
         await asyncio.gather(*(one(i) for i in range(rows)))
 
@@ -87,16 +98,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before-rev", default="8ec8255", help="git revision to compare with ('' to skip)")
+    parser.add_argument("--coalesce-ms", type=lambda v: None if v == "none" else float(v), default=50.0,
+                        help="read the streams with ServingEngine.stream(coalesce=...) where the revision has it "
+                             "(default 50: a Serve replica's reading; 0: the in-process backend's); 'none': event by "
+                             "event")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one revision's times, as JSON on the last line
-        print(json.dumps(measure(args.preset, args.rows, args.tokens)))
+        print(json.dumps(measure(args.preset, args.rows, args.tokens, args.coalesce_ms)))
         return
 
     def measured(tree: Path) -> dict[str, float]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
         done = subprocess.run([sys.executable, str(tree / "bench" / "host_step.py"), "--child", "--preset",
-                               args.preset, "--rows", str(args.rows), "--tokens", str(args.tokens)],
+                               args.preset, "--rows", str(args.rows), "--tokens", str(args.tokens)]
+                              + ([] if args.coalesce_ms is None else ["--coalesce-ms", str(args.coalesce_ms)]),
                               capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise SystemExit(f"measuring in {tree} failed:\n{done.stderr[-3000:]}")
@@ -115,7 +131,8 @@ def main() -> None:
         for _ in range(args.rounds):  # alternately: the machine's noise falls on both
             for label, tree in trees.items():
                 runs[label].append(measured(tree))
-    print(f"preset={args.preset} rows={args.rows} tokens={args.tokens} rounds={args.rounds}; ms per forward "
+    print(f"preset={args.preset} rows={args.rows} tokens={args.tokens} rounds={args.rounds} "
+          f"coalesce_ms={args.coalesce_ms}; ms per forward "
           "(best round by host time): the engine's step, its forward, the host's work (step - forward)")
     best = {label: min(results, key=lambda r: r["host"]) for label, results in runs.items()}
     for label, result in best.items():
