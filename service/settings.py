@@ -147,8 +147,10 @@ class Settings(BaseSettings):
                                 "autoscaling); used by workflows.app.")
     serve_max_replicas: int | None = Field(None, ge=1, description="Ray Serve: autoscale each base model's "
                                            "replicas up to this many; None: a fixed serve_replicas.")
-    serve_target_ongoing_requests: float = Field(8.0, gt=0, description="Ray Serve autoscaling target: "
-                                                 "ongoing requests per replica.")
+    serve_target_ongoing_requests: float | None = Field(None, gt=0, description="Ray Serve autoscaling target: "
+                                                        "ongoing requests per replica (running and waiting); None: "
+                                                        "half a replica's batch (serve_max_batch_size, else 64 on "
+                                                        "GPU replicas, 16 on CPU ones).")
     serve_max_adapters_per_replica: int = Field(8, ge=1, description="LoRA adapters one model replica keeps "
                                                 "loaded (LRU; Serve multiplexing bound).")
     serve_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per model replica.")

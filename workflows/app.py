@@ -47,7 +47,7 @@ def model_configs(settings: Settings) -> list[Any]:
     autoscaling = None
     if settings.serve_max_replicas is not None:
         autoscaling = {"min_replicas": settings.serve_replicas, "max_replicas": settings.serve_max_replicas,
-                       "target_ongoing_requests": settings.serve_target_ongoing_requests}
+                       "target_ongoing_requests": target_ongoing_requests(settings)}
     return [ModelDeploymentConfig(base_model=model_id, model_dir=model_dir,
                                   max_adapters_per_replica=settings.serve_max_adapters_per_replica,
                                   num_replicas=settings.serve_replicas, autoscaling_config=autoscaling,
@@ -55,6 +55,18 @@ def model_configs(settings: Settings) -> list[Any]:
                                   dtype=settings.serve_dtype, quantization=settings.serve_quantization,
                                   stream_interval_s=settings.serve_stream_interval_ms / 1000, engine=engine)
             for model_id, model_dir in settings.base_models.items()]
+
+
+def target_ongoing_requests(settings: Settings) -> float:
+    """Serve's autoscaling target per model replica: the set one, else half the replica's batch (its set size, or
+    the engine's default for the replica's device), so replicas are added while the running ones still have room
+    for the requests that arrive during a new one's start (minutes for a GPU replica loading its model)."""
+    from qwenvl_core.serving.engine import BATCH_CPU, BATCH_GPU
+
+    if settings.serve_target_ongoing_requests is not None:
+        return settings.serve_target_ongoing_requests
+    batch = settings.serve_max_batch_size or (BATCH_GPU if settings.serve_num_gpus > 0 else BATCH_CPU)
+    return batch / 2
 
 
 def control_plane_app(backend: ChatBackend) -> FastAPI:

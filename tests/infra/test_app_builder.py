@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from qwenvl_core.serving.chat import InProcessBackend
 from service.settings import Settings
 from tests.infra.isolated import run_python
-from workflows.app import control_plane_app
+from workflows.app import control_plane_app, target_ongoing_requests
 
 ADMIN_KEY = "admin-key-for-infra-tests-0123456789"
 
@@ -46,7 +46,7 @@ def test_model_configs_follow_the_serve_settings():
     assert (a["prefill"], c["prefill"]) == (1024, None)  # None: the replica's engine picks by its device
     assert (a["batch"], c["batch"]) == (48, None)
     assert (a["stream_interval"], c["stream_interval"]) == (0.02, 0.05)
-    assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 8.0}
+    assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 24.0}  # 48 / 2
     assert c["autoscaling"] is None and c["replicas"] == 2
     assert a["image_limits"] == [4, 1000, 3000] and c["image_limits"] == [16, 20 << 20, 50 << 20]
     with pytest.raises(ValueError, match="QWENVL_SERVE_MAX_REPLICAS"):
@@ -60,6 +60,17 @@ def test_model_configs_follow_the_serve_settings():
         Settings(serve_max_batch_size=0)
     with pytest.raises(ValueError, match="serve_decode_graphs"):
         Settings(serve_decode_graphs="static")  # the engine's test mode is not a deployment setting
+
+
+def test_the_autoscaling_target_is_half_a_replicas_batch_unless_set():
+    """GPU replicas decode 64 rows by default, CPU ones 16: Serve adds a replica when the running ones average half
+    of that (a set batch size or target is followed)."""
+    assert target_ongoing_requests(Settings(serve_num_gpus=1)) == 32
+    assert target_ongoing_requests(Settings()) == 8
+    assert target_ongoing_requests(Settings(serve_num_gpus=0.5, serve_max_batch_size=20)) == 10
+    assert target_ongoing_requests(Settings(serve_num_gpus=1, serve_target_ongoing_requests=3)) == 3
+    with pytest.raises(ValueError, match="serve_target_ongoing_requests"):
+        Settings(serve_target_ongoing_requests=0)
 
 
 def test_control_plane_app_reads_the_environment_and_mounts_chat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
