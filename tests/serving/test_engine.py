@@ -9,6 +9,7 @@ import gc
 import itertools
 import pickle
 import shutil
+import time
 import weakref
 from pathlib import Path
 
@@ -292,6 +293,32 @@ def test_stop_strings_seeds_and_stream_deltas(engine_factory, adapter_dirs):
                                                           top_k=50, top_p=0.95, seed=s)) for s in (7, 7, 8)]
     outs = [asyncio.run(engine.generate(r)).token_ids for r in sampled]
     assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_a_batch_of_64_on_a_gpus_paths_gives_each_request_what_a_batch_of_4_gives(engine_factory, adapter_dirs):
+    """The GPU's default batch (64 rows: ``BATCH_GPU``) on the paths a GPU takes (every slot's LoRA at once, the
+    base's sibling layers fused, fixed-shape steps as CUDA graphs replay them), with 10 adapters of two ranks and
+    the base mixed and requests of different lengths, greedy: each request's tokens equal those of 4-row batches
+    on the CPU's paths. (All requests queued before the first step, the steps run here: the batch fills, less
+    the few that stop early.)"""
+    from qwenvl_core.serving.engine import BATCH_GPU
+
+    def run(engine: ServingEngine) -> list[list[int]]:
+        chosen = [*adapter_dirs, None]
+        seqs = [engine._prepare(_request(i, chosen[i % len(chosen)], tokens=8 + i % 7), time.perf_counter())
+                for i in range(BATCH_GPU)]
+        engine._waiting.extend(seqs)
+        while engine._batch is not None or engine._waiting or engine._chunking is not None:
+            engine._step(engine._take_new())
+        assert all(seq.state.done for seq in seqs)
+        return [seq.state.tokens for seq in seqs]
+
+    small = engine_factory(max_batch_size=4, max_adapters=12, adapter_slots=12, max_total_tokens=128)
+    large = engine_factory(max_batch_size=BATCH_GPU, max_adapters=12, adapter_slots=12, max_total_tokens=128,
+                           lora_decode="dense", fuse_siblings="on", decode_graphs="static")
+    expected, got = run(small), run(large)
+    assert large.stats.max_rows > BATCH_GPU // 2 and large.stats.max_adapters_in_forward == len(adapter_dirs)
+    assert large._graphs.steps > 0 and got == expected
 
 
 def test_a_lagging_consumer_gets_the_ready_events_as_one_with_nothing_lost(engine_factory):
