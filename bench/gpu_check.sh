@@ -4,7 +4,7 @@
 # adapters with their device copies), full-size random-weight serving of Qwen-VL v1 in bf16
 # (tokens/s with 8 adapters of rank 16 in the default slots of rank 64, which decode steps read cut to the batch's
 # rank, with and without decode steps replayed from CUDA graphs, TTFT, the longest inter-token
-# gap; then, in a row of its own, the peak memory of 32
+# gap, at the GPU's default batch (64) and at 16; then, in a row of its own, the peak memory of 32
 # concurrent 2000-token requests), full-size LoRA /
 # Q-LoRA training steps of a 7B-class Qwen2.5-VL (s/it, peak memory), one sampling step at the full vocabulary,
 # batched vs the row-by-row sampler before it (time, waits for the device), and the CUDA kernels a decode step
