@@ -59,6 +59,21 @@ def serve_url(tiny_model_dir: Path, adapter_dirs: list[Path], s3_server) -> Iter
             ray.shutdown()
 
 
+def test_an_event_crosses_from_a_replica_to_the_ingress_whole():
+    """What a model replica streams (``to_wire``) is the event the ingress gets back (``from_wire``): text, ids,
+    finish and usage, logprobs with their alternatives, grounding boxes."""
+    from qwenvl_core.models.qwen_vl.grounding import PixelObject
+    from qwenvl_core.serving.engine import EngineEvent, ImageBoxes
+    from qwenvl_core.vocabulary import TokenLogprob, TopLogprob
+    from workflows.serve_app import from_wire, to_wire
+
+    event = EngineEvent("a <box>", [5, 6], finish_reason="stop", prompt_tokens=9, completion_tokens=2,
+                        grounding=[ImageBoxes(0, 640, 480, [PixelObject("cat", (1.0, 2.0, 30.0, 40.0))])],
+                        logprobs=[TokenLogprob("a", (97,), -0.5, (TopLogprob("b", (98,), -1.5),))])
+    item = to_wire(event)
+    assert isinstance(item, bytes) and from_wire(item) == event
+
+
 def _client(url: str, key: str = "key-a") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
