@@ -10,9 +10,10 @@ happens there; a replica that sends each event alone spends its host on the tran
 A local Ray (``--cpus``) runs the model deployment of ``workflows.serve_app`` on a tiny model (one replica, batch
 ``--rows``); this process sends ``--rows`` concurrent streams of ``--tokens`` new tokens through ``ServeBackend``
 (what the API's ingress does), greedy, the stop tokens suppressed, once per interval of ``--intervals`` (ms; the
-deployment redeployed with it), ``--rounds`` times in turn. Printed per interval (best round): generated tokens per
-second from the first request to the last stream's end, items per stream, and the longest wait between two items
-of a stream; then each interval's tokens/s over the first's.
+deployment redeployed with it), ``--rounds`` times in turn, then as many completions that are not streamed to their
+client (``EngineRequest.streamed`` False: one item each). Printed per interval and for those (best round): generated
+tokens per second from the first request to the last stream's end, items per stream, and the longest wait between
+two items of a stream; then each one's tokens/s over the first interval's.
 
 Usage: .venv/bin/python bench/serve_stream.py [--rows 64] [--tokens 64] [--intervals 0,50]
 """
@@ -36,10 +37,12 @@ from qwenvl_core.serving.engine import EngineConfig, EngineRequest
 from workflows.serve_app import APP_NAME, ModelDeploymentConfig, ServeBackend, model_deployment
 
 
-def streams(backend: ServeBackend, model: str, rows: int, params: SamplingParams) -> dict[str, float]:
-    """``rows`` concurrent streams: tokens/s, items per stream, the longest gap between two items of a stream."""
+def streams(backend: ServeBackend, model: str, rows: int, params: SamplingParams,
+            streamed: bool = True) -> dict[str, float]:
+    """``rows`` concurrent streams: tokens/s, items per stream, the longest gap between two items of a stream
+    (``streamed`` False: completions not streamed to their client, ``EngineRequest.streamed``)."""
     async def one(i: int) -> tuple[int, int, float, float]:
-        request = EngineRequest([text_message("user", _prompt(i))], params)
+        request = EngineRequest([text_message("user", _prompt(i))], params, streamed=streamed)
         items, generated, last, gap = 0, 0, None, 0.0
         async for event in backend.stream(model, request):
             now = time.perf_counter()
@@ -72,7 +75,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.tokens,
                             suppress_token_ids=tuple(family.stop_token_ids(family.load_processor(model_dir))))
     intervals = [int(ms) for ms in args.intervals.split(",")]
-    runs: dict[int, list[dict[str, float]]] = {ms: [] for ms in intervals}
+    runs: dict[int | str, list[dict[str, float]]] = {ms: [] for ms in [*intervals, "plain"]}
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         for _ in range(args.rounds):  # in turn: the machine's noise falls on every interval
@@ -84,6 +87,8 @@ def main() -> None:
                 backend = ServeBackend({args.preset: config.deployment_name})
                 streams(backend, args.preset, args.rows, params)  # warm-up: the replica's first steps and objects
                 runs[ms].append(streams(backend, args.preset, args.rows, params))
+                if ms == intervals[-1]:  # completions not streamed to their client: one item each, any interval
+                    runs["plain"].append(streams(backend, args.preset, args.rows, params, streamed=False))
                 serve.delete(APP_NAME)
     finally:
         serve.shutdown()
@@ -92,13 +97,14 @@ def main() -> None:
           f"{args.rows} concurrent streams from one Serve model replica (best round)")
     best = {ms: max(results, key=lambda r: r["tokens_per_s"]) for ms, results in runs.items()}
     for ms, result in best.items():
-        print(f"stream_interval={ms} ms: {result['tokens_per_s']:.0f} tokens/s ({result['seconds']:.2f} s), "
+        name = "not streamed" if ms == "plain" else f"stream_interval={ms} ms"
+        print(f"{name}: {result['tokens_per_s']:.0f} tokens/s ({result['seconds']:.2f} s), "
               f"{result['items_per_stream']:.1f} items for {result['tokens_per_stream']:.0f} tokens a stream, "
               f"longest gap between items {result['max_gap_ms']:.0f} ms; all rounds' tokens/s: "
               + " ".join(f"{r['tokens_per_s']:.0f}" for r in runs[ms]))
     first = intervals[0]
     print("tokens/s over the first interval's: " + "  ".join(
-        f"{ms} ms={best[ms]['tokens_per_s'] / best[first]['tokens_per_s']:.2f}" for ms in intervals[1:]))
+        f"{ms}={best[ms]['tokens_per_s'] / best[first]['tokens_per_s']:.2f}" for ms in [*intervals[1:], "plain"]))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from qwenvl_core.runs import ADAPTER_CONFIG_FILE, ADAPTER_DIR, RunDir
 from qwenvl_core.serving.chat import AdapterLocator, ChatBackend
-from qwenvl_core.serving.engine import EngineConfig, EngineEvent, EngineRequest
+from qwenvl_core.serving.engine import EngineConfig, EngineEvent, EngineRequest, join_events
 from qwenvl_core.serving.metrics import merge_expositions
 from qwenvl_core.storage import join_key, open_store
 
@@ -121,7 +121,9 @@ class ModelServerBase:
         await asyncio.to_thread(self.engine.cache.get, adapter_id, locator)
         return _ServedAdapter(self.engine, adapter_id)
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    async def stream(self, request: EngineRequest) -> AsyncIterator[bytes]:
+        """The request's events as they leave the replica (``to_wire``): a streamed one's at most one a
+        ``stream_interval_s``, one that is not streamed to its client as one event at its end."""
         if request.adapter_id is not None:
             if request.adapter_locator is None:
                 raise ValueError(f"adapter {request.adapter_id}: no locator")
@@ -130,6 +132,9 @@ class ModelServerBase:
                 await self.get_adapter(serve.get_multiplexed_model_id() or request.adapter_id)  # type: ignore[attr-defined]
             finally:
                 _LOCATOR.reset(token)
+        if not request.streamed:
+            yield to_wire(join_events([event async for event in self.engine.stream(request, coalesce=0)]))
+            return
         async for event in self.engine.stream(request, coalesce=self.config.stream_interval_s):
             yield to_wire(event)
 

@@ -230,6 +230,9 @@ class EngineRequest:
     # ``params.max_new_tokens`` is then the server's default, cut to what ``max_total_tokens`` leaves after the
     # prompt instead of refusing a long prompt for an output size the client never asked for.
     default_max_tokens: bool = False
+    # False: the caller wants the whole answer only (a completion that is not streamed to its client), so what
+    # carries the events to it may send them as one (a Serve replica does).
+    streamed: bool = True
 
 
 @dataclass

@@ -184,7 +184,8 @@ def create_chat_router(
             messages = await run_in_threadpool(to_messages, body, resolve, limits, inline)
             adapter = {"adapter_id": locator.adapter_id, "adapter_locator": locator.uri} if locator else {}
             default = not gives_max_tokens(body)
-            streams = [backend.stream(base, EngineRequest(messages, p, **adapter, default_max_tokens=default))
+            streams = [backend.stream(base, EngineRequest(messages, p, **adapter, default_max_tokens=default,
+                                                          streamed=bool(body.stream)))
                        for p in params]
             fingerprint = system_fingerprint(base, locator.adapter_id if locator else None)
             if not body.stream:

@@ -103,15 +103,22 @@ def _image_messages() -> list[dict]:
 def test_openai_client_plain_and_streaming_agree(server):
     client = _client(server)
     model = f"ft:{BASE}:tenant-a:s0:job0"
-    plain = client.chat.completions.create(model=model, messages=_image_messages(), max_tokens=8, temperature=0)
+    streamed: list[bool] = []  # what each engine request says of its client (a Serve replica sends a plain one whole)
+    backend_stream = server.backend.stream
+    server.backend.stream = lambda base, request: (streamed.append(request.streamed), backend_stream(base, request))[1]
+    try:
+        plain = client.chat.completions.create(model=model, messages=_image_messages(), max_tokens=8, temperature=0)
+        stream = client.chat.completions.create(model=model, messages=_image_messages(), max_tokens=8, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+    finally:
+        del server.backend.stream  # the class's method again
+    assert streamed == [False, True]
     assert plain.object == "chat.completion" and plain.choices[0].finish_reason in ("stop", "length")
     assert plain.usage.prompt_tokens > 2 * 16 and plain.usage.completion_tokens >= 1
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
     assert plain.choices[0].model_extra["grounding"] == [] or "<box>" in plain.choices[0].message.content
 
-    stream = client.chat.completions.create(model=model, messages=_image_messages(), max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
-    chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content

@@ -74,6 +74,31 @@ def test_an_event_crosses_from_a_replica_to_the_ingress_whole():
     assert isinstance(item, bytes) and from_wire(item) == event
 
 
+def test_a_replica_sends_a_completion_that_is_not_streamed_as_one_event(tiny_model_dir: Path):
+    """``EngineRequest.streamed`` False (the chat route's non-streamed completions): the replica sends one item, the
+    whole answer; streamed, the same tokens come as events."""
+    import asyncio
+
+    from qwenvl_core.conversation import text_message
+    from qwenvl_core.generation import SamplingParams
+    from qwenvl_core.serving.engine import EngineRequest, join_events
+    from workflows.serve_app import ModelDeploymentConfig, ModelServerBase, from_wire
+
+    server = ModelServerBase(ModelDeploymentConfig(BASE, str(tiny_model_dir), stream_interval_s=0.0))
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(-1,), logprobs=1)
+
+    async def items(streamed: bool) -> list:
+        request = EngineRequest([text_message("user", "hello there")], params, streamed=streamed)
+        return [from_wire(item) async for item in server.stream(request)]
+
+    try:
+        whole, apart = asyncio.run(items(False)), asyncio.run(items(True))
+    finally:
+        server.__del__()
+    assert len(whole) == 1 and whole[0].finish_reason == "length" and len(whole[0].token_ids) == 8
+    assert join_events(apart) == whole[0]
+
+
 def _client(url: str, key: str = "key-a") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
