@@ -309,8 +309,9 @@ def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Nam
     untimed, a few image and text requests, so that the first row does not time the vision tower's first use (the
     throughput rows before it send text only)."""
     def probe(requests: int, **changes: int) -> dict[str, float]:
-        with sibling_engine(engine, **changes) as prober:
-            return latency_under_load(prober, adapters, requests, args.tokens, args.image_size)
+        with sibling_engine(engine, **changes) as prober:  # (its KV slots: the batch, or fewer where memory is short)
+            return {**latency_under_load(prober, adapters, requests, args.tokens, args.image_size),
+                    "slots": prober.slots}
 
     probe(4, prefill_chunk_tokens=0)  # the warm-up
     batch, budget = engine.config.max_batch_size, engine.config.prefill_chunk_tokens
@@ -324,7 +325,7 @@ def latency_rows(engine: ServingEngine, adapters: list[Path], args: argparse.Nam
               f"prepare {lat['prepare_p50'] * 1000:.0f}, wait {lat['wait_p50'] * 1000:.0f}, prefill "
               f"{lat['prefill_p50'] * 1000:.0f} ms), "
               f"longest inter-token gap={lat['max_gap'] * 1000:.0f} ms (between stream events, text held back "
-              f"for partial characters included: {lat['max_event_gap'] * 1000:.0f} ms)")
+              f"for partial characters included: {lat['max_event_gap'] * 1000:.0f} ms); {lat['slots']:.0f} KV slots")
 
 
 def long_request_memory(preset: str, requests: int, prompt_tokens: int, tokens: int, dtype: str, device: str,
@@ -563,7 +564,7 @@ def main() -> None:
         max_lora_rank=args.max_lora_rank, max_total_tokens=-(-(CONTEXT + longest) // 64) * 64), dtype=dtype)
     print(f"preset={args.preset} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()} "
           f"adapters={args.adapters} rank={args.rank} max_lora_rank={args.max_lora_rank} requests={args.requests} "
-          f"batch={engine.config.max_batch_size} tokens={args.tokens}")
+          f"batch={engine.config.max_batch_size} ({engine.slots} KV slots) tokens={args.tokens}")
     if args.latency_only:
         latency_rows(engine, adapters, args)
         engine.close()
