@@ -112,7 +112,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
         done = subprocess.run([sys.executable, str(tree / "bench" / "host_step.py"), "--child", "--preset",
                                args.preset, "--rows", str(args.rows), "--tokens", str(args.tokens)]
-                              + ([] if args.coalesce_ms is None else ["--coalesce-ms", str(args.coalesce_ms)]),
+                              + ["--coalesce-ms", "none" if args.coalesce_ms is None else str(args.coalesce_ms)],
                               capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise SystemExit(f"measuring in {tree} failed:\n{done.stderr[-3000:]}")
