@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import inspect
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from revisions import worktree
+from revisions import before_tree, run_json
 
 
 def measure(preset: str, rows: int, tokens: int, coalesce_ms: float | None) -> dict[str, float]:
@@ -109,24 +105,14 @@ def main() -> None:
         return
 
     def measured(tree: Path) -> dict[str, float]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(tree / "bench" / "host_step.py"), "--child", "--preset",
-                               args.preset, "--rows", str(args.rows), "--tokens", str(args.tokens)]
-                              + ["--coalesce-ms", "none" if args.coalesce_ms is None else str(args.coalesce_ms)],
-                              capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"measuring in {tree} failed:\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_json(tree, "host_step.py", [
+            "--child", "--preset", args.preset, "--rows", str(args.rows), "--tokens", str(args.tokens),
+            "--coalesce-ms", "none" if args.coalesce_ms is None else str(args.coalesce_ms)])
 
-    here = Path(__file__).resolve().parent.parent
-    trees = {"after": here}
-    with worktree(args.before_rev) if args.before_rev else contextlib.nullcontext() as before:
-        if before is not None:  # this script into the old tree (it may predate it), run on that tree's qwenvl_core
-            for name in ("host_step.py", "revisions.py"):
-                (before / "bench" / name).write_text((Path(__file__).parent / name).read_text())
+    trees = {"after": Path(__file__).resolve().parent.parent}
+    with before_tree(args.before_rev, ["host_step.py"]) as before:
+        if before is not None:
             trees["before"] = before
-        elif args.before_rev:
-            print(f"(no git history with {args.before_rev} here: no 'before' rows)")
         runs: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
         for _ in range(args.rounds):  # alternately: the machine's noise falls on both
             for label, tree in trees.items():

@@ -4,11 +4,15 @@ benchmarks that measure it against the working tree in the same run."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +33,30 @@ def worktree(rev: str) -> Iterator[Path | None]:
         yield tree
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+@contextlib.contextmanager
+def before_tree(rev: str, scripts: Sequence[str]) -> Iterator[Path | None]:
+    """``worktree(rev)`` (None as there, and for an empty ``rev``) with this tree's bench ``scripts`` and this module
+    written into it: the old tree may predate them, and they measure that tree's code."""
+    if not rev:
+        yield None
+        return
+    with worktree(rev) as tree:
+        if tree is None:
+            print(f"(no git history with {rev} here: no 'before' rows)")
+        else:
+            for name in (*scripts, "revisions.py"):
+                (tree / "bench" / name).write_text((Path(__file__).parent / name).read_text())
+        yield tree
+
+
+def run_json(tree: Path, script: str, args: Sequence[str]) -> Any:
+    """Run ``tree``'s ``bench/<script>`` with ``args`` on that tree's code (its root first on ``PYTHONPATH``): the
+    JSON on the last line it prints; exits with its error output when it fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(tree / "bench" / script), *args], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} in {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

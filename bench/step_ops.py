@@ -31,16 +31,13 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from revisions import worktree
+from revisions import before_tree, run_json
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROWS, STEPS = 16, 4
@@ -286,27 +283,18 @@ def main() -> None:
         return
 
     def measured(tree: Path, role: str = "--child") -> Any:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
         options = ["--preset", args.preset, "--adapters", str(args.adapters), "--dtype", args.dtype,
                    "--decode-graphs", args.decode_graphs] + (["--device", args.device] if args.device else []) \
-            + (["--max-lora-rank", str(args.max_lora_rank)] if args.max_lora_rank else [])
-        done = subprocess.run([sys.executable, str(tree / "bench" / "step_ops.py"), role, *options]
-                              + (["--steps-only"] if args.steps_only else []), capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"counting in {tree} failed:\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+            + (["--max-lora-rank", str(args.max_lora_rank)] if args.max_lora_rank else []) \
+            + (["--steps-only"] if args.steps_only else [])
+        return run_json(tree, "step_ops.py", [role, *options])
 
     after = measured(Path(__file__).resolve().parent.parent)
     static = None if args.steps_only else measured(Path(__file__).resolve().parent.parent, "--static")
     runs = {"after": after}
-    if args.before_rev:
-        with worktree(args.before_rev) as tree:
-            if tree is None:
-                print(f"(no git history with {args.before_rev} here: no 'before' rows)")
-            else:  # this script into the old tree (it may predate it), run on that tree's qwenvl_core
-                (tree / "bench" / "step_ops.py").write_text(Path(__file__).read_text())
-                (tree / "bench" / "revisions.py").write_text((Path(__file__).parent / "revisions.py").read_text())
-                runs["before"] = measured(tree)
+    with before_tree(args.before_rev, ["step_ops.py"]) as tree:
+        if tree is not None:
+            runs["before"] = measured(tree)
     print(f"preset={args.preset} dtype={args.dtype} decode_graphs={args.decode_graphs} rows={ROWS} "
           f"max_lora_rank={args.max_lora_rank or 'default'} "
           f"adapters={args.adapters} steps={STEPS}; per decode "
