@@ -61,12 +61,14 @@ def target_ongoing_requests(settings: Settings) -> float:
     """Serve's autoscaling target per model replica: the set one, else half the replica's batch (its set size, or
     the engine's default for the replica's device), so replicas are added while the running ones still have room
     for the requests that arrive during a new one's start (minutes for a GPU replica loading its model)."""
-    from qwenvl_core.serving.engine import BATCH_CPU, BATCH_GPU
+    import torch
+
+    from qwenvl_core.serving.engine import EngineConfig, resolve_config
 
     if settings.serve_target_ongoing_requests is not None:
         return settings.serve_target_ongoing_requests
-    batch = settings.serve_max_batch_size or (BATCH_GPU if settings.serve_num_gpus > 0 else BATCH_CPU)
-    return batch / 2
+    device = torch.device("cuda" if settings.serve_num_gpus > 0 else "cpu")
+    return resolve_config(EngineConfig(max_batch_size=settings.serve_max_batch_size), device).max_batch_size / 2
 
 
 def control_plane_app(backend: ChatBackend) -> FastAPI:
