@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -464,6 +465,22 @@ class ServingEngine:
         """Drop an adapter from the host cache but keep its downloaded files (a router moved it elsewhere)."""
         return self.cache.evict(adapter_id, forget_files=False)
 
+    def load_adapter(self, adapter_id: str, locator: str) -> None:
+        """Load an adapter into the host cache ahead of its requests (a router sent it here); blocking."""
+        self.cache.get(adapter_id, locator)
+
+    def replica_stats(self) -> dict[str, Any]:
+        """The adapter cache's contents and counters, the most adapters one forward mixed, and this process's
+        garbage collector (objects frozen out of its walks, objects it walks)."""
+        stats = self.cache.stats
+        return {"cached": self.cache.ids(), "loads": stats.loads, "hits": stats.hits, "evictions": stats.evictions,
+                "max_adapters_in_forward": self.stats.max_adapters_in_forward,
+                "gc_frozen": gc.get_freeze_count(), "gc_tracked": len(gc.get_objects())}
+
+    def metrics_text(self) -> bytes:
+        """The engine's Prometheus metrics (text format; empty without metrics)."""
+        return self.metrics.exposition() if self.metrics else b""
+
     # ----- requests -------------------------------------------------------------------------------------------
     async def stream(self, request: EngineRequest, *, coalesce: float | None = None) -> AsyncIterator[EngineEvent]:
         """Generate for ``request``, yielding text deltas; errors in preparing it raise before the first event.
@@ -472,16 +489,26 @@ class ServingEngine:
         and after the first, one comes at most this often (0: as soon as one is ready), the last one without
         waiting; None: every event alone. A consumer slower than the engine gets fewer, larger deltas, none later;
         a Ray Serve stream, whose every item costs ~0.6 ms of CPU, sends fewer items (docs/benchmarks.md)."""
+        queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
+        seq = await self.submit(request, Outlet(asyncio.get_running_loop(), queue))
+        try:
+            async for event in read_events(queue, coalesce):
+                yield event
+        finally:
+            self.abandon(seq)
+
+    async def submit(self, request: EngineRequest, emit: Callable[[EngineEvent | BaseException], None]) -> _Sequence:
+        """Prepare ``request`` (in the preprocessing pool) and queue it; its events and its error go to ``emit``,
+        called from the model thread (``deliver``: an ``Outlet`` or another receiver with a ``channel``). Errors in
+        preparing or queueing it raise here. The caller ends it with ``abandon``."""
         self.start()
         arrived = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            seq = await loop.run_in_executor(self._pool, self._prepare, request, arrived)
+            seq = await asyncio.get_running_loop().run_in_executor(self._pool, self._prepare, request, arrived)
         except Exception:
             self._count(request.adapter_id, "error")
             raise
-        queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
-        seq.emit = Outlet(loop, queue)
+        seq.emit = emit
         with self._cond:
             if self._broken:
                 self._count(request.adapter_id, "error")
@@ -492,34 +519,18 @@ class ServingEngine:
                                        "retry later", retry_after_s=1)
             self._waiting.append(seq)
             self._cond.notify_all()
-        sent_at = None
-        try:
-            while True:
-                item, error = await queue.get(), None
-                if coalesce is not None and not isinstance(item, BaseException):
-                    wait = 0.0 if sent_at is None or item.finish_reason else sent_at + coalesce - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    item, error = _ready_behind(item, queue)
-                    sent_at = loop.time()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if error is not None:
-                    raise error
-                if item.finish_reason is not None:
-                    return
-        finally:
-            if not seq.state.done and not seq.failed:
-                seq.cancelled = True
-                self._count(request.adapter_id, "cancelled")
+        return seq
+
+    def abandon(self, seq: _Sequence) -> None:
+        """The caller no longer reads ``seq``'s events: unless it finished or failed, it is cancelled (it leaves the
+        queue or the batch at the model thread's next step, its KV and adapter slots freed)."""
+        if not seq.state.done and not seq.failed:
+            seq.cancelled = True
+            self._count(seq.request.adapter_id, "cancelled")
 
     async def generate(self, request: EngineRequest) -> EngineResult:
         """Run ``request`` to completion."""
-        whole = join_events([event async for event in self.stream(request, coalesce=0)])
-        assert whole.finish_reason is not None
-        return EngineResult(whole.text, whole.token_ids, whole.finish_reason, whole.prompt_tokens,
-                            whole.completion_tokens, whole.grounding)
+        return await whole_result(self.stream(request, coalesce=0))
 
     def _prepare(self, request: EngineRequest, arrived: float) -> _Sequence:
         """Checks in order of cost (see the module docstring), then decoding, then the adapter."""
@@ -1190,6 +1201,36 @@ def join_events(events: Sequence[EngineEvent]) -> EngineEvent:
                                logprobs=[r for e in events for r in e.logprobs])
 
 
+async def read_events(queue: asyncio.Queue[EngineEvent | BaseException], coalesce: float | None
+                      ) -> AsyncIterator[EngineEvent]:
+    """A request's events from the queue its ``Outlet`` fills, to its last one; an error item is raised (after the
+    events joined before it). ``coalesce``: as ``ServingEngine.stream``'s."""
+    loop, sent_at = asyncio.get_running_loop(), None
+    while True:
+        item, error = await queue.get(), None
+        if coalesce is not None and not isinstance(item, BaseException):
+            wait = 0.0 if sent_at is None or item.finish_reason else sent_at + coalesce - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            item, error = _ready_behind(item, queue)
+            sent_at = loop.time()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if error is not None:
+            raise error
+        if item.finish_reason is not None:
+            return
+
+
+async def whole_result(events: AsyncIterator[EngineEvent]) -> EngineResult:
+    """A request's whole answer from its stream of events."""
+    whole = join_events([event async for event in events])
+    assert whole.finish_reason is not None
+    return EngineResult(whole.text, whole.token_ids, whole.finish_reason, whole.prompt_tokens,
+                        whole.completion_tokens, whole.grounding)
+
+
 def _ready_behind(first: EngineEvent, queue: asyncio.Queue[EngineEvent | BaseException]
                   ) -> tuple[EngineEvent, BaseException | None]:
     """``first`` and the events ready behind it in ``queue`` as one event, and an error that followed them (None:
@@ -1204,30 +1245,37 @@ def _ready_behind(first: EngineEvent, queue: asyncio.Queue[EngineEvent | BaseExc
 
 
 class Outlet:
-    """Where a request's events go: the queue its stream awaits, on that stream's event loop. Called, it hands one
-    item over at once (an error); ``deliver`` hands a step's events over together."""
+    """Where a request's events go: the queue its stream awaits, on that stream's event loop (its ``channel``).
+    Called, it hands one item over at once (an error); ``deliver`` hands a step's events over together."""
 
-    __slots__ = ("loop", "queue")
+    __slots__ = ("channel", "queue")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EngineEvent | BaseException]) -> None:
-        self.loop, self.queue = loop, queue
+        self.channel, self.queue = loop, queue
 
     def __call__(self, item: EngineEvent | BaseException) -> None:
-        _call_soon(self.loop, self.queue.put_nowait, item)
+        _call_soon(self.channel, self.queue.put_nowait, item)
+
+    @staticmethod
+    def hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Outlet, EngineEvent]]) -> None:
+        """Several outlets' events on one loop, with one call into it."""
+        _call_soon(loop, _put_each, [(outlet.queue, event) for outlet, event in items])
 
 
 def deliver(events: Sequence[tuple[Callable[[EngineEvent | BaseException], None], EngineEvent]]) -> None:
-    """Hand a step's events to their receivers in order: those of ``Outlet`` s with one call per event loop (each
-    call from this thread writes to the loop's wake-up socket and wakes it: per row and step, that was a write and
-    a wake-up for each of a GPU batch's 64 rows), any other receiver (a test's list) directly."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineEvent]]] = {}
+    """Hand a step's events to their receivers in order: a receiver with a ``channel`` (an ``Outlet``: its event
+    loop; ``engine_process``: the pipe to the replica) gets them with one ``hand_over`` per channel (each call from
+    this thread into an event loop writes to its wake-up socket and wakes it: per row and step, that was a write
+    and a wake-up for each of a GPU batch's 64 rows), any other receiver (a test's list) directly."""
+    by_channel: dict[tuple[type, Any], list[tuple[Any, EngineEvent]]] = {}
     for emit, event in events:
-        if isinstance(emit, Outlet):
-            by_loop.setdefault(emit.loop, []).append((emit.queue, event))
-        else:
+        channel = getattr(emit, "channel", None)
+        if channel is None:
             emit(event)
-    for loop, items in by_loop.items():
-        _call_soon(loop, _put_each, items)
+        else:
+            by_channel.setdefault((type(emit), channel), []).append((emit, event))
+    for (kind, channel), items in by_channel.items():
+        kind.hand_over(channel, items)
 
 
 def _put_each(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
