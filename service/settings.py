@@ -197,6 +197,9 @@ class Settings(BaseSettings):
                                           "event this often (the first token at once), each carrying the tokens "
                                           "made meanwhile: every item a Ray Serve stream carries costs the "
                                           "replica's host ~0.6 ms. 0: each event as soon as it is ready.")
+    serve_engine_process: bool = Field(True, description="Each model replica runs its serving engine in a "
+                                       "process of its own, so the model thread shares no GIL with the replica's "
+                                       "streaming (false: a thread of the replica's process).")
     serve_max_waiting: int = Field(256, ge=1, description="Requests waiting per model replica; beyond, chat "
                                    "answers 429 engine_overloaded with Retry-After.")
     serve_request_timeout_s: float = Field(600.0, gt=0, description="A chat request not finished this long after "

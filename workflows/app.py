@@ -53,7 +53,8 @@ def model_configs(settings: Settings) -> list[Any]:
                                   num_replicas=settings.serve_replicas, autoscaling_config=autoscaling,
                                   num_cpus=settings.serve_num_cpus, num_gpus=settings.serve_num_gpus,
                                   dtype=settings.serve_dtype, quantization=settings.serve_quantization,
-                                  stream_interval_s=settings.serve_stream_interval_ms / 1000, engine=engine)
+                                  stream_interval_s=settings.serve_stream_interval_ms / 1000,
+                                  engine_process=settings.serve_engine_process, engine=engine)
             for model_id, model_dir in settings.base_models.items()]
 
 

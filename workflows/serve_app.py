@@ -3,12 +3,14 @@ deployment per base model, with Ray Serve model multiplexing over LoRA adapters.
 
 This module owns
 - ``ModelDeploymentConfig`` and ``model_deployment``: a deployment whose replicas each hold the base weights once
-  (a ``ServingEngine``) and up to ``max_adapters_per_replica`` adapters. The adapter loader is
-  ``@serve.multiplexed``, so Serve routes a request for an adapter to a replica that already holds it (or is
-  loading it) and evicts least-recently-used adapters (our ``AdapterCache`` uses the same bound and also
-  evicts when Serve unloads); adapters are fetched on first use from local disk or S3: nothing is
-  preloaded, so an adapter written after the application started is served without a restart.
-  ``check_health`` (Serve's liveness probe) fails when the engine thread died; ``ready`` is the readiness call.
+  (a ``ServingEngine``, in a process of its own by default: ``engine_process``) and up to
+  ``max_adapters_per_replica`` adapters. The adapter loader is ``@serve.multiplexed``, so Serve routes a request
+  for an adapter to a replica that already holds it (or is loading it) and evicts least-recently-used adapters
+  (our ``AdapterCache`` uses the same bound and also evicts when Serve unloads); adapters are fetched on first use
+  from local disk or S3: nothing is preloaded, so an adapter written after the application started is served
+  without a restart.
+  ``check_health`` (Serve's liveness probe) fails when the engine (its process or model thread) died; ``ready``
+  is the readiness call.
 - ``ServeBackend``: the ``ChatBackend`` the ingress uses; it forwards each request to the base model's deployment
   with ``DeploymentHandle.options(multiplexed_model_id=<adapter id>)`` and streams the engine events back.
 - ``build_app``: the application from an ASGI-app builder (called on the ingress replica with the backend, so
@@ -57,6 +59,9 @@ class ModelDeploymentConfig:
     # A stream's events leave the replica at most this often (the first at once), each joining the tokens made
     # meanwhile: every item Serve streams costs ~0.6 ms of CPU (docs/benchmarks.md); 0: each one when ready.
     stream_interval_s: float = 0.05
+    # The engine in a process of its own (``engine_process``), so its model thread shares no GIL with the replica's
+    # streaming; False: a thread of the replica's process.
+    engine_process: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
     dtype: str | None = None  # "bfloat16" to serve (Q-)LoRA adapters on a bf16 base
     quantization: Literal["none", "4bit"] = "none"  # "4bit": the LM in NF4, as Q-LoRA trained (see EngineConfig)
@@ -98,18 +103,25 @@ class ModelServerBase:
     """The body of a model replica; ``model_deployment`` adds the ``@serve.multiplexed`` loader."""
 
     def __init__(self, config: ModelDeploymentConfig) -> None:
-        import torch
-
-        from qwenvl_core.serving.engine import ServingEngine
-
-        dtype = getattr(torch, config.dtype) if config.dtype else None
         self.config = config
-        self.engine = ServingEngine.from_model_dir(config.model_dir, config.replica_engine_config(), dtype=dtype,
-                                                   metrics=_replica_metrics())
-        self.engine.start()
+        self.engine: Any
+        if config.engine_process:
+            from qwenvl_core.serving.engine_process import EngineProcess
+
+            self.engine = EngineProcess(config.model_dir, config.replica_engine_config(), dtype=config.dtype)
+        else:
+            import torch
+
+            from qwenvl_core.serving.engine import ServingEngine
+
+            self.engine = ServingEngine.from_model_dir(config.model_dir, config.replica_engine_config(),
+                                                       dtype=getattr(torch, config.dtype) if config.dtype else None,
+                                                       metrics=_replica_metrics())
+            self.engine.start()
 
     def __del__(self) -> None:
-        """Serve calls this when it stops the replica: end the model thread and remove the adapter downloads."""
+        """Serve calls this when it stops the replica: end the model thread (or process) and remove the adapter
+        downloads."""
         engine = getattr(self, "engine", None)  # absent when loading the model failed
         if engine is not None:
             engine.close()
@@ -118,7 +130,7 @@ class ModelServerBase:
         locator = _LOCATOR.get()  # Serve's multiplexing awaits the loader in the request's own task
         if locator is None:
             raise ValueError(f"adapter {adapter_id}: no locator")
-        await asyncio.to_thread(self.engine.cache.get, adapter_id, locator)
+        await asyncio.to_thread(self.engine.load_adapter, adapter_id, locator)
         return _ServedAdapter(self.engine, adapter_id)
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[bytes]:
@@ -145,15 +157,16 @@ class ModelServerBase:
         return self.engine.alive
 
     async def replica_stats(self) -> dict[str, Any]:
-        stats = self.engine.cache.stats
-        return {"replica": serve.get_replica_context().replica_id.unique_id, "cached": self.engine.cache.ids(),
-                "loads": stats.loads, "hits": stats.hits, "evictions": stats.evictions,
-                "max_adapters_in_forward": self.engine.stats.max_adapters_in_forward,
+        """The engine's adapter cache and counters, and the garbage collector of the replica's process (``gc_*``)
+        and of the engine's (``engine_gc_*``; the same process unless ``engine_process``)."""
+        engine = await asyncio.to_thread(self.engine.replica_stats)
+        return {**engine, "replica": serve.get_replica_context().replica_id.unique_id,
+                "engine_gc_frozen": engine["gc_frozen"], "engine_gc_tracked": engine["gc_tracked"],
                 "gc_frozen": gc.get_freeze_count(), "gc_tracked": len(gc.get_objects())}
 
     async def metrics(self) -> bytes:
         """This replica's Prometheus metrics (text format)."""
-        return self.engine.metrics.exposition() if self.engine.metrics else b""
+        return await asyncio.to_thread(self.engine.metrics_text)
 
     async def replica_metrics(self) -> tuple[str, bytes]:
         """``(replica id, metrics)``: what ``ServeBackend.metrics`` collects from every replica by broadcast."""
@@ -161,7 +174,7 @@ class ModelServerBase:
 
     def check_health(self) -> None:
         if not self.engine.alive:
-            raise RuntimeError("the engine thread is not running")
+            raise RuntimeError("the serving engine is not running")
 
 
 def _replica_metrics() -> Any:

@@ -223,7 +223,8 @@ def test_serves_unload_keeps_the_downloaded_adapter_and_deletion_removes_it(engi
 def test_stopping_a_replica_removes_its_adapter_downloads_unless_a_folder_is_configured(
         tiny_model_dir, adapter_dirs, s3_env, tmp_path):
     """A replica downloads S3 adapters to scratch; when Serve stops it (``__del__``) the engine thread ends and the
-    downloads go (a real adapter is hundreds of MB; a replica restarts often). A configured folder is kept."""
+    downloads go (a real adapter is hundreds of MB; a replica restarts often). A configured folder is kept. (The
+    engine in its own process closes the same engine when its replica closes it: ``test_engine_process``.)"""
     from qwenvl_core.storage import open_store, upload_dir
     from workflows.serve_app import ModelDeploymentConfig, ModelServerBase
 
@@ -234,7 +235,7 @@ def test_stopping_a_replica_removes_its_adapter_downloads_unless_a_folder_is_con
     kept = tmp_path / "adapter-cache"
     for cache_dir in (None, kept):
         server = ModelServerBase(ModelDeploymentConfig(
-            base_model="tiny", model_dir=str(tiny_model_dir), engine=EngineConfig(
+            base_model="tiny", model_dir=str(tiny_model_dir), engine_process=False, engine=EngineConfig(
                 adapter_cache_dir=None if cache_dir is None else str(cache_dir))))
         engine = server.engine
         engine.cache.get("a3", locator)

@@ -177,13 +177,16 @@ def test_replicas_run_with_their_start_up_heap_frozen_out_of_the_gc(serve_url):
     tracked objects: ~300 ms for the ~500,000 a replica holds once started (Ray, Serve, torch, the model), on the
     CI VM. Ray Serve (2.60, ``RAY_SERVE_FREEZE_GC_ON_STARTUP`` on by default) moves them into the permanent
     generation after the replica's ``__init__``; this guards that the pinned Ray still does, so a collection walks
-    only what requests left behind."""
+    only what requests left behind. The engine's own process (``engine_process``) freezes its start-up heap the
+    same way."""
     _ask(serve_url, BASE)
     stats = _replica_stats()
     assert len(stats) == 2
     for s in stats.values():
-        assert s["gc_frozen"] > 100_000, s  # Ray, Serve, torch, transformers and the model: hundreds of thousands
+        assert s["gc_frozen"] > 100_000, s  # Ray, Serve, torch, transformers: hundreds of thousands
         assert s["gc_tracked"] < s["gc_frozen"] / 4, s
+        assert s["engine_gc_frozen"] > 100_000, s  # torch, transformers and the model
+        assert s["engine_gc_tracked"] < s["engine_gc_frozen"] / 4, s
 
 
 def test_adapter_published_after_start_is_served_then_deleted(serve_url, tiny_model_dir, adapter_dirs, tmp_path,
