@@ -17,7 +17,8 @@
 # (GPU_CHECK_ONLY="gpu_tests serve_v1_memory"; the environment row always runs). Rows beyond the budget run only
 # when named: serve_qwen25vl_7b (Qwen2.5-VL-7B's LoRA rows with and without decode graphs; a second call, 240 s),
 # fused_siblings (decode-step time of a small Qwen2.5-VL with its sibling layers fused and apart; 90 s),
-# serve_v1_latency (the serving row's latency lines alone, if that row was cut before them; 150 s).
+# serve_v1_latency (the serving row's latency lines alone, if that row was cut before them; 150 s), engine_process
+# (a small v1 in bf16, 64 streams, the engine in a thread vs a process of its own; 120 s).
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
 # pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
@@ -58,6 +59,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   [ "$device" = cpu ] && train+=(--steps-on-cpu)
   sampling=(--vocab 1152 --repeats 3)
   fused=(--preset qwen2.5-vl-tiny --rounds 1 --steps 2)
+  process=(--preset qwen-vl-tiny --rows 8 --tokens 8 --rounds 1)
   scale=5
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
@@ -73,6 +75,7 @@ else
   train=(--preset qwen2.5-vl-7b)
   sampling=(--greedy 16 --repeats 20)
   fused=(--preset qwen2.5-vl-small --dtype bfloat16 --rounds 5 --steps 32)
+  process=(--preset qwen-vl-small --dtype bfloat16 --rows 64 --tokens 128 --item-work-ms 0,0.2,0.6 --rounds 3)
 fi
 if [ -f "$wheels/generation-before.py" ]; then  # the sampler before it was batched (gpu_wheels.sh writes it)
   sampling+=(--before-file "$wheels/generation-before.py")
@@ -86,7 +89,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
 failed=0
-OPT_IN="serve_qwen25vl_7b fused_siblings serve_v1_latency"  # rows run only when GPU_CHECK_ONLY names them (one call's
+OPT_IN="serve_qwen25vl_7b fused_siblings serve_v1_latency engine_process"  # rows run only when GPU_CHECK_ONLY names them (one call's
 # 600 s are spent)
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$(($2 * ${GPU_CHECK_LIMIT_SCALE:-$scale})); shift 2
@@ -125,5 +128,8 @@ check fused_siblings 90 $PY bench/fused_siblings.py --device "$device" "${fused[
 # that row ran out of its limit before them
 check serve_v1_latency 150 $PY bench/serving_throughput.py --device "$device" --dtype bfloat16 --adapters 8 \
   --rank 16 --latency-only "${latency[@]}"
+# opt-in: the engine in a thread vs a process of its own while the caller's loop works per item read, as a Serve
+# replica's does (its GIL against the model thread's; no Ray on the device machine)
+check engine_process 120 $PY bench/engine_process.py --device "$device" "${process[@]}"
 cat "$table"
 exit "$failed"
