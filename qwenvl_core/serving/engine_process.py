@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import pickle
+import site
 import socket
 import subprocess
 import sys
@@ -71,11 +72,8 @@ class EngineProcess:
         """Start the child and wait until its engine is loaded; its error (e.g. a broken model directory) is
         raised here."""
         ours, theirs = socket.socketpair()
-        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this package as we do
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
-                                                             if p)}
         self._proc = subprocess.Popen([sys.executable, "-m", "qwenvl_core.serving.engine_process",
-                                       str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env)
+                                       str(theirs.fileno())], pass_fds=[theirs.fileno()], env=child_environment())
         theirs.close()
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
@@ -162,8 +160,10 @@ class EngineProcess:
         return self._call("evict_adapter", adapter_id)
 
     def unload_adapter(self, adapter_id: str) -> None:
-        """Sent without waiting for the answer: Serve's multiplexing calls it from a finalizer."""
-        self._send(("call", None, "unload_adapter", (adapter_id,)))
+        """Sent without waiting for the answer, from a thread of its own: Serve's multiplexing calls it from a
+        finalizer, which may run in a thread that is inside ``_send`` already (holding its lock)."""
+        threading.Thread(target=self._send, args=(("call", None, "unload_adapter", (adapter_id,)),),
+                         name="qwenvl-engine-unload", daemon=True).start()
 
     def replica_stats(self) -> dict[str, Any]:
         return self._call("replica_stats")
@@ -227,6 +227,17 @@ class EngineProcess:
             future = self._calls.pop(cid, None)
             if future is not None and not future.done():
                 future.set_exception(error(reason))
+
+
+def child_environment() -> dict[str, str]:
+    """The child's environment: this process's (the GPUs Ray made visible, storage credentials), with the folder
+    this package was imported from first on ``PYTHONPATH`` unless it is a site-packages folder the child finds by
+    itself (e.g. a Ray ``working_dir`` or ``py_modules`` copy, which only Ray's workers have on their path; a
+    site-packages folder placed there would go before the standard library)."""
+    root = str(Path(__file__).resolve().parents[2])
+    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    paths = [p for p in (None if root in sites else root, os.environ.get("PYTHONPATH")) if p]
+    return {**os.environ, **({"PYTHONPATH": os.pathsep.join(paths)} if paths else {})}
 
 
 class _Pipe:

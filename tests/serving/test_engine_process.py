@@ -228,3 +228,18 @@ def test_closing_the_child_removes_its_adapter_downloads(tiny_model_dir, adapter
     finally:
         engine.close()
     assert not list(tmp_path.glob("qwenvl-adapters-*"))
+
+
+def test_the_child_finds_this_package_without_a_site_folder_going_before_the_standard_library(monkeypatch):
+    import site
+
+    from qwenvl_core.serving.engine_process import child_environment
+
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(site, "getsitepackages", lambda: ["/usr/lib/python3/dist-packages"])
+    assert child_environment()["PYTHONPATH"] == os.pathsep.join([root, "/elsewhere"])  # a checkout or Ray's copy
+    monkeypatch.setattr(site, "getsitepackages", lambda: [root])  # installed: the child's own path has it
+    assert child_environment()["PYTHONPATH"] == "/elsewhere"
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in child_environment()
