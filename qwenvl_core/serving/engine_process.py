@@ -122,11 +122,13 @@ class EngineProcess:
         self._proc.wait()
 
     def _await_start(self) -> dict[str, Any]:
-        while not self._conn.poll(START_POLL_S):
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the engine process exited with code {self._proc.returncode} while loading the "
-                                   "model (its log has the cause)")
-        kind, value = self._conn.recv()
+        while not self._conn.poll(START_POLL_S) and self._proc.poll() is None:
+            pass
+        try:
+            kind, value = self._conn.recv()
+        except (EOFError, OSError):  # it ended without a word (killed, or failed before our code ran)
+            raise RuntimeError(f"the engine process exited with code {self._proc.wait()} while loading the model "
+                               "(its log has the cause)") from None
         if kind == "failed":
             raise value
         return value

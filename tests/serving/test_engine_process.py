@@ -243,3 +243,10 @@ def test_the_child_finds_this_package_without_a_site_folder_going_before_the_sta
     assert child_environment()["PYTHONPATH"] == "/elsewhere"
     monkeypatch.delenv("PYTHONPATH")
     assert "PYTHONPATH" not in child_environment()
+
+
+def test_a_child_that_ends_without_a_word_while_loading_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a child that exits at once
+    with pytest.raises(RuntimeError, match="exited with code 1 while loading the model"):
+        EngineProcess(tiny_model_dir, EngineConfig())
