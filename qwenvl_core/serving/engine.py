@@ -8,7 +8,8 @@ This module owns the request lifecycle inside one replica:
    (pixel limits from their headers) one at a time and preprocessed, and the adapter fetched from the
    ``AdapterCache`` (loaded on a miss). A refused request raises ``RequestError`` naming the field
    (``messages[i].content[j]``, ``max_tokens``, ``logit_bias``). The request then holds its ``LoraWeights``:
-   it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile.
+   it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile. ``submit``
+   does the same for a caller with a receiver of its own (``engine_process``: the engine in a child process).
 2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
    their adapters) and join the running batch in the KV slots after its rows (each row stored from column 0, no
    padding columns: ``kv_cache``). A running batch takes them in once a few can join together
