@@ -42,7 +42,8 @@ def model_configs(settings: Settings) -> list[Any]:
                           vision_adapter_bytes=settings.serve_vision_adapter_bytes,
                           max_lora_rank=settings.serve_max_lora_rank,
                           max_waiting=settings.serve_max_waiting,
-                          request_timeout_s=settings.serve_request_timeout_s)
+                          request_timeout_s=settings.serve_request_timeout_s,
+                          stall_timeout_s=settings.serve_stall_timeout_s)
 
     autoscaling = None
     if settings.serve_max_replicas is not None:

@@ -173,8 +173,9 @@ class ModelServerBase:
         return serve.get_replica_context().replica_id.unique_id, await self.metrics()
 
     def check_health(self) -> None:
-        if not self.engine.alive:
-            raise RuntimeError("the serving engine is not running")
+        problem = self.engine.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
 
 def _replica_metrics() -> Any:

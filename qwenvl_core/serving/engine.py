@@ -28,7 +28,9 @@ sampling or text step raises is dropped alone; such a row's request gets ``Engin
 never the request's mistake), the others continue; so does a request whose adapter cannot be copied to its
 device slot. ``EngineStopped`` is what requests in flight get on close. A fault outside these (an engine bug, a
 device that broke) ends the model thread: every request in flight and waiting gets ``EngineFault`` at once, new
-ones ``EngineStopped``, and ``alive`` turns False (Serve's health check then replaces the replica).
+ones ``EngineStopped``, and ``alive`` turns False (Serve's health check then replaces the replica). A step that runs
+longer than ``stall_timeout_s`` (a device that hangs) makes ``problem()`` say so while it lasts, which fails that
+health check too.
 """
 
 from __future__ import annotations
@@ -203,6 +205,10 @@ class EngineConfig:
     # yet the default: unmeasured on a GPU.
     decode_graphs: Literal["off", "cuda", "static"] = "off"
     decode_graph_attend_step: int = 256  # attended keys rounded up to a multiple of this (fewer graphs, more masked)
+    # One engine step (a forward and its rows' work) running longer than this makes the engine unhealthy
+    # (``problem``): a device that hangs holds its requests, and their own timeouts, which the model thread checks,
+    # forever; the replica's health check then fails and Serve replaces it. None: never.
+    stall_timeout_s: float | None = 300.0
 
 
 PREFILL_TOKENS_GPU, PREFILL_TOKENS_CPU = 2048, 512  # ``EngineConfig.prefill_chunk_tokens`` None
@@ -402,6 +408,7 @@ class ServingEngine:
         self._stopping = False
         self._broken = False  # the model thread failed: new requests are refused (``EngineStopped``)
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # when the step the model thread is in began (None: between steps)
 
     @classmethod
     def from_model_dir(
@@ -438,7 +445,17 @@ class ServingEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve (None: it can): its model thread ended, or is stuck in one step for longer
+        than ``stall_timeout_s``."""
+        if self._thread is None or not self._thread.is_alive():
+            return "the model thread is not running"
+        started, limit = self._step_started, self.config.stall_timeout_s
+        if started is not None and limit is not None and time.monotonic() - started > limit:
+            return f"one step of the model thread has run for over {limit:g} s (a device that hangs?)"
+        return None
 
     def close(self) -> None:
         """Stop the model thread (requests in flight get an error) and the preprocessing pool."""
@@ -609,7 +626,9 @@ class ServingEngine:
         new: list[_Sequence] | None = []
         try:
             while (new := self._take_new()) is not None:
+                self._step_started = time.monotonic()
                 self._step(new)
+                self._step_started = None
                 new = []  # hold no request (nor its adapter weights) while waiting for work
         except Exception as exc:  # outside the per-request isolation (an engine bug, a broken device): no request
             # may wait for a thread that is gone; the replica's health check fails and Serve replaces it

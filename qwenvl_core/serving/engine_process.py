@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 # What the child answers when asked (``EngineProcess._call``): ``ServingEngine`` methods of these names
 CALLS = frozenset({"load_adapter", "evict_adapter", "unload_adapter", "replica_stats", "metrics_text"})
 START_POLL_S = 1.0  # how often the replica checks that a child still loading its model is alive
+WATCH_S = 0.5  # how often the child checks its engine (``ServingEngine.problem``)
 
 
 class EngineProcess:
@@ -96,7 +97,16 @@ class EngineProcess:
     # ----- lifecycle ------------------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._ended is None and self._proc.poll() is None
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve (None: it can): the child ended, or told why it cannot (``ServingEngine.
+        problem``: its model thread ended or is stuck in a step)."""
+        if self._ended is not None:
+            return self._ended
+        if self._proc.poll() is not None:
+            return f"the engine process exited with code {self._proc.returncode}"
+        return None
 
     @property
     def pid(self) -> int:
@@ -209,7 +219,7 @@ class EngineProcess:
                         future.set_result(value)
                     elif future is not None:
                         future.set_exception(value)
-                elif kind == "stopped":  # its model thread failed: it fails what it holds, we refuse new ones
+                elif kind == "stopped":  # its model thread ended or is stuck: we refuse new requests
                     reason = message[1]
                     self._ended = reason
         except (EOFError, OSError):
@@ -366,10 +376,10 @@ class _Child:
             log.warning("%s%r failed in the engine process: %s", name, args, value)
 
     async def _watch_engine(self) -> None:
-        """Tell the replica once the model thread has ended (its health check then fails)."""
-        while self.engine.alive:
-            await asyncio.sleep(0.5)
-        self.pipe.send(("stopped", "the model server failed and is being replaced"))
+        """Tell the replica once the engine cannot serve (its health check then fails and Serve replaces it)."""
+        while (problem := self.engine.problem()) is None:
+            await asyncio.sleep(WATCH_S)
+        self.pipe.send(("stopped", f"the model server failed and is being replaced ({problem})"))
 
 
 def _serve(conn: Connection) -> None:

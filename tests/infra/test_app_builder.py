@@ -25,6 +25,7 @@ print(json.dumps([{"base_model": c.base_model, "model_dir": c.model_dir, "replic
                    "graphs": c.replica_engine_config().decode_graphs,
                    "prefill": c.engine.prefill_chunk_tokens, "batch": c.engine.max_batch_size,
                    "stream_interval": c.stream_interval_s, "engine_process": c.engine_process,
+                   "stall": c.engine.stall_timeout_s,
                    "image_limits": [c.engine.max_images_per_request, c.engine.max_image_bytes,
                                     c.engine.max_image_bytes_total]}
                   for kwargs in json.load(sys.stdin) for c in model_configs(Settings(**kwargs))]))
@@ -37,7 +38,7 @@ def test_model_configs_follow_the_serve_settings():
                   "serve_dtype": "bfloat16", "max_chat_images": 4, "max_chat_image_bytes": 1000,
                   "max_chat_image_bytes_total": 3000, "serve_decode_graphs": "cuda",
                   "serve_prefill_chunk_tokens": 1024, "serve_max_batch_size": 48,
-                  "serve_stream_interval_ms": 20, "serve_engine_process": False}
+                  "serve_stream_interval_ms": 20, "serve_engine_process": False, "serve_stall_timeout_s": 60}
     fixed = {"base_models": {"c": "/models/c"}, "serve_replicas": 2}
     a, b, c = run_python(_MODEL_CONFIGS, [autoscaled, fixed])  # workflows.serve_app imports Ray: own process
     assert (a["base_model"], a["model_dir"], b["base_model"]) == ("a", "/models/a", "b")
@@ -47,6 +48,7 @@ def test_model_configs_follow_the_serve_settings():
     assert (a["batch"], c["batch"]) == (48, None)
     assert (a["stream_interval"], c["stream_interval"]) == (0.02, 0.05)
     assert (a["engine_process"], c["engine_process"]) == (False, True)
+    assert (a["stall"], c["stall"]) == (60, 300)
     assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 24.0}  # 48 / 2
     assert c["autoscaling"] is None and c["replicas"] == 2
     assert a["image_limits"] == [4, 1000, 3000] and c["image_limits"] == [16, 20 << 20, 50 << 20]

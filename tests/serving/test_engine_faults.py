@@ -8,6 +8,7 @@ must not leave any request waiting on a thread that is gone."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -158,6 +159,35 @@ def test_a_failed_model_thread_fails_every_request_at_once_and_refuses_new_ones(
     assert all(isinstance(o, EngineFault) and "RuntimeError" in str(o) for o in outcomes), outcomes
     assert isinstance(refused, EngineStopped) and "being replaced" in str(refused)
     assert eventually(lambda: not engine.alive)
+
+
+def test_a_step_stuck_past_the_stall_timeout_makes_the_engine_unhealthy_until_it_ends(engine_factory, monkeypatch):
+    """A device that hangs holds the model thread in one forward: requests and their timeouts (checked by that
+    thread) wait forever. Past ``stall_timeout_s`` the engine says why it cannot serve (``problem``; the replica's
+    health check raises it, and Serve replaces the replica); a step that ends after all clears it."""
+    engine: ServingEngine = engine_factory(max_batch_size=2, stall_timeout_s=0.3)
+    release = threading.Event()
+    forward = engine._forward
+
+    def hanging_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        release.wait(timeout=30)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", hanging_forward)
+
+    async def run() -> tuple[str | None, int]:
+        stop_ids = tuple(engine.family.stop_token_ids(engine.processor))
+        pending = asyncio.ensure_future(engine.generate(_request(1, tokens=3, endless_ids=stop_ids)))
+        started = time.monotonic()
+        while "has run" not in (engine.problem() or "") and time.monotonic() - started < 10:
+            await asyncio.sleep(0.05)  # (the model thread starts with the first request)
+        problem = engine.problem()
+        release.set()
+        return problem, (await pending).completion_tokens
+
+    problem, tokens = asyncio.run(run())
+    assert problem is not None and "has run for over 0.3 s" in problem
+    assert tokens == 3 and engine.alive and engine.problem() is None
 
 
 @pytest.mark.parametrize("where", ["prefill", "decode"])

@@ -250,3 +250,45 @@ def test_a_child_that_ends_without_a_word_while_loading_is_a_clear_error(tiny_mo
     monkeypatch.setattr(sys, "executable", "/bin/false")  # a child that exits at once
     with pytest.raises(RuntimeError, match="exited with code 1 while loading the model"):
         EngineProcess(tiny_model_dir, EngineConfig())
+
+
+HANGING_FORWARD = """\
+import os, time
+from qwenvl_core.serving import engine as _engine
+_forward = _engine.ServingEngine._forward
+def _hanging_forward(self, *args, **kwargs):
+    time.sleep(float(os.environ["QWENVL_TEST_FORWARD_HANG_S"]))  # a device that hangs, for a while
+    return _forward(self, *args, **kwargs)
+_engine.ServingEngine._forward = _hanging_forward
+"""
+
+
+def test_a_child_whose_step_hangs_past_the_stall_timeout_is_reported_and_refuses_new_requests(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The child's model thread stuck in one forward past ``stall_timeout_s``: the child tells the replica, whose
+    ``problem`` (its health check) names it and which refuses new requests; closing it still ends the child and
+    fails the request it held with ``EngineStopped``, no client left waiting."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_FORWARD)  # in the child only: it inherits this environment
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("QWENVL_TEST_FORWARD_HANG_S", "3")
+    engine = EngineProcess(tiny_model_dir, EngineConfig(max_batch_size=2, stall_timeout_s=0.5))
+
+    async def held_then_closed() -> tuple[str | None, BaseException | None]:
+        pending = asyncio.ensure_future(engine.generate(_request(0, tokens=4, stop_token_ids=ENDLESS)))
+        started = time.monotonic()
+        while engine.problem() is None and time.monotonic() - started < 20:
+            await asyncio.sleep(0.1)
+        problem = engine.problem()
+        try:
+            await engine.generate(_request(1))
+            refused = None
+        except EngineStopped as exc:
+            refused = exc
+        await asyncio.to_thread(engine.close)
+        with pytest.raises(EngineStopped):
+            await pending
+        return problem, refused
+
+    problem, refused = asyncio.run(held_then_closed())
+    assert problem is not None and "has run for over 0.5 s" in problem and not engine.alive
+    assert refused is not None and "has run for over 0.5 s" in str(refused)
