@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 CALLS = frozenset({"load_adapter", "evict_adapter", "unload_adapter", "replica_stats", "metrics_text"})
 START_POLL_S = 1.0  # how often the replica checks that a child still loading its model is alive
 WATCH_S = 0.5  # how often the child checks its engine (``ServingEngine.problem``)
+# The longest the replica waits for the child's answer to a quick call (stats, metrics, eviction): a child that does
+# not answer (stopped, or its loop stuck) must not pile up the replica's threads that wait, one per metrics scrape.
+# Adapter loads (downloads from S3) wait as long as they take.
+CALL_TIMEOUT_S = 30.0
 
 
 class EngineProcess:
@@ -166,7 +170,7 @@ class EngineProcess:
 
     # ----- calls the child answers ----------------------------------------------------------------------------
     def load_adapter(self, adapter_id: str, locator: str) -> None:
-        self._call("load_adapter", adapter_id, locator)
+        self._call("load_adapter", adapter_id, locator, patient=True)
 
     def evict_adapter(self, adapter_id: str) -> bool:
         return self._call("evict_adapter", adapter_id)
@@ -183,14 +187,21 @@ class EngineProcess:
     def metrics_text(self) -> bytes:
         return self._call("metrics_text")
 
-    def _call(self, name: str, *args: Any) -> Any:
+    def _call(self, name: str, *args: Any, patient: bool = False) -> Any:
+        """The child's answer to ``name(*args)``; ``TimeoutError`` when it gives none within ``CALL_TIMEOUT_S``
+        (``patient``: no limit)."""
+        timeout = None if patient else CALL_TIMEOUT_S
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         cid = next(self._ids)
         self._calls[cid] = future
         if not self._send(("call", cid, name, args)):
             self._calls.pop(cid, None)
             raise EngineStopped(self._ended or "the serving engine stopped")
-        return future.result()
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._calls.pop(cid, None)
+            raise TimeoutError(f"the engine process did not answer {name} within {timeout:g} s") from None
 
     # ----- the pipe -------------------------------------------------------------------------------------------
     def _send(self, message: tuple[Any, ...]) -> bool:

@@ -292,3 +292,21 @@ def test_a_child_whose_step_hangs_past_the_stall_timeout_is_reported_and_refuses
     problem, refused = asyncio.run(held_then_closed())
     assert problem is not None and "has run for over 0.5 s" in problem and not engine.alive
     assert refused is not None and "has run for over 0.5 s" in str(refused)
+
+
+def test_a_call_the_child_does_not_answer_times_out_instead_of_holding_a_thread(tiny_model_dir, monkeypatch):
+    """A stopped child (or one whose loop is stuck) must not hold a replica thread per metrics scrape forever."""
+    import qwenvl_core.serving.engine_process as engine_process
+
+    monkeypatch.setattr(engine_process, "CALL_TIMEOUT_S", 0.5)
+    engine = EngineProcess(tiny_model_dir, EngineConfig(max_batch_size=2))
+    try:
+        os.kill(engine.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError, match="did not answer metrics_text within 0.5 s"):
+                engine.metrics_text()
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
+        assert engine.replica_stats()["cached"] == [] and not engine._calls  # the late answer found nobody waiting
+    finally:
+        engine.close()
