@@ -200,10 +200,9 @@ class Settings(BaseSettings):
     serve_engine_process: bool = Field(True, description="Each model replica runs its serving engine in a "
                                        "process of its own, so the model thread shares no GIL with the replica's "
                                        "streaming (false: a thread of the replica's process).")
-    serve_stall_timeout_s: float | None = Field(300.0, gt=0, description="A model replica whose engine has been "
-                                                "in one step (a forward and its rows' work) this long fails its "
-                                                "health check and Serve replaces it (a device that hangs); None: "
-                                                "never.")
+    serve_stall_timeout_s: float = Field(300.0, ge=0, description="A model replica whose engine has been in one "
+                                         "step (a forward and its rows' work) this long fails its health check and "
+                                         "Serve replaces it (a device that hangs); 0: never.")
     serve_max_waiting: int = Field(256, ge=1, description="Requests waiting per model replica; beyond, chat "
                                    "answers 429 engine_overloaded with Retry-After.")
     serve_request_timeout_s: float = Field(600.0, gt=0, description="A chat request not finished this long after "

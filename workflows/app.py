@@ -43,7 +43,7 @@ def model_configs(settings: Settings) -> list[Any]:
                           max_lora_rank=settings.serve_max_lora_rank,
                           max_waiting=settings.serve_max_waiting,
                           request_timeout_s=settings.serve_request_timeout_s,
-                          stall_timeout_s=settings.serve_stall_timeout_s)
+                          stall_timeout_s=settings.serve_stall_timeout_s or None)  # 0: never
 
     autoscaling = None
     if settings.serve_max_replicas is not None:

@@ -1122,6 +1122,8 @@ def _check_choices(config: EngineConfig) -> None:
         raise QwenVLError(f"decode_graph_attend_step must be >= 1, got {config.decode_graph_attend_step}")
     if config.max_batch_size is not None and config.max_batch_size < 1:
         raise QwenVLError(f"max_batch_size must be >= 1 or None, got {config.max_batch_size}")
+    if config.stall_timeout_s is not None and not config.stall_timeout_s > 0:
+        raise QwenVLError(f"stall_timeout_s must be > 0 or None (never), got {config.stall_timeout_s}")
     if config.prefill_chunk_tokens is not None and config.prefill_chunk_tokens < 0:
         raise QwenVLError(f"prefill_chunk_tokens must be >= 0 (0: whole prompts) or None, got "
                           f"{config.prefill_chunk_tokens}")

@@ -40,7 +40,8 @@ def test_model_configs_follow_the_serve_settings():
                   "serve_prefill_chunk_tokens": 1024, "serve_max_batch_size": 48,
                   "serve_stream_interval_ms": 20, "serve_engine_process": False, "serve_stall_timeout_s": 60}
     fixed = {"base_models": {"c": "/models/c"}, "serve_replicas": 2}
-    a, b, c = run_python(_MODEL_CONFIGS, [autoscaled, fixed])  # workflows.serve_app imports Ray: own process
+    never = {"base_models": {"d": "/models/d"}, "serve_stall_timeout_s": 0}
+    a, b, c, d = run_python(_MODEL_CONFIGS, [autoscaled, fixed, never])  # workflows.serve_app imports Ray: own process
     assert (a["base_model"], a["model_dir"], b["base_model"]) == ("a", "/models/a", "b")
     assert (a["adapters"], a["gpus"], a["cpus"], a["dtype"]) == (3, 1, 4, "bfloat16")
     assert (a["graphs"], c["graphs"]) == ("cuda", "off")
@@ -48,7 +49,7 @@ def test_model_configs_follow_the_serve_settings():
     assert (a["batch"], c["batch"]) == (48, None)
     assert (a["stream_interval"], c["stream_interval"]) == (0.02, 0.05)
     assert (a["engine_process"], c["engine_process"]) == (False, True)
-    assert (a["stall"], c["stall"]) == (60, 300)
+    assert (a["stall"], c["stall"], d["stall"]) == (60, 300, None)  # 0: never
     assert a["autoscaling"] == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 24.0}  # 48 / 2
     assert c["autoscaling"] is None and c["replicas"] == 2
     assert a["image_limits"] == [4, 1000, 3000] and c["image_limits"] == [16, 20 << 20, 50 << 20]

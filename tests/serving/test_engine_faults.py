@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qwenvl_core.conversation import text_message
+from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import SamplingParams
 from qwenvl_core.serving.engine import EngineFault, EngineRequest, EngineStopped, ServingEngine, _Sequence
 from tests.devices import DEVICES
@@ -188,6 +189,8 @@ def test_a_step_stuck_past_the_stall_timeout_makes_the_engine_unhealthy_until_it
     problem, tokens = asyncio.run(run())
     assert problem is not None and "has run for over 0.3 s" in problem
     assert tokens == 3 and engine.alive and engine.problem() is None
+    with pytest.raises(QwenVLError, match=r"stall_timeout_s must be > 0 or None \(never\), got 0"):
+        engine_factory(stall_timeout_s=0)  # (the setting's 0 means never: the deployment passes None)
 
 
 @pytest.mark.parametrize("where", ["prefill", "decode"])
