@@ -92,6 +92,7 @@ class EngineProcess:
             self.info: dict[str, Any] = self._await_start()
         except BaseException:
             self._kill()
+            self._conn.close()
             raise
         self._reader = threading.Thread(target=self._read, name="qwenvl-engine-reader", daemon=True)
         self._reader.start()
