@@ -62,14 +62,12 @@ from qwenvl_core.serving.engine import (
     EngineRequest,
     EngineStopped,
     ImageBoxes,
-    RequestError,
     ServingEngine,
-    check_image_bytes,
-    check_image_count,
     join_events,
 )
 from qwenvl_core.serving.inline_images import InlineImages
 from qwenvl_core.serving.metrics import merge_expositions
+from qwenvl_core.serving.preparation import RequestError, check_image_bytes, check_image_count
 from qwenvl_core.vocabulary import TokenLogprob
 
 MAX_STOP_STRINGS = 4

@@ -1,15 +1,13 @@
 """The serving engine: continuous batching of chat requests for one base model and many LoRA adapters.
 
 This module owns the request lifecycle inside one replica:
-1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path, cheapest
-   checks first: the number of images, each image's encoded size and their total (data URLs from their
-   length), the prompt's token count (image spans have a fixed length, so no pixel is decoded for it) against
-   ``max_total_tokens``, the ``logit_bias`` token ids against the vocabulary; only then are images decoded
-   (pixel limits from their headers) one at a time and preprocessed, and the adapter fetched from the
-   ``AdapterCache`` (loaded on a miss). A refused request raises ``RequestError`` naming the field
-   (``messages[i].content[j]``, ``max_tokens``, ``logit_bias``). The request then holds its ``LoraWeights``:
-   it finishes on the weights it started with even if the adapter is evicted or deleted meanwhile. ``submit``
-   does the same for a caller with a receiver of its own (``engine_process``: the engine in a child process).
+1. ``stream(request)`` (async) prepares the request in a thread pool, off the model's critical path
+   (``preparation.RequestPreparer``: the cheapest checks first, then the template, the tokens, the images decoded
+   and preprocessed; a refused request raises ``RequestError`` naming the field), then fetches its adapter from the
+   ``AdapterCache`` (loaded on a miss). The request then holds its ``LoraWeights``: it finishes on the weights it
+   started with even if the adapter is evicted or deleted meanwhile. ``submit`` does the same for a caller with a
+   receiver of its own, and takes a request prepared elsewhere (``engine_process``: the engine in a child process,
+   its requests prepared in the replica's process).
 2. One model thread runs the batch loop: waiting requests are prefilled together (left padding, their images,
    their adapters) and join the running batch in the KV slots after its rows (each row stored from column 0, no
    padding columns: ``kv_cache``). A running batch takes them in once a few can join together
@@ -41,9 +39,8 @@ import gc
 import logging
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,20 +48,17 @@ from typing import Any, Literal
 
 import torch
 
-from qwenvl_core.conversation import ImagePart, Message
 from qwenvl_core.devices import checked_device, default_device, host_to_device
-from qwenvl_core.errors import ImageError, QwenVLError
+from qwenvl_core.errors import QwenVLError
 from qwenvl_core.generation import (
     FinishReason,
     RowState,
-    SamplingParams,
     advance_row,
     left_pad,
     make_rows,
     next_tokens,
 )
 from qwenvl_core.grounding import PixelObject
-from qwenvl_core.images import encoded_size, load_image
 from qwenvl_core.models.processing import FamilyProcessor, VisionInputs
 from qwenvl_core.models.registry import FamilyName, ModelFamily, detect_family
 from qwenvl_core.scratch import ScratchDir
@@ -82,21 +76,11 @@ from qwenvl_core.serving.lora_batch import (
     lora_targets,
 )
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
+from qwenvl_core.serving.preparation import EngineRequest, PreparedRequest, RequestPreparer
 from qwenvl_core.serving.vision_adapters import VisionAdapters, VisionWeights, tower_order
 from qwenvl_core.vocabulary import TokenLogprob, describe_logprobs, row_vocabulary, vocabulary
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(QwenVLError):
-    """A request the engine (or the API in front of it) refuses; ``param`` names the field, ``code`` the reason."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param, self.code = param, code
-
-    def __reduce__(self) -> tuple[Any, ...]:  # keeps param and code across processes (Ray Serve replicas)
-        return type(self), (str(self), self.param, self.code)
 
 
 # CUDA's errors other than out-of-memory (an illegal address, a device-side assert, a launch failure) are sticky:
@@ -223,24 +207,6 @@ def resolve_config(config: EngineConfig, device: torch.device) -> EngineConfig:
                 "max_batch_size": BATCH_CPU if cpu else BATCH_GPU}
     unset = {name: value for name, value in defaults.items() if getattr(config, name) is None}
     return dataclasses.replace(config, **unset) if unset else config
-
-
-@dataclass
-class EngineRequest:
-    """One chat request as the engine sees it (already authorised and resolved by the caller)."""
-
-    messages: list[Message]
-    params: SamplingParams = SamplingParams(max_new_tokens=256)
-    adapter_id: str | None = None
-    adapter_locator: str | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # True when the client set no output limit (OpenAI: the output may run to the end of the context):
-    # ``params.max_new_tokens`` is then the server's default, cut to what ``max_total_tokens`` leaves after the
-    # prompt instead of refusing a long prompt for an output size the client never asked for.
-    default_max_tokens: bool = False
-    # False: the caller wants the whole answer only (a completion that is not streamed to its client), so what
-    # carries the events to it may send them as one (a Serve replica does).
-    streamed: bool = True
 
 
 @dataclass
@@ -397,8 +363,7 @@ class ServingEngine:
                  "%d (%.2f GiB)", self.kv.device, self.slots, config.max_total_tokens, self.kv.nbytes / 2**30,
                  config.adapter_slots, config.max_lora_rank, self.adapter_slots.nbytes / 2**30)
         self._pad_id = processor.pad_token_id
-        self._stop_ids = tuple(family.stop_token_ids(processor))
-        self._image_limits = dataclasses.replace(processor.image_limits, max_bytes=config.max_image_bytes)
+        self.preparer = RequestPreparer(processor, family, config)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._waiting: deque[_Sequence] = deque()
         self._held = 0  # consecutive decode steps that held waiting requests back (admit_ratio)
@@ -515,24 +480,28 @@ class ServingEngine:
         finally:
             self.abandon(seq)
 
-    async def submit(self, request: EngineRequest, emit: Callable[[EngineEvent | BaseException], None]) -> _Sequence:
-        """Prepare ``request`` (in the preprocessing pool) and queue it; its events and its error go to ``emit``,
-        called from the model thread (``deliver``: an ``Outlet`` or another receiver with a ``channel``). Errors in
-        preparing or queueing it raise here. The caller ends it with ``abandon``."""
+    async def submit(self, request: EngineRequest | PreparedRequest, emit: Callable[[EngineEvent | BaseException], None],
+                     arrived: float | None = None) -> _Sequence:
+        """Prepare ``request`` (in the preprocessing pool; a ``PreparedRequest``, prepared in another process, only
+        gets its adapter there) and queue it; its events and its error go to ``emit``, called from the model thread
+        (``deliver``: an ``Outlet`` or another receiver with a ``channel``). Errors in preparing or queueing it raise
+        here. The caller ends it with ``abandon``. ``arrived``: when the request came (``time.perf_counter()`` of
+        any process on this machine: one system-wide monotonic clock on Linux); None: now."""
         self.start()
-        arrived = time.perf_counter()
+        arrived = time.perf_counter() if arrived is None else arrived
+        make = self._sequence if isinstance(request, PreparedRequest) else self._prepare
         try:
-            seq = await asyncio.get_running_loop().run_in_executor(self._pool, self._prepare, request, arrived)
+            seq = await asyncio.get_running_loop().run_in_executor(self._pool, make, request, arrived)
         except Exception:
-            self._count(request.adapter_id, "error")
+            self.count_request(_request_of(request).adapter_id, "error")
             raise
         seq.emit = emit
         with self._cond:
             if self._broken:
-                self._count(request.adapter_id, "error")
+                self.count_request(seq.request.adapter_id, "error")
                 raise EngineStopped("the model server failed and is being replaced")
             if len(self._waiting) >= self.config.max_waiting:
-                self._count(request.adapter_id, "rejected")
+                self.count_request(seq.request.adapter_id, "rejected")
                 raise EngineOverloaded(f"the model server has {len(self._waiting)} requests waiting (the limit); "
                                        "retry later", retry_after_s=1)
             self._waiting.append(seq)
@@ -544,71 +513,24 @@ class ServingEngine:
         queue or the batch at the model thread's next step, its KV and adapter slots freed)."""
         if not seq.state.done and not seq.failed:
             seq.cancelled = True
-            self._count(seq.request.adapter_id, "cancelled")
+            self.count_request(seq.request.adapter_id, "cancelled")
 
     async def generate(self, request: EngineRequest) -> EngineResult:
         """Run ``request`` to completion."""
         return await whole_result(self.stream(request, coalesce=0))
 
     def _prepare(self, request: EngineRequest, arrived: float) -> _Sequence:
-        """Checks in order of cost (see the module docstring), then decoding, then the adapter."""
-        images = image_fields(request.messages)
-        self._check_images(images)
-        encoded = self.processor.encode_conversation(request.messages, add_generation_prompt=True)  # no pixels
-        params = request.params
-        room = self.config.max_total_tokens - len(encoded.input_ids)
-        if request.default_max_tokens and 0 < room < params.max_new_tokens:
-            params = dataclasses.replace(params, max_new_tokens=room)
-        self._check_tokens(len(encoded.input_ids), params.max_new_tokens, request.default_max_tokens)
-        self._check_bias(params.logit_bias)
-        parts, sizes = self._load_images(images)
-        chunks = chunk_plan(encoded.input_ids, self.config.prefill_chunk_tokens, self.processor.image_token_ids)
-        params = dataclasses.replace(params, stop_token_ids=tuple({*params.stop_token_ids, *self._stop_ids}),
-                                     suppress_token_ids=tuple({*params.suppress_token_ids,
-                                                               *self.processor.image_token_ids}))
-        return _Sequence(request, encoded.input_ids, parts, sizes, self._adapter(request),
+        """``request`` prepared (``preparation``: its checks, template, tokens and images), then its adapter."""
+        return self._sequence(self.preparer.prepare(request), arrived)
+
+    def _sequence(self, prepared: PreparedRequest, arrived: float) -> _Sequence:
+        """The engine's sequence of a prepared request: its adapter fetched (loaded on a cache miss) and its sampling
+        row made on the device."""
+        params = prepared.params
+        return _Sequence(prepared.request, prepared.prompt_ids, prepared.images, prepared.image_sizes,
+                         self._adapter(prepared.request),
                          make_rows(params, 1, self.device, row_vocabulary(params, self.processor))[0],
-                         arrived, chunks=chunks)
-
-    def _check_images(self, images: Sequence[tuple[str, ImagePart]]) -> None:
-        """Image count, each image's encoded size and the request's total: all known without decoding."""
-        config = self.config
-        check_image_count([name for name, _ in images], config.max_images_per_request)
-        check_image_bytes(((name, encoded_size(part.source)) for name, part in images), config.max_image_bytes,
-                          config.max_image_bytes_total)
-
-    def _check_tokens(self, prompt_tokens: int, max_new_tokens: int, default: bool = False) -> None:
-        limit = self.config.max_total_tokens
-        if default and prompt_tokens >= limit:
-            raise RequestError(f"the prompt ({prompt_tokens} tokens) leaves no room for output in the limit of {limit} "
-                               "tokens", "messages", "context_length_exceeded")
-        if prompt_tokens + max_new_tokens > limit:
-            raise RequestError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new_tokens}) exceeds the limit of "
-                               f"{limit} tokens", "messages" if prompt_tokens >= limit else "max_tokens",
-                               "context_length_exceeded")
-
-    def _check_bias(self, bias: Sequence[tuple[int, float]]) -> None:
-        """Every ``logit_bias`` token id must be one of the tokenizer's (a bias on an id the model was never trained
-        to emit, or beyond its logits, is a mistake, not a request)."""
-        size = len(vocabulary(self.processor)) if bias else 0
-        outside = sorted(token for token, _ in bias if token >= size)
-        if outside:
-            raise RequestError(f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to "
-                               f"{size - 1})", "logit_bias", "invalid_value")
-
-    def _load_images(self, images: Sequence[tuple[str, ImagePart]]) -> tuple[list[VisionInputs], list[tuple[int, int]]]:
-        """Decode the images one at a time (pixel limits from the header first) and reduce each to model input
-        at once, so at most one full-size image is held; their sizes are kept for grounding."""
-        inputs, sizes = [], []
-        for param, part in images:
-            try:
-                image = load_image(part.source, limits=self._image_limits)
-            except ImageError as exc:
-                raise RequestError(f"{param}: {exc}", param, "invalid_image") from exc
-            sizes.append(image.size)
-            inputs.append(self.processor.vision_inputs([ImagePart(image)]))
-            del image
-        return inputs, sizes
+                         arrived, chunks=prepared.chunks)
 
     def _adapter(self, request: EngineRequest) -> LoraWeights | None:
         if request.adapter_id is None:
@@ -617,7 +539,8 @@ class ServingEngine:
             raise AdapterError(f"adapter {request.adapter_id}: no locator given")
         return self.cache.get(request.adapter_id, request.adapter_locator)
 
-    def _count(self, adapter_id: str | None, outcome: str) -> None:
+    def count_request(self, adapter_id: str | None, outcome: str) -> None:
+        """Count a request's outcome in the metrics (``engine_process``: one its replica refused while preparing)."""
         if self.metrics:
             self.metrics.series(self.metrics.requests, adapter_label(adapter_id), outcome).inc()
 
@@ -717,7 +640,7 @@ class ServingEngine:
             log.error("request %s failed in the model thread", seq.request.request_id, exc_info=exc)
             what = str(exc) if isinstance(exc, QwenVLError) else type(exc).__name__
             exc = EngineFault(f"generation failed in the model server ({what})")
-        self._count(seq.request.adapter_id, "error")
+        self.count_request(seq.request.adapter_id, "error")
         seq.emit(exc)
 
     def _place_adapters(self, new: list[_Sequence]) -> list[_Sequence]:
@@ -1141,6 +1064,10 @@ def _decode_graphs(model: torch.nn.Module, family: ModelFamily, config: EngineCo
                         capture=config.decode_graphs == "cuda")
 
 
+def _request_of(item: EngineRequest | PreparedRequest) -> EngineRequest:
+    return item.request if isinstance(item, PreparedRequest) else item
+
+
 def _tower_weights(seq: _Sequence) -> VisionWeights | None:
     """The vision-tower weights ``seq``'s images are encoded with (None: the base tower)."""
     return seq.adapter.vision if seq.adapter is not None else None
@@ -1154,52 +1081,6 @@ def _lm_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]
 
 class _Abandoned(Exception):
     """The chunked request was cancelled or failed meanwhile."""
-
-
-def chunk_plan(ids: Sequence[int], chunk_tokens: int, image_ids: Sequence[int]) -> list[tuple[int, int, int, int]]:
-    """``(start, end, first image, images)`` of each prefill chunk of a prompt: about ``chunk_tokens`` tokens each,
-    never ending inside an image span (a run of ``image_ids``, whose first id opens a span), so each chunk carries
-    whole images. One chunk when the prompt is short or ``chunk_tokens`` is 0."""
-    if not chunk_tokens or len(ids) <= chunk_tokens:
-        return [(0, len(ids), 0, sum(1 for t in ids if t == image_ids[0]))]
-    image_set, opener = set(image_ids), image_ids[0]
-    chunks, start, image = [], 0, 0
-    while start < len(ids):
-        end = min(start + chunk_tokens, len(ids))
-        while end < len(ids) and ids[end] in image_set and ids[end - 1] in image_set:
-            end += 1  # do not split an image span
-        count = sum(1 for t in ids[start:end] if t == opener)
-        chunks.append((start, end, image, count))
-        start, image = end, image + count
-    return chunks
-
-
-def check_image_count(fields: Sequence[str], limit: int) -> None:
-    """Refuse more than ``limit`` images; ``fields`` name each image's request field, in order."""
-    if len(fields) > limit:
-        raise RequestError(f"{len(fields)} images in one request; the limit is {limit}", fields[limit],
-                           "too_many_images")
-
-
-def check_image_bytes(sizes: Iterable[tuple[str, int]], max_bytes: int, max_total: int) -> int:
-    """Refuse an image over ``max_bytes`` or images over ``max_total`` together; ``sizes`` are (field, encoded
-    bytes), consumed lazily so a caller can look sizes up one by one and stop at the first refusal. The total."""
-    total = 0
-    for field_name, size in sizes:
-        if size > max_bytes:
-            raise RequestError(f"{field_name}: the image has {size} bytes; the limit is {max_bytes} bytes per image",
-                               field_name, "image_too_large")
-        total += size
-        if total > max_total:
-            raise RequestError(f"{field_name}: the images up to here hold {total} bytes; the limit is {max_total} "
-                               "bytes per request", field_name, "images_too_large")
-    return total
-
-
-def image_fields(messages: Sequence[Message]) -> list[tuple[str, ImagePart]]:
-    """Every image part with the request field it came from (``messages[i].content[j]``), in prompt order."""
-    return [(f"messages[{m}].content[{p}]", part) for m, message in enumerate(messages)
-            for p, part in enumerate(message.parts) if isinstance(part, ImagePart)]
 
 
 def ground_boxes(processor: FamilyProcessor, text: str, sizes: Sequence[tuple[int, int]]) -> list[ImageBoxes]:

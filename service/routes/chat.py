@@ -55,10 +55,10 @@ from qwenvl_core.serving.engine import (
     EngineRequest,
     EngineStopped,
     EngineTimeout,
-    RequestError,
 )
 from qwenvl_core.serving.inline_images import InlineImages, split_inline_images
 from qwenvl_core.serving.lora_batch import AdapterError
+from qwenvl_core.serving.preparation import RequestError
 from qwenvl_core.serving.servable import Refusal, adapter_refusal
 from qwenvl_core.storage import CHUNK_BYTES
 from service.context import AdapterDeleted

@@ -20,15 +20,9 @@ from PIL import Image
 from qwenvl_core.conversation import ImagePart, Message, TextPart, text_message
 from qwenvl_core.generation import SamplingParams, generate
 from qwenvl_core.models.registry import get_family
-from qwenvl_core.serving.engine import (
-    EngineRequest,
-    RequestError,
-    ServingEngine,
-    ground_boxes,
-    join_events,
-    safe_text_end,
-)
+from qwenvl_core.serving.engine import EngineRequest, ServingEngine, ground_boxes, join_events, safe_text_end
 from qwenvl_core.serving.lora_batch import AdapterError
+from qwenvl_core.serving.preparation import RequestError
 from tests.serving.conftest import eventually
 
 TOKENS = 10

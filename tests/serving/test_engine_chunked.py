@@ -21,9 +21,9 @@ from qwenvl_core.serving.engine import (
     EngineConfig,
     EngineRequest,
     ServingEngine,
-    chunk_plan,
     resolve_config,
 )
+from qwenvl_core.serving.preparation import chunk_plan
 
 
 def test_chunks_never_split_an_image_span_and_count_their_images():

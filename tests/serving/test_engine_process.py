@@ -22,12 +22,12 @@ from qwenvl_core.serving.engine import (
     EngineFault,
     EngineRequest,
     EngineStopped,
-    RequestError,
     ServingEngine,
     join_events,
 )
 from qwenvl_core.serving.engine_process import EngineProcess, portable
 from qwenvl_core.serving.lora_batch import AdapterError
+from qwenvl_core.serving.preparation import RequestError
 from tests.serving.conftest import eventually
 
 ENDLESS = (-1,)  # stop ids no token has: requests run to their max_new_tokens

@@ -14,8 +14,8 @@ import pytest
 
 from qwenvl_core.errors import ImageError
 from qwenvl_core.serving.chat import ChatCompletionRequest, ChatLimits, ChatRequestError, to_messages
-from qwenvl_core.serving.engine import RequestError
 from qwenvl_core.serving.inline_images import split_inline_images
+from qwenvl_core.serving.preparation import RequestError
 
 MIN = 64  # a small threshold, so the tests stay small
 
