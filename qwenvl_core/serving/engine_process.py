@@ -7,20 +7,27 @@ here, and 64 streams send more than a thousand a second), each take-back can wai
 decode step makes dozens of them (docs/benchmarks.md, "The engine in a process of its own"). vLLM's engine core
 runs apart from its API server for the same reason.
 
+The same holds for preparing requests (the chat template, the tokenizer, image decoding and resizing: Python that
+holds the GIL for tens of ms a photo), so the replica prepares them and the child gets them ready to queue.
+
 This module owns
 - ``EngineProcess``: the replica's side. It starts the child (``python -m qwenvl_core.serving.engine_process``, one
-  end of a socket pair inherited), sends it the model directory and ``EngineConfig``, and waits until the child's
-  ``ServingEngine`` is loaded (or raises its error). ``stream`` and ``generate`` behave as ``ServingEngine``'s
-  (``read_events``: the same coalescing, a request's error before its first event); adapter loads, evictions,
-  stats and metrics are calls the child answers. One reader thread takes the child's messages: a step's events
-  come as one message and go to the streams' event loops with ``deliver``. ``alive`` turns False when the child or
-  its model thread ends; every request in flight then gets ``EngineFault`` and the replica's health check fails.
-- the child (``_Child``): the ``ServingEngine`` and an asyncio loop that reads the replica's messages. Each request
-  is queued with ``ServingEngine.submit`` and a ``PipeOutlet``: the model thread sends a step's events for the
-  replica in one message. An ``end`` from the replica abandons a request it stopped reading. The child exits when
-  the replica closes it, or when its end of the socket closes (the replica's process ended, even killed).
+  end of a socket pair inherited), sends it the model directory and ``EngineConfig``, loads the processor, and
+  waits until the child's ``ServingEngine`` is loaded (or raises its error). ``stream`` and ``generate`` behave as
+  ``ServingEngine``'s (``read_events``: the same coalescing, a request's error before its first event): a request is
+  prepared in this process's pool (``preparation.RequestPreparer``) and sent as a ``PreparedRequest``, its pixel
+  tensors by value (``tensor_pickle``). Adapter loads, evictions, stats and metrics are calls the child answers.
+  One reader thread takes the child's messages: a step's events come as one message and go to the streams' event
+  loops with ``deliver``. ``alive`` turns False when the child or its model thread ends; every request in flight
+  then gets ``EngineFault`` and the replica's health check fails.
+- the child (``_Child``): the ``ServingEngine`` and an asyncio loop that reads the replica's messages. Each prepared
+  request is queued with ``ServingEngine.submit`` (which fetches its adapter) and a ``PipeOutlet``: the model thread
+  sends a step's events for the replica in one message. An ``end`` from the replica abandons a request it stopped
+  reading. The child exits when the replica closes it, or when its end of the socket closes (the replica's process
+  ended, even killed).
 
-Messages are tuples pickled by ``multiprocessing.connection``; both ends are this package's code.
+Messages are tuples pickled by ``multiprocessing.connection`` (a prepared request by ``tensor_pickle``); both ends are
+this package's code.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from qwenvl_core.models.registry import detect_family
+from qwenvl_core.serving import tensor_pickle
 from qwenvl_core.serving.engine import (
     EngineConfig,
     EngineEvent,
@@ -56,6 +66,7 @@ from qwenvl_core.serving.engine import (
     read_events,
     whole_result,
 )
+from qwenvl_core.serving.preparation import PreparedRequest, RequestPreparer
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +100,16 @@ class EngineProcess:
         self._closing = False
         self._send(("start", str(model_dir), config, dtype, metrics))
         try:
+            family = detect_family(model_dir)
+            processor = family.load_processor(model_dir)  # while the child loads the model
             self.info: dict[str, Any] = self._await_start()
         except BaseException:
             self._kill()
             self._conn.close()
             raise
+        resolved = EngineConfig(**self.info["config"])  # its device-dependent defaults filled in by the child
+        self.preparer = RequestPreparer(processor, family, resolved)
+        self._pool = concurrent.futures.ThreadPoolExecutor(resolved.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._reader = threading.Thread(target=self._read, name="qwenvl-engine-reader", daemon=True)
         self._reader.start()
         log.info("engine process %d serves %s on %s (%d KV slots)", self._proc.pid, model_dir, self.info["device"],
@@ -130,6 +146,7 @@ class EngineProcess:
         self._conn.close()
         if self._reader.is_alive():
             self._reader.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._end("the serving engine stopped", EngineStopped)
 
     def _kill(self) -> None:
@@ -150,20 +167,38 @@ class EngineProcess:
 
     # ----- requests -------------------------------------------------------------------------------------------
     async def stream(self, request: EngineRequest, *, coalesce: float | None = None) -> AsyncIterator[EngineEvent]:
-        """As ``ServingEngine.stream``: the request runs in the child, its events come as they are made."""
+        """As ``ServingEngine.stream``: the request is prepared here (this process's preprocessing pool), then runs
+        in the child; its events come as they are made."""
         if self._ended is not None:
             raise EngineStopped(self._ended)
-        rid = next(self._ids)
+        rid, arrived = next(self._ids), time.perf_counter()
         queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
-        self._outlets[rid] = Outlet(asyncio.get_running_loop(), queue)
+        loop = asyncio.get_running_loop()
+        self._outlets[rid] = Outlet(loop, queue)
         try:
-            if not self._send(("submit", rid, request)):
-                raise EngineStopped(self._ended or "the serving engine stopped")
+            await loop.run_in_executor(self._pool, self._prepare_and_submit, rid, request, arrived)
             async for event in read_events(queue, coalesce):
                 yield event
         finally:
             if self._outlets.pop(rid, None) is not None:
                 self._send(("end", rid))  # finished or abandoned: the child forgets it (cancels it if running)
+
+    def _prepare_and_submit(self, rid: int, request: EngineRequest, arrived: float) -> None:
+        """In the preprocessing pool: prepare ``request`` and send it to the child, unless its stream ended
+        meanwhile (the stream's ``end`` then goes after it: both are sent holding the send lock)."""
+        try:
+            prepared = self.preparer.prepare(request)
+        except Exception:
+            self._send(("refused", request.adapter_id))  # counted in the child's metrics
+            raise
+        message = tensor_pickle.dumps(("submit", rid, prepared, arrived))
+        try:
+            with self._send_lock:
+                if rid not in self._outlets:
+                    return
+                self._conn.send_bytes(message)
+        except (OSError, ValueError):
+            raise EngineStopped(self._ended or "the serving engine stopped") from None
 
     async def generate(self, request: EngineRequest) -> EngineResult:
         """Run ``request`` to completion."""
@@ -343,7 +378,9 @@ class _Child:
         kind = message[0]
         if kind == "submit":
             self._preparing.add(message[1])
-            self._spawn(self._submit(message[1], message[2]))
+            self._spawn(self._submit(message[1], message[2], message[3]))
+        elif kind == "refused":  # a request its replica refused while preparing it
+            self.engine.count_request(message[1], "error")
         elif kind == "end":
             seq = self._seqs.pop(message[1], None)
             if seq is not None:
@@ -360,9 +397,9 @@ class _Child:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _submit(self, rid: int, request: EngineRequest) -> None:
+    async def _submit(self, rid: int, prepared: PreparedRequest, arrived: float) -> None:
         try:
-            seq = await self.engine.submit(request, PipeOutlet(self.pipe, rid))
+            seq = await self.engine.submit(prepared, PipeOutlet(self.pipe, rid), arrived)
         except Exception as exc:
             self.pipe.send(("events", [(rid, portable(exc))]))
             return

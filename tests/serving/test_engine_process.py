@@ -93,6 +93,84 @@ def test_a_requests_error_crosses_with_its_type_and_field_and_the_child_serves_o
     assert asyncio.run(child.generate(_request(2))).completion_tokens == 8 and child.alive
 
 
+def test_requests_are_prepared_in_the_replicas_process_and_reach_the_child_as_tokens_and_pixels(child, monkeypatch):
+    """The template, tokenizer and image decoding run here (the child's model thread shares its GIL with no
+    preparation); what crosses is the prepared request: token ids and pixel tensors, no message, no image bytes."""
+    import threading
+
+    from qwenvl_core.serving import tensor_pickle
+
+    prepared_in, sent = [], []
+    prepare, dumps = child.preparer.prepare, tensor_pickle.dumps
+
+    def recording_prepare(request):
+        prepared_in.append((os.getpid(), threading.current_thread().name))
+        return prepare(request)
+
+    def recording_dumps(message):
+        sent.append(message)
+        return dumps(message)
+
+    monkeypatch.setattr(child.preparer, "prepare", recording_prepare)
+    monkeypatch.setattr(tensor_pickle, "dumps", recording_dumps)
+    result = asyncio.run(child.generate(_request(9, image=True)))
+    assert result.completion_tokens == 8
+    assert prepared_in == [(os.getpid(), prepared_in[0][1])] and prepared_in[0][1].startswith("qwenvl-prep")
+    (kind, _rid, prepared, arrived), = sent
+    assert kind == "submit" and prepared.request.messages == [] and 0 < time.perf_counter() - arrived < 60
+    assert len(prepared.images) == 1 and prepared.images[0].pixel_values.dtype.is_floating_point
+    assert prepared.image_sizes == [(40, 30)]
+
+
+def test_a_request_refused_while_preparing_is_counted_by_the_child(child):
+    def errors() -> float:
+        lines = [x for x in child.metrics_text().decode().splitlines()
+                 if x.startswith("qwenvl_serving_requests_total") and 'outcome="error"' in x]
+        return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
+
+    before = errors()
+    with pytest.raises(RequestError):
+        asyncio.run(child.generate(_request(0, tokens=5000)))
+    assert eventually(lambda: errors() == before + 1)
+
+
+def test_a_stream_abandoned_while_being_prepared_never_reaches_the_child(child, monkeypatch):
+    """A client that leaves while its request is prepared: the prepared request is dropped here, not run."""
+    import threading
+
+    release = threading.Event()
+    prepare = child.preparer.prepare
+
+    def slow_prepare(request):
+        release.wait(30)
+        return prepare(request)
+
+    def outcomes() -> dict[str, float]:
+        counts: dict[str, float] = {}
+        for line in child.metrics_text().decode().splitlines():
+            if line.startswith("qwenvl_serving_requests_total"):
+                outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+                counts[outcome] = counts.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+        return counts
+
+    async def leave_while_preparing() -> None:
+        task = asyncio.ensure_future(child.generate(_request(10, tokens=4)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = outcomes()
+    monkeypatch.setattr(child.preparer, "prepare", slow_prepare)
+    asyncio.run(leave_while_preparing())
+    release.set()
+    monkeypatch.undo()
+    assert asyncio.run(child.generate(_request(11, tokens=2))).completion_tokens == 2  # after the dropped one
+    time.sleep(0.5)  # (had the dropped one been sent, its 4 tokens would be done by now)
+    after = outcomes()
+    assert after.get("ok", 0) == before.get("ok", 0) + 1 and after.get("cancelled", 0) == before.get("cancelled", 0)
+
+
 def test_an_error_that_cannot_be_pickled_crosses_as_an_engine_fault():
     class Odd(Exception):
         def __init__(self, a: int, b: int) -> None:
