@@ -18,7 +18,8 @@
 # when named: serve_qwen25vl_7b (Qwen2.5-VL-7B's LoRA rows with and without decode graphs; a second call, 240 s),
 # fused_siblings (decode-step time of a small Qwen2.5-VL with its sibling layers fused and apart; 90 s),
 # serve_v1_latency (the serving row's latency lines alone, if that row was cut before them; 150 s), engine_process
-# (a small v1 in bf16, 64 streams, the engine in a thread vs a process of its own; 120 s).
+# (a small v1 in bf16, 64 streams, the engine in a thread vs a process of its own; 120 s), prep_beside_decode (a small
+# Qwen2.5-VL in bf16 decoding 16 streams while image requests are prepared in its process or another; 150 s).
 #
 # The device machine has PyTorch but not every pinned package this project needs (transformers 5.24, peft,
 # pydantic, llguidance, bitsandbytes, deepspeed): `bash bench/gpu_wheels.sh` here fetches them as Python 3.12 wheels into
@@ -60,6 +61,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # the dry run's sizes: every code path
   sampling=(--vocab 1152 --repeats 3)
   fused=(--preset qwen2.5-vl-tiny --rounds 1 --steps 2)
   process=(--preset qwen-vl-tiny --rows 8 --tokens 8 --rounds 1)
+  prep=(--preset qwen2.5-vl-tiny --rows 4 --tokens 8 --prep-per-s 5 --image-px 320x240 --rounds 1)
   scale=5
 else
   tests=(-m gpu tests/serving/test_engine_devices.py tests/serving/test_engine_faults.py tests/serving/test_decode_graphs.py
@@ -76,6 +78,7 @@ else
   sampling=(--greedy 16 --repeats 20)
   fused=(--preset qwen2.5-vl-small --dtype bfloat16 --rounds 5 --steps 32)
   process=(--preset qwen-vl-small --dtype bfloat16 --rows 64 --tokens 128 --item-work-ms 0,0.2,0.6 --rounds 3)
+  prep=(--preset qwen2.5-vl-small --dtype bfloat16 --rows 16 --tokens 128 --prep-per-s 20 --rounds 3)
 fi
 if [ -f "$wheels/generation-before.py" ]; then  # the sampler before it was batched (gpu_wheels.sh writes it)
   sampling+=(--before-file "$wheels/generation-before.py")
@@ -89,7 +92,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
 failed=0
-OPT_IN="serve_qwen25vl_7b fused_siblings serve_v1_latency engine_process"  # rows run only when GPU_CHECK_ONLY names them (one call's
+OPT_IN="serve_qwen25vl_7b fused_siblings serve_v1_latency engine_process prep_beside_decode"  # rows run only when GPU_CHECK_ONLY names them (one call's
 # 600 s are spent)
 check() {  # check NAME LIMIT_S COMMAND...
   local name=$1 limit=$(($2 * ${GPU_CHECK_LIMIT_SCALE:-$scale})); shift 2
@@ -131,5 +134,8 @@ check serve_v1_latency 150 $PY bench/serving_throughput.py --device "$device" --
 # opt-in: the engine in a thread vs a process of its own while the caller's loop works per item read, as a Serve
 # replica's does (its GIL against the model thread's; no Ray on the device machine)
 check engine_process 120 $PY bench/engine_process.py --device "$device" "${process[@]}"
+# opt-in: image requests prepared in the engine's process (a thread, as its preprocessing pool does) vs in another
+# (as a replica does for its engine's child): what the model thread loses to the preparation's hold on the GIL
+check prep_beside_decode 150 $PY bench/prep_beside_decode.py --device "$device" "${prep[@]}"
 cat "$table"
 exit "$failed"

@@ -56,14 +56,18 @@ def test_the_gpu_check_script_runs_every_check_in_its_cpu_dry_run(tmp_path):
 def test_a_rerun_runs_only_the_rows_it_names_and_the_environment(tmp_path):
     """A lease has room for one full run and a short rerun of what failed (``GPU_CHECK_ONLY``)."""
     out = tmp_path / "out"
-    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step fused_siblings serve_v1_latency engine_process")
+    done, rows, shown = _dry_run(out, GPU_CHECK_ONLY="sampling_step fused_siblings serve_v1_latency engine_process "
+                                                     "prep_beside_decode")
     assert rows == {"environment": "ok", "sampling_step": "ok", "fused_siblings": "ok", "serve_v1_latency": "ok",
-                    "engine_process": "ok"}, shown  # (the last three: opt-in rows)
+                    "engine_process": "ok", "prep_beside_decode": "ok"}, shown  # (the last four: opt-in rows)
     assert done.returncode == 0 and sorted(p.name for p in out.glob("*.log")) == [
-        "engine_process.log", "environment.log", "fused_siblings.log", "sampling_step.log", "serve_v1_latency.log"], shown
+        "engine_process.log", "environment.log", "fused_siblings.log", "prep_beside_decode.log", "sampling_step.log",
+        "serve_v1_latency.log"], shown
     assert "fused/separate=" in (out / "fused_siblings.log").read_text()
     process = (out / "engine_process.log").read_text()
     assert "loop work 0.6 ms an item: process / thread " in process, process[-3000:]
+    prep = (out / "prep_beside_decode.log").read_text()
+    assert "decode tokens/s with the preparation in a process / with none: " in prep, prep[-3000:]
     latency = (out / "serve_v1_latency.log").read_text()
     for row in ("batch=16 prefill_chunk_tokens=0: TTFT p50=", "batch=16 prefill_chunk_tokens=64: TTFT",
                 "batch=4 prefill_chunk_tokens=512: TTFT"):  # the CPU's default batch, then the one asked for

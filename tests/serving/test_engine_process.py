@@ -95,7 +95,8 @@ def test_a_requests_error_crosses_with_its_type_and_field_and_the_child_serves_o
 
 def test_requests_are_prepared_in_the_replicas_process_and_reach_the_child_as_tokens_and_pixels(child, monkeypatch):
     """The template, tokenizer and image decoding run here (the child's model thread shares its GIL with no
-    preparation); what crosses is the prepared request: token ids and pixel tensors, no message, no image bytes."""
+    preparation); what crosses is the prepared request: token ids and pixel tensors, no message, no image bytes,
+    and the time it arrived here: the child's time to first token counts the preparation (one clock for both)."""
     import threading
 
     from qwenvl_core.serving import tensor_pickle
@@ -105,7 +106,12 @@ def test_requests_are_prepared_in_the_replicas_process_and_reach_the_child_as_to
 
     def recording_prepare(request):
         prepared_in.append((os.getpid(), threading.current_thread().name))
+        time.sleep(0.4)  # a slow preparation
         return prepare(request)
+
+    def ttft_sum() -> float:
+        return sum(float(x.rsplit(" ", 1)[1]) for x in child.metrics_text().decode().splitlines()
+                   if x.startswith("qwenvl_serving_time_to_first_token_seconds_sum"))
 
     def recording_dumps(message):
         sent.append(message)
@@ -113,8 +119,9 @@ def test_requests_are_prepared_in_the_replicas_process_and_reach_the_child_as_to
 
     monkeypatch.setattr(child.preparer, "prepare", recording_prepare)
     monkeypatch.setattr(tensor_pickle, "dumps", recording_dumps)
+    before = ttft_sum()
     result = asyncio.run(child.generate(_request(9, image=True)))
-    assert result.completion_tokens == 8
+    assert result.completion_tokens == 8 and 0.4 <= ttft_sum() - before < 60
     assert prepared_in == [(os.getpid(), prepared_in[0][1])] and prepared_in[0][1].startswith("qwenvl-prep")
     (kind, _rid, prepared, arrived), = sent
     assert kind == "submit" and prepared.request.messages == [] and 0 < time.perf_counter() - arrived < 60
