@@ -72,9 +72,9 @@ def relay(source, target: threading.Event) -> None:
 
 
 def preparing_process(model_dir: str, config: EngineConfig, px: tuple[int, int], per_s: float, ready, go, stop,
-                      done) -> None:
+                      finished, done) -> None:
     """The preparation in a process of its own (as a replica prepares for its engine's child): the same preparer
-    and requests; one run from each ``go`` to its ``stop``, its count in ``done``."""
+    and requests; one run from each ``go`` to its ``stop``, then its count in ``done`` and ``finished`` set."""
     torch.set_num_threads(1)
     family = detect_family(model_dir)
     preparer = RequestPreparer(family.load_processor(model_dir), family, config)
@@ -82,11 +82,12 @@ def preparing_process(model_dir: str, config: EngineConfig, px: tuple[int, int],
     ready.set()
     while True:
         go.wait()
+        go.clear()
         event, count = threading.Event(), [0]
         threading.Thread(target=relay, args=(stop, event), daemon=True).start()
         prepare_at_rate(preparer, request, per_s, event, count)
-        go.clear()
         done.value = count[0]
+        finished.set()
 
 
 def decode_tokens_per_s(engine: ServingEngine, rows: int, params: SamplingParams) -> float:
@@ -116,13 +117,13 @@ def one_round(place: str, engine: ServingEngine, worker: dict, args: argparse.Na
         thread.join()
         return rate, done[0] / (time.perf_counter() - start)
     if place == "process":
-        worker["done"].value = 0
+        worker["finished"].clear()
         worker["stop"].clear()
         worker["go"].set()
         rate = decode_tokens_per_s(engine, args.rows, params)
         worker["stop"].set()
-        while worker["done"].value == 0:
-            time.sleep(0.01)
+        if not worker["finished"].wait(timeout=60):
+            raise RuntimeError("the preparing process did not finish its run")
         return rate, worker["done"].value / (time.perf_counter() - start)
     return decode_tokens_per_s(engine, args.rows, params), 0.0
 
@@ -160,12 +161,14 @@ def main() -> None:
                             suppress_token_ids=tuple(family.stop_token_ids(family.load_processor(model_dir))))
     context = multiprocessing.get_context("spawn")
     worker = {"request": image_request(px), "ready": context.Event(), "go": context.Event(),
-              "stop": context.Event(), "done": context.Value("i", 0)}
+              "stop": context.Event(), "finished": context.Event(), "done": context.Value("i", 0)}
     process = context.Process(target=preparing_process, daemon=True,
                               args=(model_dir, engine.config, px, args.prep_per_s, worker["ready"], worker["go"],
-                                    worker["stop"], worker["done"]))
+                                    worker["stop"], worker["finished"], worker["done"]))
     process.start()
-    worker["ready"].wait()
+    while not worker["ready"].wait(timeout=1):
+        if not process.is_alive():
+            raise RuntimeError(f"the preparing process exited with code {process.exitcode} while starting")
     places = ("none", "thread", "process")
     runs: dict[str, list[tuple[float, float]]] = {place: [] for place in places}
     try:
