@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl_core.conversation import ImagePart, Message, TextPart
@@ -125,8 +126,34 @@ def test_requests_are_prepared_in_the_replicas_process_and_reach_the_child_as_to
     assert prepared_in == [(os.getpid(), prepared_in[0][1])] and prepared_in[0][1].startswith("qwenvl-prep")
     (kind, _rid, prepared, arrived), = sent
     assert kind == "submit" and prepared.request.messages == [] and 0 < time.perf_counter() - arrived < 60
-    assert len(prepared.images) == 1 and prepared.images[0].pixel_values.dtype.is_floating_point
+    assert len(prepared.images) == 1 and prepared.images[0].pixel_values.dtype == torch.float32  # (the model's)
     assert prepared.image_sizes == [(40, 30)]
+
+
+def test_a_bf16_childs_pixels_cross_in_bf16_and_it_answers_as_a_bf16_engine_in_a_thread(tiny_model_dir, monkeypatch):
+    """The vision tower casts pixels to its dtype first: sent in it, they take half the bytes and give the same
+    features, so the same tokens."""
+    from qwenvl_core.serving import tensor_pickle
+
+    sent, dumps = [], tensor_pickle.dumps
+    monkeypatch.setattr(tensor_pickle, "dumps", lambda message: sent.append(message) or dumps(message))
+    requests = [_request(0, image=True), _request(1, image=True, tokens=6), _request(2)]
+
+    async def run_all(engine) -> list:
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+    here = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_batch_size=4), dtype=torch.bfloat16)
+    try:
+        expected = asyncio.run(run_all(here))
+    finally:
+        here.close()
+    engine = EngineProcess(tiny_model_dir, EngineConfig(max_batch_size=4), dtype="bfloat16")
+    try:
+        assert asyncio.run(run_all(engine)) == expected
+    finally:
+        engine.close()
+    pixels = [m[2].images[0].pixel_values for m in sent if m[2].images]
+    assert len(pixels) == 2 and all(p.dtype == torch.bfloat16 for p in pixels)
 
 
 def test_a_request_refused_while_preparing_is_counted_by_the_child(child):
