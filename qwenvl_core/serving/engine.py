@@ -76,7 +76,12 @@ from qwenvl_core.serving.lora_batch import (
     lora_targets,
 )
 from qwenvl_core.serving.metrics import ServingMetrics, adapter_label
-from qwenvl_core.serving.preparation import EngineRequest, PreparedRequest, RequestPreparer
+from qwenvl_core.serving.preparation import (
+    EngineRequest,
+    PreparedRequest,
+    RequestPreparer,
+    vision_input_dtype,
+)
 from qwenvl_core.serving.vision_adapters import VisionAdapters, VisionWeights, tower_order
 from qwenvl_core.vocabulary import TokenLogprob, describe_logprobs, row_vocabulary, vocabulary
 
@@ -363,7 +368,7 @@ class ServingEngine:
                  "%d (%.2f GiB)", self.kv.device, self.slots, config.max_total_tokens, self.kv.nbytes / 2**30,
                  config.adapter_slots, config.max_lora_rank, self.adapter_slots.nbytes / 2**30)
         self._pad_id = processor.pad_token_id
-        self.preparer = RequestPreparer(processor, family, config)
+        self.preparer = RequestPreparer(processor, family, config, pixel_dtype=vision_input_dtype(model, family))
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._waiting: deque[_Sequence] = deque()
         self._held = 0  # consecutive decode steps that held waiting requests back (admit_ratio)

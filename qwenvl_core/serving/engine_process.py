@@ -53,7 +53,6 @@ from typing import Any
 
 import torch
 
-from qwenvl_core.models.processing import VisionInputs
 from qwenvl_core.models.registry import detect_family
 from qwenvl_core.serving import tensor_pickle
 from qwenvl_core.serving.engine import (
@@ -111,8 +110,7 @@ class EngineProcess:
             self._conn.close()
             raise
         resolved = EngineConfig(**self.info["config"])  # its device-dependent defaults filled in by the child
-        self.preparer = RequestPreparer(processor, family, resolved)
-        self._pixel_dtype = getattr(torch, self.info["pixel_dtype"]) if self.info["pixel_dtype"] else None
+        self.preparer = RequestPreparer(processor, family, resolved, pixel_dtype=self.info["pixel_dtype"])
         self._pool = concurrent.futures.ThreadPoolExecutor(resolved.preprocess_threads, thread_name_prefix="qwenvl-prep")
         self._reader = threading.Thread(target=self._read, name="qwenvl-engine-reader", daemon=True)
         self._reader.start()
@@ -195,7 +193,7 @@ class EngineProcess:
         except Exception:
             self._send(("refused", request.adapter_id))  # counted in the child's metrics
             raise
-        message = tensor_pickle.dumps(("submit", rid, in_dtype(prepared, self._pixel_dtype), arrived))
+        message = tensor_pickle.dumps(("submit", rid, prepared, arrived))
         try:
             with self._send_lock:
                 if rid not in self._outlets:
@@ -290,23 +288,6 @@ class EngineProcess:
             future = self._calls.pop(cid, None)
             if future is not None and not future.done():
                 future.set_exception(error(reason))
-
-
-def pixel_dtype(engine: ServingEngine) -> str | None:
-    """The dtype the engine's vision tower takes pixels in: its parameters' one floating dtype (every family's
-    forward casts the pixels to it first: v1's ``conv1`` weight, transformers' ``visual.dtype``); None when they have
-    several. Pixels sent already in it give the same features in half the bytes of float32 where it is bf16."""
-    kinds = {p.dtype for p in engine.family.vision_tower(engine.model).parameters() if p.is_floating_point()}
-    return str(kinds.pop()).removeprefix("torch.") if len(kinds) == 1 else None
-
-
-def in_dtype(prepared: PreparedRequest, dtype: torch.dtype | None) -> PreparedRequest:
-    """``prepared`` with its floating image tensors in ``dtype`` (None: as they are)."""
-    if dtype is None or not prepared.images:
-        return prepared
-    images = [VisionInputs({k: t.to(dtype) if t.is_floating_point() else t for k, t in v.tensors.items()}, v.n_images)
-              for v in prepared.images]
-    return dataclasses.replace(prepared, images=images)
 
 
 def child_environment() -> dict[str, str]:
@@ -473,7 +454,7 @@ def _serve(conn: Connection) -> None:
     gc.collect()
     gc.freeze()  # the loaded libraries and model out of the collector's walks (what Ray Serve does for a replica)
     conn.send(("ready", {"pid": os.getpid(), "device": str(engine.device), "slots": engine.slots,
-                         "config": dataclasses.asdict(engine.config), "pixel_dtype": pixel_dtype(engine)}))
+                         "config": dataclasses.asdict(engine.config), "pixel_dtype": engine.preparer.pixel_dtype}))
     try:
         asyncio.run(_Child(engine, conn).run())
     finally:

@@ -131,8 +131,8 @@ def test_requests_are_prepared_in_the_replicas_process_and_reach_the_child_as_to
 
 
 def test_a_bf16_childs_pixels_cross_in_bf16_and_it_answers_as_a_bf16_engine_in_a_thread(tiny_model_dir, monkeypatch):
-    """The vision tower casts pixels to its dtype first: sent in it, they take half the bytes and give the same
-    features, so the same tokens."""
+    """The vision tower casts pixels to its dtype first: prepared in it, they take half the bytes and give the same
+    features, so the same tokens as the processor's float32 pixels."""
     from qwenvl_core.serving import tensor_pickle
 
     sent, dumps = [], tensor_pickle.dumps
@@ -144,6 +144,8 @@ def test_a_bf16_childs_pixels_cross_in_bf16_and_it_answers_as_a_bf16_engine_in_a
 
     here = ServingEngine.from_model_dir(tiny_model_dir, EngineConfig(max_batch_size=4), dtype=torch.bfloat16)
     try:
+        assert here.preparer.pixel_dtype == torch.bfloat16
+        here.preparer.pixel_dtype = None  # the reference: the processor's float32 pixels, cast by the tower
         expected = asyncio.run(run_all(here))
     finally:
         here.close()
