@@ -191,6 +191,7 @@ class EngineProcess:
         try:
             prepared = self.preparer.prepare(request)
         except Exception:
+            self._outlets.pop(rid, None)  # never sent: the child has nothing to end
             self._send(("refused", request.adapter_id))  # counted in the child's metrics
             raise
         message = tensor_pickle.dumps(("submit", rid, prepared, arrived))
