@@ -6,7 +6,7 @@ Why: on a GPU a decode step is bound by its launches, and fusing drops 3 a Qwen2
 ``bench/step_ops.py`` counts them); on this project's CPU the fused matmuls ran slower, so the engine fuses only on
 a GPU ("auto"). This prints what each costs where it runs: base rows, and rows over 8 adapters (the engine's LoRA
 decode for the device: dense on a GPU, grouped on the CPU), as ms per step and the ratio fused / separate (below 1:
-fusing pays). ``bench/gpu_check.sh`` runs it on the GPU (the opt-in ``fused_siblings`` row).
+fusing pays). ``bench/gpu_check.sh`` runs it on the GPU (the ``fused_siblings`` row of its first pass).
 
 Usage: .venv/bin/python bench/fused_siblings.py [--preset qwen2.5-vl-small] [--device cuda] [--dtype bfloat16]
        [--rounds 5] [--steps 16]

@@ -174,11 +174,12 @@ def swap_throughput(family: Any, model_dir: Path, adapters: list[Path], requests
     return _rate(generated, start, cpu_start)
 
 
-def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int, batch: int,
-                      tokens: int | list[int], dtype: torch.dtype, device: str) -> float:
-    """The baseline: static batches of ``batch`` requests (left padded) on one peft adapter, greedy, each batch run
-    to ``tokens`` new tokens (with ``tokens[i]`` per request: to the longest of the batch, the shorter ones' extra
-    tokens computed and dropped, as a static-batch server does; only each request's own count is counted):
+def static_throughput(family: Any, model_dir: Path, adapter: Path, batch: int, workloads: list[list[int]],
+                      dtype: torch.dtype, device: str) -> list[float]:
+    """The baseline, tokens/s of each workload (one model load for all: a full-size load is tens of seconds of a
+    device lease): static batches of ``batch`` requests (left padded) on one peft adapter, greedy, request i of a
+    workload run to its ``workload[i]`` new tokens: each batch to the longest of its requests, the shorter ones'
+    extra tokens computed and dropped, as a static-batch server does; only each request's own count is counted.
     transformers' ``generate`` where the family has it, else ours."""
     from peft import PeftModel
 
@@ -189,8 +190,8 @@ def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int
     else:
         base = family.forward_contract(family.load_model(model_dir, dtype=dtype, device=device))
     model = PeftModel.from_pretrained(base, adapter).eval()
-    prompts = [processor.encode_chat([text_message("user", _prompt(i))]).input_ids for i in range(requests)]
-    lengths = [tokens] * requests if isinstance(tokens, int) else list(tokens)
+    prompts = [processor.encode_chat([text_message("user", _prompt(i))]).input_ids
+               for i in range(max(len(w) for w in workloads))]
 
     def run_batch(chunk: list[list[int]], wanted: list[int]) -> int:
         """One static batch run to its longest request: the tokens of each request's own count."""
@@ -207,13 +208,16 @@ def static_throughput(family: Any, model_dir: Path, adapter: Path, requests: int
                                  do_sample=False, pad_token_id=processor.pad_token_id)
         return sum(min(out.shape[1] - width, n) for n in wanted)
 
-    run_batch(prompts[:batch], lengths[:batch])  # warm-up, untimed (first uses on a GPU; see engine_throughput)
-    sync(device)
-    start, generated = time.perf_counter(), 0
-    for first in range(0, requests, batch):
-        generated += run_batch(prompts[first : first + batch], lengths[first : first + batch])
-    sync(device)
-    return generated / (time.perf_counter() - start)
+    rates = []
+    for lengths in workloads:
+        run_batch(prompts[:batch], lengths[:batch])  # warm-up, untimed (first uses on a GPU; see engine_throughput)
+        sync(device)
+        start, generated = time.perf_counter(), 0
+        for first in range(0, len(lengths), batch):
+            generated += run_batch(prompts[first : first + batch], lengths[first : first + batch])
+        sync(device)
+        rates.append(generated / (time.perf_counter() - start))
+    return rates
 
 
 def latency_under_load(engine: ServingEngine, adapters: list[Path], requests: int, tokens: int,
@@ -484,6 +488,20 @@ def sibling_engine(engine: ServingEngine, **changes: Any) -> Iterator[ServingEng
         release(engine.device.type)
 
 
+def static_rows_with_graphs(engine: ServingEngine, adapter: Path, varied: list[int], static: tuple[float, float],
+                            args: argparse.Namespace) -> None:
+    """The engine's rows against static batches (equal and varied lengths, ``--static-batch`` rows) again on a
+    sibling engine with ``EngineConfig.decode_graphs``: a join's eager prefill against replayed decode steps."""
+    capacity = -(-(64 + 2 * max(args.tokens, *varied)) // 64) * 64
+    with sibling_engine(engine, max_batch_size=args.static_batch, max_total_tokens=capacity,
+                        decode_graphs=args.decode_graphs) as graphs:
+        equal, uneven = (max(engine_throughput(graphs, [adapter], len(work), work).wall for _ in range(args.repeats))
+                         for work in ([args.tokens] * args.static_batch, varied))
+    print(f"decode graphs ({args.decode_graphs}), engine vs static batches of {args.static_batch}: equal lengths "
+          f"engine={equal:.1f} tok/s engine/static={equal / static[0]:.2f}; lengths "
+          f"{args.varied_tokens.replace(',', '-')} engine={uneven:.1f} tok/s engine/static={uneven / static[1]:.2f}")
+
+
 def graphs_rows(engine: ServingEngine, scenarios: dict[str, list], args: argparse.Namespace,
                 without: dict[str, float]) -> None:
     """The mixed / single / base rows again on a sibling engine (its KV cache sized for these short requests) with
@@ -518,7 +536,9 @@ def main() -> None:
     parser.add_argument("--static-batch", type=int, default=16, help="the static-batch baseline's batch size")
     parser.add_argument("--varied-tokens", default="4,64",
                         help="shortest,longest new tokens of the engine vs static row with varied lengths")
-    parser.add_argument("--latency-requests", type=int, default=32)
+    parser.add_argument("--swap-requests", type=int, default=0,
+                        help="requests of the per-request swapping row (one at a time; default: half of --requests)")
+    parser.add_argument("--latency-requests", type=int, default=32, help="0: no latency rows")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--prefill-chunk", default="64",
                         help="the chunked engines' prefill_chunk_tokens in the latency rows, comma-separated (each "
@@ -578,7 +598,8 @@ def main() -> None:
     mixed, single, base = (max(r.wall for r in runs[name]) for name in scenarios)
     if args.decode_graphs != "off":
         graphs_rows(engine, scenarios, args, {"mixed": mixed, "single": single, "base": base})
-    swap_rate = swap_throughput(family, model_dir, adapters, args.requests // 2, args.tokens, dtype, args.device)
+    swap_rate = swap_throughput(family, model_dir, adapters, args.swap_requests or args.requests // 2, args.tokens,
+                                dtype, args.device)
     swap = swap_rate.wall
     release(args.device)
     if args.lora_only:
@@ -589,15 +610,12 @@ def main() -> None:
         engine.close()
         shutil.rmtree(work, ignore_errors=True)
         return
-    static = static_throughput(family, model_dir, adapters[0], args.static_batch * 2, args.static_batch,
-                               args.tokens, dtype, args.device)
+    varied = varied_lengths(args.static_batch * 2, *(int(n) for n in args.varied_tokens.split(",")))
+    static, static_varied = static_throughput(family, model_dir, adapters[0], args.static_batch,
+                                              [[args.tokens] * args.static_batch * 2, varied], dtype, args.device)
     release(args.device)
     engine_16 = max(engine_throughput(engine, [adapters[0]], args.static_batch, args.tokens).wall
                     for _ in range(args.repeats))
-    varied = varied_lengths(args.static_batch * 2, *(int(n) for n in args.varied_tokens.split(",")))
-    static_varied = static_throughput(family, model_dir, adapters[0], len(varied), args.static_batch, varied, dtype,
-                                      args.device)
-    release(args.device)
     with sibling_engine(engine, max_batch_size=args.static_batch) as equal:  # as many rows as a static batch
         engine_varied = max(engine_throughput(equal, [adapters[0]], len(varied), varied).wall
                             for _ in range(args.repeats))
@@ -608,8 +626,11 @@ def main() -> None:
           f" (target >= 2)")
     print(f"{len(varied)} requests of {args.varied_tokens.replace(',', '-')} new tokens, batch {args.static_batch}: "
           f"engine={engine_varied:.1f} static={static_varied:.1f} tok/s  engine/static={engine_varied / static_varied:.2f}")
+    if args.decode_graphs != "off":  # the same two engine rows with the decode steps the graphs rows used
+        static_rows_with_graphs(engine, adapters[0], varied, (static, static_varied), args)
     _print_cpu_rates(runs, swap_rate)
-    latency_rows(engine, adapters, args)
+    if args.latency_requests:
+        latency_rows(engine, adapters, args)
     if args.memory_requests:
         memory_row(args, model_dir)
     if args.skip_loads:

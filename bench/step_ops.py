@@ -254,7 +254,7 @@ def static_workload(preset: str) -> float:
     for requests in (ROWS, len(lengths)):
         counter = OpCounter()
         with counter:
-            static_throughput(family, model_dir, adapter, requests, ROWS, lengths[:requests], torch.float32, "cpu")
+            static_throughput(family, model_dir, adapter, ROWS, [lengths[:requests]], torch.float32, "cpu")
         totals.append(sum(counter.ops.values()))
     return (totals[1] - totals[0]) / sum(lengths[ROWS:])
 
