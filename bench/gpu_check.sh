@@ -41,6 +41,10 @@
 # PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+passes=" ${GPU_CHECK_PASS:-1} "
+for pass in $passes; do
+  case $pass in 1|2|3|4) ;; *) echo "GPU_CHECK_PASS: no pass '$pass' (the passes are 1, 2, 3 and 4)"; exit 2 ;; esac
+done
 PY=${PYTHON:-python3}
 device=${GPU_CHECK_DEVICE:-cuda}
 wheels=${GPU_CHECK_WHEELS:-.whl}
@@ -101,7 +105,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 echo "| check | result | seconds | output (last lines) |" > "$table"
 echo "|---|---|---|---|" >> "$table"
 failed=0
-passes=" ${GPU_CHECK_PASS:-1} "
 check() {  # check NAME PASS LIMIT COMMAND...: runs when its pass is asked for, or GPU_CHECK_ONLY names it
   local name=$1 pass=$2 limit=$(($3 * ${GPU_CHECK_LIMIT_SCALE:-$scale})); shift 3
   local start=$SECONDS status=ok

@@ -21,6 +21,13 @@ PASSES = {1: ("gpu_tests", "serve_v1_full_bf16", "fused_siblings"),
           4: ("serve_qwen25vl_7b",)}
 
 
+def _env(out: Path, **settings: str) -> dict[str, str]:
+    """The script's environment: this one's without its own GPU_CHECK_ settings, its table and logs in ``out``,
+    no carried wheels, then ``settings``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")},
+            "GPU_CHECK_WHEELS": str(out.parent / "no-wheels"), "OUT": str(out), **settings}
+
+
 def _rows(table: str) -> dict[str, str]:
     """{row: result} of the script's table."""
     return {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in table.splitlines()[2:])}
@@ -35,14 +42,20 @@ def _rows(table: str) -> dict[str, str]:
 def test_each_pass_runs_its_rows_and_the_environment_in_order(tmp_path, settings, wanted):
     """Which rows a call runs (each command replaced by ``true``, so only the selection runs): the environment row
     always, then the pass's rows (or those named), in the script's order."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}, "PYTHON": "true",
-           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "OUT": str(tmp_path), **settings}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                          timeout=60)
-    rows = _rows((tmp_path / "gpu_check.md").read_text())
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=_env(out, PYTHON="true", **settings),
+                          capture_output=True, text=True, timeout=60)
+    rows = _rows((out / "gpu_check.md").read_text())
     order = [name for p in sorted(PASSES) for name in PASSES[p]]
     assert list(rows) == ["environment", *sorted(wanted, key=order.index)], done.stdout
     assert set(rows.values()) == {"ok"} and done.returncode == 0, done.stdout
+
+
+def test_a_pass_that_does_not_exist_is_refused_by_name(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")],
+                          env=_env(tmp_path / "out", PYTHON="true", GPU_CHECK_PASS="1 5"), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "GPU_CHECK_PASS: no pass '5' (the passes are 1, 2, 3 and 4)" in done.stdout
 
 
 def test_every_row_belongs_to_one_pass():
@@ -54,9 +67,8 @@ def test_every_row_belongs_to_one_pass():
 
 def _dry_run(out: Path, **settings: str) -> tuple[subprocess.CompletedProcess, dict[str, str], str]:
     """The script in its CPU dry-run mode: (the process, {row: result}, the table and the logs' tails)."""
-    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable,
-           "GPU_CHECK_WHEELS": str(out.parent / "no-wheels"), "OUT": str(out),
-           "GPU_CHECK_PYTEST_MARK": "gpu", **settings}  # the test row's CPU cases run in this suite already
+    env = _env(out, GPU_CHECK_DEVICE="cpu", GPU_CHECK_SMOKE="1", PYTHON=sys.executable,
+               GPU_CHECK_PYTEST_MARK="gpu", **settings)  # the test row's CPU cases run in this suite already
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=900)
     table = (out / "gpu_check.md").read_text()
